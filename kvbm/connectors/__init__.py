@@ -1,0 +1,1 @@
+"""Engine connectors (Hugging Face transformers, vLLM, SGLang)."""

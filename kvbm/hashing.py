@@ -1,0 +1,158 @@
+"""Sequence hashes: the keys of blocks.
+
+A block's key is a 128-bit chained hash ``h_i = H(namespace, h_{i-1}, tokens_i)``
+over the block's token ids as little-endian u32 bytes, so two prompts share a key
+exactly when they share every token up to and including that block, under the same
+namespace. It is computed from bytes only (never Python's ``hash()``), so it is the
+same in every process and after every restart.
+
+The default ``H`` is xxh3-128: the metadata path hashes every block of every prompt,
+and xxh3 does that at memory speed. ``sha256`` is offered for deployments that fear
+adversarial collisions between tenants (the same concern that made vLLM move to it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NewType
+
+import numpy as np
+import xxhash
+
+from .errors import TokenError
+
+SequenceHash = NewType("SequenceHash", bytes)
+"""16 bytes naming a block and its whole prefix under one namespace.
+
+A distinct type (not ``int``) because it is used as a dict key on the hot path, where
+``bytes`` hashes once and caches, and as object names and file headers, where the raw
+digest is what is stored."""
+
+HashAlgorithm = Literal["xxh3_128", "sha256"]
+_U32 = np.dtype("<u4")
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What must match for a block to be reused."""
+
+    model_id: str
+    layout_digest: str
+    tp_rank: int = 0
+    tp_size: int = 1
+    lora_name: str | None = None
+    cache_salt: str | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """16 bytes that differ whenever any field differs."""
+        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.blake2b(blob, digest_size=16).digest()
+
+    @property
+    def hex(self) -> str:
+        """The digest as 32 hex characters, for object keys and directory names."""
+        return self.digest.hex()
+
+
+def as_token_array(tokens: Any) -> np.ndarray:
+    """Token ids as a 1-D ``<u4`` array; raise ``TokenError`` for anything else.
+
+    Accepts a list of ints, a 1-D integer numpy array or a 1-D integer torch tensor.
+    """
+    if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch.Tensor, without importing torch
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise TokenError(f"tokens: expected a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(_U32)
+    if arr.dtype.kind not in "iu":
+        raise TokenError(
+            f"tokens: expected integer token ids, got dtype {arr.dtype}; "
+            "pass a list of ints or an integer array"
+        )
+    if arr.dtype != _U32:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= 2**32:
+            raise TokenError(f"tokens: ids must lie in [0, 2**32), got min {lo} and max {hi}")
+        arr = arr.astype(_U32)
+    return np.ascontiguousarray(arr)
+
+
+class BlockHasher:
+    """Computes the chained sequence hashes of prompts under one namespace."""
+
+    __slots__ = ("page_size", "namespace", "algorithm", "_seed")
+
+    def __init__(
+        self, namespace: Namespace, page_size: int, algorithm: HashAlgorithm = "xxh3_128"
+    ) -> None:
+        if page_size <= 0:
+            raise ValueError(f"page_size: must be a positive number of tokens, got {page_size}")
+        if algorithm not in ("xxh3_128", "sha256"):
+            raise ValueError(f"hash_algorithm: {algorithm!r} is not one of xxh3_128, sha256")
+        self.page_size = page_size
+        self.namespace = namespace
+        self.algorithm = algorithm
+        # The namespace is the parent of the first block: blocks of two namespaces
+        # never share a key, even for identical tokens.
+        self._seed = namespace.digest
+
+    def hash_tokens(
+        self, tokens: Any, parent: SequenceHash | None = None
+    ) -> list[SequenceHash]:
+        """Hashes of every *complete* block of ``tokens``; a trailing partial block gets none.
+
+        ``parent`` continues a chain (the hash of the block before ``tokens[0]``).
+        """
+        arr = as_token_array(tokens)
+        n = len(arr) // self.page_size
+        raw = arr[: n * self.page_size].tobytes()
+        step = self.page_size * 4
+        prev: bytes = parent if parent is not None else self._seed
+        out: list[SequenceHash] = []
+        append = out.append
+        if self.algorithm == "xxh3_128":
+            digest = xxhash.xxh3_128_digest
+            for i in range(n):
+                prev = digest(prev + raw[i * step : (i + 1) * step])
+                append(SequenceHash(prev))
+        else:
+            for i in range(n):
+                prev = hashlib.sha256(prev + raw[i * step : (i + 1) * step]).digest()[:16]
+                append(SequenceHash(prev))
+        return out
+
+
+# --- Dynamo's 64-bit scheme, for KV events read by Dynamo's router -----------------
+
+
+def dynamo_block_hash(tokens: Sequence[int], seed: int = 1337) -> int:
+    """xxh3-64 of the block's tokens as u32 LE bytes, seeded with the salt hash."""
+    return xxhash.xxh3_64_intdigest(np.asarray(tokens, dtype=_U32).tobytes(), seed)
+
+
+def dynamo_sequence_hashes(tokens: Sequence[int], page_size: int, seed: int = 1337) -> list[int]:
+    """Dynamo's chained 64-bit sequence hashes of every complete block.
+
+    The first block's sequence hash is its block hash; each later one is xxh3-64 of
+    ``[parent_sequence_hash, block_hash]`` as two u64 LE, with the same seed.
+    """
+    arr = as_token_array(tokens)
+    out: list[int] = []
+    parent: int | None = None
+    for i in range(len(arr) // page_size):
+        bh = dynamo_block_hash(arr[i * page_size : (i + 1) * page_size], seed)
+        if parent is None:
+            sh = bh
+        else:
+            sh = xxhash.xxh3_64_intdigest(
+                np.array([parent, bh], dtype="<u8").tobytes(), seed
+            )
+        out.append(sh)
+        parent = sh
+    return out

@@ -1,0 +1,1 @@
+"""kvbm's eviction policies and admission filters."""

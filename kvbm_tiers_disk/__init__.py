@@ -1,0 +1,1 @@
+"""kvbm's disk tier plugin."""

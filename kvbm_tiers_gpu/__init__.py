@@ -1,0 +1,1 @@
+"""kvbm's gpu tier plugin."""

@@ -1,0 +1,1 @@
+"""kvbm's host (pinned DRAM) tier plugin."""

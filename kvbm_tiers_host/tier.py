@@ -1,0 +1,108 @@
+"""The host tier: one arena of ``num_slots × block_bytes`` bytes in DRAM.
+
+Memory tiers hand the manager views of their slots, so engine blocks are gathered
+straight into the arena and scattered straight out of it; ``read``/``write`` serve
+lower tiers that move whole blocks. With CUDA present the arena is pinned by torch
+(so device copies run at DMA speed); without it, torch refuses ``pin_memory`` and the
+arena is page-aligned anonymous memory instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import numpy as np
+
+from kvbm.errors import ConfigError
+from kvbm.hashing import SequenceHash
+from kvbm.layout import aligned_empty
+from kvbm.tier import Tier, TierContext
+
+from .config import HostTierConfig
+
+log = logging.getLogger("kvbm.host")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class HostTier(Tier):
+    """Blocks in one host-memory arena, addressed by slot."""
+
+    kind: ClassVar[str] = "host"
+
+    def __init__(self, config: HostTierConfig, ctx: TierContext) -> None:  # type: ignore[override]
+        super().__init__(config, ctx)
+        self.pinned = False
+        want_pin = config.pin == "always" or (config.pin == "auto" and _cuda_available())
+        nbytes = self.num_slots * self.block_bytes
+        self._tensor: Any = None
+        if want_pin:
+            if not _cuda_available():
+                raise ConfigError(
+                    f"tier {self.name!r}: key 'pin': value 'always' needs CUDA, which is not "
+                    "available; use pin: auto"
+                )
+            import torch
+
+            self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.arena = self._tensor.numpy()
+            self.pinned = True
+        else:
+            self.arena = aligned_empty(nbytes)
+        self.slots = self.arena.reshape(self.num_slots, self.block_bytes)
+        if config.touch:
+            # Fault the pages in now, not during the first engine step.
+            self.arena[:: 4096] = 0
+        self._pool = (
+            ThreadPoolExecutor(config.copy_threads, thread_name_prefix=f"kvbm-{self.name}")
+            if config.copy_threads > 1
+            else None
+        )
+        self._threads = config.copy_threads
+
+    def views(self, slots: Sequence[int]) -> list[np.ndarray]:
+        s = self.slots
+        return [s[i] for i in slots]
+
+    def _copy(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        # np.copyto releases the GIL, so a batch split across threads copies in parallel.
+        if self._pool is None or len(pairs) < 2:
+            for d, s in pairs:
+                np.copyto(d, s)
+            return
+        k = self._threads
+        chunks = [pairs[i::k] for i in range(k)]
+
+        def run(chunk: list[tuple[np.ndarray, np.ndarray]]) -> None:
+            for d, s in chunk:
+                np.copyto(d, s)
+
+        list(self._pool.map(run, chunks))
+
+    def write(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
+    ) -> list[bool]:
+        self._copy([(self.slots[s], b) for s, b in zip(slots, src)])
+        return [True] * len(slots)
+
+    def read(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], dst: Sequence[np.ndarray]
+    ) -> list[bool]:
+        self._copy([(d, self.slots[s]) for s, d in zip(slots, dst)])
+        return [True] * len(slots)
+
+    def stats(self) -> dict[str, Any]:
+        return {"pinned": self.pinned, "bytes": int(self.arena.nbytes)}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,1 @@
+"""kvbm's remote tier plugin."""

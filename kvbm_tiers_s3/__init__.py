@@ -1,0 +1,1 @@
+"""kvbm's s3 tier plugin."""

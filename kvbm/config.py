@@ -196,6 +196,27 @@ class _FileAndDynamoSource(PydanticBaseSettingsSource):
         return apply_dynamo_env(data, dict(os.environ))
 
 
+class KvEventsConfig(BaseModel):
+    """The ZMQ publisher of block stored/removed events in vLLM's KV-event format."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    endpoint: str = Field("tcp://127.0.0.1", description="ZMQ address to bind; tcp without port")
+    port: int = Field(0, ge=0, lt=65536, description="0 picks a free port per instance")
+    topic: str = Field("", description="ZMQ topic frame of every message")
+    hash_format: Literal["int64", "bytes", "dynamo"] = Field(
+        "int64", description="int64: last 8 bytes of the key, big-endian (vLLM's rule); "
+        "bytes: the 16-byte key; dynamo: Dynamo's 64-bit chained xxh3 hashes")
+    dynamo_seed: int = Field(1337, ge=0, description="xxh3 seed of the dynamo hash format")
+    dp_rank: int = Field(0, ge=0, description="data-parallel rank written into every batch")
+    unknown_tokens: Literal["skip", "empty"] = Field(
+        "skip", description="blocks whose token ids are unknown: skip them or send token_ids []")
+    token_index_blocks: int = Field(
+        131072, ge=0, description="blocks whose token ids are remembered for BlockStored")
+    media: dict[str, str] = Field(
+        default_factory=dict, description="medium string per tier name or type, e.g. {disk: STORAGE}")
+
+
 class KvbmSettings(BaseSettings):
     """Everything that configures a manager."""
 
@@ -213,8 +234,11 @@ class KvbmSettings(BaseSettings):
     cache_salt: str | None = None
     write_through: bool = Field(True, description="cascade offloads down every tier")
     io_threads: int = Field(4, gt=0, description="worker threads for lower-tier copies")
+    copy_threads: int = Field(2, gt=0, description="threads one batch's memory copies are split across")
     metrics: bool = False
     metrics_port: int = Field(6880, ge=0, lt=65536)
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
+    kv_events: KvEventsConfig = Field(default_factory=KvEventsConfig)
     leader_worker_init_timeout_secs: float = Field(120, gt=0)
 
     _config_file: str | None = None

@@ -158,6 +158,12 @@ class KvBlockManager:
         self._lock = threading.RLock()
         self._staging = StagingPool(self.block_bytes)
         self._executor = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="kvbm-io")
+        self._copy_threads = settings.copy_threads
+        self._copy_pool = (
+            ThreadPoolExecutor(settings.copy_threads - 1, thread_name_prefix="kvbm-copy")
+            if settings.copy_threads > 1
+            else None
+        )
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
         self.paths: dict[str, PathStats] = {}
@@ -309,7 +315,16 @@ class KvBlockManager:
         if not keys:
             return res
         t0 = time.perf_counter()
-        ok = self._write_from_source(top, slots, keys, idx, source)
+        try:
+            ok = self._write_from_source(top, slots, keys, idx, source)
+        except BaseException:
+            # The caller's source is at fault (bad index, shape): free the reserved
+            # slots so nothing half-written stays behind, and let the caller see it.
+            with self._lock:
+                for s in slots:
+                    top.registry.abort(s)
+                self._take_events()
+            raise
         self._count(f"offload:{top.name}", sum(ok), time.perf_counter() - t0, ok.count(False))
         cascade = self.settings.write_through and len(self.chain) > 1
         done_slots: list[int] = []
@@ -394,7 +409,8 @@ class KvBlockManager:
     ) -> list[bool]:
         views = rt.tier.views(slots)
         if views is not None:
-            source.copy_out(idx, views)  # a caller's bad source raises here, before any commit
+            # A caller's bad source raises here, before any commit.
+            self._split_copy(source.copy_out, idx, views)
             return [True] * len(slots)
         bufs = self._staging.acquire(len(slots))
         try:
@@ -402,6 +418,26 @@ class KvBlockManager:
             return self._tier_write(rt, slots, keys, bufs)
         finally:
             self._staging.release(bufs)
+
+    def _split_copy(self, fn: Any, idx: Sequence[int], bufs: Sequence[np.ndarray]) -> None:
+        """Run ``fn(idx, bufs)`` split across the copy threads for large batches.
+
+        numpy and torch copies release the GIL, so disjoint halves of a batch copy in
+        parallel; the caller's thread takes one share itself.
+        """
+        k = self._copy_threads
+        n = len(idx)
+        if self._copy_pool is None or n < 2 * k:
+            fn(idx, bufs)
+            return
+        step = -(-n // k)
+        futs = [
+            self._copy_pool.submit(fn, idx[i : i + step], bufs[i : i + step])
+            for i in range(step, n, step)
+        ]
+        fn(idx[:step], bufs[:step])
+        for f in futs:
+            f.result()
 
     def _tier_write(
         self, rt: TierRuntime, slots: list[int], keys: list[SequenceHash], bufs: Sequence[np.ndarray]
@@ -522,7 +558,7 @@ class KvBlockManager:
                 t0 = time.perf_counter()
                 views = rt.tier.views(slots)
                 if views is not None:
-                    destination.copy_in(dst_idx, views)
+                    self._split_copy(destination.copy_in, dst_idx, views)
                     ok = [True] * len(members)
                 else:
                     bufs = self._staging.acquire(len(members))
@@ -681,6 +717,8 @@ class KvBlockManager:
         self._closed = True
         self.flush(timeout=60)
         self._executor.shutdown(wait=True)
+        if self._copy_pool is not None:
+            self._copy_pool.shutdown(wait=True)
         try:
             self.plugins.shutdown(self)
         finally:

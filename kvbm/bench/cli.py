@@ -1,0 +1,50 @@
+"""The ``kvbm bench`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .runner import BenchOptions, environment_note, format_report, run_bench
+
+
+def register(sub: Any) -> None:
+    """Add ``bench`` to the ``kvbm`` parser."""
+    p = sub.add_parser("bench", help="replay a multi-turn workload against a chain (the main job)")
+    p.add_argument("--config", help="YAML chain to run (default: the embedded host+disk chain)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--users", type=int, default=8, help="conversations (default 8)")
+    p.add_argument("--rounds", type=int, default=6, help="turns per conversation (default 6)")
+    p.add_argument("--system-tokens", type=int, default=1024, help="shared system prompt length")
+    p.add_argument("--duration", type=float, default=90.0, help="stop the workload after this many seconds")
+    p.add_argument("--raw-blocks", type=int, default=512, help="blocks in the contiguous 2 MiB phase")
+    p.add_argument("--engine", choices=["none", "hf"], default="none",
+                   help="'hf' runs a real transformers model (time to first token)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    try:
+        from ..connectors import hf_bench
+
+        hf_bench.add_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.engine == "hf":
+        from ..connectors import hf_bench
+
+        return int(hf_bench.run_hf_bench(args))
+    opts = BenchOptions(
+        config=args.config, users=args.users, rounds=args.rounds,
+        system_tokens=args.system_tokens, duration=args.duration, raw_blocks=args.raw_blocks,
+        progress=not args.no_progress and not args.json,
+    )
+    report = run_bench(opts)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"kvbm bench ({environment_note()})")
+        print(format_report(report))
+    return 1 if report.mismatched_blocks else 0

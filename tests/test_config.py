@@ -1,0 +1,162 @@
+"""Configuration: YAML, KVBM_* and DYN_KVBM_* variables, sizes, two-step validation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from kvbm import ConfigError, KvBlockManager, load_settings
+from kvbm.manager import resolve_chain
+from kvbm.plugins import build_plugins
+from kvbm.sizes import parse_size
+
+from conftest import SMALL_MODEL
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "kvbm.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("64GiB", 64 * 2**30), ("100GB", 100 * 10**9), ("512MiB", 512 * 2**20), (4096, 4096), ("1.5KiB", 1536)],
+)
+def test_sizes_accept_binary_decimal_and_plain_forms(text: object, expected: int) -> None:
+    assert parse_size(text) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["-1GiB", "0", 0, "12 parsecs", True])
+def test_sizes_reject_nonpositive_and_unknown_units(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)  # type: ignore[arg-type]
+
+
+def test_yaml_file_sets_model_page_size_and_tiers(tmp_path: Path) -> None:
+    p = write(tmp_path, "model: {name: m, num_layers: 4, num_kv_heads: 2, head_dim: 64}\n"
+                        "page_size: 32\ntiers:\n  - {type: host, capacity: 1GiB, policy: lru}\n")
+    s = load_settings(p)
+    assert (s.model.num_layers, s.page_size, s.tiers[0].type) == (4, 32, "host")
+
+
+def test_kvbm_config_variable_names_the_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = write(tmp_path, "page_size: 64\n")
+    monkeypatch.setenv("KVBM_CONFIG", str(p))
+    assert load_settings().page_size == 64
+
+
+def test_env_variables_override_yaml_with_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = write(tmp_path, "page_size: 64\nmodel: {num_layers: 4}\n")
+    monkeypatch.setenv("KVBM_PAGE_SIZE", "8")
+    monkeypatch.setenv("KVBM_MODEL__NUM_LAYERS", "12")
+    s = load_settings(p)
+    assert (s.page_size, s.model.num_layers) == (8, 12)
+
+
+def test_dynamo_cpu_cache_gb_is_decimal_gigabytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "2")
+    s = load_settings()
+    host = [t for t in s.tiers if t.type == "host"][0]
+    assert host.model_dump()["capacity"] == 2 * 10**9
+
+
+def test_dynamo_block_count_override_wins_over_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "2")
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "7")
+    links = resolve_chain(load_settings({"model": SMALL_MODEL, "page_size": 4}), build_plugins(), load=False)
+    assert links[0].num_blocks == 7
+
+
+def test_dynamo_disk_variables_add_a_disk_tier_below_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "10")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", "/tmp/x")
+    s = load_settings()
+    assert [t.type for t in s.tiers] == ["host", "disk"]
+    assert s.tiers[1].model_dump()["path"] == "/tmp/x"
+
+
+def test_dynamo_metrics_variables_set_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_METRICS", "true")
+    monkeypatch.setenv("DYN_KVBM_METRICS_PORT", "7001")
+    s = load_settings()
+    assert (s.metrics, s.metrics_port) == (True, 7001)
+
+
+def test_yaml_syntax_error_is_one_line_with_position(tmp_path: Path) -> None:
+    p = write(tmp_path, "tiers: [ {type: host\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(p)
+    assert "YAML syntax error at line" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_skeleton_error_names_key_and_value() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings({"page_size": -3})
+    assert "'page_size'" in str(e.value) and "-3" in str(e.value)
+
+
+def test_tier_without_type_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="tiers.0.type"):
+        load_settings({"tiers": [{"capacity": "1GiB"}]})
+
+
+def test_unknown_tier_type_names_tier_and_known_types() -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [{"type": "tape", "capacity": "1GiB"}]})
+    with pytest.raises(ConfigError) as e:
+        KvBlockManager.from_config(s)
+    assert "tier 'tape'" in str(e.value) and "'type'" in str(e.value) and "host" in str(e.value)
+
+
+@pytest.mark.parametrize("cap", ["0", "-5GiB", -1])
+def test_zero_or_negative_capacity_names_tier_key_and_value(cap: object) -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [{"type": "host", "name": "h0", "capacity": cap}]})
+    with pytest.raises(ConfigError) as e:
+        resolve_chain(s, build_plugins())
+    msg = str(e.value)
+    assert "tier 'h0'" in msg and "'capacity'" in msg and str(cap) in msg
+
+
+def test_unknown_tier_key_is_rejected_by_the_tiers_own_model() -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [{"type": "host", "capacity": "1MiB", "colour": "red"}]})
+    with pytest.raises(ConfigError, match="tier 'host' \\(type host\\): key 'colour'"):
+        resolve_chain(s, build_plugins())
+
+
+def test_empty_chain_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="chain is empty"):
+        resolve_chain(load_settings({"tiers": []}), build_plugins())
+
+
+def test_capacity_smaller_than_one_block_is_rejected() -> None:
+    s = load_settings({"tiers": [{"type": "host", "capacity": "1KiB"}]})
+    with pytest.raises(ConfigError, match="holds no block"):
+        resolve_chain(s, build_plugins())
+
+
+def test_unknown_eviction_policy_names_tier_and_key() -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [{"type": "host", "num_blocks": 4, "policy": "nope"}]})
+    with pytest.raises(ConfigError, match="tier 'host': key 'policy': value 'nope'"):
+        resolve_chain(s, build_plugins())
+
+
+def test_lower_tier_smaller_than_upper_warns_what_to_change(caplog: pytest.LogCaptureFixture) -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [
+        {"type": "host", "name": "big", "num_blocks": 8},
+        {"type": "host", "name": "small", "num_blocks": 4}]})
+    with caplog.at_level(logging.WARNING, logger="kvbm"):
+        resolve_chain(s, build_plugins())
+    assert "raise 'small''s capacity to at least 8 blocks" in caplog.text
+
+
+def test_repeated_tier_types_get_distinct_names() -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [{"type": "host", "num_blocks": 4},
+                                                       {"type": "host", "num_blocks": 8}]})
+    assert [link.name for link in resolve_chain(s, build_plugins())] == ["host", "host1"]

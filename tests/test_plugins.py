@@ -1,0 +1,208 @@
+"""Plugin discovery, registration conflicts and third-party tier types."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvbm import ContiguousBlocks, KvBlockManager, PluginError, hookspecs
+from kvbm.plugins import DEFAULT_PLUGINS, build_plugins
+
+from conftest import PAGE, SMALL_MODEL
+
+THIRD_PARTY_TIER = '''
+"""A third party's tier: blocks in a dict (what a user would publish as a package)."""
+from kvbm import hookimpl, Tier, TierConfig
+from typing import Literal
+import numpy as np
+
+
+class DictTierConfig(TierConfig):
+    type: Literal["dict"] = "dict"
+    label: str = "x"
+
+
+class DictTier(Tier):
+    kind = "dict"
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.store = {}
+
+    def write(self, slots, keys, src):
+        for s, b in zip(slots, src):
+            self.store[s] = bytes(b)
+        return [True] * len(slots)
+
+    def read(self, slots, keys, dst):
+        out = []
+        for s, d in zip(slots, dst):
+            if s in self.store:
+                d[:] = np.frombuffer(self.store[s], dtype=np.uint8)
+                out.append(True)
+            else:
+                out.append(False)
+        return out
+
+
+@hookimpl
+def kvbm_register_tiers(registry):
+    registry.add("dict", factory="{pkg}.plugin:DictTier", config_model=DictTierConfig)
+'''
+
+
+def make_distribution(root: Path, dist: str, pkg: str, ep_name: str, body: str) -> None:
+    """Install a real distribution into ``root``: a package and its .dist-info."""
+    (root / pkg).mkdir(parents=True)
+    (root / pkg / "__init__.py").write_text("")
+    (root / pkg / "plugin.py").write_text(body.replace("{pkg}", pkg))
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"  # dashes would end the name
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[kvbm.plugins]\n{ep_name} = {pkg}.plugin\n")
+    (info / "RECORD").write_text("")
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Path]:
+    """A directory on sys.path where tests install distributions."""
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in list(sys.modules):
+        if name.startswith("thirdparty"):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+
+
+def test_builtin_plugins_load_before_entry_points_sorted_by_name() -> None:
+    names = [p.name for p in build_plugins().plugins]
+    assert names[0] == "builtin"
+    rest = names[len(DEFAULT_PLUGINS):]
+    assert rest == sorted(rest)
+
+
+def test_every_plugin_registers_through_the_entry_point_group() -> None:
+    dists = {p.name: p.distribution for p in build_plugins().plugins}
+    for name in ("host", "disk", "s3", "gpu", "remote", "policies"):
+        assert dists[name] == "kvbm"
+
+
+def test_third_party_tier_type_is_usable_from_yaml(site: Path, tmp_path: Path) -> None:
+    make_distribution(site, "kvbm-dict-tier", "thirdparty_dict", "dict", THIRD_PARTY_TIER)
+    cfg = tmp_path / "chain.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        model: {SMALL_MODEL}
+        page_size: {PAGE}
+        tiers:
+          - {{type: host, num_blocks: 2}}
+          - {{type: dict, num_blocks: 8, label: mine}}
+    """))
+    with KvBlockManager.from_config(cfg) as mgr:
+        assert [rt.config.type for rt in mgr.chain] == ["host", "dict"]
+        hashes = mgr.hash_tokens(list(range(4 * PAGE)))
+        src = np.random.default_rng(0).integers(0, 256, (4, mgr.block_bytes), dtype=np.uint8)
+        mgr.offload(hashes, ContiguousBlocks(src, mgr.layout))
+        mgr.flush()
+        assert mgr.stats()["tiers"]["dict"]["used_blocks"] == 2
+        plugin = next(p for p in mgr.plugins.plugins if p.name == "dict")
+        assert plugin.distribution == "kvbm-dict-tier"
+
+
+def test_same_name_from_two_distributions_is_an_error_naming_both(site: Path) -> None:
+    make_distribution(site, "kvbm-dict-a", "thirdparty_a", "dict", THIRD_PARTY_TIER)
+    make_distribution(site, "kvbm-dict-b", "thirdparty_b", "dict2", THIRD_PARTY_TIER)
+    with pytest.raises(PluginError) as e:
+        build_plugins()
+    assert "kvbm-dict-a" in str(e.value) and "kvbm-dict-b" in str(e.value)
+
+
+def test_same_distribution_and_name_seen_twice_loads_once(site: Path) -> None:
+    make_distribution(site, "kvbm-dict-tier", "thirdparty_dict", "dict", THIRD_PARTY_TIER)
+    sys.path.insert(0, str(site))  # the same distribution reached through two path entries
+    try:
+        plugins = build_plugins()
+    finally:
+        sys.path.remove(str(site))
+    assert [p.name for p in plugins.plugins].count("dict") == 1
+
+
+def test_disable_autoload_loads_only_builtins() -> None:
+    plugins = build_plugins({"KVBM_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert [p.name for p in plugins.plugins] == ["builtin"]
+    assert "host" not in plugins.tiers
+
+
+def test_disable_autoload_still_loads_plugins_named_in_kvbm_plugins() -> None:
+    plugins = build_plugins({"KVBM_DISABLE_PLUGIN_AUTOLOAD": "1", "KVBM_PLUGINS": "host"})
+    assert [p.name for p in plugins.plugins] == ["builtin", "host"]
+
+
+def test_kvbm_plugins_restricts_autoload_to_named_plugins() -> None:
+    plugins = build_plugins({"KVBM_PLUGINS": "host,policies"})
+    assert [p.name for p in plugins.plugins] == ["builtin", "host", "policies"]
+
+
+MISSING_EXTRA = '''
+from kvbm import hookimpl, TierConfig
+
+@hookimpl
+def kvbm_register_tiers(registry):
+    registry.add("tape", factory="{pkg}.plugin:Nope", extra="tape",
+                 requires=("kvbm_package_that_is_not_installed",))
+'''
+
+
+def test_plugin_with_missing_package_lists_itself_unavailable_with_pip_command(site: Path) -> None:
+    make_distribution(site, "kvbm-tape", "thirdparty_tape", "tape", MISSING_EXTRA)
+    entry = build_plugins().tiers.get("tape")
+    assert not entry.available
+    assert entry.install_hint == "pip install 'kvbm[tape]'"
+
+
+def test_chain_naming_unavailable_plugin_fails_at_start_with_pip_command(site: Path) -> None:
+    make_distribution(site, "kvbm-tape", "thirdparty_tape", "tape", MISSING_EXTRA)
+    with pytest.raises(PluginError, match=r"pip install 'kvbm\[tape\]'"):
+        KvBlockManager.from_config({"model": SMALL_MODEL, "tiers": [{"type": "tape", "num_blocks": 4}]})
+
+
+def test_listing_plugins_imports_no_torch_or_boto3() -> None:
+    code = ("import sys; from kvbm.cli import main; main(['plugins']);"
+            "print('HEAVY', [m for m in ('torch', 'boto3', 'nixl', 'transformers', 'vllm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_importing_kvbm_builds_no_plugin_manager() -> None:
+    code = "import pluggy, kvbm; print(pluggy.PluginManager.__init__.__qualname__)"
+    code = ("import pluggy\ncalls=[]\norig=pluggy.PluginManager.__init__\n"
+            "def spy(self,*a,**k):\n    calls.append(1); orig(self,*a,**k)\n"
+            "pluggy.PluginManager.__init__=spy\nimport kvbm, kvbm.manager\nprint('BUILT', len(calls))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "BUILT 0" in out
+
+
+HOOKS = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("kvbm_")]
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_every_hook_spec_has_a_docstring_saying_when_it_is_called(name: str) -> None:
+    doc = getattr(hookspecs, name).__doc__ or ""
+    assert "Called" in doc and "Returns" in doc
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_every_hook_spec_is_exercised_by_a_test(name: str) -> None:
+    here = Path(__file__).parent
+    used = any(name in p.read_text() for p in here.glob("test_*.py") if p.name != "test_plugins.py")
+    used = used or name in THIRD_PARTY_TIER + MISSING_EXTRA
+    assert used, f"hook {name} has no test"

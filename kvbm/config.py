@@ -224,7 +224,7 @@ class KvbmSettings(BaseSettings):
         env_prefix="KVBM_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     page_size: int = Field(16, gt=0, description="tokens per block")
     tiers: list[TierSpec] = Field(default_factory=lambda: [TierSpec(**t) for t in DEFAULT_TIERS])
     hash_algorithm: Literal["xxh3_128", "sha256"] = "xxh3_128"

@@ -9,6 +9,7 @@ skipped.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import queue
@@ -105,10 +106,8 @@ class EventBus:
         """Stop the delivery thread after what is queued."""
         if self._thread is not None:
             self.drain()
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
-            except queue.Full:
-                pass
             self._thread = None
 
 

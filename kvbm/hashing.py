@@ -13,8 +13,10 @@ adversarial collisions between tenants (the same concern that made vLLM move to 
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NewType
@@ -83,6 +85,28 @@ def as_token_array(tokens: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _token_bytes(tokens: Any) -> bytes:
+    """Token ids as u32 little-endian bytes.
+
+    Lists (what engines hand over) take ``array.array``, which converts four times
+    faster than numpy and itself refuses negative, oversized and non-integer ids;
+    anything it refuses goes through ``as_token_array`` for the precise error.
+    """
+    if isinstance(tokens, (list, tuple)) and _U32_ARRAY_OK:
+        try:
+            a = array.array("I", tokens)
+        except (OverflowError, TypeError):
+            pass
+        else:
+            if sys.byteorder == "big":
+                a.byteswap()
+            return a.tobytes()
+    return as_token_array(tokens).tobytes()
+
+
+_U32_ARRAY_OK = array.array("I").itemsize == 4
+
+
 class BlockHasher:
     """Computes the chained sequence hashes of prompts under one namespace."""
 
@@ -109,9 +133,8 @@ class BlockHasher:
 
         ``parent`` continues a chain (the hash of the block before ``tokens[0]``).
         """
-        arr = as_token_array(tokens)
-        n = len(arr) // self.page_size
-        raw = arr[: n * self.page_size].tobytes()
+        raw = _token_bytes(tokens)
+        n = len(raw) // 4 // self.page_size
         step = self.page_size * 4
         prev: bytes = parent if parent is not None else self._seed
         out: list[SequenceHash] = []
@@ -131,7 +154,7 @@ class BlockHasher:
 # --- Dynamo's 64-bit scheme, for KV events read by Dynamo's router -----------------
 
 
-def dynamo_block_hash(tokens: Sequence[int], seed: int = 1337) -> int:
+def dynamo_block_hash(tokens: Sequence[int] | np.ndarray, seed: int = 1337) -> int:
     """xxh3-64 of the block's tokens as u32 LE bytes, seeded with the salt hash."""
     return xxhash.xxh3_64_intdigest(np.asarray(tokens, dtype=_U32).tobytes(), seed)
 

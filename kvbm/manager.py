@@ -13,15 +13,16 @@ read is a miss, each counted and logged (at most once a second per tier).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -610,19 +611,15 @@ class KvBlockManager:
     # -- async forms -----------------------------------------------------------
     async def match_prefix_async(self, tokens_or_hashes: Any) -> Match:
         """``match_prefix`` on a worker thread (shared tiers may do network I/O)."""
-        return await self._run_async(self.match_prefix, tokens_or_hashes)
+        return await _in_thread(self.match_prefix, tokens_or_hashes)
 
     async def offload_async(self, *args: Any, **kwargs: Any) -> OffloadResult:
         """``offload`` on a worker thread; awaits the first tier's copy."""
-        return await self._run_async(self.offload, *args, **kwargs)
+        return await _in_thread(self.offload, *args, **kwargs)
 
     async def onboard_async(self, *args: Any, **kwargs: Any) -> OnboardResult:
         """``onboard`` on a worker thread."""
-        return await self._run_async(self.onboard, *args, **kwargs)
-
-    async def _run_async(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+        return await _in_thread(self.onboard, *args, **kwargs)
 
     # -- bookkeeping -----------------------------------------------------------
     def _submit(self, fn: Any, *args: Any) -> None:
@@ -648,10 +645,8 @@ class KvBlockManager:
                 return
             for f in pending:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
+                with contextlib.suppress(Exception):
                     f.result(timeout=left)
-                except Exception:
-                    pass
 
     def _count(self, path: str, blocks: int, seconds: float, failures: int = 0) -> None:
         with self._lock:
@@ -734,6 +729,14 @@ class KvBlockManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
 
 @dataclass

@@ -268,9 +268,8 @@ def build_plugins(env: Mapping[str, str] | None = None, extra_plugins: Sequence[
                 f"{prev[0].distribution!r} and by {info.module} of distribution "
                 f"{info.distribution!r}; uninstall one or choose with KVBM_PLUGINS"
             )
-        for other_info, other in loaded.values():
-            if other is obj:
-                return
+        if any(other is obj for _, other in loaded.values()):
+            return
         note = getattr(obj, "KVBM_PLUGIN_NOTE", None)
         info = PluginInfo(info.name, info.module, info.distribution, info.version, note)
         loaded[info.name] = (info, obj)

@@ -264,7 +264,7 @@ def _sub_match(match: Any, start: int, n: int) -> Any:
 
 def _attach_limits(report: BenchReport) -> None:
     limit = report.limits["memcpy_gbps"]
-    for name, p in report.paths.items():
+    for p in report.paths.values():
         # Memory tiers are bounded by memory bandwidth; lower tiers by their device,
         # which a tier-specific bench (bench/disk.py, bench/s3.py) measures beside them.
         p["limit_gbps"] = limit

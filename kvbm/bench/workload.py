@@ -46,7 +46,3 @@ def multi_turn_workload(
             answer = rng.integers(0, vocab, answer_tokens, dtype=np.uint32)
             history[u] = np.concatenate([prompt, answer])
 
-
-def workload_blocks(users: int, rounds: int, page_size: int, **kw: int) -> int:
-    """Total prompt blocks the workload asks for (its demand, with repeats)."""
-    return sum(len(t.tokens) // page_size for t in multi_turn_workload(users, rounds, **kw))  # type: ignore[arg-type]

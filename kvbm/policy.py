@@ -26,7 +26,8 @@ class EvictionPolicy(abc.ABC):
 
     @abc.abstractmethod
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        """A block was registered unpinned: it is now evictable."""
+        """A block was registered: it is now evictable (a block committed pinned gets
+        ``pin`` right after, so the policy still learns its priority)."""
 
     @abc.abstractmethod
     def touch(self, key: SequenceHash) -> None:

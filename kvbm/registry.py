@@ -136,10 +136,12 @@ class BlockRegistry:
         key = self._key[slot]
         assert key is not None
         self._state[slot] = SlotState.REGISTERED
+        # Insert even when pinned, so the policy learns the block's priority; the pin
+        # takes it out of the evictable set at once until the cascade releases it.
+        self.policy.insert(key, priority)
         if pinned:
             self._pins[slot] = 1
-        else:
-            self.policy.insert(key, priority)
+            self.policy.pin(key)
         self._emit(EventKind.REGISTERED, key)
 
     def abort(self, slot: int) -> None:

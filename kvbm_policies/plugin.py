@@ -1,5 +1,30 @@
-"""The policies plugin: not implemented yet, so it registers nothing (LRU is in the core)."""
+"""Registers kvbm's eviction policies and admission filters. Imports only kvbm and the stdlib.
+
+LRU and admit-all live in the core (``kvbm.builtin``); this plugin adds the rest. There is
+no "presence" filter: the manager already skips every block a tier's registry holds or
+is writing, and the shared s3 tier checks its bucket before a PUT.
+"""
 
 from __future__ import annotations
 
-KVBM_PLUGIN_NOTE = "not implemented yet"
+from kvbm.hookspecs import hookimpl
+from kvbm.plugins import PolicyRegistry
+
+
+@hookimpl
+def kvbm_register_policies(registry: PolicyRegistry) -> None:
+    registry.add("lfu", kind="eviction", factory="kvbm_policies.eviction:LFUPolicy",
+                 description="least frequently used first, with dynamic aging (LFU-DA)")
+    registry.add("priority", kind="eviction", factory="kvbm_policies.eviction:PriorityLRUPolicy",
+                 description="lowest priority first, then least recently released (Dynamo)")
+    registry.add("arc", kind="eviction", factory="kvbm_policies.eviction:ARCPolicy",
+                 description="adaptive replacement cache: recency and frequency lists with ghosts")
+    registry.add("s3fifo", kind="eviction", factory="kvbm_policies.eviction:S3FIFOPolicy",
+                 description="S3-FIFO: small, main and ghost FIFO queues")
+    registry.add("lirs", kind="eviction", factory="kvbm_policies.eviction:LIRSPolicy",
+                 description="LIRS: protect blocks with short reuse distance (loops, multi-turn)")
+    registry.add("frequency", kind="admission", factory="kvbm_policies.admission:FrequencyFilter",
+                 description="admit a block offered often enough (Dynamo's doubling filter)")
+    registry.add("priority_prefix", kind="admission",
+                 factory="kvbm_policies.admission:PriorityPrefixFilter",
+                 description="stop a request's offload at its first block below min_priority")

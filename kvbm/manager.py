@@ -206,7 +206,13 @@ class KvBlockManager:
                 rt.tier.close()
             raise
         mgr = cls(settings, plugins, runtimes, layout, namespace, events)
-        plugins.chain_built(mgr)
+        try:
+            plugins.chain_built(mgr)
+        except BaseException:
+            # A plugin that cannot start what the config asked for (a port in use)
+            # fails the start; nothing of the chain stays open behind it.
+            mgr.close()
+            raise
         return mgr
 
     # -- hashing and match -----------------------------------------------------

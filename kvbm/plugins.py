@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .manager import KvBlockManager
 
 ENTRY_POINT_GROUP = "kvbm.plugins"
-DEFAULT_PLUGINS: tuple[str, ...] = ("kvbm.builtin",)
+DEFAULT_PLUGINS: tuple[str, ...] = ("kvbm.builtin", "kvbm.observability_plugin")
 
 
 @dataclass(frozen=True)

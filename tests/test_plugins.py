@@ -18,6 +18,8 @@ from kvbm.plugins import DEFAULT_PLUGINS, build_plugins
 
 from conftest import PAGE, SMALL_MODEL
 
+BUILTINS = [m.rsplit(".", 1)[-1] for m in DEFAULT_PLUGINS]
+
 THIRD_PARTY_TIER = '''
 """A third party's tier: blocks in a dict (what a user would publish as a package)."""
 from kvbm import hookimpl, Tier, TierConfig
@@ -138,18 +140,18 @@ def test_same_distribution_and_name_seen_twice_loads_once(site: Path) -> None:
 
 def test_disable_autoload_loads_only_builtins() -> None:
     plugins = build_plugins({"KVBM_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    assert [p.name for p in plugins.plugins] == ["builtin"]
+    assert [p.name for p in plugins.plugins] == BUILTINS
     assert "host" not in plugins.tiers
 
 
 def test_disable_autoload_still_loads_plugins_named_in_kvbm_plugins() -> None:
     plugins = build_plugins({"KVBM_DISABLE_PLUGIN_AUTOLOAD": "1", "KVBM_PLUGINS": "host"})
-    assert [p.name for p in plugins.plugins] == ["builtin", "host"]
+    assert [p.name for p in plugins.plugins] == [*BUILTINS, "host"]
 
 
 def test_kvbm_plugins_restricts_autoload_to_named_plugins() -> None:
     plugins = build_plugins({"KVBM_PLUGINS": "host,policies"})
-    assert [p.name for p in plugins.plugins] == ["builtin", "host", "policies"]
+    assert [p.name for p in plugins.plugins] == [*BUILTINS, "host", "policies"]
 
 
 MISSING_EXTRA = '''

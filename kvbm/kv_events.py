@@ -1,0 +1,582 @@
+"""KV events for routers: block stored / removed, published over ZMQ in vLLM's format.
+
+A KV-aware router (vLLM's examples, Dynamo's KV router, llm-d) subscribes to each
+instance's events and keeps a prefix index of which instance holds which blocks. This
+module turns the manager's ``BlockEvent`` batches into the messages vLLM's
+``ZmqEventPublisher`` sends, so the same subscriber code reads kvbm:
+
+* one ZMQ multipart message per batch: ``(topic, seq, payload)`` with ``seq`` an
+  8-byte big-endian counter;
+* ``payload`` is msgpack of ``[timestamp, events, dp_rank]`` (vLLM's ``KVEventBatch``,
+  an ``array_like`` msgspec struct);
+* each event is a msgspec *tagged* struct, which msgspec writes as a map whose first
+  key is ``"type"``: ``BlockStored`` (``block_hashes, parent_block_hash, token_ids,
+  block_size, lora_id, medium, lora_name`` and the optional ``extra_keys`` and
+  ``locality``), ``BlockRemoved`` (``block_hashes, medium``) and ``AllBlocksCleared``.
+  Fields are written in vLLM's declaration order and optional ones only when set, so
+  the bytes equal msgspec's encoding of vLLM's own classes.
+
+Which kvbm events become which messages: a block registered in a tier is
+``BlockStored`` with that tier's medium; a block evicted or removed from a tier is
+``BlockRemoved``; a manager that closes sends ``AllBlocksCleared``. Allocation and
+match events are not published (vLLM has no such messages).
+
+Block hashes. kvbm keys blocks by a 16-byte ``SequenceHash``; vLLM's events carry
+``int`` (or ``bytes``) hashes. ``hash_format``:
+
+* ``int64`` (default): the key's last 8 bytes read big-endian, which is the very rule
+  vLLM applies to its own byte hashes under ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``
+  (``int.from_bytes(h, "big") & (2**64 - 1)``); deterministic across processes
+  because the key is. Dynamo's router reads these as u64.
+* ``bytes``: the 16-byte key itself (vLLM's default external hash type).
+* ``dynamo``: Dynamo's 64-bit chained scheme (xxh3-64 of each block's u32 tokens,
+  seeded; chained over ``[parent, block]`` u64 LE), computed from the token ids.
+
+Token ids and parents. ``BlockEvent`` carries only keys, but ``BlockStored`` wants the
+block's token ids and its parent's hash (Dynamo's router hashes the token ids itself).
+The publisher therefore installs a ``RecordingHasher`` on the manager: every prompt
+hashed by ``manager.hash_tokens`` (and so by ``match_prefix(tokens)``) leaves each
+block's tokens and parent in a bounded ``TokenIndex`` (LRU, ``token_index_blocks``
+entries). A block whose tokens are not in the index (hashed elsewhere, restored from
+disk at start, or aged out) is skipped by default (``unknown_tokens: skip``, counted):
+Dynamo's relay slices ``token_ids`` by ``block_size`` and fails on an empty list. With
+``unknown_tokens: empty`` it is sent with ``token_ids: []`` and no parent, which vLLM's
+decoder accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+import xxhash
+import zmq
+
+from .errors import ConfigError
+from .events import BlockEvent, EventKind
+from .hashing import BlockHasher, SequenceHash, as_token_array
+
+if TYPE_CHECKING:
+    from .config import KvEventsConfig
+    from .manager import KvBlockManager
+
+log = logging.getLogger("kvbm.kv_events")
+
+#: vLLM's medium strings where vLLM has one (GPU, CPU), else the strings Dynamo's
+#: router maps to its storage tiers (DISK, EXTERNAL, REMOTE).
+DEFAULT_MEDIA: dict[str, str] = {
+    "gpu": "GPU",
+    "host": "CPU",
+    "disk": "DISK",
+    "s3": "EXTERNAL",
+    "remote": "REMOTE",
+}
+_REMOTE_TYPES = frozenset({"remote"})
+_U32 = np.dtype("<u4")
+_U64_PAIR = struct.Struct("<QQ")
+
+
+def int64_block_hash(key: SequenceHash) -> int:
+    """A kvbm key as vLLM's integer block hash: its last 8 bytes, big-endian.
+
+    The same rule vLLM applies to its own byte hashes, so the value fits an
+    unsigned 64-bit integer and is identical in every process.
+    """
+    return int.from_bytes(key[-8:], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownBlock:
+    """What the token index remembers of one block."""
+
+    parent: SequenceHash | None
+    tokens: bytes  # the block's token ids, u32 little-endian
+    dynamo: int | None  # Dynamo's sequence hash; None when its chain is not known
+    dynamo_parent: int | None
+
+
+class TokenIndex:
+    """A bounded LRU map from block key to its tokens, parent and Dynamo hash.
+
+    Fed by ``RecordingHasher`` on the request path (one dict operation per block) and
+    read by the publisher's thread, hence the lock.
+    """
+
+    def __init__(self, page_size: int, capacity: int, dynamo_seed: int | None = None) -> None:
+        self.page_size = page_size
+        self.capacity = capacity
+        self.dynamo_seed = dynamo_seed
+        self._entries: OrderedDict[SequenceHash, KnownBlock] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(
+        self, tokens: np.ndarray, keys: Sequence[SequenceHash], parent: SequenceHash | None
+    ) -> None:
+        """Remember ``keys[i]``'s tokens (block ``i`` of ``tokens``) and parent."""
+        if self.capacity <= 0 or not keys:
+            return
+        step = self.page_size * 4
+        raw = tokens[: len(keys) * self.page_size].tobytes()
+        seed = self.dynamo_seed
+        entries = self._entries
+        with self._lock:
+            dyn: int | None = None
+            if seed is not None and parent is not None:
+                known = entries.get(parent)
+                dyn = known.dynamo if known is not None else None
+            prev = parent
+            chain_known = seed is not None and (parent is None or dyn is not None)
+            for i, key in enumerate(keys):
+                old = entries.get(key)
+                if old is not None:
+                    entries.move_to_end(key)
+                    prev, dyn = key, old.dynamo
+                    chain_known = old.dynamo is not None
+                    continue
+                block = raw[i * step : (i + 1) * step]
+                new_dyn: int | None = None
+                if chain_known and seed is not None:
+                    bh = xxhash.xxh3_64_intdigest(block, seed)
+                    new_dyn = (
+                        bh
+                        if dyn is None
+                        else xxhash.xxh3_64_intdigest(_U64_PAIR.pack(dyn, bh), seed)
+                    )
+                entries[key] = KnownBlock(prev, block, new_dyn, dyn)
+                prev, dyn = key, new_dyn
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
+
+    def lookup(self, keys: Iterable[SequenceHash]) -> list[KnownBlock | None]:
+        """The entries of ``keys`` (None where unknown), without changing their age."""
+        get = self._entries.get
+        with self._lock:
+            return [get(k) for k in keys]
+
+
+class RecordingHasher(BlockHasher):
+    """A ``BlockHasher`` that also leaves each hashed block's tokens in a ``TokenIndex``."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, base: BlockHasher, index: TokenIndex) -> None:
+        super().__init__(base.namespace, base.page_size, base.algorithm)
+        self.index = index
+
+    def hash_tokens(self, tokens: Any, parent: SequenceHash | None = None) -> list[SequenceHash]:
+        """The base hashes; the blocks' tokens and parents are remembered as a side effect."""
+        arr = as_token_array(tokens)
+        keys = super().hash_tokens(arr, parent)
+        self.index.record(arr, keys, parent)
+        return keys
+
+
+# --- wire format ------------------------------------------------------------------
+# Plain dicts in vLLM's field order: msgpack writes them exactly as msgspec writes
+# vLLM's tagged structs (tag first, then fields, optional ones omitted when unset).
+
+
+def block_stored(
+    block_hashes: list[Any],
+    parent_block_hash: Any,
+    token_ids: list[int],
+    block_size: int,
+    medium: str | None,
+    lora_name: str | None = None,
+    extra_keys: list[tuple[Any, ...] | None] | None = None,
+    locality: str | None = None,
+) -> dict[str, Any]:
+    """A ``BlockStored`` event as vLLM encodes it."""
+    ev: dict[str, Any] = {
+        "type": "BlockStored",
+        "block_hashes": block_hashes,
+        "parent_block_hash": parent_block_hash,
+        "token_ids": token_ids,
+        "block_size": block_size,
+        "lora_id": None,
+        "medium": medium,
+        "lora_name": lora_name,
+    }
+    if extra_keys is not None:
+        ev["extra_keys"] = extra_keys
+    if locality is not None:
+        ev["locality"] = locality
+    return ev
+
+
+def block_removed(
+    block_hashes: list[Any], medium: str | None, locality: str | None = None
+) -> dict[str, Any]:
+    """A ``BlockRemoved`` event as vLLM encodes it."""
+    ev: dict[str, Any] = {"type": "BlockRemoved", "block_hashes": block_hashes, "medium": medium}
+    if locality is not None:
+        ev["locality"] = locality
+    return ev
+
+
+def all_blocks_cleared() -> dict[str, Any]:
+    """An ``AllBlocksCleared`` event."""
+    return {"type": "AllBlocksCleared"}
+
+
+# Entries (tag + fields) each vLLM event struct can hold. msgspec sizes a struct's map
+# header by that maximum, not by the fields written: beyond 15 it writes a map16
+# header even for fewer entries, so the same must be done here to match its bytes.
+_STRUCT_ENTRIES = {"BlockStored": 16, "BlockRemoved": 6, "AllBlocksCleared": 1}
+
+
+def encode_batch(timestamp: float, events: list[dict[str, Any]], dp_rank: int | None) -> bytes:
+    """msgpack of ``[timestamp, events, dp_rank]``, byte for byte as msgspec encodes vLLM's
+    ``KVEventBatch`` of those events."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [
+        packer.pack_array_header(3),
+        packer.pack(float(timestamp)),
+        packer.pack_array_header(len(events)),
+    ]
+    for ev in events:
+        if _STRUCT_ENTRIES.get(ev.get("type", ""), 0) > 15:
+            parts.append(b"\xde" + len(ev).to_bytes(2, "big"))
+            for k, v in ev.items():
+                parts.append(packer.pack(k))
+                parts.append(packer.pack(v))
+        else:
+            parts.append(packer.pack(ev))
+    parts.append(packer.pack(dp_rank))
+    return b"".join(parts)
+
+
+# --- the publisher ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TierMedium:
+    medium: str
+    locality: str | None
+
+
+class KvEventPublisher:
+    """Publishes a manager's block events on a ZMQ PUB socket in vLLM's KV-event format.
+
+    It is an ``EventBus`` subscriber: conversion, encoding and the send run on the
+    bus's delivery thread, never in the engine's step. ``endpoint`` is the bound
+    address (``tcp://127.0.0.1:PORT``) a router connects its SUB socket to.
+    """
+
+    def __init__(
+        self,
+        config: KvEventsConfig,
+        page_size: int,
+        tier_media: dict[str, _TierMedium],
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        index: TokenIndex | None = None,
+    ) -> None:
+        self.config = config
+        self.page_size = page_size
+        self.tier_media = tier_media
+        self.lora_name = lora_name
+        self.cache_salt = cache_salt
+        self.index = (
+            index
+            if index is not None
+            else TokenIndex(
+                page_size,
+                config.token_index_blocks,
+                config.dynamo_seed if config.hash_format == "dynamo" else None,
+            )
+        )
+        self.topic = config.topic.encode()
+        self.dp_rank = config.dp_rank
+        self.sent_batches = 0
+        self.sent_events = 0
+        self.dropped_batches = 0
+        self.skipped_unknown_tokens = 0
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._unsubscribe: Any = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] | None = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        try:
+            self.endpoint = self._bind(self._sock, config.endpoint, config.port)
+        except Exception:
+            self._sock.close(linger=0)
+            self._sock = None
+            raise
+        self.port = _port_of(self.endpoint)
+
+    @staticmethod
+    def _bind(sock: zmq.Socket[bytes], endpoint: str, port: int) -> str:
+        if endpoint.startswith(("ipc://", "inproc://")):
+            where = endpoint
+        elif endpoint.startswith("tcp://"):
+            if endpoint.count(":") > 1 and not endpoint.endswith("]"):
+                raise ConfigError(
+                    f"kv_events: key 'endpoint': value {endpoint!r} carries a port; give the "
+                    "address alone (tcp://127.0.0.1) and the port in 'port' (0 picks a free one)"
+                )
+            where = f"{endpoint}:{port}" if port else f"{endpoint}:*"
+        else:
+            raise ConfigError(
+                f"kv_events: key 'endpoint': value {endpoint!r} is not a ZMQ address; "
+                "use tcp://127.0.0.1 (or ipc:///path)"
+            )
+        try:
+            sock.bind(where)
+        except zmq.ZMQError as e:
+            raise ConfigError(
+                f"kv_events: cannot bind {where} ({e}); set kv_events.port to 0 to pick a free "
+                "port per instance, or choose another address"
+            ) from None
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- wiring ------------------------------------------------------------------
+    @classmethod
+    def attach(
+        cls, manager: KvBlockManager, config: KvEventsConfig | None = None
+    ) -> KvEventPublisher:
+        """Bind, record token ids through the manager's hasher, and subscribe to its events.
+
+        Blocks the chain already holds (restored at start) are published first.
+        """
+        config = config or manager.settings.kv_events
+        media: dict[str, _TierMedium] = {}
+        for rt in manager.chain:
+            ttype = rt.config.type
+            medium = (
+                config.media.get(rt.name)
+                or config.media.get(ttype)
+                or DEFAULT_MEDIA.get(ttype, ttype.upper())
+            )
+            media[rt.name] = _TierMedium(medium, "REMOTE" if ttype in _REMOTE_TYPES else None)
+        pub = cls(
+            config,
+            manager.page_size,
+            media,
+            manager.settings.lora_name,
+            manager.settings.cache_salt,
+        )
+        if config.token_index_blocks > 0 and not isinstance(manager.hasher, RecordingHasher):
+            manager.hasher = RecordingHasher(manager.hasher, pub.index)
+        elif isinstance(manager.hasher, RecordingHasher):
+            pub.index = manager.hasher.index
+        now = time.time()
+        snapshot = [
+            BlockEvent(
+                EventKind.REGISTERED, rt.name, tuple(k for k, _ in rt.registry.registered()), now
+            )
+            for rt in manager.chain
+        ]
+        pub([e for e in snapshot if e.hashes])
+        pub._unsubscribe = manager.events.subscribe(pub)
+        log.info(
+            "kvbm: KV events published on %s (topic %r, hashes %s)",
+            pub.endpoint,
+            config.topic,
+            config.hash_format,
+        )
+        return pub
+
+    def detach(self, manager: KvBlockManager) -> None:
+        """Deliver what is queued, send ``AllBlocksCleared``, unsubscribe and close."""
+        manager.events.drain()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if isinstance(manager.hasher, RecordingHasher) and manager.hasher.index is self.index:
+            manager.hasher = BlockHasher(
+                manager.hasher.namespace, manager.hasher.page_size, manager.hasher.algorithm
+            )
+        self.clear()
+        self.close()
+
+    # -- conversion --------------------------------------------------------------
+    def __call__(self, events: Sequence[BlockEvent]) -> None:
+        """Convert one batch of kvbm events and send it as one message."""
+        out: list[dict[str, Any]] = []
+        ts = 0.0
+        for ev in events:
+            ts = max(ts, ev.timestamp)
+            if ev.kind is EventKind.REGISTERED:
+                out.extend(self._stored(ev))
+            elif ev.kind is EventKind.EVICTED or ev.kind is EventKind.REMOVED:
+                removed = self._removed(ev)
+                if removed is not None:
+                    out.append(removed)
+        if out:
+            self.send(out, ts)
+
+    def _media(self, tier: str) -> _TierMedium:
+        m = self.tier_media.get(tier)
+        return m if m is not None else _TierMedium(tier.upper(), None)
+
+    def _external(self, key: SequenceHash) -> Any:
+        return key if self.config.hash_format == "bytes" else int64_block_hash(key)
+
+    def _stored(self, ev: BlockEvent) -> list[dict[str, Any]]:
+        media = self._media(ev.tier)
+        dynamo = self.config.hash_format == "dynamo"
+        out: list[dict[str, Any]] = []
+        run: list[Any] = []
+        run_tokens: list[bytes] = []
+        run_parent: Any = None
+        run_first_parent: SequenceHash | None = None
+        prev: SequenceHash | None = None
+        unknown: list[SequenceHash] = []
+
+        def flush() -> None:
+            if run:
+                out.append(
+                    self._stored_event(
+                        list(run),
+                        run_parent,
+                        b"".join(run_tokens),
+                        media,
+                        first_has_parent=run_first_parent is not None,
+                    )
+                )
+                run.clear()
+                run_tokens.clear()
+
+        for key, known in zip(ev.hashes, self.index.lookup(ev.hashes)):
+            if known is None or (dynamo and known.dynamo is None):
+                flush()
+                prev = None
+                unknown.append(key)
+                continue
+            ext = known.dynamo if dynamo else self._external(key)
+            # One BlockStored holds a chain: each block's parent is the one before it,
+            # as routers link them.
+            if not run or known.parent != prev:
+                flush()
+                run_first_parent = known.parent
+                if dynamo:
+                    run_parent = known.dynamo_parent
+                else:
+                    run_parent = None if known.parent is None else self._external(known.parent)
+            run.append(ext)
+            run_tokens.append(known.tokens)
+            prev = key
+        flush()
+        if unknown:
+            if self.config.unknown_tokens == "empty" and not dynamo:
+                out.append(
+                    self._stored_event(
+                        [self._external(k) for k in unknown],
+                        None,
+                        b"",
+                        media,
+                        first_has_parent=True,
+                    )
+                )
+            else:
+                self.skipped_unknown_tokens += len(unknown)
+        return out
+
+    def _stored_event(
+        self,
+        hashes: list[Any],
+        parent: Any,
+        tokens: bytes,
+        media: _TierMedium,
+        first_has_parent: bool,
+    ) -> dict[str, Any]:
+        extra: list[tuple[Any, ...] | None] | None = None
+        if self.lora_name is not None or self.cache_salt is not None:
+            # vLLM's per-block extra keys: the LoRA name on every block, the cache salt
+            # on a prompt's first block only (the chain carries it onward).
+            extra = []
+            for i in range(len(hashes)):
+                keys: list[Any] = [self.lora_name] if self.lora_name is not None else []
+                if self.cache_salt is not None and i == 0 and not first_has_parent:
+                    keys.append(self.cache_salt)
+                extra.append(tuple(keys) if keys else None)
+        return block_stored(
+            hashes,
+            parent,
+            np.frombuffer(tokens, dtype=_U32).tolist(),
+            self.page_size,
+            media.medium,
+            self.lora_name,
+            extra,
+            media.locality,
+        )
+
+    def _removed(self, ev: BlockEvent) -> dict[str, Any] | None:
+        media = self._media(ev.tier)
+        if self.config.hash_format == "dynamo":
+            hashes = [
+                k.dynamo
+                for k in self.index.lookup(ev.hashes)
+                if k is not None and k.dynamo is not None
+            ]
+            self.skipped_unknown_tokens += len(ev.hashes) - len(hashes)
+        else:
+            hashes = [self._external(k) for k in ev.hashes]
+        if not hashes:
+            return None
+        return block_removed(hashes, media.medium, media.locality)
+
+    # -- sending -----------------------------------------------------------------
+    def send(self, events: list[dict[str, Any]], timestamp: float | None = None) -> None:
+        """Encode ``events`` as one batch and publish it; never blocks (dropped, counted)."""
+        payload = encode_batch(
+            time.time() if timestamp is None else timestamp, events, self.dp_rank
+        )
+        with self._lock:
+            if self._sock is None:
+                return
+            seq = self._seq
+            self._seq += 1
+            try:
+                self._sock.send_multipart(
+                    (self.topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK
+                )
+            except zmq.Again:
+                self.dropped_batches += 1
+                return
+            self.sent_batches += 1
+            self.sent_events += len(events)
+
+    def clear(self) -> None:
+        """Tell subscribers this instance holds no block any more (``AllBlocksCleared``)."""
+        self.send([all_blocks_cleared()])
+
+    def close(self, linger_ms: int = 500) -> None:
+        """Close the socket, giving queued messages ``linger_ms`` to leave."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close(linger=linger_ms)
+                self._sock = None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of what was sent, dropped and skipped."""
+        return {
+            "endpoint": self.endpoint,
+            "sent_batches": self.sent_batches,
+            "sent_events": self.sent_events,
+            "dropped_batches": self.dropped_batches,
+            "skipped_unknown_tokens": self.skipped_unknown_tokens,
+            "token_index_blocks": len(self.index),
+        }
+
+
+def _port_of(endpoint: str) -> int | None:
+    if endpoint.startswith("tcp://"):
+        try:
+            return int(endpoint.rsplit(":", 1)[1])
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,290 @@
+"""Prometheus metrics: scraped over HTTP from a manager's own endpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import types
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvbm import ConfigError, ContiguousBlocks, KvBlockManager, build_plugins
+from kvbm import observability_plugin as obs
+from kvbm.hookspecs import hookimpl
+from kvbm.metrics import dynamo_path_name
+
+from conftest import PAGE, SMALL_MODEL
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "kvbm-grafana.json"
+
+
+def _manager(tiers: list[dict[str, Any]] | None = None, **kw: Any) -> KvBlockManager:
+    cfg = {
+        "model": dict(SMALL_MODEL),
+        "page_size": PAGE,
+        "tiers": tiers or [{"type": "host", "num_blocks": 16}],
+        "metrics": True,
+        "metrics_port": 0,
+        **kw,
+    }
+    return KvBlockManager.from_config(cfg, plugins=build_plugins(extra_plugins=[obs]))
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``name{labels}`` → value of every sample the endpoint serves."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def _url(m: KvBlockManager) -> str:
+    exp = obs.metrics_exporter(m)
+    assert exp is not None
+    return exp.url
+
+
+def _workload(m: KvBlockManager, first_token: int, blocks: int) -> None:
+    tokens = list(range(first_token, first_token + blocks * PAGE))
+    hashes = m.hash_tokens(tokens)
+    src = np.random.default_rng(1).integers(0, 256, (blocks, m.block_bytes), dtype=np.uint8)
+    m.offload(hashes, ContiguousBlocks(src, m.layout))
+    m.flush()
+    with m.match_prefix(tokens) as match:
+        dst = np.zeros((match.num_blocks, m.block_bytes), dtype=np.uint8)
+        m.onboard(match, ContiguousBlocks(dst, m.layout))
+
+
+def test_counters_move_between_scrapes_as_blocks_are_offloaded_and_onboarded() -> None:
+    m = _manager()
+    try:
+        before = scrape(_url(m))
+        _workload(m, 100, 4)
+        after = scrape(_url(m))
+    finally:
+        m.close()
+    assert before["kvbm_offload_blocks_d2h"] == 0 and after["kvbm_offload_blocks_d2h"] == 4
+    assert before["kvbm_onboard_blocks_h2d"] == 0 and after["kvbm_onboard_blocks_h2d"] == 4
+    assert after["kvbm_matched_tokens"] == 4 * PAGE
+    key = (
+        'kvbm_transfer_bytes_total{direction="offload",path="offload:host",tier="host",type="host"}'
+    )
+    assert after[key] == 4 * m.block_bytes
+    assert after['kvbm_tier_used_blocks{tier="host",type="host"}'] == 4
+
+
+def test_counters_move_while_kvbm_bench_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = pytest.importorskip("kvbm.bench.runner")
+    pytest.importorskip("torch")
+    seen: list[tuple[str, dict[str, float]]] = []
+    stop = threading.Event()
+
+    @hookimpl(trylast=True)  # after the endpoint started
+    def kvbm_chain_built(manager: KvBlockManager) -> None:
+        url = _url(manager)
+        seen.append(("start", scrape(url)))
+
+        def poll() -> None:
+            while not stop.wait(0.02):
+                try:
+                    seen.append(("running", scrape(url)))
+                except OSError:
+                    return  # the endpoint closed with its manager
+
+        threading.Thread(target=poll, daemon=True).start()
+
+    @hookimpl(tryfirst=True)  # before the endpoint stops
+    def kvbm_shutdown(manager: KvBlockManager) -> None:
+        seen.append(("end", scrape(_url(manager))))
+
+    # A plugin that scrapes each bench manager as it starts, while it runs, and as it closes.
+    scraper = types.ModuleType("scrape_at_lifecycle")
+    scraper.kvbm_chain_built = kvbm_chain_built  # type: ignore[attr-defined]
+    scraper.kvbm_shutdown = kvbm_shutdown  # type: ignore[attr-defined]
+
+    import kvbm.manager
+
+    real = kvbm.manager.build_plugins
+    monkeypatch.setattr(kvbm.manager, "build_plugins", lambda: real(extra_plugins=[obs, scraper]))
+    config = {
+        "model": dict(SMALL_MODEL),
+        "page_size": PAGE,
+        "tiers": [{"type": "host", "num_blocks": 256}],
+        "metrics": True,
+        "metrics_port": 0,
+    }
+    opts = runner.BenchOptions(
+        config=config,
+        users=2,
+        rounds=3,
+        system_tokens=64,
+        duration=20,
+        raw_blocks=8,
+        raw_batch=4,
+        progress=False,
+    )
+    try:
+        runner.run_bench(opts)
+    finally:
+        stop.set()
+    starts = [s for tag, s in seen if tag == "start"]
+    ends = [s for tag, s in seen if tag == "end"]
+    assert starts and ends
+    # The first manager is the workload phase: it offloads, matches and onboards.
+    assert starts[0]["kvbm_offload_blocks_d2h"] == 0 and ends[0]["kvbm_offload_blocks_d2h"] > 0
+    assert starts[0]["kvbm_matched_tokens"] == 0 and ends[0]["kvbm_matched_tokens"] > 0
+    assert ends[0]["kvbm_onboard_blocks_h2d"] > 0
+
+
+def test_host_hit_rate_is_hits_over_lookups() -> None:
+    m = _manager()
+    try:
+        _workload(m, 100, 4)
+        # 4 cached blocks then a miss: the walk stops at the first miss (5 lookups).
+        with m.match_prefix(list(range(100, 100 + 8 * PAGE))):
+            pass
+        got = scrape(_url(m))
+    finally:
+        m.close()
+    # The workload's own match: 4 hits in 4 lookups; then 4 hits in 5.
+    assert got["kvbm_host_cache_hit_rate"] == pytest.approx(8 / 9)
+    assert got['kvbm_tier_lookups_total{tier="host",type="host"}'] == 9
+
+
+def test_evictions_and_usage_are_exported_per_tier() -> None:
+    m = _manager(tiers=[{"type": "host", "num_blocks": 4}])
+    try:
+        _workload(m, 100, 4)
+        _workload(m, 9_000, 2)
+        got = scrape(_url(m))
+    finally:
+        m.close()
+    assert got['kvbm_evictions_total{tier="host",type="host"}'] == 2
+    assert got['kvbm_tier_usage_ratio{tier="host",type="host"}'] == 1.0
+    assert got['kvbm_tier_capacity_bytes{tier="host",type="host"}'] == 4 * m.block_bytes
+
+
+def test_each_manager_serves_its_own_registry_on_its_own_port() -> None:
+    a, b = _manager(), _manager()
+    try:
+        _workload(a, 100, 3)
+        ua, ub = _url(a), _url(b)
+        assert ua != ub and ua.startswith("http://127.0.0.1:")
+        assert scrape(ua)["kvbm_offload_blocks_d2h"] == 3
+        assert scrape(ub)["kvbm_offload_blocks_d2h"] == 0
+    finally:
+        a.close()
+        b.close()
+    assert REGISTRY.get_sample_value("kvbm_offload_blocks_d2h") is None
+
+
+def test_dyn_kvbm_metrics_variables_start_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_METRICS", "true")
+    monkeypatch.setenv("DYN_KVBM_METRICS_PORT", "0")
+    m = KvBlockManager.from_config(
+        {
+            "model": dict(SMALL_MODEL),
+            "page_size": PAGE,
+            "tiers": [{"type": "host", "num_blocks": 4}],
+        },
+        plugins=build_plugins(extra_plugins=[obs]),
+    )
+    try:
+        assert scrape(_url(m))["kvbm_up"] == 1
+    finally:
+        m.close()
+
+
+def test_metrics_off_starts_no_endpoint(small_config: dict[str, Any]) -> None:
+    m = KvBlockManager.from_config(small_config, plugins=build_plugins(extra_plugins=[obs]))
+    try:
+        assert obs.metrics_exporter(m) is None
+    finally:
+        m.close()
+
+
+def test_closing_the_manager_frees_the_port() -> None:
+    m = _manager()
+    url = _url(m)
+    m.close()
+    with pytest.raises(OSError):
+        scrape(url)
+
+
+def test_a_port_in_use_is_an_error_naming_the_setting_and_fix() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        with pytest.raises(ConfigError, match=r"DYN_KVBM_METRICS_PORT.*or 0"):
+            _manager(metrics_port=s.getsockname()[1])
+    finally:
+        s.close()
+
+
+def test_a_host_disk_chain_counts_host_to_disk_and_disk_to_device(tmp_path: Path) -> None:
+    pytest.importorskip("kvbm_tiers_disk.tier")
+    tiers = [
+        {"type": "host", "num_blocks": 4},
+        {"type": "disk", "num_blocks": 16, "path": str(tmp_path), "admission": "all"},
+    ]
+    m = _manager(tiers=tiers)
+    try:
+        _workload(m, 100, 4)  # into host, cascaded to disk
+        _workload(m, 9_000, 4)  # evicts the first four from host; disk keeps them
+        with m.match_prefix(list(range(100, 100 + 4 * PAGE))) as match:
+            assert match.tiers == ["disk"] * 4
+            dst = np.zeros((4, m.block_bytes), dtype=np.uint8)
+            m.onboard(match, ContiguousBlocks(dst, m.layout))
+        got = scrape(_url(m))
+    finally:
+        m.close()
+    assert got["kvbm_offload_blocks_h2d"] >= 8
+    assert got["kvbm_onboard_blocks_d2d"] == 4
+    assert got["kvbm_disk_cache_hit_rate"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        ("offload:host", "offload_blocks_d2h"),
+        ("offload:disk", "offload_blocks_h2d"),
+        ("offload:s3", "offload_blocks_d2o"),
+        ("onboard:host", "onboard_blocks_h2d"),
+        ("onboard:disk", "onboard_blocks_d2d"),
+        ("onboard:s3", "onboard_blocks_o2d"),
+    ],
+)
+def test_paths_of_a_host_disk_s3_chain_map_to_dynamo_names(path: str, want: str) -> None:
+    tiers = {"host": {"type": "host"}, "disk": {"type": "disk"}, "s3": {"type": "s3"}}
+    assert dynamo_path_name(path, tiers) == want
+
+
+def test_offload_into_a_first_disk_tier_is_device_to_disk() -> None:
+    assert dynamo_path_name("offload:nvme", {"nvme": {"type": "disk"}}) == "offload_blocks_d2d"
+
+
+def test_dashboard_queries_only_metrics_the_endpoint_exports() -> None:
+    m = _manager()
+    try:
+        _workload(m, 100, 2)
+        exported = {k.split("{")[0] for k in scrape(_url(m))}
+    finally:
+        m.close()
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert exprs
+    used = {n for e in exprs for n in re.findall(r"\bkvbm_[a-z0-9_]+", e)}
+    assert used and used <= exported, f"not exported: {sorted(used - exported)}"

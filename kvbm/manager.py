@@ -318,7 +318,12 @@ class KvBlockManager:
         if not hashes or not self.chain:
             return res
         top = self.chain[0]
-        keys, idx, slots, prios = self._reserve(top, list(hashes), list(indices), priorities, res)
+        cascade = self.settings.write_through and len(self.chain) > 1
+        present: list[tuple[SequenceHash, int]] = []
+        keys, idx, slots, prios = self._reserve(top, list(hashes), list(indices), priorities, res,
+                                                present if cascade else None)
+        if present:
+            self._reoffer(present)
         if not keys:
             return res
         t0 = time.perf_counter()
@@ -333,7 +338,6 @@ class KvBlockManager:
                 self._take_events()
             raise
         self._count(f"offload:{top.name}", sum(ok), time.perf_counter() - t0, ok.count(False))
-        cascade = self.settings.write_through and len(self.chain) > 1
         done_slots: list[int] = []
         done_keys: list[SequenceHash] = []
         done_prios: list[int] = []
@@ -362,40 +366,74 @@ class KvBlockManager:
         indices: list[int],
         priorities: Sequence[int] | None,
         res: OffloadResult | None = None,
+        present: list[tuple[SequenceHash, int]] | None = None,
     ) -> tuple[list[SequenceHash], list[int], list[int], list[int]]:
-        """Admission, presence and slot allocation for one tier; returns what to write."""
+        """Presence, admission and slot allocation for one tier; returns what to write.
+
+        Presence comes first so that an admission filter counts offers only of blocks
+        the tier lacks. Blocks the tier already holds go to ``present`` (hash, priority).
+        """
         prios = list(priorities) if priorities is not None else [0] * len(hashes)
+        with self._lock:
+            absent = [k for k, h in enumerate(hashes) if h not in rt.registry]
+        if present is not None and len(absent) < len(hashes):
+            held = set(absent)
+            present.extend((hashes[k], prios[k]) for k in range(len(hashes)) if k not in held)
+        if res is not None:
+            res.present += len(hashes) - len(absent)
+        if not absent:
+            return [], [], [], []
         try:
-            admit = rt.admission.admit(hashes, prios)
+            admit = rt.admission.admit([hashes[k] for k in absent], [prios[k] for k in absent])
         except Exception as e:
             rt.warn("admission filter failed (%s); admitting nothing", e)
-            admit = [False] * len(hashes)
+            admit = [False] * len(absent)
         keys: list[SequenceHash] = []
         idx: list[int] = []
         slots: list[int] = []
         out_prios: list[int] = []
         with self._lock:
-            for h, i, p, a in zip(hashes, indices, prios, admit):
-                if h in rt.registry:
-                    if res is not None:
-                        res.present += 1
-                    continue
+            for k, a in zip(absent, admit):
                 if not a:
                     if res is not None:
                         res.rejected += 1
                     continue
-                slot = rt.registry.allocate(h)
+                slot = rt.registry.allocate(hashes[k])
                 if slot is None:
                     rt.skipped_writes += 1
                     if res is not None:
                         res.failed += 1
                     continue
-                keys.append(h)
-                idx.append(i)
+                keys.append(hashes[k])
+                idx.append(indices[k])
                 slots.append(slot)
-                out_prios.append(p)
+                out_prios.append(prios[k])
         self._discard_evicted(rt)
         return keys, idx, slots, out_prios
+
+    def _reoffer(self, present: list[tuple[SequenceHash, int]]) -> None:
+        """Offer blocks the first tier already holds to the next tier again.
+
+        A block offloaded again is a block reused: this repeat offer is what lets a
+        frequency filter below admit it (Dynamo counts offers the same way). Only
+        blocks the next tier lacks are pinned and cascaded.
+        """
+        top, nxt = self.chain[0], self.chain[1]
+        slots: list[int] = []
+        keys: list[SequenceHash] = []
+        prios: list[int] = []
+        with self._lock:
+            for h, p in present:
+                if h in nxt.registry:
+                    continue
+                slot = top.registry.pin(h)
+                if slot is None:
+                    continue  # still being written: its own cascade will offer it
+                slots.append(slot)
+                keys.append(h)
+                prios.append(p)
+        if keys:
+            self._submit(self._cascade, 0, slots, keys, prios)
 
     def _discard_evicted(self, rt: TierRuntime) -> None:
         with self._lock:

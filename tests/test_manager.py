@@ -331,3 +331,15 @@ def test_stats_report_paths_with_bytes_and_rates() -> None:
         onboard_all(mgr, hashes)
         paths = mgr.stats()["paths"]
         assert paths["offload:host"]["bytes"] == paths["onboard:host"]["bytes"] == 4 * mgr.block_bytes
+
+
+def test_a_repeat_offload_reoffers_held_blocks_so_a_frequency_filter_admits_them() -> None:
+    lower = {"type": "flaky", "num_blocks": 16, "admission": "frequency"}
+    with manager([HOST, lower]) as mgr:
+        hashes, src, _ = blocks(mgr, 3)
+        mgr.offload(hashes, src)
+        mgr.flush()
+        assert mgr.stats()["tiers"]["flaky"]["used_blocks"] == 0, "first offer is below the threshold"
+        res = mgr.offload(hashes, src)
+        mgr.flush()
+        assert res.present == 3 and mgr.stats()["tiers"]["flaky"]["used_blocks"] == 3

@@ -195,10 +195,11 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
         report.prompt_blocks += len(hashes)
         report.matched_blocks += n
         # "Prefill" the rest: write each new block's pattern into the engine tensors.
-        new = list(range(n, len(hashes)))
-        for b in new:
+        for b in range(n, len(hashes)):
             engine.copy_in([b], [pattern(hashes[b], want)])
-        mgr.offload(hashes[n:], engine, indices=new)
+        # As an engine does when a request finishes, offer every complete block: the
+        # ones the first tier holds are not copied again, only re-offered below.
+        mgr.offload(hashes, engine, indices=list(range(len(hashes))))
         bar.step(f"user {turn.user} round {turn.round} hit {n}/{len(hashes)}")
     mgr.flush()
     bar.done()

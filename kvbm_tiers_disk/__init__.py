@@ -1,1 +1,1 @@
-"""kvbm's disk tier plugin."""
+"""kvbm's disk tier plugin: O_DIRECT slot files that survive a restart."""

@@ -1,5 +1,33 @@
-"""The gpu tier plugin: not implemented yet, so it registers nothing."""
+"""Registers the ``gpu`` tier and the engine layouts. Imports only kvbm and the standard library."""
 
 from __future__ import annotations
 
-KVBM_PLUGIN_NOTE = "not implemented yet"
+from kvbm.hookspecs import hookimpl
+from kvbm.plugins import LayoutRegistry, TierRegistry
+
+from .config import GpuTierConfig
+
+
+@hookimpl
+def kvbm_register_tiers(registry: TierRegistry) -> None:
+    registry.add(
+        "gpu",
+        factory="kvbm_tiers_gpu.tier:GpuTier",
+        config_model=GpuTierConfig,
+        extra="gpu",
+        requires=("torch",),
+        description="a pool of blocks in device memory (CPU memory without CUDA)",
+    )
+
+
+@hookimpl
+def kvbm_register_layouts(registry: LayoutRegistry) -> None:
+    registry.add("vllm", factory="kvbm_tiers_gpu.blocks:vllm_blocks", extra="gpu",
+                 requires=("torch",),
+                 description="vLLM's per-layer tensors [2, blocks, page, heads, hd] or [blocks, 2, …]")
+    registry.add("trtllm", factory="kvbm_tiers_gpu.blocks:trtllm_blocks", extra="gpu",
+                 requires=("torch",),
+                 description="TensorRT-LLM's primary pool [blocks, layers, kv_factor, block_size]")
+    registry.add("mla", factory="kvbm_tiers_gpu.blocks:mla_blocks", extra="gpu",
+                 requires=("torch",),
+                 description="MLA latent caches per layer [blocks, page, head_dim]")

@@ -91,6 +91,7 @@ class Match:
     page_size: int
     _pins: list[tuple[TierRuntime, int]] = field(default_factory=list, repr=False)
     _manager: KvBlockManager | None = field(default=None, repr=False)
+    _bad: list[tuple[TierRuntime, SequenceHash]] = field(default_factory=list, repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -295,6 +296,21 @@ class KvBlockManager:
             for rt, slot in match._pins:
                 rt.registry.unpin(slot)
             match._pins = []
+            # A block whose read failed is not served again from that tier: drop it
+            # (once nobody else pins it) so later matches miss cleanly or go lower.
+            dropped: list[tuple[TierRuntime, int, SequenceHash]] = []
+            for rt, h in match._bad:
+                slot = rt.registry.lookup(h)
+                if slot is not None and rt.registry.remove(h):
+                    dropped.append((rt, slot, h))
+            match._bad = []
+            events = self._take_events()
+        self._flush_events(events)
+        for rt, slot, h in dropped:
+            try:
+                rt.tier.discard([slot], [h])
+            except Exception as e:
+                rt.warn("discard failed (%s)", e)
 
     # -- offload ---------------------------------------------------------------
     def offload(
@@ -619,6 +635,8 @@ class KvBlockManager:
                 self._count(f"onboard:{rt.name}", len(ok) - nfail, time.perf_counter() - t0, nfail)
                 for i, g in zip(members, ok):
                     good[i] = g
+                    if not g:
+                        match._bad.append((rt, match.hashes[i]))
             if promote_keys:
                 self._promote(promote_keys, promote_bufs)
         finally:

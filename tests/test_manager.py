@@ -343,3 +343,12 @@ def test_a_repeat_offload_reoffers_held_blocks_so_a_frequency_filter_admits_them
         res = mgr.offload(hashes, src)
         mgr.flush()
         assert res.present == 3 and mgr.stats()["tiers"]["flaky"]["used_blocks"] == 3
+
+
+def test_a_block_that_failed_its_read_is_dropped_from_its_tier_on_release() -> None:
+    with manager([{"type": "flaky", "num_blocks": 8, "mode": "corrupt"}]) as mgr:
+        hashes, src, _ = blocks(mgr, 3)
+        mgr.offload(hashes, src)
+        onboard_all(mgr, hashes)
+        with mgr.match_prefix(hashes) as m:
+            assert m.hashes == hashes[:1], "the corrupt second block is no longer matched"

@@ -1,0 +1,828 @@
+"""The s3 tier: blocks as objects in an S3-compatible bucket, shared by every instance.
+
+Objects are named by namespace and sequence hash (see ``objects``), so any instance
+with the same model, layout and TP rank finds what another wrote: the manager asks
+``probe`` for hashes its registry lacks, and adopts the leading hits.
+
+Data path. One boto3 client with a connection pool sized to two pools of
+``max_concurrency`` threads: one for reads and probes (the engine waits on them),
+one for writes and deletes (the write-through cascade), so a large upload never
+queues in front of an onboard. Reads are ranged GETs whose body is received straight
+into the destination buffer; every block is checked against the checksum in the
+object's metadata before it counts as read.
+
+Faults. Transport errors, timeouts, 5xx and throttling answers (503 SlowDown) are
+retried ``retries`` times with capped exponential backoff and full jitter, then
+count as a miss or a skipped write. A circuit breaker opened by consecutive failures
+turns every request into an immediate miss until a trial request succeeds, so a dead
+server costs the engine no time per step and service resumes by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import boto3
+import botocore.exceptions as bexc
+import botocore.loaders
+import botocore.session
+import numpy as np
+import urllib3.exceptions
+from botocore.config import Config
+
+from kvbm.errors import ConfigError
+from kvbm.hashing import SequenceHash
+from kvbm.tier import Tier, TierContext
+
+from .breaker import OPEN, CircuitBreaker
+from .config import S3TierConfig, redact_url
+from .objects import MetaCodec, ObjectMeta, checksum
+
+log = logging.getLogger("kvbm.s3")
+T = TypeVar("T")
+
+# Answers that say the server is overloaded or broken for now: retry, then count
+# against the breaker.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
+})
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
+    urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
+)
+
+
+_loader: Any = None
+_loader_lock = threading.Lock()
+
+
+def _shared_loader() -> Any:
+    """One botocore data loader per process: it caches the parsed service models, so a
+    second tier (another TP rank, a test) builds its client in milliseconds, not 0.3 s."""
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+        return _loader
+
+
+class _Refused(Exception):
+    """The circuit breaker is open: the request was not sent."""
+
+
+class _Truncated(Exception):
+    """The body ended before the bytes its headers promised."""
+
+
+_RETRYABLE: tuple[type[BaseException], ...] = (_Truncated, *_TRANSPORT_ERRORS)
+
+
+class _Missing(Exception):
+    """The object does not exist (404)."""
+
+
+class _Exists(Exception):
+    """A conditional put found the object already there (412)."""
+
+
+class _BadObject(Exception):
+    """The object is not a block of this namespace and layout, or not the one asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Loc:
+    """Where a block lives: object ``obj``, position ``index`` of ``count`` blocks."""
+
+    obj: str
+    index: int
+    count: int
+
+
+class ExistenceCache:
+    """Bounded answers to "is this block in the bucket, and where?".
+
+    Positive answers are kept until evicted (least recently used first) or found
+    wrong by a read; negative answers expire after ``negative_ttl_s`` because another
+    instance may upload the block at any time.
+    """
+
+    def __init__(self, size: int, negative_ttl_s: float) -> None:
+        self.size = size
+        self.negative_ttl_s = negative_ttl_s
+        self._pos: OrderedDict[bytes, _Loc] = OrderedDict()
+        self._neg: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> _Loc | None:
+        with self._lock:
+            loc = self._pos.get(key)
+            if loc is not None:
+                self._pos.move_to_end(key)
+            return loc
+
+    def put(self, key: bytes, loc: _Loc) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._neg.pop(key, None)
+            self._pos[key] = loc
+            self._pos.move_to_end(key)
+            while len(self._pos) > self.size:
+                self._pos.popitem(last=False)
+
+    def drop(self, key: bytes) -> None:
+        with self._lock:
+            self._pos.pop(key, None)
+            self._neg.pop(key, None)
+
+    def put_missing(self, key: bytes) -> None:
+        if self.size <= 0 or self.negative_ttl_s <= 0:
+            return
+        with self._lock:
+            self._pos.pop(key, None)
+            self._neg[key] = time.monotonic() + self.negative_ttl_s
+            self._neg.move_to_end(key)
+            while len(self._neg) > self.size:
+                self._neg.popitem(last=False)
+
+    def is_missing(self, key: bytes) -> bool:
+        with self._lock:
+            t = self._neg.get(key)
+            if t is None:
+                return False
+            if time.monotonic() >= t:
+                del self._neg[key]
+                return False
+            return True
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+
+class S3Tier(Tier):
+    """Blocks as objects in one bucket, keyed by namespace and sequence hash."""
+
+    kind: ClassVar[str] = "s3"
+    shared: ClassVar[bool] = True
+
+    def __init__(self, config: S3TierConfig, ctx: TierContext) -> None:
+        super().__init__(config, ctx)
+        self.cfg = config
+        ns_hex = ctx.namespace.hex
+        self._key_prefix = f"{config.prefix}/{ns_hex}/" if config.prefix else f"{ns_hex}/"
+        self._codec = MetaCodec(ns_hex, ctx.layout.digest, self.block_bytes)
+        self._bucket = config.bucket
+        self._where = f"s3://{config.bucket}/{self._key_prefix}"
+        if config.endpoint_url:
+            self._where += f" at {redact_url(config.endpoint_url)}"
+        self._breaker = CircuitBreaker(
+            config.breaker_failures, config.breaker_cooldown_s, config.breaker_max_cooldown_s
+        )
+        self._cache = ExistenceCache(config.exist_cache_size, config.negative_ttl_s)
+        self._cond = config.conditional_put
+        # Keys whose stored object failed its check: the next write replaces it
+        # instead of trusting a conditional put that would keep the bad copy.
+        self._bad: set[bytes] = set()
+        # Live members of packs this instance wrote (for delete_on_evict).
+        self._pack_live: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._last_warn = -1e9
+        self._counts: dict[str, int] = dict.fromkeys(
+            ("puts", "put_bytes", "put_exists", "put_failures", "gets", "get_bytes",
+             "get_misses", "get_failures", "checksum_failures", "bad_objects", "truncated",
+             "heads", "probe_hits", "probe_cache_hits", "retries", "transient_errors",
+             "timeouts", "deletes", "refused"), 0)
+        self._client = self._make_client()
+        c = config.max_concurrency
+        self._reads = ThreadPoolExecutor(c, thread_name_prefix=f"kvbm-{self.name}-r")
+        self._writes = ThreadPoolExecutor(c, thread_name_prefix=f"kvbm-{self.name}-w")
+        self._check_bucket()
+
+    # -- set-up ----------------------------------------------------------------
+    def _make_client(self) -> Any:
+        cfg = self.cfg
+
+        def secret(v: Any) -> str | None:
+            return None if v is None else str(v.get_secret_value())
+
+        bsession = botocore.session.get_session()
+        bsession.register_component("data_loader", _shared_loader())
+        session = boto3.session.Session(
+            botocore_session=bsession,
+            aws_access_key_id=secret(cfg.aws_access_key_id),
+            aws_secret_access_key=secret(cfg.aws_secret_access_key),
+            aws_session_token=secret(cfg.aws_session_token),
+            region_name=cfg.region,
+            profile_name=cfg.profile,
+        )
+        bcfg = Config(
+            region_name=cfg.region,
+            s3={"addressing_style": cfg.addressing_style},
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            # Our own retries: botocore's standard mode waits up to 20 s per attempt,
+            # longer than an engine step should ever stall, and knows no breaker.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            max_pool_connections=2 * cfg.max_concurrency + 2,
+            # Every block carries its own xxh3 checksum, verified on read; a second
+            # CRC over every body would only cost CPU.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            tcp_keepalive=True,
+        )
+        try:
+            return session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
+        except bexc.BotoCoreError as e:
+            raise ConfigError(f"s3 tier {self.name!r}: cannot build a client for {self._where}: {e}") from None
+
+    def _check_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self._bucket)
+            return
+        except bexc.NoCredentialsError:
+            raise ConfigError(
+                f"s3 tier {self.name!r}: no AWS credentials found for {self._where}; set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or the keys "
+                "aws_access_key_id/aws_secret_access_key (e.g. '${MY_KEY_ID}')"
+            ) from None
+        except bexc.ClientError as e:
+            code, status = _error_code(e)
+            if status == 404 or code in ("NoSuchBucket", "404"):
+                if self.cfg.create_bucket:
+                    self._create_bucket()
+                    return
+                raise ConfigError(
+                    f"s3 tier {self.name!r}: key 'bucket': bucket {self._bucket!r} does not exist "
+                    f"({self._where}); create it or set create_bucket: true"
+                ) from None
+            if status in (401, 403):
+                raise ConfigError(
+                    f"s3 tier {self.name!r}: access to bucket {self._bucket!r} denied ({code}); "
+                    "check the credentials and the bucket policy"
+                ) from None
+            if status < 500:
+                raise ConfigError(
+                    f"s3 tier {self.name!r}: bucket {self._bucket!r}: {code} (HTTP {status})"
+                ) from None
+            reason = f"HTTP {status} {code}"
+        except _TRANSPORT_ERRORS as e:
+            reason = _short(e)
+        # A server that is down now may be up in a second: start with the breaker
+        # open (every request a miss) and let its trial requests find the server.
+        log.warning(
+            "kvbm s3 tier %r: %s is not reachable (%s); starting with the circuit breaker "
+            "open: reads miss and writes are skipped until it answers",
+            self.name, self._where, reason,
+        )
+        for _ in range(self.cfg.breaker_failures):
+            self._breaker.failure()
+
+    def _create_bucket(self) -> None:
+        kw: dict[str, Any] = {"Bucket": self._bucket}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(**kw)
+        except bexc.ClientError as e:
+            code, status = _error_code(e)
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise ConfigError(
+                    f"s3 tier {self.name!r}: cannot create bucket {self._bucket!r}: {code} "
+                    f"(HTTP {status}); create it yourself or fix the permissions"
+                ) from None
+        log.info("kvbm s3 tier %r: created bucket %r", self.name, self._bucket)
+
+    # -- names and counters ----------------------------------------------------
+    def object_key(self, key: SequenceHash) -> str:
+        """The object name of a block stored on its own (or first in its pack)."""
+        return self._key_prefix + key.hex()
+
+    def _inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        """A warning at most every 5 s: a dead server must not flood the log."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_warn < 5.0:
+                return
+            self._last_warn = now
+        log.warning("kvbm s3 tier %r: " + msg, self.name, *args)
+
+    # -- one request, with retries and the breaker ----------------------------
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one request: retries with backoff and jitter, breaker bookkeeping.
+
+        Raises ``_Missing``/``_Exists``/``_BadObject`` (answers, not faults),
+        ``_Refused`` (breaker open) or the last transient error.
+        """
+        cfg = self.cfg
+        attempt = 0
+        while True:
+            if not self._breaker.allow():
+                self._inc("refused")
+                raise _Refused()
+            try:
+                out = fn()
+            except bexc.ClientError as e:
+                code, status = _error_code(e)
+                if status == 404 or code in _MISSING_CODES:
+                    self._breaker.success()
+                    raise _Missing() from None
+                if status == 412 or code == "PreconditionFailed":
+                    self._breaker.success()
+                    raise _Exists() from None
+                if status == 501:
+                    # "NotImplemented": the server is alive but lacks a feature.
+                    self._breaker.success()
+                    raise
+                if status < 500 and code not in _TRANSIENT_CODES and status != 429:
+                    # The server answered: it is alive, the request was wrong.
+                    self._breaker.success()
+                    raise
+                self._breaker_failure(e)
+                self._inc("transient_errors")
+                err: BaseException = e
+            except (_Missing, _Exists, _BadObject):
+                self._breaker.success()
+                raise
+            except _RETRYABLE as e:
+                self._breaker_failure(e)
+                self._inc("transient_errors")
+                if isinstance(e, _Truncated):
+                    self._inc("truncated")
+                if isinstance(e, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError, TimeoutError)):
+                    self._inc("timeouts")
+                err = e
+            else:
+                self._breaker.success()
+                return out
+            if attempt >= cfg.retries:
+                raise err
+            attempt += 1
+            self._inc("retries")
+            cap = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
+            time.sleep(random.uniform(0, cap))  # full jitter: instances don't retry in step
+
+    def _breaker_failure(self, e: BaseException) -> None:
+        opens = self._breaker.opens
+        self._breaker.failure()
+        if self._breaker.opens != opens:
+            log.warning(
+                "kvbm s3 tier %r: circuit breaker open after %s (%s); reads miss and writes "
+                "are skipped until a trial request succeeds", self.name, self._where, _short(e),
+            )
+
+    # -- reads ----------------------------------------------------------------
+    def read(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], dst: Sequence[np.ndarray]
+    ) -> list[bool]:
+        ok = [False] * len(keys)
+        if not keys:
+            return ok
+        groups: dict[str, list[tuple[int, int]]] = {}
+        counts: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            # Unknown blocks are looked for under their own name, as single objects.
+            loc = self._cache.get(k) or _Loc(self.object_key(k), 0, 1)
+            groups.setdefault(loc.obj, []).append((loc.index, i))
+            counts[loc.obj] = loc.count
+        jobs = [(obj, sorted(members), counts[obj]) for obj, members in groups.items()]
+        if len(jobs) == 1:
+            obj, members, count = jobs[0]
+            results = [self._read_object(obj, members, count, keys, dst)]
+        else:
+            results = list(self._reads.map(
+                lambda j: self._read_object(j[0], j[1], j[2], keys, dst), jobs))
+        for (_, members, _), flags in zip(jobs, results, strict=True):
+            for (_, i), good in zip(members, flags, strict=True):
+                ok[i] = good
+        return ok
+
+    def _read_object(
+        self,
+        obj: str,
+        members: list[tuple[int, int]],
+        count: int,
+        keys: Sequence[SequenceHash],
+        dst: Sequence[np.ndarray],
+    ) -> list[bool]:
+        """One GET covering ``members`` (object position, batch index) of an object
+        thought to hold ``count`` blocks; ranged unless it covers the whole object."""
+        bb = self.block_bytes
+        first, last = members[0][0], members[-1][0]
+        want = {pos: i for pos, i in members}
+        span = last - first + 1
+        kw: dict[str, Any] = {}
+        ranged = first != 0 or last + 1 != count
+        if ranged:
+            kw["Range"] = f"bytes={first * bb}-{(last + 1) * bb - 1}"
+
+        def get() -> ObjectMeta:
+            r = self._client.get_object(Bucket=self._bucket, Key=obj, **kw)
+            body = r["Body"]
+            try:
+                meta = self._codec.decode(r.get("Metadata") or {})
+                if isinstance(meta, str):
+                    raise _BadObject(meta)
+                length = r.get("ContentLength")
+                total = _range_total(r.get("ContentRange"), length)
+                # Unranged, the object may still be a pack this instance did not know
+                # of: its first blocks are the ones asked for.
+                short = length != span * bb if ranged else (length or 0) < span * bb
+                if total != meta.count * bb or short:
+                    raise _BadObject(
+                        f"{length} bytes of {total}, expected {span * bb} of {meta.count * bb}"
+                    )
+                for pos, i in members:
+                    if pos >= meta.count or meta.keys[pos] != keys[i]:
+                        raise _BadObject("holds other blocks than the ones asked for")
+                scratch: np.ndarray | None = None
+                for pos in range(first, last + 1):
+                    at = want.get(pos)
+                    if at is None:
+                        if scratch is None:
+                            scratch = np.empty(bb, dtype=np.uint8)
+                        buf = scratch
+                    else:
+                        buf = dst[at]
+                    self._readinto(body, buf)
+                if length == span * bb:
+                    self._finish(body)
+                else:
+                    body.close()  # the rest of an unexpected pack: drop, don't drain
+                return meta
+            except BaseException:
+                body.close()  # a half-read connection must not go back to the pool
+                raise
+
+        out = [False] * len(members)
+        self._inc("gets")
+        try:
+            meta = self._call(get)
+        except _Refused:
+            return out
+        except _Missing:
+            self._inc("get_misses", len(members))
+            for _, i in members:
+                self._cache.drop(keys[i])
+            return out
+        except _BadObject as e:
+            self._inc("bad_objects")
+            self._report_bad(obj, str(e), [keys[i] for _, i in members])
+            return out
+        except Exception as e:
+            self._inc("get_failures")
+            self._warn("GET %s failed (%s); treated as a miss", obj, _short(e))
+            return out
+        bad: list[SequenceHash] = []
+        for j, (pos, i) in enumerate(members):
+            if checksum(dst[i]) == meta.sums[pos]:
+                out[j] = True
+            else:
+                bad.append(keys[i])
+        if bad:
+            self._inc("checksum_failures", len(bad))
+            self._report_bad(obj, f"{len(bad)} block(s) fail their xxh3 checksum", bad)
+        good = out.count(True)
+        self._inc("get_bytes", good * bb)
+        for pos, k in enumerate(meta.keys):
+            if k not in bad:
+                self._cache.put(k, _Loc(obj, pos, meta.count))
+        return out
+
+    def _report_bad(self, obj: str, why: str, keys: list[SequenceHash]) -> None:
+        log.warning("kvbm s3 tier %r: object %s is not intact (%s); treated as a miss",
+                    self.name, obj, why)
+        with self._lock:
+            self._bad.update(keys)
+        for k in keys:
+            self._cache.drop(k)
+
+    def _readinto(self, body: Any, buf: np.ndarray) -> None:
+        """Fill ``buf`` from the response body; ``_Truncated`` if the body ends early."""
+        mv = buf.data.cast("B")
+        n, total = 0, len(mv)
+        raw = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        if (
+            self.cfg.zero_copy_reads
+            and raw is not None
+            and isinstance(fp, http.client.HTTPResponse)
+            and not raw.headers.get("content-encoding")
+        ):
+            # Straight from the socket into the destination: urllib3's readinto would
+            # read into a temporary bytes object and copy it (twice the memory traffic).
+            while n < total:
+                k = fp.readinto(mv[n:])
+                if not k:
+                    raise _Truncated(f"body ended after {n} of {total} bytes")
+                n += k
+            return
+        while n < total:
+            k = body.readinto(mv[n:])
+            if not k:
+                raise _Truncated(f"body ended after {n} of {total} bytes")
+            n += k
+
+    @staticmethod
+    def _finish(body: Any) -> None:
+        """Hand the connection back to the pool after the last byte was received."""
+        raw = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        if raw is not None and isinstance(fp, http.client.HTTPResponse) and fp.isclosed():
+            raw.release_conn()
+        else:
+            body.close()
+
+    # -- writes ---------------------------------------------------------------
+    def write(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
+    ) -> list[bool]:
+        n = len(keys)
+        if not n:
+            return []
+        p = self.cfg.pack_blocks
+        groups = [list(range(s, min(s + p, n))) for s in range(0, n, p)]
+        if len(groups) == 1:
+            results = [self._write_object(groups[0], keys, src)]
+        else:
+            results = list(self._writes.map(lambda g: self._write_object(g, keys, src), groups))
+        ok = [False] * n
+        for g, good in zip(groups, results, strict=True):
+            for i in g:
+                ok[i] = good
+        return ok
+
+    def _write_object(
+        self, members: list[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
+    ) -> bool:
+        """One PUT of the blocks ``members`` (batch indices) as one object."""
+        gkeys = [keys[i] for i in members]
+        obj = self.object_key(gkeys[0])
+        count = len(gkeys)
+        with self._lock:
+            overwrite = any(k in self._bad for k in gkeys)
+        if not overwrite and all(self._cache.get(k) is not None for k in gkeys):
+            self._inc("put_exists")  # another instance's upload, seen by probe or read
+            return True
+        sums = [checksum(src[i]) for i in members]
+        meta = self._codec.encode(gkeys, sums)
+        # One contiguous body: botocore takes bytes (not a memoryview), and a single
+        # buffer goes out in one sendall.
+        body = bytes(src[members[0]]) if count == 1 else b"".join(src[i].data for i in members)
+
+        def put(conditional: bool) -> None:
+            kw: dict[str, Any] = {}
+            if conditional:
+                kw["IfNoneMatch"] = "*"
+            self._client.put_object(
+                Bucket=self._bucket, Key=obj, Body=body, Metadata=meta,
+                ContentType="application/octet-stream", **kw,
+            )
+
+        try:
+            cond = self._cond
+            if overwrite or cond == "off":
+                self._call(lambda: put(False))
+            elif cond in ("auto", "if_none_match"):
+                try:
+                    self._call(lambda: put(True))
+                except bexc.ClientError as e:
+                    code, status = _error_code(e)
+                    if cond != "auto" or status not in (400, 501) or code not in (
+                        "NotImplemented", "InvalidArgument", "InvalidRequest"
+                    ):
+                        raise
+                    log.warning("kvbm s3 tier %r: the server refuses If-None-Match (%s); "
+                                "checking existence with HEAD instead", self.name, code)
+                    self._cond = "head"
+                    return self._write_object(members, keys, src)
+            else:
+                if self._head(obj, gkeys[0]) is not None:
+                    raise _Exists()
+                self._call(lambda: put(False))
+        except _Exists:
+            self._inc("put_exists")
+            if count > 1:
+                return self._write_rest_of_pack(obj, members, keys, src)
+        except _Refused:
+            return False
+        except Exception as e:
+            self._inc("put_failures")
+            self._warn("PUT %s failed (%s); write skipped", obj, _short(e))
+            return False
+        else:
+            self._inc("puts")
+            self._inc("put_bytes", len(body))
+            if overwrite:
+                with self._lock:
+                    self._bad.difference_update(gkeys)
+            if count > 1:
+                with self._lock:
+                    self._pack_live[obj] = count
+        for j, k in enumerate(gkeys):
+            self._cache.put(k, _Loc(obj, j, count))
+        return True
+
+    def _write_rest_of_pack(
+        self, obj: str, members: list[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
+    ) -> bool:
+        """A pack's name was taken (another instance wrote its first block, alone or in
+        another pack): keep what that object holds, write the other blocks anew."""
+        try:
+            meta = self._head(obj, keys[members[0]])
+        except Exception:
+            return False
+        if meta is None:
+            return False
+        for j, k in enumerate(meta.keys):
+            self._cache.put(k, _Loc(obj, j, meta.count))
+        held = set(meta.keys)
+        rest = [i for i in members if keys[i] not in held]
+        return self._write_object(rest, keys, src) if rest else True
+
+    # -- probe ----------------------------------------------------------------
+    def _head(self, obj: str, key: SequenceHash) -> ObjectMeta | None:
+        """The metadata of the object named after ``key``; None if absent or not ours."""
+        def head() -> ObjectMeta | None:
+            r = self._client.head_object(Bucket=self._bucket, Key=obj)
+            meta = self._codec.decode(r.get("Metadata") or {})
+            if isinstance(meta, str) or meta.keys[0] != key:
+                return None
+            if r.get("ContentLength") != meta.count * self.block_bytes:
+                return None
+            return meta
+
+        self._inc("heads")
+        try:
+            return self._call(head)
+        except _Missing:
+            return None
+
+    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
+        """Which leading keys are in the bucket; stops at the first miss.
+
+        Answers come from the existence cache where it knows, else from HEADs sent
+        in waves that start at one and double while every answer is a hit. A pack
+        found by its first block vouches for the rest of its blocks.
+        """
+        out = [False] * len(keys)
+        n = len(keys)
+        i = 0
+        # The first HEAD goes alone: most probes are for prompts never stored, and
+        # one answer settles them. Hits double the next wave.
+        wave = 1
+        while i < n:
+            if self._cache.get(keys[i]) is not None:
+                out[i] = True
+                self._inc("probe_cache_hits")
+                i += 1
+                continue
+            if self._cache.is_missing(keys[i]) or self._breaker.state == OPEN:
+                break
+            batch: list[int] = []
+            j = i
+            while j < n and len(batch) < wave:
+                if self._cache.is_missing(keys[j]):
+                    break
+                if self._cache.get(keys[j]) is None:
+                    batch.append(j)
+                j += 1
+            answers = list(self._reads.map(self._probe_one, [keys[b] for b in batch]))
+            for b, found in zip(batch, answers, strict=True):
+                # A 404 for a block that a found pack holds is no miss.
+                if found is False and self._cache.get(keys[b]) is None:
+                    self._cache.put_missing(keys[b])
+            # Walk the window in order: the cache now holds every hit (and every
+            # block of a found pack); the first unknown key ends the prefix.
+            stop = False
+            while i < j:
+                if self._cache.get(keys[i]) is None:
+                    stop = True
+                    break
+                out[i] = True
+                i += 1
+            if stop:
+                break
+            if any(a is not None and a > 1 for a in answers):
+                # The writer packs: the next unknown key starts a pack, and HEADs of
+                # the keys after it would only find its members missing.
+                wave = 1
+            else:
+                wave = min(wave * 2, 8 * self.cfg.max_concurrency)
+        self._inc("probe_hits", out.count(True))
+        return out
+
+    def _probe_one(self, key: SequenceHash) -> int | bool | None:
+        """The found object's block count (cached); False: absent; None: unknown (fault)."""
+        obj = self.object_key(key)
+        try:
+            meta = self._head(obj, key)
+        except Exception:
+            return None
+        if meta is None:
+            return False
+        for j, k in enumerate(meta.keys):
+            self._cache.put(k, _Loc(obj, j, meta.count))
+        return meta.count
+
+    # -- eviction -------------------------------------------------------------
+    def discard(self, slots: Sequence[int], keys: Sequence[SequenceHash]) -> None:
+        """Delete evicted blocks' objects if ``delete_on_evict``; else keep them.
+
+        Without deletion the objects stay (the bucket's lifecycle rules age them
+        out) and a later probe may adopt them again. A pack is deleted when the
+        last of its blocks this instance wrote is evicted.
+        """
+        if not self.cfg.delete_on_evict or not keys:
+            return
+        doomed: list[str] = []
+        with self._lock:
+            for k in keys:
+                loc = self._cache.get(k)
+                if loc is None or loc.count == 1:
+                    doomed.append(self.object_key(k))
+                elif loc.obj in self._pack_live:
+                    self._pack_live[loc.obj] -= 1
+                    if self._pack_live[loc.obj] <= 0:
+                        del self._pack_live[loc.obj]
+                        doomed.append(loc.obj)
+        for k in keys:
+            self._cache.drop(k)
+        if doomed:
+            # Deletion runs on the write pool: discard is called from match paths.
+            self._writes.submit(self._delete, doomed)
+
+    def _delete(self, objs: list[str]) -> None:
+        for s in range(0, len(objs), 1000):
+            part = objs[s : s + 1000]
+            req = functools.partial(
+                self._client.delete_objects,
+                Bucket=self._bucket,
+                Delete={"Objects": [{"Key": o} for o in part], "Quiet": True},
+            )
+            try:
+                self._call(req)
+                self._inc("deletes", len(part))
+            except Exception as e:
+                self._warn("delete of %d objects failed (%s)", len(part), _short(e))
+
+    # -- the rest -------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self._counts)
+        out["breaker_state"] = self._breaker.state
+        out["breaker_opens"] = self._breaker.opens
+        out["exist_cache_entries"] = len(self._cache)
+        out["conditional_put"] = self._cond
+        return out
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=True)
+        self._writes.shutdown(wait=True)
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
+
+def _error_code(e: bexc.ClientError) -> tuple[str, int]:
+    err = e.response.get("Error", {}) or {}
+    code = str(err.get("Code", ""))
+    status = int((e.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0) or 0)
+    if not status and code.isdigit():
+        status = int(code)
+    return code, status
+
+
+def _range_total(content_range: str | None, content_length: int | None) -> int | None:
+    """The object size from ``Content-Range: bytes a-b/total`` (or the length if absent)."""
+    if not content_range:
+        return content_length
+    try:
+        return int(content_range.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _short(e: BaseException) -> str:
+    """An exception as one line without request details (no signatures or headers)."""
+    if isinstance(e, bexc.ClientError):
+        code, status = _error_code(e)
+        return f"HTTP {status} {code}"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"[:200]

@@ -1,0 +1,203 @@
+"""The s3 tier when its server fails: real moto processes killed and restarted, and a
+real HTTP proxy that answers 503 SlowDown or 500, cuts bodies short, or stalls."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+
+from kvbm import ContiguousBlocks, KvBlockManager, Namespace  # noqa: E402
+from kvbm.layout import BlockLayout, ModelSpec  # noqa: E402
+from kvbm.tier import TierContext  # noqa: E402
+from kvbm_tiers_s3.config import S3TierConfig  # noqa: E402
+from kvbm_tiers_s3.tier import S3Tier  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from s3server import SECRET_KEY, Fault, FaultProxy, MotoServer, free_port  # noqa: E402
+
+MODEL = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16"}
+PAGE = 16
+LAYOUT = BlockLayout(ModelSpec(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16",
+                               name="tiny"), PAGE)
+BB = LAYOUT.bytes_per_block
+
+
+@pytest.fixture
+def own_server() -> Iterator[MotoServer]:
+    """A server this test may kill and restart."""
+    s = MotoServer()
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def proxied() -> Iterator[tuple[MotoServer, FaultProxy]]:
+    s = MotoServer()
+    s.start()
+    p = FaultProxy(s.port)
+    yield s, p
+    p.close()
+    s.stop()
+
+
+@pytest.fixture
+def proxy(proxied: tuple[MotoServer, FaultProxy]) -> Iterator[FaultProxy]:
+    p = proxied[1]
+    p.set(None)
+    yield p
+    p.set(None)
+
+
+def make_tier(server: MotoServer, ns: str, endpoint: str | None = None, **over: Any) -> S3Tier:
+    cfg = S3TierConfig.model_validate({**server.tier_config(endpoint, **over), "name": "s3"})
+    namespace = Namespace(model_id=ns, layout_digest=LAYOUT.digest)
+    return S3Tier(cfg, TierContext("s3", namespace, LAYOUT, cfg.resolve_num_blocks(BB)))
+
+
+def blocks(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, BB), dtype=np.uint8)
+
+
+def keys(n: int, seed: int) -> list[Any]:
+    rng = np.random.default_rng(seed + 1000)
+    return [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(n)]
+
+
+def manager(server: MotoServer, model: str) -> KvBlockManager:
+    return KvBlockManager.from_config({
+        "model": {**MODEL, "name": model}, "page_size": PAGE,
+        "tiers": [{"type": "host", "num_blocks": 4, "touch": False}, server.tier_config()],
+    })
+
+
+def offload_steps(mgr: KvBlockManager, tokens: list[int], data: np.ndarray) -> None:
+    hashes = mgr.hash_tokens(tokens)
+    src = ContiguousBlocks(data, mgr.layout)
+    for s in range(0, len(hashes), 4):
+        mgr.offload(hashes[s : s + 4], src, indices=range(s, min(s + 4, len(hashes))))
+        mgr.flush()
+
+
+def test_stopped_server_gives_misses_and_skipped_writes_and_opens_the_breaker(
+    own_server: MotoServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    mgr = manager(own_server, "down")
+    tokens = list(range(8 * PAGE))
+    data = blocks(8, 1)
+    offload_steps(mgr, tokens[: 4 * PAGE], data[:4])
+    own_server.stop()
+    offload_steps(mgr, tokens, data)  # blocks 4..7 reach the host tier, not s3
+    s3 = mgr.stats()["tiers"]["s3"]
+    assert s3["failed_writes"] == 4
+    with mgr.match_prefix(tokens) as m:
+        assert m.tiers[:4] == ["s3"] * 4  # evicted from host; the s3 registry still lists them
+        out = np.zeros_like(data)
+        assert mgr.onboard(m, ContiguousBlocks(out, mgr.layout)).loaded == 0
+    s3 = mgr.stats()["tiers"]["s3"]
+    assert s3["failed_reads"] == 4
+    assert s3["breaker_state"] == "open" and s3["breaker_opens"] >= 1 and s3["refused"] >= 1
+    assert "circuit breaker open" in caplog.text and SECRET_KEY not in caplog.text
+    mgr.close()
+
+
+def test_service_resumes_after_the_server_restarts_on_the_same_port(own_server: MotoServer) -> None:
+    mgr = manager(own_server, "restart")
+    data = blocks(8, 2)
+    own_server.stop()
+    offload_steps(mgr, list(range(4 * PAGE)), data[:4])
+    assert mgr.stats()["tiers"]["s3"]["breaker_state"] == "open"
+    own_server.start()  # same port; moto keeps nothing, so the bucket is made again
+    time.sleep(0.5)  # past the breaker's cool-down (0.2 s, at most 0.4 s)
+    mgr.match_prefix(list(range(1000, 1000 + PAGE))).release()  # its probe is the trial
+    assert mgr.stats()["tiers"]["s3"]["breaker_state"] == "closed"
+    tokens = list(range(5000, 5000 + 8 * PAGE))
+    offload_steps(mgr, tokens, data)
+    assert mgr.stats()["tiers"]["s3"]["puts"] == 8
+    with mgr.match_prefix(tokens) as m:
+        out = np.zeros_like(data)
+        assert mgr.onboard(m, ContiguousBlocks(out, mgr.layout)).loaded == 8
+    assert np.array_equal(out, data)
+    mgr.close()
+
+
+def test_server_down_at_start_starts_with_the_breaker_open() -> None:
+    dead = MotoServer(port=free_port())  # never started
+    tier = make_tier(dead, "dead", connect_timeout_s=0.2)
+    assert tier.stats()["breaker_state"] == "open"
+    assert tier.read([0], keys(1, 3), [np.zeros(BB, np.uint8)]) == [False]
+    assert tier.write([0], keys(1, 3), list(blocks(1, 3))) == [False]
+    assert tier.probe(keys(2, 3)) == [False, False]
+    tier.close()
+
+
+def test_slowdown_answers_are_retried_and_the_write_succeeds(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "slowdown", proxy.url, retries=2)
+    proxy.set(Fault("slowdown", ("PUT",), count=1))
+    data, ks = blocks(1, 4), keys(1, 4)
+    assert tier.write([0], ks, list(data)) == [True]
+    st = tier.stats()
+    assert proxy.faulted == 1 and st["retries"] == 1 and st["puts"] == 1
+    out = np.zeros_like(data)
+    assert tier.read([0], ks, list(out)) == [True] and np.array_equal(out, data)
+    tier.close()
+
+
+def test_persistent_server_errors_skip_the_write_with_a_counter(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "error500", proxy.url, retries=1, breaker_failures=100)
+    proxy.set(Fault("error500", ("PUT",)))
+    assert tier.write(range(2), keys(2, 5), list(blocks(2, 5))) == [False, False]
+    st = tier.stats()
+    assert st["put_failures"] == 2 and st["transient_errors"] == 4 and st["puts"] == 0
+    tier.close()
+
+
+def test_body_cut_short_once_is_retried_and_read(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "truncate-once", proxy.url, retries=1)
+    data, ks = blocks(1, 6), keys(1, 6)
+    tier.write([0], ks, list(data))
+    proxy.set(Fault("truncate", ("GET",), count=1))
+    out = np.zeros_like(data)
+    assert tier.read([0], ks, list(out)) == [True] and np.array_equal(out, data)
+    assert tier.stats()["truncated"] == 1
+    tier.close()
+
+
+def test_body_cut_short_on_every_attempt_is_a_miss(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "truncate-always", proxy.url, retries=1)
+    data, ks = blocks(1, 7), keys(1, 7)
+    tier.write([0], ks, list(data))
+    proxy.set(Fault("truncate", ("GET",)))
+    assert tier.read([0], ks, [np.zeros(BB, np.uint8)]) == [False]
+    st = tier.stats()
+    assert st["truncated"] == 2 and st["get_failures"] == 1
+    tier.close()
+
+
+def test_stalled_server_times_out_as_a_miss(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "stall", proxy.url, retries=0, read_timeout_s=0.3)
+    data, ks = blocks(1, 8), keys(1, 8)
+    tier.write([0], ks, list(data))
+    proxy.set(Fault("delay", ("GET",), delay_s=1.0))
+    assert tier.read([0], ks, [np.zeros(BB, np.uint8)]) == [False]
+    assert tier.stats()["timeouts"] == 1
+    tier.close()

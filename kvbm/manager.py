@@ -300,15 +300,15 @@ class KvBlockManager:
             # (once nobody else pins it) so later matches miss cleanly or go lower.
             dropped: list[tuple[TierRuntime, int, SequenceHash]] = []
             for rt, h in match._bad:
-                slot = rt.registry.lookup(h)
-                if slot is not None and rt.registry.remove(h):
-                    dropped.append((rt, slot, h))
+                bad_slot = rt.registry.lookup(h)
+                if bad_slot is not None and rt.registry.remove(h):
+                    dropped.append((rt, bad_slot, h))
             match._bad = []
             events = self._take_events()
         self._flush_events(events)
-        for rt, slot, h in dropped:
+        for rt, bad_slot, h in dropped:
             try:
-                rt.tier.discard([slot], [h])
+                rt.tier.discard([bad_slot], [h])
             except Exception as e:
                 rt.warn("discard failed (%s)", e)
 
@@ -354,21 +354,7 @@ class KvBlockManager:
                 self._take_events()
             raise
         self._count(f"offload:{top.name}", sum(ok), time.perf_counter() - t0, ok.count(False))
-        done_slots: list[int] = []
-        done_keys: list[SequenceHash] = []
-        done_prios: list[int] = []
-        with self._lock:
-            for s, k, p, good in zip(slots, keys, prios, ok):
-                if good:
-                    top.registry.commit(s, p, pinned=cascade)
-                    done_slots.append(s)
-                    done_keys.append(k)
-                    done_prios.append(p)
-                else:
-                    top.registry.abort(s)
-                    top.failed_writes += 1
-            events = self._take_events()
-        self._flush_events(events)
+        done_slots, done_keys, done_prios = self._settle(top, slots, keys, prios, ok, cascade)
         res.stored = len(done_keys)
         res.failed = len(keys) - res.stored
         if cascade and done_keys:
@@ -426,6 +412,34 @@ class KvBlockManager:
                 out_prios.append(prios[k])
         self._discard_evicted(rt)
         return keys, idx, slots, out_prios
+
+    def _settle(
+        self,
+        rt: TierRuntime,
+        slots: list[int],
+        keys: list[SequenceHash],
+        prios: list[int],
+        ok: list[bool],
+        pinned: bool,
+    ) -> tuple[list[int], list[SequenceHash], list[int]]:
+        """Commit the written slots (pinned when a cascade will read them), abort the rest.
+
+        Returns the slots, keys and priorities that were committed.
+        """
+        done: tuple[list[int], list[SequenceHash], list[int]] = ([], [], [])
+        with self._lock:
+            for s, k, p, good in zip(slots, keys, prios, ok):
+                if good:
+                    rt.registry.commit(s, p, pinned=pinned)
+                    done[0].append(s)
+                    done[1].append(k)
+                    done[2].append(p)
+                else:
+                    rt.registry.abort(s)
+                    rt.failed_writes += 1
+            events = self._take_events()
+        self._flush_events(events)
+        return done
 
     def _reoffer(self, present: list[tuple[SequenceHash, int]]) -> None:
         """Offer blocks the first tier already holds to the next tier again.
@@ -560,21 +574,7 @@ class KvBlockManager:
                     self._staging.release(bufs)
             self._count(f"offload:{dst.name}", sum(ok), time.perf_counter() - t0, ok.count(False))
             more = src_index + 2 < len(self.chain)
-            nxt_slots: list[int] = []
-            nxt_keys: list[SequenceHash] = []
-            nxt_prios: list[int] = []
-            with self._lock:
-                for s, k, p, good in zip(w_slots, w_keys, w_prios, ok):
-                    if good:
-                        dst.registry.commit(s, p, pinned=more)
-                        nxt_slots.append(s)
-                        nxt_keys.append(k)
-                        nxt_prios.append(p)
-                    else:
-                        dst.registry.abort(s)
-                        dst.failed_writes += 1
-                events = self._take_events()
-            self._flush_events(events)
+            nxt_slots, nxt_keys, nxt_prios = self._settle(dst, w_slots, w_keys, w_prios, ok, more)
             if more and nxt_keys:
                 self._submit(self._cascade, src_index + 1, nxt_slots, nxt_keys, nxt_prios)
         finally:
@@ -661,14 +661,7 @@ class KvBlockManager:
             ok = [True] * len(w_keys)
         else:
             ok = self._tier_write(top, w_slots, w_keys, [bufs[i] for i in w_idx])
-        with self._lock:
-            for s, p, g in zip(w_slots, w_prios, ok):
-                if g:
-                    top.registry.commit(s, p)
-                else:
-                    top.registry.abort(s)
-            events = self._take_events()
-        self._flush_events(events)
+        self._settle(top, w_slots, w_keys, w_prios, ok, pinned=False)
 
     # -- async forms -----------------------------------------------------------
     async def match_prefix_async(self, tokens_or_hashes: Any) -> Match:

@@ -36,8 +36,8 @@ class BenchOptions:
     """What ``kvbm bench`` runs."""
 
     config: str | None = None
-    users: int = 8
-    rounds: int = 6
+    users: int = 16
+    rounds: int = 8
     system_tokens: int = 1024
     duration: float = 90.0
     seed: int = 0
@@ -92,8 +92,11 @@ def default_settings(tmpdir: str) -> dict[str, Any]:
     """The embedded default chain: host DRAM, then a disk tier under ``tmpdir`` if installed."""
     tiers: list[dict[str, Any]] = [{"type": "host", "capacity": "4GiB"}]
     plugins = build_plugins()
-    if "disk" in plugins.tiers and plugins.tiers.get("disk").available:
-        tiers.append({"type": "disk", "capacity": "8GiB", "path": tmpdir})
+    # Enough disk to hold the default workload's history (about 12 GiB), but never
+    # more than half the free space, so the bench starts on a small disk too.
+    disk_bytes = min(16 * 2**30, shutil.disk_usage(tmpdir).free // 2)
+    if "disk" in plugins.tiers and plugins.tiers.get("disk").available and disk_bytes >= 2**30:
+        tiers.append({"type": "disk", "capacity": disk_bytes, "path": tmpdir})
     return {"model": DEFAULT_MODEL, "page_size": 16, "tiers": tiers}
 
 

@@ -1,0 +1,853 @@
+"""The remote tier: blocks in the host tiers of peer instances, read over NIXL.
+
+Reading. ``probe`` asks the live peers which keys they hold (a ``probe`` request in
+``peers`` mode; the hash lists they publish in ``rendezvous_dir`` mode) and remembers
+who holds what. ``read`` then, per peer and in pipelined steps of ``pipeline_bytes``:
+leases the blocks (the peer pins them and reports each block's address and xxh3),
+posts one NIXL READ straight from the peer's arena into the destination buffers,
+verifies each block's xxh3, and releases the lease. While step *i* transfers, step
+*i+1* is leased and step *i-1* verified, so the control plane and checksums hide
+behind the transfer. A block the peer lost, a checksum mismatch, a transfer error or
+timeout is a failed block (``False``), never data; a peer that fails is dropped from
+the peer set and tried again after ``retry_after_s`` (a restarted peer comes back
+with a new NIXL agent).
+
+Serving. ``attach`` (called by the plugin's ``kvbm_chain_built`` hook) registers the
+manager's host-tier arena with this tier's NIXL agent and starts a ``BlockServer`` on
+``listen``; in ``rendezvous_dir`` mode it also publishes this instance's metadata,
+address and served hashes there. Only configured peers are served.
+
+The remote tier stores nothing: its ``read_only`` admission rejects every offload,
+and its registry only records which peer blocks this instance adopted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgpack
+import numpy as np
+import xxhash
+
+from kvbm.errors import ConfigError
+from kvbm.hashing import SequenceHash
+from kvbm.layout import aligned_empty
+from kvbm.tier import Tier, TierContext
+
+from .config import RemoteTierConfig
+from .protocol import recv_msg, send_msg, split_addr
+from .server import BlockServer, Identity
+
+if TYPE_CHECKING:
+    from kvbm.manager import KvBlockManager, TierRuntime
+
+log = logging.getLogger("kvbm.remote")
+
+_FILE_SUFFIX = ".kvbm-peer"
+#: Local destination regions registered with NIXL, at most; beyond, reads go
+#: through a registered bounce buffer and one extra copy.
+_MAX_REGIONS = 256
+#: A batch is read in at least this many pipelined steps (when it has the blocks).
+_MIN_STEPS = 4
+
+
+class PeerError(Exception):
+    """A peer failed (gone, refused, wrong namespace): drop it for ``retry_after_s``."""
+
+
+@dataclass
+class Peer:
+    """One configured peer and what this instance knows of it."""
+
+    key: str
+    addr: str
+    instance_id: str = ""
+    agent: str | None = None
+    epoch: str = ""
+    metadata: bytes = b""
+    retry_at: float = 0.0
+    sock: socket.socket | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    hashes: frozenset[bytes] = frozenset()
+    file_stat: tuple[int, int] | None = None
+    from_dir: bool = False
+    failures: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.agent is not None
+
+
+@dataclass
+class RemoteStats:
+    """Counters of the reading side."""
+
+    probes: int = 0
+    blocks_read: int = 0
+    bytes_read: int = 0
+    lease_misses: int = 0
+    checksum_failures: int = 0
+    transfer_errors: int = 0
+    peer_drops: int = 0
+    bounce_blocks: int = 0
+
+
+class _Step:
+    """One pipelined step: a lease, its READ and the blocks it covers."""
+
+    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok")
+
+    def __init__(self) -> None:
+        self.idx: list[int] = []
+        self.lease = 0
+        self.sums: list[int] = []
+        self.handle: Any = None
+        self.bounce: list[tuple[np.ndarray, np.ndarray]] = []
+        self.ok = False
+
+
+class RemoteTier(Tier):
+    """Peers' host tiers over NIXL; also serves this instance's host tier to them."""
+
+    kind: ClassVar[str] = "remote"
+    shared: ClassVar[bool] = True
+    default_admission: ClassVar[str] = "read_only"
+
+    def __init__(self, config: RemoteTierConfig, ctx: TierContext) -> None:
+        super().__init__(config, ctx)
+        self.cfg = config
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        # UCX reads its environment when the backend is created: set it first.
+        if config.ucx_net_devices:
+            os.environ["UCX_NET_DEVICES"] = config.ucx_net_devices
+        if config.ucx_tls:
+            os.environ["UCX_TLS"] = config.ucx_tls
+        self.epoch = secrets.token_hex(6)
+        self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}-{self.epoch[:4]}"
+        self._ns = ctx.namespace.hex
+        self._nixl_lock = threading.RLock()
+        agent_name = f"kvbm-{self.instance_id}-{self.epoch}"
+        self._agent = nixl_agent(
+            agent_name, nixl_agent_config(enable_prog_thread=config.progress_thread, backends=[])
+        )
+        opts = {}
+        if config.ucx_error_handling_mode:
+            opts["ucx_error_handling_mode"] = config.ucx_error_handling_mode
+        self._agent.create_backend("UCX", opts)
+        self._listener: socket.socket | None = None
+        addr = config.listen
+        if config.serve:
+            host, port = split_addr(config.listen)
+            lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                lst.bind((host, port))
+            except OSError as e:
+                lst.close()
+                raise ConfigError(
+                    f"tier {self.name!r}: key 'listen': cannot bind {config.listen} ({e.strerror}); "
+                    "choose a free port or 0"
+                ) from None
+            lst.listen(64)
+            self._listener = lst
+            addr = f"{host}:{lst.getsockname()[1]}"
+        self.identity = Identity(self.instance_id, addr, self.epoch, agent_name, self._ns,
+                                 self.block_bytes)
+        self._dir: Path | None = None
+        if config.rendezvous_dir:
+            self._dir = Path(config.rendezvous_dir) / self._ns
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"tier {self.name!r}: key 'rendezvous_dir': cannot create {self._dir} "
+                    f"({e.strerror}); give a writable directory"
+                ) from None
+        self._peer_addrs = frozenset(config.peers)
+        self._peers: dict[str, Peer] = {f"addr:{a}": Peer(f"addr:{a}", a) for a in config.peers}
+        self._peers_lock = threading.Lock()
+        self._last_scan = 0.0
+        self._where: OrderedDict[bytes, str] = OrderedDict()
+        self._where_lock = threading.Lock()
+        self._stale: set[SequenceHash] = set()
+        self._stale_event = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._regions: dict[int, tuple[int, np.ndarray, Any]] = {}
+        self._bounce_free: list[np.ndarray] = []
+        self._step_blocks = max(1, config.pipeline_bytes // self.block_bytes)
+        # Checksums of step i run here while step i+1 is read (xxhash releases the GIL).
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{self.name}-verify")
+        self.stats_r = RemoteStats()
+        self._manager: KvBlockManager | None = None
+        self._server: BlockServer | None = None
+        self._served_reg: Any = None
+        self._publisher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+
+    # -- serving ----------------------------------------------------------------
+    def attach(self, manager: KvBlockManager) -> None:
+        """Expose ``manager``'s host tier to the configured peers (called once per manager)."""
+        self._manager = manager
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="kvbm-remote-sweep",
+                                         daemon=True)
+        self._sweeper.start()
+        if not self.cfg.serve or self._listener is None:
+            return
+        host = self._served_runtime(manager)
+        if host is None:
+            log.warning(
+                "kvbm tier %r: serve is on but the chain has no host tier to expose%s; "
+                "add {type: host} above it or set serve: false",
+                self.name, f" named {self.cfg.serve_tier!r}" if self.cfg.serve_tier else "",
+            )
+            return
+        arena: np.ndarray = host.tier.arena  # type: ignore[attr-defined]
+        with self._nixl_lock:
+            self._served_reg = self._agent.register_memory(
+                [(int(arena.ctypes.data), int(arena.nbytes), 0, "")], "DRAM"
+            )
+            # Metadata taken after registration carries the arena's remote keys.
+            self.identity.metadata = self._agent.get_agent_metadata()
+        self._server = BlockServer(
+            manager, host, self.identity, self._listener, self._allowed, self.cfg.lease_timeout_s,
+            progress=None if self.cfg.progress_thread else self._progress,
+            checksum_cache=self.cfg.checksum_cache,
+        )
+        if self._dir is not None:
+            self._publish(host)
+            self._publisher = threading.Thread(
+                target=self._publish_loop, args=(host,), name="kvbm-remote-publish", daemon=True
+            )
+            self._publisher.start()
+        log.info("kvbm tier %r: serving tier %r as %s on %s", self.name, host.name,
+                 self.instance_id, self.identity.addr)
+
+    def _progress(self) -> None:
+        with self._nixl_lock:
+            self._agent.get_new_notifs()  # drives the UCX worker's progress
+
+    def _served_runtime(self, manager: KvBlockManager) -> TierRuntime | None:
+        for rt in manager.chain:
+            if self.cfg.serve_tier is not None:
+                if rt.name == self.cfg.serve_tier:
+                    return rt if hasattr(rt.tier, "arena") else None
+            elif rt.config.type == "host" and hasattr(rt.tier, "arena"):
+                return rt
+        return None
+
+    def _allowed(self, from_id: str, from_addr: str) -> bool:
+        if from_addr in self._peer_addrs:
+            return True
+        if self._dir is not None and from_id and "/" not in from_id:
+            return (self._dir / (from_id + _FILE_SUFFIX)).exists()
+        return False
+
+    def _file(self) -> Path:
+        assert self._dir is not None
+        return self._dir / (self.instance_id + _FILE_SUFFIX)
+
+    def _publish(self, host: TierRuntime, keys: bytes | None = None) -> None:
+        if keys is None:
+            keys = self._served_keys(host)
+        ident = self.identity
+        blob = msgpack.packb({
+            "id": ident.instance_id, "addr": ident.addr, "agent": ident.agent,
+            "epoch": ident.epoch, "metadata": ident.metadata, "namespace": ident.namespace,
+            "block_bytes": ident.block_bytes, "pid": os.getpid(), "hashes": keys,
+        }, use_bin_type=True)
+        path = self._file()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half
+
+    def _served_keys(self, host: TierRuntime) -> bytes:
+        assert self._manager is not None
+        with self._manager._lock:
+            return b"".join(k for k, _ in host.registry.registered())
+
+    def _publish_loop(self, host: TierRuntime) -> None:
+        last = b""
+        while not self._stop.wait(self.cfg.publish_interval_s):
+            try:
+                keys = self._served_keys(host)
+                if keys != last:
+                    self._publish(host, keys)
+                    last = keys
+            except Exception as e:  # a full disk must not stop the engine
+                log.warning("kvbm tier %r: publishing to %s failed (%s)", self.name, self._dir, e)
+
+    def detach(self) -> None:
+        """Stop serving: unpublish, close the server, drop every lease it granted."""
+        self._stop.set()
+        self._stale_event.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=2)
+            self._sweeper = None
+        if self._publisher is not None:
+            self._publisher.join(timeout=2)
+            self._publisher = None
+        if self._dir is not None and self._server is not None:
+            with contextlib.suppress(OSError):
+                self._file().unlink()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        elif self._listener is not None:
+            self._listener.close()
+        self._listener = None
+        if self._served_reg is not None:
+            with self._nixl_lock:
+                try:
+                    self._agent.deregister_memory(self._served_reg)
+                except Exception as e:
+                    log.warning("kvbm tier %r: deregistering the served arena failed (%s)", self.name, e)
+            self._served_reg = None
+
+    # -- peers ------------------------------------------------------------------
+    def _scan_dir(self, force: bool = False) -> None:
+        """Pick up peers (and their served hashes) published in ``rendezvous_dir``."""
+        if self._dir is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_scan < self.cfg.publish_interval_s / 2:
+            return
+        self._last_scan = now
+        seen: set[str] = set()
+        try:
+            entries = list(os.scandir(self._dir))
+        except OSError as e:
+            log.warning("kvbm tier %r: cannot list %s (%s)", self.name, self._dir, e)
+            return
+        for ent in entries:
+            if not ent.name.endswith(_FILE_SUFFIX) or ent.name.startswith("."):
+                continue
+            pid = ent.name[: -len(_FILE_SUFFIX)]
+            if pid == self.instance_id:
+                continue
+            key = f"id:{pid}"
+            seen.add(key)
+            try:
+                st = ent.stat()
+            except OSError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            with self._peers_lock:
+                peer = self._peers.get(key)
+            if peer is not None and peer.file_stat == stamp:
+                continue
+            try:
+                info = msgpack.unpackb(Path(ent.path).read_bytes(), raw=False)
+            except Exception as e:
+                log.warning("kvbm tier %r: unreadable peer file %s (%s)", self.name, ent.path, e)
+                continue
+            if info.get("namespace") != self._ns or info.get("block_bytes") != self.block_bytes:
+                continue
+            hashes: bytes = info.get("hashes", b"")
+            found = frozenset(hashes[i : i + 16] for i in range(0, len(hashes), 16))
+            with self._peers_lock:
+                peer = self._peers.get(key)
+                if peer is None:
+                    peer = self._peers[key] = Peer(key, str(info["addr"]), from_dir=True)
+            with peer.lock:
+                if peer.epoch and peer.epoch != info["epoch"]:
+                    # The peer restarted: its old agent and connection are gone.
+                    self._forget_agent(peer)
+                    peer.retry_at = 0.0
+                peer.addr = str(info["addr"])
+                peer.instance_id = pid
+                peer.epoch = str(info["epoch"])
+                peer.metadata = bytes(info["metadata"])
+                peer.hashes = found
+                peer.file_stat = stamp
+        with self._peers_lock:
+            gone = [k for k, p in self._peers.items() if p.from_dir and k not in seen]
+            dropped = [self._peers.pop(k) for k in gone]
+        for peer in dropped:
+            with peer.lock:
+                self._forget_agent(peer)
+
+    def _live_peers(self) -> list[Peer]:
+        self._scan_dir()
+        now = time.monotonic()
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        out = []
+        for p in peers:
+            if p.up:
+                out.append(p)
+            elif now >= p.retry_at:
+                try:
+                    with p.lock:
+                        self._connect(p)
+                    out.append(p)
+                except PeerError as e:
+                    self._drop(p, str(e))
+        return out
+
+    def _send(self, peer: Peer, msg: dict[str, Any]) -> None:
+        """Send one request to ``peer`` (caller holds ``peer.lock``); PeerError when it fails."""
+        msg["from_id"] = self.instance_id
+        msg["from_addr"] = self.identity.addr
+        try:
+            if peer.sock is None:
+                host, port = split_addr(peer.addr)
+                s = socket.create_connection((host, port), timeout=self.cfg.request_timeout_s)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer.sock = s
+            send_msg(peer.sock, msg)
+        except (OSError, ConnectionError, ValueError) as e:
+            raise PeerError(f"peer {peer.addr}: {msg['op']} failed ({e})") from None
+
+    def _recv(self, peer: Peer, op: str) -> dict[str, Any]:
+        """The reply to the oldest request in flight to ``peer``."""
+        try:
+            assert peer.sock is not None
+            out = recv_msg(peer.sock)
+        except (OSError, ConnectionError, ValueError, AssertionError) as e:
+            raise PeerError(f"peer {peer.addr}: {op} failed ({e})") from None
+        if not out.get("ok"):
+            raise PeerError(f"peer {peer.addr} refused {op}: {out.get('error')}")
+        return out
+
+    def _rpc(self, peer: Peer, msg: dict[str, Any], reply: bool = True) -> dict[str, Any]:
+        """One request to ``peer`` and its reply (none for one-way ``release``)."""
+        self._send(peer, msg)
+        return self._recv(peer, str(msg["op"])) if reply else {}
+
+    def _connect(self, peer: Peer) -> None:
+        """Make ``peer`` live: learn its metadata (hello or its file) and load its agent."""
+        if peer.up:
+            return
+        if not peer.from_dir:
+            info = self._rpc(peer, {"op": "hello"})
+            if info.get("namespace") != self._ns or info.get("block_bytes") != self.block_bytes:
+                raise PeerError(
+                    f"peer {peer.addr} serves namespace {info.get('namespace')} with "
+                    f"{info.get('block_bytes')}-byte blocks, this tier needs {self._ns} with "
+                    f"{self.block_bytes}; give both instances the same model, layout and TP rank"
+                )
+            peer.instance_id = str(info["id"])
+            peer.epoch = str(info["epoch"])
+            peer.metadata = bytes(info["metadata"])
+        if not peer.metadata:
+            raise PeerError(f"peer {peer.addr} published no NIXL metadata")
+        try:
+            with self._nixl_lock:
+                peer.agent = self._agent.add_remote_agent(peer.metadata)
+        except Exception as e:
+            raise PeerError(f"peer {peer.addr}: loading its NIXL agent failed ({e})") from None
+
+    def _forget_agent(self, peer: Peer) -> None:
+        if peer.sock is not None:
+            with contextlib.suppress(OSError):
+                peer.sock.close()
+            peer.sock = None
+        if peer.agent is not None:
+            with self._nixl_lock, contextlib.suppress(Exception):
+                self._agent.remove_remote_agent(peer.agent)
+            peer.agent = None
+
+    def _drop(self, peer: Peer, why: str) -> None:
+        """Take ``peer`` out of the live set until ``retry_after_s`` passes."""
+        with peer.lock:
+            was_up = peer.up
+            self._forget_agent(peer)
+            peer.retry_at = time.monotonic() + self.cfg.retry_after_s
+            peer.failures += 1
+        self.stats_r.peer_drops += 1
+        if was_up or peer.failures == 1:
+            log.warning("kvbm tier %r: %s; peer dropped for %.1fs, its blocks are misses",
+                        self.name, why, self.cfg.retry_after_s)
+
+    # -- Tier contract ----------------------------------------------------------
+    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
+        self._sweep()
+        self.stats_r.probes += 1
+        found = [False] * len(keys)
+        for peer in self._live_peers():
+            todo = [i for i, f in enumerate(found) if not f]
+            if not todo:
+                break
+            if peer.from_dir:
+                have = peer.hashes
+                hits = [i for i in todo if keys[i] in have]
+            else:
+                try:
+                    with peer.lock:
+                        reply = self._rpc(peer, {"op": "probe", "keys": [keys[i] for i in todo]})
+                except PeerError as e:
+                    self._drop(peer, str(e))
+                    continue
+                hits = [i for i, f in zip(todo, reply.get("found", [])) if f]
+            for i in hits:
+                found[i] = True
+                self._remember(keys[i], peer.key)
+        return found
+
+    def _remember(self, key: bytes, peer_key: str) -> None:
+        w = self._where
+        with self._where_lock:
+            w[key] = peer_key
+            w.move_to_end(key)
+            # Found-but-never-adopted keys would pile up: keep a bounded memory.
+            while len(w) > 4 * self.num_slots:
+                w.popitem(last=False)
+
+    def write(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
+    ) -> list[bool]:
+        # Peers fill this tier; its 'read_only' admission keeps offloads away.
+        return [False] * len(slots)
+
+    def discard(self, slots: Sequence[int], keys: Sequence[SequenceHash]) -> None:
+        for k in keys:
+            self._where.pop(k, None)
+
+    def read(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], dst: Sequence[np.ndarray]
+    ) -> list[bool]:
+        n = len(keys)
+        ok = [False] * n
+        if n == 0:
+            return ok
+        peers = {p.key: p for p in self._live_peers()}
+        lost = [i for i in range(n) if self._where.get(keys[i]) not in peers]
+        if lost:
+            # Adopted a while ago, or its peer restarted: ask again who holds it.
+            self.probe([keys[i] for i in lost])
+            peers = {p.key: p for p in self._live_peers()}
+        groups: dict[str, list[int]] = {}
+        for i in range(n):
+            pk = self._where.get(keys[i])
+            if pk in peers:
+                groups.setdefault(pk, []).append(i)
+        for pk, idx in groups.items():
+            self._read_from(peers[pk], idx, keys, dst, ok)
+        failed = [keys[i] for i in range(n) if not ok[i]]
+        if failed:
+            with self._where_lock:
+                for k in failed:
+                    self._where.pop(k, None)
+                self._stale.update(failed)
+            self._stale_event.set()
+        return ok
+
+    def _sweep(self) -> bool:
+        """Forget registry entries of peer blocks that failed to read, once unpinned.
+
+        Without this, a block a peer evicted (or a dead peer's block) would stay
+        matched here and fail every read until this tier's own LRU dropped it.
+        Returns True while some stale blocks are still pinned by a match.
+        """
+        mgr = self._manager
+        if not self._stale or mgr is None:
+            return False
+        rt = next((r for r in mgr.chain if r.tier is self), None)
+        if rt is None:
+            return False
+        with mgr._lock, self._where_lock:
+            stale, self._stale = self._stale, set()
+            reg = rt.registry
+            for k in stale:
+                if k in reg and not reg.remove(k) and reg.lookup(k) is not None:
+                    self._stale.add(k)  # still pinned by a match: try again soon
+            return bool(self._stale)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.is_set():
+            self._stale_event.wait(1.0)
+            if self._stop.is_set():
+                return
+            self._stale_event.clear()
+            if self._sweep():
+                # A match still holds some: look again after it is likely released.
+                self._stop.wait(0.05)
+                self._stale_event.set()
+
+    # -- the data path ----------------------------------------------------------
+    def _read_from(
+        self, peer: Peer, idx: list[int], keys: Sequence[SequenceHash],
+        dst: Sequence[np.ndarray], ok: list[bool],
+    ) -> None:
+        """Read ``idx`` from ``peer`` in pipelined steps.
+
+        Step *i+1* is leased (the peer pins and checksums it) while step *i* is read,
+        and step *i* is verified on a worker thread while step *i+1* is read; a lease
+        is released as soon as its READ completed (the bytes are local by then).
+        """
+        # At least ``_MIN_STEPS`` steps, so that a small batch overlaps too.
+        n = max(1, min(self._step_blocks, -(-len(idx) // _MIN_STEPS)))
+        chunks = [idx[i : i + n] for i in range(0, len(idx), n)]
+        verifying: Future[None] | None = None
+        cur: _Step | None = None
+        bad: list[bytes] = []
+        try:
+            with peer.lock:
+                self._send(peer, self._lease_msg(chunks[0], keys))
+                cur = self._leased(peer, chunks[0])
+                for j in range(len(chunks)):
+                    assert cur is not None, "every step is leased before it is read"
+                    if j + 1 < len(chunks):
+                        self._send(peer, self._lease_msg(chunks[j + 1], keys))
+                    self._post(peer, cur, dst)
+                    self._wait(cur)
+                    self._send(peer, {"op": "release", "lease": cur.lease})
+                    self._release_handle(cur)
+                    if verifying is not None:
+                        verifying.result()
+                    verifying = self._verifier.submit(self._verify, peer, cur, keys, dst, ok, bad)
+                    cur = None
+                    if j + 1 < len(chunks):
+                        cur = self._leased(peer, chunks[j + 1])
+                if verifying is not None:
+                    verifying.result()
+                if bad:
+                    # The peer's remembered checksums for these blocks may be stale
+                    # (a slot rewritten under the same key): it recomputes them.
+                    self._send(peer, {"op": "suspect", "keys": bad})
+        except PeerError as e:
+            if cur is not None:
+                self._abandon(cur)
+            self._drop(peer, str(e))
+        finally:
+            if verifying is not None:
+                verifying.result()
+
+    def _lease_msg(self, chunk: list[int], keys: Sequence[SequenceHash]) -> dict[str, Any]:
+        return {"op": "lease", "keys": [keys[i] for i in chunk], "ttl": self.cfg.lease_timeout_s}
+
+    def _leased(self, peer: Peer, chunk: list[int]) -> _Step:
+        """Receive the reply to a lease request for ``chunk``."""
+        reply = self._recv(peer, "lease")
+        s = _Step()
+        s.lease = int(reply["lease"])
+        remote: list[tuple[int, int, int]] = []
+        for i, b in zip(chunk, reply["blocks"]):
+            if b is None:
+                self.stats_r.lease_misses += 1
+                continue
+            s.idx.append(i)
+            s.sums.append(int(b[1]))
+            remote.append((int(b[0]), self.block_bytes, 0))
+        s.handle = remote  # the remote descriptors until _post turns them into a transfer
+        return s
+
+    def _post(self, peer: Peer, s: _Step, dst: Sequence[np.ndarray]) -> _Step:
+        remote: list[tuple[int, int, int]] = s.handle
+        s.handle = None
+        if not s.idx:
+            return s
+        local: list[tuple[int, int, int]] = []
+        for i in s.idx:
+            addr = self._local_addr(dst[i])
+            if addr is None:
+                buf = self._bounce()
+                s.bounce.append((buf, dst[i]))
+                addr = int(buf.ctypes.data)
+                self.stats_r.bounce_blocks += 1
+            local.append((addr, self.block_bytes, 0))
+        assert peer.agent is not None, "a peer is posted to only while live"
+        try:
+            with self._nixl_lock:
+                ldesc = self._agent.get_xfer_descs(local, "DRAM")
+                rdesc = self._agent.get_xfer_descs(remote, "DRAM")
+                s.handle = self._agent.initialize_xfer("READ", ldesc, rdesc, peer.agent)
+                state = self._agent.transfer(s.handle)
+        except Exception as e:
+            self.stats_r.transfer_errors += 1
+            self._abandon(s)
+            raise PeerError(f"peer {peer.addr}: NIXL READ could not start ({e})") from None
+        if state == "ERR":
+            self.stats_r.transfer_errors += 1
+            self._abandon(s)
+            raise PeerError(f"peer {peer.addr}: NIXL READ failed at post")
+        return s
+
+    def _wait(self, s: _Step) -> None:
+        if s.handle is None:
+            return
+        deadline = time.monotonic() + self.cfg.transfer_timeout_s
+        while True:
+            try:
+                with self._nixl_lock:
+                    state = self._agent.check_xfer_state(s.handle)
+            except Exception as e:
+                state = f"ERR ({e})"
+            if state == "DONE":
+                s.ok = True
+                return
+            if state != "PROC":
+                self.stats_r.transfer_errors += 1
+                raise PeerError(f"NIXL READ failed: {state}")
+            if time.monotonic() > deadline:
+                self.stats_r.transfer_errors += 1
+                self._cancel_or_drain(s)
+                raise PeerError(f"NIXL READ still running after {self.cfg.transfer_timeout_s}s")
+            if self.cfg.progress_thread:
+                time.sleep(0.0001)  # NIXL's thread progresses the transfer
+
+    def _verify(
+        self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
+        ok: list[bool], bad: list[bytes],
+    ) -> None:
+        """Check each block that arrived against the peer's xxh3; only matches are True."""
+        if not s.ok:
+            return
+        bounce = {id(d): b for b, d in s.bounce}
+        bb = self.block_bytes
+        for i, want in zip(s.idx, s.sums):
+            d = dst[i]
+            src = bounce.get(id(d))
+            got = xxhash.xxh3_64_intdigest(src if src is not None else d)  # type: ignore[arg-type]
+            if got != want:
+                self.stats_r.checksum_failures += 1
+                log.warning("kvbm tier %r: block %s from peer %s failed its checksum "
+                            "(xxh3 %016x, peer said %016x); a miss",
+                            self.name, keys[i].hex(), peer.addr, got, want)
+                bad.append(keys[i])
+                continue
+            if src is not None:
+                np.copyto(d, src)
+            ok[i] = True
+            self.stats_r.blocks_read += 1
+            self.stats_r.bytes_read += bb
+        for b, _ in s.bounce:
+            self._bounce_free.append(b)
+        s.bounce = []
+
+    def _cancel_or_drain(self, s: _Step) -> None:
+        """Stop a timed-out READ before its buffers can be reused.
+
+        A READ that NIXL cannot cancel may still write into its destination later;
+        the manager would by then have handed those staging buffers to another block.
+        So if the cancel fails, wait until the transfer ends (UCX fails it when the
+        peer is gone): a stall is better than bytes of one block landing in another.
+        """
+        h, s.handle = s.handle, None
+        if h is None or isinstance(h, list):
+            return
+        with self._nixl_lock:
+            try:
+                self._agent.release_xfer_handle(h)
+                return
+            except Exception as e:
+                log.warning("kvbm tier %r: a timed-out NIXL READ cannot be cancelled (%s); "
+                            "waiting for it to end before its buffers are reused", self.name, e)
+        while True:
+            with self._nixl_lock:
+                try:
+                    state = self._agent.check_xfer_state(h)
+                except Exception:
+                    state = "ERR"
+            if state != "PROC":
+                break
+            time.sleep(0.001)
+        with self._nixl_lock, contextlib.suppress(Exception):
+            self._agent.release_xfer_handle(h)
+
+    def _abandon(self, s: _Step) -> None:
+        self._release_handle(s)
+        for b, _ in s.bounce:
+            self._bounce_free.append(b)
+        s.bounce = []
+
+    def _release_handle(self, s: _Step) -> None:
+        h, s.handle = s.handle, None
+        if h is None or isinstance(h, list):
+            return
+        with self._nixl_lock:
+            try:
+                self._agent.release_xfer_handle(h)
+            except Exception as e:  # a transfer that cannot be cancelled stays with NIXL
+                log.debug("kvbm remote: releasing a transfer handle failed (%s)", e)
+
+    # -- local memory -----------------------------------------------------------
+    def _local_addr(self, buf: np.ndarray) -> int | None:
+        """The address of ``buf`` if it lies in NIXL-registered memory (registering its
+        whole underlying allocation the first time), else None for the bounce path."""
+        if buf.dtype != np.uint8 or buf.nbytes != self.block_bytes or not buf.flags.c_contiguous:
+            return None
+        addr = int(buf.ctypes.data)
+        root = buf
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        raddr = int(root.ctypes.data)
+        hit = self._regions.get(raddr)
+        if hit is not None and hit[0] == root.nbytes:
+            return addr
+        if len(self._regions) >= _MAX_REGIONS or not root.flags.c_contiguous:
+            return None
+        try:
+            with self._nixl_lock:
+                reg = self._agent.register_memory([(raddr, int(root.nbytes), 0, "")], "DRAM")
+        except Exception as e:
+            log.debug("kvbm remote: registering %d bytes failed (%s); bouncing", root.nbytes, e)
+            return None
+        # Keep ``root`` alive: NIXL holds its address until deregistered at close.
+        self._regions[raddr] = (int(root.nbytes), root, reg)
+        return addr
+
+    def _bounce(self) -> np.ndarray:
+        if self._bounce_free:
+            return self._bounce_free.pop()
+        buf = aligned_empty(self.block_bytes)
+        with self._nixl_lock:
+            reg = self._agent.register_memory([(int(buf.ctypes.data), buf.nbytes, 0, "")], "DRAM")
+        self._regions[int(buf.ctypes.data)] = (buf.nbytes, buf, reg)
+        return buf
+
+    # -- housekeeping -----------------------------------------------------------
+    def peers(self) -> list[dict[str, Any]]:
+        """The peer set: address, instance, whether live."""
+        with self._peers_lock:
+            return [{"addr": p.addr, "id": p.instance_id, "up": p.up, "failures": p.failures}
+                    for p in self._peers.values()]
+
+    def stats(self) -> dict[str, Any]:
+        st = self.stats_r
+        out: dict[str, Any] = {
+            "instance_id": self.instance_id, "listen": self.identity.addr,
+            "peers_up": sum(1 for p in self.peers() if p["up"]),
+            "peers": len(self._peers), "blocks_read": st.blocks_read, "bytes_read": st.bytes_read,
+            "lease_misses": st.lease_misses, "checksum_failures": st.checksum_failures,
+            "transfer_errors": st.transfer_errors, "peer_drops": st.peer_drops,
+            "bounce_blocks": st.bounce_blocks,
+        }
+        if self._server is not None:
+            ss = self._server.stats
+            out.update(served_leases=ss.leases, served_blocks=ss.leased_blocks,
+                       served_misses=ss.lease_misses, expired_leases=ss.expired_leases,
+                       refused_requests=ss.refused, active_leases=self._server.active_leases)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.detach()
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        for p in peers:
+            with p.lock:
+                self._forget_agent(p)
+        with self._nixl_lock:
+            for _, _, reg in self._regions.values():
+                with contextlib.suppress(Exception):
+                    self._agent.deregister_memory(reg)
+            self._regions.clear()
+        self._bounce_free.clear()
+        self._verifier.shutdown(wait=False)

@@ -1,0 +1,393 @@
+"""The remote tier: a peer's host tier read over NIXL (UCX on loopback).
+
+Two-process tests start this file as a script (``serve`` mode): the child builds a
+manager with a host tier and a serving remote tier, offloads known blocks, prints
+``READY <addr>`` and serves until its stdin closes (or it is killed). All traffic
+stays on 127.0.0.1 (``UCX_NET_DEVICES=lo``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvbm[remote]'")
+pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
+
+from kvbm import ContiguousBlocks, KvBlockManager  # noqa: E402
+from kvbm.errors import ConfigError  # noqa: E402
+from kvbm.plugins import build_plugins  # noqa: E402
+
+TINY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32"}
+# 256 KiB blocks, so that a batch takes long enough to be killed mid-transfer.
+BIG = {"name": "big", "num_layers": 4, "num_kv_heads": 8, "head_dim": 128, "dtype": "float16"}
+PAGE = 16
+FAST = {"ucx_net_devices": "lo", "publish_interval_s": 0.05, "retry_after_s": 0.2,
+        "request_timeout_s": 2.0, "transfer_timeout_s": 5.0}
+
+
+def _config(model: dict[str, Any], remote: dict[str, Any], host_blocks: int = 256) -> dict[str, Any]:
+    return {"model": model, "page_size": PAGE,
+            "tiers": [{"type": "host", "num_blocks": host_blocks},
+                      {"type": "remote", **FAST, **remote}]}
+
+
+def _blocks(n: int, seed: int, block_bytes: int) -> tuple[list[int], np.ndarray]:
+    """The tokens and block bytes a child offloads: the same in both processes."""
+    tokens = [seed * 1_000_003 + i for i in range(n * PAGE)]
+    data = np.random.default_rng(seed).integers(0, 256, (n, block_bytes), dtype=np.uint8)
+    return tokens, data
+
+
+def _serve(args: dict[str, Any]) -> None:
+    """Child: offload ``n`` known blocks and serve them until stdin closes."""
+    mgr = KvBlockManager.from_config(_config(args["model"], args["remote"]))
+    tokens, data = _blocks(args["n"], args["seed"], mgr.block_bytes)
+    mgr.offload(mgr.hash_tokens(tokens), ContiguousBlocks(data, mgr.layout))
+    mgr.flush()
+    time.sleep(0.2)  # let the publisher write the served hashes
+    remote = mgr.chain[-1].tier
+    print("READY", remote.identity.addr, flush=True)
+    sys.stdin.readline()
+    mgr.close()
+
+
+class Child:
+    """A serving kvbm process; ``ready()`` waits for its ``READY`` line."""
+
+    def __init__(self, model: dict[str, Any], remote: dict[str, Any], n: int, seed: int) -> None:
+        env = dict(os.environ, UCX_NET_DEVICES="lo")
+        arg = json.dumps({"model": model, "remote": remote, "n": n, "seed": seed})
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "serve", arg], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env=env,
+        )
+        self.addr = ""
+
+    def ready(self) -> Child:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:  # NIXL logs to stdout too: skip to our line
+            line = raw.split()
+            if line and line[0] == "READY":
+                self.addr = line[1]
+                return self
+        self.proc.kill()
+        raise RuntimeError(f"child did not start (exit {self.proc.wait()})")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _onboard(mgr: KvBlockManager, tokens: list[int], n: int) -> tuple[list[str], int, np.ndarray]:
+    out = np.zeros((n, mgr.block_bytes), dtype=np.uint8)
+    with mgr.match_prefix(tokens) as m:
+        tiers = list(m.tiers)
+        res = mgr.onboard(m, ContiguousBlocks(out[: m.num_blocks], mgr.layout), promote=False)
+    return tiers, res.loaded, out
+
+
+def _remote(mgr: KvBlockManager) -> Any:
+    return mgr.chain[-1].tier
+
+
+@pytest.fixture
+def rdir(tmp_path: Path) -> str:
+    return str(tmp_path / "rendezvous")
+
+
+@dataclass
+class Children:
+    """Serving processes started together (their start-up dominates these tests)."""
+
+    base: Path
+    reader_port: int
+    shared: Child  # TINY, 12 blocks, seed 1; in base/shared and listing reader_port as a peer
+    doomed: Child  # BIG, 96 blocks, seed 3; in base/kill
+    first: Child  # TINY, 4 blocks, seed 4, instance 'peer-a'; in base/restart
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    base = tmp_path_factory.mktemp("remote")
+    reader_port = _free_port()
+    procs = Children(
+        base, reader_port,
+        Child(TINY, {"rendezvous_dir": str(base / "shared"), "listen": f"127.0.0.1:{_free_port()}",
+                     "peers": [f"127.0.0.1:{reader_port}"]}, n=12, seed=1),
+        Child(BIG, {"rendezvous_dir": str(base / "kill")}, n=96, seed=3),
+        Child(TINY, {"rendezvous_dir": str(base / "restart"), "instance_id": "peer-a"}, n=4, seed=4),
+    )
+    try:
+        for c in (procs.shared, procs.doomed, procs.first):
+            c.ready()
+        yield procs
+    finally:
+        for c in (procs.shared, procs.doomed, procs.first):
+            c.kill()
+
+
+# -- two processes ---------------------------------------------------------------
+def test_blocks_offloaded_by_one_process_are_onboarded_byte_exact_by_another(
+    children: Children,
+) -> None:
+    cfg = _config(TINY, {"rendezvous_dir": str(children.base / "shared")})
+    with KvBlockManager.from_config(cfg) as mgr:
+        tokens, data = _blocks(12, 1, mgr.block_bytes)
+        tiers, loaded, out = _onboard(mgr, tokens, 12)
+        assert tiers == ["remote"] * 12
+        assert loaded == 12
+        assert np.array_equal(out, data)
+
+
+def test_peer_list_rendezvous_serves_configured_addresses(children: Children) -> None:
+    cfg = _config(TINY, {"listen": f"127.0.0.1:{children.reader_port}",
+                         "peers": [children.shared.addr]})
+    with KvBlockManager.from_config(cfg) as mgr:
+        tokens, data = _blocks(12, 1, mgr.block_bytes)
+        tiers, loaded, out = _onboard(mgr, tokens, 12)
+        assert (tiers, loaded) == (["remote"] * 12, 12)
+        assert np.array_equal(out, data)
+
+
+def test_peer_list_rendezvous_refuses_an_unlisted_reader(children: Children) -> None:
+    cfg = _config(TINY, {"peers": [children.shared.addr]})  # listens on a port the child does not list
+    with KvBlockManager.from_config(cfg) as mgr:
+        tokens, _ = _blocks(12, 1, mgr.block_bytes)
+        tiers, loaded, _ = _onboard(mgr, tokens, 12)
+        assert (tiers, loaded) == ([], 0)
+        assert _remote(mgr).peers()[0]["up"] is False
+
+
+def test_peer_killed_mid_transfer_gives_misses_and_the_reader_carries_on(
+    children: Children,
+) -> None:
+    n = 96  # 24 MiB per onboard
+    errors: list[BaseException] = []
+    results: list[tuple[int, bool]] = []
+    stop = threading.Event()
+    cfg = _config(BIG, {"rendezvous_dir": str(children.base / "kill")}, 8)
+    with KvBlockManager.from_config(cfg) as mgr:
+        tokens, data = _blocks(n, 3, mgr.block_bytes)
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    _, loaded, out = _onboard(mgr, tokens, n)
+                    results.append((loaded, bool(np.array_equal(out[:loaded], data[:loaded]))))
+                except BaseException as e:  # the test fails on any
+                    errors.append(e)
+                    return
+
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            deadline = time.monotonic() + 20
+            while len(results) < 3 and time.monotonic() < deadline and t.is_alive():
+                time.sleep(0.005)
+            children.doomed.kill()  # SIGKILL while the loop keeps onboarding
+            n_before = len(results)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            t.join(timeout=20)
+        assert not errors, errors
+        assert results[0][0] == n
+        assert all(exact for _, exact in results), "a loaded block differed from the peer's"
+        assert len(results) > n_before, "the reader stopped after the peer died"
+        assert results[-1][0] == 0
+        assert _remote(mgr).stats()["peer_drops"] >= 1
+
+
+def test_restarted_peer_is_read_again(children: Children) -> None:
+    remote = {"rendezvous_dir": str(children.base / "restart"), "instance_id": "peer-a"}
+    second: Child | None = None
+    try:
+        with KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": remote["rendezvous_dir"]})) as mgr:
+            tokens, data = _blocks(4, 4, mgr.block_bytes)
+            assert _onboard(mgr, tokens, 4)[1] == 4
+            children.first.kill()
+            assert _onboard(mgr, tokens, 4)[1] == 0
+            second = Child(TINY, remote, n=4, seed=4).ready()
+            deadline = time.monotonic() + 10
+            loaded, out = 0, np.zeros(0)
+            while loaded < 4 and time.monotonic() < deadline:
+                _, loaded, out = _onboard(mgr, tokens, 4)
+                time.sleep(0.05)
+            assert loaded == 4
+            assert np.array_equal(out, data)
+    finally:
+        if second is not None:
+            second.kill()
+
+
+# -- one process, two managers -------------------------------------------------------
+@pytest.fixture
+def pair(rdir: str) -> Any:
+    a = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))
+    b = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _offload(mgr: KvBlockManager, n: int, seed: int) -> tuple[list[int], np.ndarray]:
+    tokens, data = _blocks(n, seed, mgr.block_bytes)
+    mgr.offload(mgr.hash_tokens(tokens), ContiguousBlocks(data, mgr.layout))
+    mgr.flush()
+    time.sleep(0.2)
+    return tokens, data
+
+
+def test_checksum_mismatch_is_a_miss_not_data(pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = pair
+    tokens, _ = _offload(a, 3, 5)
+    server = _remote(a)._server
+    real = server._lease
+
+    def lying_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+        reply = real(cid, keys, ttl)
+        reply["blocks"] = [[addr, (s + 1) & (2**64 - 1)] for addr, s in reply["blocks"]]
+        return reply
+
+    monkeypatch.setattr(server, "_lease", lying_lease)
+    tiers, loaded, _ = _onboard(b, tokens, 3)
+    assert tiers == ["remote"] * 3
+    assert loaded == 0
+    assert _remote(b).stats()["checksum_failures"] == 3
+
+
+def test_block_rewritten_under_the_same_key_is_a_miss_then_read_anew(pair: Any) -> None:
+    a, b = pair
+    tokens, data = _offload(a, 2, 9)
+    assert _onboard(b, tokens, 2)[1] == 2  # the peer now remembers both checksums
+    host = a.chain[0]
+    slot = host.registry.lookup(a.hash_tokens(tokens)[1])
+    host.tier.slots[slot] ^= 0xFF  # new bytes under the same key, as a re-offload may write
+    assert _onboard(b, tokens, 2)[1] == 1
+    assert _remote(b).stats()["checksum_failures"] == 1
+    time.sleep(0.3)  # the reader forgets the failed block; the peer forgets its sum
+    _, loaded, out = _onboard(b, tokens, 2)
+    assert loaded == 2
+    assert np.array_equal(out[1], data[1] ^ 0xFF)
+
+
+def test_block_the_peer_evicted_is_a_miss_and_forgotten(pair: Any) -> None:
+    a, b = pair
+    tokens, _ = _offload(a, 3, 6)
+    with b.match_prefix(tokens) as m:
+        assert m.tiers == ["remote"] * 3
+        a.release_all_evictable()  # the peer drops its copies after b matched them
+        out = np.zeros((3, b.block_bytes), dtype=np.uint8)
+        assert b.onboard(m, ContiguousBlocks(out, b.layout)).loaded == 0
+    time.sleep(0.2)
+    with b.match_prefix(tokens) as m:
+        assert m.num_blocks == 0
+    assert _remote(b).stats()["lease_misses"] == 3
+
+
+def test_remote_tier_takes_no_offloads(pair: Any) -> None:
+    a, _ = pair
+    _offload(a, 4, 7)
+    st = a.stats()["tiers"]["remote"]
+    assert (st["used_blocks"], st["failed_writes"], st["skipped_writes"]) == (0, 0, 0)
+
+
+# -- the serving side, spoken to over a raw socket ----------------------------------------
+def _ask(addr: str, msg: dict[str, Any], sock: socket.socket | None = None) -> dict[str, Any]:
+    from kvbm_tiers_remote.protocol import recv_msg, send_msg, split_addr
+
+    s = sock or socket.create_connection(split_addr(addr), timeout=5)
+    send_msg(s, msg)
+    reply = recv_msg(s)
+    if sock is None:
+        s.close()
+    return reply
+
+
+@pytest.fixture
+def server() -> Any:
+    cfg = _config(TINY, {"peers": ["127.0.0.1:1"], "lease_timeout_s": 0.3})
+    mgr = KvBlockManager.from_config(cfg)
+    tokens, _ = _blocks(2, 8, mgr.block_bytes)
+    hashes = mgr.hash_tokens(tokens)
+    mgr.offload(hashes, ContiguousBlocks(_blocks(2, 8, mgr.block_bytes)[1], mgr.layout))
+    yield mgr, hashes
+    mgr.close()
+
+
+def _pins(mgr: KvBlockManager, hashes: list[bytes]) -> list[int]:
+    reg = mgr.chain[0].registry
+    return [reg.pins_at(reg.lookup(h)) for h in hashes]  # type: ignore[arg-type]
+
+
+def test_lease_pins_blocks_until_its_timeout(server: Any) -> None:
+    mgr, hashes = server
+    addr = _remote(mgr).identity.addr
+    with socket.create_connection(("127.0.0.1", int(addr.split(":")[1]))) as s:
+        reply = _ask(addr, {"op": "lease", "from_id": "x", "from_addr": "127.0.0.1:1",
+                            "keys": hashes, "ttl": 0.3}, s)
+        assert reply["ok"] and all(b is not None for b in reply["blocks"])
+        assert _pins(mgr, hashes) == [1, 1]
+        time.sleep(1.2)  # the reader never releases: the lease times out
+        assert _pins(mgr, hashes) == [0, 0]
+        assert _remote(mgr).stats()["expired_leases"] == 1
+
+
+def test_lease_of_a_reader_whose_connection_closes_is_released(server: Any) -> None:
+    mgr, hashes = server
+    addr = _remote(mgr).identity.addr
+    s = socket.create_connection(("127.0.0.1", int(addr.split(":")[1])))
+    _ask(addr, {"op": "lease", "from_id": "x", "from_addr": "127.0.0.1:1", "keys": hashes,
+                "ttl": 60}, s)
+    assert _pins(mgr, hashes) == [1, 1]
+    s.close()
+    deadline = time.monotonic() + 5
+    while _pins(mgr, hashes) != [0, 0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pins(mgr, hashes) == [0, 0]
+
+
+def test_unconfigured_peer_is_refused(server: Any) -> None:
+    mgr, hashes = server
+    reply = _ask(_remote(mgr).identity.addr,
+                 {"op": "lease", "from_id": "y", "from_addr": "127.0.0.1:2", "keys": hashes})
+    assert not reply["ok"]
+    assert "127.0.0.1:2" in reply["error"]
+    assert _pins(mgr, hashes) == [0, 0]
+
+
+# -- config and plugin -----------------------------------------------------------------
+def test_remote_tier_without_rendezvous_is_a_config_error() -> None:
+    cfg = {"model": TINY, "page_size": PAGE,
+           "tiers": [{"type": "host", "num_blocks": 4}, {"type": "remote"}]}
+    with pytest.raises(ConfigError, match="rendezvous_dir"):
+        KvBlockManager.from_config(cfg)
+
+
+def test_remote_tier_is_registered_with_its_extra() -> None:
+    entry = build_plugins().tiers.get("remote")
+    assert entry.extra == "remote"
+    assert "nixl" in entry.requires
+    assert entry.available
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "serve":
+    _serve(json.loads(sys.argv[2]))

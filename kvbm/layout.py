@@ -114,7 +114,11 @@ class BlockSource(Protocol):
 
 
 class BlockDestination(Protocol):
-    """Where onboarded blocks go: copies ``src[i]`` into block ``indices[i]``."""
+    """Where onboarded blocks go: copies ``src[i]`` into block ``indices[i]``.
+
+    A destination in plain host memory may also offer ``views(indices)``: writable
+    ``uint8`` arrays of its blocks, which lower tiers then read into directly.
+    """
 
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None: ...
 
@@ -144,6 +148,11 @@ class ContiguousBlocks:
         for i in indices:
             if not 0 <= i < n:
                 raise LayoutError(f"block index {i} is out of range [0, {n})")
+
+    def views(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """Writable rows for ``indices``: lower tiers read into them with no staging copy."""
+        self._check(indices)
+        return [self.array[i] for i in indices]
 
     def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
         self._check(indices)

@@ -622,11 +622,20 @@ class KvBlockManager:
                     self._split_copy(destination.copy_in, dst_idx, views)
                     ok = [True] * len(members)
                 else:
-                    bufs = self._staging.acquire(len(members))
-                    held.extend(bufs)
-                    ok = self._tier_read(rt, slots, keys, bufs)
-                    okb = [b for b, g in zip(bufs, ok) if g]
-                    destination.copy_in([d for d, g in zip(dst_idx, ok) if g], okb)
+                    direct = _destination_views(destination, dst_idx)
+                    if direct is not None:
+                        # The destination is plain memory: the tier reads straight into
+                        # it, sparing the staging copy. A failed block's bytes there are
+                        # not part of the loaded prefix.
+                        bufs = direct
+                        ok = self._tier_read(rt, slots, keys, bufs)
+                        okb = [b for b, g in zip(bufs, ok) if g]
+                    else:
+                        bufs = self._staging.acquire(len(members))
+                        held.extend(bufs)
+                        ok = self._tier_read(rt, slots, keys, bufs)
+                        okb = [b for b, g in zip(bufs, ok) if g]
+                        destination.copy_in([d for d, g in zip(dst_idx, ok) if g], okb)
                     if promote and tindex > 0:
                         promote_keys.extend(k for k, g in zip(keys, ok) if g)
                         promote_bufs.extend(okb)
@@ -787,6 +796,12 @@ class KvBlockManager:
 
 
 _T = TypeVar("_T")
+
+
+def _destination_views(destination: BlockDestination, indices: Sequence[int]) -> list[np.ndarray] | None:
+    """Writable views of the destination's blocks, where it offers them (plain memory)."""
+    views = getattr(destination, "views", None)
+    return views(indices) if callable(views) else None
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:

@@ -352,3 +352,16 @@ def test_a_block_that_failed_its_read_is_dropped_from_its_tier_on_release() -> N
         onboard_all(mgr, hashes)
         with mgr.match_prefix(hashes) as m:
             assert m.hashes == hashes[:1], "the corrupt second block is no longer matched"
+
+
+def test_lower_tier_reads_straight_into_a_contiguous_destination() -> None:
+    with manager([{"type": "flaky", "num_blocks": 8}]) as mgr:
+        hashes, src, data = blocks(mgr, 3)
+        mgr.offload(hashes, src)
+        seen: list[np.ndarray] = []
+        tier = mgr.chain[0].tier
+        real_read = tier.read
+        tier.read = lambda slots, keys, dst: (seen.extend(dst), real_read(slots, keys, dst))[1]  # type: ignore[method-assign]
+        res, out, _ = onboard_all(mgr, hashes)
+        assert res.loaded == 3 and np.array_equal(out, data)
+        assert all(np.shares_memory(b, out) for b in seen), "no staging copy in between"

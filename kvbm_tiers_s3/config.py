@@ -57,6 +57,11 @@ class S3TierConfig(TierConfig):
     )
     connect_timeout_s: float = Field(2.0, gt=0, description="TCP connect timeout per attempt")
     read_timeout_s: float = Field(10.0, gt=0, description="socket read timeout per attempt")
+    request_deadline_s: float = Field(
+        30.0, gt=0,
+        description="total time one GET/PUT/HEAD may take, retries included; read_timeout_s "
+        "bounds one socket read, so a server trickling bytes could stall longer without it",
+    )
     retries: int = Field(2, ge=0, le=10, description="extra attempts after a transient failure")
     backoff_base_s: float = Field(0.05, gt=0, description="first retry waits up to this long")
     backoff_max_s: float = Field(1.0, gt=0, description="cap of one retry's wait")
@@ -74,6 +79,11 @@ class S3TierConfig(TierConfig):
     )
     pack_blocks: int = Field(
         1, ge=1, le=32, description="consecutive blocks of one write packed into one object"
+    )
+    pack_pointers: bool = Field(
+        True,
+        description="write an empty pointer object under each later block of a pack, so a "
+        "probe or read of that block finds it without knowing where its pack starts",
     )
     delete_on_evict: bool = Field(
         False, description="delete objects the tier's index evicts; else the bucket's lifecycle rules do"

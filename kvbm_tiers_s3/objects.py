@@ -17,6 +17,22 @@ Metadata rather than an in-object header because a ranged GET of one block of a
 pack then returns that block's bytes *and* its checksum in one request, and the
 body is exactly the blocks, so it can be received straight into the destination.
 S3 caps user metadata at 2 KiB; 32 blocks take about 1.6 KiB.
+
+Every other block of a pack also gets a *pointer*: an empty object under the
+block's own name whose metadata names the pack. A HEAD or GET of any block's name
+then finds it, whichever block a probe starts at and whatever this instance's
+existence cache has forgotten. A pointer carries the common keys above (one key,
+one checksum: the block's) plus:
+
+| metadata key | value |
+| --- | --- |
+| ``kvbm-pack`` | sequence hash (hex) of the pack's first block: the pack's name |
+| ``kvbm-pos`` | the block's position in the pack |
+| ``kvbm-count`` | blocks in the pack |
+
+The block's bytes are still checked against the checksum in the pack's own
+metadata, which the ranged GET of the pack returns; a pointer whose pack no longer
+holds that block (and checksum) at that position is a miss.
 """
 
 from __future__ import annotations
@@ -49,6 +65,18 @@ class ObjectMeta:
         return len(self.keys)
 
 
+@dataclass(frozen=True, slots=True)
+class PackPointer:
+    """What a pointer object says: block ``key`` is block ``pos`` of ``count`` in the
+    pack named after ``pack``, with checksum ``sum``."""
+
+    key: SequenceHash
+    sum: int
+    pack: SequenceHash
+    pos: int
+    count: int
+
+
 class MetaCodec:
     """Encodes and checks object metadata for one namespace and layout."""
 
@@ -68,8 +96,20 @@ class MetaCodec:
             "kvbm-xxh3": ",".join(f"{s:016x}" for s in sums),
         }
 
-    def decode(self, meta: dict[str, str]) -> ObjectMeta | str:
-        """The object's contents, or a one-line reason why it is not ours or not intact."""
+    def encode_pointer(
+        self, key: SequenceHash, sum_: int, pack: SequenceHash, pos: int, count: int
+    ) -> dict[str, str]:
+        """User metadata of the pointer object for block ``pos`` of a pack."""
+        return {
+            **self.encode([key], [sum_]),
+            "kvbm-pack": pack.hex(),
+            "kvbm-pos": str(pos),
+            "kvbm-count": str(count),
+        }
+
+    def decode(self, meta: dict[str, str]) -> ObjectMeta | PackPointer | str:
+        """The object's contents (or the pack it points to), or a one-line reason why
+        it is not ours or not intact."""
         # Servers return metadata keys in lower case; some keep the prefix casing.
         m = {k.lower(): v for k, v in meta.items()}
         if m.get("kvbm-v") != FORMAT_VERSION:
@@ -87,4 +127,13 @@ class MetaCodec:
             return "keys or checksums are not hex"
         if not keys or len(keys) != len(sums) or len(keys) > MAX_PACK_BLOCKS:
             return f"{len(keys)} keys and {len(sums)} checksums"
-        return ObjectMeta(keys, sums)
+        if "kvbm-pack" not in m:
+            return ObjectMeta(keys, sums)
+        try:
+            pack = SequenceHash(bytes.fromhex(m["kvbm-pack"]))
+            pos, count = int(m.get("kvbm-pos", "")), int(m.get("kvbm-count", ""))
+        except ValueError:
+            return "pack pointer fields are not numbers or hex"
+        if len(keys) != 1 or not 0 < pos < count <= MAX_PACK_BLOCKS:
+            return f"pack pointer to position {pos} of {count} for {len(keys)} keys"
+        return PackPointer(keys[0], sums[0], pack, pos, count)

@@ -13,17 +13,22 @@ object's metadata before it counts as read.
 
 Faults. Transport errors, timeouts, 5xx and throttling answers (503 SlowDown) are
 retried ``retries`` times with capped exponential backoff and full jitter, then
-count as a miss or a skipped write. A circuit breaker opened by consecutive failures
+count as a miss or a skipped write. ``read_timeout_s`` bounds one socket read only;
+``request_deadline_s`` bounds a whole request, retries included: a watchdog thread
+cuts the connection of an attempt that outlives it (a server trickling a byte at a
+time), and the request counts as a timeout and a breaker failure. A circuit breaker opened by consecutive failures
 turns every request into an immediate miss until a trial request succeeds, so a dead
 server costs the engine no time per step and service resumes by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import logging
 import random
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -46,7 +51,7 @@ from kvbm.tier import Tier, TierContext
 
 from .breaker import OPEN, CircuitBreaker
 from .config import S3TierConfig, redact_url
-from .objects import MetaCodec, ObjectMeta, checksum
+from .objects import MetaCodec, ObjectMeta, PackPointer, checksum
 
 log = logging.getLogger("kvbm.s3")
 T = TypeVar("T")
@@ -99,6 +104,126 @@ class _Exists(Exception):
 
 class _BadObject(Exception):
     """The object is not a block of this namespace and layout, or not the one asked for."""
+
+
+class _Redirect(Exception):
+    """The object is a pointer: the block lives in the pack it names."""
+
+    def __init__(self, pointer: PackPointer) -> None:
+        super().__init__(pointer.pack.hex())
+        self.pointer = pointer
+
+
+class _DeadlineExceeded(TimeoutError):
+    """A request (retries included) ran past ``request_deadline_s``."""
+
+
+_ANSWERS: tuple[type[BaseException], ...] = (_Missing, _Exists, _BadObject, _Redirect)
+
+
+class _Armed:
+    """One request attempt the watchdog guards: its deadline and its connections."""
+
+    __slots__ = ("conns", "deadline", "expired")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.conns: list[Any] = []
+        self.expired = False
+
+
+def _cut(conn: Any) -> None:
+    """Shut the socket down: a read or send blocked on it returns at once."""
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):  # already shut or closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """Cuts the connections of request attempts that outlive their deadline.
+
+    botocore's ``read_timeout`` applies to each socket read, so a server that sends
+    a byte now and then keeps a request alive indefinitely. The tier's connection
+    pools report each connection they hand out (``attach``) to the attempt running
+    on that thread; one thread per tier wakes at the earliest deadline and shuts
+    down the sockets of expired attempts, which fails the blocked read or send.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._local = threading.local()
+        self._armed: set[_Armed] = set()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._wake_at = float("inf")  # when the watchdog thread wakes next
+
+    def arm(self, deadline: float) -> _Armed:
+        a = _Armed(deadline)
+        with self._cv:
+            self._armed.add(a)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"kvbm-{self._name}-deadline", daemon=True
+                )
+                self._thread.start()
+            if deadline < self._wake_at:
+                # Wake the thread only for an earlier deadline: requests arm and disarm
+                # in the thousands per second, and all share the same budget.
+                self._cv.notify()
+        self._local.armed = a
+        return a
+
+    def disarm(self, a: _Armed) -> None:
+        self._local.armed = None
+        with self._cv:
+            self._armed.discard(a)
+
+    def attach(self, conn: Any) -> None:
+        a: _Armed | None = getattr(self._local, "armed", None)
+        if a is not None:
+            with self._cv:
+                a.conns.append(conn)
+                if a.expired:
+                    _cut(conn)
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                now = time.monotonic()
+                wait: float | None = None
+                for a in self._armed:
+                    if now >= a.deadline:
+                        a.expired = True
+                        for c in a.conns:
+                            _cut(c)
+                        # A new connection has no socket until it connects: look again.
+                        left = 0.05
+                    else:
+                        left = a.deadline - now
+                    wait = left if wait is None else min(wait, left)
+                self._wake_at = float("inf") if wait is None else now + wait
+                self._cv.wait(wait)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _watched_pool(base: type[Any], watchdog: _Watchdog) -> type[Any]:
+    """``base`` (a urllib3 connection pool class) reporting each connection it hands out."""
+
+    def _get_conn(self: Any, timeout: float | None = None) -> Any:
+        conn = base._get_conn(self, timeout)
+        watchdog.attach(conn)
+        return conn
+
+    return type(f"Watched{base.__name__}", (base,), {"_get_conn": _get_conn})
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,19 +320,27 @@ class S3Tier(Tier):
         # Keys whose stored object failed its check: the next write replaces it
         # instead of trusting a conditional put that would keep the bad copy.
         self._bad: set[bytes] = set()
-        # Live members of packs this instance wrote (for delete_on_evict).
+        # Live members of packs this instance wrote, and their pointer objects (for
+        # delete_on_evict).
         self._pack_live: dict[str, int] = {}
+        self._pack_pointers: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._last_warn = -1e9
         self._counts: dict[str, int] = dict.fromkeys(
             ("puts", "put_bytes", "put_exists", "put_failures", "gets", "get_bytes",
              "get_misses", "get_failures", "checksum_failures", "bad_objects", "truncated",
              "heads", "probe_hits", "probe_cache_hits", "retries", "transient_errors",
-             "timeouts", "deletes", "refused"), 0)
+             "timeouts", "deadline_exceeded", "deletes", "refused", "pointer_puts",
+             "pointer_failures", "pointer_redirects"), 0)
+        self._watchdog = _Watchdog(self.name)
         self._client = self._make_client()
+        self._deadline_enforced = self._watch_connections()
         c = config.max_concurrency
         self._reads = ThreadPoolExecutor(c, thread_name_prefix=f"kvbm-{self.name}-r")
         self._writes = ThreadPoolExecutor(c, thread_name_prefix=f"kvbm-{self.name}-w")
+        # Pointer PUTs run beside the pack PUTs that wait on them, never in their pool
+        # (a pool waiting on itself can deadlock when every worker waits).
+        self._pointers = ThreadPoolExecutor(c, thread_name_prefix=f"kvbm-{self.name}-p")
         self._check_bucket()
 
     # -- set-up ----------------------------------------------------------------
@@ -235,7 +368,7 @@ class S3Tier(Tier):
             # Our own retries: botocore's standard mode waits up to 20 s per attempt,
             # longer than an engine step should ever stall, and knows no breaker.
             retries={"total_max_attempts": 1, "mode": "standard"},
-            max_pool_connections=2 * cfg.max_concurrency + 2,
+            max_pool_connections=3 * cfg.max_concurrency + 2,
             # Every block carries its own xxh3 checksum, verified on read; a second
             # CRC over every body would only cost CPU.
             request_checksum_calculation="when_required",
@@ -246,6 +379,26 @@ class S3Tier(Tier):
             return session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
         except bexc.BotoCoreError as e:
             raise ConfigError(f"s3 tier {self.name!r}: cannot build a client for {self._where}: {e}") from None
+
+    def _watch_connections(self) -> bool:
+        """Make the client's connection pools report to the deadline watchdog.
+
+        botocore has no public hook that sees the connection of a request, so this
+        reaches into its http session; if a botocore version lays it out otherwise,
+        the deadline still stops retries but cannot cut a trickling attempt short.
+        """
+        try:
+            session = self._client._endpoint.http_session
+            classes: dict[str, type[Any]] = session._pool_classes_by_scheme
+            manager = session._manager
+        except AttributeError:
+            log.warning("kvbm s3 tier %r: this botocore version hides its connection pools; "
+                        "request_deadline_s bounds retries but not one slow attempt", self.name)
+            return False
+        for scheme, base in list(classes.items()):
+            classes[scheme] = _watched_pool(base, self._watchdog)
+        manager.pool_classes_by_scheme = classes
+        return True
 
     def _check_bucket(self) -> None:
         try:
@@ -325,58 +478,101 @@ class S3Tier(Tier):
 
     # -- one request, with retries and the breaker ----------------------------
     def _call(self, fn: Callable[[], T]) -> T:
-        """Run one request: retries with backoff and jitter, breaker bookkeeping.
+        """Run one request: retries with backoff and jitter within ``request_deadline_s``,
+        breaker bookkeeping.
 
-        Raises ``_Missing``/``_Exists``/``_BadObject`` (answers, not faults),
-        ``_Refused`` (breaker open) or the last transient error.
+        Raises ``_Missing``/``_Exists``/``_BadObject``/``_Redirect`` (answers, not
+        faults), ``_Refused`` (breaker open), ``_DeadlineExceeded`` or the last
+        transient error.
         """
         cfg = self.cfg
+        deadline = time.monotonic() + cfg.request_deadline_s
         attempt = 0
         while True:
             if not self._breaker.allow():
                 self._inc("refused")
                 raise _Refused()
+            armed = self._watchdog.arm(deadline)
             try:
                 out = fn()
-            except bexc.ClientError as e:
-                code, status = _error_code(e)
-                if status == 404 or code in _MISSING_CODES:
-                    self._breaker.success()
-                    raise _Missing() from None
-                if status == 412 or code == "PreconditionFailed":
-                    self._breaker.success()
-                    raise _Exists() from None
-                if status == 501:
-                    # "NotImplemented": the server is alive but lacks a feature.
+            except Exception as e:
+                if armed.expired:
+                    # The watchdog cut this attempt: whatever the cut caused (an error,
+                    # or headers cut short that parse as a shorter answer), it is a
+                    # timeout, and the budget is spent.
+                    self._breaker_failure(e)
+                    raise self._deadline_exceeded() from None
+                if isinstance(e, _ANSWERS):
                     self._breaker.success()
                     raise
-                if status < 500 and code not in _TRANSIENT_CODES and status != 429:
-                    # The server answered: it is alive, the request was wrong.
-                    self._breaker.success()
-                    raise
-                self._breaker_failure(e)
-                self._inc("transient_errors")
-                err: BaseException = e
-            except (_Missing, _Exists, _BadObject):
-                self._breaker.success()
-                raise
-            except _RETRYABLE as e:
-                self._breaker_failure(e)
-                self._inc("transient_errors")
-                if isinstance(e, _Truncated):
-                    self._inc("truncated")
-                if isinstance(e, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError, TimeoutError)):
-                    self._inc("timeouts")
-                err = e
+                err = self._classify(e)
             else:
+                if armed.expired:
+                    # A cut in the headers can end them early and still parse as a
+                    # complete answer (a PUT's "200" without its ETag): not trusted.
+                    exc = self._deadline_exceeded()
+                    self._breaker_failure(exc)
+                    raise exc
                 self._breaker.success()
                 return out
+            finally:
+                self._watchdog.disarm(armed)
             if attempt >= cfg.retries:
                 raise err
             attempt += 1
-            self._inc("retries")
             cap = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
-            time.sleep(random.uniform(0, cap))  # full jitter: instances don't retry in step
+            pause = random.uniform(0, cap)  # full jitter: instances don't retry in step
+            if time.monotonic() + pause >= deadline:
+                raise self._deadline_exceeded() from err
+            self._inc("retries")
+            time.sleep(pause)
+
+    def _classify(self, e: Exception) -> BaseException:
+        """Breaker and counter bookkeeping for a failed attempt; returns ``e`` if it
+        may be retried, else raises (an answer from a live server, or an unknown error)."""
+        if isinstance(e, bexc.ClientError):
+            code, status = _error_code(e)
+            if status == 404 or code in _MISSING_CODES:
+                self._breaker.success()
+                raise _Missing() from None
+            if status == 412 or code == "PreconditionFailed":
+                self._breaker.success()
+                raise _Exists() from None
+            if status == 501:
+                # "NotImplemented": the server is alive but lacks a feature.
+                self._breaker.success()
+                raise e
+            if status < 500 and code not in _TRANSIENT_CODES and status != 429:
+                # The server answered: it is alive, the request was wrong.
+                self._breaker.success()
+                raise e
+            self._breaker_failure(e)
+            self._inc("transient_errors")
+            transient: BaseException = e
+            return transient
+        if isinstance(e, _RETRYABLE):
+            self._breaker_failure(e)
+            self._inc("transient_errors")
+            if isinstance(e, _Truncated):
+                self._inc("truncated")
+            if isinstance(e, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError, TimeoutError)):
+                self._inc("timeouts")
+            retryable: BaseException = e
+            return retryable
+        # Anything else (a response botocore cannot parse, ...) is a fault too, not
+        # retried; it must count, or a half-open breaker would wait for its trial
+        # request's verdict forever.
+        self._breaker_failure(e)
+        raise e
+
+    def _deadline_exceeded(self) -> _DeadlineExceeded:
+        self._inc("timeouts")
+        self._inc("deadline_exceeded")
+        return _DeadlineExceeded(
+            f"no complete answer within request_deadline_s={self.cfg.request_deadline_s} s "
+            "(retries included); the server is overloaded or trickling: check it, or raise "
+            "request_deadline_s"
+        )
 
     def _breaker_failure(self, e: BaseException) -> None:
         opens = self._breaker.opens
@@ -420,9 +616,11 @@ class S3Tier(Tier):
         count: int,
         keys: Sequence[SequenceHash],
         dst: Sequence[np.ndarray],
+        follow: bool = True,
     ) -> list[bool]:
         """One GET covering ``members`` (object position, batch index) of an object
-        thought to hold ``count`` blocks; ranged unless it covers the whole object."""
+        thought to hold ``count`` blocks; ranged unless it covers the whole object.
+        A pointer object is followed once (``follow``) to its pack."""
         bb = self.block_bytes
         first, last = members[0][0], members[-1][0]
         want = {pos: i for pos, i in members}
@@ -439,6 +637,14 @@ class S3Tier(Tier):
                 meta = self._codec.decode(r.get("Metadata") or {})
                 if isinstance(meta, str):
                     raise _BadObject(meta)
+                if isinstance(meta, PackPointer):
+                    if not follow or ranged or r.get("ContentLength") != 0 or any(
+                        meta.key != keys[i] for _, i in members
+                    ):
+                        raise _BadObject("a pack pointer, but not one for the block asked for")
+                    body.read()  # nothing; ends the response so the connection is reused
+                    self._finish(body)
+                    raise _Redirect(meta)
                 length = r.get("ContentLength")
                 total = _range_total(r.get("ContentRange"), length)
                 # Unranged, the object may still be a pack this instance did not know
@@ -466,6 +672,8 @@ class S3Tier(Tier):
                 else:
                     body.close()  # the rest of an unexpected pack: drop, don't drain
                 return meta
+            except _Redirect:
+                raise
             except BaseException:
                 body.close()  # a half-read connection must not go back to the pool
                 raise
@@ -476,6 +684,13 @@ class S3Tier(Tier):
             meta = self._call(get)
         except _Refused:
             return out
+        except _Redirect as e:
+            ptr = e.pointer
+            self._inc("pointer_redirects")
+            # The pack's own metadata (returned with the ranged GET) is what the bytes
+            # are checked against, and that it holds this block at this position.
+            return self._read_object(self.object_key(ptr.pack), [(ptr.pos, i) for _, i in members],
+                                     ptr.count, keys, dst, follow=False)
         except _Missing:
             self._inc("get_misses", len(members))
             for _, i in members:
@@ -635,8 +850,62 @@ class S3Tier(Tier):
             if count > 1:
                 with self._lock:
                     self._pack_live[obj] = count
+                if self.cfg.pack_pointers:
+                    self._write_pointers(obj, gkeys, sums, overwrite)
         for j, k in enumerate(gkeys):
             self._cache.put(k, _Loc(obj, j, count))
+        return True
+
+    def _write_pointers(
+        self, obj: str, gkeys: list[SequenceHash], sums: list[int], overwrite: bool
+    ) -> None:
+        """An empty pointer object under the name of each block of pack ``obj`` but the
+        first, so a probe or read that starts mid-pack finds it. A pointer that fails
+        costs only that: the block stays in the pack, found from its first block."""
+        names = [self.object_key(k) for k in gkeys[1:]]
+        with self._lock:
+            self._pack_pointers[obj] = names
+        jobs = [(gkeys[j], sums[j], j) for j in range(1, len(gkeys))]
+        list(self._pointers.map(
+            lambda job: self._write_pointer(job[0], job[1], gkeys[0], job[2], len(gkeys), overwrite),
+            jobs,
+        ))
+
+    def _write_pointer(
+        self, key: SequenceHash, sum_: int, pack: SequenceHash, pos: int, count: int,
+        overwrite: bool,
+    ) -> bool:
+        obj = self.object_key(key)
+        meta = self._codec.encode_pointer(key, sum_, pack, pos, count)
+
+        def put(conditional: bool) -> None:
+            kw: dict[str, Any] = {"IfNoneMatch": "*"} if conditional else {}
+            self._client.put_object(
+                Bucket=self._bucket, Key=obj, Body=b"", Metadata=meta,
+                ContentType="application/octet-stream", **kw,
+            )
+
+        try:
+            if overwrite or self._cond == "off":
+                self._call(lambda: put(False))
+            elif self._cond in ("auto", "if_none_match"):
+                # Never replace what the name already leads to: a block stored alone,
+                # another pack (whose pointers may name it), or another pointer.
+                self._call(lambda: put(True))
+            else:
+                if self._head(obj, key) is not None:
+                    raise _Exists()
+                self._call(lambda: put(False))
+        except _Exists:
+            return True
+        except _Refused:
+            return False
+        except Exception as e:
+            self._inc("pointer_failures")
+            self._warn("PUT of pointer %s failed (%s); the block is found only from its "
+                       "pack's first block", obj, _short(e))
+            return False
+        self._inc("pointer_puts")
         return True
 
     def _write_rest_of_pack(
@@ -650,18 +919,26 @@ class S3Tier(Tier):
             return False
         if meta is None:
             return False
-        for j, k in enumerate(meta.keys):
-            self._cache.put(k, _Loc(obj, j, meta.count))
-        held = set(meta.keys)
+        if isinstance(meta, PackPointer):
+            # The first block is already in another instance's pack.
+            self._cache.put(meta.key, _Loc(self.object_key(meta.pack), meta.pos, meta.count))
+            held = {meta.key}
+        else:
+            for j, k in enumerate(meta.keys):
+                self._cache.put(k, _Loc(obj, j, meta.count))
+            held = set(meta.keys)
         rest = [i for i in members if keys[i] not in held]
         return self._write_object(rest, keys, src) if rest else True
 
     # -- probe ----------------------------------------------------------------
-    def _head(self, obj: str, key: SequenceHash) -> ObjectMeta | None:
-        """The metadata of the object named after ``key``; None if absent or not ours."""
-        def head() -> ObjectMeta | None:
+    def _head(self, obj: str, key: SequenceHash) -> ObjectMeta | PackPointer | None:
+        """The metadata of the object named after ``key`` (a block, a pack starting
+        with it, or a pointer to the pack holding it); None if absent or not ours."""
+        def head() -> ObjectMeta | PackPointer | None:
             r = self._client.head_object(Bucket=self._bucket, Key=obj)
             meta = self._codec.decode(r.get("Metadata") or {})
+            if isinstance(meta, PackPointer):
+                return meta if meta.key == key and r.get("ContentLength") == 0 else None
             if isinstance(meta, str) or meta.keys[0] != key:
                 return None
             if r.get("ContentLength") != meta.count * self.block_bytes:
@@ -735,6 +1012,19 @@ class S3Tier(Tier):
             meta = self._head(obj, key)
         except Exception:
             return None
+        if isinstance(meta, PackPointer):
+            # A block in the middle of a pack: its pack's metadata (one more HEAD)
+            # must still hold it, with the same checksum, and vouches for the rest.
+            ptr = meta
+            obj = self.object_key(ptr.pack)
+            try:
+                meta = self._head(obj, ptr.pack)
+            except Exception:
+                return None
+            if not isinstance(meta, ObjectMeta) or meta.count != ptr.count or (
+                meta.keys[ptr.pos] != key or meta.sums[ptr.pos] != ptr.sum
+            ):
+                return False  # a stale pointer: its pack is gone or was replaced
         if meta is None:
             return False
         for j, k in enumerate(meta.keys):
@@ -762,6 +1052,7 @@ class S3Tier(Tier):
                     if self._pack_live[loc.obj] <= 0:
                         del self._pack_live[loc.obj]
                         doomed.append(loc.obj)
+                        doomed.extend(self._pack_pointers.pop(loc.obj, ()))
         for k in keys:
             self._cache.drop(k)
         if doomed:
@@ -790,11 +1081,14 @@ class S3Tier(Tier):
         out["breaker_opens"] = self._breaker.opens
         out["exist_cache_entries"] = len(self._cache)
         out["conditional_put"] = self._cond
+        out["deadline_enforced"] = self._deadline_enforced
         return out
 
     def close(self) -> None:
         self._reads.shutdown(wait=True)
         self._writes.shutdown(wait=True)
+        self._pointers.shutdown(wait=True)
+        self._watchdog.close()
         close = getattr(self._client, "close", None)
         if close is not None:
             close()

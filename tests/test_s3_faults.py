@@ -3,9 +3,11 @@ real HTTP proxy that answers 503 SlowDown or 500, cuts bodies short, or stalls."
 
 from __future__ import annotations
 
+import http.client
 import sys
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,43 @@ from kvbm_tiers_s3.config import S3TierConfig  # noqa: E402
 from kvbm_tiers_s3.tier import S3Tier  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from s3server import SECRET_KEY, Fault, FaultProxy, MotoServer, free_port  # noqa: E402
+from s3server import _HOP, SECRET_KEY, Fault, FaultProxy, MotoServer, free_port  # noqa: E402
+
+
+class TrickleProxy(FaultProxy):
+    """A ``FaultProxy`` that can also trickle: for a ``Fault("trickle", delay_s=...)``
+    it sends the whole answer (status line, headers and body) 16 bytes at a time,
+    ``delay_s`` apart, so no single socket read ever waits long."""
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        f = self.fault
+        if f is None or f.kind != "trickle":
+            super()._handle(h)
+            return
+        n = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(n) if n else b""
+        fault = self._take(h.command)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+        up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        try:
+            up.request(h.command, h.path, body=body, headers=headers)
+            r = up.getresponse()
+            data = r.read()
+            raw = f"HTTP/1.1 {r.status} {r.reason}\r\n".encode()
+            for k, v in r.getheaders():
+                if k.lower() not in _HOP:
+                    raw += f"{k}: {v}\r\n".encode()
+            raw += b"\r\n" + (data if h.command != "HEAD" else b"")
+        finally:
+            up.close()
+        h.close_connection = True
+        if fault is None:
+            h.wfile.write(raw)
+            return
+        for s in range(0, len(raw), 16):
+            h.wfile.write(raw[s : s + 16])
+            h.wfile.flush()
+            time.sleep(fault.delay_s)
 
 MODEL = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16"}
 PAGE = 16
@@ -44,7 +82,7 @@ def own_server() -> Iterator[MotoServer]:
 def proxied() -> Iterator[tuple[MotoServer, FaultProxy]]:
     s = MotoServer()
     s.start()
-    p = FaultProxy(s.port)
+    p = TrickleProxy(s.port)
     yield s, p
     p.close()
     s.stop()
@@ -200,4 +238,60 @@ def test_stalled_server_times_out_as_a_miss(
     proxy.set(Fault("delay", ("GET",), delay_s=1.0))
     assert tier.read([0], ks, [np.zeros(BB, np.uint8)]) == [False]
     assert tier.stats()["timeouts"] == 1
+    tier.close()
+
+
+def test_trickling_server_read_is_cut_at_the_request_deadline(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    # Each 16-byte piece comes 0.05 s after the last: well inside read_timeout_s (2 s),
+    # so only the deadline ends the GET, long before the ~15 s the answer would take.
+    tier = make_tier(proxied[0], "trickle-get", proxy.url, retries=1, request_deadline_s=0.5)
+    data, ks = blocks(1, 9), keys(1, 9)
+    assert tier.write([0], ks, list(data)) == [True]
+    proxy.set(Fault("trickle", ("GET",), delay_s=0.05))
+    t0 = time.monotonic()
+    assert tier.read([0], ks, [np.zeros(BB, np.uint8)]) == [False]
+    assert time.monotonic() - t0 < 5.0
+    st = tier.stats()
+    assert st["deadline_enforced"] and st["deadline_exceeded"] == 1 and st["timeouts"] == 1
+    assert st["get_failures"] == 1 and proxy.faulted == 1  # the budget was spent: no retry
+    proxy.set(None)
+    out = np.zeros_like(data)
+    assert tier.read([0], ks, list(out)) == [True] and np.array_equal(out, data)
+    tier.close()
+
+
+def test_trickling_server_write_is_skipped_at_the_deadline_and_opens_the_breaker(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "trickle-put", proxy.url, retries=0, request_deadline_s=0.3,
+                     breaker_failures=1)
+    proxy.set(Fault("trickle", ("PUT",), delay_s=0.05))  # the answer's headers trickle
+    assert tier.write([0], keys(1, 10), list(blocks(1, 10))) == [False]
+    st = tier.stats()
+    assert st["deadline_exceeded"] == 1 and st["put_failures"] == 1 and st["puts"] == 0
+    assert st["breaker_state"] == "open" and st["breaker_opens"] == 1
+    tier.close()
+
+
+def test_batch_after_a_successful_half_open_trial_proceeds_normally(
+    proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
+) -> None:
+    tier = make_tier(proxied[0], "half-open", proxy.url, retries=0, breaker_failures=1)
+    data, ks = blocks(4, 11), keys(4, 11)
+    assert tier.write(range(4), ks, list(data)) == [True] * 4
+    proxy.set(Fault("error500", ("GET",), count=1))
+    assert tier.read([0], ks[:1], [np.zeros(BB, np.uint8)]) == [False]
+    assert tier.stats()["breaker_state"] == "open"
+    time.sleep(0.25)  # past the 0.2 s cool-down
+    # The trial is held for 0.5 s: the batch's other reads ask while it is in flight.
+    proxy.set(Fault("delay", ("GET",), count=1, delay_s=0.5))
+    out = np.zeros_like(data)
+    first = tier.read(range(4), ks, list(out))
+    assert first.count(True) == 1 and tier.stats()["refused"] == 3
+    assert tier.stats()["breaker_state"] == "closed"
+    out = np.zeros_like(data)
+    assert tier.read(range(4), ks, list(out)) == [True] * 4
+    assert np.array_equal(out, data) and tier.stats()["refused"] == 3
     tier.close()

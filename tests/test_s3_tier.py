@@ -259,7 +259,8 @@ def test_packed_run_is_one_object_per_pack_and_reads_back(server: MotoServer) ->
     assert tier.write(range(10), ks, list(data)) == [True] * 10
     ns = Namespace(model_id="pack", layout_digest=LAYOUT.digest).hex
     listed = server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"t/{ns}/")
-    assert listed["KeyCount"] == 3
+    sizes = sorted(o["Size"] for o in listed["Contents"])
+    assert sizes == [0] * 7 + [2 * BB, 4 * BB, 4 * BB]  # 3 packs, a pointer per later block
     fresh = make_tier(server, "pack", pack_blocks=4)
     assert fresh.probe(ks) == [True] * 10
     assert fresh.stats()["heads"] == 3  # one per pack: the rest is vouched for by metadata
@@ -371,3 +372,68 @@ def test_probe_of_a_prompt_never_stored_sends_one_head(server: MotoServer) -> No
     assert tier.probe(keys(64, 17)) == [False] * 64
     assert tier.stats()["heads"] == 1
     tier.close()
+
+
+def test_fresh_tier_probes_and_reads_a_block_from_the_middle_of_a_pack(server: MotoServer) -> None:
+    packer = make_tier(server, "pack-middle", pack_blocks=4)
+    data, ks = blocks(8, 18), keys(8, 18)
+    assert packer.write(range(8), ks, list(data)) == [True] * 8
+    fresh = make_tier(server, "pack-middle")  # empty existence cache, packs nothing itself
+    assert fresh.probe(ks[2:]) == [True] * 6
+    out = np.zeros(BB, np.uint8)
+    assert fresh.read([0], [ks[2]], [out]) == [True]
+    assert np.array_equal(out, data[2])
+    packer.close()
+    fresh.close()
+
+
+def test_mid_pack_block_reads_without_a_probe_through_its_pointer(server: MotoServer) -> None:
+    packer = make_tier(server, "pack-pointer-read", pack_blocks=4)
+    data, ks = blocks(4, 19), keys(4, 19)
+    packer.write(range(4), ks, list(data))
+    fresh = make_tier(server, "pack-pointer-read")
+    out = np.zeros(BB, np.uint8)
+    assert fresh.read([0], [ks[3]], [out]) == [True]
+    assert np.array_equal(out, data[3]) and fresh.stats()["pointer_redirects"] == 1
+    packer.close()
+    fresh.close()
+
+
+def test_mid_pack_block_that_fails_the_pack_checksum_is_a_miss(server: MotoServer) -> None:
+    packer = make_tier(server, "pack-pointer-bad", pack_blocks=4)
+    data, ks = blocks(4, 20), keys(4, 20)
+    packer.write(range(4), ks, list(data))
+    obj = packer.object_key(ks[0])
+    c = server.client()
+    head = c.head_object(Bucket=BUCKET, Key=obj)
+    body = bytearray(data.tobytes())
+    body[2 * BB + 7] ^= 0xFF  # block 2 of the pack, same length and metadata
+    c.put_object(Bucket=BUCKET, Key=obj, Body=bytes(body), Metadata=head["Metadata"])
+    fresh = make_tier(server, "pack-pointer-bad")
+    assert fresh.read([0], [ks[2]], [np.zeros(BB, np.uint8)]) == [False]
+    assert fresh.stats()["checksum_failures"] == 1
+    packer.close()
+    fresh.close()
+
+
+def test_pointer_to_a_pack_that_is_gone_is_a_miss(server: MotoServer) -> None:
+    packer = make_tier(server, "pack-pointer-gone", pack_blocks=4)
+    data, ks = blocks(4, 21), keys(4, 21)
+    packer.write(range(4), ks, list(data))
+    server.client().delete_object(Bucket=BUCKET, Key=packer.object_key(ks[0]))
+    fresh = make_tier(server, "pack-pointer-gone")
+    assert fresh.probe(ks[1:]) == [False] * 3
+    assert fresh.read([0], [ks[1]], [np.zeros(BB, np.uint8)]) == [False]
+    packer.close()
+    fresh.close()
+
+
+def test_delete_on_evict_deletes_a_pack_with_its_pointers(server: MotoServer) -> None:
+    tier = make_tier(server, "pack-evict", pack_blocks=4, delete_on_evict=True)
+    data, ks = blocks(4, 22), keys(4, 22)
+    tier.write(range(4), ks, list(data))
+    tier.discard(range(4), ks)
+    tier.close()  # waits for the background delete
+    ns = Namespace(model_id="pack-evict", layout_digest=LAYOUT.digest).hex
+    listed = server.client().list_objects_v2(Bucket=BUCKET, Prefix=f"t/{ns}/")
+    assert listed["KeyCount"] == 0

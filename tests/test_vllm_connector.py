@@ -165,6 +165,12 @@ class Engine:
             w.register_kv_caches(kv)
             self.workers.append(w)
             self.kv.append(kv)
+        # What vLLM's EngineCore does once the KV caches are registered: collect each
+        # worker's handshake, keyed (pp_rank, tp_rank), and hand them to the scheduler's
+        # connector before the first step.
+        hs = {(0, r): m for r, w in enumerate(self.workers)
+              if (m := w.get_handshake_metadata()) is not None}
+        self.conn.set_xfer_handshake_metadata_pp_aware(hs)
         self.agg = v.KVOutputAggregator(expected_finished_count=tp)
         self.layer_order: list[str] = []
         self.step_outputs: list[Any] = []

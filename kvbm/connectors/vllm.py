@@ -28,6 +28,25 @@ The two halves of the design run in vLLM's two kinds of process:
   matchable only when all ``tp_size`` ranks wrote it, and a load's pins are dropped
   only when all ranks read it.
 
+The scheduler side also finds blocks it did not write itself, without holding any
+storage:
+
+- **recovered** blocks: each worker calls ``Tier.recover()`` at start (a restarted
+  disk tier reads its slot headers) and hands the result to vLLM's start-up handshake
+  (``get_handshake_metadata``); the scheduler side receives every rank's set
+  (``set_xfer_handshake_metadata``) before the first step and registers the blocks
+  that *all* ranks hold in the same slot, as ``BlockRegistry.restore`` does for
+  ``KvBlockManager``;
+- blocks **other instances** put in shared tiers (``Tier.shared``: s3, remote): when
+  the registries end a request's match early, the scheduler sends a ``ProbeOp`` per
+  shared tier and keeps the request waiting (``get_num_new_matched_tokens`` returns
+  None). Each rank probes its own storage and reports where its found prefix ends;
+  the shortest prefix over all ranks is adopted into the registry (as
+  ``KvBlockManager._match_shared`` does) and matched on the next step. The worker that
+  probed is the one that reads, so what a probe learns (an s3 pack's layout, the peer
+  holding a block) serves the load. A request probes once; no answer within
+  ``probe_timeout_s`` is a miss.
+
 Loads are layer-wise when the matched blocks sit in the first tier: ``start_load_kv``
 hands the step's loads to a worker thread that copies layer 0 of every block, sets
 layer 0's event, then layer 1, and so on, while ``wait_for_layer_load`` blocks on one
@@ -49,6 +68,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +91,7 @@ try:
     import torch
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
         KVConnectorBase_V1,
+        KVConnectorHandshakeMetadata,
         KVConnectorMetadata,
         KVConnectorRole,
         KVConnectorWorkerMetadata,
@@ -159,6 +180,20 @@ class DiscardOp:
     keys: list[bytes]
 
 
+@dataclass
+class ProbeOp:
+    """Ask shared tier ``tier`` which leading ``keys`` it holds (another instance wrote them).
+
+    Each rank probes its own storage (its own namespace) and reports the index of the
+    first key it lacks as a failure; the scheduler side takes the smallest over all
+    ranks, so a block counts as found only when every rank can read it.
+    """
+
+    op_id: int
+    tier: int
+    keys: list[bytes]
+
+
 class KvbmConnectorMetadata(KVConnectorMetadata):
     """One step's slot-level instructions, the same for every tensor-parallel rank."""
 
@@ -167,10 +202,12 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
         self.saves: list[SaveOp] = []
         self.copies: list[CopyOp] = []
         self.discards: list[DiscardOp] = []
+        self.probes: list[ProbeOp] = []
 
     def __repr__(self) -> str:
         return (f"KvbmConnectorMetadata(loads={len(self.loads)}, saves={len(self.saves)}, "
-                f"copies={len(self.copies)}, discards={len(self.discards)})")
+                f"copies={len(self.copies)}, discards={len(self.discards)}, "
+                f"probes={len(self.probes)})")
 
 
 class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
@@ -196,6 +233,49 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
             else:
                 out[op] = (n, failed)
         return KvbmWorkerMetadata(out)
+
+
+class KvbmHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """One rank's blocks that its persistent tiers found at start (``Tier.recover``).
+
+    vLLM collects one per worker once the KV caches are registered and hands them to
+    the scheduler side (``set_xfer_handshake_metadata``) before the first step. Per
+    tier: the slots as little-endian int64 and the 16-byte keys, concatenated, so a
+    million recovered blocks cross the process boundary as two flat byte strings.
+    """
+
+    KEY_BYTES = 16
+
+    def __init__(self, rank: int, tiers: list[tuple[bytes, bytes]]) -> None:
+        self.rank = rank
+        self.tiers = tiers
+
+    @classmethod
+    def of(cls, rank: int, recovered: list[list[tuple[int, SequenceHash]]]) -> KvbmHandshakeMetadata:
+        """Encode ``recovered[t]`` (slot, key) of every tier ``t``."""
+        tiers = []
+        for blocks in recovered:
+            ok = [(s, k) for s, k in blocks if len(k) == cls.KEY_BYTES]
+            slots = np.asarray([s for s, _ in ok], dtype="<i8").tobytes()
+            tiers.append((slots, b"".join(k for _, k in ok)))
+        return cls(rank, tiers)
+
+    def blocks(self, tier: int) -> set[tuple[int, SequenceHash]]:
+        """(slot, key) of every block this rank recovered in tier ``tier``."""
+        if tier >= len(self.tiers):
+            return set()
+        slots_raw, keys = self.tiers[tier]
+        slots = np.frombuffer(slots_raw, dtype="<i8").tolist()
+        kb = self.KEY_BYTES
+        return {(int(s), SequenceHash(keys[i * kb : (i + 1) * kb])) for i, s in enumerate(slots)}
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks recovered over all tiers."""
+        return sum(len(s) // 8 for s, _ in self.tiers)
+
+    def __repr__(self) -> str:
+        return f"KvbmHandshakeMetadata(rank={self.rank}, blocks={self.num_blocks})"
 
 
 # --- configuration ----------------------------------------------------------------
@@ -326,8 +406,19 @@ class _TierMeta:
     type: str
     registry: BlockRegistry
     admission: AdmissionPolicy
+    shared: bool = False
     hits: int = 0
     lookups: int = 0
+
+
+@dataclass
+class _Probe:
+    """A request's question to the shared tiers: which of ``keys`` other instances wrote."""
+
+    keys: list[SequenceHash]
+    ops: dict[int, int]  # unanswered op id -> tier
+    deadline: float
+    found: dict[int, int] = field(default_factory=dict)  # tier -> leading keys all ranks hold
 
 
 @dataclass
@@ -342,6 +433,8 @@ class _ReqState:
     saved: int = 0  # leading blocks already considered for saving
     inflight_load: int | None = None  # op id of the latest load instruction
     awaiting_recv: bool = False  # vLLM waits for this request in finished_recving
+    probe: _Probe | None = None  # shared tiers being asked; the request waits meanwhile
+    probed: bool = False  # asked once already (answered or timed out): never again
 
     def hashes_upto(self, n: int) -> list[SequenceHash]:
         """Sequence hashes of the first ``n`` complete blocks (computed once, extended)."""
@@ -372,7 +465,8 @@ class SchedulerSide:
     """The metadata half: registries, pins and slot decisions for one vLLM scheduler."""
 
     def __init__(self, settings: KvbmSettings, layout: BlockLayout, load_mode: str,
-                 publish_events: bool, lora_names: bool = True) -> None:
+                 publish_events: bool, lora_names: bool = True,
+                 probe_timeout_s: float = 5.0) -> None:
         self.settings = settings
         self.layout = layout
         self.page = layout.page_size
@@ -381,9 +475,21 @@ class SchedulerSide:
         links = resolve_chain(settings, plugins, load=False)
         self.tiers = [
             _TierMeta(link.name, link.config.type, BlockRegistry(link.name, link.num_blocks,
-                                                                  link.eviction), link.admission)
+                                                                  link.eviction), link.admission,
+                      shared=_is_shared(plugins, link.name, link.config.type))
             for link in links
         ]
+        # Shared tiers (s3, remote) hold blocks other instances wrote: the workers probe
+        # them for what the registries lack (the scheduler holds no storage).
+        self.shared = [t for t, tm in enumerate(self.tiers) if tm.shared]
+        if probe_timeout_s <= 0:
+            raise ConfigError(f"kv_connector_extra_config key 'probe_timeout_s': "
+                              f"{probe_timeout_s!r} must be a positive number of seconds")
+        self.probe_timeout_s = float(probe_timeout_s)
+        self._probes: list[ProbeOp] = []
+        self._restored = False
+        self.restored_blocks = 0
+        self.adopted_blocks = 0
         if load_mode not in ("auto", "async", "layerwise"):
             raise ConfigError(f"kv_connector_extra_config key 'load_mode': {load_mode!r} is not "
                               "one of auto, async, layerwise")
@@ -489,19 +595,96 @@ class SchedulerSide:
         out, self._events = self._events, []
         return out
 
-    # -- match ---------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        st = self._state(request)
-        self._unpin(st.pins)
-        st.pins = []
-        if not st.supported:
-            return 0, False
-        # Never the whole prompt: vLLM must compute at least one token to sample from.
-        usable = max(0, request.num_tokens - 1) // self.page
-        start = num_computed_tokens // self.page
-        if usable <= start:
-            return 0, False
-        hashes = st.hashes_upto(usable)
+    # -- blocks found in storage: recovered at start, or written by other instances ----
+    def restore(self, ranks: dict[int, KvbmHandshakeMetadata]) -> int:
+        """Register the blocks every rank's persistent tiers recovered at start.
+
+        A block is registered only where all ``tp_size`` ranks found the same key in the
+        same slot: one registry serves all ranks, and a load needs every rank's shard.
+        Runs once, before the first step; a late call (vLLM re-sends the handshake after
+        a wake-up) is ignored, as the registries already hold this run's writes.
+        Returns the number of blocks registered.
+        """
+        if self._restored:
+            return 0
+        self._restored = True
+        if self._next_op > 1 or any(tm.registry.num_used for tm in self.tiers):
+            log.warning("kvbm: the workers' recovered blocks arrived after scheduling began; "
+                        "they are not used (the slots may have been written since)")
+            return 0
+        lacking = [r for r in range(self.tp_size) if r not in ranks]
+        total = 0
+        for t, tm in enumerate(self.tiers):
+            common: set[tuple[int, SequenceHash]] | None = None
+            for r in range(self.tp_size):
+                got = ranks[r].blocks(t) if r in ranks else set()
+                common = got if common is None else common & got
+            if common:
+                n = tm.registry.restore(sorted(common))
+                total += n
+                log.info("kvbm tier %r: %d blocks recovered by all %d ranks are matchable",
+                         tm.name, n, self.tp_size)
+        if lacking and any(m.num_blocks for m in ranks.values()):
+            log.info("kvbm: rank(s) %s recovered no blocks; the blocks other ranks recovered "
+                     "are not used (a load needs every rank's shard)",
+                     ", ".join(map(str, lacking)))
+        self.restored_blocks = total
+        return total
+
+    def _wait_for_probe(self, st: _ReqState, rest: list[SequenceHash]) -> bool:
+        """True while the workers probe the shared tiers for ``rest`` (the request waits).
+
+        A request asks once: the first call sends one ``ProbeOp`` per shared tier; the
+        answers adopt the found prefix into that tier's registry (``_adopt``), so the
+        call after them matches it like any registered block. No answer from every rank
+        within ``probe_timeout_s`` counts as a miss.
+        """
+        if not self.shared or st.probed or not rest:
+            return False
+        if st.probe is None:
+            if getattr(st.request, "skip_reading_prefix_cache", False):
+                return False
+            probe = _Probe(list(rest), {}, time.monotonic() + self.probe_timeout_s)
+            raw = [bytes(k) for k in rest]
+            for t in self.shared:
+                op = self._op_id()
+                self.pending[op] = _Pending("probe", probe.keys, [t], [],
+                                            req_id=st.request.request_id)
+                self._probes.append(ProbeOp(op, t, raw))
+                probe.ops[op] = t
+            st.probe = probe
+            return True
+        if st.probe.ops:
+            if time.monotonic() < st.probe.deadline:
+                return True
+            self._say_once("probe-timeout", "kvbm: shared tiers did not answer a probe within "
+                           "%.1fs (probe_timeout_s); those blocks count as misses",
+                           self.probe_timeout_s)
+            for op in st.probe.ops:
+                self.pending.pop(op, None)
+        st.probe = None
+        st.probed = True
+        return False
+
+    def _adopt(self, probe: _Probe) -> None:
+        """Register the found prefix in the first shared tier (chain order) that has one."""
+        for t in self.shared:
+            n = probe.found.get(t, 0)
+            if not n:
+                continue
+            reg = self.tiers[t].registry
+            for k in probe.keys[:n]:
+                if k in reg:
+                    continue
+                slot = reg.allocate(k)
+                if slot is None:
+                    break
+                reg.commit(slot)
+                self.adopted_blocks += 1
+            self._drain_evicted(t)
+            return
+
+    def _pin_prefix(self, hashes: list[SequenceHash]) -> list[tuple[int, int]]:
         pins: list[tuple[int, int]] = []
         for h in hashes:
             for t, tm in enumerate(self.tiers):
@@ -513,6 +696,27 @@ class SchedulerSide:
                     break
             else:
                 break
+        return pins
+
+    # -- match ---------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._state(request)
+        self._unpin(st.pins)
+        st.pins = []
+        if not st.supported:
+            return 0, False
+        # Never the whole prompt: vLLM must compute at least one token to sample from.
+        usable = max(0, request.num_tokens - 1) // self.page
+        start = num_computed_tokens // self.page
+        if usable <= start:
+            return 0, False
+        hashes = st.hashes_upto(usable)
+        pins = self._pin_prefix(hashes)
+        if len(pins) < usable and self._wait_for_probe(st, hashes[len(pins):]):
+            # None: vLLM keeps the request waiting and asks again next step.
+            self._unpin(pins)
+            return None, False
         # vLLM already holds the first ``start`` blocks; only the rest is loaded.
         self._unpin(pins[:start])
         if len(pins) <= start:
@@ -573,6 +777,7 @@ class SchedulerSide:
             self._plan_saves(scheduler_output, block_ids_of, meta)
         meta.copies, self._copies = self._copies, []
         meta.discards, self._discards = self._discards, []
+        meta.probes, self._probes = self._probes, []
         return meta
 
     def _plan_saves(self, so: SchedulerOutput, block_ids_of: Any,
@@ -674,6 +879,17 @@ class SchedulerSide:
                 self._finish(op, p)
 
     def _finish(self, op: int, p: _Pending) -> None:
+        if p.kind == "probe":
+            st = self.reqs.get(p.req_id or "")
+            if st is None or st.probe is None or op not in st.probe.ops:
+                return  # the request ended or stopped waiting
+            t = st.probe.ops.pop(op)
+            # Each rank reported the first key it lacks: the smallest is where the
+            # prefix that every rank can read ends.
+            st.probe.found[t] = min(p.failed) if p.failed else len(p.keys)
+            if not st.probe.ops:
+                self._adopt(st.probe)
+            return
         if p.kind == "load":
             self._unpin(zip(p.tiers, p.slots))
             for i in sorted(p.failed):
@@ -724,6 +940,10 @@ class SchedulerSide:
             return False
         self._unpin(st.pins)
         st.pins = []
+        if st.probe is not None:
+            for op in st.probe.ops:
+                self.pending.pop(op, None)
+            st.probe = None
         # vLLM still expects this request in finished_recving: keep its blocks until
         # then (vLLM frees them when it arrives, and asserts the request still exists).
         return st.awaiting_recv
@@ -742,8 +962,22 @@ class SchedulerSide:
             "loaded_blocks": self.loaded_blocks,
             "failed_blocks": self.failed_blocks,
             "saved_blocks": self.saved_blocks,
+            "restored_blocks": self.restored_blocks,
+            "adopted_blocks": self.adopted_blocks,
             "pending_ops": len(self.pending),
         }
+
+
+def _is_shared(plugins: Any, name: str, type_name: str) -> bool:
+    """Whether tier type ``type_name`` holds blocks other instances write (``Tier.shared``)."""
+    try:
+        cls = plugins.tiers.get(type_name).load()
+    except Exception as e:
+        # The worker loads the same class and fails loudly; here the tier is only not probed.
+        log.warning("kvbm tier %r: cannot load tier type %r (%s); it is not probed for blocks "
+                    "other instances wrote", name, type_name, e)
+        return False
+    return bool(getattr(cls, "shared", False))
 
 
 # --- worker side --------------------------------------------------------------------
@@ -765,13 +999,31 @@ class WorkerSide:
                 cfg = link.config
                 path = getattr(cfg, "path", None)
                 if path is not None and settings.tp_size > 1:
-                    # A shared path would put two ranks' shards in the same slots.
-                    cfg = cfg.model_copy(update={"path": f"{path}/rank{rank}"})
+                    # A shared path would put two ranks' shards in the same slots. The
+                    # disk tier's path is a list of directories (one per device).
+                    sub = ([f"{p}/rank{rank}" for p in path] if isinstance(path, list)
+                           else f"{path}/rank{rank}")
+                    cfg = cfg.model_copy(update={"path": sub})
                 ctx = TierContext(link.name, ns, eng.layout, link.num_blocks)
                 self.tiers.append(link.tier_cls(cfg, ctx))
         except Exception:
             self.close()
             raise
+        # Blocks persistent tiers (disk) hold from an earlier run. Recovering also builds
+        # the tier's own index, without which it serves none of them. The scheduler side
+        # gets them through vLLM's handshake (``handshake``) and registers those that
+        # every rank holds in the same slot.
+        recovered: list[list[tuple[int, SequenceHash]]] = []
+        for t in self.tiers:
+            try:
+                recovered.append(list(t.recover()))
+            except Exception as e:
+                log.warning("kvbm rank %d tier %r: recovering stored blocks failed (%s); "
+                            "starting it empty", rank, t.name, e)
+                recovered.append([])
+        self.handshake: KvbmHandshakeMetadata | None = (
+            KvbmHandshakeMetadata.of(rank, recovered) if any(recovered) else None
+        )
         m = eng.layout.model
         self.bpl = eng.layout.bytes_per_layer
         self.block_bytes = eng.layout.bytes_per_block
@@ -957,6 +1209,8 @@ class WorkerSide:
             self._submit(self._discard, d)
         for c in meta.copies:
             self._submit(self._copy, c)
+        for p in getattr(meta, "probes", ()):
+            self._submit(self._probe, p)
         for op in meta.loads:
             if not op.layerwise:
                 self._submit(self._run_loads, [op], None)
@@ -1103,6 +1357,22 @@ class WorkerSide:
             if bufs:
                 self.staging.release(bufs)
 
+    def _probe(self, op: ProbeOp) -> None:
+        """Report the index of the first key this rank's shared tier lacks (none: all found)."""
+        tier = self.tiers[op.tier]
+        n = 0
+        try:
+            found = list(tier.probe([SequenceHash(k) for k in op.keys]))
+            if len(found) != len(op.keys):
+                raise RuntimeError(f"probe returned {len(found)} flags for {len(op.keys)} keys")
+            while n < len(found) and found[n]:
+                n += 1
+        except Exception as e:
+            log.warning("kvbm rank %d tier %r: probe failed (%s); treated as misses", self.rank,
+                        tier.name, e)
+            n = 0
+        self._report(op.op_id, [n] if n < len(op.keys) else [])
+
     def _discard(self, op: DiscardOp) -> None:
         try:
             self.tiers[op.tier].discard(op.slots, [SequenceHash(k) for k in op.keys])
@@ -1156,7 +1426,8 @@ class KvbmConnector(KVConnectorBase_V1):
     ``kvbm_config`` (a YAML path); ``load_mode`` (``auto``: layer-wise from the first
     tier, asynchronous from lower ones; ``layerwise``; ``async``); ``publish_events``
     (KV events for the blocks kvbm stores and evicts, default: vLLM's
-    ``enable_kv_cache_events``).
+    ``enable_kv_cache_events``); ``probe_timeout_s`` (how long a request waits for the
+    workers' answer from shared tiers before counting them as misses, default 5).
     """
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
@@ -1185,9 +1456,15 @@ class KvbmConnector(KVConnectorBase_V1):
             kec = getattr(vllm_config, "kv_events_config", None)
             events = extra.get("publish_events",
                                bool(getattr(kec, "enable_kv_cache_events", False)))
+            try:
+                probe_timeout = float(extra.get("probe_timeout_s", 5.0))
+            except (TypeError, ValueError):
+                raise ConfigError(f"kv_connector_extra_config key 'probe_timeout_s': "
+                                  f"{extra.get('probe_timeout_s')!r} is not a number of "
+                                  "seconds; give e.g. 5.0") from None
             self.scheduler_side = SchedulerSide(settings, eng.layout,
                                                 str(extra.get("load_mode", "auto")),
-                                                bool(events))
+                                                bool(events), probe_timeout_s=probe_timeout)
         else:
             self.worker_side = WorkerSide(settings, eng, _tp_rank(vllm_config))
 
@@ -1258,6 +1535,21 @@ class KvbmConnector(KVConnectorBase_V1):
             return ()
         return self.scheduler_side.take_events()
 
+    # -- start-up handshake: blocks persistent tiers recovered ----------------------------
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        """Worker: the blocks this rank's tiers recovered at start (None: none)."""
+        if self.worker_side is None:
+            return None
+        return self.worker_side.handshake
+
+    def set_xfer_handshake_metadata(self,
+                                    metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        """Scheduler: register the recovered blocks that every rank holds in the same slot."""
+        if self.scheduler_side is None:
+            return
+        ranks = {m.rank: m for m in metadata.values() if isinstance(m, KvbmHandshakeMetadata)}
+        self.scheduler_side.restore(ranks)
+
     # -- worker side -------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take this rank's per-layer KV tensors (checked against the layout)."""
@@ -1327,8 +1619,10 @@ __all__ = [
     "EngineLayout",
     "KvbmConnector",
     "KvbmConnectorMetadata",
+    "KvbmHandshakeMetadata",
     "KvbmWorkerMetadata",
     "LoadOp",
+    "ProbeOp",
     "SaveOp",
     "SchedulerSide",
     "WorkerSide",

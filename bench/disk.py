@@ -20,13 +20,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvbm import BlockLayout, ContiguousBlocks, KvBlockManager, ModelSpec, Namespace
+from kvbm.bench.limits import best_of
 from kvbm.layout import aligned_empty
 from kvbm.tier import TierContext
 from kvbm_tiers_disk.config import DiskTierConfig
@@ -37,15 +37,6 @@ from kvbm_tiers_disk.tier import DiskTier
 MODEL = {"name": "bench-llama-3-8b", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
          "dtype": "bfloat16"}
 PAGE = 16
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def dd_seconds(args: list[str]) -> float:

@@ -12,12 +12,11 @@ import argparse
 import hashlib
 import json
 import pickle
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 from kvbm import BlockHasher, Namespace
+from kvbm.bench.limits import best_of
 
 
 def vllm_style(tokens: list[int], page: int) -> list[bytes]:
@@ -29,15 +28,6 @@ def vllm_style(tokens: list[int], page: int) -> list[bytes]:
         parent = hashlib.sha256(blob).digest()
         out.append(parent)
     return out
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distributions import make_distribution, on_sys_path
 
 from kvbm import ContiguousBlocks, KvBlockManager, PluginError, hookspecs
 from kvbm.plugins import DEFAULT_PLUGINS, build_plugins
@@ -61,29 +61,11 @@ def kvbm_register_tiers(registry):
 '''
 
 
-def make_distribution(root: Path, dist: str, pkg: str, ep_name: str, body: str) -> None:
-    """Install a real distribution into ``root``: a package and its .dist-info."""
-    (root / pkg).mkdir(parents=True)
-    (root / pkg / "__init__.py").write_text("")
-    (root / pkg / "plugin.py").write_text(body.replace("{pkg}", pkg))
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"  # dashes would end the name
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[kvbm.plugins]\n{ep_name} = {pkg}.plugin\n")
-    (info / "RECORD").write_text("")
-
-
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Path]:
     """A directory on sys.path where tests install distributions."""
-    sys.path.insert(0, str(tmp_path))
-    importlib.invalidate_caches()
-    yield tmp_path
-    sys.path.remove(str(tmp_path))
-    for name in list(sys.modules):
-        if name.startswith("thirdparty"):
-            del sys.modules[name]
-    importlib.invalidate_caches()
+    with on_sys_path(tmp_path, "thirdparty") as root:
+        yield root
 
 
 def test_builtin_plugins_load_before_entry_points_sorted_by_name() -> None:

@@ -3,14 +3,13 @@ adds an eviction policy and an admission filter that a YAML config then uses."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from distributions import make_distribution, on_sys_path
 
 from kvbm import ContiguousBlocks, KvBlockManager
 from kvbm.plugins import build_plugins
@@ -73,23 +72,9 @@ def kvbm_register_policies(registry):
 @pytest.fixture
 def acme(tmp_path: Path) -> Iterator[Path]:
     """A real distribution, ``acme-policies``, installed in a directory on sys.path."""
-    pkg = tmp_path / "acme_policies"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "plugin.py").write_text(THIRD_PARTY)
-    info = tmp_path / "acme_policies-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-policies\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[kvbm.plugins]\nacme = acme_policies.plugin\n")
-    (info / "RECORD").write_text("")
-    sys.path.insert(0, str(tmp_path))
-    importlib.invalidate_caches()
-    yield tmp_path
-    sys.path.remove(str(tmp_path))
-    for name in list(sys.modules):
-        if name.startswith("acme_policies"):
-            del sys.modules[name]
-    importlib.invalidate_caches()
+    make_distribution(tmp_path, "acme-policies", "acme_policies", "acme", THIRD_PARTY)
+    with on_sys_path(tmp_path, "acme_policies") as root:
+        yield root
 
 
 def test_every_policy_of_the_issue_is_registered() -> None:

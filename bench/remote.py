@@ -10,7 +10,12 @@ repetition so that machine load hits all three alike:
 - ``tier``: ``RemoteTier.read`` of the batch into the same buffers: lease (pin +
   xxh3 on the peer), pipelined READ, xxh3 verify, release;
 - ``onboard``: ``match_prefix`` + ``onboard`` into an engine-side buffer
-  (``ContiguousBlocks``): the tier read plus the manager's copy out of staging.
+  (``ContiguousBlocks``): the tier read straight into that buffer, plus the match.
+
+Beside them: ``hash`` (xxh3 of the batch's bytes in this process, the reader's
+verification alone), ``serial`` = 1 / (1/raw + 1/hash), what a READ and its
+verification reach when they cannot overlap (no spare core), and the CPU cores this
+process used during the ``raw`` and ``tier`` reads.
 
 All traffic stays on 127.0.0.1 (``UCX_NET_DEVICES=lo``). ``--json`` prints one object.
 """
@@ -28,6 +33,7 @@ import time
 from typing import Any
 
 import numpy as np
+import xxhash
 
 MODEL = {"name": "llama-3-8b", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
          "dtype": "bfloat16"}
@@ -78,6 +84,10 @@ def _raw_read(tier: Any, peer: Any, remote: list[tuple[int, int, int]], bufs: li
     return dt
 
 
+def _cpu() -> float:
+    return time.process_time()  # this process's CPU seconds, all threads, ns resolution
+
+
 def run(batches: list[int], reps: int, extra: dict[str, Any]) -> dict[str, Any]:
     from kvbm import ContiguousBlocks, KvBlockManager
 
@@ -118,12 +128,23 @@ def run(batches: list[int], reps: int, extra: dict[str, Any]) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         for batch in batches:
             keys, bufs, remote = hashes[:batch], bufs_all[:batch], remote_all[:batch]
-            times: dict[str, list[float]] = {"raw": [], "tier": [], "onboard": []}
-            for _ in range(reps + 1):  # the first round warms caches and connections
+            times: dict[str, list[float]] = {"raw": [], "tier": [], "onboard": [], "hash": []}
+            cpu = {"raw": 0.0, "tier": 0.0}
+            for rep in range(reps + 1):  # the first round warms caches and connections
+                c0 = _cpu()
                 times["raw"].append(_raw_read(tier, peer, remote, bufs))
+                c1 = _cpu()
                 t0 = time.perf_counter()
                 ok = tier.read(list(range(batch)), keys, bufs)
                 times["tier"].append(time.perf_counter() - t0)
+                c2 = _cpu()
+                if rep:
+                    cpu["raw"] += c1 - c0
+                    cpu["tier"] += c2 - c1
+                t0 = time.perf_counter()
+                for buf in bufs:
+                    xxhash.xxh3_64_intdigest(buf)  # type: ignore[arg-type]
+                times["hash"].append(time.perf_counter() - t0)
                 if not all(ok):
                     raise RuntimeError(f"tier read failed for {ok.count(False)} blocks")
                 t0 = time.perf_counter()
@@ -136,7 +157,11 @@ def run(batches: list[int], reps: int, extra: dict[str, Any]) -> dict[str, Any]:
             row: dict[str, Any] = {"batch_blocks": batch, "batch_bytes": nbytes}
             for k, v in times.items():
                 row[f"{k}_gbps"] = nbytes / statistics.median(v[1:]) / 1e9
+            row["serial_gbps"] = 1 / (1 / row["raw_gbps"] + 1 / row["hash_gbps"])
+            row["raw_cores"] = cpu["raw"] / sum(times["raw"][1:])
+            row["tier_cores"] = cpu["tier"] / sum(times["tier"][1:])
             row["tier_over_raw"] = row["tier_gbps"] / row["raw_gbps"]
+            row["tier_over_serial"] = row["tier_gbps"] / row["serial_gbps"]
             row["onboard_over_raw"] = row["onboard_gbps"] / row["raw_gbps"]
             rows.append(row)
         stats = tier.stats()
@@ -180,11 +205,13 @@ def main() -> None:
     print(f"remote tier over NIXL/UCX on loopback, 2 MiB blocks, median of {a.reps}; "
           f"load average {out['load_avg_1m']:.1f} on {out['cpus']} CPUs")
     print(f"{'batch':>6} {'MiB':>6} {'raw GB/s':>9} {'tier GB/s':>10} {'tier/raw':>9} "
-          f"{'onboard GB/s':>13} {'onboard/raw':>12}")
+          f"{'onboard GB/s':>13} {'onboard/raw':>12} {'hash GB/s':>10} {'serial GB/s':>12} "
+          f"{'tier/serial':>12} {'cores raw/tier':>15}")
     for r in out["rows"]:
         print(f"{r['batch_blocks']:>6} {r['batch_bytes'] >> 20:>6} {r['raw_gbps']:>9.2f} "
               f"{r['tier_gbps']:>10.2f} {r['tier_over_raw']:>9.2f} {r['onboard_gbps']:>13.2f} "
-              f"{r['onboard_over_raw']:>12.2f}")
+              f"{r['onboard_over_raw']:>12.2f} {r['hash_gbps']:>10.2f} {r['serial_gbps']:>12.2f} "
+              f"{r['tier_over_serial']:>12.2f} {r['raw_cores']:>7.2f}/{r['tier_cores']:.2f}")
 
 
 if __name__ == "__main__":

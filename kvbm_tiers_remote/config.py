@@ -59,6 +59,11 @@ class RemoteTierConfig(TierConfig):
     publish_interval_s: float = Field(
         0.25, gt=0, description="how often the served hashes are republished (rendezvous_dir)"
     )
+    stale_intervals: int = Field(
+        8, ge=2,
+        description="a peer's file in rendezvous_dir whose heartbeat is older than this many of "
+        "the peer's publish intervals is ignored (the peer was killed without cleaning up)",
+    )
     pipeline_bytes: int = Field(
         32 << 20, gt=0, description="bytes per pipelined lease + READ step of one batch"
     )

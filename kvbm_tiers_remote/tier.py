@@ -15,7 +15,14 @@ with a new NIXL agent).
 Serving. ``attach`` (called by the plugin's ``kvbm_chain_built`` hook) registers the
 manager's host-tier arena with this tier's NIXL agent and starts a ``BlockServer`` on
 ``listen``; in ``rendezvous_dir`` mode it also publishes this instance's metadata,
-address and served hashes there. Only configured peers are served.
+address and served hashes there, with a heartbeat rewritten every
+``publish_interval_s``. Readers ignore a file whose heartbeat is older than
+``stale_intervals`` of the publisher's intervals (a killed peer's leftover, which
+would otherwise cost a failed connect every ``retry_after_s``); a clean shutdown
+removes the file. Only configured peers are served.
+
+Place: last in the chain. The tier takes no offloads, so in a write-through chain
+every tier below it would never receive a block; the plugin refuses that chain.
 
 The remote tier stores nothing: its ``read_only`` admission rejects every offload,
 and its registry only records which peer blocks this instance adopted.
@@ -82,6 +89,9 @@ class Peer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     hashes: frozenset[bytes] = frozenset()
     file_stat: tuple[int, int] | None = None
+    heartbeat: float = 0.0
+    interval_s: float = 0.0
+    hashes_sum: int | None = None
     from_dir: bool = False
     failures: int = 0
 
@@ -180,6 +190,8 @@ class RemoteTier(Tier):
         self._peers: dict[str, Peer] = {f"addr:{a}": Peer(f"addr:{a}", a) for a in config.peers}
         self._peers_lock = threading.Lock()
         self._last_scan = 0.0
+        # peer key -> (file stamp, when to parse it again) of leftovers found stale
+        self._stale_files: dict[str, tuple[tuple[int, int], float]] = {}
         self._where: OrderedDict[bytes, str] = OrderedDict()
         self._where_lock = threading.Lock()
         self._stale: set[SequenceHash] = set()
@@ -264,10 +276,15 @@ class RemoteTier(Tier):
         if keys is None:
             keys = self._served_keys(host)
         ident = self.identity
+        # "heartbeat" (wall clock: readers may be other hosts on a shared directory)
+        # is rewritten every interval, so a reader can tell a killed peer's leftover
+        # file from a live one; "hashes_sum" lets readers skip re-parsing unchanged keys.
         blob = msgpack.packb({
             "id": ident.instance_id, "addr": ident.addr, "agent": ident.agent,
             "epoch": ident.epoch, "metadata": ident.metadata, "namespace": ident.namespace,
             "block_bytes": ident.block_bytes, "pid": os.getpid(), "hashes": keys,
+            "hashes_sum": xxhash.xxh3_64_intdigest(keys), "heartbeat": time.time(),
+            "interval_s": self.cfg.publish_interval_s,
         }, use_bin_type=True)
         path = self._file()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -280,13 +297,11 @@ class RemoteTier(Tier):
             return b"".join(k for k, _ in host.registry.registered())
 
     def _publish_loop(self, host: TierRuntime) -> None:
-        last = b""
         while not self._stop.wait(self.cfg.publish_interval_s):
             try:
-                keys = self._served_keys(host)
-                if keys != last:
-                    self._publish(host, keys)
-                    last = keys
+                # Rewritten even when the keys did not change: the file's heartbeat is
+                # what tells readers this instance is still alive.
+                self._publish(host)
             except Exception as e:  # a full disk must not stop the engine
                 log.warning("kvbm tier %r: publishing to %s failed (%s)", self.name, self._dir, e)
 
@@ -326,6 +341,7 @@ class RemoteTier(Tier):
         if not force and now - self._last_scan < self.cfg.publish_interval_s / 2:
             return
         self._last_scan = now
+        wall = time.time()
         seen: set[str] = set()
         try:
             entries = list(os.scandir(self._dir))
@@ -339,7 +355,6 @@ class RemoteTier(Tier):
             if pid == self.instance_id:
                 continue
             key = f"id:{pid}"
-            seen.add(key)
             try:
                 st = ent.stat()
             except OSError:
@@ -347,8 +362,15 @@ class RemoteTier(Tier):
             stamp = (st.st_mtime_ns, st.st_size)
             with self._peers_lock:
                 peer = self._peers.get(key)
-            if peer is not None and peer.file_stat == stamp:
-                continue
+            if (peer is not None and peer.file_stat == stamp
+                    and self._fresh(peer.heartbeat, peer.interval_s, wall)):
+                seen.add(key)
+                continue  # not rewritten since the last parse, and still fresh
+            # (A file that looks stale is parsed again: on a file system with coarse
+            # timestamps a rewrite can keep the same (mtime, size).)
+            left = self._stale_files.get(key)
+            if left is not None and left[0] == stamp and now < left[1]:
+                continue  # a leftover found stale: parse it again only now and then
             try:
                 info = msgpack.unpackb(Path(ent.path).read_bytes(), raw=False)
             except Exception as e:
@@ -356,8 +378,21 @@ class RemoteTier(Tier):
                 continue
             if info.get("namespace") != self._ns or info.get("block_bytes") != self.block_bytes:
                 continue
-            hashes: bytes = info.get("hashes", b"")
-            found = frozenset(hashes[i : i + 16] for i in range(0, len(hashes), 16))
+            heartbeat = float(info.get("heartbeat", 0.0))
+            interval_s = float(info.get("interval_s", 0.0))
+            if not self._fresh(heartbeat, interval_s, wall):
+                # A killed peer leaves its file behind: connecting to it would fail
+                # every retry_after_s. Ignore it until it is rewritten.
+                if key not in self._stale_files:
+                    log.info("kvbm tier %r: ignoring %s: its heartbeat is %.1fs old (the peer "
+                             "is gone; delete the file or restart the peer)",
+                             self.name, ent.path, wall - heartbeat)
+                again = self.cfg.stale_intervals * max(interval_s, self.cfg.publish_interval_s)
+                self._stale_files[key] = (stamp, now + again)
+                continue
+            self._stale_files.pop(key, None)
+            seen.add(key)
+            hashes_sum = info.get("hashes_sum")
             with self._peers_lock:
                 peer = self._peers.get(key)
                 if peer is None:
@@ -371,14 +406,26 @@ class RemoteTier(Tier):
                 peer.instance_id = pid
                 peer.epoch = str(info["epoch"])
                 peer.metadata = bytes(info["metadata"])
-                peer.hashes = found
+                if hashes_sum is None or hashes_sum != peer.hashes_sum:
+                    hashes: bytes = info.get("hashes", b"")
+                    peer.hashes = frozenset(hashes[i : i + 16] for i in range(0, len(hashes), 16))
+                    peer.hashes_sum = hashes_sum
                 peer.file_stat = stamp
+                peer.heartbeat = heartbeat
+                peer.interval_s = interval_s
         with self._peers_lock:
+            # Peers whose file was removed (a clean shutdown) or went stale (killed).
             gone = [k for k, p in self._peers.items() if p.from_dir and k not in seen]
             dropped = [self._peers.pop(k) for k in gone]
         for peer in dropped:
             with peer.lock:
                 self._forget_agent(peer)
+
+    def _fresh(self, heartbeat: float, interval_s: float, wall: float) -> bool:
+        """Whether a peer file's heartbeat is recent enough to trust the peer is alive."""
+        if interval_s <= 0:
+            return False  # no heartbeat: written by a version that cannot be judged
+        return wall - heartbeat <= self.cfg.stale_intervals * interval_s
 
     def _live_peers(self) -> list[Peer]:
         self._scan_dir()

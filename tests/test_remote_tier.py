@@ -26,6 +26,7 @@ pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvb
 pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
 
 from kvbm import ContiguousBlocks, KvBlockManager  # noqa: E402
+from kvbm.config import KvbmSettings  # noqa: E402
 from kvbm.errors import ConfigError  # noqa: E402
 from kvbm.plugins import build_plugins  # noqa: E402
 
@@ -216,6 +217,26 @@ def test_peer_killed_mid_transfer_gives_misses_and_the_reader_carries_on(
         assert _remote(mgr).stats()["peer_drops"] >= 1
 
 
+def test_killed_peer_file_is_ignored_once_its_heartbeat_is_stale(children: Children) -> None:
+    children.doomed.kill()  # idempotent: the test above may have killed it already
+    rdir = str(children.base / "kill")
+    (leftover,) = Path(rdir).rglob("*.kvbm-peer")  # a SIGKILL leaves the file behind
+    stale_s = 8 * FAST["publish_interval_s"]  # the default stale_intervals, the peer's interval
+    time.sleep(max(0.0, leftover.stat().st_mtime + stale_s + 0.1 - time.time()))
+    with KvBlockManager.from_config(_config(BIG, {"rendezvous_dir": rdir}, 8)) as mgr:
+        tokens, _ = _blocks(4, 3, mgr.block_bytes)
+        assert _onboard(mgr, tokens, 4)[:2] == ([], 0)
+        assert _remote(mgr).peers() == []
+        assert _remote(mgr).stats()["peer_drops"] == 0  # no connect was even tried
+    # Without the heartbeat check, the same file costs a failed connect.
+    trusting = {"rendezvous_dir": rdir, "stale_intervals": 10**9}
+    with KvBlockManager.from_config(_config(BIG, trusting, 8)) as mgr:
+        tokens, _ = _blocks(4, 3, mgr.block_bytes)
+        _onboard(mgr, tokens, 4)
+        assert len(_remote(mgr).peers()) == 1
+        assert _remote(mgr).stats()["peer_drops"] >= 1
+
+
 def test_restarted_peer_is_read_again(children: Children) -> None:
     remote = {"rendezvous_dir": str(children.base / "restart"), "instance_id": "peer-a"}
     second: Child | None = None
@@ -303,6 +324,24 @@ def test_block_the_peer_evicted_is_a_miss_and_forgotten(pair: Any) -> None:
     assert _remote(b).stats()["lease_misses"] == 3
 
 
+def test_peer_file_heartbeat_is_rewritten_while_its_keys_are_unchanged(pair: Any) -> None:
+    import msgpack
+
+    a, _ = pair
+    path = _remote(a)._file()
+    first = msgpack.unpackb(path.read_bytes())["heartbeat"]
+    time.sleep(4 * FAST["publish_interval_s"])
+    assert msgpack.unpackb(path.read_bytes())["heartbeat"] > first
+
+
+def test_clean_shutdown_removes_the_peer_file(rdir: str) -> None:
+    mgr = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))
+    path = _remote(mgr)._file()
+    assert path.exists()
+    mgr.close()
+    assert not path.exists()
+
+
 def test_remote_tier_takes_no_offloads(pair: Any) -> None:
     a, _ = pair
     _offload(a, 4, 7)
@@ -380,6 +419,32 @@ def test_remote_tier_without_rendezvous_is_a_config_error() -> None:
            "tiers": [{"type": "host", "num_blocks": 4}, {"type": "remote"}]}
     with pytest.raises(ConfigError, match="rendezvous_dir"):
         KvBlockManager.from_config(cfg)
+
+
+def _above_host(write_through: bool) -> KvbmSettings:
+    # Settings built directly keep their order (a dict or YAML chain is sorted, which
+    # puts known remote tiers last; a third-party tier type still sorts after them).
+    settings = KvbmSettings(
+        model=TINY, page_size=PAGE, write_through=write_through,
+        tiers=[{"type": "host", "num_blocks": 8},
+               {"type": "remote", "name": "peers", "peers": ["127.0.0.1:1"], **FAST},
+               {"type": "host", "name": "spare", "num_blocks": 8}],
+    )
+    assert [t.name for t in settings.tiers][1:] == ["peers", "spare"]
+    return settings
+
+
+def test_remote_tier_above_another_tier_in_a_write_through_chain_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"tier 'peers'.*'spare'.*move 'peers' to the end"):
+        KvBlockManager.from_config(_above_host(True))
+
+
+def test_remote_tier_above_another_tier_without_write_through_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="kvbm.remote"):
+        KvBlockManager.from_config(_above_host(False)).close()
+    assert "move 'peers' to the end of 'tiers'" in caplog.text
 
 
 def test_remote_tier_is_registered_with_its_extra() -> None:

@@ -73,7 +73,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
               f"{format_size(link.num_blocks * bb)}; eviction {link.config.policy}; "
               f"admission {type(link.admission).__name__}")
         for k, v in shown.items():
-            if "secret" in k or "password" in k or "key" in k.lower() and "access" in k.lower():
+            if "secret" in k or "password" in k or ("key" in k.lower() and "access" in k.lower()):
                 v = "***"
             print(f"    {k}: {v}")
     print("ok")

@@ -8,6 +8,7 @@ plugin) then checks the rest, so an error names the tier and the key.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -259,16 +260,10 @@ class KvbmSettings(BaseSettings):
         return BlockLayout(self.model.spec(), self.page_size)
 
 
-class _PathVar:
-    """The YAML path for the settings being built (set only inside ``load_settings``)."""
-
-    value: str | None = None
-
-    def get(self) -> str | None:
-        return self.value
-
-
-_CONFIG_PATH = _PathVar()
+# The YAML path for the settings being built, set only inside ``load_settings``:
+# pydantic-settings builds its sources in a classmethod that cannot take it as an
+# argument. A ContextVar keeps two threads building settings from seeing each other's.
+_CONFIG_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvbm_config_path", default=None)
 
 
 def _format_validation_error(e: ValidationError, prefix: str = "") -> str:
@@ -295,11 +290,11 @@ def load_settings(
         if isinstance(config, dict):
             data = apply_dynamo_env({**config, **overrides}, dict(os.environ))
             return KvbmSettings(**data)
-        _CONFIG_PATH.value = None if config is None else os.fspath(config)
+        token = _CONFIG_PATH.set(None if config is None else os.fspath(config))
         try:
             return KvbmSettings(**overrides)
         finally:
-            _CONFIG_PATH.value = None
+            _CONFIG_PATH.reset(token)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
 

@@ -734,7 +734,7 @@ class KvBlockManager:
         if events:
             self.events.publish(events)
 
-    def release_all_evictable(self) -> None:  # pragma: no cover - convenience for tools
+    def release_all_evictable(self) -> None:
         """Drop every unpinned block from every tier."""
         with self._lock:
             for rt in self.chain:

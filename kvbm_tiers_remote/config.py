@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kvbm.config import TierConfig
+from kvbm_tiers_s3.config import S3TierConfig, redact_url
+
+#: ``publish_interval_s`` with ``rendezvous_s3`` unless given: each publish is a PUT
+#: and each listing a LIST, which S3 bills per request.
+S3_PUBLISH_INTERVAL_S = 1.0
 
 
 def _check_addr(value: str, key: str) -> str:
@@ -16,14 +21,75 @@ def _check_addr(value: str, key: str) -> str:
     return value
 
 
+class RendezvousS3Config(BaseModel):
+    """``rendezvous_s3: {bucket: kv-peers, prefix: prod, endpoint_url: http://minio:9000}``.
+
+    Each instance publishes its peer record as the object
+    ``{prefix}/{namespace}/{instance_id}.kvbm-peer``. The keys are named as the s3
+    tier's; the timeouts are short because a rendezvous request must never stall the
+    engine (a failed one is retried at the next interval).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    bucket: str = Field(..., description="bucket the instances share (it must exist)")
+    prefix: str = Field("kvbm-peers", description="key prefix of the peer records")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; AWS when unset")
+    region: str | None = Field(None, description="region name; boto3's default chain when unset")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="bucket in the path (MinIO, moto) or in the host name (AWS)"
+    )
+    profile: str | None = Field(None, description="shared-config profile for boto3's chain")
+    aws_access_key_id: SecretStr | None = Field(None, description="else boto3's chain")
+    aws_secret_access_key: SecretStr | None = Field(None, description="else boto3's chain")
+    aws_session_token: SecretStr | None = Field(None, description="else boto3's chain")
+    connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout of a request")
+    read_timeout_s: float = Field(2.0, gt=0, description="socket read timeout of a request")
+
+    # The s3 tier's checks, so both read the same keys the same way (bucket names,
+    # unset ${VAR}s, credentials in a URL never printed).
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_url_credentials(cls, data: object) -> object:
+        # A validation error prints the input: redact a URL's password before any can fail.
+        if isinstance(data, dict):
+            url = data.get("endpoint_url")
+            if isinstance(url, str) and redact_url(url) != url:
+                data = {**data, "endpoint_url": redact_url(url)}
+        return data
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return S3TierConfig._bucket(v)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return S3TierConfig._prefix(v)
+
+    @field_validator(
+        "endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+        "profile", "region", mode="before",
+    )
+    @classmethod
+    def _expanded(cls, v: object) -> object:
+        return S3TierConfig._expanded(v)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return S3TierConfig._endpoint(v)
+
+
 class RemoteTierConfig(TierConfig):
     """``{type: remote, peers: [127.0.0.1:7101], listen: 127.0.0.1:7100}``.
 
     The remote tier reads blocks from the host tiers of configured peers over NIXL,
     and serves this instance's host tier to them. Peers are found through a list of
-    addresses (``peers``), a shared directory (``rendezvous_dir``) or both; only
-    configured peers are served. It stores nothing itself (it takes no offloads), so
-    its ``num_blocks`` only bounds how many peer blocks the registry tracks.
+    addresses (``peers``), a shared directory (``rendezvous_dir``) or an S3 prefix
+    (``rendezvous_s3``), or a list and one of the two; only configured peers are
+    served. It stores nothing itself (it takes no offloads), so its ``num_blocks``
+    only bounds how many peer blocks the registry tracks.
     """
 
     type: Literal["remote"] = "remote"
@@ -41,6 +107,11 @@ class RemoteTierConfig(TierConfig):
         description="a directory shared by the instances: each publishes its NIXL metadata, "
         "address and served hashes there, and serves the others that publish there",
     )
+    rendezvous_s3: RendezvousS3Config | None = Field(
+        None,
+        description="an S3 prefix shared by the instances, used as rendezvous_dir is (for "
+        "hosts without a shared file system); needs boto3: pip install 'kvbm[s3]'",
+    )
     instance_id: str | None = Field(
         None, description="this instance's name among its peers (default: host-pid-random)"
     )
@@ -57,15 +128,30 @@ class RemoteTierConfig(TierConfig):
         2.0, ge=0, description="a peer that failed is tried again after this"
     )
     publish_interval_s: float = Field(
-        0.25, gt=0, description="how often the served hashes are republished (rendezvous_dir)"
+        0.25, gt=0,
+        description="how often the served hashes and heartbeat are republished (rendezvous_dir; "
+        f"with rendezvous_s3 the default is {S3_PUBLISH_INTERVAL_S}s: each publish is a PUT)",
     )
     stale_intervals: int = Field(
         8, ge=2,
-        description="a peer's file in rendezvous_dir whose heartbeat is older than this many of "
-        "the peer's publish intervals is ignored (the peer was killed without cleaning up)",
+        description="a peer's record (rendezvous_dir or rendezvous_s3) whose heartbeat is older "
+        "than this many of the peer's publish intervals is ignored (the peer was killed without cleaning up)",
     )
     pipeline_bytes: int = Field(
         32 << 20, gt=0, description="bytes per pipelined lease + READ step of one batch"
+    )
+    verify_bytes: int = Field(
+        4 << 20,
+        gt=0,
+        description="bytes per READ inside a step; each is checksummed while the next is read, "
+        "so keep it well under the last-level cache (the bytes are hashed while still cached)",
+    )
+    verify: Literal["checksum", "lease"] = Field(
+        "checksum",
+        description="how a reader trusts the bytes it READ: 'checksum' hashes every block "
+        "(xxh3) against the peer's sum; 'lease' trusts a block whose READ ended while its "
+        "lease still pinned it (the peer cannot have rewritten it), without hashing: for "
+        "links faster than one core hashes, at the cost of end-to-end corruption checks",
     )
     checksum_cache: bool = Field(
         True,
@@ -97,9 +183,16 @@ class RemoteTierConfig(TierConfig):
 
     @model_validator(mode="after")
     def _some_rendezvous(self) -> RemoteTierConfig:
-        if not self.peers and not self.rendezvous_dir:
+        if self.rendezvous_dir and self.rendezvous_s3 is not None:
             raise ValueError(
-                "no rendezvous: give 'peers' (a list of host:port) or 'rendezvous_dir' "
-                "(a directory the instances share)"
+                "'rendezvous_dir' and 'rendezvous_s3' are both set, but an instance publishes "
+                "to one rendezvous; keep one of them ('peers' may be given beside either)"
             )
+        if not self.peers and not self.rendezvous_dir and self.rendezvous_s3 is None:
+            raise ValueError(
+                "no rendezvous: give 'peers' (a list of host:port), 'rendezvous_dir' "
+                "(a directory the instances share) or 'rendezvous_s3' (an S3 prefix they share)"
+            )
+        if self.rendezvous_s3 is not None and "publish_interval_s" not in self.model_fields_set:
+            self.publish_interval_s = S3_PUBLISH_INTERVAL_S
         return self

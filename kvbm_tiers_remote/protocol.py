@@ -48,6 +48,16 @@ def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
     sock.sendall(_LEN.pack(len(body)) + body)
 
 
+def send_msgs(sock: socket.socket, msgs: list[dict[str, Any]]) -> None:
+    """Send several framed messages in one system call."""
+    out = bytearray()
+    for msg in msgs:
+        body = msgpack.packb(msg, use_bin_type=True)
+        out += _LEN.pack(len(body))
+        out += body
+    sock.sendall(out)
+
+
 def recv_msg(sock: socket.socket) -> dict[str, Any]:
     """Receive one framed message; ConnectionError when the peer is gone."""
     (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))

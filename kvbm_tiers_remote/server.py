@@ -1,12 +1,22 @@
 """The serving half of the remote tier: this instance's host tier, leased to peers.
 
 A ``BlockServer`` answers the control-plane requests of ``protocol`` on one TCP
-socket. Its NIXL agent has the host tier's whole arena registered, so a peer that
-holds a lease reads the block's bytes with a one-sided NIXL READ; this process only
-pins the block (so it cannot be evicted and overwritten mid-read) and reports its
-address and xxh3 checksum. A lease ends when the reader releases it, when the
-reader's connection closes, or after its timeout, so a dead or hung reader cannot
-pin blocks forever.
+socket. Its NIXL agent has the served arena registered, so a peer that holds a lease
+reads the block's bytes with a one-sided NIXL READ; this process only pins the block
+(so it cannot be evicted and overwritten mid-read) and reports its address and xxh3
+checksum. A lease ends when the reader releases it, when the reader's connection
+closes, or after its timeout, so a dead or hung reader cannot pin blocks forever.
+
+What is served comes from a ``ServedBlocks`` source: the arena and which key sits
+in which slot. Two exist:
+
+- ``ManagerBlocks``: a ``KvBlockManager``'s host tier, whose registry (in this
+  process) says where each block is and pins it against eviction;
+- ``SlotMap``: the vLLM worker's arena. Under vLLM the registries live in the
+  scheduler process, so the worker keeps its own key -> slot map from the slot
+  instructions it executes (*write key K into slot S*, *forget slot S*). A slot is
+  served only after all its bytes were written (``commit``), and a slot a peer holds
+  a lease on is never written: ``claim`` refuses it and the caller skips that write.
 """
 
 from __future__ import annotations
@@ -17,9 +27,9 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import xxhash
@@ -32,6 +42,183 @@ if TYPE_CHECKING:
     from kvbm.manager import KvBlockManager, TierRuntime
 
 log = logging.getLogger("kvbm.remote")
+
+
+class ServedBlocks(Protocol):
+    """What a ``BlockServer`` serves: an arena of slots and which key sits in which."""
+
+    @property
+    def slots(self) -> np.ndarray:
+        """The arena as ``[num_slots, block_bytes]`` uint8 (registered with NIXL)."""
+        ...
+
+    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
+        """Whether each key is served now."""
+        ...
+
+    def pin(self, keys: Sequence[SequenceHash]) -> list[tuple[int, int] | None]:
+        """Pin each served key's slot against overwrite: ``(slot, version)`` or None.
+
+        ``version`` changes whenever the slot is rewritten, so a checksum remembered
+        for an older version is never reported for newer bytes.
+        """
+        ...
+
+    def unpin(self, slots: Sequence[int]) -> None:
+        """Drop one pin of each slot (one per successful ``pin``)."""
+        ...
+
+    def keys(self) -> bytes:
+        """Every served key, concatenated (the hash list a rendezvous file publishes)."""
+        ...
+
+
+class ManagerBlocks:
+    """A ``KvBlockManager``'s host tier as a ``ServedBlocks``: its registry pins."""
+
+    def __init__(self, manager: KvBlockManager, host: TierRuntime) -> None:
+        self._mgr = manager
+        self._reg = host.registry
+        self._slots: np.ndarray = host.tier.slots  # type: ignore[attr-defined]
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self._slots
+
+    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
+        with self._mgr._lock:
+            return [self._reg.lookup(k) is not None for k in keys]
+
+    def pin(self, keys: Sequence[SequenceHash]) -> list[tuple[int, int] | None]:
+        with self._mgr._lock:
+            slots = [self._reg.pin(k) for k in keys]
+        # The registry keeps no write version: a slot rewritten under the same key can
+        # leave a stale remembered checksum, which only fails the reader's check (a
+        # miss, after which it says "suspect" and the sum is taken again).
+        return [None if s is None else (s, 0) for s in slots]
+
+    def unpin(self, slots: Sequence[int]) -> None:
+        if not slots:
+            return
+        with self._mgr._lock:
+            for s in slots:
+                self._reg.unpin(s)
+
+    def keys(self) -> bytes:
+        with self._mgr._lock:
+            return b"".join(k for k, _ in self._reg.registered())
+
+
+class SlotMap:
+    """The served keys of an arena that someone else's instructions fill (a vLLM worker).
+
+    The writer brackets every write into a slot with ``claim`` (the slot's old key is
+    no longer served; refused while a peer's lease pins the slot) and ``commit`` (all
+    bytes are written: serve the new key). ``drop`` forgets slots whose blocks were
+    discarded. Peers' leases ``pin`` slots; a pinned slot is never claimed, so bytes a
+    peer may be reading are never overwritten while its lease lasts, and a slot being
+    written is not mapped, so it is never served mid-write. All methods are
+    thread-safe (the server's connection threads and the writer's threads).
+    """
+
+    def __init__(self, slots: np.ndarray) -> None:
+        assert slots.ndim == 2 and slots.dtype == np.uint8, (
+            f"a SlotMap serves a [num_slots, block_bytes] uint8 arena, got {slots.dtype}"
+            f"{list(slots.shape)}"
+        )
+        self._slots = slots
+        n = int(slots.shape[0])
+        self._lock = threading.Lock()
+        self._slot_of: dict[bytes, int] = {}
+        self._key: list[bytes | None] = [None] * n
+        self._pins = [0] * n
+        self._version = [0] * n
+        self.refused_claims = 0
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self._slots
+
+    def _unmap(self, slot: int) -> None:
+        key = self._key[slot]
+        if key is not None:
+            self._key[slot] = None
+            if self._slot_of.get(key) == slot:
+                del self._slot_of[key]
+
+    def claim(self, slots: Sequence[int]) -> list[bool]:
+        """Take ``slots`` out of service before writing them; False where a lease pins one.
+
+        A refused slot must not be written (skip the block and report it failed): a
+        peer may be reading its bytes. An accepted slot is unmapped at once, so no new
+        lease can reach it until ``commit``.
+        """
+        out = []
+        with self._lock:
+            for s in slots:
+                if self._pins[s]:
+                    self.refused_claims += 1
+                    out.append(False)
+                    continue
+                self._unmap(s)
+                self._version[s] += 1
+                out.append(True)
+        return out
+
+    def commit(self, slots: Sequence[int], keys: Sequence[bytes]) -> None:
+        """All bytes of ``keys[i]`` are in ``slots[i]``: serve them from now on."""
+        with self._lock:
+            for s, k in zip(slots, keys):
+                self._unmap(s)
+                old = self._slot_of.get(k)
+                if old is not None:
+                    self._key[old] = None  # the same block written again elsewhere
+                self._slot_of[bytes(k)] = s
+                self._key[s] = bytes(k)
+
+    def drop(self, slots: Sequence[int]) -> None:
+        """Forget ``slots`` (their blocks were evicted or discarded)."""
+        with self._lock:
+            for s in slots:
+                self._unmap(s)
+
+    def lookup(self, key: bytes) -> int | None:
+        """The slot serving ``key``, or None."""
+        with self._lock:
+            return self._slot_of.get(key)
+
+    def pins_at(self, slot: int) -> int:
+        """Leases holding ``slot`` now."""
+        return self._pins[slot]
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
+        with self._lock:
+            return [k in self._slot_of for k in keys]
+
+    def pin(self, keys: Sequence[SequenceHash]) -> list[tuple[int, int] | None]:
+        out: list[tuple[int, int] | None] = []
+        with self._lock:
+            for k in keys:
+                s = self._slot_of.get(k)
+                if s is None:
+                    out.append(None)
+                    continue
+                self._pins[s] += 1
+                out.append((s, self._version[s]))
+        return out
+
+    def unpin(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for s in slots:
+                assert self._pins[s] > 0, f"unpin of slot {s} that holds no lease"
+                self._pins[s] -= 1
+
+    def keys(self) -> bytes:
+        with self._lock:
+            return b"".join(self._slot_of)
 
 
 @dataclass
@@ -66,12 +253,11 @@ class ServerStats:
 
 
 class BlockServer:
-    """Serves one host tier's blocks to the peers that ``allowed`` accepts."""
+    """Serves the blocks of one ``ServedBlocks`` source to the peers that ``allowed`` accepts."""
 
     def __init__(
         self,
-        manager: KvBlockManager,
-        host: TierRuntime,
+        source: ServedBlocks,
         identity: Identity,
         listener: socket.socket,
         allowed: Callable[[str, str], bool],
@@ -79,10 +265,8 @@ class BlockServer:
         progress: Callable[[], None] | None = None,
         checksum_cache: bool = True,
     ) -> None:
-        self._mgr = manager
-        self._host = host
-        self._reg = host.registry
-        slots: np.ndarray = host.tier.slots  # type: ignore[attr-defined]
+        self.source = source
+        slots = source.slots
         self._slots = slots
         self._base = int(slots.ctypes.data)
         self._bb = int(slots.shape[1])
@@ -91,8 +275,8 @@ class BlockServer:
         self._allowed = allowed
         self._max_ttl = max_ttl_s
         self._leases: dict[int, _Lease] = {}
-        # slot -> (key, xxh3) of the bytes the slot held when first leased under key.
-        self._sums: dict[int, tuple[bytes, int]] | None = {} if checksum_cache else None
+        # slot -> (key, version, xxh3) of the bytes the slot held when first leased.
+        self._sums: dict[int, tuple[bytes, int, int]] | None = {} if checksum_cache else None
         self._lease_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._conn_ids = itertools.count(1)
@@ -170,7 +354,7 @@ class BlockServer:
             self.stats.refused += 1
             return {"ok": False, "error": (
                 f"instance {self.identity.instance_id!r} does not serve {from_id!r} at "
-                f"{from_addr!r}: add that address to its 'peers' or publish in its rendezvous_dir"
+                f"{from_addr!r}: add that address to its 'peers' or publish in its rendezvous (rendezvous_dir or rendezvous_s3)"
             )}
         if op == "hello":
             ident = self.identity
@@ -178,47 +362,47 @@ class BlockServer:
                     "metadata": ident.metadata, "epoch": ident.epoch,
                     "namespace": ident.namespace, "block_bytes": ident.block_bytes}
         if op == "probe":
-            keys = msg.get("keys") or []
-            with self._mgr._lock:
-                found = [self._reg.lookup(k) is not None for k in keys]
-            return {"ok": True, "found": found}
+            return {"ok": True, "found": self.source.probe(msg.get("keys") or [])}
         if op == "lease":
             return self._lease(cid, msg.get("keys") or [], float(msg.get("ttl", self._max_ttl)))
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # -- leases -----------------------------------------------------------------
     def _lease(self, cid: int, keys: list[SequenceHash], ttl: float) -> dict[str, Any]:
-        with self._mgr._lock:
-            slots = [self._reg.pin(k) for k in keys]
-        pinned = [s for s in slots if s is not None]
+        got = self.source.pin(keys)
+        pinned = [g[0] for g in got if g is not None]
         ttl = min(max(ttl, 0.01), self._max_ttl)
         with self._lease_lock:
             lease_id = next(self._ids)
             self._leases[lease_id] = _Lease(time.monotonic() + ttl, pinned, cid)
         blocks: list[list[int] | None] = []
         bb, base, arr, sums = self._bb, self._base, self._slots, self._sums
-        for k, s in zip(keys, slots):
-            if s is None:
+        for k, g in zip(keys, got):
+            if g is None:
                 blocks.append(None)
                 continue
+            s, version = g
             # The checksum is taken under the pin, at the slot's first lease under this
-            # key: the pin keeps the bytes so until the lease ends. A remembered sum
-            # that went stale (the slot rewritten under the same key) can only make the
-            # reader's check fail, a miss, never pass wrong bytes; it then says
-            # "suspect" and the sum is taken again.
+            # key and version: the pin keeps the bytes so until the lease ends. A
+            # remembered sum that went stale (a source without versions, the slot
+            # rewritten under the same key) can only make the reader's check fail, a
+            # miss, never pass wrong bytes; it then says "suspect" and the sum is
+            # taken again.
             c = sums.get(s) if sums is not None else None
-            if c is not None and c[0] == k:
-                h = c[1]
+            if c is not None and c[0] == k and c[1] == version:
+                h = c[2]
             else:
                 h = xxhash.xxh3_64_intdigest(arr[s])
                 if sums is not None:
-                    sums[s] = (k, h)
+                    sums[s] = (k, version, h)
             blocks.append([base + s * bb, h])
         st = self.stats
         st.leases += 1
         st.leased_blocks += len(pinned)
-        st.lease_misses += len(slots) - len(pinned)
-        return {"ok": True, "lease": lease_id, "blocks": blocks}
+        st.lease_misses += len(got) - len(pinned)
+        # The granted ttl: a reader that skips checksums ('verify: lease') trusts only
+        # the bytes its READ finished moving before the lease could have expired.
+        return {"ok": True, "lease": lease_id, "blocks": blocks, "ttl": ttl}
 
     def _release(self, cid: int, lease_id: int) -> None:
         with self._lease_lock:
@@ -231,19 +415,14 @@ class BlockServer:
     def _forget_sums(self, keys: list[SequenceHash]) -> None:
         if self._sums is None:
             return
-        with self._mgr._lock:
-            slots = [self._reg.lookup(k) for k in keys]
-        for k, s in zip(keys, slots):
-            c = self._sums.get(s) if s is not None else None
-            if c is not None and c[0] == k:
-                del self._sums[s]  # type: ignore[arg-type]
+        bad = set(keys)
+        for s, c in list(self._sums.items()):
+            if c[0] in bad:
+                self._sums.pop(s, None)
 
     def _unpin(self, slots: list[int]) -> None:
-        if not slots:
-            return
-        with self._mgr._lock:
-            for s in slots:
-                self._reg.unpin(s)
+        if slots:
+            self.source.unpin(slots)
 
     def _release_where(self, pred: Callable[[_Lease], bool]) -> int:
         with self._lease_lock:

@@ -1,8 +1,9 @@
 """The remote tier: blocks in the host tiers of peer instances, read over NIXL.
 
 Reading. ``probe`` asks the live peers which keys they hold (a ``probe`` request in
-``peers`` mode; the hash lists they publish in ``rendezvous_dir`` mode) and remembers
-who holds what. ``read`` then, per peer and in pipelined steps of ``pipeline_bytes``:
+``peers`` mode; the hash lists they publish in ``rendezvous_dir`` or ``rendezvous_s3``
+mode, see ``rendezvous.py``) and remembers who holds what. ``read`` then, per peer
+and in pipelined steps of ``pipeline_bytes``:
 leases the blocks (the peer pins them and reports each block's address and xxh3),
 posts one NIXL READ straight from the peer's arena into the destination buffers,
 verifies each block's xxh3, and releases the lease. While step *i* transfers, step
@@ -14,12 +15,12 @@ with a new NIXL agent).
 
 Serving. ``attach`` (called by the plugin's ``kvbm_chain_built`` hook) registers the
 manager's host-tier arena with this tier's NIXL agent and starts a ``BlockServer`` on
-``listen``; in ``rendezvous_dir`` mode it also publishes this instance's metadata,
-address and served hashes there, with a heartbeat rewritten every
-``publish_interval_s``. Readers ignore a file whose heartbeat is older than
+``listen``; with a rendezvous (a directory or an S3 prefix) it also publishes this
+instance's metadata, address and served hashes there, with a heartbeat rewritten
+every ``publish_interval_s``. Readers ignore a record whose heartbeat is older than
 ``stale_intervals`` of the publisher's intervals (a killed peer's leftover, which
 would otherwise cost a failed connect every ``retry_after_s``); a clean shutdown
-removes the file. Only configured peers are served.
+removes the record. Only configured peers are served.
 
 Place: last in the chain. The tier takes no offloads, so in a write-through chain
 every tier below it would never receive a block; the plugin refuses that chain.
@@ -38,7 +39,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,20 +55,23 @@ from kvbm.layout import aligned_empty
 from kvbm.tier import Tier, TierContext
 
 from .config import RemoteTierConfig
-from .protocol import recv_msg, send_msg, split_addr
-from .server import BlockServer, Identity
+from .protocol import recv_msg, send_msg, send_msgs, split_addr
+from .rendezvous import DirectoryRendezvous, Rendezvous, open_rendezvous
+from .server import BlockServer, Identity, ManagerBlocks, ServedBlocks
 
 if TYPE_CHECKING:
     from kvbm.manager import KvBlockManager, TierRuntime
 
 log = logging.getLogger("kvbm.remote")
 
-_FILE_SUFFIX = ".kvbm-peer"
+#: What a peer record must hold to be used (see ``_publish``).
+_RECORD_KEYS = frozenset({"addr", "epoch", "metadata"})
 #: Local destination regions registered with NIXL, at most; beyond, reads go
 #: through a registered bounce buffer and one extra copy.
 _MAX_REGIONS = 256
-#: A batch is read in at least this many pipelined steps (when it has the blocks).
-_MIN_STEPS = 4
+#: Lease requests in flight to one peer while this side copies (bounded, so that
+#: neither side's socket buffer can fill with requests the other is not reading).
+_LEASE_WINDOW = 3
 
 
 class PeerError(Exception):
@@ -88,7 +92,7 @@ class Peer:
     sock: socket.socket | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     hashes: frozenset[bytes] = frozenset()
-    file_stat: tuple[int, int] | None = None
+    file_stat: Hashable | None = None  # the stamp of its record when last parsed
     heartbeat: float = 0.0
     interval_s: float = 0.0
     hashes_sum: int | None = None
@@ -112,12 +116,13 @@ class RemoteStats:
     transfer_errors: int = 0
     peer_drops: int = 0
     bounce_blocks: int = 0
+    lease_overruns: int = 0
 
 
 class _Step:
     """One pipelined step: a lease, its READ and the blocks it covers."""
 
-    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok")
+    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline")
 
     def __init__(self) -> None:
         self.idx: list[int] = []
@@ -126,6 +131,9 @@ class _Step:
         self.handle: Any = None
         self.bounce: list[tuple[np.ndarray, np.ndarray]] = []
         self.ok = False
+        # Until when the lease surely pins the blocks (this side's monotonic clock);
+        # None when the peer did not say its ttl.
+        self.deadline: float | None = None
 
 
 class RemoteTier(Tier):
@@ -176,22 +184,26 @@ class RemoteTier(Tier):
             addr = f"{host}:{lst.getsockname()[1]}"
         self.identity = Identity(self.instance_id, addr, self.epoch, agent_name, self._ns,
                                  self.block_bytes)
-        self._dir: Path | None = None
-        if config.rendezvous_dir:
-            self._dir = Path(config.rendezvous_dir) / self._ns
-            try:
-                self._dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(
-                    f"tier {self.name!r}: key 'rendezvous_dir': cannot create {self._dir} "
-                    f"({e.strerror}); give a writable directory"
-                ) from None
+        try:
+            self._rdv: Rendezvous | None = open_rendezvous(config, self.name, self._ns,
+                                                           self.instance_id)
+        except Exception:
+            if self._listener is not None:
+                self._listener.close()
+            raise
+        # S3 is listed on this thread after the first time (see _scan_dir).
+        self._scanner = (ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{self.name}-scan")
+                         if self._rdv is not None and self._rdv.remote else None)
+        self._scan_lock = threading.Lock()
+        self._scan_gate = threading.Lock()
+        self._scan_queued = False
+        self._scanned = False
         self._peer_addrs = frozenset(config.peers)
         self._peers: dict[str, Peer] = {f"addr:{a}": Peer(f"addr:{a}", a) for a in config.peers}
         self._peers_lock = threading.Lock()
         self._last_scan = 0.0
-        # peer key -> (file stamp, when to parse it again) of leftovers found stale
-        self._stale_files: dict[str, tuple[tuple[int, int], float]] = {}
+        # peer key -> (record stamp, when to parse it again) of leftovers found stale
+        self._stale_files: dict[str, tuple[Hashable, float]] = {}
         self._where: OrderedDict[bytes, str] = OrderedDict()
         self._where_lock = threading.Lock()
         self._stale: set[SequenceHash] = set()
@@ -200,7 +212,8 @@ class RemoteTier(Tier):
         self._regions: dict[int, tuple[int, np.ndarray, Any]] = {}
         self._bounce_free: list[np.ndarray] = []
         self._step_blocks = max(1, config.pipeline_bytes // self.block_bytes)
-        # Checksums of step i run here while step i+1 is read (xxhash releases the GIL).
+        self._part_blocks = max(1, config.verify_bytes // self.block_bytes)
+        # Checksums of each READ run here while the next is read (xxhash releases the GIL).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{self.name}-verify")
         self.stats_r = RemoteStats()
         self._manager: KvBlockManager | None = None
@@ -235,11 +248,12 @@ class RemoteTier(Tier):
             # Metadata taken after registration carries the arena's remote keys.
             self.identity.metadata = self._agent.get_agent_metadata()
         self._server = BlockServer(
-            manager, host, self.identity, self._listener, self._allowed, self.cfg.lease_timeout_s,
+            ManagerBlocks(manager, host), self.identity, self._listener, self._allowed,
+            self.cfg.lease_timeout_s,
             progress=None if self.cfg.progress_thread else self._progress,
             checksum_cache=self.cfg.checksum_cache,
         )
-        if self._dir is not None:
+        if self._rdv is not None:
             self._publish(host)
             self._publisher = threading.Thread(
                 target=self._publish_loop, args=(host,), name="kvbm-remote-publish", daemon=True
@@ -251,6 +265,39 @@ class RemoteTier(Tier):
     def _progress(self) -> None:
         with self._nixl_lock:
             self._agent.get_new_notifs()  # drives the UCX worker's progress
+
+    def serve(self, source: ServedBlocks) -> bool:
+        """Expose ``source``'s arena to the configured peers, without a manager.
+
+        For a process that holds a host arena but not its registry (a vLLM worker: the
+        registries live in the scheduler process); ``source`` says which key sits in
+        which slot (``server.SlotMap``). Publishes in the rendezvous like
+        ``attach``. Returns False when ``serve`` is off or this tier serves already.
+        """
+        if not self.cfg.serve or self._listener is None or self._server is not None:
+            return False
+        arena = source.slots
+        with self._nixl_lock:
+            self._served_reg = self._agent.register_memory(
+                [(int(arena.ctypes.data), int(arena.nbytes), 0, "")], "DRAM"
+            )
+            # Metadata taken after registration carries the arena's remote keys.
+            self.identity.metadata = self._agent.get_agent_metadata()
+        self._server = BlockServer(
+            source, self.identity, self._listener, self._allowed, self.cfg.lease_timeout_s,
+            progress=None if self.cfg.progress_thread else self._progress,
+            checksum_cache=self.cfg.checksum_cache,
+        )
+        if self._rdv is not None:
+            # No runtime: _served_keys reads the keys from the server's source.
+            self._publish(None)  # type: ignore[arg-type]
+            self._publisher = threading.Thread(
+                target=self._publish_loop, args=(None,), name="kvbm-remote-publish", daemon=True
+            )
+            self._publisher.start()
+        log.info("kvbm tier %r: serving %d slots as %s on %s", self.name,
+                 int(arena.shape[0]), self.instance_id, self.identity.addr)
+        return True
 
     def _served_runtime(self, manager: KvBlockManager) -> TierRuntime | None:
         for rt in manager.chain:
@@ -264,13 +311,14 @@ class RemoteTier(Tier):
     def _allowed(self, from_id: str, from_addr: str) -> bool:
         if from_addr in self._peer_addrs:
             return True
-        if self._dir is not None and from_id and "/" not in from_id:
-            return (self._dir / (from_id + _FILE_SUFFIX)).exists()
+        if self._rdv is not None:
+            # A reader that publishes at the same rendezvous (S3: among the last listed).
+            return self._rdv.knows(from_id)
         return False
 
     def _file(self) -> Path:
-        assert self._dir is not None
-        return self._dir / (self.instance_id + _FILE_SUFFIX)
+        assert isinstance(self._rdv, DirectoryRendezvous), "only rendezvous_dir has a file"
+        return self._rdv.path
 
     def _publish(self, host: TierRuntime, keys: bytes | None = None) -> None:
         if keys is None:
@@ -286,12 +334,12 @@ class RemoteTier(Tier):
             "hashes_sum": xxhash.xxh3_64_intdigest(keys), "heartbeat": time.time(),
             "interval_s": self.cfg.publish_interval_s,
         }, use_bin_type=True)
-        path = self._file()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half
+        assert self._rdv is not None, "publishing needs a rendezvous"
+        self._rdv.publish(blob)  # a failure is logged there (once per outage)
 
     def _served_keys(self, host: TierRuntime) -> bytes:
+        if self._server is not None:
+            return self._server.source.keys()
         assert self._manager is not None
         with self._manager._lock:
             return b"".join(k for k, _ in host.registry.registered())
@@ -302,8 +350,9 @@ class RemoteTier(Tier):
                 # Rewritten even when the keys did not change: the file's heartbeat is
                 # what tells readers this instance is still alive.
                 self._publish(host)
-            except Exception as e:  # a full disk must not stop the engine
-                log.warning("kvbm tier %r: publishing to %s failed (%s)", self.name, self._dir, e)
+            except Exception as e:  # a full disk or a failing S3 must not stop the engine
+                where = self._rdv.where if self._rdv is not None else "?"
+                log.warning("kvbm tier %r: publishing to %s failed (%s)", self.name, where, e)
 
     def detach(self) -> None:
         """Stop serving: unpublish, close the server, drop every lease it granted."""
@@ -315,9 +364,8 @@ class RemoteTier(Tier):
         if self._publisher is not None:
             self._publisher.join(timeout=2)
             self._publisher = None
-        if self._dir is not None and self._server is not None:
-            with contextlib.suppress(OSError):
-                self._file().unlink()
+        if self._rdv is not None and self._server is not None:
+            self._rdv.unpublish()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -334,89 +382,121 @@ class RemoteTier(Tier):
 
     # -- peers ------------------------------------------------------------------
     def _scan_dir(self, force: bool = False) -> None:
-        """Pick up peers (and their served hashes) published in ``rendezvous_dir``."""
-        if self._dir is None:
+        """Pick up peers (and their served hashes) published at the rendezvous.
+
+        A directory is listed here (a local ``scandir``). S3 is listed here the first
+        time only, then on the scan thread: a slow or failing S3 never stalls a probe
+        or a read, which go on with the peers of the last listing that worked.
+        """
+        rdv = self._rdv
+        if rdv is None:
             return
         now = time.monotonic()
         if not force and now - self._last_scan < self.cfg.publish_interval_s / 2:
             return
         self._last_scan = now
-        wall = time.time()
-        seen: set[str] = set()
-        try:
-            entries = list(os.scandir(self._dir))
-        except OSError as e:
-            log.warning("kvbm tier %r: cannot list %s (%s)", self.name, self._dir, e)
+        if self._scanner is not None and self._scanned and not force:
+            with self._scan_gate:
+                if self._scan_queued:
+                    return
+                self._scan_queued = True
+            try:
+                self._scanner.submit(self._scan_queued_once, rdv)
+            except RuntimeError:  # the tier is closing
+                self._scan_queued = False
             return
-        for ent in entries:
-            if not ent.name.endswith(_FILE_SUFFIX) or ent.name.startswith("."):
-                continue
-            pid = ent.name[: -len(_FILE_SUFFIX)]
-            if pid == self.instance_id:
-                continue
-            key = f"id:{pid}"
-            try:
-                st = ent.stat()
-            except OSError:
-                continue
-            stamp = (st.st_mtime_ns, st.st_size)
-            with self._peers_lock:
-                peer = self._peers.get(key)
-            if (peer is not None and peer.file_stat == stamp
-                    and self._fresh(peer.heartbeat, peer.interval_s, wall)):
+        self._scan(rdv)
+
+    def _scan_queued_once(self, rdv: Rendezvous) -> None:
+        try:
+            if not self._closed:
+                self._scan(rdv)
+        except Exception as e:  # a bug here must not kill the scan thread for good
+            log.warning("kvbm tier %r: scanning %s failed (%s)", self.name, rdv.where, e)
+        finally:
+            with self._scan_gate:
+                self._scan_queued = False
+
+    def _scan(self, rdv: Rendezvous) -> None:
+        """One listing of ``rdv``: add, update and drop the peers published there."""
+        with self._scan_lock:
+            self._scanned = True
+            listing = rdv.listing()
+            if listing is None:
+                return  # logged by the rendezvous; keep the peers known so far
+            now = time.monotonic()
+            wall = time.time()
+            seen: set[str] = set()
+            for pid, stamp in listing.items():
+                key = f"id:{pid}"
+                with self._peers_lock:
+                    peer = self._peers.get(key)
+                if (peer is not None and peer.file_stat == stamp
+                        and self._fresh(peer.heartbeat, peer.interval_s, wall)):
+                    seen.add(key)
+                    continue  # not rewritten since the last parse, and still fresh
+                # (A record that looks stale is parsed again: on a file system with coarse
+                # timestamps a rewrite can keep the same (mtime, size).)
+                left = self._stale_files.get(key)
+                if left is not None and left[0] == stamp and now < left[1]:
+                    continue  # a leftover found stale: parse it again only now and then
+                blob = rdv.fetch(pid)
+                if blob is None:
+                    if peer is not None and self._fresh(peer.heartbeat, peer.interval_s, wall):
+                        seen.add(key)  # unreadable just now: keep what its last record said
+                    continue
+                try:
+                    info = msgpack.unpackb(blob, raw=False)
+                    if not isinstance(info, dict) or not info.keys() >= _RECORD_KEYS:
+                        raise ValueError(f"not a peer record: it lacks {sorted(_RECORD_KEYS)}")
+                except Exception as e:
+                    log.warning("kvbm tier %r: unreadable peer record %s (%s)",
+                                self.name, rdv.describe(pid), e)
+                    continue
+                if info.get("namespace") != self._ns or info.get("block_bytes") != self.block_bytes:
+                    continue
+                heartbeat = float(info.get("heartbeat", 0.0))
+                interval_s = float(info.get("interval_s", 0.0))
+                if not self._fresh(heartbeat, interval_s, wall):
+                    # A killed peer leaves its record behind: connecting to it would fail
+                    # every retry_after_s. Ignore it until it is rewritten.
+                    if key not in self._stale_files:
+                        log.info("kvbm tier %r: ignoring %s: its heartbeat is %.1fs old (the "
+                                 "peer is gone; delete the record or restart the peer)",
+                                 self.name, rdv.describe(pid), wall - heartbeat)
+                    again = self.cfg.stale_intervals * max(interval_s, self.cfg.publish_interval_s)
+                    self._stale_files[key] = (stamp, now + again)
+                    continue
+                self._stale_files.pop(key, None)
                 seen.add(key)
-                continue  # not rewritten since the last parse, and still fresh
-            # (A file that looks stale is parsed again: on a file system with coarse
-            # timestamps a rewrite can keep the same (mtime, size).)
-            left = self._stale_files.get(key)
-            if left is not None and left[0] == stamp and now < left[1]:
-                continue  # a leftover found stale: parse it again only now and then
-            try:
-                info = msgpack.unpackb(Path(ent.path).read_bytes(), raw=False)
-            except Exception as e:
-                log.warning("kvbm tier %r: unreadable peer file %s (%s)", self.name, ent.path, e)
-                continue
-            if info.get("namespace") != self._ns or info.get("block_bytes") != self.block_bytes:
-                continue
-            heartbeat = float(info.get("heartbeat", 0.0))
-            interval_s = float(info.get("interval_s", 0.0))
-            if not self._fresh(heartbeat, interval_s, wall):
-                # A killed peer leaves its file behind: connecting to it would fail
-                # every retry_after_s. Ignore it until it is rewritten.
-                if key not in self._stale_files:
-                    log.info("kvbm tier %r: ignoring %s: its heartbeat is %.1fs old (the peer "
-                             "is gone; delete the file or restart the peer)",
-                             self.name, ent.path, wall - heartbeat)
-                again = self.cfg.stale_intervals * max(interval_s, self.cfg.publish_interval_s)
-                self._stale_files[key] = (stamp, now + again)
-                continue
-            self._stale_files.pop(key, None)
-            seen.add(key)
-            hashes_sum = info.get("hashes_sum")
+                hashes_sum = info.get("hashes_sum")
+                with self._peers_lock:
+                    peer = self._peers.get(key)
+                    if peer is None:
+                        peer = self._peers[key] = Peer(key, str(info["addr"]), from_dir=True)
+                with peer.lock:
+                    if peer.epoch and peer.epoch != info["epoch"]:
+                        # The peer restarted: its old agent and connection are gone.
+                        self._forget_agent(peer)
+                        peer.retry_at = 0.0
+                    peer.addr = str(info["addr"])
+                    peer.instance_id = pid
+                    peer.epoch = str(info["epoch"])
+                    peer.metadata = bytes(info["metadata"])
+                    if hashes_sum is None or hashes_sum != peer.hashes_sum:
+                        hashes: bytes = info.get("hashes", b"")
+                        peer.hashes = frozenset(hashes[i : i + 16] for i in range(0, len(hashes), 16))
+                        peer.hashes_sum = hashes_sum
+                    peer.file_stat = stamp
+                    peer.heartbeat = heartbeat
+                    peer.interval_s = interval_s
             with self._peers_lock:
-                peer = self._peers.get(key)
-                if peer is None:
-                    peer = self._peers[key] = Peer(key, str(info["addr"]), from_dir=True)
-            with peer.lock:
-                if peer.epoch and peer.epoch != info["epoch"]:
-                    # The peer restarted: its old agent and connection are gone.
-                    self._forget_agent(peer)
-                    peer.retry_at = 0.0
-                peer.addr = str(info["addr"])
-                peer.instance_id = pid
-                peer.epoch = str(info["epoch"])
-                peer.metadata = bytes(info["metadata"])
-                if hashes_sum is None or hashes_sum != peer.hashes_sum:
-                    hashes: bytes = info.get("hashes", b"")
-                    peer.hashes = frozenset(hashes[i : i + 16] for i in range(0, len(hashes), 16))
-                    peer.hashes_sum = hashes_sum
-                peer.file_stat = stamp
-                peer.heartbeat = heartbeat
-                peer.interval_s = interval_s
-        with self._peers_lock:
-            # Peers whose file was removed (a clean shutdown) or went stale (killed).
-            gone = [k for k, p in self._peers.items() if p.from_dir and k not in seen]
-            dropped = [self._peers.pop(k) for k in gone]
+                # Peers whose record was removed (a clean shutdown) or went stale (killed).
+                gone = [k for k, p in self._peers.items() if p.from_dir and k not in seen]
+                dropped = [self._peers.pop(k) for k in gone]
+            for key in list(self._stale_files):
+                if key[3:] not in listing:
+                    del self._stale_files[key]  # its record was deleted
         for peer in dropped:
             with peer.lock:
                 self._forget_agent(peer)
@@ -445,19 +525,25 @@ class RemoteTier(Tier):
                     self._drop(p, str(e))
         return out
 
-    def _send(self, peer: Peer, msg: dict[str, Any]) -> None:
-        """Send one request to ``peer`` (caller holds ``peer.lock``); PeerError when it fails."""
-        msg["from_id"] = self.instance_id
-        msg["from_addr"] = self.identity.addr
+    def _send(self, peer: Peer, *msgs: dict[str, Any]) -> None:
+        """Send requests to ``peer`` in one write (caller holds ``peer.lock``); PeerError
+        when it fails."""
+        for msg in msgs:
+            msg["from_id"] = self.instance_id
+            msg["from_addr"] = self.identity.addr
         try:
             if peer.sock is None:
                 host, port = split_addr(peer.addr)
                 s = socket.create_connection((host, port), timeout=self.cfg.request_timeout_s)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer.sock = s
-            send_msg(peer.sock, msg)
+            if len(msgs) == 1:
+                send_msg(peer.sock, msgs[0])
+            elif msgs:
+                send_msgs(peer.sock, list(msgs))
         except (OSError, ConnectionError, ValueError) as e:
-            raise PeerError(f"peer {peer.addr}: {msg['op']} failed ({e})") from None
+            ops = ", ".join(str(m["op"]) for m in msgs)
+            raise PeerError(f"peer {peer.addr}: {ops} failed ({e})") from None
 
     def _recv(self, peer: Peer, op: str) -> dict[str, Any]:
         """The reply to the oldest request in flight to ``peer``."""
@@ -589,7 +675,10 @@ class RemoteTier(Tier):
             with self._where_lock:
                 for k in failed:
                     self._where.pop(k, None)
-                self._stale.update(failed)
+                if self._manager is not None:
+                    # Without a manager (a vLLM worker) the scheduler drops failed
+                    # blocks itself, and nothing would ever sweep this set.
+                    self._stale.update(failed)
             self._stale_event.set()
         return ok
 
@@ -632,56 +721,107 @@ class RemoteTier(Tier):
     ) -> None:
         """Read ``idx`` from ``peer`` in pipelined steps.
 
-        Step *i+1* is leased (the peer pins and checksums it) while step *i* is read,
-        and step *i* is verified on a worker thread while step *i+1* is read; a lease
-        is released as soon as its READ completed (the bytes are local by then).
+        The first step is one READ long, so the copying starts after one short lease;
+        the rest go ``pipeline_bytes`` at a time with up to ``_LEASE_WINDOW`` lease
+        requests in flight, so the peer pins the next steps while this side copies
+        (a release travels with the next lease request, in one write). Inside a step
+        the READs go ``verify_bytes`` at a time and each part is checksummed on the
+        worker thread while the next part is read: the bytes are hashed while they are
+        still in the last-level cache. Hashing a whole step afterwards read them back
+        from DRAM, and on a machine with few memory channels that slowed the copy
+        beside it by a fifth (measured: see docs/benchmarks/remote.md).
         """
-        # At least ``_MIN_STEPS`` steps, so that a small batch overlaps too.
-        n = max(1, min(self._step_blocks, -(-len(idx) // _MIN_STEPS)))
-        chunks = [idx[i : i + n] for i in range(0, len(idx), n)]
-        verifying: Future[None] | None = None
+        first = min(len(idx), self._part_blocks)
+        chunks = [idx[:first]]
+        chunks += [idx[i : i + self._step_blocks] for i in range(first, len(idx), self._step_blocks)]
+        verifying: list[Future[None]] = []
         cur: _Step | None = None
+        part: _Step | None = None
         bad: list[bytes] = []
+        sent_at: list[float] = []  # when each lease request was sent (replies come in order)
+        by_lease = self.cfg.verify == "lease"
         try:
             with peer.lock:
+                sent_at.append(time.monotonic())
                 self._send(peer, self._lease_msg(chunks[0], keys))
-                cur = self._leased(peer, chunks[0])
+                release: dict[str, Any] | None = None
                 for j in range(len(chunks)):
-                    assert cur is not None, "every step is leased before it is read"
-                    if j + 1 < len(chunks):
-                        self._send(peer, self._lease_msg(chunks[j + 1], keys))
-                    self._post(peer, cur, dst)
-                    self._wait(cur)
-                    self._send(peer, {"op": "release", "lease": cur.lease})
-                    self._release_handle(cur)
-                    if verifying is not None:
-                        verifying.result()
-                    verifying = self._verifier.submit(self._verify, peer, cur, keys, dst, ok, bad)
+                    cur = self._leased(peer, chunks[j], sent_at[j])
+                    msgs = [release] if release is not None else []
+                    now = time.monotonic()
+                    while len(sent_at) < len(chunks) and len(sent_at) - j <= _LEASE_WINDOW:
+                        msgs.append(self._lease_msg(chunks[len(sent_at)], keys))
+                        sent_at.append(now)
+                    if msgs:
+                        self._send(peer, *msgs)
+                    for part in self._parts(cur):
+                        self._post(peer, part, dst)
+                        self._wait(part)
+                        self._release_handle(part)
+                        check = True
+                        if by_lease and part.deadline is not None:
+                            if time.monotonic() > part.deadline:
+                                # The lease may have lapsed mid-READ: the peer may have
+                                # reused the slots, so these bytes are not trusted.
+                                self.stats_r.lease_overruns += len(part.idx)
+                                part.ok = False
+                            check = False
+                        if not check and not part.bounce:
+                            self._accept(part, ok)
+                        else:
+                            verifying.append(self._verifier.submit(
+                                self._verify, peer, part, keys, dst, ok, bad, check
+                            ))
+                    part = None
+                    release = {"op": "release", "lease": cur.lease}
                     cur = None
-                    if j + 1 < len(chunks):
-                        cur = self._leased(peer, chunks[j + 1])
-                if verifying is not None:
-                    verifying.result()
+                if release is not None:
+                    self._send(peer, release)
+                for f in verifying:
+                    f.result()
                 if bad:
                     # The peer's remembered checksums for these blocks may be stale
                     # (a slot rewritten under the same key): it recomputes them.
                     self._send(peer, {"op": "suspect", "keys": bad})
         except PeerError as e:
-            if cur is not None:
-                self._abandon(cur)
+            for s in (part, cur):
+                if s is not None:
+                    self._abandon(s)
+            # Leases granted but never received expire on the peer after their ttl,
+            # or at once when the connection closes (dropping the peer closes it).
             self._drop(peer, str(e))
         finally:
-            if verifying is not None:
-                verifying.result()
+            for f in verifying:
+                f.result()
+
+    def _parts(self, s: _Step) -> list[_Step]:
+        """Split a leased step into READs of ``verify_bytes`` (they share its lease)."""
+        k = self._part_blocks
+        if len(s.idx) <= k:
+            return [s]
+        remote: list[tuple[int, int, int]] = s.handle
+        parts = []
+        for a in range(0, len(s.idx), k):
+            p = _Step()
+            p.idx, p.sums, p.handle = s.idx[a : a + k], s.sums[a : a + k], remote[a : a + k]
+            p.lease, p.deadline = s.lease, s.deadline
+            parts.append(p)
+        s.handle = None
+        return parts
 
     def _lease_msg(self, chunk: list[int], keys: Sequence[SequenceHash]) -> dict[str, Any]:
         return {"op": "lease", "keys": [keys[i] for i in chunk], "ttl": self.cfg.lease_timeout_s}
 
-    def _leased(self, peer: Peer, chunk: list[int]) -> _Step:
-        """Receive the reply to a lease request for ``chunk``."""
+    def _leased(self, peer: Peer, chunk: list[int], sent_at: float) -> _Step:
+        """Receive the reply to the lease request for ``chunk`` sent at ``sent_at``."""
         reply = self._recv(peer, "lease")
         s = _Step()
         s.lease = int(reply["lease"])
+        ttl = reply.get("ttl")
+        if isinstance(ttl, (int, float)) and ttl > 0:
+            # The peer started the lease after this side sent the request, so it
+            # lasts at least until sent_at + ttl; the margin covers clock-rate skew.
+            s.deadline = sent_at + ttl * 0.99 - 0.002
         remote: list[tuple[int, int, int]] = []
         for i, b in zip(chunk, reply["blocks"]):
             if b is None:
@@ -747,19 +887,34 @@ class RemoteTier(Tier):
             if self.cfg.progress_thread:
                 time.sleep(0.0001)  # NIXL's thread progresses the transfer
 
+    def _accept(self, s: _Step, ok: list[bool]) -> None:
+        """Mark the blocks of a completed READ as read (the lease vouches for them)."""
+        if not s.ok:
+            return
+        for i in s.idx:
+            ok[i] = True
+        self.stats_r.blocks_read += len(s.idx)
+        self.stats_r.bytes_read += len(s.idx) * self.block_bytes
+
     def _verify(
         self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
-        ok: list[bool], bad: list[bytes],
+        ok: list[bool], bad: list[bytes], check: bool = True,
     ) -> None:
-        """Check each block that arrived against the peer's xxh3; only matches are True."""
+        """Check each block that arrived against the peer's xxh3 (unless ``check`` is
+        off: the lease vouches for them); only matches are True."""
         if not s.ok:
+            for b, _ in s.bounce:
+                self._bounce_free.append(b)
+            s.bounce = []
             return
         bounce = {id(d): b for b, d in s.bounce}
         bb = self.block_bytes
         for i, want in zip(s.idx, s.sums):
             d = dst[i]
             src = bounce.get(id(d))
-            got = xxhash.xxh3_64_intdigest(src if src is not None else d)  # type: ignore[arg-type]
+            got = want
+            if check:
+                got = xxhash.xxh3_64_intdigest(src if src is not None else d)  # type: ignore[arg-type]
             if got != want:
                 self.stats_r.checksum_failures += 1
                 log.warning("kvbm tier %r: block %s from peer %s failed its checksum "
@@ -872,7 +1027,7 @@ class RemoteTier(Tier):
             "peers": len(self._peers), "blocks_read": st.blocks_read, "bytes_read": st.bytes_read,
             "lease_misses": st.lease_misses, "checksum_failures": st.checksum_failures,
             "transfer_errors": st.transfer_errors, "peer_drops": st.peer_drops,
-            "bounce_blocks": st.bounce_blocks,
+            "bounce_blocks": st.bounce_blocks, "lease_overruns": st.lease_overruns,
         }
         if self._server is not None:
             ss = self._server.stats
@@ -898,3 +1053,7 @@ class RemoteTier(Tier):
             self._regions.clear()
         self._bounce_free.clear()
         self._verifier.shutdown(wait=False)
+        if self._scanner is not None:
+            self._scanner.shutdown(wait=False, cancel_futures=True)
+        if self._rdv is not None:
+            self._rdv.close()

@@ -277,6 +277,31 @@ def _offload(mgr: KvBlockManager, n: int, seed: int) -> tuple[list[int], np.ndar
     return tokens, data
 
 
+def test_batch_of_more_steps_than_the_lease_window_is_read_byte_exact_and_released(
+    rdir: str,
+) -> None:
+    # 4 KiB blocks, READs of one block and leases of three: 40 blocks take 14 leased
+    # steps, more than the requests kept in flight, so the window slides many times.
+    small = {"rendezvous_dir": rdir, "pipeline_bytes": 3 * 4096, "verify_bytes": 4096}
+    a = KvBlockManager.from_config(_config(TINY, small))
+    b = KvBlockManager.from_config(_config(TINY, small))
+    try:
+        assert a.block_bytes == 4096
+        tokens, data = _offload(a, 40, 11)
+        tiers, loaded, out = _onboard(b, tokens, 40)
+        assert tiers == ["remote"] * 40
+        assert loaded == 40
+        assert np.array_equal(out, data)
+        server = _remote(a)._server
+        deadline = time.monotonic() + 2.0
+        while server.active_leases and time.monotonic() < deadline:
+            time.sleep(0.01)  # releases are one-way: the peer may not have read them yet
+        assert server.active_leases == 0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_checksum_mismatch_is_a_miss_not_data(pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = pair
     tokens, _ = _offload(a, 3, 5)
@@ -293,6 +318,64 @@ def test_checksum_mismatch_is_a_miss_not_data(pair: Any, monkeypatch: pytest.Mon
     assert tiers == ["remote"] * 3
     assert loaded == 0
     assert _remote(b).stats()["checksum_failures"] == 3
+
+
+@pytest.fixture
+def lease_pair(rdir: str) -> Any:
+    a = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))
+    b = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir, "verify": "lease"}))
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _lie_about(server: Any, monkeypatch: pytest.MonkeyPatch, **fields: Any) -> None:
+    """Make the serving side's lease replies carry wrong checksums and ``fields``."""
+    real = server._lease
+
+    def lying_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+        reply = real(cid, keys, ttl)
+        reply["blocks"] = [[addr, (s + 1) & (2**64 - 1)] for addr, s in reply["blocks"]]
+        reply.update(fields)
+        return reply
+
+    monkeypatch.setattr(server, "_lease", lying_lease)
+
+
+def test_verify_lease_trusts_a_block_read_while_its_lease_pinned_it_without_hashing(
+    lease_pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = lease_pair
+    tokens, data = _offload(a, 3, 12)
+    _lie_about(_remote(a)._server, monkeypatch)  # sums are wrong: only a hash would notice
+    _, loaded, out = _onboard(b, tokens, 3)
+    assert loaded == 3
+    assert np.array_equal(out, data)
+    assert _remote(b).stats()["checksum_failures"] == 0
+
+
+def test_verify_lease_block_whose_read_outlasted_its_lease_is_a_miss(
+    lease_pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = lease_pair
+    tokens, _ = _offload(a, 3, 13)
+    # A lease this short has lapsed before any READ can end: the peer may have reused
+    # the slots, so nothing read under it is data.
+    _lie_about(_remote(a)._server, monkeypatch, ttl=1e-6)
+    _, loaded, _ = _onboard(b, tokens, 3)
+    assert loaded == 0
+    assert _remote(b).stats()["lease_overruns"] == 3
+
+
+def test_verify_lease_falls_back_to_checksums_when_the_peer_gives_no_ttl(
+    lease_pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = lease_pair
+    tokens, _ = _offload(a, 2, 14)
+    _lie_about(_remote(a)._server, monkeypatch, ttl=None)
+    _, loaded, _ = _onboard(b, tokens, 2)
+    assert loaded == 0
+    assert _remote(b).stats()["checksum_failures"] == 2
 
 
 def test_block_rewritten_under_the_same_key_is_a_miss_then_read_anew(pair: Any) -> None:

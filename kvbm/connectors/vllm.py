@@ -47,6 +47,20 @@ storage:
   holding a block) serves the load. A request probes once; no answer within
   ``probe_timeout_s`` is a miss.
 
+Each worker also **serves** its own host arena to peers through a ``remote`` tier (it
+calls ``RemoteTier.serve``, not ``attach``: the registries are in the scheduler
+process). The worker keeps the arena's key -> slot map (``SlotMap``) from the
+instructions it executes: a slot leaves service when a ``DiscardOp`` or a write into
+it arrives (``claim``, at the start of the step) and serves its new key only once all
+its layers were written (``commit``, at the end of the step), so a peer never reads a
+half-written block. A slot a peer's lease pins is never written: that block's save
+(or cascade copy) is skipped and reported failed, so the scheduler aborts the slot;
+the forward pass never waits for a lease. With tensor parallelism each rank serves
+its own shard: rank ``r`` listens on ``listen``'s port + ``r`` and reads each peer at
+that peer's port + ``r`` (a ``rendezvous_dir`` is per rank already, as its folder is
+named by the namespace, which holds the rank), and ``hello``'s namespace check
+refuses a reader of another rank.
+
 Loads are layer-wise when the matched blocks sit in the first tier: ``start_load_kv``
 hands the step's loads to a worker thread that copies layer 0 of every block, sets
 layer 0's event, then layer 1, and so on, while ``wait_for_layer_load`` blocks on one
@@ -111,6 +125,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from kvbm_tiers_remote.server import SlotMap
 
 log = logging.getLogger("kvbm.vllm")
 
@@ -994,6 +1010,9 @@ class WorkerSide:
         plugins = build_plugins()
         ns = _namespace(settings, eng.layout, rank)
         self.tiers: list[Tier] = []
+        self._configs: list[Any] = []
+        # Tier index -> the served keys of that host arena, for the remote tier's server.
+        self.served: dict[int, SlotMap] = {}
         try:
             for link in resolve_chain(settings, plugins):
                 cfg = link.config
@@ -1004,8 +1023,11 @@ class WorkerSide:
                     sub = ([f"{p}/rank{rank}" for p in path] if isinstance(path, list)
                            else f"{path}/rank{rank}")
                     cfg = cfg.model_copy(update={"path": sub})
+                if cfg.type == "remote" and settings.tp_size > 1:
+                    cfg = _remote_for_rank(cfg, rank, settings.tp_size)
                 ctx = TierContext(link.name, ns, eng.layout, link.num_blocks)
                 self.tiers.append(link.tier_cls(cfg, ctx))
+                self._configs.append(cfg)
         except Exception:
             self.close()
             raise
@@ -1046,6 +1068,12 @@ class WorkerSide:
         self._save_staged: list[bool] = []
         self._saved_layers: set[int] = set()
         self._bad_reqs: set[str] = set()
+        self._save_refused: list[set[int]] = []
+        try:
+            self._serve_remote()
+        except Exception:
+            self.close()
+            raise
 
     # -- engine tensors --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any], num_blocks: int | None = None) -> None:
@@ -1206,9 +1234,12 @@ class WorkerSide:
         with self._lock:
             self._bad_reqs = set()
         for d in meta.discards:
+            m = self.served.get(d.tier)
+            if m is not None:
+                m.drop(d.slots)  # before any write of this step reuses those slots
             self._submit(self._discard, d)
         for c in meta.copies:
-            self._submit(self._copy, c)
+            self._submit(self._copy, c, self._claim(c.dst_tier, c.dst_slots))
         for p in getattr(meta, "probes", ()):
             self._submit(self._probe, p)
         for op in meta.loads:
@@ -1223,6 +1254,8 @@ class WorkerSide:
                 self._events = [threading.Event() for _ in self._layers]
                 self._sync = self._load_pool.submit(self._run_loads, sync, self._events)
         self._saves = list(meta.saves)
+        # Claimed now, before save_kv_layer writes the first layer into the arena.
+        self._save_refused = [self._claim(0, op.slots) for op in self._saves]
         self._save_bufs = []
         self._save_staged = []
         self._saved_layers = set()
@@ -1276,8 +1309,11 @@ class WorkerSide:
 
     def _copy_layer_out(self, li: int) -> None:
         self._saved_layers.add(li)
-        for op, bufs in zip(self._saves, self._save_bufs):
-            for b, buf in zip(op.block_ids, bufs):
+        refused = self._save_refused or [set()] * len(self._saves)
+        for op, bufs, skip in zip(self._saves, self._save_bufs, refused):
+            for i, (b, buf) in enumerate(zip(op.block_ids, bufs)):
+                if i in skip:
+                    continue  # a peer's lease pins that slot: its bytes must not change
                 self._slot_view(buf, li).copy_(self._engine_view(li, b))
 
     def finish_step(self) -> None:
@@ -1298,10 +1334,12 @@ class WorkerSide:
                     self._copy_layer_out(li)
             with self._lock:
                 bad_reqs = set(self._bad_reqs)
-            for op, bufs, staged in zip(self._saves, self._save_bufs, self._save_staged):
+            refused = self._save_refused or [set()] * len(self._saves)
+            for op, bufs, staged, skip in zip(self._saves, self._save_bufs, self._save_staged,
+                                              refused):
                 # Blocks of a request whose load failed this step hold KV computed on
                 # top of garbage: never store them.
-                failed = {i for i, r in enumerate(op.req_ids) if r in bad_reqs}
+                failed = {i for i, r in enumerate(op.req_ids) if r in bad_reqs} | skip
                 todo = [i for i in range(len(op.slots)) if i not in failed]
                 if staged and todo:
                     try:
@@ -1313,6 +1351,7 @@ class WorkerSide:
                                     self.tiers[0].name, e)
                         ok = [False] * len(todo)
                     failed |= {i for i, g in zip(todo, ok) if not g}
+                self._commit(0, op.slots, op.keys, failed)
                 self._report(op.op_id, failed)
         except Exception as e:
             log.error("kvbm rank %d: save failed (%s); its blocks are not stored", self.rank, e)
@@ -1325,12 +1364,15 @@ class WorkerSide:
             self._saves = []
             self._save_bufs = []
             self._save_staged = []
+            self._save_refused = []
 
     # -- cascade and discards ------------------------------------------------------------
-    def _copy(self, op: CopyOp) -> None:
+    def _copy(self, op: CopyOp, refused: set[int] | None = None) -> None:
+        """Run one cascade copy; ``refused`` destination slots (leased by a peer) are skipped."""
         src, dst = self.tiers[op.src_tier], self.tiers[op.dst_tier]
         keys = [SequenceHash(k) for k in op.keys]
         bufs: list[np.ndarray] = []
+        skip = refused or set()
         try:
             views = src.views(op.src_slots)
             if views is None:
@@ -1339,6 +1381,7 @@ class WorkerSide:
                 views = bufs
             else:
                 good = [True] * len(keys)
+            good = [g and i not in skip for i, g in enumerate(good)]
             dviews = dst.views(op.dst_slots)
             if dviews is not None:
                 for d, v, g in zip(dviews, views, good):
@@ -1346,9 +1389,15 @@ class WorkerSide:
                         np.copyto(d, v)
                 ok = good
             else:
-                w = dst.write(op.dst_slots, keys, views)
-                ok = [a and b for a, b in zip(w, good)]
-            self._report(op.op_id, {i for i, g in enumerate(ok) if not g})
+                todo = [i for i in range(len(keys)) if i not in skip]
+                w = dst.write([op.dst_slots[i] for i in todo], [keys[i] for i in todo],
+                              [views[i] for i in todo]) if todo else []
+                ok = [False] * len(keys)
+                for i, g in zip(todo, w):
+                    ok[i] = g and good[i]
+            failed = {i for i, g in enumerate(ok) if not g}
+            self._commit(op.dst_tier, op.dst_slots, op.keys, failed)
+            self._report(op.op_id, failed)
         except Exception as e:
             log.warning("kvbm rank %d: copy %r -> %r failed (%s); blocks skipped", self.rank,
                         src.name, dst.name, e)
@@ -1356,6 +1405,64 @@ class WorkerSide:
         finally:
             if bufs:
                 self.staging.release(bufs)
+
+    # -- serving this rank's host arena to peers (the remote tier) ---------------------
+    def _serve_remote(self) -> None:
+        """Hand each serving remote tier this rank's host arena and its key -> slot map.
+
+        The registries live in the scheduler process, so the map is kept here from
+        the instructions this worker executes: ``_claim`` before a write into a served
+        slot, ``_commit`` once all its bytes are there, ``DiscardOp`` drops.
+        """
+        for tier, cfg in zip(self.tiers, self._configs):
+            serve = getattr(tier, "serve", None)
+            if cfg.type != "remote" or serve is None or not getattr(cfg, "serve", False):
+                continue
+            h = self._served_index(cfg.serve_tier)
+            if h is None:
+                log.warning("kvbm rank %d tier %r: serve is on but the chain has no host tier "
+                            "to expose%s; add {type: host} above it or set serve: false",
+                            self.rank, tier.name,
+                            f" named {cfg.serve_tier!r}" if cfg.serve_tier else "")
+                continue
+            from kvbm_tiers_remote.server import SlotMap
+
+            if h not in self.served:
+                self.served[h] = SlotMap(self.tiers[h].slots)  # type: ignore[attr-defined]
+            serve(self.served[h])
+
+    def _served_index(self, name: str | None) -> int | None:
+        for h, (tier, cfg) in enumerate(zip(self.tiers, self._configs)):
+            if not hasattr(tier, "slots"):
+                continue
+            if (name is None and cfg.type == "host") or tier.name == name:
+                return h
+        return None
+
+    def _claim(self, tier: int, slots: list[int]) -> set[int]:
+        """Take served slots out of service before writing them; the indices a lease pins.
+
+        A peer may be reading a leased slot's bytes: that block's write is skipped and
+        reported failed (the scheduler then aborts the slot), rather than making the
+        forward pass wait for the lease. The slot's old key is no longer served from
+        here on, so no new lease can pin it mid-write.
+        """
+        m = self.served.get(tier)
+        if m is None:
+            return set()
+        refused = {i for i, ok in enumerate(m.claim(slots)) if not ok}
+        if refused:
+            log.info("kvbm rank %d tier %r: %d block(s) not stored: a peer's lease holds "
+                     "their slots", self.rank, self.tiers[tier].name, len(refused))
+        return refused
+
+    def _commit(self, tier: int, slots: list[int], keys: list[bytes], failed: set[int]) -> None:
+        """Serve the blocks whose bytes are now completely written."""
+        m = self.served.get(tier)
+        if m is None:
+            return
+        done = [i for i in range(len(slots)) if i not in failed]
+        m.commit([slots[i] for i in done], [keys[i] for i in done])
 
     def _probe(self, op: ProbeOp) -> None:
         """Report the index of the first key this rank's shared tier lacks (none: all found)."""
@@ -1393,11 +1500,45 @@ class WorkerSide:
             pool = getattr(self, attr, None)
             if pool is not None:
                 pool.shutdown(wait=True)
-        for t in getattr(self, "tiers", []):
+        # Reverse chain order: a remote tier stops serving before the arena it serves goes.
+        for t in reversed(getattr(self, "tiers", [])):
             try:
                 t.close()
             except Exception as e:
                 log.warning("kvbm tier %r: close failed (%s)", t.name, e)
+
+
+def _remote_for_rank(cfg: Any, rank: int, tp_size: int) -> Any:
+    """Rank ``rank``'s remote tier config: its own server, reading its peers' rank ``rank``.
+
+    Each rank serves only its own shard, so a rank-``r`` reader must reach rank-``r``
+    servers. With ``peers``, rank ``r`` listens on ``listen``'s port + ``r`` and reads
+    each peer at that peer's port + ``r`` (every instance uses the same convention, so
+    ``peers`` and ``listen`` name rank 0's ports); a ``rendezvous_dir`` is already per
+    rank (its folder is named by the namespace, which holds the rank). A reader that
+    still reaches another rank's server is refused by the namespace check of ``hello``.
+    """
+
+    def shifted(addr: str, key: str) -> str:
+        host, _, port = addr.rpartition(":")
+        p = int(port)
+        if p == 0:
+            return addr  # any free port: found through the rendezvous directory
+        if p + rank > 65535:
+            raise ConfigError(
+                f"remote tier key {key!r}: {addr} + tensor-parallel rank {rank} is past port "
+                "65535; rank r uses port + r, so choose a port below "
+                f"{65536 - tp_size}"
+            )
+        return f"{host}:{p + rank}"
+
+    update: dict[str, Any] = {
+        "listen": shifted(cfg.listen, "listen"),
+        "peers": [shifted(a, "peers") for a in cfg.peers],
+    }
+    if cfg.instance_id:
+        update["instance_id"] = f"{cfg.instance_id}-rank{rank}"
+    return cfg.model_copy(update=update)
 
 
 def _tp_rank(vllm_config: VllmConfig) -> int:

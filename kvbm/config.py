@@ -216,6 +216,14 @@ class KvEventsConfig(BaseModel):
         131072, ge=0, description="blocks whose token ids are remembered for BlockStored")
     media: dict[str, str] = Field(
         default_factory=dict, description="medium string per tier name or type, e.g. {disk: STORAGE}")
+    replay: bool = Field(
+        False, description="serve missed batches on a ROUTER socket, as vLLM's replay_endpoint")
+    replay_endpoint: str | None = Field(
+        None, description="ZMQ address of the replay socket; tcp without port; "
+        "unset: endpoint's address (ipc/inproc: endpoint + '-replay')")
+    replay_port: int = Field(0, ge=0, lt=65536, description="0 picks a free port per instance")
+    buffer_steps: int = Field(
+        10_000, gt=0, description="past batches kept for replay (vLLM's buffer_steps)")
 
 
 class KvbmSettings(BaseSettings):

@@ -42,16 +42,41 @@ disk at start, or aged out) is skipped by default (``unknown_tokens: skip``, cou
 Dynamo's relay slices ``token_ids`` by ``block_size`` and fails on an empty list. With
 ``unknown_tokens: empty`` it is sent with ``token_ids: []`` and no parent, which vLLM's
 decoder accepts.
+
+Order. A manager batch's events are published in the order they happened: the
+registry keeps one run per consecutive kind, and the publisher merges only adjacent
+runs of one tier and one published kind (allocations and matches, which are not
+published, sit between them). A block removed and stored again in one batch is thus
+``BlockRemoved`` then ``BlockStored``, never the reverse.
+
+Replay (``replay: true``), as vLLM's ``replay_endpoint``. Every published batch is also
+kept, with its sequence number, in a ring of the last ``buffer_steps`` batches. A ROUTER
+socket bound per instance (``replay_port: 0`` picks a free port; the bound address is
+``replay_endpoint`` on the publisher, in ``stats()`` and in the start log line) answers
+a request ``[b"", start_seq]`` (what a REQ socket sends for one 8-byte big-endian frame;
+a DEALER sends the empty frame itself) with one message ``[b"", topic, seq, payload]``
+per kept batch whose ``seq >= start_seq`` (oldest kept first; a start older than the
+ring starts at its oldest batch) and then the end marker ``[b"", b"", -1 as 8 signed
+bytes, b""]``: vLLM's framing, so its subscribers and Dynamo's work unchanged. Sequence
+numbers count every batch, kept or dropped by the PUB socket, so live and replayed
+numbers are one contiguous stream. ZMQ lets a REQ socket read only the first reply, so
+a subscriber that wants the whole replay uses a DEALER (with vLLM's publisher too). The
+ROUTER never blocks: a requester whose queue is full (sized, as vLLM does, for a whole
+ring) loses replies instead. Requests are served on a small thread of their own;
+the event thread only appends to the ring. The ring holds payloads as sent: its memory
+is ``buffer_steps`` times the mean batch size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import struct
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +105,14 @@ DEFAULT_MEDIA: dict[str, str] = {
     "remote": "REMOTE",
 }
 _REMOTE_TYPES = frozenset({"remote"})
+#: vLLM's end-of-replay sequence frame: -1 as an 8-byte signed big-endian integer.
+REPLAY_END_SEQ = (-1).to_bytes(8, "big", signed=True)
+_PUBLISHED = {
+    EventKind.REGISTERED: EventKind.REGISTERED,
+    EventKind.EVICTED: EventKind.REMOVED,
+    EventKind.REMOVED: EventKind.REMOVED,
+}
+_WAKE_IDS = itertools.count()
 _U32 = np.dtype("<u4")
 _U64_PAIR = struct.Struct("<QQ")
 
@@ -271,7 +304,9 @@ class KvEventPublisher:
 
     It is an ``EventBus`` subscriber: conversion, encoding and the send run on the
     bus's delivery thread, never in the engine's step. ``endpoint`` is the bound
-    address (``tcp://127.0.0.1:PORT``) a router connects its SUB socket to.
+    address (``tcp://127.0.0.1:PORT``) a router connects its SUB socket to;
+    ``replay_endpoint`` (None unless ``replay`` is on) the one its REQ/DEALER socket
+    asks for missed batches, served by a thread of its own.
     """
 
     def __init__(
@@ -303,14 +338,24 @@ class KvEventPublisher:
         self.sent_events = 0
         self.dropped_batches = 0
         self.skipped_unknown_tokens = 0
+        self.replay_requests = 0
+        self.replayed_batches = 0
         self._seq = 0
         self._lock = threading.Lock()
         self._unsubscribe: Any = None
+        # Every published (seq, payload), for replay; None when replay is off.
+        self._buffer: deque[tuple[int, bytes]] | None = None
+        self._wake: zmq.Socket[bytes] | None = None
+        self._replay_thread: threading.Thread | None = None
+        self.replay_endpoint: str | None = None
+        self.replay_port: int | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         try:
             self.endpoint = self._bind(self._sock, config.endpoint, config.port)
+            if config.replay:
+                self._start_replay()
         except Exception:
             self._sock.close(linger=0)
             self._sock = None
@@ -318,29 +363,115 @@ class KvEventPublisher:
         self.port = _port_of(self.endpoint)
 
     @staticmethod
-    def _bind(sock: zmq.Socket[bytes], endpoint: str, port: int) -> str:
+    def _bind(
+        sock: zmq.Socket[bytes],
+        endpoint: str,
+        port: int,
+        key: str = "endpoint",
+        port_key: str = "port",
+    ) -> str:
         if endpoint.startswith(("ipc://", "inproc://")):
             where = endpoint
         elif endpoint.startswith("tcp://"):
             if endpoint.count(":") > 1 and not endpoint.endswith("]"):
                 raise ConfigError(
-                    f"kv_events: key 'endpoint': value {endpoint!r} carries a port; give the "
-                    "address alone (tcp://127.0.0.1) and the port in 'port' (0 picks a free one)"
+                    f"kv_events: key '{key}': value {endpoint!r} carries a port; give the "
+                    f"address alone (tcp://127.0.0.1) and the port in '{port_key}' "
+                    "(0 picks a free one)"
                 )
             where = f"{endpoint}:{port}" if port else f"{endpoint}:*"
         else:
             raise ConfigError(
-                f"kv_events: key 'endpoint': value {endpoint!r} is not a ZMQ address; "
+                f"kv_events: key '{key}': value {endpoint!r} is not a ZMQ address; "
                 "use tcp://127.0.0.1 (or ipc:///path)"
             )
         try:
             sock.bind(where)
         except zmq.ZMQError as e:
             raise ConfigError(
-                f"kv_events: cannot bind {where} ({e}); set kv_events.port to 0 to pick a free "
-                "port per instance, or choose another address"
+                f"kv_events: cannot bind {where} ({e}); set kv_events.{port_key} to 0 to pick "
+                "a free port per instance, or choose another address"
             ) from None
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # -- replay ------------------------------------------------------------------
+    def _start_replay(self) -> None:
+        """Bind the ROUTER socket and start the thread that alone uses it."""
+        cfg = self.config
+        where = cfg.replay_endpoint
+        if not where:
+            where = cfg.endpoint
+            if where.startswith(("ipc://", "inproc://")):
+                where += "-replay"
+        router = self._ctx.socket(zmq.ROUTER)
+        # vLLM's sizing: a full replay plus its end marker always fits the queue of a
+        # slow requester (ZMQ acknowledges reads only every HWM/2 messages).
+        router.setsockopt(zmq.SNDHWM, 2 * (cfg.buffer_steps + 1))
+        wake_addr = f"inproc://kvbm-kv-events-wake-{next(_WAKE_IDS)}"
+        wake_rx = self._ctx.socket(zmq.PAIR)
+        wake_tx = self._ctx.socket(zmq.PAIR)
+        try:
+            self.replay_endpoint = self._bind(
+                router, where, cfg.replay_port, "replay_endpoint", "replay_port"
+            )
+            wake_rx.bind(wake_addr)
+            wake_tx.connect(wake_addr)
+        except Exception:
+            for sk in (router, wake_rx, wake_tx):
+                sk.close(linger=0)
+            raise
+        self.replay_port = _port_of(self.replay_endpoint)
+        self._buffer = deque(maxlen=cfg.buffer_steps)
+        self._wake = wake_tx
+        self._replay_thread = threading.Thread(
+            target=self._replay_loop, args=(router, wake_rx), name="kvbm-kv-replay", daemon=True
+        )
+        self._replay_thread.start()
+
+    def _replay_loop(self, router: zmq.Socket[bytes], wake: zmq.Socket[bytes]) -> None:
+        # Both sockets are used by this thread only (ZMQ sockets are not thread-safe).
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if wake in ready:
+                    return
+                if router in ready:
+                    try:
+                        self._service_replay(router)
+                    except Exception:  # one bad request must not end the service
+                        log.exception("kvbm: KV-event replay request failed")
+        finally:
+            router.close(linger=0)
+            wake.close(linger=0)
+
+    def _service_replay(self, router: zmq.Socket[bytes]) -> None:
+        frames = router.recv_multipart()
+        if len(frames) != 3:
+            # vLLM ignores a request that is not [identity, b"", start_seq] too.
+            log.warning(
+                "kvbm: KV-event replay request of %d frames ignored; send one 8-byte "
+                "big-endian start sequence number from a REQ socket (or b'' and it from a "
+                "DEALER)",
+                len(frames) - 1,
+            )
+            return
+        client, _, start = frames
+        start_seq = int.from_bytes(start, "big")
+        assert self._buffer is not None
+        with self._lock:
+            kept = list(self._buffer)  # a C-level copy; sends happen outside the lock
+        # Sequence numbers in the ring are contiguous: index straight to the start.
+        first = max(0, start_seq - kept[0][0]) if kept else 0
+        sent = 0
+        for seq, payload in kept[first:]:
+            router.send_multipart((client, b"", self.topic, seq.to_bytes(8, "big"), payload))
+            sent += 1
+        router.send_multipart((client, b"", b"", REPLAY_END_SEQ, b""))
+        self.replay_requests += 1
+        self.replayed_batches += sent
 
     # -- wiring ------------------------------------------------------------------
     @classmethod
@@ -382,10 +513,11 @@ class KvEventPublisher:
         pub([e for e in snapshot if e.hashes])
         pub._unsubscribe = manager.events.subscribe(pub)
         log.info(
-            "kvbm: KV events published on %s (topic %r, hashes %s)",
+            "kvbm: KV events published on %s (topic %r, hashes %s, replay %s)",
             pub.endpoint,
             config.topic,
             config.hash_format,
+            pub.replay_endpoint or "off",
         )
         return pub
 
@@ -404,15 +536,14 @@ class KvEventPublisher:
 
     # -- conversion --------------------------------------------------------------
     def __call__(self, events: Sequence[BlockEvent]) -> None:
-        """Convert one batch of kvbm events and send it as one message."""
+        """Convert one batch of kvbm events, in order, and send it as one message."""
         out: list[dict[str, Any]] = []
-        ts = 0.0
-        for ev in events:
-            ts = max(ts, ev.timestamp)
-            if ev.kind is EventKind.REGISTERED:
-                out.extend(self._stored(ev))
-            elif ev.kind is EventKind.EVICTED or ev.kind is EventKind.REMOVED:
-                removed = self._removed(ev)
+        ts = max((ev.timestamp for ev in events), default=0.0)
+        for kind, tier, hashes in _published_runs(events):
+            if kind is EventKind.REGISTERED:
+                out.extend(self._stored(tier, hashes))
+            else:
+                removed = self._removed(tier, hashes)
                 if removed is not None:
                     out.append(removed)
         if out:
@@ -425,8 +556,8 @@ class KvEventPublisher:
     def _external(self, key: SequenceHash) -> Any:
         return key if self.config.hash_format == "bytes" else int64_block_hash(key)
 
-    def _stored(self, ev: BlockEvent) -> list[dict[str, Any]]:
-        media = self._media(ev.tier)
+    def _stored(self, tier: str, hashes: Sequence[SequenceHash]) -> list[dict[str, Any]]:
+        media = self._media(tier)
         dynamo = self.config.hash_format == "dynamo"
         out: list[dict[str, Any]] = []
         run: list[Any] = []
@@ -450,12 +581,31 @@ class KvEventPublisher:
                 run.clear()
                 run_tokens.clear()
 
-        for key, known in zip(ev.hashes, self.index.lookup(ev.hashes)):
+        def flush_unknown() -> None:
+            # In place, not after the known blocks, so the batch keeps its order.
+            if not unknown:
+                return
+            if self.config.unknown_tokens == "empty" and not dynamo:
+                out.append(
+                    self._stored_event(
+                        [self._external(k) for k in unknown],
+                        None,
+                        b"",
+                        media,
+                        first_has_parent=True,
+                    )
+                )
+            else:
+                self.skipped_unknown_tokens += len(unknown)
+            unknown.clear()
+
+        for key, known in zip(hashes, self.index.lookup(hashes)):
             if known is None or (dynamo and known.dynamo is None):
                 flush()
                 prev = None
                 unknown.append(key)
                 continue
+            flush_unknown()
             ext = known.dynamo if dynamo else self._external(key)
             # One BlockStored holds a chain: each block's parent is the one before it,
             # as routers link them.
@@ -470,19 +620,7 @@ class KvEventPublisher:
             run_tokens.append(known.tokens)
             prev = key
         flush()
-        if unknown:
-            if self.config.unknown_tokens == "empty" and not dynamo:
-                out.append(
-                    self._stored_event(
-                        [self._external(k) for k in unknown],
-                        None,
-                        b"",
-                        media,
-                        first_has_parent=True,
-                    )
-                )
-            else:
-                self.skipped_unknown_tokens += len(unknown)
+        flush_unknown()
         return out
 
     def _stored_event(
@@ -514,17 +652,15 @@ class KvEventPublisher:
             media.locality,
         )
 
-    def _removed(self, ev: BlockEvent) -> dict[str, Any] | None:
-        media = self._media(ev.tier)
+    def _removed(self, tier: str, keys: Sequence[SequenceHash]) -> dict[str, Any] | None:
+        media = self._media(tier)
         if self.config.hash_format == "dynamo":
             hashes = [
-                k.dynamo
-                for k in self.index.lookup(ev.hashes)
-                if k is not None and k.dynamo is not None
+                k.dynamo for k in self.index.lookup(keys) if k is not None and k.dynamo is not None
             ]
-            self.skipped_unknown_tokens += len(ev.hashes) - len(hashes)
+            self.skipped_unknown_tokens += len(keys) - len(hashes)
         else:
-            hashes = [self._external(k) for k in ev.hashes]
+            hashes = [self._external(k) for k in keys]
         if not hashes:
             return None
         return block_removed(hashes, media.medium, media.locality)
@@ -540,6 +676,10 @@ class KvEventPublisher:
                 return
             seq = self._seq
             self._seq += 1
+            # Kept before the send: a batch the PUB socket drops can still be replayed,
+            # and the ring's numbers stay contiguous with the live stream's.
+            if self._buffer is not None:
+                self._buffer.append((seq, payload))
             try:
                 self._sock.send_multipart(
                     (self.topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK
@@ -555,22 +695,64 @@ class KvEventPublisher:
         self.send([all_blocks_cleared()])
 
     def close(self, linger_ms: int = 500) -> None:
-        """Close the socket, giving queued messages ``linger_ms`` to leave."""
+        """Close the PUB socket, giving queued messages ``linger_ms`` to leave, and stop
+        the replay service (its thread closes its own sockets)."""
         with self._lock:
             if self._sock is not None:
                 self._sock.close(linger=linger_ms)
                 self._sock = None
+            wake, self._wake = self._wake, None
+        if wake is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            wake.send(b"", flags=zmq.NOBLOCK)
+        thread = self._replay_thread
+        if thread is not None:
+            thread.join(timeout=5)
+            if thread.is_alive():
+                log.warning("kvbm: KV-event replay thread still busy after 5 s; left as daemon")
+        wake.close(linger=0)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of what was sent, dropped and skipped."""
+        """Where it publishes, and counters of what was sent, dropped, skipped and replayed."""
         return {
             "endpoint": self.endpoint,
+            "replay_endpoint": self.replay_endpoint,
+            "replay_requests": self.replay_requests,
+            "replayed_batches": self.replayed_batches,
+            "replay_buffer_batches": len(self._buffer) if self._buffer is not None else 0,
             "sent_batches": self.sent_batches,
             "sent_events": self.sent_events,
             "dropped_batches": self.dropped_batches,
             "skipped_unknown_tokens": self.skipped_unknown_tokens,
             "token_index_blocks": len(self.index),
         }
+
+
+def _published_runs(
+    events: Sequence[BlockEvent],
+) -> Iterator[tuple[EventKind, str, list[SequenceHash]]]:
+    """(REGISTERED or REMOVED, tier, keys) of the published events, in order.
+
+    Events that are not published (allocations, matches) are dropped, and adjacent
+    runs of one tier and one published kind merged: nothing published lies between
+    them, so merging moves no event across another.
+    """
+    kind: EventKind | None = None
+    tier = ""
+    keys: list[SequenceHash] = []
+    for ev in events:
+        k = _PUBLISHED.get(ev.kind)
+        if k is None or not ev.hashes:
+            continue
+        if k is kind and ev.tier == tier:
+            keys.extend(ev.hashes)
+            continue
+        if kind is not None:
+            yield kind, tier, keys
+        kind, tier, keys = k, ev.tier, list(ev.hashes)
+    if kind is not None:
+        yield kind, tier, keys
 
 
 def _port_of(endpoint: str) -> int | None:

@@ -47,7 +47,12 @@ class BlockRegistry:
         self._key: list[SequenceHash | None] = [None] * capacity
         self._pins: list[int] = [0] * capacity
         self._slot_of: dict[SequenceHash, int] = {}
-        self._pending: dict[EventKind, list[SequenceHash]] = {}
+        # Runs of one kind, keyed (run number, kind) in the order they happened: a block
+        # evicted and stored again (or stored then evicted) in one batch must reach
+        # subscribers in that order, so kinds are never grouped across each other.
+        self._pending: dict[tuple[int, EventKind], list[SequenceHash]] = {}
+        self._run: list[SequenceHash] | None = None
+        self._run_kind: EventKind | None = None
         self.evictions = 0
         self.last_evicted: list[tuple[SequenceHash, int]] = []
 
@@ -210,15 +215,19 @@ class BlockRegistry:
     # -- events --------------------------------------------------------------
     def _emit(self, kind: EventKind, key: SequenceHash) -> None:
         if self._events is not None and self._events.active:
-            self._pending.setdefault(kind, []).append(key)
+            if self._run is None or self._run_kind is not kind:
+                self._run = self._pending[(len(self._pending), kind)] = []
+                self._run_kind = kind
+            self._run.append(key)
 
     def take_events(self) -> list[BlockEvent]:
-        """The transitions since the last call, one event per kind."""
+        """The transitions since the last call, in order: one event per run of one kind."""
         if not self._pending:
             return []
         now = time.time()
-        out = [BlockEvent(k, self.tier, tuple(v), now) for k, v in self._pending.items()]
+        out = [BlockEvent(k, self.tier, tuple(v), now) for (_, k), v in self._pending.items()]
         self._pending = {}
+        self._run = self._run_kind = None
         return out
 
     def take_evicted(self) -> list[tuple[SequenceHash, int]]:

@@ -352,3 +352,222 @@ def test_bytes_hash_format_sends_the_16_byte_keys() -> None:
     finally:
         m.close()
     assert ev["block_hashes"] == list(hashes) and all(len(h) == 16 for h in ev["block_hashes"])
+
+
+# --- replay -------------------------------------------------------------------------
+
+
+def _replay(endpoint: str, start_seq: int) -> list[list[bytes]]:
+    """Ask a replay socket for every batch from ``start_seq`` with a real DEALER, as
+    vLLM's subscribers do; the frames of each reply after the empty delimiter, up to and
+    including the end marker."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
+        out: list[list[bytes]] = []
+        while sock.poll(5000):
+            delim, *frames = sock.recv_multipart()
+            assert delim == b""
+            out.append(frames)
+            if frames[1] == (-1).to_bytes(8, "big", signed=True):
+                return out
+        raise AssertionError(f"no end-of-replay marker from {endpoint} after {out!r}")
+    finally:
+        sock.close(linger=0)
+
+
+def _replay_publisher(m: KvBlockManager) -> tuple[KvEventPublisher, str]:
+    """The manager's publisher and its bound replay address."""
+    pub = obs.kv_event_publisher(m)
+    assert pub is not None and pub.replay_endpoint is not None
+    return pub, pub.replay_endpoint
+
+
+def test_late_subscriber_recovers_missed_batches_by_replay_byte_exact() -> None:
+    kv = pytest.importorskip("vllm.distributed.kv_events")
+    msgspec = pytest.importorskip("msgspec")
+    m = _manager(replay=True, topic="kvbm")
+    try:
+        pub, where = _replay_publisher(m)
+        live = Subscriber(pub)
+        hashes = m.hash_tokens(TOKENS)
+        for i in range(3):  # three batches a late router never saw
+            _offload(m, hashes[2 * i : 2 * i + 2])
+        seen = list(live.batches())
+        live.close()
+        got = _replay(where, live.start_seq)
+    finally:
+        m.close()
+    assert len(seen) == 3
+    *batches, end = got
+    assert end == [b"", b"\xff" * 8, b""]
+    assert [(t, int.from_bytes(s, "big"), p) for t, s, p in batches] == seen
+    decoder = msgspec.msgpack.Decoder(kv.KVEventBatch)
+    stored = [ev for _, _, p in batches for ev in decoder.decode(p).events]
+    assert [ev.block_hashes for ev in stored] == [
+        [int64_block_hash(h) for h in hashes[2 * i : 2 * i + 2]] for i in range(3)
+    ]
+
+
+def test_replay_older_than_the_buffer_starts_at_the_oldest_kept_batch_as_vllm_does() -> None:
+    kv = pytest.importorskip("vllm.distributed.kv_events")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    theirs_pub = kv.ZmqEventPublisher(
+        0,
+        endpoint="inproc://kvbm-test-vllm",
+        replay_endpoint=f"tcp://127.0.0.1:{port}",
+        buffer_steps=3,
+        topic="kvbm",
+    )
+    m = _manager(replay=True, buffer_steps=3, topic="kvbm")
+    try:
+        ours_pub, ours_where = _replay_publisher(m)
+        for _ in range(5):  # seq 0..4; the ring keeps 2, 3, 4
+            theirs_pub.publish(kv.KVEventBatch(ts=1.0, events=[kv.AllBlocksCleared()]))
+            ours_pub.clear()
+        theirs_pub._event_queue.join()  # vLLM's thread has sent all five
+        theirs = _replay(f"tcp://127.0.0.1:{port}", 1)
+        ours = _replay(ours_where, 1)
+    finally:
+        m.close()
+        theirs_pub.shutdown()
+    frames = [[t, sq] for t, sq, _ in ours]
+    assert frames == [[t, sq] for t, sq, _ in theirs]
+    assert [int.from_bytes(sq, "big", signed=True) for _, sq in frames] == [2, 3, 4, -1]
+    assert [len(ours[-1][2]), len(theirs[-1][2])] == [0, 0]
+
+
+def test_replay_from_a_sequence_beyond_the_newest_sends_only_the_end_marker() -> None:
+    m = _manager(replay=True)
+    try:
+        pub, where = _replay_publisher(m)
+        pub.clear()
+        got = _replay(where, 10)
+    finally:
+        m.close()
+    assert got == [[b"", b"\xff" * 8, b""]]
+
+
+def test_live_and_replayed_sequence_numbers_are_one_contiguous_stream() -> None:
+    m = _manager(replay=True)
+    try:
+        pub, where = _replay_publisher(m)
+        sub = Subscriber(pub)
+        _offload(m, m.hash_tokens(TOKENS[:PAGE]))
+        live = [seq for _, seq, _ in sub.batches()]
+        sub.close()
+        replayed = [int.from_bytes(sq, "big", signed=True) for _, sq, _ in _replay(where, 0)]
+    finally:
+        m.close()
+    assert replayed[:-1] == list(range(pub.sent_batches - 1)) and replayed[-1] == -1
+    assert live == [pub.sent_batches - 2]  # the last batch before the AllBlocksCleared
+
+
+def test_two_instances_get_different_replay_ports_and_report_them() -> None:
+    a, b = _manager(replay=True), _manager(replay=True)
+    try:
+        (pa, wa), (pb, _) = _replay_publisher(a), _replay_publisher(b)
+        ports = {pa.port, pb.port, pa.replay_port, pb.replay_port}
+        assert len(ports) == 4 and None not in ports
+        assert pa.stats()["replay_endpoint"] == pa.replay_endpoint
+        assert wa.startswith("tcp://127.0.0.1:")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_replay_is_off_unless_asked(mgr: KvBlockManager) -> None:
+    pub = obs.kv_event_publisher(mgr)
+    assert pub is not None
+    assert pub.replay_endpoint is None and pub.stats()["replay_endpoint"] is None
+
+
+def test_close_stops_the_replay_thread() -> None:
+    m = _manager(replay=True)
+    pub, _ = _replay_publisher(m)
+    thread = pub._replay_thread
+    assert thread is not None and thread.is_alive()
+    m.close()
+    assert not thread.is_alive()
+
+
+# --- order within a batch -----------------------------------------------------------
+
+
+def _events_of(m: KvBlockManager, ops: Any) -> list[dict[str, Any]]:
+    """Run registry operations on a one-slot tier named ``host`` and publish everything
+    they emitted as one manager batch; the events a subscriber decodes."""
+    from kvbm.policy import LRUPolicy
+    from kvbm.registry import BlockRegistry
+
+    sub = _subscribe(m)
+    reg = BlockRegistry("host", 1, LRUPolicy(1), m.events)
+    ops(reg)
+    m.events.publish(reg.take_events())
+    m.events.drain()
+    events = sub.events()
+    sub.close()
+    return events
+
+
+def _store(reg: Any, key: bytes) -> None:
+    slot = reg.allocate(key)
+    assert slot is not None
+    reg.commit(slot)
+
+
+def test_a_block_evicted_and_stored_again_in_one_batch_keeps_that_order() -> None:
+    m = _manager()
+    a, b = m.hash_tokens(TOKENS[: 2 * PAGE])
+
+    def ops(reg: Any) -> None:
+        _store(reg, a)
+        _store(reg, b)  # evicts a (one slot)
+        assert reg.remove(b)
+        _store(reg, a)  # a is back: the router must end up holding it
+
+    try:
+        events = _events_of(m, ops)
+    finally:
+        m.close()
+    ia, ib = int64_block_hash(a), int64_block_hash(b)
+    assert [(e["type"], e["block_hashes"]) for e in events] == [
+        ("BlockStored", [ia]),
+        ("BlockRemoved", [ia]),
+        ("BlockStored", [ib]),
+        ("BlockRemoved", [ib]),
+        ("BlockStored", [ia]),
+    ]
+
+
+def test_stores_on_both_sides_of_a_removal_are_not_grouped_across_it() -> None:
+    m = _manager()
+    a, b, c = m.hash_tokens(TOKENS[: 3 * PAGE])
+
+    def ops(reg: Any) -> None:
+        _store(reg, a)
+        _store(reg, b)  # evicts a
+        _store(reg, c)  # evicts b; nothing removed sits between b's and c's storing
+
+    try:
+        events = _events_of(m, ops)
+    finally:
+        m.close()
+    ia, ib, ic = (int64_block_hash(h) for h in (a, b, c))
+    assert [(e["type"], e["block_hashes"]) for e in events] == [
+        ("BlockStored", [ia]),
+        ("BlockRemoved", [ia]),
+        ("BlockStored", [ib]),
+        ("BlockRemoved", [ib]),
+        ("BlockStored", [ic]),
+    ]
+    assert events[2]["parent_block_hash"] == ia and events[4]["parent_block_hash"] == ib
+
+
+def test_a_replay_endpoint_with_a_port_is_an_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="key 'replay_endpoint'.*'replay_port'"):
+        _manager(replay=True, replay_endpoint="tcp://127.0.0.1:5558")

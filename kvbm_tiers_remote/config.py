@@ -138,7 +138,10 @@ class RemoteTierConfig(TierConfig):
         "than this many of the peer's publish intervals is ignored (the peer was killed without cleaning up)",
     )
     pipeline_bytes: int = Field(
-        32 << 20, gt=0, description="bytes per pipelined lease + READ step of one batch"
+        256 << 20,
+        gt=0,
+        description="bytes per leased step of one batch (the first step is one READ long); "
+        "fewer, larger steps cost the peer fewer requests",
     )
     verify_bytes: int = Field(
         4 << 20,

@@ -8,6 +8,10 @@ Requests (``op``) and replies:
   (each found block is pinned until ``release`` or ``ttl`` seconds pass)
 - ``release {lease}`` → no reply (one-way, so the reader does not wait for it); only
   the connection that took a lease may release it
+- ``pump {from_id, from_addr}`` → no reply: a READ of this reader waits on a
+  transport that needs the serving side to progress its NIXL worker (UCX over TCP);
+  the server progresses it for a second (it does so after ``hello`` too, for the
+  endpoint's wire-up)
 - ``suspect {from_id, from_addr, keys}`` → no reply: these blocks failed the reader's
   checksum; the server forgets their remembered checksums
 

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvbm.remote")
 
+#: Seconds the serving side progresses NIXL after a reader connects or asks for it.
+_PUMP_S = 1.0
+
 
 class ServedBlocks(Protocol):
     """What a ``BlockServer`` serves: an arena of slots and which key sits in which."""
@@ -340,12 +343,18 @@ class BlockServer:
         if op == "release":
             self._release(cid, int(msg.get("lease", 0)))
             return None
-        if self._progress is not None:
-            # A reader is at work: keep the NIXL worker progressing for a while.
-            self._pump_until = time.monotonic() + 1.0
-            self._pump_wake.set()
         from_id, from_addr = str(msg.get("from_id", "")), str(msg.get("from_addr", ""))
         allowed = self._allowed(from_id, from_addr)
+        if allowed and self._progress is not None and op in ("hello", "pump"):
+            # A reader connects (UCX wires up its endpoint with this side's help), or
+            # its READ waits on a transport that needs this side to progress: keep the
+            # NIXL worker progressing for a while. Not on every lease: on shared-memory
+            # and RDMA transports a READ needs nothing from this side, and a poller
+            # woken per request cost the lease reply ~0.1 ms and the reader's copy CPU.
+            self._pump_until = time.monotonic() + _PUMP_S
+            self._pump_wake.set()
+        if op == "pump":  # one-way
+            return None
         if op == "suspect":  # one-way, like release
             if allowed:
                 self._forget_sums(msg.get("keys") or [])
@@ -449,15 +458,14 @@ class BlockServer:
 
         Without NIXL's own progress thread (which polls a core even when idle), the
         serving side must still progress UCX for a reader's connection set-up and for
-        transports that need the target's help; one-sided reads need nothing more.
+        transports that need the target's help (a reader asks with ``pump`` when a
+        READ does not complete at once); one-sided reads need nothing more.
         """
         assert self._progress is not None
         while not self._stop.is_set():
             self._pump_wake.wait(1.0)
             self._pump_wake.clear()
-            while not self._stop.is_set() and (
-                time.monotonic() < self._pump_until or self._leases
-            ):
+            while not self._stop.is_set() and time.monotonic() < self._pump_until:
                 try:
                     self._progress()
                 except Exception as e:

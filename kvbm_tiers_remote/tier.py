@@ -72,6 +72,8 @@ _MAX_REGIONS = 256
 #: Lease requests in flight to one peer while this side copies (bounded, so that
 #: neither side's socket buffer can fill with requests the other is not reading).
 _LEASE_WINDOW = 3
+#: A READ still running after this long asks the peer to progress its NIXL worker.
+_PUMP_AFTER_S = 0.002
 
 
 class PeerError(Exception):
@@ -757,7 +759,7 @@ class RemoteTier(Tier):
                     cur = self._leased(peer, chunks[j], sent_at[j])
                     for part in self._parts(cur):
                         self._post(peer, part, dst)
-                        self._wait(part)
+                        self._wait(peer, part)
                         self._release_handle(part)
                         check = True
                         if by_lease and part.deadline is not None:
@@ -868,10 +870,12 @@ class RemoteTier(Tier):
             raise PeerError(f"peer {peer.addr}: NIXL READ failed at post")
         return s
 
-    def _wait(self, s: _Step) -> None:
+    def _wait(self, peer: Peer, s: _Step) -> None:
         if s.handle is None:
             return
-        deadline = time.monotonic() + self.cfg.transfer_timeout_s
+        start = time.monotonic()
+        deadline = start + self.cfg.transfer_timeout_s
+        asked = False
         while True:
             try:
                 with self._nixl_lock:
@@ -888,6 +892,11 @@ class RemoteTier(Tier):
                 self.stats_r.transfer_errors += 1
                 self._cancel_or_drain(s)
                 raise PeerError(f"NIXL READ still running after {self.cfg.transfer_timeout_s}s")
+            if not asked and time.monotonic() - start > _PUMP_AFTER_S:
+                # Not done at once: the transport may need the peer to progress too
+                # (the peer's poller runs after our hello and when asked, not always).
+                asked = True
+                self._send(peer, {"op": "pump"})
             if self.cfg.progress_thread:
                 time.sleep(0.0001)  # NIXL's thread progresses the transfer
 

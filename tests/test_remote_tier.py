@@ -320,6 +320,29 @@ def test_checksum_mismatch_is_a_miss_not_data(pair: Any, monkeypatch: pytest.Mon
     assert _remote(b).stats()["checksum_failures"] == 3
 
 
+def test_read_over_a_transport_that_needs_the_peers_progress_asks_for_it(
+    rdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # UCX over TCP alone emulates a READ with messages the serving side must progress;
+    # its poller runs only after a reader's hello and when asked, so a READ long after
+    # the hello completes only because the reader sends "pump".
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    a = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))
+    b = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))
+    try:
+        tokens, data = _offload(a, 3, 15)
+        assert all(_remote(b).probe(b.hash_tokens(tokens)))  # connects: hello
+        time.sleep(1.3)  # the poller the hello started has stopped
+        t0 = time.monotonic()
+        _, loaded, out = _onboard(b, tokens, 3)
+        assert loaded == 3
+        assert np.array_equal(out, data)
+        assert time.monotonic() - t0 < FAST["transfer_timeout_s"]
+    finally:
+        a.close()
+        b.close()
+
+
 @pytest.fixture
 def lease_pair(rdir: str) -> Any:
     a = KvBlockManager.from_config(_config(TINY, {"rendezvous_dir": rdir}))

@@ -311,3 +311,38 @@ def test_listen_port_past_65535_for_a_rank_is_a_config_error() -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["read"]:
     _reader(json.loads(sys.argv[2]))
+
+
+def test_worker_publishes_its_served_blocks_in_a_rendezvous_dir_and_a_peer_reads_them(
+    v: Any, make: Any, tmp_path: Path
+) -> None:
+    from kvbm import ContiguousBlocks, KvBlockManager
+
+    rdir = str(tmp_path / "rendezvous")
+    e = make(tiers=[{"type": "host", "num_blocks": 64},
+                    {"type": "remote", "rendezvous_dir": rdir, "publish_interval_s": 0.05, **FAST}])
+    tokens = prompt(50, seed=46)
+    e.add("a", tokens, max_tokens=1)
+    e.run()
+    model = {"name": v.model_dir, "num_layers": len(LAYERS), "num_kv_heads": HEADS,
+             "head_dim": HEAD, "dtype": "float32", "outer_dim": 2}
+    b = KvBlockManager.from_config({
+        "model": model, "page_size": PAGE,
+        "tiers": [{"type": "host", "num_blocks": 16},
+                  {"type": "remote", "rendezvous_dir": rdir, "publish_interval_s": 0.05, **FAST}],
+    })
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the worker republishes its keys every 0.05 s
+            with b.match_prefix(tokens[:48]) as m:
+                if m.num_blocks == 3:
+                    break
+            time.sleep(0.05)
+        out = np.zeros((3, b.block_bytes), dtype=np.uint8)
+        with b.match_prefix(tokens[:48]) as m:
+            assert list(m.tiers) == ["remote"] * 3
+            assert b.onboard(m, ContiguousBlocks(out, b.layout), promote=False).loaded == 3
+        for i in range(3):
+            assert out[i].tobytes() == expected_block(tokens, i), f"block {i}"
+    finally:
+        b.close()

@@ -353,7 +353,7 @@ class KvEventPublisher:
         self._sock: zmq.Socket[bytes] | None = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         try:
-            self.endpoint = self._bind(self._sock, config.endpoint, config.port)
+            self.endpoint = self._bind(self._sock, config.endpoint, config.port, config.dp_rank)
             if config.replay:
                 self._start_replay()
         except Exception:
@@ -367,11 +367,14 @@ class KvEventPublisher:
         sock: zmq.Socket[bytes],
         endpoint: str,
         port: int,
+        dp_rank: int,
         key: str = "endpoint",
         port_key: str = "port",
     ) -> str:
+        # Data-parallel ranks on one host share a config, so, as vLLM does, a fixed
+        # port is offset by the rank and an ipc/inproc address gets a "_dp{rank}" suffix.
         if endpoint.startswith(("ipc://", "inproc://")):
-            where = endpoint
+            where = f"{endpoint}_dp{dp_rank}" if dp_rank else endpoint
         elif endpoint.startswith("tcp://"):
             if endpoint.count(":") > 1 and not endpoint.endswith("]"):
                 raise ConfigError(
@@ -379,7 +382,12 @@ class KvEventPublisher:
                     f"address alone (tcp://127.0.0.1) and the port in '{port_key}' "
                     "(0 picks a free one)"
                 )
-            where = f"{endpoint}:{port}" if port else f"{endpoint}:*"
+            if port and port + dp_rank > 65535:
+                raise ConfigError(
+                    f"kv_events: key '{port_key}': value {port} + dp_rank {dp_rank} is past "
+                    f"65535; choose a lower port or 0 to pick a free one"
+                )
+            where = f"{endpoint}:{port + dp_rank}" if port else f"{endpoint}:*"
         else:
             raise ConfigError(
                 f"kv_events: key '{key}': value {endpoint!r} is not a ZMQ address; "
@@ -412,7 +420,7 @@ class KvEventPublisher:
         wake_tx = self._ctx.socket(zmq.PAIR)
         try:
             self.replay_endpoint = self._bind(
-                router, where, cfg.replay_port, "replay_endpoint", "replay_port"
+                router, where, cfg.replay_port, cfg.dp_rank, "replay_endpoint", "replay_port"
             )
             wake_rx.bind(wake_addr)
             wake_tx.connect(wake_addr)

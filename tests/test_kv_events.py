@@ -199,6 +199,31 @@ def test_two_instances_bind_different_ports_on_loopback() -> None:
         b.close()
 
 
+def test_data_parallel_ranks_sharing_a_fixed_port_bind_port_plus_rank_as_vllm_does() -> None:
+    import socket
+
+    with socket.socket() as s:  # a free port with the next two free as well, most likely
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [_manager(port=port, replay=True, replay_port=port + 10, dp_rank=r) for r in (0, 1)]
+    try:
+        pubs = [obs.kv_event_publisher(m) for m in ranks]
+        assert [p.port for p in pubs if p is not None] == [port, port + 1]
+        assert [p.replay_port for p in pubs if p is not None] == [port + 10, port + 11]
+    finally:
+        for m in ranks:
+            m.close()
+
+
+def test_ipc_endpoint_of_a_data_parallel_rank_gets_a_dp_suffix(tmp_path: Any) -> None:
+    m = _manager(endpoint=f"ipc://{tmp_path}/kv", dp_rank=2)
+    try:
+        pub = obs.kv_event_publisher(m)
+        assert pub is not None and pub.endpoint == f"ipc://{tmp_path}/kv_dp2"
+    finally:
+        m.close()
+
+
 def test_int64_hash_is_the_last_8_bytes_big_endian_as_vllm_converts() -> None:
     key = bytes(range(16))
     # vLLM: int.from_bytes(hash_bytes, "big") & ((1 << 64) - 1)

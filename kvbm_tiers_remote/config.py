@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kvbm.config import TierConfig
-from kvbm_tiers_s3.config import S3TierConfig, redact_url
+from kvbm_tiers_s3.config import S3TierConfig, hide_url_credentials
 
 #: ``publish_interval_s`` with ``rendezvous_s3`` unless given: each publish is a PUT
 #: and each listing a LIST, which S3 bills per request.
@@ -50,12 +50,7 @@ class RendezvousS3Config(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _hide_url_credentials(cls, data: object) -> object:
-        # A validation error prints the input: redact a URL's password before any can fail.
-        if isinstance(data, dict):
-            url = data.get("endpoint_url")
-            if isinstance(url, str) and redact_url(url) != url:
-                data = {**data, "endpoint_url": redact_url(url)}
-        return data
+        return hide_url_credentials(data)
 
     @field_validator("bucket")
     @classmethod

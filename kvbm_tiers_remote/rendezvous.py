@@ -320,40 +320,18 @@ class S3Rendezvous(Rendezvous):
 def _client(tier: str, cfg: RendezvousS3Config) -> Any:
     """A boto3 S3 client with short timeouts and no retries (the next interval retries)."""
     try:
-        import boto3
-        import botocore.session
-        from botocore.config import Config
+        import boto3  # noqa: F401  (checked first: the s3 tier's module may be loaded)
+
+        # The s3 tier's client builder, with its process-wide model loader: a second
+        # client costs milliseconds.
+        from kvbm_tiers_s3.tier import s3_client
     except ImportError:
         raise PluginError(
             f"tier {tier!r}: key 'rendezvous_s3' needs boto3, which is not installed: "
             "pip install 'kvbm[s3]'"
         ) from None
-    # The s3 tier's process-wide model loader: a second client costs milliseconds.
-    from kvbm_tiers_s3.tier import _shared_loader
-
-    def secret(v: Any) -> str | None:
-        return None if v is None else str(v.get_secret_value())
-
-    bsession = botocore.session.get_session()
-    bsession.register_component("data_loader", _shared_loader())
     try:
-        session = boto3.session.Session(
-            botocore_session=bsession,
-            aws_access_key_id=secret(cfg.aws_access_key_id),
-            aws_secret_access_key=secret(cfg.aws_secret_access_key),
-            aws_session_token=secret(cfg.aws_session_token),
-            region_name=cfg.region,
-            profile_name=cfg.profile,
-        )
-        bcfg = Config(
-            region_name=cfg.region,
-            s3={"addressing_style": cfg.addressing_style},
-            connect_timeout=cfg.connect_timeout_s,
-            read_timeout=cfg.read_timeout_s,
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            max_pool_connections=4,
-        )
-        return session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
+        return s3_client(cfg, max_pool_connections=4)
     except Exception as e:  # a bad profile or region: the user's to fix, at start
         raise ConfigError(
             f"tier {tier!r}: key 'rendezvous_s3': cannot build an S3 client for "

@@ -37,6 +37,19 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
+def hide_url_credentials(data: object) -> object:
+    """Redact the password of ``endpoint_url`` in raw config input.
+
+    Validation errors print the input value; run this before any validator can fail,
+    so an error shows '***@host' instead of the secret.
+    """
+    if isinstance(data, dict):
+        url = data.get("endpoint_url")
+        if isinstance(url, str) and redact_url(url) != url:
+            data = {**data, "endpoint_url": redact_url(url)}
+    return data
+
+
 class S3TierConfig(TierConfig):
     """``{type: s3, bucket: kv-cache, prefix: prod, endpoint_url: http://minio:9000}``."""
 
@@ -102,13 +115,7 @@ class S3TierConfig(TierConfig):
     @model_validator(mode="before")
     @classmethod
     def _hide_url_credentials(cls, data: object) -> object:
-        # Validation errors print the input value; redact a URL's password before any
-        # validator can fail on it, so the error shows '***@host' instead.
-        if isinstance(data, dict):
-            url = data.get("endpoint_url")
-            if isinstance(url, str) and redact_url(url) != url:
-                data = {**data, "endpoint_url": redact_url(url)}
-        return data
+        return hide_url_credentials(data)
 
     @field_validator("bucket")
     @classmethod

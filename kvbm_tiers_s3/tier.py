@@ -83,6 +83,41 @@ def _shared_loader() -> Any:
         return _loader
 
 
+def s3_client(cfg: Any, *, max_pool_connections: int, **config: Any) -> Any:
+    """A boto3 S3 client from a config with the s3 tier's connection keys
+    (``endpoint_url``, ``region``, ``profile``, ``aws_*`` as ``SecretStr``,
+    ``addressing_style``, ``connect_timeout_s``, ``read_timeout_s``).
+
+    botocore's own retries are off: its standard mode waits up to 20 s per attempt,
+    longer than an engine step should ever stall; callers retry (or wait for their
+    next interval) themselves. ``config`` adds ``botocore.config.Config`` options.
+    """
+
+    def secret(v: Any) -> str | None:
+        return None if v is None else str(v.get_secret_value())
+
+    bsession = botocore.session.get_session()
+    bsession.register_component("data_loader", _shared_loader())
+    session = boto3.session.Session(
+        botocore_session=bsession,
+        aws_access_key_id=secret(cfg.aws_access_key_id),
+        aws_secret_access_key=secret(cfg.aws_secret_access_key),
+        aws_session_token=secret(cfg.aws_session_token),
+        region_name=cfg.region,
+        profile_name=cfg.profile,
+    )
+    bcfg = Config(
+        region_name=cfg.region,
+        s3={"addressing_style": cfg.addressing_style},
+        connect_timeout=cfg.connect_timeout_s,
+        read_timeout=cfg.read_timeout_s,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
+        **config,
+    )
+    return session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
+
+
 class _Refused(Exception):
     """The circuit breaker is open: the request was not sent."""
 
@@ -345,38 +380,16 @@ class S3Tier(Tier):
 
     # -- set-up ----------------------------------------------------------------
     def _make_client(self) -> Any:
-        cfg = self.cfg
-
-        def secret(v: Any) -> str | None:
-            return None if v is None else str(v.get_secret_value())
-
-        bsession = botocore.session.get_session()
-        bsession.register_component("data_loader", _shared_loader())
-        session = boto3.session.Session(
-            botocore_session=bsession,
-            aws_access_key_id=secret(cfg.aws_access_key_id),
-            aws_secret_access_key=secret(cfg.aws_secret_access_key),
-            aws_session_token=secret(cfg.aws_session_token),
-            region_name=cfg.region,
-            profile_name=cfg.profile,
-        )
-        bcfg = Config(
-            region_name=cfg.region,
-            s3={"addressing_style": cfg.addressing_style},
-            connect_timeout=cfg.connect_timeout_s,
-            read_timeout=cfg.read_timeout_s,
-            # Our own retries: botocore's standard mode waits up to 20 s per attempt,
-            # longer than an engine step should ever stall, and knows no breaker.
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            max_pool_connections=3 * cfg.max_concurrency + 2,
-            # Every block carries its own xxh3 checksum, verified on read; a second
-            # CRC over every body would only cost CPU.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            tcp_keepalive=True,
-        )
         try:
-            return session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
+            return s3_client(
+                self.cfg,
+                max_pool_connections=3 * self.cfg.max_concurrency + 2,
+                # Every block carries its own xxh3 checksum, verified on read; a second
+                # CRC over every body would only cost CPU.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                tcp_keepalive=True,
+            )
         except bexc.BotoCoreError as e:
             raise ConfigError(f"s3 tier {self.name!r}: cannot build a client for {self._where}: {e}") from None
 

@@ -346,3 +346,29 @@ def test_worker_publishes_its_served_blocks_in_a_rendezvous_dir_and_a_peer_reads
             assert out[i].tobytes() == expected_block(tokens, i), f"block {i}"
     finally:
         b.close()
+
+
+def test_tp2_instance_reads_each_ranks_shard_from_the_same_rank_of_another_instance(
+    make: Any, v: Any
+) -> None:
+    # Two vLLM instances at TP=2 in one process, each listing the other as its peer:
+    # B's rank r probes and reads A's rank r, on listen port + r.
+    pa, pb = _free_pair(), _free_pair()
+    a = engine(make, (pa, pb), tp=2)
+    tokens = prompt(50, seed=47)
+    a.add("w", tokens, max_tokens=1)
+    a.run()
+    base.settle(a)
+    assert [len(w.worker_side.served[0]) for w in a.workers] == [3, 3]  # host tier (0)
+    b = engine(make, (pb, pa), tp=2)
+    b.scrub()  # whatever the request finds in its blocks can only come from kvbm
+    req = b.add("b", tokens, max_tokens=3)
+    b.step()
+    b.run(until=lambda: "b" in b.step_outputs[-1].num_scheduled_tokens)
+    assert b.step_outputs[-1].num_scheduled_tokens["b"] == 50 - 48
+    assert b.side.adopted_blocks == 3
+    b.assert_prefix_kv(req, 3)  # each rank's own shard, byte for byte
+    b.run()
+    assert b.side.loaded_blocks == 3 and b.pins() == 0
+    served = [w.worker_side.tiers[1].stats()["served_blocks"] for w in a.workers]
+    assert served == [3, 3]

@@ -916,9 +916,7 @@ class RemoteTier(Tier):
         """Check each block that arrived against the peer's xxh3 (unless ``check`` is
         off: the lease vouches for them); only matches are True."""
         if not s.ok:
-            for b, _ in s.bounce:
-                self._bounce_free.append(b)
-            s.bounce = []
+            self._free_bounce(s)
             return
         bounce = {id(d): b for b, d in s.bounce}
         bb = self.block_bytes
@@ -940,9 +938,7 @@ class RemoteTier(Tier):
             ok[i] = True
             self.stats_r.blocks_read += 1
             self.stats_r.bytes_read += bb
-        for b, _ in s.bounce:
-            self._bounce_free.append(b)
-        s.bounce = []
+        self._free_bounce(s)
 
     def _cancel_or_drain(self, s: _Step) -> None:
         """Stop a timed-out READ before its buffers can be reused.
@@ -955,13 +951,11 @@ class RemoteTier(Tier):
         h, s.handle = s.handle, None
         if h is None or isinstance(h, list):
             return
-        with self._nixl_lock:
-            try:
-                self._agent.release_xfer_handle(h)
-                return
-            except Exception as e:
-                log.warning("kvbm tier %r: a timed-out NIXL READ cannot be cancelled (%s); "
-                            "waiting for it to end before its buffers are reused", self.name, e)
+        err = self._release_xfer(h)
+        if err is None:
+            return
+        log.warning("kvbm tier %r: a timed-out NIXL READ cannot be cancelled (%s); "
+                    "waiting for it to end before its buffers are reused", self.name, err)
         while True:
             with self._nixl_lock:
                 try:
@@ -976,19 +970,29 @@ class RemoteTier(Tier):
 
     def _abandon(self, s: _Step) -> None:
         self._release_handle(s)
-        for b, _ in s.bounce:
-            self._bounce_free.append(b)
+        self._free_bounce(s)
+
+    def _free_bounce(self, s: _Step) -> None:
+        """Give a step's bounce buffers back for the next READ."""
+        self._bounce_free.extend(b for b, _ in s.bounce)
         s.bounce = []
 
     def _release_handle(self, s: _Step) -> None:
         h, s.handle = s.handle, None
         if h is None or isinstance(h, list):
             return
+        err = self._release_xfer(h)
+        if err is not None:  # a transfer that cannot be cancelled stays with NIXL
+            log.debug("kvbm remote: releasing a transfer handle failed (%s)", err)
+
+    def _release_xfer(self, h: Any) -> Exception | None:
+        """Release a NIXL transfer handle; the error when NIXL refused (still running)."""
         with self._nixl_lock:
             try:
                 self._agent.release_xfer_handle(h)
-            except Exception as e:  # a transfer that cannot be cancelled stays with NIXL
-                log.debug("kvbm remote: releasing a transfer handle failed (%s)", e)
+            except Exception as e:
+                return e
+        return None
 
     # -- local memory -----------------------------------------------------------
     def _local_addr(self, buf: np.ndarray) -> int | None:

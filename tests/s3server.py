@@ -164,6 +164,22 @@ class FaultProxy:
             self.faulted += 1
             return f
 
+    def _forward(
+        self, h: BaseHTTPRequestHandler, body: bytes
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """Send the request to the real server: its status, reason, end-to-end headers
+        and body (OSError when it is down)."""
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
+        up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        try:
+            up.request(h.command, h.path, body=body, headers=headers)
+            r = up.getresponse()
+            data = r.read()
+            rheaders = [(k, v) for k, v in r.getheaders() if k.lower() not in _HOP]
+            return r.status, r.reason, rheaders, data
+        finally:
+            up.close()
+
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         n = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(n) if n else b""
@@ -181,19 +197,11 @@ class FaultProxy:
             return
         if fault is not None and fault.kind == "delay":
             time.sleep(fault.delay_s)
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
-        up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
         try:
-            up.request(h.command, h.path, body=body, headers=headers)
-            r = up.getresponse()
-            data = r.read()
-            rheaders = [(k, v) for k, v in r.getheaders() if k.lower() not in _HOP]
-            status = r.status
+            status, _, rheaders, data = self._forward(h, body)
         except OSError:
             h.send_error(502)  # upstream down: what a real load balancer answers
             return
-        finally:
-            up.close()
         h.send_response(status)
         for k, v in rheaders:
             if k.lower() != "content-length":

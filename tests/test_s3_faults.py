@@ -3,13 +3,11 @@ real HTTP proxy that answers 503 SlowDown or 500, cuts bodies short, or stalls."
 
 from __future__ import annotations
 
-import http.client
 import sys
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,14 +15,11 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
-from kvbm import ContiguousBlocks, KvBlockManager, Namespace  # noqa: E402
-from kvbm.layout import BlockLayout, ModelSpec  # noqa: E402
-from kvbm.tier import TierContext  # noqa: E402
-from kvbm_tiers_s3.config import S3TierConfig  # noqa: E402
-from kvbm_tiers_s3.tier import S3Tier  # noqa: E402
+from kvbm import ContiguousBlocks, KvBlockManager  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from s3server import _HOP, SECRET_KEY, Fault, FaultProxy, MotoServer, free_port  # noqa: E402
+from s3server import SECRET_KEY, Fault, FaultProxy, MotoServer, free_port  # noqa: E402
+from test_s3_tier import BB, PAGE, blocks, keys, make_tier  # noqa: E402
 
 
 class TrickleProxy(FaultProxy):
@@ -40,19 +35,11 @@ class TrickleProxy(FaultProxy):
         n = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(n) if n else b""
         fault = self._take(h.command)
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
-        up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
-        try:
-            up.request(h.command, h.path, body=body, headers=headers)
-            r = up.getresponse()
-            data = r.read()
-            raw = f"HTTP/1.1 {r.status} {r.reason}\r\n".encode()
-            for k, v in r.getheaders():
-                if k.lower() not in _HOP:
-                    raw += f"{k}: {v}\r\n".encode()
-            raw += b"\r\n" + (data if h.command != "HEAD" else b"")
-        finally:
-            up.close()
+        status, reason, rheaders, data = self._forward(h, body)
+        raw = f"HTTP/1.1 {status} {reason}\r\n".encode()
+        for k, v in rheaders:
+            raw += f"{k}: {v}\r\n".encode()
+        raw += b"\r\n" + (data if h.command != "HEAD" else b"")
         h.close_connection = True
         if fault is None:
             h.wfile.write(raw)
@@ -63,10 +50,6 @@ class TrickleProxy(FaultProxy):
             time.sleep(fault.delay_s)
 
 MODEL = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16"}
-PAGE = 16
-LAYOUT = BlockLayout(ModelSpec(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16",
-                               name="tiny"), PAGE)
-BB = LAYOUT.bytes_per_block
 
 
 @pytest.fixture
@@ -94,21 +77,6 @@ def proxy(proxied: tuple[MotoServer, FaultProxy]) -> Iterator[FaultProxy]:
     p.set(None)
     yield p
     p.set(None)
-
-
-def make_tier(server: MotoServer, ns: str, endpoint: str | None = None, **over: Any) -> S3Tier:
-    cfg = S3TierConfig.model_validate({**server.tier_config(endpoint, **over), "name": "s3"})
-    namespace = Namespace(model_id=ns, layout_digest=LAYOUT.digest)
-    return S3Tier(cfg, TierContext("s3", namespace, LAYOUT, cfg.resolve_num_blocks(BB)))
-
-
-def blocks(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, BB), dtype=np.uint8)
-
-
-def keys(n: int, seed: int) -> list[Any]:
-    rng = np.random.default_rng(seed + 1000)
-    return [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(n)]
 
 
 def manager(server: MotoServer, model: str) -> KvBlockManager:

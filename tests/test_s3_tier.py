@@ -43,9 +43,10 @@ def server() -> Iterator[MotoServer]:
     s.stop()
 
 
-def make_tier(server: MotoServer, ns: str, **over: Any) -> S3Tier:
-    """An S3Tier on its own namespace (one per test keeps tests apart in one bucket)."""
-    cfg = S3TierConfig.model_validate({**server.tier_config(**over), "name": "s3"})
+def make_tier(server: MotoServer, ns: str, endpoint: str | None = None, **over: Any) -> S3Tier:
+    """An S3Tier on its own namespace (one per test keeps tests apart in one bucket);
+    ``endpoint`` points it elsewhere than ``server`` (a fault proxy in front of it)."""
+    cfg = S3TierConfig.model_validate({**server.tier_config(endpoint, **over), "name": "s3"})
     namespace = Namespace(model_id=ns, layout_digest=LAYOUT.digest)
     return S3Tier(cfg, TierContext("s3", namespace, LAYOUT, cfg.resolve_num_blocks(BB)))
 

@@ -1010,7 +1010,6 @@ class WorkerSide:
         plugins = build_plugins()
         ns = _namespace(settings, eng.layout, rank)
         self.tiers: list[Tier] = []
-        self._configs: list[Any] = []
         # Tier index -> the served keys of that host arena, for the remote tier's server.
         self.served: dict[int, SlotMap] = {}
         try:
@@ -1027,7 +1026,6 @@ class WorkerSide:
                     cfg = _remote_for_rank(cfg, rank, settings.tp_size)
                 ctx = TierContext(link.name, ns, eng.layout, link.num_blocks)
                 self.tiers.append(link.tier_cls(cfg, ctx))
-                self._configs.append(cfg)
         except Exception:
             self.close()
             raise
@@ -1414,7 +1412,8 @@ class WorkerSide:
         the instructions this worker executes: ``_claim`` before a write into a served
         slot, ``_commit`` once all its bytes are there, ``DiscardOp`` drops.
         """
-        for tier, cfg in zip(self.tiers, self._configs):
+        for tier in self.tiers:
+            cfg: Any = tier.config
             serve = getattr(tier, "serve", None)
             if cfg.type != "remote" or serve is None or not getattr(cfg, "serve", False):
                 continue
@@ -1432,10 +1431,10 @@ class WorkerSide:
             serve(self.served[h])
 
     def _served_index(self, name: str | None) -> int | None:
-        for h, (tier, cfg) in enumerate(zip(self.tiers, self._configs)):
+        for h, tier in enumerate(self.tiers):
             if not hasattr(tier, "slots"):
                 continue
-            if (name is None and cfg.type == "host") or tier.name == name:
+            if (name is None and tier.config.type == "host") or tier.name == name:
                 return h
         return None
 

@@ -1,11 +1,18 @@
 """The storage contract of a tier: whole blocks, addressed by slot.
 
-The manager owns the metadata (``BlockRegistry``); a ``Tier`` only stores and returns
+The planner owns the metadata (``BlockRegistry``); a ``Tier`` only stores and returns
 bytes. ``write`` and ``read`` take a batch and return one success flag per block; a
-tier may also raise, and the manager turns that into a failed batch. A tier that
+tier may also raise, and the executor turns that into a failed batch. A tier that
 persists blocks (disk, s3) stores a header with each block (key, namespace digest,
 layout digest, length, checksum) and reports a block whose header or checksum does
 not match as a failed read, never as data.
+
+What the core must know about a tier is declared on its class, never guessed from
+its type name: ``medium`` (where its blocks live, for events and metrics),
+``shared`` (other instances write blocks into it), ``serves_peers`` (it exposes an
+upper tier's arena to other instances), ``arena()`` (its slots are plain memory that
+peers may read), ``config_for_rank`` (storage that must differ per tensor-parallel
+rank), ``check_chain`` (where in a chain it may stand) and ``default_admission``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from .layout import BlockLayout
 
 if TYPE_CHECKING:
     from .config import TierConfig
+    from .served import ServedBlocks
 
 
 @dataclass(frozen=True)
@@ -38,13 +46,31 @@ class TierContext:
         return self.layout.bytes_per_block
 
 
-class Tier(abc.ABC):
-    """One storage level of the chain."""
+#: Media a tier may declare, in the words of vLLM's KV events ("GPU", "CPU") and of
+#: Dynamo's metrics (device, host, disk, object store, a peer).
+MEDIA = ("GPU", "CPU", "DISK", "OBJECT", "REMOTE", "STORAGE")
 
+
+class Tier(abc.ABC):
+    """One storage level of the chain.
+
+    Subclasses are built by the executor with ``(config, ctx)``; ``write``, ``read``,
+    ``probe`` and ``discard`` may be called from several threads at once (on
+    disjoint slots), so a tier guards its own shared state.
+    """
+
+    #: The tier type's display name (the registry name is what configs use).
     kind: ClassVar[str] = "tier"
+    #: Where this tier's blocks live, one of ``MEDIA``: the medium of its KV events and
+    #: the source label of its metrics.
+    medium: ClassVar[str] = "STORAGE"
     #: Blocks may appear in storage without this process writing them (another
     #: instance's S3 uploads, a peer's host tier): ``probe`` finds them.
     shared: ClassVar[bool] = False
+    #: This tier exposes an upper tier's ``arena()`` to other instances (``serve``).
+    serves_peers: ClassVar[bool] = False
+    #: The admission filter used when the config names none (None: admit all).
+    default_admission: ClassVar[str | None] = None
 
     def __init__(self, config: TierConfig, ctx: TierContext) -> None:
         self.config = config
@@ -53,12 +79,35 @@ class Tier(abc.ABC):
         self.num_slots = ctx.num_slots
         self.block_bytes = ctx.block_bytes
 
+    # -- capabilities decided before any instance exists ------------------------------
+    @classmethod
+    def config_for_rank(cls, config: TierConfig, rank: int, tp_size: int) -> TierConfig:
+        """The config tensor-parallel rank ``rank`` of ``tp_size`` builds its storage with.
+
+        Each rank stores its own shard of every block; a tier whose storage is named
+        by its config alone (a directory, a listening port) returns a config that
+        differs per rank. The default (storage keyed by the namespace, which holds
+        the rank) returns ``config`` unchanged.
+        """
+        return config
+
+    @classmethod
+    def check_chain(cls, index: int, types: Sequence[type[Tier]], write_through: bool,
+                    name: str) -> None:
+        """Raise ``ConfigError`` if this tier cannot stand at ``index`` of a chain of ``types``."""
+
+    # -- the data path ------------------------------------------------------------------
     def views(self, slots: Sequence[int]) -> list[np.ndarray] | None:
         """Writable ``uint8`` views of the slots' bytes for memory tiers, else None.
 
-        When a tier offers views, the manager copies engine blocks straight into them
+        When a tier offers views, the executor copies engine blocks straight into them
         (and out of them), sparing a staging copy.
         """
+        return None
+
+    def arena(self) -> np.ndarray | None:
+        """All slots as one ``[num_slots, block_bytes]`` uint8 array that peers may read
+        (registered with NIXL by a ``serves_peers`` tier), or None."""
         return None
 
     @abc.abstractmethod
@@ -78,11 +127,24 @@ class Tier(abc.ABC):
         return []
 
     def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
-        """For shared tiers: which keys exist in storage though the registry lacks them."""
+        """For shared tiers: which keys exist in storage though the registry lacks them.
+
+        The executor bounds how long a caller waits for the answer
+        (``probe_timeout_s``); a probe still running then counts as misses.
+        """
         return [False] * len(keys)
 
     def discard(self, slots: Sequence[int], keys: Sequence[SequenceHash]) -> None:
-        """The registry dropped these blocks (evicted or removed); forget them in storage."""
+        """The registry dropped these blocks (evicted or removed); forget them in storage.
+
+        May run after a later write into the same slot: forget ``slots[i]`` only if it
+        still holds ``keys[i]``.
+        """
+
+    def serve(self, blocks: ServedBlocks) -> bool:
+        """For ``serves_peers`` tiers: expose ``blocks`` (an arena and which key sits in
+        which slot) to other instances. Returns False when the config turns serving off."""
+        return False
 
     def stats(self) -> dict[str, Any]:
         """Tier-specific counters for ``KvBlockManager.stats``."""

@@ -73,6 +73,7 @@ class DiskTier(Tier):
     """Blocks in O_DIRECT slot files that a restarted manager finds again."""
 
     kind: ClassVar[str] = "disk"
+    medium: ClassVar[str] = "DISK"
     #: Dynamo's frequency filter: only blocks offered at least twice reach the disk.
     default_admission: ClassVar[str] = "frequency"
 

@@ -38,6 +38,7 @@ class HostTier(Tier):
     """Blocks in one host-memory arena, addressed by slot."""
 
     kind: ClassVar[str] = "host"
+    medium: ClassVar[str] = "CPU"
 
     def __init__(self, config: HostTierConfig, ctx: TierContext) -> None:  # type: ignore[override]
         super().__init__(config, ctx)

@@ -1,100 +1,12 @@
-"""Starts a manager's KV-event publisher and Prometheus endpoint when its settings ask.
+"""Moved to ``kvbm_observability.plugin``; this path stays for code that imports it.
 
-``kv_events.enabled`` starts a ZMQ publisher (``kvbm.kv_events``); ``metrics`` (or
-``DYN_KVBM_METRICS=true``) starts an HTTP endpoint on ``metrics_port``
-(``kvbm.metrics``). Both stop in ``kvbm_shutdown``. This module imports only kvbm
-and the standard library; pyzmq, msgpack and prometheus-client are imported only
-when a manager enables them (``pip install 'kvbm[metrics]'``).
+The name is bound to that module itself, not to a copy of its functions, so passing
+it to ``build_plugins(extra_plugins=[...])`` beside the entry point registers its
+hooks once.
 """
 
-from __future__ import annotations
+import sys
 
-import importlib
-import logging
-import weakref
-from dataclasses import dataclass
-from types import ModuleType
-from typing import TYPE_CHECKING
+import kvbm_observability.plugin as _plugin
 
-from .errors import PluginError
-from .hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from .kv_events import KvEventPublisher
-    from .manager import KvBlockManager
-    from .metrics import MetricsExporter
-
-log = logging.getLogger("kvbm")
-
-
-@dataclass
-class _Attached:
-    publisher: KvEventPublisher | None = None
-    exporter: MetricsExporter | None = None
-
-
-_ATTACHED: weakref.WeakKeyDictionary[KvBlockManager, _Attached] = weakref.WeakKeyDictionary()
-
-
-def _import(module: str, what: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise PluginError(
-            f"{what} needs {e.name or 'a missing package'}, which is not installed: "
-            "pip install 'kvbm[metrics]'"
-        ) from e
-
-
-@hookimpl
-def kvbm_chain_built(manager: KvBlockManager) -> None:
-    """Start what the settings enable; a failure to start raises (the user asked for it)."""
-    s = manager.settings
-    att = _Attached()
-    try:
-        if s.kv_events.enabled:
-            mod = _import("kvbm.kv_events", "kv_events")
-            att.publisher = mod.KvEventPublisher.attach(manager)
-        if s.metrics:
-            mod = _import("kvbm.metrics", "metrics")
-            att.exporter = mod.MetricsExporter(manager, s.metrics_host, s.metrics_port)
-    except BaseException:
-        _stop(manager, att)
-        raise
-    if att.publisher is not None or att.exporter is not None:
-        _ATTACHED[manager] = att
-
-
-@hookimpl
-def kvbm_shutdown(manager: KvBlockManager) -> None:
-    """Send ``AllBlocksCleared``, close the publisher and stop the endpoint."""
-    att = _ATTACHED.pop(manager, None)
-    if att is not None:
-        _stop(manager, att)
-
-
-def _stop(manager: KvBlockManager, att: _Attached) -> None:
-    if att.publisher is not None:
-        try:
-            att.publisher.detach(manager)
-        except Exception as e:
-            log.warning("kvbm: closing the KV-event publisher failed (%s)", e)
-        att.publisher = None
-    if att.exporter is not None:
-        try:
-            att.exporter.close()
-        except Exception as e:
-            log.warning("kvbm: stopping the metrics endpoint failed (%s)", e)
-        att.exporter = None
-
-
-def kv_event_publisher(manager: KvBlockManager) -> KvEventPublisher | None:
-    """The manager's KV-event publisher (its ``endpoint`` is where routers connect), if any."""
-    att = _ATTACHED.get(manager)
-    return att.publisher if att is not None else None
-
-
-def metrics_exporter(manager: KvBlockManager) -> MetricsExporter | None:
-    """The manager's metrics endpoint (``url``, ``port``), if any."""
-    att = _ATTACHED.get(manager)
-    return att.exporter if att is not None else None
+sys.modules[__name__] = _plugin

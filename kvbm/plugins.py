@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .manager import KvBlockManager
 
 ENTRY_POINT_GROUP = "kvbm.plugins"
-DEFAULT_PLUGINS: tuple[str, ...] = ("kvbm.builtin", "kvbm.observability_plugin")
+DEFAULT_PLUGINS: tuple[str, ...] = ("kvbm.builtin",)
 
 
 @dataclass(frozen=True)

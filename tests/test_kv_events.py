@@ -12,9 +12,14 @@ import pytest
 import zmq
 
 from kvbm import ConfigError, ContiguousBlocks, KvBlockManager, build_plugins
-from kvbm import observability_plugin as obs
 from kvbm.hashing import BlockHasher, dynamo_sequence_hashes
-from kvbm.kv_events import KvEventPublisher, RecordingHasher, int64_block_hash
+from kvbm_observability import plugin as obs
+from kvbm_observability.kv_events import (
+    KvEventPublisher,
+    RecordingHasher,
+    event_medium,
+    int64_block_hash,
+)
 
 from conftest import PAGE, SMALL_MODEL
 
@@ -288,6 +293,30 @@ def test_write_through_publishes_each_tier_with_its_medium() -> None:
     assert sorted(e["medium"] for e in stored) == ["CPU", "DISK"]
 
 
+def test_each_tier_publishes_the_medium_its_class_declares(tmp_path: Any) -> None:
+    pytest.importorskip("kvbm_tiers_disk.tier")
+    tiers = [
+        {"type": "host", "num_blocks": 8},
+        {"type": "disk", "num_blocks": 16, "path": str(tmp_path), "admission": "all"},
+    ]
+    m = _manager(tiers=tiers)
+    try:
+        sub = _subscribe(m)
+        _offload(m, m.hash_tokens(TOKENS[: 2 * PAGE]))
+        m.flush()
+        stored = [e for e in sub.events() if e["type"] == "BlockStored"]
+        sub.close()
+    finally:
+        m.close()
+    assert sorted(e["medium"] for e in stored) == ["CPU", "DISK"]
+    assert all("locality" not in e for e in stored)
+
+
+def test_an_object_store_medium_is_sent_as_dynamos_external() -> None:
+    assert (event_medium("OBJECT"), event_medium("CPU"), event_medium("REMOTE")) == (
+        "EXTERNAL", "CPU", "REMOTE")
+
+
 def test_topic_frame_and_sequence_numbers_follow_vllm() -> None:
     m = _manager(topic="kvbm-a")
     try:
@@ -331,7 +360,12 @@ def test_an_endpoint_with_a_port_is_an_error_naming_the_key() -> None:
 def test_every_event_type_encodes_to_the_bytes_msgspec_writes_for_vllm() -> None:
     kv = pytest.importorskip("vllm.distributed.kv_events")
     msgspec = pytest.importorskip("msgspec")
-    from kvbm.kv_events import all_blocks_cleared, block_removed, block_stored, encode_batch
+    from kvbm_observability.kv_events import (
+        all_blocks_cleared,
+        block_removed,
+        block_stored,
+        encode_batch,
+    )
 
     ours = encode_batch(
         12.5,

@@ -17,9 +17,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbm import ConfigError, ContiguousBlocks, KvBlockManager, build_plugins
-from kvbm import observability_plugin as obs
 from kvbm.hookspecs import hookimpl
-from kvbm.metrics import dynamo_path_name
+from kvbm_observability import plugin as obs
+from kvbm_observability.metrics import dynamo_path_name
 
 from conftest import PAGE, SMALL_MODEL
 
@@ -268,12 +268,21 @@ def test_a_host_disk_chain_counts_host_to_disk_and_disk_to_device(tmp_path: Path
     ],
 )
 def test_paths_of_a_host_disk_s3_chain_map_to_dynamo_names(path: str, want: str) -> None:
-    tiers = {"host": {"type": "host"}, "disk": {"type": "disk"}, "s3": {"type": "s3"}}
-    assert dynamo_path_name(path, tiers) == want
+    media = {"host": "CPU", "disk": "DISK", "s3": "OBJECT"}
+    assert dynamo_path_name(path, media) == want
 
 
 def test_offload_into_a_first_disk_tier_is_device_to_disk() -> None:
-    assert dynamo_path_name("offload:nvme", {"nvme": {"type": "disk"}}) == "offload_blocks_d2d"
+    assert dynamo_path_name("offload:nvme", {"nvme": "DISK"}) == "offload_blocks_d2d"
+
+
+def test_dynamo_names_follow_the_declared_medium_not_the_type_name() -> None:
+    # A second host-typed tier that declares DISK (as a third party's SSD tier would)
+    # counts as host → disk; a medium Dynamo has no name for counts nowhere.
+    media = {"fast": "CPU", "ssd": "DISK", "tape": "STORAGE"}
+    assert dynamo_path_name("offload:ssd", media) == "offload_blocks_h2d"
+    assert dynamo_path_name("onboard:ssd", media) == "onboard_blocks_d2d"
+    assert dynamo_path_name("offload:tape", media) is None
 
 
 def test_dashboard_queries_only_metrics_the_endpoint_exports() -> None:

@@ -12,22 +12,25 @@ Dynamo KVBM's names, kept exactly (untyped: the Python client would append
 ``_total`` to a counter, and dashboards written for Dynamo query the bare names):
 
 =========================  ===========================================================
-``offload_blocks_d2h``     blocks offloaded into a host tier from the engine (or a gpu tier)
-``offload_blocks_h2d``     blocks offloaded into a disk tier from a host tier (host → disk)
-``offload_blocks_d2d``     blocks offloaded into a disk tier straight from the engine
-``offload_blocks_d2o``     blocks offloaded into an object (s3) tier, from any tier above
-``onboard_blocks_h2d``     blocks onboarded from a host tier to the engine
-``onboard_blocks_d2d``     blocks onboarded from a disk tier to the engine
-``onboard_blocks_o2d``     blocks onboarded from an object (s3) tier to the engine
+``offload_blocks_d2h``     blocks offloaded into a CPU tier from the engine (or a GPU tier)
+``offload_blocks_h2d``     blocks offloaded into a DISK tier from a CPU tier (host → disk)
+``offload_blocks_d2d``     blocks offloaded into a DISK tier straight from the engine
+``offload_blocks_d2o``     blocks offloaded into an OBJECT tier, from any tier above
+``onboard_blocks_h2d``     blocks onboarded from a CPU tier to the engine
+``onboard_blocks_d2d``     blocks onboarded from a DISK tier to the engine
+``onboard_blocks_o2d``     blocks onboarded from an OBJECT tier to the engine
 ``matched_tokens``         tokens of matched prefixes (matched blocks × page size)
-``object_read_failures``   failed block reads of object (s3) tiers
-``object_write_failures``  failed block writes of object (s3) tiers
+``object_read_failures``   failed block reads of OBJECT tiers
+``object_write_failures``  failed block writes of OBJECT tiers
 =========================  ===========================================================
 
+CPU, DISK, OBJECT and GPU are the media tier classes declare (``Tier.medium``), so a
+third party's tier counts where its medium says, whatever its type is called.
+
 Gauges ``host_cache_hit_rate``, ``disk_cache_hit_rate``, ``object_cache_hit_rate``:
-hits / lookups of the tiers of that type over a sliding window (default 60 s, taken
-between scrapes; the first window counts from the start). A lookup reaches a tier
-only when every tier above missed, as in Dynamo.
+hits / lookups of the tiers of medium CPU, DISK, OBJECT over a sliding window
+(default 60 s, taken between scrapes; the first window counts from the start). A
+lookup reaches a tier only when every tier above missed, as in Dynamo.
 
 Counters with labels (``path`` is the manager's ``offload:<tier>`` /
 ``onboard:<tier>``; ``tier``/``type`` name the tier): ``transfer_blocks_total``,
@@ -54,10 +57,21 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .errors import ConfigError
+from kvbm.errors import ConfigError
+
+from ._chain import tier_media
 
 if TYPE_CHECKING:
-    from .manager import KvBlockManager
+    from kvbm.manager import KvBlockManager
+
+__all__ = [
+    "DYNAMO_COUNTERS",
+    "HIT_RATE_MEDIA",
+    "PREFIX",
+    "KvbmCollector",
+    "MetricsExporter",
+    "dynamo_path_name",
+]
 
 log = logging.getLogger("kvbm.metrics")
 
@@ -75,12 +89,18 @@ DYNAMO_COUNTERS: dict[str, str] = {
     "object_read_failures": "failed block reads of object storage tiers",
     "object_write_failures": "failed block writes of object storage tiers",
 }
-HIT_RATE_TYPES: dict[str, str] = {"host": "host", "disk": "disk", "s3": "object"}
-_DEVICE_TYPES = frozenset({"gpu"})
+#: The medium of the tiers each Dynamo hit-rate gauge covers → the gauge's word.
+HIT_RATE_MEDIA: dict[str, str] = {"CPU": "host", "DISK": "disk", "OBJECT": "object"}
+_ONBOARD_NAMES = {
+    "CPU": "onboard_blocks_h2d",
+    "DISK": "onboard_blocks_d2d",
+    "OBJECT": "onboard_blocks_o2d",
+}
 # Keys of a tier's stats() that have their own family (or are not numbers to export).
 _KNOWN_TIER_KEYS = frozenset(
     {
         "type",
+        "medium",
         "capacity_blocks",
         "used_blocks",
         "evictable_blocks",
@@ -95,36 +115,33 @@ _KNOWN_TIER_KEYS = frozenset(
 )
 
 
-def dynamo_path_name(path: str, tiers: dict[str, dict[str, Any]]) -> str | None:
+def dynamo_path_name(path: str, media: dict[str, str]) -> str | None:
     """Dynamo's counter name for a transfer path of this chain, or None if it has none.
 
     The source of ``offload:<tier>`` is the tier above it in the chain (the engine,
     i.e. the device, for the first tier); the destination of ``onboard:<tier>`` is
-    the engine. ``tiers`` is ``manager.stats()['tiers']`` (chain order).
+    the engine. ``media`` maps each tier's name to its declared medium, in chain
+    order (``{"host": "CPU", "disk": "DISK"}``).
     """
     direction, _, name = path.partition(":")
-    if name not in tiers:
+    if name not in media:
         return None
-    order = list(tiers)
-    ttype = tiers[name].get("type")
+    medium = media[name]
     if direction == "onboard":
-        return {
-            "host": "onboard_blocks_h2d",
-            "disk": "onboard_blocks_d2d",
-            "s3": "onboard_blocks_o2d",
-        }.get(str(ttype))
+        return _ONBOARD_NAMES.get(medium)
     if direction != "offload":
         return None
+    order = list(media)
     i = order.index(name)
-    src_type = "engine" if i == 0 else tiers[order[i - 1]].get("type")
-    from_device = src_type == "engine" or src_type in _DEVICE_TYPES
-    if ttype == "host":
+    src = "engine" if i == 0 else media[order[i - 1]]
+    from_device = src in ("engine", "GPU")
+    if medium == "CPU":
         return "offload_blocks_d2h" if from_device else None
-    if ttype == "disk":
+    if medium == "DISK":
         if from_device:
             return "offload_blocks_d2d"
-        return "offload_blocks_h2d" if src_type == "host" else None
-    if ttype == "s3":
+        return "offload_blocks_h2d" if src == "CPU" else None
+    if medium == "OBJECT":
         return "offload_blocks_d2o"
     return None
 
@@ -169,7 +186,7 @@ class KvbmCollector(Collector):
         paths: dict[str, dict[str, Any]] = st.get("paths", {})
         bb = int(getattr(self.manager, "block_bytes", 0))
         page = int(getattr(self.manager, "page_size", 0))
-        yield from self._dynamo(tiers, paths, page)
+        yield from self._dynamo(tiers, paths, page, self._media(tiers))
         yield from self._paths(tiers, paths)
         yield from self._tiers(tiers, bb)
         c = CounterMetricFamily(
@@ -182,17 +199,26 @@ class KvbmCollector(Collector):
         g.add_metric([], bb)
         yield g
 
+    def _media(self, tiers: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """Each tier's declared medium, in the order of ``tiers`` (the chain's)."""
+        declared = tier_media(self.manager)
+        return {n: str(t.get("medium") or declared.get(n, "STORAGE")) for n, t in tiers.items()}
+
     def _dynamo(
-        self, tiers: dict[str, dict[str, Any]], paths: dict[str, dict[str, Any]], page: int
+        self,
+        tiers: dict[str, dict[str, Any]],
+        paths: dict[str, dict[str, Any]],
+        page: int,
+        media: dict[str, str],
     ) -> Iterator[Metric]:
         values = dict.fromkeys(DYNAMO_COUNTERS, 0.0)
         for path, p in paths.items():
-            name = dynamo_path_name(path, tiers)
+            name = dynamo_path_name(path, media)
             if name is not None:
                 values[name] += p.get("blocks", 0)
-        for t in tiers.values():
+        for n, t in tiers.items():
             values["matched_tokens"] += t.get("hits", 0) * page
-            if t.get("type") == "s3":
+            if media[n] == "OBJECT":
                 values["object_read_failures"] += t.get("failed_reads", 0)
                 values["object_write_failures"] += t.get("failed_writes", 0)
         for name, doc in DYNAMO_COUNTERS.items():
@@ -203,9 +229,9 @@ class KvbmCollector(Collector):
         win = self._windowed(
             now, {n: (int(t.get("hits", 0)), int(t.get("lookups", 0))) for n, t in tiers.items()}
         )
-        for ttype, label in HIT_RATE_TYPES.items():
-            hits = sum(win[n][0] for n, t in tiers.items() if t.get("type") == ttype)
-            looks = sum(win[n][1] for n, t in tiers.items() if t.get("type") == ttype)
+        for medium, label in HIT_RATE_MEDIA.items():
+            hits = sum(win[n][0] for n in tiers if media[n] == medium)
+            looks = sum(win[n][1] for n in tiers if media[n] == medium)
             g = GaugeMetricFamily(
                 PREFIX + f"{label}_cache_hit_rate",
                 f"{label} tier hits / lookups over the last {self.window:g} s",

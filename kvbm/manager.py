@@ -1,10 +1,13 @@
-"""KvBlockManager: one chain of tiers behind match, offload and onboard.
+"""KvBlockManager: one chain of tiers behind match, offload and onboard, in one process.
 
-The manager keeps the two halves of the design apart: metadata (hashing, one
-``BlockRegistry`` per tier, pins, policies, slot choice) runs under one lock and is
-O(1) per block; data (each tier's copies and I/O) runs outside the lock, batched,
-in the caller's thread for the first tier and on worker threads for the write-through
-cascade to lower tiers.
+The manager is the planner and the executor side by side (``kvbm.planner``,
+``kvbm.executor``): every call asks the planner for a plan, runs it with the
+executor, and hands the executor's report back to the planner, which settles the
+slots and plans what follows. The first tier's copy runs in the caller's thread;
+the write-through cascade to lower tiers runs on the executor's I/O threads.
+Engine connectors (Hugging Face, SGLang) and ``kvbm bench`` use this class; vLLM's
+connector drives the same planner from its scheduler and the same executor in each
+worker, so there is one data path.
 
 Faults in a tier never reach the caller: a failed write is a skipped block, a failed
 read is a miss, each counted and logged (at most once a second per tier).
@@ -13,115 +16,48 @@ read is a miss, each counted and logged (at most once a second per tier).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import numpy as np
-
-from .config import KvbmSettings, TierConfig, load_settings, tier_names, validate_tier
-from .errors import ConfigError, PluginError
-from .events import BlockEvent, EventBus, EventKind
+from .chain import ChainLink, resolve_chain, tier_states
+from .config import KvbmSettings, load_settings
+from .errors import KvbmError, TokenError
+from .events import EventBus
+from .executor import Executor, PathStats, build_tiers
 from .hashing import BlockHasher, Namespace, SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
+from .plan import Plan, Report
+from .planner import Match, Planner, TierState
 from .plugins import Plugins, build_plugins
-from .policy import AdmissionPolicy, AdmitAll
-from .registry import BlockRegistry
-from .staging import StagingPool
-from .tier import Tier, TierContext
 
 log = logging.getLogger("kvbm")
 
+#: ``TierState`` under its former name: one tier of the chain with its registry.
+TierRuntime = TierState
 
-@dataclass
-class PathStats:
-    """Blocks, bytes and seconds moved along one transfer path (``offload:host`` …)."""
-
-    blocks: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    failures: int = 0
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass
-class TierRuntime:
-    """A tier of the chain with its registry, admission filter and counters."""
-
-    name: str
-    index: int
-    tier: Tier
-    registry: BlockRegistry
-    admission: AdmissionPolicy
-    config: TierConfig
-    hits: int = 0
-    lookups: int = 0
-    skipped_writes: int = 0
-    failed_writes: int = 0
-    failed_reads: int = 0
-    _last_warn: float = 0.0
-
-    def warn(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_warn >= 1.0:
-            self._last_warn = now
-            log.warning("kvbm tier %r: " + msg, self.name, *args)
-
-
-@dataclass
-class Match:
-    """A pinned prefix of a request's blocks; release it (or use ``with``) when done.
-
-    ``tiers[i]`` names the tier that holds ``hashes[i]``. Pinned blocks cannot be
-    evicted until released.
-    """
-
-    hashes: list[SequenceHash]
-    tiers: list[str]
-    page_size: int
-    _pins: list[tuple[TierRuntime, int]] = field(default_factory=list, repr=False)
-    _manager: KvBlockManager | None = field(default=None, repr=False)
-    _bad: list[tuple[TierRuntime, SequenceHash]] = field(default_factory=list, repr=False)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.hashes)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.hashes) * self.page_size
-
-    def release(self) -> None:
-        """Drop the pins; idempotent."""
-        if self._manager is not None:
-            self._manager._release(self)
-            self._manager = None
-
-    def __enter__(self) -> Match:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+__all__ = ["ChainLink", "KvBlockManager", "Match", "OffloadResult", "OnboardResult",
+           "PathStats", "TierRuntime", "resolve_chain"]
 
 
 @dataclass
 class OffloadResult:
-    """What ``offload`` wrote to the first tier; lower tiers follow in the background."""
+    """What ``offload`` wrote to the chain; lower tiers follow in the background.
+
+    ``stored``: written now (to the first tier, or to a lower one when the first was
+    full); ``present``: already held; ``rejected``: refused by the first tier's
+    admission filter; ``failed``: the write failed; ``not_saved``: no tier had a free
+    slot (every one pinned or being written).
+    """
 
     stored: int = 0
     present: int = 0
     rejected: int = 0
     failed: int = 0
+    not_saved: int = 0
 
 
 @dataclass
@@ -139,37 +75,30 @@ class OnboardResult:
 class KvBlockManager:
     """Match, offload and onboard KV blocks through a chain of tiers."""
 
-    def __init__(
-        self,
-        settings: KvbmSettings,
-        plugins: Plugins,
-        tiers: list[TierRuntime],
-        layout: BlockLayout,
-        namespace: Namespace,
-        events: EventBus,
-    ) -> None:
+    def __init__(self, settings: KvbmSettings, plugins: Plugins, planner: Planner,
+                 executor: Executor, layout: BlockLayout, namespace: Namespace,
+                 events: EventBus) -> None:
         self.settings = settings
         self.plugins = plugins
+        self.planner = planner
+        self.executor = executor
         self.layout = layout
         self.namespace = namespace
         self.events = events
-        self.chain = tiers
         self.hasher = BlockHasher(namespace, layout.page_size, settings.hash_algorithm)
         self.page_size = layout.page_size
         self.block_bytes = layout.bytes_per_block
-        self._lock = threading.RLock()
-        self._staging = StagingPool(self.block_bytes)
-        self._executor = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="kvbm-io")
-        self._copy_threads = settings.copy_threads
-        self._copy_pool = (
-            ThreadPoolExecutor(settings.copy_threads - 1, thread_name_prefix="kvbm-copy")
-            if settings.copy_threads > 1
-            else None
-        )
-        self._pending: set[Future[None]] = set()
-        self._pending_lock = threading.Lock()
-        self.paths: dict[str, PathStats] = {}
         self._closed = False
+
+    @property
+    def chain(self) -> list[TierState]:
+        """The tiers in chain order: ``.name``, ``.index``, ``.tier``, ``.config``, ``.registry``."""
+        return self.planner.tiers
+
+    @property
+    def paths(self) -> dict[str, PathStats]:
+        """Blocks, bytes and seconds per transfer path (``offload:host``, ``onboard:disk`` …)."""
+        return self.executor.paths
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -183,7 +112,7 @@ class KvBlockManager:
         """Build the chain a config names (a YAML path, a dict, settings, or env/defaults)."""
         settings = load_settings(config, **overrides)
         plugins = plugins or build_plugins()
-        chain = resolve_chain(settings, plugins)
+        links = resolve_chain(settings, plugins)
         layout = settings.layout()
         namespace = Namespace(
             model_id=settings.model.name,
@@ -194,19 +123,22 @@ class KvBlockManager:
             cache_salt=settings.cache_salt,
         )
         events = EventBus()
-        runtimes: list[TierRuntime] = []
+        tiers = build_tiers(links, namespace, layout)
+        executor = Executor(tiers, layout, copy_threads=settings.copy_threads,
+                            io_threads=settings.io_threads,
+                            probe_timeout_s=getattr(settings, "probe_timeout_s", 0.5))
         try:
-            for i, link in enumerate(chain):
-                ctx = TierContext(link.name, namespace, layout, link.num_blocks)
-                tier = link.tier_cls(link.config, ctx)
-                registry = BlockRegistry(link.name, link.num_blocks, link.eviction, events)
-                runtimes.append(TierRuntime(link.name, i, tier, registry, link.admission, link.config))
-                registry.restore(tier.recover())
-        except Exception:
-            for rt in runtimes:
-                rt.tier.close()
+            states = tier_states(links, events)
+            for ts, tier, blocks in zip(states, tiers, executor.recover()):
+                ts.tier = tier
+                ts.registry.restore(blocks)
+            planner = Planner(states, page_size=layout.page_size,
+                              write_through=settings.write_through, events=events)
+            executor.serve_peers()
+        except BaseException:
+            executor.close(timeout=0)
             raise
-        mgr = cls(settings, plugins, runtimes, layout, namespace, events)
+        mgr = cls(settings, plugins, planner, executor, layout, namespace, events)
         try:
             plugins.chain_built(mgr)
         except BaseException:
@@ -229,88 +161,22 @@ class KvBlockManager:
         return self.hash_tokens(tokens_or_hashes)
 
     def match_prefix(self, tokens_or_hashes: Any) -> Match:
-        """Pin the longest cached prefix; stops at the first block no tier holds."""
+        """Pin the longest cached prefix; stops at the first block no tier holds.
+
+        Where the registries end early, shared tiers (S3, peers) are probed for blocks
+        other instances wrote; the caller waits at most ``probe_timeout_s`` for them.
+        """
+        self._check_open()
         hashes = self._as_hashes(tokens_or_hashes)
-        match = Match([], [], self.page_size, _manager=self)
-        with self._lock:
-            for h in hashes:
-                for rt in self.chain:
-                    rt.lookups += 1
-                    slot = rt.registry.pin(h)
-                    if slot is not None:
-                        rt.hits += 1
-                        match.hashes.append(h)
-                        match.tiers.append(rt.name)
-                        match._pins.append((rt, slot))
-                        break
-                else:
-                    break
-        rest = hashes[match.num_blocks :]
+        match = self.planner.match(hashes)
+        rest = hashes[match.num_blocks:]
         if rest:
-            self._match_shared(rest, match)
-        if self.events.active:
-            self._publish_matched(match)
+            probes = self.planner.probe_ops(rest)
+            if probes:
+                found = {p.tier: self.executor.probe(p) for p in probes}
+                self.planner.adopt(rest, found, into=match)
+                self._run_discards(self.planner.take_plan())
         return match
-
-    def _match_shared(self, rest: list[SequenceHash], match: Match) -> None:
-        """Extend a match with blocks that shared tiers hold but this process never wrote."""
-        for rt in self.chain:
-            if not rt.tier.shared:
-                continue
-            try:
-                found = rt.tier.probe(rest)
-            except Exception as e:
-                rt.warn("probe failed (%s); treated as misses", e)
-                continue
-            n = 0
-            while n < len(found) and found[n]:
-                n += 1
-            if not n:
-                continue
-            with self._lock:
-                for h in rest[:n]:
-                    slot = rt.registry.allocate(h)
-                    if slot is None:
-                        slot = rt.registry.pin(h)
-                        if slot is None:
-                            return
-                    else:
-                        rt.registry.commit(slot, pinned=True)
-                        rt.hits += 1
-                    match.hashes.append(h)
-                    match.tiers.append(rt.name)
-                    match._pins.append((rt, slot))
-            self._discard_evicted(rt)
-            return
-
-    def _publish_matched(self, match: Match) -> None:
-        now = time.time()
-        by_tier: dict[str, list[SequenceHash]] = {}
-        for h, t in zip(match.hashes, match.tiers):
-            by_tier.setdefault(t, []).append(h)
-        evs = [BlockEvent(EventKind.MATCHED, t, tuple(hs), now) for t, hs in by_tier.items()]
-        self._flush_events(evs)
-
-    def _release(self, match: Match) -> None:
-        with self._lock:
-            for rt, slot in match._pins:
-                rt.registry.unpin(slot)
-            match._pins = []
-            # A block whose read failed is not served again from that tier: drop it
-            # (once nobody else pins it) so later matches miss cleanly or go lower.
-            dropped: list[tuple[TierRuntime, int, SequenceHash]] = []
-            for rt, h in match._bad:
-                bad_slot = rt.registry.lookup(h)
-                if bad_slot is not None and rt.registry.remove(h):
-                    dropped.append((rt, bad_slot, h))
-            match._bad = []
-            events = self._take_events()
-        self._flush_events(events)
-        for rt, bad_slot, h in dropped:
-            try:
-                rt.tier.discard([bad_slot], [h])
-            except Exception as e:
-                rt.warn("discard failed (%s)", e)
 
     # -- offload ---------------------------------------------------------------
     def offload(
@@ -323,264 +189,42 @@ class KvBlockManager:
         """Copy complete blocks from ``source`` into the first tier; cascade down after.
 
         ``indices[i]`` is the source's index of ``hashes[i]`` (default ``i``). Blocks a
-        tier already holds are not written again. Returns at once after the first tier;
-        ``flush()`` waits for the cascade.
+        tier already holds are not written again. Returns once the first copy is done;
+        ``flush()`` waits for the cascade. An error of ``source`` (a bad index or
+        shape) propagates after every reserved slot was freed.
         """
+        self._check_open()
         if indices is None:
             indices = range(len(hashes))
         if len(indices) != len(hashes):
             raise ValueError(f"offload: {len(hashes)} hashes but {len(indices)} source indices")
-        res = OffloadResult()
-        if not hashes or not self.chain:
-            return res
-        top = self.chain[0]
-        cascade = self.settings.write_through and len(self.chain) > 1
-        present: list[tuple[SequenceHash, int]] = []
-        keys, idx, slots, prios = self._reserve(top, list(hashes), list(indices), priorities, res,
-                                                present if cascade else None)
-        if present:
-            self._reoffer(present)
-        if not keys:
-            return res
-        t0 = time.perf_counter()
+        if priorities is not None and len(priorities) != len(hashes):
+            raise ValueError(f"offload: {len(hashes)} hashes but {len(priorities)} priorities; "
+                             "give one priority per block or none")
+        for k, h in enumerate(hashes):
+            if not isinstance(h, bytes) or len(h) != 16:
+                raise TokenError(f"offload: hashes[{k}] is {type(h).__name__} {h!r:.40}, not a "
+                                 "16-byte sequence hash; pass manager.hash_tokens(tokens)")
+        sr = self.planner.plan_save(list(hashes), list(indices), priorities)
+        res = OffloadResult(present=sr.present, rejected=sr.rejected, not_saved=sr.not_saved)
+        plan = sr.plan
+        self._run_discards(plan)
+        report: Report = {}
         try:
-            ok = self._write_from_source(top, slots, keys, idx, source)
+            for op in plan.saves:
+                report[op.op_id] = self.executor.save(op, source)
         except BaseException:
-            # The caller's source is at fault (bad index, shape): free the reserved
-            # slots so nothing half-written stays behind, and let the caller see it.
-            with self._lock:
-                for s in slots:
-                    top.registry.abort(s)
-                self._take_events()
+            # The caller's source is at fault: free every reserved slot, then raise.
+            self._settle_failed(plan)
             raise
-        self._count(f"offload:{top.name}", sum(ok), time.perf_counter() - t0, ok.count(False))
-        done_slots, done_keys, done_prios = self._settle(top, slots, keys, prios, ok, cascade)
-        res.stored = len(done_keys)
-        res.failed = len(keys) - res.stored
-        if cascade and done_keys:
-            self._submit(self._cascade, 0, done_slots, done_keys, done_prios)
+        for op in plan.saves:
+            res.stored += len(op.slots) - len(report[op.op_id])
+            res.failed += len(report[op.op_id])
+        if plan.copies:
+            # Repeat offers of blocks the first tier holds: copies, in the background.
+            self._background(Plan(copies=plan.copies))
+        self._follow(report)
         return res
-
-    def _reserve(
-        self,
-        rt: TierRuntime,
-        hashes: list[SequenceHash],
-        indices: list[int],
-        priorities: Sequence[int] | None,
-        res: OffloadResult | None = None,
-        present: list[tuple[SequenceHash, int]] | None = None,
-    ) -> tuple[list[SequenceHash], list[int], list[int], list[int]]:
-        """Presence, admission and slot allocation for one tier; returns what to write.
-
-        Presence comes first so that an admission filter counts offers only of blocks
-        the tier lacks. Blocks the tier already holds go to ``present`` (hash, priority).
-        """
-        prios = list(priorities) if priorities is not None else [0] * len(hashes)
-        with self._lock:
-            absent = [k for k, h in enumerate(hashes) if h not in rt.registry]
-        if present is not None and len(absent) < len(hashes):
-            held = set(absent)
-            present.extend((hashes[k], prios[k]) for k in range(len(hashes)) if k not in held)
-        if res is not None:
-            res.present += len(hashes) - len(absent)
-        if not absent:
-            return [], [], [], []
-        try:
-            admit = rt.admission.admit([hashes[k] for k in absent], [prios[k] for k in absent])
-        except Exception as e:
-            rt.warn("admission filter failed (%s); admitting nothing", e)
-            admit = [False] * len(absent)
-        keys: list[SequenceHash] = []
-        idx: list[int] = []
-        slots: list[int] = []
-        out_prios: list[int] = []
-        with self._lock:
-            for k, a in zip(absent, admit):
-                if not a:
-                    if res is not None:
-                        res.rejected += 1
-                    continue
-                slot = rt.registry.allocate(hashes[k])
-                if slot is None:
-                    rt.skipped_writes += 1
-                    if res is not None:
-                        res.failed += 1
-                    continue
-                keys.append(hashes[k])
-                idx.append(indices[k])
-                slots.append(slot)
-                out_prios.append(prios[k])
-        self._discard_evicted(rt)
-        return keys, idx, slots, out_prios
-
-    def _settle(
-        self,
-        rt: TierRuntime,
-        slots: list[int],
-        keys: list[SequenceHash],
-        prios: list[int],
-        ok: list[bool],
-        pinned: bool,
-    ) -> tuple[list[int], list[SequenceHash], list[int]]:
-        """Commit the written slots (pinned when a cascade will read them), abort the rest.
-
-        Returns the slots, keys and priorities that were committed.
-        """
-        done: tuple[list[int], list[SequenceHash], list[int]] = ([], [], [])
-        with self._lock:
-            for s, k, p, good in zip(slots, keys, prios, ok):
-                if good:
-                    rt.registry.commit(s, p, pinned=pinned)
-                    done[0].append(s)
-                    done[1].append(k)
-                    done[2].append(p)
-                else:
-                    rt.registry.abort(s)
-                    rt.failed_writes += 1
-            events = self._take_events()
-        self._flush_events(events)
-        return done
-
-    def _reoffer(self, present: list[tuple[SequenceHash, int]]) -> None:
-        """Offer blocks the first tier already holds to the next tier again.
-
-        A block offloaded again is a block reused: this repeat offer is what lets a
-        frequency filter below admit it (Dynamo counts offers the same way). Only
-        blocks the next tier lacks are pinned and cascaded.
-        """
-        top, nxt = self.chain[0], self.chain[1]
-        slots: list[int] = []
-        keys: list[SequenceHash] = []
-        prios: list[int] = []
-        with self._lock:
-            for h, p in present:
-                if h in nxt.registry:
-                    continue
-                slot = top.registry.pin(h)
-                if slot is None:
-                    continue  # still being written: its own cascade will offer it
-                slots.append(slot)
-                keys.append(h)
-                prios.append(p)
-        if keys:
-            self._submit(self._cascade, 0, slots, keys, prios)
-
-    def _discard_evicted(self, rt: TierRuntime) -> None:
-        with self._lock:
-            evicted = rt.registry.take_evicted()
-        if evicted:
-            try:
-                rt.tier.discard([s for _, s in evicted], [k for k, _ in evicted])
-            except Exception as e:
-                rt.warn("discard failed (%s)", e)
-
-    def _write_from_source(
-        self,
-        rt: TierRuntime,
-        slots: list[int],
-        keys: list[SequenceHash],
-        idx: list[int],
-        source: BlockSource,
-    ) -> list[bool]:
-        views = rt.tier.views(slots)
-        if views is not None:
-            # A caller's bad source raises here, before any commit.
-            self._split_copy(source.copy_out, idx, views)
-            return [True] * len(slots)
-        bufs = self._staging.acquire(len(slots))
-        try:
-            source.copy_out(idx, bufs)
-            return self._tier_write(rt, slots, keys, bufs)
-        finally:
-            self._staging.release(bufs)
-
-    def _split_copy(self, fn: Any, idx: Sequence[int], bufs: Sequence[np.ndarray]) -> None:
-        """Run ``fn(idx, bufs)`` split across the copy threads for large batches.
-
-        numpy and torch copies release the GIL, so disjoint halves of a batch copy in
-        parallel; the caller's thread takes one share itself.
-        """
-        k = self._copy_threads
-        n = len(idx)
-        if self._copy_pool is None or n < 2 * k:
-            fn(idx, bufs)
-            return
-        step = -(-n // k)
-        futs = [
-            self._copy_pool.submit(fn, idx[i : i + step], bufs[i : i + step])
-            for i in range(step, n, step)
-        ]
-        fn(idx[:step], bufs[:step])
-        for f in futs:
-            f.result()
-
-    def _tier_write(
-        self, rt: TierRuntime, slots: list[int], keys: list[SequenceHash], bufs: Sequence[np.ndarray]
-    ) -> list[bool]:
-        try:
-            ok = rt.tier.write(slots, keys, bufs)
-            if len(ok) != len(slots):
-                raise RuntimeError(f"write returned {len(ok)} flags for {len(slots)} blocks")
-            return list(ok)
-        except Exception as e:
-            rt.warn("write of %d blocks failed (%s); skipped", len(slots), e)
-            return [False] * len(slots)
-
-    def _tier_read(
-        self, rt: TierRuntime, slots: list[int], keys: list[SequenceHash], bufs: Sequence[np.ndarray]
-    ) -> list[bool]:
-        try:
-            ok = rt.tier.read(slots, keys, bufs)
-            if len(ok) != len(slots):
-                raise RuntimeError(f"read returned {len(ok)} flags for {len(slots)} blocks")
-            return list(ok)
-        except Exception as e:
-            rt.warn("read of %d blocks failed (%s); treated as misses", len(slots), e)
-            return [False] * len(slots)
-
-    def _cascade(
-        self, src_index: int, src_slots: list[int], keys: list[SequenceHash], prios: list[int]
-    ) -> None:
-        """Copy blocks pinned in tier ``src_index`` to the next tier, then unpin them."""
-        src = self.chain[src_index]
-        dst = self.chain[src_index + 1]
-        slot_of = dict(zip(keys, src_slots))
-        try:
-            w_keys, _, w_slots, w_prios = self._reserve(dst, keys, list(range(len(keys))), prios)
-            if not w_keys:
-                return
-            from_slots = [slot_of[k] for k in w_keys]
-            t0 = time.perf_counter()
-            views = src.tier.views(from_slots)
-            bufs: list[np.ndarray] = []
-            try:
-                if views is None:
-                    bufs = self._staging.acquire(len(w_keys))
-                    good_src = self._tier_read(src, from_slots, w_keys, bufs)
-                    views = bufs
-                else:
-                    good_src = [True] * len(w_keys)
-                dst_views = dst.tier.views(w_slots)
-                if dst_views is not None:
-                    for v, d, g in zip(views, dst_views, good_src):
-                        if g:
-                            np.copyto(d, v)
-                    ok = list(good_src)
-                else:
-                    ok = self._tier_write(dst, w_slots, w_keys, views)
-                    ok = [a and b for a, b in zip(ok, good_src)]
-            finally:
-                if bufs:
-                    self._staging.release(bufs)
-            self._count(f"offload:{dst.name}", sum(ok), time.perf_counter() - t0, ok.count(False))
-            more = src_index + 2 < len(self.chain)
-            nxt_slots, nxt_keys, nxt_prios = self._settle(dst, w_slots, w_keys, w_prios, ok, more)
-            if more and nxt_keys:
-                self._submit(self._cascade, src_index + 1, nxt_slots, nxt_keys, nxt_prios)
-        finally:
-            with self._lock:
-                for s in src_slots:
-                    src.registry.unpin(s)
 
     # -- onboard ---------------------------------------------------------------
     def onboard(
@@ -593,84 +237,34 @@ class KvBlockManager:
         """Copy a match's blocks into ``destination`` (``indices[i]`` for block ``i``).
 
         Blocks read from lower tiers are promoted into the first tier. A block that
-        fails its read (or checksum) ends the valid prefix at that point.
+        fails its read (or checksum) ends the valid prefix at that point and is
+        dropped from its tier once the match is released. A match of another manager,
+        or one already released, is refused with ``KvbmError``.
         """
+        self._check_open()
         n = match.num_blocks
         if indices is None:
             indices = range(n)
+        self.planner.check(match)
         if len(indices) != n:
             raise ValueError(f"onboard: match has {n} blocks but {len(indices)} destination indices")
         res = OnboardResult()
         if n == 0:
             return res
-        good = [False] * n
-        groups: dict[int, list[int]] = {}
-        for i, (rt, _) in enumerate(match._pins):
-            groups.setdefault(rt.index, []).append(i)
-        promote_keys: list[SequenceHash] = []
-        promote_bufs: list[np.ndarray] = []
-        held: list[np.ndarray] = []
+        op = self.planner.plan_load(match, list(indices), promote=promote)
         try:
-            for tindex, members in sorted(groups.items()):
-                rt = self.chain[tindex]
-                slots = [match._pins[i][1] for i in members]
-                keys = [match.hashes[i] for i in members]
-                dst_idx = [indices[i] for i in members]
-                t0 = time.perf_counter()
-                views = rt.tier.views(slots)
-                if views is not None:
-                    self._split_copy(destination.copy_in, dst_idx, views)
-                    ok = [True] * len(members)
-                else:
-                    direct = _destination_views(destination, dst_idx)
-                    if direct is not None:
-                        # The destination is plain memory: the tier reads straight into
-                        # it, sparing the staging copy. A failed block's bytes there are
-                        # not part of the loaded prefix.
-                        bufs = direct
-                        ok = self._tier_read(rt, slots, keys, bufs)
-                        okb = [b for b, g in zip(bufs, ok) if g]
-                    else:
-                        bufs = self._staging.acquire(len(members))
-                        held.extend(bufs)
-                        ok = self._tier_read(rt, slots, keys, bufs)
-                        okb = [b for b, g in zip(bufs, ok) if g]
-                        destination.copy_in([d for d, g in zip(dst_idx, ok) if g], okb)
-                    if promote and tindex > 0:
-                        promote_keys.extend(k for k, g in zip(keys, ok) if g)
-                        promote_bufs.extend(okb)
-                nfail = ok.count(False)
-                rt.failed_reads += nfail
-                self._count(f"onboard:{rt.name}", len(ok) - nfail, time.perf_counter() - t0, nfail)
-                for i, g in zip(members, ok):
-                    good[i] = g
-                    if not g:
-                        match._bad.append((rt, match.hashes[i]))
-            if promote_keys:
-                self._promote(promote_keys, promote_bufs)
-        finally:
-            if held:
-                self._staging.release(held)
+            report = self.executor.load([op], destination)
+        except BaseException:
+            self._settle_failed(Plan(loads=[op]))
+            raise
+        failed = report[op.op_id]
         loaded = 0
-        while loaded < n and good[loaded]:
+        while loaded < n and loaded not in failed:
             loaded += 1
         res.loaded = loaded
-        res.failed = [i for i, g in enumerate(good) if not g]
+        res.failed = sorted(failed)
+        self._follow(report)
         return res
-
-    def _promote(self, keys: list[SequenceHash], bufs: list[np.ndarray]) -> None:
-        top = self.chain[0]
-        w_keys, w_idx, w_slots, w_prios = self._reserve(top, keys, list(range(len(keys))), None)
-        if not w_keys:
-            return
-        views = top.tier.views(w_slots)
-        if views is not None:
-            for v, i in zip(views, w_idx):
-                np.copyto(v, bufs[i])
-            ok = [True] * len(w_keys)
-        else:
-            ok = self._tier_write(top, w_slots, w_keys, [bufs[i] for i in w_idx])
-        self._settle(top, w_slots, w_keys, w_prios, ok, pinned=False)
 
     # -- async forms -----------------------------------------------------------
     async def match_prefix_async(self, tokens_or_hashes: Any) -> Match:
@@ -685,107 +279,74 @@ class KvBlockManager:
         """``onboard`` on a worker thread."""
         return await _in_thread(self.onboard, *args, **kwargs)
 
+    # -- the loop between planner and executor ----------------------------------
+    def _follow(self, report: Report) -> None:
+        """Apply a report; run what follows (discards now, cascade copies in the background)."""
+        nxt = self.planner.apply(report)
+        self._run_discards(nxt)
+        if nxt.copies:
+            self._background(Plan(copies=nxt.copies))
+
+    def _background(self, plan: Plan) -> None:
+        self.executor.submit(self._cascade, plan)
+
+    def _cascade(self, plan: Plan) -> None:
+        report: Report = {}
+        try:
+            report = self.executor.run(plan)
+        except BaseException:
+            self._settle_failed(plan)
+            raise
+        self._follow(report)
+
+    def _settle_failed(self, plan: Plan) -> None:
+        self._run_discards(self.planner.fail(plan))
+
+    def _run_discards(self, plan: Plan) -> None:
+        for d in plan.discards:
+            self.executor.discard(d)
+        plan.discards = []
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KvbmError("this KvBlockManager is closed; build a new one with "
+                            "KvBlockManager.from_config(...)")
+
     # -- bookkeeping -----------------------------------------------------------
-    def _submit(self, fn: Any, *args: Any) -> None:
-        fut = self._executor.submit(fn, *args)
-        with self._pending_lock:
-            self._pending.add(fut)
-        fut.add_done_callback(self._done)
-
-    def _done(self, fut: Future[None]) -> None:
-        with self._pending_lock:
-            self._pending.discard(fut)
-        exc = fut.exception()
-        if exc is not None:
-            log.error("kvbm cascade failed: %r", exc, exc_info=exc)
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every background cascade finished."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._pending_lock:
-                pending = list(self._pending)
-            if not pending:
-                return
-            for f in pending:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                with contextlib.suppress(Exception):
-                    f.result(timeout=left)
-
-    def _count(self, path: str, blocks: int, seconds: float, failures: int = 0) -> None:
-        with self._lock:
-            st = self.paths.get(path)
-            if st is None:
-                st = self.paths[path] = PathStats()
-            st.blocks += blocks
-            st.bytes += blocks * self.block_bytes
-            st.seconds += seconds
-            st.failures += failures
-
-    def _take_events(self) -> list[BlockEvent]:
-        if not self.events.active:
-            return []
-        out: list[BlockEvent] = []
-        for rt in self.chain:
-            out.extend(rt.registry.take_events())
-        return out
-
-    def _flush_events(self, events: list[BlockEvent]) -> None:
-        if events:
-            self.events.publish(events)
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every background cascade finished; False if ``timeout`` passed first."""
+        return self.executor.flush(timeout)
 
     def release_all_evictable(self) -> None:
         """Drop every unpinned block from every tier."""
-        with self._lock:
-            for rt in self.chain:
-                while rt.registry.evict() is not None:
-                    pass
-        for rt in self.chain:
-            self._discard_evicted(rt)
+        self._run_discards(self.planner.evict_all())
 
     def stats(self) -> dict[str, Any]:
         """Counters per tier and per transfer path."""
-        with self._lock:
-            tiers = {}
-            for rt in self.chain:
-                r = rt.registry
-                tiers[rt.name] = {
-                    "type": rt.config.type,
-                    "capacity_blocks": r.capacity,
-                    "used_blocks": r.num_used,
-                    "evictable_blocks": r.num_evictable,
-                    "hits": rt.hits,
-                    "lookups": rt.lookups,
-                    "evictions": r.evictions,
-                    "skipped_writes": rt.skipped_writes,
-                    "failed_writes": rt.failed_writes,
-                    "failed_reads": rt.failed_reads,
-                    **rt.tier.stats(),
-                }
-            paths = {
-                k: {"blocks": v.blocks, "bytes": v.bytes, "seconds": v.seconds,
-                    "gbps": v.gbps, "failures": v.failures}
-                for k, v in self.paths.items()
-            }
-        return {"tiers": tiers, "paths": paths, "events_dropped": self.events.dropped_batches}
+        p = self.planner
+        with p.lock:
+            tiers = {ts.name: {**p.tier_stats(ts), **ts.tier.stats()} for ts in p.tiers}
+            pins = sum(ts.registry.num_pinned for ts in p.tiers)
+            leaked = p.leaked_pins
+            not_saved = p.not_saved
+        ex = self.executor.stats()
+        return {"tiers": tiers, "paths": ex["paths"], "events_dropped": self.events.dropped_batches,
+                "pinned_blocks": pins, "leaked_pins": leaked, "not_saved_blocks": not_saved,
+                "probe_timeouts": ex["probe_timeouts"], "background_jobs": self.executor.busy}
 
-    def close(self) -> None:
-        """Finish the cascade, tell plugins, close tiers; idempotent."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the cascade (at most ``timeout`` s), tell plugins, close tiers; idempotent."""
         if self._closed:
             return
         self._closed = True
-        self.flush(timeout=60)
-        self._executor.shutdown(wait=True)
-        if self._copy_pool is not None:
-            self._copy_pool.shutdown(wait=True)
+        wait_s = timeout if timeout is not None else getattr(self.settings, "close_timeout_s", 30.0)
+        if not self.executor.flush(wait_s):
+            log.warning("kvbm: the write-through cascade did not finish within %.0fs; closing",
+                        wait_s)
         try:
             self.plugins.shutdown(self)
         finally:
-            for rt in self.chain:
-                try:
-                    rt.tier.close()
-                except Exception as e:
-                    log.warning("kvbm tier %r: close failed (%s)", rt.name, e)
+            self.executor.close(timeout=0)
             self.events.close()
 
     def __enter__(self) -> KvBlockManager:
@@ -798,80 +359,6 @@ class KvBlockManager:
 _T = TypeVar("_T")
 
 
-def _destination_views(destination: BlockDestination, indices: Sequence[int]) -> list[np.ndarray] | None:
-    """Writable views of the destination's blocks, where it offers them (plain memory)."""
-    views = getattr(destination, "views", None)
-    return views(indices) if callable(views) else None
-
-
 async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
-
-
-@dataclass
-class ChainLink:
-    """One resolved tier entry: its validated config, class, size and policies."""
-
-    name: str
-    config: TierConfig
-    tier_cls: type[Tier]
-    num_blocks: int
-    eviction: Any
-    admission: AdmissionPolicy
-
-
-def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -> list[ChainLink]:
-    """Validate every tier (step two) and build its policies; warn on a chain that makes no sense."""
-    if not settings.tiers:
-        raise ConfigError("key 'tiers': the chain is empty; give at least one tier, e.g. [{type: host, capacity: 4GiB}]")
-    layout = settings.layout()
-    bb = layout.bytes_per_block
-    links: list[ChainLink] = []
-    for spec, name in zip(settings.tiers, tier_names(settings.tiers)):
-        if spec.type not in plugins.tiers:
-            raise ConfigError(
-                f"tier {name!r}: key 'type': value {spec.type!r} is not a known tier type; "
-                f"known: {', '.join(plugins.tiers.names()) or 'none'} (see `kvbm plugins`)"
-            )
-        entry = plugins.tiers.get(spec.type)
-        assert entry.config_model is not None
-        cfg = validate_tier(spec, name, entry.config_model)
-        n = cfg.resolve_num_blocks(bb)
-        tier_cls: Any = entry.load() if load else Tier
-        try:
-            ev_cls = plugins.policies.get_kind("eviction", cfg.policy).load()
-            eviction = ev_cls(n, **cfg.policy_options)
-        except (PluginError, TypeError, ValueError) as e:
-            raise ConfigError(f"tier {name!r}: key 'policy': value {cfg.policy!r}: {e}") from None
-        adm_name = cfg.admission or getattr(tier_cls, "default_admission", None)
-        admission: AdmissionPolicy
-        if adm_name is None or adm_name == "all":
-            admission = AdmitAll()
-        else:
-            try:
-                adm_cls = plugins.policies.get_kind("admission", adm_name).load()
-                admission = adm_cls(**cfg.admission_options)
-            except PluginError as e:
-                if cfg.admission is None:
-                    # The tier's default filter is not installed: admit all rather than
-                    # refuse to start, and say so.
-                    log.warning("kvbm tier %r: default admission %r unavailable (%s); admitting all",
-                                name, adm_name, e)
-                    admission = AdmitAll()
-                else:
-                    raise ConfigError(f"tier {name!r}: key 'admission': value {adm_name!r}: {e}") from None
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"tier {name!r}: key 'admission_options': {e}") from None
-        links.append(ChainLink(name, cfg, tier_cls, n, eviction, admission))
-    if settings.write_through:
-        for upper, lower in zip(links, links[1:]):
-            if lower.num_blocks < upper.num_blocks:
-                log.warning(
-                    "kvbm: tier %r holds %d blocks, fewer than tier %r above it (%d); in a "
-                    "write-through chain every block of %r is also written to %r, so raise "
-                    "%r's capacity to at least %d blocks (%d bytes)",
-                    lower.name, lower.num_blocks, upper.name, upper.num_blocks,
-                    upper.name, lower.name, lower.name, upper.num_blocks, upper.num_blocks * bb,
-                )
-    return links

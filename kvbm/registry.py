@@ -4,13 +4,20 @@ A slot is ``FREE``, ``WRITING`` (reserved for a block whose bytes are being writ
 not yet matchable) or ``REGISTERED`` (holds the block named by its hash). Registered
 blocks carry a pin count; registered unpinned blocks form the evictable cache that
 the tier's eviction policy orders. Every operation is O(1) per block: the free slots
-are a stack, the hash → slot map a dict, the per-slot state three flat lists.
+are a deque used as a stack, the hash → slot map a dict, the per-slot state flat lists.
+
+A slot whose write failed goes to the *bottom* of the free stack (``abort(failed=True)``):
+it is retried only after every healthy free slot was used, so one dead slot (a
+truncated file, a bad sector) cannot take every later write. A block whose read
+failed is *doomed*: it is dropped as soon as nobody pins it, so it is never matched
+again from this tier.
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from collections.abc import Iterable
 
 from .events import BlockEvent, EventBus, EventKind
@@ -42,11 +49,13 @@ class BlockRegistry:
         self.capacity = capacity
         self.policy = policy
         self._events = events
-        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._free: deque[int] = deque(range(capacity - 1, -1, -1))
         self._state: list[SlotState] = [SlotState.FREE] * capacity
         self._key: list[SequenceHash | None] = [None] * capacity
         self._pins: list[int] = [0] * capacity
         self._slot_of: dict[SequenceHash, int] = {}
+        # Registered blocks to drop once their last pin goes (their read failed).
+        self._doomed: set[int] = set()
         # Runs of one kind, keyed (run number, kind) in the order they happened: a block
         # evicted and stored again (or stored then evicted) in one batch must reach
         # subscribers in that order, so kinds are never grouped across each other.
@@ -54,7 +63,12 @@ class BlockRegistry:
         self._run: list[SequenceHash] | None = None
         self._run_kind: EventKind | None = None
         self.evictions = 0
+        self.failed_slots = 0
+        self.removed = 0
+        # Blocks that left the registry whose storage the tier should forget:
+        # (hash, former slot), evicted by the policy and removed on purpose.
         self.last_evicted: list[tuple[SequenceHash, int]] = []
+        self.last_removed: list[tuple[SequenceHash, int]] = []
 
     # -- queries -------------------------------------------------------------
     def lookup(self, key: SequenceHash) -> int | None:
@@ -89,6 +103,16 @@ class BlockRegistry:
     def num_evictable(self) -> int:
         return len(self.policy)
 
+    @property
+    def num_pinned(self) -> int:
+        """Pins held over all slots (a scan: for stats and tests, not the data path)."""
+        return sum(self._pins)
+
+    @property
+    def num_writing(self) -> int:
+        """Slots reserved for a write not yet committed or aborted (a scan)."""
+        return sum(1 for s in self._state if s is SlotState.WRITING)
+
     def registered(self) -> Iterable[tuple[SequenceHash, int]]:
         """(hash, slot) of every registered block."""
         for key, slot in self._slot_of.items():
@@ -115,7 +139,7 @@ class BlockRegistry:
             self.policy.insert(key, 0)
             n += 1
         taken = set(self._slot_of.values())
-        self._free = [s for s in range(self.capacity - 1, -1, -1) if s not in taken]
+        self._free = deque(s for s in range(self.capacity - 1, -1, -1) if s not in taken)
         return n
 
     def allocate(self, key: SequenceHash) -> int | None:
@@ -149,10 +173,19 @@ class BlockRegistry:
             self.policy.pin(key)
         self._emit(EventKind.REGISTERED, key)
 
-    def abort(self, slot: int) -> None:
-        """The write failed: free the slot; the block was never visible."""
+    def abort(self, slot: int, failed: bool = False) -> None:
+        """The write did not happen: free the slot; the block was never visible.
+
+        ``failed``: the tier tried and failed to write this slot; it goes to the bottom
+        of the free stack, retried only when no healthy free slot is left.
+        """
         assert self._state[slot] is SlotState.WRITING, f"abort of slot {slot} in state {self._state[slot].name}"
         self._release_slot(slot)
+        if failed:
+            self.failed_slots += 1
+            # _release_slot pushed it on top; move it to the bottom.
+            self._free.pop()
+            self._free.appendleft(slot)
 
     def pin(self, key: SequenceHash) -> int | None:
         """Pin a registered block (count a hit); return its slot, or None if absent."""
@@ -166,13 +199,25 @@ class BlockRegistry:
         return slot
 
     def unpin(self, slot: int) -> None:
-        """Drop one pin; at zero the block is evictable again."""
+        """Drop one pin; at zero the block is evictable again (or dropped, if doomed)."""
         assert self._pins[slot] > 0, f"unpin of slot {slot} that holds no pin"
         self._pins[slot] -= 1
         if self._pins[slot] == 0:
             key = self._key[slot]
             assert key is not None
             self.policy.unpin(key)
+            if slot in self._doomed:
+                self.remove(key)
+
+    def doom(self, key: SequenceHash) -> bool:
+        """Drop ``key`` as soon as nobody pins it (its read failed); True if dropped now."""
+        slot = self.lookup(key)
+        if slot is None:
+            return False
+        if self._pins[slot]:
+            self._doomed.add(slot)
+            return False
+        return self.remove(key)
 
     def remove(self, key: SequenceHash) -> bool:
         """Drop an unpinned registered block on purpose; False if absent or pinned."""
@@ -181,7 +226,9 @@ class BlockRegistry:
             return False
         self.policy.remove(key)
         self._release_slot(slot)
+        self.removed += 1
         self._emit(EventKind.REMOVED, key)
+        self.last_removed.append((key, slot))
         return True
 
     def evict(self) -> tuple[SequenceHash, int] | None:
@@ -207,6 +254,7 @@ class BlockRegistry:
         key = self._key[slot]
         if key is not None:
             del self._slot_of[key]
+        self._doomed.discard(slot)
         self._state[slot] = SlotState.FREE
         self._key[slot] = None
         self._pins[slot] = 0
@@ -233,4 +281,10 @@ class BlockRegistry:
     def take_evicted(self) -> list[tuple[SequenceHash, int]]:
         """(hash, slot) of blocks evicted since the last call, for the tier to discard."""
         out, self.last_evicted = self.last_evicted, []
+        return out
+
+    def take_dropped(self) -> list[tuple[SequenceHash, int]]:
+        """(hash, slot) of blocks evicted or removed since the last call, for the tier to discard."""
+        out = self.last_evicted + self.last_removed
+        self.last_evicted, self.last_removed = [], []
         return out

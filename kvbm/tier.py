@@ -10,7 +10,7 @@ not match as a failed read, never as data.
 What the core must know about a tier is declared on its class, never guessed from
 its type name: ``medium`` (where its blocks live, for events and metrics),
 ``shared`` (other instances write blocks into it), ``serves_peers`` (it exposes an
-upper tier's arena to other instances), ``arena()`` (its slots are plain memory that
+upper tier's arena to other instances), ``peer_arena()`` (its slots are plain memory that
 peers may read), ``config_for_rank`` (storage that must differ per tensor-parallel
 rank), ``check_chain`` (where in a chain it may stand) and ``default_admission``.
 """
@@ -67,7 +67,7 @@ class Tier(abc.ABC):
     #: Blocks may appear in storage without this process writing them (another
     #: instance's S3 uploads, a peer's host tier): ``probe`` finds them.
     shared: ClassVar[bool] = False
-    #: This tier exposes an upper tier's ``arena()`` to other instances (``serve``).
+    #: This tier exposes an upper tier's ``peer_arena()`` to other instances (``serve``).
     serves_peers: ClassVar[bool] = False
     #: The admission filter used when the config names none (None: admit all).
     default_admission: ClassVar[str | None] = None
@@ -105,7 +105,7 @@ class Tier(abc.ABC):
         """
         return None
 
-    def arena(self) -> np.ndarray | None:
+    def peer_arena(self) -> np.ndarray | None:
         """All slots as one ``[num_slots, block_bytes]`` uint8 array that peers may read
         (registered with NIXL by a ``serves_peers`` tier), or None."""
         return None
@@ -140,6 +140,11 @@ class Tier(abc.ABC):
         May run after a later write into the same slot: forget ``slots[i]`` only if it
         still holds ``keys[i]``.
         """
+
+    def served_tier(self, candidates: Sequence[str]) -> str | None:
+        """For ``serves_peers`` tiers: which of ``candidates`` (the names of the tiers whose
+        ``peer_arena()`` peers could read, in chain order) to serve; None serves nothing."""
+        return candidates[0] if candidates else None
 
     def serve(self, blocks: ServedBlocks) -> bool:
         """For ``serves_peers`` tiers: expose ``blocks`` (an arena and which key sits in

@@ -70,6 +70,10 @@ class HostTier(Tier):
         )
         self._threads = config.copy_threads
 
+    def peer_arena(self) -> np.ndarray:
+        """The whole arena, ``[num_slots, block_bytes]``: a remote tier may serve it to peers."""
+        return self.slots
+
     def views(self, slots: Sequence[int]) -> list[np.ndarray]:
         s = self.slots
         return [s[i] for i in slots]

@@ -153,7 +153,7 @@ def test_pinned_blocks_are_not_evicted_while_matched() -> None:
         mgr.offload(hashes[:4], src)
         with mgr.match_prefix(hashes[:4]):
             res = mgr.offload(hashes[4:], src, indices=[4, 5, 6, 7])
-            assert res.stored == 0 and res.failed == 4
+            assert res.stored == 0 and res.not_saved == 4
         assert mgr.offload(hashes[4:], src, indices=[4, 5, 6, 7]).stored == 4
 
 

@@ -1,0 +1,103 @@
+"""The chain a config names, resolved: each tier's validated config, class, size and policies.
+
+Validation runs in two steps (the core's skeleton, then each tier's own config model,
+so an error names the tier and the key); each tier class then checks where it stands
+in the chain (``Tier.check_chain``). Nothing here builds storage: the planner needs
+only the links (its registries and filters), the executor builds the tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .config import KvbmSettings, TierConfig, tier_names, validate_tier
+from .errors import ConfigError, PluginError
+from .plugins import Plugins
+from .policy import AdmissionPolicy, AdmitAll
+from .tier import Tier
+
+log = logging.getLogger("kvbm")
+
+
+@dataclass
+class ChainLink:
+    """One resolved tier entry: its validated config, class, size and policies."""
+
+    name: str
+    config: TierConfig
+    tier_cls: type[Tier]
+    num_blocks: int
+    eviction: Any
+    admission: AdmissionPolicy
+
+
+def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -> list[ChainLink]:
+    """Validate every tier (step two) and build its policies; warn on a chain that makes no sense."""
+    if not settings.tiers:
+        raise ConfigError("key 'tiers': the chain is empty; give at least one tier, e.g. [{type: host, capacity: 4GiB}]")
+    layout = settings.layout()
+    bb = layout.bytes_per_block
+    links: list[ChainLink] = []
+    for spec, name in zip(settings.tiers, tier_names(settings.tiers)):
+        if spec.type not in plugins.tiers:
+            raise ConfigError(
+                f"tier {name!r}: key 'type': value {spec.type!r} is not a known tier type; "
+                f"known: {', '.join(plugins.tiers.names()) or 'none'} (see `kvbm plugins`)"
+            )
+        entry = plugins.tiers.get(spec.type)
+        assert entry.config_model is not None
+        cfg = validate_tier(spec, name, entry.config_model)
+        n = cfg.resolve_num_blocks(bb)
+        tier_cls: Any = entry.load() if load else Tier
+        try:
+            ev_cls = plugins.policies.get_kind("eviction", cfg.policy).load()
+            eviction = ev_cls(n, **cfg.policy_options)
+        except (PluginError, TypeError, ValueError) as e:
+            raise ConfigError(f"tier {name!r}: key 'policy': value {cfg.policy!r}: {e}") from None
+        adm_name = cfg.admission or tier_cls.default_admission
+        admission: AdmissionPolicy
+        if adm_name is None or adm_name == "all":
+            admission = AdmitAll()
+        else:
+            try:
+                adm_cls = plugins.policies.get_kind("admission", adm_name).load()
+                admission = adm_cls(**cfg.admission_options)
+            except PluginError as e:
+                if cfg.admission is None:
+                    # The tier's default filter is not installed: admit all rather than
+                    # refuse to start, and say so.
+                    log.warning("kvbm tier %r: default admission %r unavailable (%s); admitting all",
+                                name, adm_name, e)
+                    admission = AdmitAll()
+                else:
+                    raise ConfigError(f"tier {name!r}: key 'admission': value {adm_name!r}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"tier {name!r}: key 'admission_options': {e}") from None
+        links.append(ChainLink(name, cfg, tier_cls, n, eviction, admission))
+    types = [link.tier_cls for link in links]
+    for i, link in enumerate(links):
+        link.tier_cls.check_chain(i, types, settings.write_through, link.name)
+    if settings.write_through:
+        for upper, lower in zip(links, links[1:]):
+            if lower.num_blocks < upper.num_blocks:
+                log.warning(
+                    "kvbm: tier %r holds %d blocks, fewer than tier %r above it (%d); in a "
+                    "write-through chain every block of %r is also written to %r, so raise "
+                    "%r's capacity to at least %d blocks (%d bytes)",
+                    lower.name, lower.num_blocks, upper.name, upper.num_blocks,
+                    upper.name, lower.name, lower.name, upper.num_blocks, upper.num_blocks * bb,
+                )
+    return links
+
+
+def tier_states(links: list[ChainLink], events: Any = None) -> list[Any]:
+    """The planner's view of every link: a fresh registry each, with its policies."""
+    from .planner import TierState
+    from .registry import BlockRegistry
+
+    return [TierState(link.name, i, link.tier_cls, link.config,
+                      BlockRegistry(link.name, link.num_blocks, link.eviction, events),
+                      link.admission)
+            for i, link in enumerate(links)]

@@ -4,9 +4,10 @@ A block holds ``num_layers × outer_dim × page_size × inner_dim`` elements
 (``outer_dim`` is 2 for K and V, 1 for MLA; ``inner_dim = num_kv_heads × head_dim``).
 Tiers store blocks *fully contiguous*: one region of ``bytes_per_block`` bytes with
 the layers in order. Engines hold them *layer separate*: one tensor per layer, as
-vLLM allocates ``[2, num_blocks, page, heads, head_dim]`` (or ``[num_blocks, 2, …]``).
-``LayerSeparateBlocks`` gathers blocks from such tensors into contiguous regions and
-scatters them back.
+vLLM allocates them (``[2, num_blocks, page, heads, head_dim]`` before 0.33, the
+logical ``[num_blocks, heads, tokens, K|V]`` since). ``LayerSeparateBlocks``
+(``kvbm.engine_blocks``, re-exported here) gathers blocks from such tensors into
+contiguous regions and scatters them back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -165,115 +166,6 @@ class ContiguousBlocks:
             np.copyto(self.array[i], s)
 
 
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - exercised only without torch
-        raise LayoutError(
-            "layer-separate blocks need torch: pip install 'kvbm[torch]'"
-        ) from e
-    return torch
-
-
-class LayerSeparateBlocks:
-    """An engine's per-layer KV tensors, addressed by the engine's block ids.
-
-    Each layer tensor is ``[outer, num_blocks, page, heads, head_dim]`` (vLLM's
-    ``[2, num_blocks, …]``) or ``[num_blocks, outer, page, heads, head_dim]``; which one
-    is detected from the shape and can be forced with ``block_dim``. ``copy_out``
-    gathers a block's slices from every layer into one contiguous region in the order
-    of ``BlockLayout.block_shape``; ``copy_in`` scatters it back.
-    """
-
-    def __init__(
-        self,
-        kv_caches: Sequence[Any],
-        layout: BlockLayout,
-        block_dim: int | None = None,
-    ) -> None:
-        torch = _torch()
-        m = layout.model
-        if len(kv_caches) != m.num_layers:
-            raise LayoutError(
-                f"kv_caches: expected {m.num_layers} layer tensors, got {len(kv_caches)}"
-            )
-        want_dtype = getattr(torch, m.dtype)
-        first = kv_caches[0]
-        if block_dim is None:
-            block_dim = self._detect_block_dim(first, layout)
-        self.block_dim = block_dim
-        self.num_blocks = int(first.shape[block_dim])
-        per_block = [m.outer_dim, layout.page_size, m.num_kv_heads, m.head_dim]
-        want = list(per_block)
-        want.insert(block_dim, self.num_blocks)
-        self._layers = []
-        for li, t in enumerate(kv_caches):
-            if not isinstance(t, torch.Tensor):
-                raise LayoutError(f"kv_caches[{li}]: expected a torch.Tensor, got {type(t).__name__}")
-            if t.dtype != want_dtype:
-                raise LayoutError(f"kv_caches[{li}]: expected dtype {m.dtype}, got {t.dtype}")
-            if list(t.shape) != want:
-                raise LayoutError(f"kv_caches[{li}]: expected shape {want}, got {list(t.shape)}")
-            # View every layer as [num_blocks, outer, page, inner] so one block of one
-            # layer is t[b] regardless of which dim the engine put first.
-            v = t if block_dim == 0 else t.transpose(0, 1)
-            self._layers.append(v.reshape(self.num_blocks, m.outer_dim, layout.page_size, -1)
-                                if v.is_contiguous() else v.flatten(3))
-        self.layout = layout
-        self.device = first.device
-        self._torch = torch
-        self._dtype = want_dtype
-
-    @staticmethod
-    def _detect_block_dim(t: Any, layout: BlockLayout) -> int:
-        m = layout.model
-        if t.dim() != 5:
-            raise LayoutError(
-                f"kv_caches[0]: expected 5 dims [outer, blocks, page, heads, head_dim] or "
-                f"[blocks, outer, page, heads, head_dim], got shape {list(t.shape)}"
-            )
-        tail = [layout.page_size, m.num_kv_heads, m.head_dim]
-        if list(t.shape[2:]) != tail:
-            raise LayoutError(
-                f"kv_caches[0]: expected trailing dims [page={layout.page_size}, "
-                f"heads={m.num_kv_heads}, head_dim={m.head_dim}], got {list(t.shape[2:])}"
-            )
-        if t.shape[0] == m.outer_dim and t.shape[1] != m.outer_dim:
-            return 1
-        if t.shape[1] == m.outer_dim:
-            return 0
-        raise LayoutError(
-            f"kv_caches[0]: neither dim 0 nor dim 1 equals outer_dim={m.outer_dim} "
-            f"in shape {list(t.shape)}"
-        )
-
-    def _check(self, indices: Sequence[int]) -> None:
-        for b in indices:
-            if not 0 <= b < self.num_blocks:
-                raise LayoutError(f"block id {b} is out of range [0, {self.num_blocks})")
-
-    def _block_view(self, buf: np.ndarray) -> Any:
-        torch = self._torch
-        m = self.layout.model
-        return torch.from_numpy(buf).view(self._dtype).view(
-            m.num_layers, m.outer_dim, self.layout.page_size, m.inner_dim
-        )
-
-    def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
-        self._check(indices)
-        for b, d in zip(indices, dst):
-            out = self._block_view(d)
-            for li, layer in enumerate(self._layers):
-                out[li].copy_(layer[b])
-
-    def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
-        self._check(indices)
-        for b, s in zip(indices, src):
-            inp = self._block_view(s)
-            for li, layer in enumerate(self._layers):
-                layer[b].copy_(inp[li])
-
-
 def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
     """A zeroed ``uint8`` array of ``nbytes`` whose first byte is ``align``-aligned.
 
@@ -289,3 +181,19 @@ def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
     arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
     assert arr.ctypes.data % align == 0, "anonymous mmap is page-aligned"
     return arr
+
+
+# The engine-tensor adapter lives in kvbm.engine_blocks (it needs BlockLayout, defined
+# above); re-exported so ``from kvbm.layout import LayerSeparateBlocks`` keeps working.
+from .engine_blocks import LayerSeparateBlocks  # noqa: E402
+
+__all__ = [
+    "DTYPE_SIZES",
+    "BlockDestination",
+    "BlockLayout",
+    "BlockSource",
+    "ContiguousBlocks",
+    "LayerSeparateBlocks",
+    "ModelSpec",
+    "aligned_empty",
+]

@@ -76,7 +76,7 @@ def test_gathered_block_is_laid_out_layer_major_then_kv() -> None:
 
 def test_wrong_dtype_names_expected_and_got() -> None:
     caches = [t.to(torch.float16) for t in vllm_caches(False)]
-    with pytest.raises(LayoutError, match="expected dtype float32, got torch.float16"):
+    with pytest.raises(LayoutError, match=r"expected dtype torch.float32 \(model.dtype .float32.\), got torch.float16"):
         LayerSeparateBlocks(caches, LAYOUT)
 
 

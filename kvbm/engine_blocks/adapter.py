@@ -1,0 +1,437 @@
+"""``LayerSeparateBlocks``: an engine's KV tensors as blocks, copied whole or a layer at a time.
+
+A tier stores a block *fully contiguous*: ``bytes_per_block`` bytes in the order of
+``BlockLayout.block_shape`` (``[num_layers, outer, page, heads × head_dim]``, C
+order). An engine holds it in its own arrangement (``_forms`` lists them). This class
+gathers a block from the engine's tensors into such a buffer (``copy_out``) and
+scatters it back (``copy_in``), or does either for one layer's slice of the buffers
+(``copy_layer_out`` / ``copy_layer_in``), which is what an engine that saves and
+loads layer by layer needs.
+
+On CPU tensors the copies are ``np.copyto`` calls on byte views of the same memory:
+about 1 µs a call against about 5 µs for torch's dispatch, and one call copies a
+strided slice. On another device (CUDA without the gpu plugin) they are plain,
+synchronous ``Tensor.copy_`` calls on the current stream; ``kvbm_tiers_gpu`` adds
+streams, pinned staging and batched gathers in a subclass.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..errors import LayoutError
+from ..layout import BlockLayout
+from ._forms import (
+    EngineViews,
+    KvLayout,
+    allocate_pool,
+    import_torch,
+    parse_layers,
+    parse_pool,
+    shape_of,
+    split_tensors,
+)
+
+_B = TypeVar("_B", bound="LayerSeparateBlocks")
+
+
+class LayerSeparateBlocks:
+    """An engine's KV blocks in per-layer tensors (or one pool tensor), addressed by block id.
+
+    ``LayerSeparateBlocks(kv_caches, layout)`` takes vLLM's ``dict[name, tensor]`` or a
+    list of per-layer tensors in any form of ``kvbm.engine_blocks`` (detected from the
+    number of dims; ``form`` forces one), or one tensor for all layers (a pool). The
+    ``from_*`` class methods name the form; ``allocate`` makes a pool of kvbm's own.
+    Every check runs when it is built, before any copy: dtype, shape, device, strides
+    and layer count against ``layout``, with errors naming the tensor, expected and got.
+
+    ``copy_out`` / ``copy_in`` make it a kvbm ``BlockSource`` / ``BlockDestination``.
+    """
+
+    #: The pool's bytes when ``allocate`` made it (a ``uint8`` tensor), else None.
+    raw: Any = None
+
+    def __init__(
+        self,
+        kv_caches: Any,
+        layout: BlockLayout,
+        block_dim: int | None = None,
+        *,
+        num_blocks: int | None = None,
+        names: Sequence[str] | None = None,
+        form: str | None = None,
+        kv_layout: KvLayout = "NHD",
+        device: Any = None,
+        **options: Any,
+    ) -> None:
+        torch = import_torch()
+        if isinstance(kv_caches, torch.Tensor):
+            if form is not None or block_dim is not None:
+                raise LayoutError(
+                    f"kv_caches: one tensor is read as a pool [blocks, layers, outer, …]; "
+                    f"form={form!r} and block_dim={block_dim!r} apply to per-layer tensors, "
+                    "pass a list or dict of them"
+                )
+            views = parse_pool(kv_caches, layout, kv_layout=kv_layout, device=device)
+            _check_count(views, num_blocks)
+        else:
+            tensors, keys = split_tensors(kv_caches)
+            views = parse_layers(tensors, layout, names=names if names is not None else keys,
+                                 block_dim=block_dim, num_blocks=num_blocks, form=form,
+                                 device=device)
+        self._init(views, layout, **options)
+
+    # -- constructors, one per form ----------------------------------------------------
+    @classmethod
+    def _build(cls: type[_B], views: EngineViews, layout: BlockLayout, **options: Any) -> _B:
+        obj = cls.__new__(cls)
+        obj._init(views, layout, **options)
+        return obj
+
+    @classmethod
+    def from_layers(
+        cls: type[_B],
+        kv_caches: Any,
+        layout: BlockLayout,
+        *,
+        names: Sequence[str] | None = None,
+        block_dim: int | None = None,
+        num_blocks: int | None = None,
+        form: str | None = None,
+        device: Any = None,
+        **options: Any,
+    ) -> _B:
+        """Per-layer tensors (a dict, whose keys name the layers, or a list) of any form."""
+        tensors, keys = split_tensors(kv_caches)
+        views = parse_layers(tensors, layout, names=names if names is not None else keys,
+                             block_dim=block_dim, num_blocks=num_blocks, form=form, device=device)
+        return cls._build(views, layout, **options)
+
+    @classmethod
+    def from_vllm(
+        cls: type[_B],
+        kv_caches: Any,
+        layout: BlockLayout,
+        *,
+        block_dim: int | None = None,
+        names: Sequence[str] | None = None,
+        device: Any = None,
+        **options: Any,
+    ) -> _B:
+        """vLLM before 0.33: ``[2, num_blocks, page, heads, hd]`` or ``[num_blocks, 2, …]``
+        per layer (``block_dim`` 1 or 0; detected when None)."""
+        return cls.from_layers(kv_caches, layout, names=names, block_dim=block_dim,
+                               form="vllm", device=device, **options)
+
+    @classmethod
+    def from_vllm_bhnc(
+        cls: type[_B],
+        kv_caches: Any,
+        layout: BlockLayout,
+        *,
+        num_blocks: int | None = None,
+        names: Sequence[str] | None = None,
+        device: Any = None,
+        **options: Any,
+    ) -> _B:
+        """vLLM 0.33's logical ``[num_blocks * ratio, heads, tokens, outer * hd]`` per layer.
+
+        ``ratio = page_size / tokens`` kernel blocks make one manager block;
+        ``num_blocks`` (the manager's block count), when given, is checked against it.
+        """
+        return cls.from_layers(kv_caches, layout, names=names, num_blocks=num_blocks,
+                               form="vllm-bhnc", device=device, **options)
+
+    @classmethod
+    def from_mla(
+        cls: type[_B],
+        kv_caches: Any,
+        layout: BlockLayout,
+        *,
+        num_blocks: int | None = None,
+        names: Sequence[str] | None = None,
+        device: Any = None,
+        **options: Any,
+    ) -> _B:
+        """MLA latent caches: ``[num_blocks, page, hd]`` per layer, or vLLM 0.33's 4 dims."""
+        if layout.model.outer_dim != 1:
+            raise LayoutError(
+                f"mla layout: expected model.outer_dim 1, got {layout.model.outer_dim}; "
+                "set model.outer_dim: 1 and num_kv_heads: 1 for MLA"
+            )
+        return cls.from_layers(kv_caches, layout, names=names, num_blocks=num_blocks,
+                               device=device, **options)
+
+    @classmethod
+    def from_pool(
+        cls: type[_B],
+        pool: Any,
+        layout: BlockLayout,
+        *,
+        kv_layout: KvLayout = "NHD",
+        device: Any = None,
+        engine: str = "trtllm",
+        **options: Any,
+    ) -> _B:
+        """One tensor for all layers, TensorRT-LLM's primary pool.
+
+        Shape ``[num_blocks, num_layers, outer, page × heads × head_dim]``
+        (``KVCacheBlockPool``), ``[…, page, heads × head_dim]``, or 6 dims ``[…, page,
+        heads, head_dim]`` (``kv_layout="HND"``: ``[…, heads, page, head_dim]``, the C++
+        backend's order inside a block; reordered to NHD on the way to the host).
+        """
+        return cls._build(parse_pool(pool, layout, kv_layout=kv_layout, device=device,
+                                     engine=engine), layout, **options)
+
+    @classmethod
+    def allocate(cls: type[_B], layout: BlockLayout, num_blocks: int, device: Any = "auto",
+                 **options: Any) -> _B:
+        """A zeroed pool of kvbm's own, fully contiguous (``[num_blocks, layers, outer, page,
+        heads × hd]``): ``device`` 'auto' (cuda when present, else cpu), 'cpu', 'cuda:N'."""
+        return cls._build(allocate_pool(layout, num_blocks, device), layout, **options)
+
+    def _init(self, views: EngineViews, layout: BlockLayout) -> None:
+        torch = import_torch()
+        m = layout.model
+        self._torch = torch
+        self.layout = layout
+        self.num_layers: int = m.num_layers
+        self.num_blocks: int = int(views.layers[0].shape[0])
+        self.device: Any = views.layers[0].device
+        self.on_cuda: bool = self.device.type == "cuda"
+        self.dtype: Any = getattr(torch, m.dtype)
+        #: The form found (vllm, vllm[blocks-first], vllm-bhnc, vllm-cpu, mla, trtllm, own).
+        self.engine: str = views.engine
+        #: Layer names in order: vLLM's dict keys, "0", "1", … otherwise.
+        self.layer_names: list[str] = list(views.names)
+        self.block_dim = views.block_dim
+        self.raw = views.raw
+        self._index_of = {n: i for i, n in enumerate(self.layer_names)}
+        self._layers = views.layers
+        self._stacked = views.stacked
+        self._pool = views.pool
+        self._bytes_per_layer = layout.bytes_per_layer
+        self._bytes_per_block = layout.bytes_per_block
+        inner = shape_of(views.layers[0])[1:]
+        self._host_shape = (m.num_layers, *inner)
+        self._np_layers: list[np.ndarray] | None = None
+        self._np_stacked: np.ndarray | None = None
+        if self.device.type == "cpu":
+            # Byte views of the same memory (any dtype, fp8 included): np.copyto moves a
+            # strided slice in one call at memcpy speed, with a fifth of torch's overhead.
+            u8 = torch.uint8
+            self._np_layers = [t.view(u8).numpy() for t in views.layers]
+            if views.stacked is not None:
+                self._np_stacked = views.stacked.view(u8).numpy()
+            self._np_block_shape = (*self._host_shape[:-1], inner[-1] * m.itemsize)
+
+    # -- introspection -----------------------------------------------------------------
+    def layer_index(self, name: str) -> int:
+        """The index of layer ``name`` (a key of the dict the tensors came in)."""
+        try:
+            return self._index_of[name]
+        except KeyError:
+            names = self.layer_names
+            raise LayoutError(
+                f"layer {name!r} is not a registered layer; known: {', '.join(names[:4])}"
+                + (", …" if len(names) > 4 else "")
+            ) from None
+
+    def layer(self, index: int) -> Any:
+        """Layer ``index`` as a ``[num_blocks, outer, page, heads, head_dim]`` view (no copy);
+        ``[num_blocks, outer, ratio, tokens, heads, head_dim]`` for vLLM 0.33 kernel blocks
+        whose strides keep the two token dims apart."""
+        return self._layers[index]
+
+    def check_layout(self, layout: BlockLayout) -> None:
+        """Raise LayoutError unless ``layout`` arranges blocks as these tensors do."""
+        if layout.digest != self.layout.digest or layout.block_shape != self.layout.block_shape:
+            raise LayoutError(
+                f"layout mismatch: the registered tensors hold blocks of shape "
+                f"{list(self.layout.block_shape)} {self.layout.model.dtype} (digest "
+                f"{self.layout.digest}), got a layout of shape {list(layout.block_shape)} "
+                f"{layout.model.dtype} (digest {layout.digest}); build the manager with the "
+                "engine's model and page size"
+            )
+
+    def stats(self) -> dict[str, Any]:
+        """Where the blocks live and in which form."""
+        return {"device": str(self.device), "engine": self.engine, "num_blocks": self.num_blocks}
+
+    # -- validation --------------------------------------------------------------------
+    def _layer_arg(self, layer: int | str) -> int:
+        if isinstance(layer, str):
+            return self.layer_index(layer)
+        try:
+            li = operator.index(layer)
+        except TypeError:
+            raise LayoutError(
+                f"layer {layer!r}: expected an index or a layer name, got {type(layer).__name__}"
+            ) from None
+        if not 0 <= li < self.num_layers:
+            raise LayoutError(f"layer {li} is out of range [0, {self.num_layers})")
+        return li
+
+    def _indices(self, indices: Sequence[int], unique: bool) -> list[int]:
+        out: list[int] = []
+        n = self.num_blocks
+        for i in indices:
+            try:
+                b = operator.index(i)
+            except TypeError:
+                raise LayoutError(
+                    f"block id {i!r}: expected an integer, got {type(i).__name__}"
+                ) from None
+            if not 0 <= b < n:
+                raise LayoutError(
+                    f"block id {b} is out of range [0, {n}) of the registered tensors"
+                )
+            out.append(b)
+        if unique and len(set(out)) != len(out):
+            seen: set[int] = set()
+            for b in out:
+                if b in seen:
+                    raise LayoutError(
+                        f"block id {b} appears twice in one copy into the engine; each "
+                        "destination block is written once"
+                    )
+                seen.add(b)
+        return out
+
+    def _buffers(self, bufs: Sequence[np.ndarray], n: int, writable: bool,
+                 what: str) -> list[np.ndarray]:
+        if len(bufs) != n:
+            raise LayoutError(f"{what}: expected {n} buffers (one per block id), got {len(bufs)}")
+        bb = self._bytes_per_block
+        out: list[np.ndarray] = []
+        for i, b in enumerate(bufs):
+            if not isinstance(b, np.ndarray):
+                raise LayoutError(
+                    f"{what}[{i}]: expected a numpy uint8 array, got {type(b).__name__}"
+                )
+            if b.dtype != np.uint8 or b.nbytes != bb:
+                raise LayoutError(
+                    f"{what}[{i}]: expected {bb} bytes of uint8 (one block of layout "
+                    f"{self.layout.digest}), got {b.dtype} with {b.nbytes} bytes"
+                )
+            if not b.flags.c_contiguous:
+                raise LayoutError(
+                    f"{what}[{i}]: expected a C-contiguous buffer, got strides {b.strides}"
+                )
+            if writable and not b.flags.writeable:
+                raise LayoutError(f"{what}[{i}]: expected a writable buffer, got a read-only one")
+            out.append(b.reshape(-1))
+        return out
+
+    # -- copies --------------------------------------------------------------------------
+    def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
+        """Copy block ``indices[i]`` into buffer ``dst[i]`` (offload); returns when done."""
+        idx = self._indices(indices, unique=False)
+        bufs = self._buffers(dst, len(idx), writable=True, what="dst")
+        self._out(idx, bufs, 0, self.num_layers)
+
+    def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
+        """Copy buffer ``src[i]`` into block ``indices[i]`` (onboard); returns when done."""
+        idx = self._indices(indices, unique=True)
+        bufs = self._buffers(src, len(idx), writable=False, what="src")
+        self._in(idx, bufs, 0, self.num_layers)
+
+    def copy_layer_out(self, layer: int | str, indices: Sequence[int],
+                       dst: Sequence[np.ndarray]) -> None:
+        """Copy layer ``layer`` (index or name) of block ``indices[i]`` into its slice of the
+        whole-block buffer ``dst[i]``; the buffer's other layers are not touched."""
+        li = self._layer_arg(layer)
+        idx = self._indices(indices, unique=False)
+        bufs = self._buffers(dst, len(idx), writable=True, what="dst")
+        self._out(idx, bufs, li, li + 1)
+
+    def copy_layer_in(self, layer: int | str, indices: Sequence[int],
+                      src: Sequence[np.ndarray]) -> None:
+        """Copy layer ``layer``'s slice of the whole-block buffer ``src[i]`` into block
+        ``indices[i]``; the block's other layers are not touched."""
+        li = self._layer_arg(layer)
+        idx = self._indices(indices, unique=True)
+        bufs = self._buffers(src, len(idx), writable=False, what="src")
+        self._in(idx, bufs, li, li + 1)
+
+    def synchronize(self) -> None:
+        """Wait for copies queued on the device (none are left queued on CPU)."""
+        if self.on_cuda:
+            self._torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Release what the adapter holds besides the engine's tensors (nothing here)."""
+
+    # -- the copy loops (validated arguments; layers [l0, l1)) ----------------------------
+    def _out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
+        if self._np_layers is not None:
+            self._np_out(idx, bufs, l0, l1)
+        else:
+            self._torch_out(idx, bufs, l0, l1)
+
+    def _in(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
+        if self._np_layers is not None:
+            self._np_in(idx, bufs, l0, l1)
+        else:
+            self._torch_in(idx, bufs, l0, l1)
+
+    def _np_out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
+        copy, shape = np.copyto, self._np_block_shape
+        stacked = self._np_stacked
+        if stacked is not None:
+            # Every layer in one strided view: one call per block.
+            for b, buf in zip(idx, bufs):
+                copy(buf.reshape(shape)[l0:l1], stacked[b, l0:l1])
+            return
+        layers = self._np_layers[l0:l1]  # type: ignore[index]
+        for b, buf in zip(idx, bufs):
+            hv = buf.reshape(shape)
+            for li, layer in enumerate(layers, l0):
+                copy(hv[li], layer[b])
+
+    def _np_in(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
+        copy, shape = np.copyto, self._np_block_shape
+        stacked = self._np_stacked
+        if stacked is not None:
+            for b, buf in zip(idx, bufs):
+                copy(stacked[b, l0:l1], buf.reshape(shape)[l0:l1])
+            return
+        layers = self._np_layers[l0:l1]  # type: ignore[index]
+        for b, buf in zip(idx, bufs):
+            hv = buf.reshape(shape)
+            for li, layer in enumerate(layers, l0):
+                copy(layer[b], hv[li])
+
+    def _host_view(self, buf: np.ndarray) -> Any:
+        """A whole-block buffer as ``[num_layers, *inner]`` of the model's dtype (no copy)."""
+        return self._torch.from_numpy(buf).view(self.dtype).view(self._host_shape)
+
+    def _torch_out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
+        stacked = self._stacked
+        for b, buf in zip(idx, bufs):
+            hv = self._host_view(buf)
+            if stacked is not None:
+                hv[l0:l1].copy_(stacked[b, l0:l1])
+                continue
+            for li in range(l0, l1):
+                hv[li].copy_(self._layers[li][b])
+
+    def _torch_in(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
+        stacked = self._stacked
+        for b, buf in zip(idx, bufs):
+            hv = self._host_view(buf)
+            if stacked is not None:
+                stacked[b, l0:l1].copy_(hv[l0:l1])
+                continue
+            for li in range(l0, l1):
+                self._layers[li][b].copy_(hv[li])
+
+
+def _check_count(views: EngineViews, num_blocks: int | None) -> None:
+    nb = int(views.layers[0].shape[0])
+    if num_blocks is not None and nb != num_blocks:
+        raise LayoutError(f"kv_cache pool: holds {nb} blocks, expected num_blocks={num_blocks}")

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 from .config import GpuTierConfig, TransferConfig
 
 if TYPE_CHECKING:
-    from .blocks import DeviceBlocks, onboard_layerwise, register_kv_caches
-    from .layerwise import LayerwiseOnboard
+    from .blocks import DeviceBlocks, register_kv_caches
+    from .layerwise import LayerwiseOnboard, onboard_layerwise
     from .tier import GpuTier
 
 _LAZY = {
     "DeviceBlocks": "kvbm_tiers_gpu.blocks",
     "register_kv_caches": "kvbm_tiers_gpu.blocks",
-    "onboard_layerwise": "kvbm_tiers_gpu.blocks",
+    "onboard_layerwise": "kvbm_tiers_gpu.layerwise",
     "LayerwiseOnboard": "kvbm_tiers_gpu.layerwise",
     "GpuTier": "kvbm_tiers_gpu.tier",
 }

@@ -12,44 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.errors import ConfigError, LayoutError
+from kvbm.engine_blocks import import_torch, resolve_device
 from kvbm.layout import aligned_empty
 
-
-def import_torch() -> Any:
-    """torch, or a LayoutError with the pip command that installs it."""
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - exercised only without torch
-        raise LayoutError("the gpu tier needs torch: pip install 'kvbm[gpu]'") from e
-    return torch
-
-
-def resolve_device(device: Any) -> Any:
-    """A ``torch.device`` for ``'auto'`` (cuda when present, else cpu), ``'cpu'``, ``'cuda:N'``."""
-    torch = import_torch()
-    if isinstance(device, torch.device):
-        dev = device
-    elif device in (None, "auto"):
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(str(device))
-        except RuntimeError:
-            raise ConfigError(
-                f"device: value {device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-            ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device: value {str(device)!r} needs CUDA, which is not available here; "
-                "use device: auto (CPU memory without CUDA) or device: cpu"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ConfigError(f"device: value {str(device)!r}: only cpu and cuda devices are supported")
-    return dev
+# Shared with the core adapter, which needs them without this plugin.
+__all__ = ["StagingBuffer", "StagingPair", "Stream", "import_torch", "resolve_device"]
 
 
 class Stream:

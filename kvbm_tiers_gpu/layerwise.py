@@ -9,13 +9,20 @@ layer ``i``, so the copies of later layers overlap the compute of earlier ones.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from kvbm.errors import LayoutError
 
 if TYPE_CHECKING:
+    from kvbm.manager import KvBlockManager, Match
+
     from .blocks import DeviceBlocks
+
+#: Called by a copy after it queued layers ``[l0, l1)`` of ``n`` blocks on the device.
+LayerSignal = Callable[[int, int, int], None]
 
 
 class LayerwiseOnboard:
@@ -118,3 +125,44 @@ class LayerwiseOnboard:
         while n < self.num_layers and self._ready[n].is_set():
             n += 1
         return n
+
+
+class _LayerwiseDestination:
+    """A ``BlockDestination`` that copies layer by layer and reports each layer to a handle."""
+
+    def __init__(self, blocks: DeviceBlocks, handle: LayerwiseOnboard) -> None:
+        self.blocks = blocks
+        self.handle = handle
+
+    def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
+        b = self.blocks
+        idx = b._indices(indices, unique=True)
+        bufs = b._buffers(src, len(idx), writable=False, what="src")
+        b._copy_in(idx, bufs, 0, b.num_layers, layerwise=True, signal=self.handle._signal)
+
+
+def onboard_layerwise(
+    manager: KvBlockManager,
+    match: Match,
+    blocks: DeviceBlocks,
+    indices: Sequence[int] | None = None,
+    *,
+    on_layer: Callable[[int], None] | None = None,
+) -> LayerwiseOnboard:
+    """``manager.onboard(match, blocks, indices)`` on a worker thread, layer by layer.
+
+    Returns at once. ``handle.wait_for_layer(i)`` returns when layer ``i`` of every
+    matched block is on the device (blocks of several tiers count together);
+    ``handle.wait()`` returns the ``OnboardResult`` (only its first ``loaded`` blocks
+    are valid). The layout and the block ids are checked here, before any copy.
+    """
+    blocks.check_layout(manager.layout)
+    n = match.num_blocks
+    idx = blocks._indices(range(n) if indices is None else indices, unique=True)
+    if len(idx) != n:
+        raise LayoutError(f"onboard: match has {n} blocks but {len(idx)} destination block ids")
+    handle = LayerwiseOnboard(blocks, n, on_layer)
+    dest = _LayerwiseDestination(blocks, handle)
+    blocks._h2d.after_compute()  # the caller's current stream is the engine's
+    blocks._start(handle, lambda: manager.onboard(match, dest, idx))
+    return handle

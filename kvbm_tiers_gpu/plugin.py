@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvbm.engine_blocks import accelerated_layout_name
 from kvbm.hookspecs import hookimpl
 from kvbm.plugins import LayoutRegistry, TierRegistry
 
@@ -31,3 +32,7 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
     registry.add("mla", factory="kvbm_tiers_gpu.blocks:mla_blocks", extra="gpu",
                  requires=("torch",),
                  description="MLA latent caches per layer [blocks, page, head_dim]")
+    # What kvbm.engine_blocks.engine_blocks hands out for CUDA tensors.
+    registry.add(accelerated_layout_name("cuda"), factory="kvbm_tiers_gpu.blocks:DeviceBlocks",
+                 extra="gpu", requires=("torch",),
+                 description="engine KV tensors on CUDA: copy streams, pinned staging, gathers")

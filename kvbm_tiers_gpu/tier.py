@@ -25,6 +25,7 @@ class GpuTier(Tier):
     """Blocks in one device pool, addressed by slot (slot = block id of the pool)."""
 
     kind: ClassVar[str] = "gpu"
+    medium: ClassVar[str] = "GPU"
 
     def __init__(self, config: GpuTierConfig, ctx: TierContext) -> None:
         super().__init__(config, ctx)

@@ -58,6 +58,21 @@ def vllm_cpu_backend(ref: torch.Tensor) -> list[torch.Tensor]:
             for li in range(L)]
 
 
+def vllm_bhnc(ref: torch.Tensor, ratio: int = 1, nhd: bool = False) -> list[torch.Tensor]:
+    # vLLM 0.33: logical [blocks*ratio, heads, tokens, K|V] per layer; with nhd, the
+    # storage is [blocks*ratio, tokens, heads, K|V] (a stride order vLLM's layouts allow).
+    n = PAGE // ratio
+    out = []
+    for li in range(L):
+        t = ref[:, li].reshape(NB, 2, ratio, n, HEADS, HD)  # [nb, kv, r, n, h, hd]
+        if nhd:
+            t = t.permute(0, 2, 3, 4, 1, 5).contiguous().reshape(NB * ratio, n, HEADS, 2 * HD)
+            out.append(t.transpose(1, 2))
+        else:
+            out.append(t.permute(0, 2, 4, 3, 1, 5).contiguous().reshape(NB * ratio, HEADS, n, 2 * HD))
+    return out
+
+
 def trtllm_nhd(ref: torch.Tensor) -> torch.Tensor:
     return ref.contiguous().reshape(NB, L, 2, -1)
 
@@ -70,7 +85,10 @@ ENGINES = {
     "vllm_kv_first": (vllm_kv_first, {}),
     "vllm_blocks_first": (vllm_blocks_first, {}),
     "vllm_hnd_strides": (vllm_hnd_strides, {}),
-    "vllm_cpu_backend": (vllm_cpu_backend, {}),
+    "vllm_cpu_backend": (vllm_cpu_backend, {"form": "vllm-cpu"}),
+    "vllm_bhnc": (vllm_bhnc, {}),
+    "vllm_bhnc_ratio2": (lambda ref: vllm_bhnc(ref, ratio=2), {"num_blocks": NB}),
+    "vllm_bhnc_ratio2_nhd": (lambda ref: vllm_bhnc(ref, ratio=2, nhd=True), {"num_blocks": NB}),
     "trtllm_nhd": (trtllm_nhd, {}),
     "trtllm_hnd": (trtllm_hnd, {"kv_layout": "HND"}),
 }
@@ -78,7 +96,8 @@ ENGINES = {
 
 def logical(blocks: DeviceBlocks) -> torch.Tensor:
     """The registered tensors read back as ``[blocks, layers, outer, page, heads, hd]``."""
-    return torch.stack([blocks.layer(li) for li in range(L)], dim=1)
+    # vLLM 0.33's kernel blocks may keep [ratio, tokens] apart: merge them (a copy).
+    return torch.stack([blocks.layer(li).flatten(2, -3) for li in range(L)], dim=1)
 
 
 def make_manager(num_blocks: int = 16) -> KvBlockManager:
@@ -106,7 +125,8 @@ def test_vllm_dim_order_is_detected() -> None:
     ref = reference()
     assert register_kv_caches(vllm_kv_first(ref), LAYOUT).engine == "vllm"
     assert register_kv_caches(vllm_blocks_first(ref), LAYOUT).engine == "vllm[blocks-first]"
-    assert register_kv_caches(vllm_cpu_backend(ref), LAYOUT).engine == "vllm-cpu"
+    assert register_kv_caches(vllm_bhnc(ref), LAYOUT).engine == "vllm-bhnc"
+    assert register_kv_caches(vllm_cpu_backend(ref), LAYOUT, form="vllm-cpu").engine == "vllm-cpu"
 
 
 def test_vllm_dict_of_layers_is_taken_in_order() -> None:

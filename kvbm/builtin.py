@@ -24,10 +24,5 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
 
 @hookimpl
 def kvbm_register_connectors(registry: ConnectorRegistry) -> None:
-    registry.add("hf", factory="kvbm.connectors.hf:KvbmCache", extra="hf",
-                 requires=("torch", "transformers"),
-                 description="Hugging Face transformers: a Cache that reuses cached prefixes")
     registry.add("vllm", factory="kvbm.connectors.vllm:KvbmConnector", extra="vllm",
                  requires=("torch", "vllm"), description="vLLM KVConnectorBase_V1")
-    registry.add("sglang", factory="kvbm.connectors.sglang:KvbmHiCacheStorage", extra="torch",
-                 requires=("torch",), description="SGLang HiCache storage backend")

@@ -1,33 +1,26 @@
-"""The ``kvbm`` command: ``plugins``, ``config check``, ``bench`` and plugin subcommands.
+"""The ``kvbm`` command: ``plugins`` and ``config check``, and the plugins' subcommands.
 
-Subcommands beyond the core's live in the modules of ``SUBCOMMAND_MODULES``; each has
-``register(subparsers)`` that adds its parser and sets ``func`` to a function taking
-the parsed ``argparse.Namespace`` and returning an exit code. A module whose imports
-are missing is skipped, so the command always starts.
+Plugins add subcommands through ``kvbm_register_commands`` (``kvbm bench`` comes from
+``kvbm_bench``, ``kvbm simulate`` from ``kvbm_policies``). A subcommand's module is
+imported only when it runs, so ``kvbm plugins`` imports none of them, and one whose
+packages are missing is listed with the pip command that installs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import KvbmError
-
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "kvbm.bench.cli",
-    "kvbm_policies.simulate",
-)
+from .errors import KvbmError, PluginError
+from .plugins import Entry, Plugins, build_plugins
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import build_plugins
-
     plugins = build_plugins()
     rows: list[dict[str, Any]] = []
     for info in plugins.plugins:
@@ -53,8 +46,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from .config import load_settings
-    from .manager import resolve_chain
-    from .plugins import build_plugins
+    from .chain import resolve_chain
     from .sizes import format_size
 
     settings = load_settings(args.file)
@@ -80,8 +72,35 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every available subcommand."""
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option.
+
+    ``kvbm``'s own options take no value, so that word is the subcommand's name.
+    """
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _plugin_command(entry: Entry, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Import ``entry``'s factory and let it fill ``parser``; the function that runs it."""
+    factory = entry.load()
+    run = factory(parser)
+    if not callable(run):
+        raise PluginError(
+            f"command {entry.name!r}: factory {entry.factory!r} of plugin {entry.plugin.name!r} "
+            f"returned {type(run).__name__}, not the function that runs the command"
+        )
+    return run  # type: ignore[no-any-return]
+
+
+def build_parser(argv: Sequence[str] = (), plugins: Plugins | None = None) -> argparse.ArgumentParser:
+    """The ``kvbm`` argument parser, with every registered subcommand.
+
+    Only the subcommand ``argv`` names has its plugin module imported and its arguments
+    added; the others are listed by name and description. Raises ``PluginError`` when
+    that subcommand's module cannot be imported (with the pip command that fixes it).
+    """
+    plugins = plugins if plugins is not None else build_plugins()
+    wanted = _command_of(argv)
     p = argparse.ArgumentParser(prog="kvbm", description="KV-cache block manager for LLM inference")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,18 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="print the resolved chain of a YAML file, or its errors")
     cc.add_argument("file", help="YAML config file")
     cc.set_defaults(func=_cmd_config_check)
-    for mod_name in SUBCOMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        mod.register(sub)
+    for name in plugins.commands.names():
+        entry = plugins.commands.get(name)
+        shown = entry.description if entry.available else (
+            f"{entry.description} (unavailable: {entry.install_hint})")
+        cp = sub.add_parser(name, help=shown, description=entry.description or None)
+        if name == wanted:
+            cp.set_defaults(func=_plugin_command(entry, cp))
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvbm`` script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(argv)
+    except KvbmError as e:
+        print(f"kvbm: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -12,7 +12,13 @@ import pluggy
 
 if TYPE_CHECKING:
     from .manager import KvBlockManager
-    from .plugins import ConnectorRegistry, LayoutRegistry, PolicyRegistry, TierRegistry
+    from .plugins import (
+        CommandRegistry,
+        ConnectorRegistry,
+        LayoutRegistry,
+        PolicyRegistry,
+        TierRegistry,
+    )
 
 PROJECT = "kvbm"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -23,7 +29,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def kvbm_register_tiers(registry: TierRegistry) -> None:
     """Called once when the plugin manager is built, to add tier types.
 
-    ``registry.add(type, config_model=..., factory="pkg.module:Class", extra="disk")``;
+    ``registry.add(type, config_model=..., factory="pkg.module:Class", extra="pkg")``;
     the factory string is imported only when a chain uses the type. Returns nothing.
     """
 
@@ -48,6 +54,18 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
 def kvbm_register_connectors(registry: ConnectorRegistry) -> None:
     """Called once when the plugin manager is built, to add engine connectors:
     ``registry.add(name, factory="pkg.module:Class", extra="vllm")``. Returns nothing.
+    """
+
+
+@hookspec
+def kvbm_register_commands(registry: CommandRegistry) -> None:
+    """Called once when the plugin manager is built, to add subcommands of ``kvbm``:
+    ``registry.add(name, factory="pkg.module:function", description=..., extra=...)``.
+
+    The factory is imported only when ``kvbm NAME`` runs (or its ``--help``): it is
+    called with that subcommand's ``argparse.ArgumentParser``, adds its arguments and
+    returns the function that runs it (parsed ``Namespace`` → exit code). ``plugins``
+    and ``config`` are kvbm's own. Returns nothing.
     """
 
 

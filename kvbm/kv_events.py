@@ -1,4 +1,10 @@
-"""Moved to ``kvbm_observability.kv_events``; this path stays for code that imports it."""
+"""Moved to ``kvbm_observability.kv_events``; this path stays for code that imports it.
 
-from kvbm_observability.kv_events import *  # noqa: F403
-from kvbm_observability.kv_events import __all__  # noqa: F401
+The name is bound to that module itself, so everything it holds is reachable here.
+"""
+
+import sys
+
+import kvbm_observability.kv_events as _impl
+
+sys.modules[__name__] = _impl

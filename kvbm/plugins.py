@@ -210,6 +210,27 @@ class ConnectorRegistry(_Registry):
                               tuple(requires), description))
 
 
+class CommandRegistry(_Registry):
+    """Subcommands of the ``kvbm`` command; filled by ``kvbm_register_commands``."""
+
+    kind = "command"
+    #: The core's own subcommands, which no plugin may take.
+    RESERVED = frozenset({"plugins", "config"})
+
+    def add(self, name: str, *, factory: str, extra: str | None = None,
+            requires: Sequence[str] = (), description: str = "") -> None:
+        """Register ``kvbm NAME``: ``factory`` ("module:function") is imported only when
+        that subcommand runs; it is called with the subcommand's ``ArgumentParser``, adds
+        its arguments and returns the function that runs it (``Namespace`` → exit code)."""
+        if name in self.RESERVED or not name or name.startswith("-"):
+            raise PluginError(
+                f"command {name!r} of plugin {self._owner().name!r}: the name is kvbm's own "
+                f"or not a command name; choose another (kvbm's own: {', '.join(sorted(self.RESERVED))})"
+            )
+        self._add(name, Entry(name, "command", factory, self._owner(), None, extra,
+                              tuple(requires), description))
+
+
 @dataclass
 class Plugins:
     """A built plugin manager and the registries its plugins filled."""
@@ -220,11 +241,12 @@ class Plugins:
     policies: PolicyRegistry = field(default_factory=PolicyRegistry)
     layouts: LayoutRegistry = field(default_factory=LayoutRegistry)
     connectors: ConnectorRegistry = field(default_factory=ConnectorRegistry)
+    commands: CommandRegistry = field(default_factory=CommandRegistry)
 
     def entries_of(self, plugin: PluginInfo) -> list[Entry]:
         """Everything ``plugin`` registered."""
         out: list[Entry] = []
-        for reg in (self.tiers, self.policies, self.layouts, self.connectors):
+        for reg in (self.tiers, self.policies, self.layouts, self.connectors, self.commands):
             out.extend(e for e in reg if e.plugin == plugin)
         return out
 
@@ -301,6 +323,7 @@ def build_plugins(env: Mapping[str, str] | None = None, extra_plugins: Sequence[
         ("kvbm_register_policies", result.policies),
         ("kvbm_register_layouts", result.layouts),
         ("kvbm_register_connectors", result.connectors),
+        ("kvbm_register_commands", result.commands),
     ]
     for info, obj in loaded.values():
         others = [o for _, o in loaded.values() if o is not obj]

@@ -7,8 +7,11 @@ is writing, and the shared s3 tier checks its bucket before a PUT.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
 from kvbm.hookspecs import hookimpl
-from kvbm.plugins import PolicyRegistry
+from kvbm.plugins import CommandRegistry, PolicyRegistry
 
 
 @hookimpl
@@ -28,3 +31,21 @@ def kvbm_register_policies(registry: PolicyRegistry) -> None:
     registry.add("priority_prefix", kind="admission",
                  factory="kvbm_policies.admission:PriorityPrefixFilter",
                  description="stop a request's offload at its first block below min_priority")
+
+
+@hookimpl
+def kvbm_register_commands(registry: CommandRegistry) -> None:
+    """Add ``kvbm simulate``; the simulator is imported only when the command runs."""
+    registry.add("simulate", factory="kvbm_policies.plugin:simulate_command",
+                 description="replay a block trace against each eviction policy beside "
+                             "Belady's OPT")
+
+
+def simulate_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``kvbm simulate``'s factory: add the simulator's arguments, return what runs it."""
+    from . import simulate
+
+    simulate.add_arguments(parser)
+    # simulate.register() is the argparse-subparsers form of the same command; the
+    # registry hands over a ready parser, so only its arguments and runner are taken.
+    return simulate._cmd_simulate

@@ -86,7 +86,7 @@ def test_counters_move_between_scrapes_as_blocks_are_offloaded_and_onboarded() -
 
 
 def test_counters_move_while_kvbm_bench_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    runner = pytest.importorskip("kvbm.bench.runner")
+    runner = pytest.importorskip("kvbm_bench.runner")
     pytest.importorskip("torch")
     seen: list[tuple[str, dict[str, float]]] = []
     stop = threading.Event()

@@ -77,7 +77,8 @@ def test_builtin_plugins_load_before_entry_points_sorted_by_name() -> None:
 
 def test_every_plugin_registers_through_the_entry_point_group() -> None:
     dists = {p.name: p.distribution for p in build_plugins().plugins}
-    for name in ("host", "disk", "s3", "gpu", "remote", "policies", "observability"):
+    for name in ("host", "disk", "s3", "gpu", "remote", "policies", "observability", "bench", "hf",
+                 "sglang"):
         assert dists[name] == "kvbm"
 
 

@@ -1,6 +1,7 @@
-"""``kvbm bench``: the main job. A multi-turn workload replayed against a chain."""
+"""Moved to ``kvbm_bench``; this path stays for code that imports it."""
 
-from .runner import BenchOptions, BenchReport, run_bench
-from .workload import Turn, multi_turn_workload
+from kvbm_bench.config import BenchOptions
+from kvbm_bench.runner import BenchReport, run_bench
+from kvbm_bench.workload import Turn, multi_turn_workload
 
 __all__ = ["BenchOptions", "BenchReport", "Turn", "multi_turn_workload", "run_bench"]

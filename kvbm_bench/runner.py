@@ -21,30 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from ..config import KvbmSettings, load_settings
-from ..layout import ContiguousBlocks, LayerSeparateBlocks
-from ..manager import KvBlockManager
-from ..plugins import build_plugins
+from kvbm.config import KvbmSettings, load_settings
+from kvbm.layout import ContiguousBlocks, LayerSeparateBlocks
+from kvbm.manager import KvBlockManager
+
+from .config import BenchOptions, default_settings
 from .limits import dd_direct_gbps, memcpy_gbps
 from .workload import multi_turn_workload
-
-DEFAULT_MODEL = {"name": "llama-3-8b-like", "num_layers": 32, "num_kv_heads": 8,
-                 "head_dim": 128, "dtype": "bfloat16"}
-
-
-@dataclass
-class BenchOptions:
-    """What ``kvbm bench`` runs."""
-
-    config: str | None = None
-    users: int = 16
-    rounds: int = 8
-    system_tokens: int = 1024
-    duration: float = 90.0
-    seed: int = 0
-    raw_blocks: int = 512
-    raw_batch: int = 64
-    progress: bool = True
 
 
 @dataclass
@@ -87,18 +70,6 @@ class BenchReport:
             "limits": self.limits,
             "seconds": self.seconds,
         }
-
-
-def default_settings(tmpdir: str) -> dict[str, Any]:
-    """The embedded default chain: host DRAM, then a disk tier under ``tmpdir`` if installed."""
-    tiers: list[dict[str, Any]] = [{"type": "host", "capacity": "4GiB"}]
-    plugins = build_plugins()
-    # Enough disk to hold the default workload's history (about 12 GiB), but never
-    # more than half the free space, so the bench starts on a small disk too.
-    disk_bytes = min(16 * 2**30, shutil.disk_usage(tmpdir).free // 2)
-    if "disk" in plugins.tiers and plugins.tiers.get("disk").available and disk_bytes >= 2**30:
-        tiers.append({"type": "disk", "capacity": disk_bytes, "path": tmpdir})
-    return {"model": DEFAULT_MODEL, "page_size": 16, "tiers": tiers}
 
 
 class _Progress:
@@ -145,7 +116,9 @@ def run_bench(opts: BenchOptions) -> BenchReport:
         settings: KvbmSettings = load_settings(config)
         mgr = KvBlockManager.from_config(settings)
         report = BenchReport(chain=[f"{rt.name}:{rt.config.type}" for rt in mgr.chain])
-        disk_dirs = {rt.name: _first_dir(rt.config) for rt in mgr.chain if rt.config.type == "disk"}
+        # A tier on local disk gets dd's O_DIRECT rate as its limit, whatever its type.
+        disk_dirs = {rt.name: _first_dir(rt.config) for rt in mgr.chain
+                     if getattr(type(rt.tier), "medium", None) == "DISK"}
         try:
             _workload_phase(mgr, opts, report, torch)
         finally:
@@ -309,10 +282,7 @@ def _plain_copy(dst: np.ndarray, src: np.ndarray, threads: int, pool: ThreadPool
 
 def _sub_match(match: Any, start: int, n: int) -> Any:
     """A view of ``n`` blocks of a pinned match (the pins stay with the parent)."""
-    from ..manager import Match
-
-    return Match(match.hashes[start : start + n], match.tiers[start : start + n],
-                 match.page_size, match._pins[start : start + n], None)
+    return match.part(start, n)
 
 
 def _first_dir(config: Any) -> str | None:

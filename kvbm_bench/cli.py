@@ -1,17 +1,16 @@
-"""The ``kvbm bench`` subcommand."""
+"""The ``kvbm bench`` subcommand: its arguments and the function that runs it."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from collections.abc import Callable
 
-from .runner import BenchOptions, environment_note, format_report, run_bench
+from .config import BenchOptions
 
 
-def register(sub: Any) -> None:
-    """Add ``bench`` to the ``kvbm`` parser."""
-    p = sub.add_parser("bench", help="replay a multi-turn workload against a chain (the main job)")
+def command(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Add ``kvbm bench``'s arguments to ``p``; return the function that runs it."""
     p.add_argument("--config", help="YAML chain to run (default: the embedded host+disk chain)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--users", type=int, default=16, help="conversations (default 16)")
@@ -22,20 +21,20 @@ def register(sub: Any) -> None:
     p.add_argument("--engine", choices=["none", "hf"], default="none",
                    help="'hf' runs a real transformers model (time to first token)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    try:
-        from ..connectors import hf_bench
+    from . import hf
 
-        hf_bench.add_arguments(p)
-    except ImportError:
-        pass
-    p.set_defaults(func=_run)
+    hf.add_arguments(p)
+    return run
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run the bench the parsed arguments describe; 1 if any onboarded block mismatched."""
     if args.engine == "hf":
-        from ..connectors import hf_bench
+        from . import hf
 
-        return int(hf_bench.run_hf_bench(args))
+        return int(hf.run_hf_bench(args))
+    from .runner import environment_note, format_report, run_bench
+
     opts = BenchOptions(
         config=args.config, users=args.users, rounds=args.rounds,
         system_tokens=args.system_tokens, duration=args.duration, raw_blocks=args.raw_blocks,

@@ -1,0 +1,385 @@
+"""Hugging Face transformers connector: a ``DynamicCache`` that reuses cached prefixes.
+
+A transformers causal-LM user adds kvbm with one call::
+
+    manager = manager_for_model(model, tiers=[{"type": "host", "capacity": "8GiB"}])
+    out = generate(model, input_ids, manager, max_new_tokens=64)
+
+or, step by step, with the ``Cache`` class::
+
+    cache = KvbmCache(manager, model)
+    cache.load_prefix(input_ids)          # match + onboard the cached prefix
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    cache.offload_blocks(out)             # store the new complete blocks
+
+``load_prefix`` matches the prompt's complete blocks (``KvBlockManager.match_prefix``)
+and onboards their KV straight into the tensors the model attends over; the model then
+computes only the rest of the prompt, because transformers starts at
+``cache.get_seq_length()``. At least the prompt's last token is always computed: the
+model needs its logits to produce the first new token. ``offload_blocks`` gathers the cache's
+complete blocks into kvbm's block layout and hands them to the manager.
+
+transformers holds each layer's KV as ``[batch, kv_heads, seq, head_dim]`` tensors;
+kvbm stores a block as ``(num_layers, 2, page_size, kv_heads * head_dim)``
+(``BlockLayout.block_shape``). ``CacheBlockSource`` and ``CacheBlockDestination``
+translate between the two.
+
+What is not reused, and why, is said once in the log: a model with sliding-window,
+chunked, linear (Mamba) or latent (MLA) attention layers, a batch of more than one
+sequence, and a prompt without a complete block run as a plain ``DynamicCache``.
+A model whose KV shape or dtype differs from the manager's layout, or a tokenizer
+whose vocabulary the model's embedding cannot hold, is an error at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
+
+from kvbm.errors import LayoutError, TokenError
+from kvbm.layout import ModelSpec
+from kvbm.manager import KvBlockManager, OffloadResult
+
+from ._blocks import CacheBlockDestination, CacheBlockSource
+from ._model import (
+    check_layout,
+    check_vocab,
+    config_of,
+    model_spec,
+    text_config,
+    unsupported_reason,
+)
+
+__all__ = [
+    "CacheBlockSource",
+    "KvbmCache",
+    "CacheBlockDestination",
+    "KvbmLayer",
+    "generate",
+    "manager_for_model",
+    "model_spec",
+    "prefill",
+    "unsupported_reason",
+]
+
+log = logging.getLogger("kvbm.hf")
+
+_said: set[str] = set()
+_said_lock = threading.Lock()
+
+
+def _say_once(key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
+    """Log a pass-through reason once per process: a serving loop would repeat it per request."""
+    with _said_lock:
+        if key in _said:
+            return
+        _said.add(key)
+    log.log(level, msg, *args)
+
+
+def manager_for_model(
+    model_or_config: Any,
+    tiers: list[dict[str, Any]] | None = None,
+    *,
+    page_size: int = 16,
+    name: str | None = None,
+    dtype: Any = None,
+    **settings: Any,
+) -> KvBlockManager:
+    """A ``KvBlockManager`` whose model section is read from the transformers config.
+
+    ``tiers`` is the chain (default: kvbm's, a 4GiB host tier); other keyword arguments
+    are kvbm settings (``cache_salt``, ``write_through`` …). The model name, which is part
+    of every block's namespace, defaults to the config's ``_name_or_path``: give models
+    with different weights different names, or they would share blocks.
+    """
+    spec = model_spec(model_or_config, dtype=dtype, name=name)
+    cfg: dict[str, Any] = {
+        "model": {"name": spec.name, "num_layers": spec.num_layers,
+                  "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+                  "dtype": spec.dtype},
+        "page_size": page_size,
+        **settings,
+    }
+    if tiers is not None:
+        cfg["tiers"] = tiers
+    return KvBlockManager.from_config(cfg)
+
+
+class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicLayer`` that can start from loaded KV and append into reserved room.
+
+    After ``preload`` the layer's keys and values are the first ``n`` tokens of a
+    longer tensor; ``update`` writes new tokens after them in place instead of
+    concatenating, while they fit. Anything else (no room left, a reordered or resized
+    batch, autograd) falls back to ``DynamicLayer``'s concatenation, which drops the room.
+    Tokens already handed out are never written, so earlier views stay valid.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def preload(self, keys_room: torch.Tensor, values_room: torch.Tensor, num_tokens: int) -> None:
+        """Hold ``num_tokens`` loaded tokens at the start of the given room tensors."""
+        self.lazy_initialization(keys_room, values_room)
+        self._room = (keys_room, values_room)
+        self.keys = keys_room[:, :, :num_tokens]
+        self.values = values_room[:, :, :num_tokens]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        room = self._room
+        if room is not None and self.keys is not None and self.values is not None:
+            rk, rv = room
+            cur = self.keys.shape[-2]
+            end = cur + key_states.shape[-2]
+            if (
+                end <= rk.shape[-2]
+                and key_states.shape[0] == rk.shape[0]
+                # Still a prefix of the room (crop keeps it; batch reorders copy it away).
+                and self.keys.data_ptr() == rk.data_ptr()
+                and self.values.data_ptr() == rv.data_ptr()
+                and not key_states.requires_grad
+                and (torch.is_inference_mode_enabled() or not torch.is_inference(rk))
+            ):
+                rk[:, :, cur:end].copy_(key_states)
+                rv[:, :, cur:end].copy_(value_states)
+                self.keys = rk[:, :, :end]
+                self.values = rv[:, :, :end]
+                return self.keys, self.values
+            self._room = None
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        self._room = None
+        super().reset()
+
+
+# -- the cache ------------------------------------------------------------------------
+
+
+def _token_row(input_ids: Any) -> tuple[np.ndarray | None, int]:
+    """The single sequence of ``input_ids`` as int64 numpy, and the batch size."""
+    if isinstance(input_ids, torch.Tensor):
+        t = input_ids.detach()
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if t.dim() != 2:
+            raise TokenError(f"input_ids: expected [batch, seq] token ids, got shape {list(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TokenError(f"input_ids: expected integer token ids, got {t.dtype}")
+        if t.shape[0] != 1:
+            return None, int(t.shape[0])
+        return t[0].cpu().numpy().astype(np.int64, copy=False), 1
+    arr = np.asarray(input_ids)
+    if arr.ndim == 2:
+        if arr.shape[0] != 1:
+            return None, int(arr.shape[0])
+        arr = arr[0]
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise TokenError(f"input_ids: expected integer token ids, got {arr.dtype} {list(arr.shape)}")
+    return arr.astype(np.int64, copy=False), 1
+
+
+class KvbmCache(DynamicCache):
+    """A transformers ``DynamicCache`` that loads cached prefixes from kvbm and stores new blocks.
+
+    Use one per request (or conversation): ``load_prefix(input_ids)`` before the model
+    runs, ``offload_blocks(sequence)`` after. The manager's model section must describe this
+    model (``manager_for_model`` builds one that does); a mismatch raises
+    ``LayoutError`` naming each differing field. ``tokenizer``, when given, is checked
+    against the model's vocabulary. Models kvbm cannot serve (``unsupported_reason``)
+    get a plain ``DynamicCache`` that never loads or stores, said once in the log.
+    """
+
+    def __init__(self, manager: KvBlockManager, model_or_config: Any, *,
+                 tokenizer: Any = None, dtype: Any = None, headroom: int = 256) -> None:
+        config = config_of(model_or_config)
+        super().__init__(config=config)
+        self.headroom = headroom
+        self.manager = manager
+        self.layout = manager.layout
+        self.page_size = manager.page_size
+        text = text_config(config)
+        self.vocab_size = int(getattr(text, "vocab_size", 0) or getattr(config, "vocab_size", 0))
+        if tokenizer is not None and self.vocab_size:
+            check_vocab(tokenizer, self.vocab_size)
+        self.reason = unsupported_reason(config)
+        self.spec: ModelSpec | None = None
+        if self.reason is not None:
+            _say_once(f"unsupported:{getattr(config, 'model_type', '?')}:{self.reason}",
+                      "kvbm: %s is served without prefix reuse: %s",
+                      type(config).__name__.removesuffix("Config") or "model", self.reason)
+        else:
+            # Full attention everywhere (checked above), so every layer is a plain
+            # DynamicLayer; ours behaves the same and can also start from loaded KV.
+            self.layers = [KvbmLayer() for _ in self.layers]
+            self.spec = model_spec(model_or_config, dtype=dtype)
+            check_layout(self.spec, self.layout, type(config).__name__.removesuffix("Config"))
+            if manager.settings.tp_size != 1:
+                raise LayoutError(
+                    f"tp_size: kvbm's manager is set for {manager.settings.tp_size} tensor-parallel "
+                    "ranks, but a transformers model in one process holds every KV head; set "
+                    "tp_size: 1 (the default)"
+                )
+        # Loaded KV goes where the model computes: a model's own device, else the CPU.
+        dev = None if isinstance(model_or_config, PretrainedConfig) else getattr(
+            model_or_config, "device", None)
+        self.device = dev if isinstance(dev, torch.device) else torch.device("cpu")
+        self.loaded_tokens = 0
+        self.offered_blocks = 0
+
+    @property
+    def reuse_enabled(self) -> bool:
+        """True when this model's KV can be loaded from and stored to kvbm."""
+        return self.reason is None
+
+    def _tokens(self, input_ids: Any, what: str) -> np.ndarray | None:
+        if not self.reuse_enabled:
+            return None
+        row, batch = _token_row(input_ids)
+        if row is None:
+            _say_once("batch", "kvbm: %s with a batch of %d sequences runs without prefix reuse; "
+                      "kvbm's transformers cache serves one sequence per cache", what, batch)
+            return None
+        if row.size and self.vocab_size and (row.min() < 0 or row.max() >= self.vocab_size):
+            raise TokenError(
+                f"input_ids: ids must lie in [0, {self.vocab_size}) for this model, got min "
+                f"{int(row.min())} and max {int(row.max())}; was it tokenized with another "
+                "model's tokenizer?"
+            )
+        return row
+
+    def load_prefix(self, input_ids: Any) -> int:
+        """Onboard the longest cached prefix of ``input_ids``; return the tokens now cached.
+
+        Loads whole blocks only, and never the prompt's last token. Returns 0 (plain
+        prefill) when nothing matches, when the prompt has no complete block before its
+        last token, or when reuse is off for this model. A cache that already holds KV
+        (a conversation continued in the same cache) is left as it is.
+        """
+        have = self.get_seq_length()
+        if have:
+            return have
+        row = self._tokens(input_ids, "load_prefix")
+        if row is None:
+            return 0
+        usable = (len(row) - 1) // self.page_size
+        if usable <= 0:
+            _say_once("short", "kvbm: prompts shorter than %d tokens (one block plus the last "
+                      "token) have nothing to load; they run as plain prefill",
+                      self.page_size + 1, level=logging.INFO)
+            return 0
+        hashes = self.manager.hash_tokens(row[: usable * self.page_size])
+        with self.manager.match_prefix(hashes) as match:
+            if match.num_blocks == 0:
+                return 0
+            # Room for the whole prompt and ``headroom`` generated tokens, so neither the
+            # prefill nor the first decode steps copy the loaded prefix again.
+            dest = CacheBlockDestination(self.layout, match.num_blocks,
+                                         capacity=len(row) + max(self.headroom, 0),
+                                         device=self.device)
+            res = self.manager.onboard(match, dest)
+        if res.loaded == 0:
+            return 0
+        for li, layer in enumerate(self.layers):
+            if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
+                raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
+            layer.preload(*dest.kv_room(li), res.loaded * self.page_size)
+        self.loaded_tokens = res.loaded * self.page_size
+        # Blocks just loaded are in kvbm already: offering them again would only inflate
+        # the admission filters' reuse counts.
+        self.offered_blocks = res.loaded
+        return self.loaded_tokens
+
+    def offload_blocks(
+        self, input_ids: Any, *, wait: bool = True
+    ) -> OffloadResult | Future[OffloadResult]:
+        """Store the complete blocks of ``input_ids`` whose KV this cache holds and kvbm lacks.
+
+        ``input_ids`` is the sequence the cache was filled with (the prompt, or the
+        prompt and the generated tokens, as ``generate`` returns them); only blocks
+        within both it and the cache are stored, each offered once per cache. With
+        ``wait=False`` the copy runs on a background thread and a ``Future`` is returned.
+        """
+        row = self._tokens(input_ids, "offload")
+        if row is None or not self.layers or not getattr(self.layers[0], "is_initialized", False):
+            return _done(OffloadResult(), wait)
+        layers = [(layer.keys, layer.values) for layer in self.layers]  # type: ignore[union-attr]
+        source = CacheBlockSource(layers, self.layout)  # type: ignore[arg-type]
+        n = min(len(row), source.num_tokens) // self.page_size
+        start = self.offered_blocks
+        if n <= start:
+            return _done(OffloadResult(), wait)
+        self.offered_blocks = n
+
+        def run() -> OffloadResult:
+            hashes = self.manager.hash_tokens(row[: n * self.page_size])
+            return self.manager.offload(hashes[start:], source, indices=range(start, n))
+
+        if wait:
+            return run()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-hf-offload")
+        fut = pool.submit(run)
+        pool.shutdown(wait=False)  # the thread exits once this one job is done
+        return fut
+
+    def reset(self) -> None:
+        """Drop the cached KV and start a new request in this cache."""
+        super().reset()  # type: ignore[no-untyped-call]
+        self.loaded_tokens = 0
+        self.offered_blocks = 0
+
+
+def _done(res: OffloadResult, wait: bool) -> OffloadResult | Future[OffloadResult]:
+    if wait:
+        return res
+    fut: Future[OffloadResult] = Future()
+    fut.set_result(res)
+    return fut
+
+
+# -- one call -------------------------------------------------------------------------
+
+
+def prefill(model: Any, input_ids: torch.Tensor, cache: KvbmCache, *, offload: bool = True,
+            **forward_kwargs: Any) -> Any:
+    """Run the prompt through ``model`` with ``cache``: load the cached prefix, compute the rest.
+
+    Returns the model's output for the computed positions (``logits[:, -1]`` is the
+    prompt's last token, as in a plain forward). With ``offload`` the prompt's new
+    complete blocks are stored afterwards.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    n = cache.load_prefix(input_ids)
+    out = model(input_ids=input_ids[:, n:], past_key_values=cache, use_cache=True, **forward_kwargs)
+    if offload:
+        cache.offload_blocks(input_ids)
+    return out
+
+
+def generate(model: Any, input_ids: torch.Tensor, manager: KvBlockManager, *,
+             tokenizer: Any = None, **generate_kwargs: Any) -> Any:
+    """``model.generate`` with kvbm: the cached prefix is loaded, the new blocks stored.
+
+    Takes and returns what ``model.generate`` does (``generate_kwargs`` pass through).
+    The KV of the prompt and of the generated tokens is offloaded, so the next turn of
+    a conversation, whose prompt starts with this one's output, reuses all of it.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    cache = KvbmCache(manager, model, tokenizer=tokenizer)
+    cache.load_prefix(input_ids)
+    out = model.generate(input_ids, past_key_values=cache, **generate_kwargs)
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    cache.offload_blocks(seq)
+    return out

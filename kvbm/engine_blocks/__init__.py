@@ -16,7 +16,7 @@ torch is imported only when an adapter is built, so ``import kvbm`` stays light.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LayoutError
@@ -58,18 +58,18 @@ def accelerated_layout_name(device_type: str) -> str:
 
 
 def _device_type(kv_caches: Any) -> str:
+    torch = import_torch()
     first = kv_caches
-    if isinstance(kv_caches, dict):
+    if isinstance(kv_caches, Mapping):
         first = next(iter(kv_caches.values()), None)
     elif isinstance(kv_caches, Sequence) and not isinstance(kv_caches, (str, bytes)):
         first = kv_caches[0] if len(kv_caches) else None
-    device = getattr(first, "device", None)
-    if device is None:
+    if not isinstance(first, torch.Tensor):
         raise LayoutError(
             f"kv_caches: expected torch tensors (a dict or list per layer, or one pool), "
             f"got {type(first).__name__}"
         )
-    return str(device.type)
+    return str(first.device.type)
 
 
 def engine_blocks(

@@ -6,7 +6,9 @@ so one block is 2 MiB. Two engine arrangements:
 * ``2MiB blocks``: a fully contiguous pool (TensorRT-LLM's NHD pool, or our own) —
   each block is one 2 MiB region;
 * ``vLLM layers``: vLLM's per-layer tensors ``[2, blocks, 16, 8, 128]`` — a block is 64
-  scattered runs of 32 KiB (K and V of each layer).
+  scattered runs of 32 KiB (K and V of each layer);
+* ``vLLM 0.33 layers``: vLLM 0.33's logical ``[blocks, 8, 16, K|V]`` per layer (heads
+  outermost, K and V side by side per token) — a block is 8192 runs of 256 B.
 
 For each: offload (device → host, ``copy_out``), onboard (host → device, ``copy_in``),
 layer-wise onboard, with the ``gather`` and ``per_block`` strategies, and both
@@ -90,6 +92,11 @@ def host_arena(nbytes: int, dev: torch.device) -> np.ndarray:
 def engine_blocks(kind: str, layout: BlockLayout, nb: int, dev: torch.device,
                   cfg: TransferConfig) -> DeviceBlocks:
     m = layout.model
+    if kind == "bhnc":
+        kv = {f"layers.{i}": torch.ones(nb, m.num_kv_heads, layout.page_size,
+                                        m.outer_dim * m.head_dim, dtype=torch.bfloat16, device=dev)
+              for i in range(m.num_layers)}
+        return register_kv_caches(kv, layout, num_blocks=nb, transfer=cfg)
     if kind == "pool":
         pool = torch.ones(nb, m.num_layers, m.outer_dim, layout.page_size * m.inner_dim,
                           dtype=torch.bfloat16, device=dev)
@@ -223,7 +230,8 @@ def main() -> None:
         "copy_backend": a.backend,
         "torch_threads": torch.get_num_threads(), "cases": {},
     }
-    for kind, name in (("pool", "2MiB blocks"), ("vllm", "vLLM layers")):
+    for kind, name in (("pool", "2MiB blocks"), ("vllm", "vLLM layers"),
+                       ("bhnc", "vLLM 0.33 layers")):
         for strategy in ("gather", "per_block"):
             results["cases"][f"{name} / {strategy}"] = measure(
                 kind, layout, n, dev, a.repeats, strategy, plain)
@@ -243,13 +251,13 @@ def main() -> None:
     lim = "one torch copy, pinned host <-> device" if dev.type == "cuda" else "one torch copy, host -> host"
     print(f"  limit = {lim}, same bytes, same rounds")
     cols = (("d2h", "D2H"), ("h2d", "H2D"), ("h2d_layerwise", "H2D layerwise"), ("bidir", "both ways"))
-    print(f"  {'case':26s}" + "".join(f" {h:>22s}" for _, h in cols))
-    print(f"  {'':26s}" + " {:>22s}".format("GB/s / limit = ratio") * len(cols))
+    print(f"  {'case':30s}" + "".join(f" {h:>22s}" for _, h in cols))
+    print(f"  {'':30s}" + " {:>22s}".format("GB/s / limit = ratio") * len(cols))
     for case, r in results["cases"].items():
         cells = "".join(
             f" {r[k]['gbps']:7.2f}/{r[k]['limit_gbps']:6.2f} ={r[k]['ratio']:5.2f}" for k, _ in cols
         )
-        print(f"  {case:26s}{cells}")
+        print(f"  {case:30s}{cells}")
     if "sweep" in results:
         print("  run-size sweep, vLLM layers (8 layers, 8 heads, hd 128), ratio to the limit:")
         print(f"  {'run bytes':>10s} {'gather D2H/H2D':>16s} {'per_block D2H/H2D':>18s}  faster")

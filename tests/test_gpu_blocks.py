@@ -175,6 +175,32 @@ def test_copy_in_writes_only_the_named_blocks(engine: str, transfer: str) -> Non
     assert not got[untouched].any()
 
 
+@pytest.mark.parametrize("transfer", sorted(TRANSFERS))
+@pytest.mark.parametrize("engine", ["vllm_kv_first", "vllm_bhnc_ratio2", "trtllm_nhd"])
+def test_layer_copies_touch_only_that_layer(engine: str, transfer: str) -> None:
+    make, kw = ENGINES[engine]
+    ref = reference()
+    S = LAYOUT.bytes_per_layer
+    src = register_kv_caches(make(ref), LAYOUT, transfer=TRANSFERS[transfer], **kw)
+    out = list(np.full((2, LAYOUT.bytes_per_block), 0xAB, dtype=np.uint8))
+    src.copy_layer_out(2, [9, 4], out)
+    for b, buf in zip([9, 4], out):
+        assert np.array_equal(buf[2 * S:3 * S], block_bytes(ref, b)[2 * S:3 * S])
+        assert (buf[:2 * S] == 0xAB).all() and (buf[3 * S:] == 0xAB).all()
+    dst = register_kv_caches(make(torch.zeros_like(ref)), LAYOUT, transfer=TRANSFERS[transfer], **kw)
+    dst.copy_layer_in(1, [3], [block_bytes(ref, 7)])
+    want = torch.zeros_like(ref)
+    want[3, 1] = ref[7, 1]
+    assert torch.equal(logical(dst), want)
+
+
+def test_engine_blocks_on_cpu_tensors_is_the_core_class() -> None:
+    from kvbm.engine_blocks import LayerSeparateBlocks, engine_blocks
+
+    plugins = build_plugins(env={"KVBM_PLUGINS": "gpu"})
+    assert type(engine_blocks(vllm_kv_first(reference()), LAYOUT, plugins=plugins)) is LayerSeparateBlocks
+
+
 def test_gather_splits_a_batch_larger_than_its_staging() -> None:
     ref = reference()
     # Staging of 3 blocks' bytes: halves of 1.5 blocks, so a batch of 10 runs in pieces.

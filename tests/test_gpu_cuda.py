@@ -100,6 +100,39 @@ def test_gpu_tier_on_cuda_has_no_host_views() -> None:
     assert np.array_equal(out, data)
 
 
+def test_engine_blocks_on_cuda_tensors_is_the_gpu_plugins_class() -> None:
+    from kvbm.engine_blocks import engine_blocks
+    from kvbm_tiers_gpu import DeviceBlocks
+
+    ref = reference()
+    blocks = engine_blocks(vllm(ref), LAYOUT, plugins=build_plugins(env={"KVBM_PLUGINS": "gpu"}))
+    assert type(blocks) is DeviceBlocks
+    bufs = pinned_bufs(1)
+    blocks.copy_layer_out(1, [5], bufs)
+    S = LAYOUT.bytes_per_layer
+    assert np.array_equal(bufs[0][S:2 * S], block_bytes(ref, 5)[S:2 * S])
+
+
+def test_cuda_vllm_033_tensors_roundtrip_with_kernel_blocks() -> None:
+    ref = reference()
+    ratio, n = 2, PAGE // 2
+    # vLLM 0.33's logical [blocks*ratio, heads, tokens, K|V] per layer.
+    kv = {f"l{li}": ref[:, li].reshape(NB, 2, ratio, n, HEADS, HD).permute(0, 2, 4, 3, 1, 5)
+          .contiguous().reshape(NB * ratio, HEADS, n, 2 * HD).cuda() for li in range(L)}
+    for strategy in ("gather", "per_block"):
+        cfg = TransferConfig(strategy=strategy)  # type: ignore[arg-type]
+        src = register_kv_caches(kv, LAYOUT, num_blocks=NB, transfer=cfg)
+        bufs = pinned_bufs(3)
+        src.copy_out([7, 0, 12], bufs)
+        assert all(np.array_equal(b, block_bytes(ref, i)) for b, i in zip(bufs, [7, 0, 12]))
+        dst = register_kv_caches({k: torch.zeros_like(t) for k, t in kv.items()}, LAYOUT,
+                                 num_blocks=NB, transfer=cfg)
+        dst.copy_in([1, 2, 3], bufs)
+        back = pinned_bufs(3)
+        dst.copy_out([1, 2, 3], back)
+        assert all(np.array_equal(a, b) for a, b in zip(bufs, back)), strategy
+
+
 def test_numpy_backend_on_a_cuda_device_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="copy_backend: value 'numpy'"):
         register_kv_caches(vllm(reference()), LAYOUT, transfer=TransferConfig(copy_backend="numpy"))

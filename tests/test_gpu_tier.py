@@ -39,6 +39,11 @@ def test_engine_layouts_are_registered() -> None:
     assert {"vllm", "trtllm", "mla"} <= set(reg.names())
 
 
+def test_gpu_tier_declares_the_gpu_medium() -> None:
+    entry = build_plugins(env={"KVBM_PLUGINS": "gpu"}).tiers.get("gpu")
+    assert entry.load().medium == "GPU"
+
+
 def test_gpu_tier_on_cpu_hands_out_numpy_views() -> None:
     with manager() as mgr:
         tier = mgr.chain[0].tier

@@ -7,7 +7,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kvbm.config import TierConfig
-from kvbm_tiers_s3.config import S3TierConfig, hide_url_credentials
+from kvbm.objectstore import (
+    check_bucket_name,
+    check_endpoint_url,
+    hide_url_credentials,
+    normalize_prefix,
+    reject_unexpanded,
+)
 
 #: ``publish_interval_s`` with ``rendezvous_s3`` unless given: each publish is a PUT
 #: and each listing a LIST, which S3 bills per request.
@@ -45,8 +51,8 @@ class RendezvousS3Config(BaseModel):
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout of a request")
     read_timeout_s: float = Field(2.0, gt=0, description="socket read timeout of a request")
 
-    # The s3 tier's checks, so both read the same keys the same way (bucket names,
-    # unset ${VAR}s, credentials in a URL never printed).
+    # The object store's checks (kvbm.objectstore), as the s3 tier's, so both read the
+    # same keys the same way (bucket names, unset ${VAR}s, credentials in a URL never printed).
     @model_validator(mode="before")
     @classmethod
     def _hide_url_credentials(cls, data: object) -> object:
@@ -55,12 +61,12 @@ class RendezvousS3Config(BaseModel):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        return S3TierConfig._bucket(v)
+        return check_bucket_name(v)
 
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        return S3TierConfig._prefix(v)
+        return normalize_prefix(v)
 
     @field_validator(
         "endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
@@ -68,12 +74,12 @@ class RendezvousS3Config(BaseModel):
     )
     @classmethod
     def _expanded(cls, v: object) -> object:
-        return S3TierConfig._expanded(v)
+        return reject_unexpanded(v)
 
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        return S3TierConfig._endpoint(v)
+        return check_endpoint_url(v)
 
 
 class RemoteTierConfig(TierConfig):

@@ -320,11 +320,11 @@ class S3Rendezvous(Rendezvous):
 def _client(tier: str, cfg: RendezvousS3Config) -> Any:
     """A boto3 S3 client with short timeouts and no retries (the next interval retries)."""
     try:
-        import boto3  # noqa: F401  (checked first: the s3 tier's module may be loaded)
+        import boto3  # noqa: F401  (s3_client imports it only when called)
 
-        # The s3 tier's client builder, with its process-wide model loader: a second
+        # The core's client builder, with its process-wide model loader: a second
         # client costs milliseconds.
-        from kvbm_tiers_s3.tier import s3_client
+        from kvbm.objectstore import s3_client
     except ImportError:
         raise PluginError(
             f"tier {tier!r}: key 'rendezvous_s3' needs boto3, which is not installed: "

@@ -37,20 +37,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import boto3
 import botocore.exceptions as bexc
-import botocore.loaders
-import botocore.session
 import numpy as np
 import urllib3.exceptions
-from botocore.config import Config
 
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
+from kvbm.objectstore import redact_url, s3_client
 from kvbm.tier import Tier, TierContext
 
 from .breaker import OPEN, CircuitBreaker
-from .config import S3TierConfig, redact_url
+from .config import S3TierConfig
 from .objects import MetaCodec, ObjectMeta, PackPointer, checksum
 
 log = logging.getLogger("kvbm.s3")
@@ -67,55 +64,6 @@ _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
     urllib3.exceptions.HTTPError, http.client.HTTPException, OSError,
 )
-
-
-_loader: Any = None
-_loader_lock = threading.Lock()
-
-
-def _shared_loader() -> Any:
-    """One botocore data loader per process: it caches the parsed service models, so a
-    second tier (another TP rank, a test) builds its client in milliseconds, not 0.3 s."""
-    global _loader
-    with _loader_lock:
-        if _loader is None:
-            _loader = botocore.loaders.create_loader()
-        return _loader
-
-
-def s3_client(cfg: Any, *, max_pool_connections: int, **config: Any) -> Any:
-    """A boto3 S3 client from a config with the s3 tier's connection keys
-    (``endpoint_url``, ``region``, ``profile``, ``aws_*`` as ``SecretStr``,
-    ``addressing_style``, ``connect_timeout_s``, ``read_timeout_s``).
-
-    botocore's own retries are off: its standard mode waits up to 20 s per attempt,
-    longer than an engine step should ever stall; callers retry (or wait for their
-    next interval) themselves. ``config`` adds ``botocore.config.Config`` options.
-    """
-
-    def secret(v: Any) -> str | None:
-        return None if v is None else str(v.get_secret_value())
-
-    bsession = botocore.session.get_session()
-    bsession.register_component("data_loader", _shared_loader())
-    session = boto3.session.Session(
-        botocore_session=bsession,
-        aws_access_key_id=secret(cfg.aws_access_key_id),
-        aws_secret_access_key=secret(cfg.aws_secret_access_key),
-        aws_session_token=secret(cfg.aws_session_token),
-        region_name=cfg.region,
-        profile_name=cfg.profile,
-    )
-    bcfg = Config(
-        region_name=cfg.region,
-        s3={"addressing_style": cfg.addressing_style},
-        connect_timeout=cfg.connect_timeout_s,
-        read_timeout=cfg.read_timeout_s,
-        retries={"total_max_attempts": 1, "mode": "standard"},
-        max_pool_connections=max_pool_connections,
-        **config,
-    )
-    return session.client("s3", endpoint_url=cfg.endpoint_url, config=bcfg)
 
 
 class _Refused(Exception):

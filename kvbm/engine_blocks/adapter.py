@@ -37,6 +37,7 @@ from ._forms import (
 )
 
 _B = TypeVar("_B", bound="LayerSeparateBlocks")
+_U8 = np.dtype(np.uint8)
 
 
 class LayerSeparateBlocks:
@@ -308,23 +309,27 @@ class LayerSeparateBlocks:
             raise LayoutError(f"{what}: expected {n} buffers (one per block id), got {len(bufs)}")
         bb = self._bytes_per_block
         out: list[np.ndarray] = []
+        # Runs once per buffer per call, and a layer-wise engine calls once per layer:
+        # the cheap tests come first (dtype identity, one flags object, no reshape of
+        # a buffer that is flat already).
         for i, b in enumerate(bufs):
             if not isinstance(b, np.ndarray):
                 raise LayoutError(
                     f"{what}[{i}]: expected a numpy uint8 array, got {type(b).__name__}"
                 )
-            if b.dtype != np.uint8 or b.nbytes != bb:
+            if (b.dtype is not _U8 and b.dtype != _U8) or b.nbytes != bb:
                 raise LayoutError(
                     f"{what}[{i}]: expected {bb} bytes of uint8 (one block of layout "
                     f"{self.layout.digest}), got {b.dtype} with {b.nbytes} bytes"
                 )
-            if not b.flags.c_contiguous:
+            flags = b.flags
+            if not flags.c_contiguous:
                 raise LayoutError(
                     f"{what}[{i}]: expected a C-contiguous buffer, got strides {b.strides}"
                 )
-            if writable and not b.flags.writeable:
+            if writable and not flags.writeable:
                 raise LayoutError(f"{what}[{i}]: expected a writable buffer, got a read-only one")
-            out.append(b.reshape(-1))
+            out.append(b if b.ndim == 1 else b.reshape(-1))
         return out
 
     # -- copies --------------------------------------------------------------------------

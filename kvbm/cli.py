@@ -1,9 +1,9 @@
 """The ``kvbm`` command: ``plugins`` and ``config check``, and the plugins' subcommands.
 
-Plugins add subcommands through ``kvbm_register_commands`` (``kvbm bench`` comes from
-``kvbm_bench``, ``kvbm simulate`` from ``kvbm_policies``). A subcommand's module is
-imported only when it runs, so ``kvbm plugins`` imports none of them, and one whose
-packages are missing is listed with the pip command that installs them.
+Plugins add subcommands through ``kvbm_register_commands`` (``kvbm bench`` and ``kvbm
+simulate`` come from the bench and policy plugins). A subcommand's module is imported
+only when it runs, so ``kvbm plugins`` imports none of them, and one whose packages are
+missing is listed with the pip command that installs them.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from .config import load_settings
     from .chain import resolve_chain
+    from .config import load_settings
     from .sizes import format_size
 
-    settings = load_settings(args.file)
     plugins = build_plugins()
+    settings = load_settings(args.file, tier_types=plugins.tiers)
     links = resolve_chain(settings, plugins)
     layout = settings.layout()
     bb = layout.bytes_per_block

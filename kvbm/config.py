@@ -4,14 +4,21 @@ Dynamo's ``DYN_KVBM_*`` variables, a YAML file and defaults (highest first).
 Validation runs in two steps. The core checks the skeleton here: the model, the page
 size, and that each tier names a ``type``. Each tier's own ``config_model`` (from its
 plugin) then checks the rest, so an error names the tier and the key.
+
+The core names no tier type. What the config needs of tier types comes from their
+plugins' declarations (``TierRegistry.add``): the environment variables that set their
+keys (``EnvAlias``; Dynamo's ``DYN_KVBM_CPU_*``, ``DYN_KVBM_DISK_*`` …), the default
+chain, and the order tiers are sorted in.
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -95,63 +102,134 @@ class TierConfig(BaseModel):
         return n
 
 
-DEFAULT_TIERS: list[dict[str, Any]] = [{"type": "host", "capacity": "4GiB"}]
+@dataclass(frozen=True)
+class EnvAlias:
+    """An environment variable that sets one key of a tier type's config.
 
-# Dynamo KVBM's variables: (env name, tier type, key, converter). "GB" is 10**9 bytes.
-_DYN_TIER_VARS: list[tuple[str, str, str, Any]] = [
-    ("DYN_KVBM_CPU_CACHE_GB", "host", "capacity", lambda v: int(float(v) * 10**9)),
-    ("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "host", "num_blocks", int),
-    ("DYN_KVBM_DISK_CACHE_GB", "disk", "capacity", lambda v: int(float(v) * 10**9)),
-    ("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "disk", "num_blocks", int),
-    ("DYN_KVBM_DISK_CACHE_DIR", "disk", "path", str),
-    ("DYN_KVBM_DISK_ZEROFILL_FALLBACK", "disk", "zerofill_fallback", str),
-    ("DYN_KVBM_DISK_DISABLE_O_DIRECT", "disk", "disable_o_direct", str),
-    ("DYN_KVBM_DISK_ALLOCATOR_TYPE", "disk", "allocator_type", str),
-]
-_TIER_ORDER = {"gpu": 0, "host": 1, "disk": 2, "s3": 3, "remote": 4}
+    Tier plugins declare them (``TierRegistry.add(..., env={"DYN_KVBM_CPU_CACHE_GB":
+    EnvAlias("capacity", decimal_gigabytes)})``) so that Dynamo KVBM's variables keep
+    working while the core names no tier type. ``key`` may be dotted
+    (``admission_options.min_priority``); ``convert`` turns the variable's text into
+    the value (a ``ValueError`` becomes a ``ConfigError`` naming the variable); ``also``
+    sets further keys with it; ``when`` skips the variable unless it returns True (a
+    flag set to false); ``adds_tier`` adds a tier of the type to a chain that lacks one,
+    as Dynamo's ``DYN_KVBM_DISK_CACHE_GB`` enables a disk tier; ``every_tier`` sets the
+    key on every tier of the type rather than on the first.
+    """
+
+    key: str
+    convert: Callable[[str], Any] = str
+    also: Mapping[str, Any] = field(default_factory=dict)
+    when: Callable[[str], bool] | None = None
+    adds_tier: bool = True
+    every_tier: bool = False
 
 
-def _truthy(v: str) -> bool:
-    return v.strip().lower() in ("1", "true", "yes", "on")
+class TierDeclarations(Protocol):
+    """What the config reads of the tier types plugins registered (a ``TierRegistry``)."""
+
+    def declarations(self) -> list[TierDeclaration]:
+        """Every tier type's declaration, in registration order."""
+        ...
 
 
-def apply_dynamo_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """Fold ``DYN_KVBM_*`` variables into ``data`` (a raw settings dict).
+@dataclass(frozen=True)
+class TierDeclaration:
+    """What a tier type declares for the config: ``TierRegistry.add``'s ``order``,
+    ``env`` and ``default``."""
 
-    A variable for a tier type the chain lacks adds that tier, as Dynamo's does
+    type: str
+    order: int | None = None
+    env: Mapping[str, EnvAlias] = field(default_factory=dict)
+    default: Mapping[str, Any] | None = None
+
+
+#: Where a tier type whose plugin declares no ``order`` sorts: after every declared one.
+UNORDERED = 99
+
+
+def decimal_gigabytes(text: str) -> int:
+    """Bytes of a number of decimal gigabytes (10**9 bytes), as Dynamo's ``*_GB`` variables mean."""
+    return int(float(text) * 10**9)
+
+
+def truthy(text: str) -> bool:
+    """True for 1, true, yes, on (any case): how Dynamo's flags are read."""
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_tiers(types: TierDeclarations) -> list[dict[str, Any]]:
+    """The chain used when the config names none: each type that declares a ``default``."""
+    decls = sorted(types.declarations(), key=_order)
+    return [{"type": d.type, **d.default} for d in decls if d.default is not None]
+
+
+def _order(d: TierDeclaration) -> int:
+    return UNORDERED if d.order is None else d.order
+
+
+def _set_key(tier: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key, copying each nested mapping it passes (the caller's stay as given)."""
+    *path, last = key.split(".")
+    node = tier
+    for part in path:
+        child = dict(node.get(part) or {})
+        node[part] = child
+        node = child
+    node[last] = value
+
+
+def _declared_types(env: Mapping[str, str]) -> TierDeclarations:
+    # Plugins import this module, so it imports them only when settings are read.
+    from .plugins import build_plugins
+
+    return build_plugins(env).tiers
+
+
+def apply_dynamo_env(
+    data: dict[str, Any], env: Mapping[str, str], types: TierDeclarations | None = None
+) -> dict[str, Any]:
+    """Fold environment aliases (Dynamo's ``DYN_KVBM_*``) into ``data`` (a raw settings dict).
+
+    The tier keys they set, the default chain and the order tiers are sorted in come
+    from what the tier plugins declared (``types``; the installed plugins when None).
+    A variable for a tier type the chain lacks adds that tier when its alias says so
     (``DYN_KVBM_DISK_CACHE_GB`` alone enables a disk tier).
     """
+    types = types if types is not None else _declared_types(env)
+    decls = sorted(types.declarations(), key=_order)
     data = dict(data)
-    tiers = [dict(t) for t in data.get("tiers", DEFAULT_TIERS)]
-    for var, ttype, key, conv in _DYN_TIER_VARS:
-        if var not in env:
+    tiers = [dict(t) for t in data["tiers"]] if "tiers" in data else default_tiers(types)
+    aliases = [(var, d.type, a) for d in decls for var, a in d.env.items() if var in env]
+    # Aliases that add a tier go first, so a flag applies to a tier another variable adds.
+    for var, ttype, alias in sorted(aliases, key=lambda x: not x[2].adds_tier):
+        raw = env[var]
+        if alias.when is not None and not alias.when(raw):
             continue
         matches = [t for t in tiers if t.get("type") == ttype]
         if not matches:
+            if not alias.adds_tier:
+                continue
             tiers.append({"type": ttype})
             matches = [tiers[-1]]
         try:
-            value = conv(env[var])
+            value = alias.convert(raw)
         except ValueError as e:
-            raise ConfigError(f"{var}={env[var]!r}: not a number ({e})") from None
+            raise ConfigError(
+                f"{var}={raw!r}: not a valid value ({e}); {var} sets key {alias.key!r} of "
+                f"the {ttype!r} tier"
+            ) from None
         # A block-count override wins over a size: TierConfig.resolve_num_blocks
         # prefers num_blocks whichever source set it.
-        matches[0][key] = value
-    if _truthy(env.get("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "")):
-        for t in tiers:
-            if t.get("type") == "disk":
-                t["admission"] = "all"
-    if "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY" in env:
-        for t in tiers:
-            if t.get("type") == "host":
-                t["admission"] = "priority_prefix"
-                opts = dict(t.get("admission_options") or {})
-                opts["min_priority"] = env["DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY"]
-                t["admission_options"] = opts
-    tiers.sort(key=lambda t: _TIER_ORDER.get(str(t.get("type")), 99))
+        for t in matches if alias.every_tier else matches[:1]:
+            _set_key(t, alias.key, value)
+            for k, v in alias.also.items():
+                _set_key(t, k, v)
+    order = {d.type: _order(d) for d in decls}
+    tiers.sort(key=lambda t: order.get(str(t.get("type")), UNORDERED))
     data["tiers"] = tiers
     if "DYN_KVBM_METRICS" in env:
-        data["metrics"] = _truthy(env["DYN_KVBM_METRICS"])
+        data["metrics"] = truthy(env["DYN_KVBM_METRICS"])
     if "DYN_KVBM_METRICS_PORT" in env:
         data["metrics_port"] = env["DYN_KVBM_METRICS_PORT"]
     if "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS" in env:
@@ -185,16 +263,18 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 class _FileAndDynamoSource(PydanticBaseSettingsSource):
     """The YAML file (if any) with Dynamo's variables folded in."""
 
-    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None,
+                 types: TierDeclarations | None) -> None:
         super().__init__(settings_cls)
         self.path = path
+        self.types = types
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         raise NotImplementedError  # __call__ is overridden
 
     def __call__(self) -> dict[str, Any]:
         data = read_yaml(self.path) if self.path else {}
-        return apply_dynamo_env(data, dict(os.environ))
+        return apply_dynamo_env(data, dict(os.environ), self.types)
 
 
 class KvEventsConfig(BaseModel):
@@ -237,7 +317,9 @@ class KvbmSettings(BaseSettings):
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     page_size: int = Field(16, gt=0, description="tokens per block")
-    tiers: list[TierSpec] = Field(default_factory=lambda: [TierSpec(**t) for t in DEFAULT_TIERS])
+    # Filled by the file-and-environment source with the tier plugins' default chain
+    # when nothing names one; the default here is only for a source-less build.
+    tiers: list[TierSpec] = Field(default_factory=list)
     hash_algorithm: Literal["xxh3_128", "sha256"] = "xxh3_128"
     tp_rank: int = Field(0, ge=0)
     tp_size: int = Field(1, gt=0)
@@ -264,7 +346,8 @@ class KvbmSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = _CONFIG_PATH.get() or os.environ.get("KVBM_CONFIG")
-        return (init_settings, env_settings, _FileAndDynamoSource(settings_cls, path))
+        return (init_settings, env_settings,
+                _FileAndDynamoSource(settings_cls, path, _TIER_TYPES.get()))
 
     def layout(self) -> BlockLayout:
         return BlockLayout(self.model.spec(), self.page_size)
@@ -274,6 +357,9 @@ class KvbmSettings(BaseSettings):
 # pydantic-settings builds its sources in a classmethod that cannot take it as an
 # argument. A ContextVar keeps two threads building settings from seeing each other's.
 _CONFIG_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvbm_config_path", default=None)
+# The tier declarations for the same build, for the same reason (None: the installed plugins').
+_TIER_TYPES: contextvars.ContextVar[TierDeclarations | None] = contextvars.ContextVar(
+    "kvbm_tier_types", default=None)
 
 
 def _format_validation_error(e: ValidationError, prefix: str = "") -> str:
@@ -288,22 +374,28 @@ def _format_validation_error(e: ValidationError, prefix: str = "") -> str:
 
 def load_settings(
     config: str | os.PathLike[str] | dict[str, Any] | KvbmSettings | None = None,
+    *,
+    tier_types: TierDeclarations | None = None,
     **overrides: Any,
 ) -> KvbmSettings:
     """Build settings from a YAML path, a dict, or nothing (env and defaults).
 
-    Raises ``ConfigError`` with every problem named by key.
+    ``tier_types`` (a built ``Plugins.tiers``) supplies the tier plugins' declarations
+    (environment aliases, default chain, order); without it the installed plugins are
+    read. Raises ``ConfigError`` with every problem named by key.
     """
     if isinstance(config, KvbmSettings):
         return config.model_copy(update=overrides) if overrides else config
     try:
         if isinstance(config, dict):
-            data = apply_dynamo_env({**config, **overrides}, dict(os.environ))
+            data = apply_dynamo_env({**config, **overrides}, dict(os.environ), tier_types)
             return KvbmSettings(**data)
         token = _CONFIG_PATH.set(None if config is None else os.fspath(config))
+        types_token = _TIER_TYPES.set(tier_types)
         try:
             return KvbmSettings(**overrides)
         finally:
+            _TIER_TYPES.reset(types_token)
             _CONFIG_PATH.reset(token)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None

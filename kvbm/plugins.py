@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .config import TierConfig
+from .config import EnvAlias, TierConfig, TierDeclaration
 from .errors import PluginError
 
 if TYPE_CHECKING:
@@ -135,8 +135,23 @@ class _Registry:
         return sorted(self._entries)
 
 
+@dataclass
+class TierEntry(Entry):
+    """A tier type, with what it declares for the config (``TierRegistry.add``)."""
+
+    order: int | None = None
+    env: Mapping[str, EnvAlias] = field(default_factory=dict)
+    default: Mapping[str, Any] | None = None
+
+
 class TierRegistry(_Registry):
-    """Tier types by name; filled by ``kvbm_register_tiers``."""
+    """Tier types by name; filled by ``kvbm_register_tiers``.
+
+    Besides the class, a tier type declares what the config needs to know of it, so
+    that the core names no tier type: its place in a chain (``order``), the
+    environment variables that set its keys (``env``, e.g. Dynamo's), and whether the
+    default chain holds it (``default``).
+    """
 
     kind = "tier"
 
@@ -149,12 +164,45 @@ class TierRegistry(_Registry):
         extra: str | None = None,
         requires: Sequence[str] = (),
         description: str = "",
+        order: int | None = None,
+        env: Mapping[str, EnvAlias] | None = None,
+        default: Mapping[str, Any] | None = None,
     ) -> None:
-        """Register tier type ``name``: a ``Tier`` subclass at ``factory`` ("module:Class")."""
+        """Register tier type ``name``: a ``Tier`` subclass at ``factory`` ("module:Class").
+
+        ``order`` sorts tiers of a chain, fastest first (gpu 0, host 1, disk 2, s3 3,
+        remote 4; types without one go last). ``env`` maps an environment variable to the
+        key it sets (``{"DYN_KVBM_DISK_CACHE_DIR": EnvAlias("path")}``); a variable
+        belongs to one tier type. ``default`` puts a tier of this type, with these keys,
+        in the chain used when a config names none (``{"capacity": "4GiB"}``).
+        """
         if not (isinstance(config_model, type) and issubclass(config_model, TierConfig)):
             raise PluginError(f"tier {name!r}: config_model must subclass kvbm.TierConfig")
-        self._add(name, Entry(name, "tier", factory, self._owner(), config_model, extra,
-                              tuple(requires), description))
+        env = dict(env or {})
+        for var, alias in env.items():
+            if not isinstance(alias, EnvAlias):
+                raise PluginError(
+                    f"tier {name!r}: env[{var!r}] must be a kvbm.config.EnvAlias, got "
+                    f"{type(alias).__name__}"
+                )
+            for other in self:
+                assert isinstance(other, TierEntry)
+                if other.name != name and var in other.env:
+                    raise PluginError(
+                        f"environment variable {var} is declared by tier {other.name!r} of "
+                        f"plugin {other.plugin.name!r} (distribution "
+                        f"{other.plugin.distribution!r}) and by tier {name!r} of plugin "
+                        f"{self._owner().name!r} (distribution {self._owner().distribution!r}); "
+                        "uninstall one or disable it with KVBM_PLUGINS"
+                    )
+        self._add(name, TierEntry(name, "tier", factory, self._owner(), config_model, extra,
+                                  tuple(requires), description, order, env,
+                                  None if default is None else dict(default)))
+
+    def declarations(self) -> list[TierDeclaration]:
+        """What each tier type declared for the config, in registration order."""
+        return [TierDeclaration(e.name, e.order, e.env, e.default)
+                for e in self if isinstance(e, TierEntry)]
 
 
 class PolicyRegistry(_Registry):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvbm.config import EnvAlias, decimal_gigabytes, truthy
 from kvbm.hookspecs import hookimpl
 from kvbm.plugins import TierRegistry
 
@@ -16,4 +17,18 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
         config_model=DiskTierConfig,
         extra="disk",
         description="preallocated files of aligned slots, O_DIRECT; survives a restart",
+        order=2,
+        env={
+            # Dynamo KVBM's variables; any of the first six alone adds a disk tier.
+            "DYN_KVBM_DISK_CACHE_GB": EnvAlias("capacity", decimal_gigabytes),
+            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": EnvAlias("num_blocks", int),
+            "DYN_KVBM_DISK_CACHE_DIR": EnvAlias("path"),
+            "DYN_KVBM_DISK_ZEROFILL_FALLBACK": EnvAlias("zerofill_fallback"),
+            "DYN_KVBM_DISK_DISABLE_O_DIRECT": EnvAlias("disable_o_direct"),
+            "DYN_KVBM_DISK_ALLOCATOR_TYPE": EnvAlias("allocator_type"),
+            # Dynamo's switch for its frequency filter (the disk tier's default admission).
+            "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": EnvAlias(
+                "admission", convert=lambda _: "all", when=truthy,
+                adds_tier=False, every_tier=True),
+        },
     )

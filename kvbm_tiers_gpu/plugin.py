@@ -18,6 +18,7 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
         extra="gpu",
         requires=("torch",),
         description="a pool of blocks in device memory (CPU memory without CUDA)",
+        order=0,
     )
 
 

@@ -30,6 +30,8 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
         extra="remote",
         requires=("nixl", "msgpack"),
         description="peers' host tiers read over NIXL (UCX); serves this host tier to them",
+        # Last in a chain: it takes no offloads, so nothing cascades past it.
+        order=4,
     )
 
 

@@ -17,4 +17,5 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
         extra="s3",
         requires=("boto3",),
         description="objects in an S3-compatible bucket, shared across instances",
+        order=3,
     )

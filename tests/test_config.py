@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from distributions import make_distribution, on_sys_path
 
-from kvbm import ConfigError, KvBlockManager, load_settings
+from kvbm import ConfigError, KvBlockManager, PluginError, load_settings
+from kvbm.config import apply_dynamo_env
 from kvbm.manager import resolve_chain
 from kvbm.plugins import build_plugins
 from kvbm.sizes import parse_size
@@ -76,6 +79,116 @@ def test_dynamo_disk_variables_add_a_disk_tier_below_host(monkeypatch: pytest.Mo
     s = load_settings()
     assert [t.type for t in s.tiers] == ["host", "disk"]
     assert s.tiers[1].model_dump()["path"] == "/tmp/x"
+
+
+def test_dynamo_disk_cache_gb_alone_adds_a_disk_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "1.5")
+    s = load_settings()
+    assert [t.type for t in s.tiers] == ["host", "disk"]
+    assert s.tiers[1].model_dump()["capacity"] == 15 * 10**8
+
+
+def test_disabling_the_disk_filter_reaches_a_disk_tier_another_variable_adds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "true")
+    assert [t.type for t in load_settings().tiers] == ["host"]  # a flag adds no tier
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "10")
+    disk = load_settings().tiers[1].model_dump()
+    assert disk["admission"] == "all"
+
+
+def test_dynamo_flag_set_to_false_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "false")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "10")
+    assert load_settings().tiers[1].model_dump().get("admission") is None
+
+
+def test_host_prefix_priority_sets_the_filter_and_keeps_other_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY", "60")
+    s = load_settings({"tiers": [{"type": "host", "capacity": "1GiB",
+                                  "admission_options": {"keep": 1}}]})
+    host = s.tiers[0].model_dump()
+    assert host["admission"] == "priority_prefix"
+    assert host["admission_options"] == {"keep": 1, "min_priority": "60"}
+
+
+def test_a_bad_dynamo_value_names_variable_key_and_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "lots")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    msg = str(e.value)
+    assert "DYN_KVBM_CPU_CACHE_GB='lots'" in msg and "'capacity'" in msg and "'host'" in msg
+
+
+def test_tiers_are_sorted_by_the_order_their_plugins_declare() -> None:
+    s = load_settings({"tiers": [{"type": "disk", "capacity": "1GiB", "path": "/tmp/x"},
+                                 {"type": "host", "capacity": "1GiB"}]})
+    assert [t.type for t in s.tiers] == ["host", "disk"]
+
+
+def test_the_default_chain_is_what_the_tier_plugins_declare() -> None:
+    assert [t.model_dump(exclude_none=True) for t in load_settings().tiers] == [
+        {"type": "host", "capacity": "4GiB"}]
+    # Without tier plugins there is no default chain, and resolving says what to give.
+    types = build_plugins({"KVBM_DISABLE_PLUGIN_AUTOLOAD": "1"}).tiers
+    assert load_settings(tier_types=types).tiers == []
+
+
+THIRD_PARTY_ENV = '''
+from typing import Literal
+
+from kvbm import TierConfig, hookimpl
+from kvbm.config import EnvAlias
+
+
+class TapeConfig(TierConfig):
+    type: Literal["tape"] = "tape"
+    drive: str = "/dev/st0"
+
+
+@hookimpl
+def kvbm_register_tiers(registry):
+    registry.add("tape", factory="kvbm_tiers_host.tier:HostTier", config_model=TapeConfig,
+                 order=5, default={"num_blocks": 8},
+                 env={"TAPE_DRIVE": EnvAlias("drive"), "TAPE_BLOCKS": EnvAlias("num_blocks", int)})
+'''
+
+
+@pytest.fixture
+def tape(tmp_path: Path) -> Iterator[Path]:
+    """A third party's tier type that declares an order, a default and two variables."""
+    with on_sys_path(tmp_path, "thirdparty_tape") as root:
+        make_distribution(root, "kvbm-tape", "thirdparty_tape", "tape", THIRD_PARTY_ENV)
+        yield root
+
+
+def test_a_third_partys_tier_declares_its_variables_order_and_default(
+    tape: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert [t.type for t in load_settings().tiers] == ["host", "tape"]
+    monkeypatch.setenv("TAPE_DRIVE", "/dev/nst1")
+    s = load_settings({"tiers": [{"type": "tape"}, {"type": "host", "capacity": "1GiB"}]})
+    assert [t.type for t in s.tiers] == ["host", "tape"]
+    assert s.tiers[1].model_dump()["drive"] == "/dev/nst1"
+
+
+def test_one_variable_declared_by_two_tier_types_is_an_error_naming_both(tmp_path: Path) -> None:
+    body = THIRD_PARTY_ENV.replace("TAPE_BLOCKS", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS")
+    with on_sys_path(tmp_path, "thirdparty_tape") as root:
+        make_distribution(root, "kvbm-tape", "thirdparty_tape", "tape", body)
+        with pytest.raises(PluginError) as e:
+            build_plugins()
+    msg = str(e.value)
+    assert "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS" in msg and "'host'" in msg and "'tape'" in msg
+
+
+def test_apply_dynamo_env_takes_the_declarations_it_is_given() -> None:
+    types = build_plugins({"KVBM_DISABLE_PLUGIN_AUTOLOAD": "1", "KVBM_PLUGINS": "host"}).tiers
+    data = apply_dynamo_env({}, {"DYN_KVBM_DISK_CACHE_GB": "1"}, types)
+    assert data["tiers"] == [{"type": "host", "capacity": "4GiB"}]  # no disk plugin: ignored
 
 
 def test_dynamo_metrics_variables_set_metrics(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import subprocess
 import sys
@@ -192,3 +193,51 @@ def test_every_hook_spec_is_exercised_by_a_test(name: str) -> None:
     used = any(name in p.read_text() for p in here.glob("test_*.py") if p.name != "test_plugins.py")
     used = used or name in THIRD_PARTY_TIER + MISSING_EXTRA
     assert used, f"hook {name} has no test"
+
+
+CORE = Path(__file__).resolve().parents[1] / "kvbm"
+# Import paths users type, kept in the core as the plugin modules under their old names.
+REEXPORTS = {"kv_events.py", "observability_plugin.py", "bench/__init__.py", "bench/limits.py",
+             "connectors/hf.py", "connectors/hf_bench.py", "connectors/sglang.py",
+             "connectors/vllm.py", "vllm_integration/connector.py"}
+TIER_TYPES = {"gpu", "host", "disk", "s3", "remote"}
+
+
+def _core_modules() -> Iterator[tuple[str, ast.Module]]:
+    for path in sorted(CORE.rglob("*.py")):
+        yield str(path.relative_to(CORE)), ast.parse(path.read_text())
+
+
+def test_the_core_imports_no_plugin_package() -> None:
+    bad = []
+    for rel, tree in _core_modules():
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            for name in names:
+                plugin = name.startswith("kvbm_")
+                if plugin and (rel not in REEXPORTS or name.startswith(("kvbm_tiers", "kvbm_policies"))):
+                    bad.append(f"{rel}:{node.lineno} imports {name}")
+    assert not bad, bad
+
+
+def test_the_core_compares_no_tier_type_name() -> None:
+    # A tier type named in a comparison, a set or tuple, a mapping key or a "type" entry
+    # is knowledge the tier's class or plugin should declare instead.
+    bad = []
+    for rel, tree in _core_modules():
+        for node in ast.walk(tree):
+            consts: list[ast.expr] = []
+            if isinstance(node, ast.Compare):
+                consts = [node.left, *node.comparators]
+                consts += [e for c in node.comparators if isinstance(c, (ast.Set, ast.Tuple, ast.List))
+                           for e in c.elts]
+            elif isinstance(node, ast.Dict):
+                consts = [k for k in node.keys if k is not None]
+                consts += [v for k, v in zip(node.keys, node.values)
+                           if isinstance(k, ast.Constant) and k.value == "type"]
+            for c in consts:
+                if isinstance(c, ast.Constant) and c.value in TIER_TYPES:
+                    bad.append(f"{rel}:{c.lineno} names tier type {c.value!r}")
+    assert not bad, bad

@@ -12,6 +12,7 @@ msgpack and prometheus-client are imported only when a manager enables them
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import weakref
 from dataclasses import dataclass
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
     from .metrics import MetricsExporter
 
 log = logging.getLogger("kvbm")
+
+_NEEDS = ("zmq", "msgpack", "prometheus_client")
+_MISSING = [m for m in _NEEDS if importlib.util.find_spec(m) is None]
+#: What ``kvbm plugins`` says of this plugin, which registers no named entry.
+KVBM_PLUGIN_NOTE = (
+    "starts KV events and Prometheus metrics when the settings enable them"
+    + (f" (missing {', '.join(_MISSING)}: pip install 'kvbm[metrics]')" if _MISSING else "")
+)
 
 
 @dataclass

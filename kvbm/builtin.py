@@ -8,6 +8,7 @@ from .plugins import ConnectorRegistry, LayoutRegistry, PolicyRegistry
 
 @hookimpl
 def kvbm_register_policies(registry: PolicyRegistry) -> None:
+    """LRU eviction and admit-all: what a tier uses when its config names nothing else."""
     registry.add("lru", kind="eviction", factory="kvbm.policy:LRUPolicy",
                  description="least recently used or released first")
     registry.add("all", kind="admission", factory="kvbm.policy:AdmitAll",
@@ -16,6 +17,7 @@ def kvbm_register_policies(registry: PolicyRegistry) -> None:
 
 @hookimpl
 def kvbm_register_layouts(registry: LayoutRegistry) -> None:
+    """The core's portable layouts: contiguous arrays and per-layer torch tensors."""
     registry.add("contiguous", factory="kvbm.layout:ContiguousBlocks",
                  description="a uint8 array [n, bytes_per_block]")
     registry.add("layer_separate", factory="kvbm.layout:LayerSeparateBlocks", extra="torch",
@@ -24,5 +26,6 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
 
 @hookimpl
 def kvbm_register_connectors(registry: ConnectorRegistry) -> None:
+    """The vLLM connector."""
     registry.add("vllm", factory="kvbm.connectors.vllm:KvbmConnector", extra="vllm",
                  requires=("torch", "vllm"), description="vLLM KVConnectorBase_V1")

@@ -48,6 +48,7 @@ class ModelConfig(BaseModel):
         return v
 
     def spec(self) -> ModelSpec:
+        """The ``ModelSpec`` a block layout is built from."""
         return ModelSpec(
             num_layers=self.num_layers,
             num_kv_heads=self.num_kv_heads,
@@ -345,11 +346,13 @@ class KvbmSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Init arguments, then ``KVBM_*`` variables, then the YAML file with aliases folded in."""
         path = _CONFIG_PATH.get() or os.environ.get("KVBM_CONFIG")
         return (init_settings, env_settings,
                 _FileAndDynamoSource(settings_cls, path, _TIER_TYPES.get()))
 
     def layout(self) -> BlockLayout:
+        """The block layout of the configured model and page size."""
         return BlockLayout(self.model.spec(), self.page_size)
 
 

@@ -64,10 +64,12 @@ class Entry:
 
     @property
     def install_hint(self) -> str:
+        """The pip command that installs what this entry needs."""
         return f"pip install 'kvbm[{self.extra}]'" if self.extra else f"pip install {' '.join(self.requires)}"
 
     @property
     def available(self) -> bool:
+        """True when every module this entry needs is installed."""
         return not self.missing()
 
     def load(self) -> Any:
@@ -227,6 +229,7 @@ class PolicyRegistry(_Registry):
                                           tuple(requires), description))
 
     def get_kind(self, kind: str, name: str) -> Entry:
+        """The ``kind`` ("eviction" or "admission") policy ``name``; PluginError naming the known ones."""
         try:
             return self._entries[f"{kind}:{name}"]
         except KeyError:

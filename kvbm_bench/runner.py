@@ -49,9 +49,11 @@ class BenchReport:
 
     @property
     def hit_rate(self) -> float:
+        """Matched blocks over prompt blocks."""
         return self.matched_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
 
     def to_json(self) -> dict[str, Any]:
+        """The report as ``kvbm bench --json`` prints it (latencies as p50/p99)."""
         def pct(xs: list[float], q: float) -> float:
             return float(np.percentile(xs, q)) if xs else 0.0
 

@@ -136,6 +136,7 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' KV in place while the room holds them, else concatenate."""
         room = self._room
         if room is not None and self.keys is not None and self.values is not None:
             rk, rv = room
@@ -159,6 +160,7 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         return super().update(key_states, value_states, *args, **kwargs)
 
     def reset(self) -> None:
+        """Forget the KV and the room."""
         self._room = None
         super().reset()
 

@@ -16,6 +16,7 @@ from kvbm.plugins import CommandRegistry, PolicyRegistry
 
 @hookimpl
 def kvbm_register_policies(registry: PolicyRegistry) -> None:
+    """Add the eviction policies and admission filters beyond the core's LRU and admit-all."""
     registry.add("lfu", kind="eviction", factory="kvbm_policies.eviction:LFUPolicy",
                  description="least frequently used first, with dynamic aging (LFU-DA)")
     registry.add("priority", kind="eviction", factory="kvbm_policies.eviction:PriorityLRUPolicy",

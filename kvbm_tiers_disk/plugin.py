@@ -11,6 +11,7 @@ from .config import DiskTierConfig
 
 @hookimpl
 def kvbm_register_tiers(registry: TierRegistry) -> None:
+    """Add the ``disk`` tier type and its Dynamo variables."""
     registry.add(
         "disk",
         factory="kvbm_tiers_disk.tier:DiskTier",

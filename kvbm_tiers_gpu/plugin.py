@@ -11,6 +11,7 @@ from .config import GpuTierConfig
 
 @hookimpl
 def kvbm_register_tiers(registry: TierRegistry) -> None:
+    """Add the ``gpu`` tier type."""
     registry.add(
         "gpu",
         factory="kvbm_tiers_gpu.tier:GpuTier",
@@ -24,6 +25,7 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
 
 @hookimpl
 def kvbm_register_layouts(registry: LayoutRegistry) -> None:
+    """Add the engine layouts of vLLM, TensorRT-LLM and MLA models."""
     registry.add("vllm", factory="kvbm_tiers_gpu.blocks:vllm_blocks", extra="gpu",
                  requires=("torch",),
                  description="vLLM's per-layer tensors [2, blocks, page, heads, hd] or [blocks, 2, …]")

@@ -11,6 +11,7 @@ from .config import HostTierConfig
 
 @hookimpl
 def kvbm_register_tiers(registry: TierRegistry) -> None:
+    """Add the ``host`` tier type, its Dynamo variables and the default chain."""
     registry.add(
         "host",
         factory="kvbm_tiers_host.tier:HostTier",

@@ -10,6 +10,7 @@ from .config import S3TierConfig
 
 @hookimpl
 def kvbm_register_tiers(registry: TierRegistry) -> None:
+    """Add the ``s3`` tier type."""
     registry.add(
         "s3",
         factory="kvbm_tiers_s3.tier:S3Tier",

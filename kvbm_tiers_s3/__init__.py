@@ -5,6 +5,7 @@
 ``kvbm.objectstore.S3Connection``); ``tier`` (boto3) does the work. Beside it, private
 helpers: ``_requests`` (retries, the deadline watchdog, what an error means),
 ``_wire`` (one GET or HEAD and its metadata), ``_existence`` (the bounded existence
-cache), ``_setup`` (client and bucket check), ``breaker`` and ``objects`` (object
-names and metadata). Nothing here imports boto3 until a chain uses the tier.
+cache), ``_packbook`` (which packs may be deleted), ``_setup`` (client and bucket
+check), ``breaker`` and ``objects`` (object names and metadata). Nothing here imports
+boto3 until a chain uses the tier.
 """

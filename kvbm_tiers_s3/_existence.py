@@ -1,5 +1,5 @@
-"""What the tier remembers about the bucket, bounded: where blocks live, and which
-are known absent for a moment."""
+"""What the tier remembers about the bucket, bounded: where blocks live, which are
+known absent for a moment, and which stored copies failed their check."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from kvbm.hashing import SequenceHash
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +85,39 @@ class ExistenceCache:
     def __len__(self) -> int:
         return len(self._pos)
 
+
+class RecentKeys:
+    """A set of at most ``size`` keys; adding to a full one forgets the oldest.
+
+    For marks whose loss costs only a little work, never a wrong answer: a stored
+    copy that failed its check and is forgotten here fails it again on the next read
+    and is marked again.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self._keys: OrderedDict[SequenceHash, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add_all(self, keys: list[SequenceHash]) -> None:
+        """Mark ``keys``."""
+        with self._lock:
+            for k in keys:
+                self._keys[k] = None
+                self._keys.move_to_end(k)
+            while len(self._keys) > self.size:
+                self._keys.popitem(last=False)
+
+    def any_of(self, keys: list[SequenceHash]) -> bool:
+        """Any of ``keys`` is marked."""
+        with self._lock:
+            return any(k in self._keys for k in keys)
+
+    def remove_all(self, keys: list[SequenceHash]) -> None:
+        """Unmark ``keys``."""
+        with self._lock:
+            for k in keys:
+                self._keys.pop(k, None)
+
+    def __len__(self) -> int:
+        return len(self._keys)

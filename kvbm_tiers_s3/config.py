@@ -66,7 +66,10 @@ class S3TierConfig(TierConfig, S3Connection):
         "probe or read of that block finds it without knowing where its pack starts",
     )
     delete_on_evict: bool = Field(
-        False, description="delete objects the tier's index evicts; else the bucket's lifecycle rules do"
+        False,
+        description="delete objects the tier's index evicts (a pack this instance wrote once "
+        "none of its blocks is held; never a pack another instance wrote); else the bucket's "
+        "lifecycle rules do",
     )
     exist_cache_size: int = Field(
         65536, ge=0, description="existence answers remembered (positive: where the block lives)"

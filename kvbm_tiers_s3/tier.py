@@ -17,7 +17,9 @@ circuit breaker opened by consecutive failures turns every request into an immed
 miss until a trial request succeeds, so a dead server costs the engine no time per
 step and service resumes by itself.
 
-The existence cache (``_existence``) remembers where blocks live, bounded.
+Memory. Everything the tier remembers is bounded: the existence cache
+(``_existence``), the marks of copies that failed their check, and, only with
+``delete_on_evict``, the book of packs it may delete (``_packbook``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from kvbm.hashing import SequenceHash
 from kvbm.objectstore import redact_url
 from kvbm.tier import Tier, TierContext
 
-from ._existence import ExistenceCache, Loc
+from ._existence import ExistenceCache, Loc, RecentKeys
+from ._packbook import PackBook
 from ._requests import (
     BadObject,
     Counters,
@@ -87,11 +90,9 @@ class S3Tier(Tier):
         self._cond = config.conditional_put
         # Keys whose stored object failed its check: the next write replaces it
         # instead of trusting a conditional put that would keep the bad copy.
-        self._bad: set[bytes] = set()
-        # Live members of packs this instance wrote, and their pointer objects (for
-        # delete_on_evict).
-        self._pack_live: dict[str, int] = {}
-        self._pack_pointers: dict[str, list[str]] = {}
+        self._bad = RecentKeys(max(1024, config.exist_cache_size))
+        # Without deletion nothing needs to know which packs are ours.
+        self._book = PackBook(ctx.num_slots, self.object_key) if config.delete_on_evict else None
         self._lock = threading.Lock()
         self._last_warn = -1e9
         self._counts = Counters(_COUNTERS)
@@ -148,6 +149,10 @@ class S3Tier(Tier):
         for (_, members, _), flags in zip(jobs, results, strict=True):
             for (_, i), good in zip(members, flags, strict=True):
                 ok[i] = good
+        if self._book is not None:
+            for i, good in enumerate(ok):
+                if good:
+                    self._book.hold(keys[i], slots[i])
         return ok
 
     def _read_object(
@@ -212,8 +217,7 @@ class S3Tier(Tier):
     def _report_bad(self, obj: str, why: str, keys: list[SequenceHash]) -> None:
         log.warning("kvbm s3 tier %r: object %s is not intact (%s); treated as a miss",
                     self.name, obj, why)
-        with self._lock:
-            self._bad.update(keys)
+        self._bad.add_all(keys)
         for k in keys:
             self._cache.drop(k)
 
@@ -235,6 +239,10 @@ class S3Tier(Tier):
         for g, good in zip(groups, results, strict=True):
             for i in g:
                 ok[i] = good
+        if self._book is not None:
+            for i, good in enumerate(ok):
+                if good:
+                    self._book.hold(keys[i], slots[i])
         return ok
 
     def _write_object(
@@ -244,8 +252,7 @@ class S3Tier(Tier):
         gkeys = [keys[i] for i in members]
         obj = self.object_key(gkeys[0])
         count = len(gkeys)
-        with self._lock:
-            overwrite = any(k in self._bad for k in gkeys)
+        overwrite = self._bad.any_of(gkeys)
         if not overwrite and all(self._cache.get(k) is not None for k in gkeys):
             self._inc("put_exists")  # another instance's upload, seen by probe or read
             return True
@@ -289,46 +296,54 @@ class S3Tier(Tier):
             self._inc("put_exists")
             if count > 1:
                 return self._write_rest_of_pack(obj, members, keys, src)
+            # The name is taken, by this block alone, by a pack starting with it or by
+            # a pointer: where the block lives is not known, so nothing is cached (a
+            # read or probe finds it under its name; an eviction looks before deleting).
+            self._cache.drop(gkeys[0])
+            return True
         except Refused:
             return False
         except Exception as e:
             self._inc("put_failures")
             self._warn("PUT %s failed (%s); write skipped", obj, short(e))
             return False
-        else:
-            self._inc("puts")
-            self._inc("put_bytes", len(body))
-            if overwrite:
-                with self._lock:
-                    self._bad.difference_update(gkeys)
-            if count > 1:
-                with self._lock:
-                    self._pack_live[obj] = count
-                if self.cfg.pack_pointers:
-                    self._write_pointers(obj, gkeys, sums, overwrite)
+        self._inc("puts")
+        self._inc("put_bytes", len(body))
+        if overwrite:
+            self._bad.remove_all(gkeys)
+        doomed: list[str] = []
+        if self._book is not None:
+            self._book.claim(gkeys[0])
+        if count > 1:
+            created = self._write_pointers(gkeys, sums, overwrite) if self.cfg.pack_pointers else []
+            if self._book is not None:
+                doomed = self._book.wrote(obj, gkeys, created)
         for j, k in enumerate(gkeys):
             self._cache.put(k, Loc(obj, j, count))
+        if doomed:
+            self._writes.submit(self._delete, doomed, [])
         return True
 
     def _write_pointers(
-        self, obj: str, gkeys: list[SequenceHash], sums: list[int], overwrite: bool
-    ) -> None:
-        """An empty pointer object under the name of each block of pack ``obj`` but the
+        self, gkeys: list[SequenceHash], sums: list[int], overwrite: bool
+    ) -> list[str]:
+        """An empty pointer object under the name of each block of a pack but the
         first, so a probe or read that starts mid-pack finds it. A pointer that fails
-        costs only that: the block stays in the pack, found from its first block."""
-        names = [self.object_key(k) for k in gkeys[1:]]
-        with self._lock:
-            self._pack_pointers[obj] = names
+        costs only that: the block stays in the pack, found from its first block.
+        Returns the names of the pointers this call created."""
         jobs = [(gkeys[j], sums[j], j) for j in range(1, len(gkeys))]
-        list(self._pointers.map(
+        made = list(self._pointers.map(
             lambda job: self._write_pointer(job[0], job[1], gkeys[0], job[2], len(gkeys), overwrite),
             jobs,
         ))
+        return [self.object_key(k) for (k, _, _), m in zip(jobs, made, strict=True) if m]
 
     def _write_pointer(
         self, key: SequenceHash, sum_: int, pack: SequenceHash, pos: int, count: int,
         overwrite: bool,
     ) -> bool:
+        """One pointer PUT; True if it created the object (a name already taken by
+        another object, or a failure, is False)."""
         obj = self.object_key(key)
         meta = self._codec.encode_pointer(key, sum_, pack, pos, count)
 
@@ -350,9 +365,7 @@ class S3Tier(Tier):
                 if self._head(obj, key) is not None:
                     raise Exists()
                 self._req.call(lambda: put(False))
-        except Exists:
-            return True
-        except Refused:
+        except (Exists, Refused):
             return False
         except Exception as e:
             self._inc("pointer_failures")
@@ -360,6 +373,8 @@ class S3Tier(Tier):
                        "pack's first block", obj, short(e))
             return False
         self._inc("pointer_puts")
+        if self._book is not None:
+            self._book.claim(key)
         return True
 
     def _write_rest_of_pack(
@@ -447,6 +462,11 @@ class S3Tier(Tier):
             else:
                 wave = min(wave * 2, 8 * self.cfg.max_concurrency)
         self._inc("probe_hits", out.count(True))
+        if self._book is not None:
+            # The manager may adopt what a probe finds: its pack must stay.
+            for k, found in zip(keys, out, strict=True):
+                if found:
+                    self._book.hold(k, None)
         return out
 
     def _probe_one(self, key: SequenceHash) -> int | bool | None:
@@ -480,30 +500,44 @@ class S3Tier(Tier):
         """Delete evicted blocks' objects if ``delete_on_evict``; else keep them.
 
         Without deletion the objects stay (the bucket's lifecycle rules age them
-        out) and a later probe may adopt them again. A pack is deleted when the
-        last of its blocks this instance wrote is evicted.
+        out) and a later probe may adopt them again. With it, an object holding only
+        the evicted block goes; a pack this instance wrote goes with its pointers
+        once none of its blocks is held; a pack another instance wrote stays, since
+        this instance may hold its other blocks.
         """
-        if not self.cfg.delete_on_evict or not keys:
+        if self._book is None or not keys:
             return
         doomed: list[str] = []
-        with self._lock:
-            for k in keys:
-                loc = self._cache.get(k)
-                if loc is None or loc.count == 1:
-                    doomed.append(self.object_key(k))
-                elif loc.obj in self._pack_live:
-                    self._pack_live[loc.obj] -= 1
-                    if self._pack_live[loc.obj] <= 0:
-                        del self._pack_live[loc.obj]
-                        doomed.append(loc.obj)
-                        doomed.extend(self._pack_pointers.pop(loc.obj, ()))
+        unsure: list[SequenceHash] = []
+        for slot, k in zip(slots, keys, strict=True):
+            objs = self._book.release(k, slot)
+            if objs is not None:
+                doomed += objs
+                continue
+            loc = self._cache.get(k)
+            if loc is None:
+                unsure.append(k)  # what its name holds is forgotten: look before deleting
+            elif loc.count == 1 and loc.obj == self.object_key(k):
+                doomed.append(loc.obj)
         for k in keys:
             self._cache.drop(k)
-        if doomed:
+        if doomed or unsure:
             # Deletion runs on the write pool: discard is called from match paths.
-            self._writes.submit(self._delete, doomed)
+            self._writes.submit(self._delete, doomed, unsure)
 
-    def _delete(self, objs: list[str]) -> None:
+    def _delete(self, objs: list[str], unsure: list[SequenceHash]) -> None:
+        """Delete ``objs``, and the objects named after ``unsure`` keys that hold that
+        block alone (never a pack: other blocks may live in it)."""
+        objs = list(objs)
+        for k in unsure:
+            obj = self.object_key(k)
+            try:
+                meta = self._head(obj, k)
+            except Exception as e:
+                self._warn("HEAD %s before its delete failed (%s); object kept", obj, short(e))
+                continue
+            if isinstance(meta, ObjectMeta) and meta.count == 1:
+                objs.append(obj)
         for s in range(0, len(objs), 1000):
             part = objs[s : s + 1000]
             req = functools.partial(
@@ -527,6 +561,9 @@ class S3Tier(Tier):
         out["exist_cache_entries"] = len(self._cache)
         out["conditional_put"] = self._cond
         out["deadline_enforced"] = self._deadline_enforced
+        if self._book is not None:
+            out["packs_tracked"] = len(self._book)
+            out["packs_forgotten"] = self._book.forgotten
         return out
 
     def close(self) -> None:

@@ -74,6 +74,9 @@ class S3Tier(Tier):
     """Blocks as objects in one bucket, keyed by namespace and sequence hash."""
 
     kind: ClassVar[str] = "s3"
+    #: KV events and metrics name an object store as such.
+    medium: ClassVar[str] = "OBJECT"
+    #: Other instances upload into the same bucket; ``probe`` finds their blocks.
     shared: ClassVar[bool] = True
 
     def __init__(self, config: S3TierConfig, ctx: TierContext) -> None:

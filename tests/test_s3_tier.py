@@ -74,7 +74,7 @@ def test_plugin_registers_s3_tier_needing_boto3() -> None:
     assert entry.factory == "kvbm_tiers_s3.tier:S3Tier"
     assert entry.extra == "s3" and entry.requires == ("boto3",)
     assert entry.available and entry.load() is S3Tier
-    assert S3Tier.shared is True
+    assert S3Tier.shared is True and S3Tier.medium == "OBJECT" and S3Tier.kind == "s3"
 
 
 def test_config_check_never_prints_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

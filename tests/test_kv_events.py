@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -204,12 +205,25 @@ def test_two_instances_bind_different_ports_on_loopback() -> None:
         b.close()
 
 
-def test_data_parallel_ranks_sharing_a_fixed_port_bind_port_plus_rank_as_vllm_does() -> None:
-    import socket
+def _free_ports(*offsets: int) -> int:
+    """A port ``p`` with ``p + o`` free for every offset, checked by binding each."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with contextlib.ExitStack() as stack:
+            try:
+                for o in offsets:
+                    sk = stack.enter_context(socket.socket())
+                    sk.bind(("127.0.0.1", port + o))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no port with {offsets} free found")
 
-    with socket.socket() as s:  # a free port with the next two free as well, most likely
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+
+def test_data_parallel_ranks_sharing_a_fixed_port_bind_port_plus_rank_as_vllm_does() -> None:
+    port = _free_ports(0, 1, 10, 11)
     ranks = [_manager(port=port, replay=True, replay_port=port + 10, dp_rank=r) for r in (0, 1)]
     try:
         pubs = [obs.kv_event_publisher(m) for m in ranks]

@@ -1,14 +1,21 @@
-"""kvbm's gpu tier plugin: engine KV tensors as blocks, device transfers, layer-wise onboard.
+"""kvbm's gpu tier plugin: device transfers for engine KV tensors, layer-wise onboard, the gpu tier.
 
-Public names (torch is imported only when one of the heavy ones is first used):
+Reading an engine's tensors is the core's job (``kvbm.engine_blocks``); this package
+adds what a device needs. Public names (torch is imported only when one of the heavy
+ones is first used):
 
 * ``register_kv_caches(kv_caches, layout, ...) -> DeviceBlocks`` — an engine's tensors
-  (vLLM per-layer dict/list, TensorRT-LLM's pool, MLA) as blocks by block id;
-* ``DeviceBlocks`` — ``copy_out`` / ``copy_in`` (kvbm's BlockSource/BlockDestination),
-  ``onboard_layerwise``, ``allocate`` for a pool of our own;
+  (vLLM per-layer dict/list of any version, TensorRT-LLM's pool, MLA) as blocks by id;
+* ``DeviceBlocks`` — the core's ``LayerSeparateBlocks`` with CUDA streams, pinned
+  staging, the gather strategy and CuPy copies; ``onboard_layerwise``; ``allocate``
+  for a pool of our own; what ``kvbm.engine_blocks.engine_blocks`` returns on CUDA;
 * ``onboard_layerwise(manager, match, blocks, indices) -> LayerwiseOnboard`` — a
   manager onboard run layer by layer; ``handle.wait_for_layer(i)``;
 * ``GpuTier`` — the ``gpu`` tier; ``GpuTierConfig`` and ``TransferConfig`` — its keys.
+
+Rooms: ``plugin.py`` (hooks; kvbm and the stdlib only), ``config.py``, ``blocks.py``
+and ``tier.py`` (the main modules), ``layerwise.py``, and the private ``_device.py``
+(streams, staging), ``_gather.py`` (the gather strategy), ``_cupy.py``.
 """
 
 from __future__ import annotations

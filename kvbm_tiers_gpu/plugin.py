@@ -28,7 +28,8 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
     """Add the engine layouts of vLLM, TensorRT-LLM and MLA models."""
     registry.add("vllm", factory="kvbm_tiers_gpu.blocks:vllm_blocks", extra="gpu",
                  requires=("torch",),
-                 description="vLLM's per-layer tensors [2, blocks, page, heads, hd] or [blocks, 2, …]")
+                 description="vLLM's per-layer tensors: 0.33's [blocks*ratio, heads, tokens, K|V], "
+                             "or [2, blocks, page, heads, hd] / [blocks, 2, …] before")
     registry.add("trtllm", factory="kvbm_tiers_gpu.blocks:trtllm_blocks", extra="gpu",
                  requires=("torch",),
                  description="TensorRT-LLM's primary pool [blocks, layers, kv_factor, block_size]")

@@ -4,8 +4,8 @@ Every engine arrangement (vLLM's per-layer tensors of any version, MLA, TensorRT
 pool, a pool of kvbm's own) is read through ``LayerSeparateBlocks``. It copies whole
 blocks or single layers between the engine's tensors and kvbm's contiguous block
 buffers, on any device; ``engine_blocks`` returns it for CPU tensors and, for device
-tensors, the accelerated subclass a plugin registered (``kvbm_tiers_gpu``'s
-``DeviceBlocks`` on CUDA: streams, pinned staging, batched gathers).
+tensors, the accelerated subclass a plugin registered for that device (on CUDA:
+copy streams, pinned staging, batched gathers).
 
 A plugin offers an accelerated class for a device type by registering a layout named
 ``accelerated_layout_name(device_type)`` (``"engine_blocks:cuda"``) through
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..layout import BlockLayout
     from ..plugins import Plugins
 
-# EngineViews, import_torch, run_depth and shape_of serve subclasses (kvbm_tiers_gpu).
+# EngineViews, import_torch, run_depth and shape_of serve plugins' subclasses.
 __all__ = [
     "FORMS",
     "EngineViews",

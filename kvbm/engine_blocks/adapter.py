@@ -10,9 +10,9 @@ loads layer by layer needs.
 
 On CPU tensors the copies are ``np.copyto`` calls on byte views of the same memory:
 about 1 µs a call against about 5 µs for torch's dispatch, and one call copies a
-strided slice. On another device (CUDA without the gpu plugin) they are plain,
-synchronous ``Tensor.copy_`` calls on the current stream; ``kvbm_tiers_gpu`` adds
-streams, pinned staging and batched gathers in a subclass.
+strided slice. On another device (CUDA with no plugin installed for it) they are
+plain, synchronous ``Tensor.copy_`` calls on the current stream; a device plugin
+adds streams, pinned staging and batched gathers in a subclass.
 """
 
 from __future__ import annotations

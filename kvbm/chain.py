@@ -76,9 +76,9 @@ def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"tier {name!r}: key 'admission_options': {e}") from None
         links.append(ChainLink(name, cfg, tier_cls, n, eviction, admission))
-    types = [link.tier_cls for link in links]
+    named = [(link.name, link.tier_cls) for link in links]
     for i, link in enumerate(links):
-        link.tier_cls.check_chain(i, types, settings.write_through, link.name)
+        link.tier_cls.check_chain(i, named, settings.write_through)
     if settings.write_through:
         for upper, lower in zip(links, links[1:]):
             if lower.num_blocks < upper.num_blocks:

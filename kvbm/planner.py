@@ -61,6 +61,7 @@ class TierState:
     failed_writes: int = 0
     failed_reads: int = 0
     overflow_in: int = 0  # blocks written here because the tiers above were full
+    skipped: int = 0  # admitted blocks this tier had no free slot for
     adopted: int = 0
     _last_warn: float = 0.0
 
@@ -293,12 +294,15 @@ class Planner:
             events = self._take_events()
         self._publish(events)
 
-    def trim(self, m: Match, keep: int) -> None:
-        """Unpin all but the first ``keep`` blocks of a match."""
+    def trim(self, m: Match, start: int, end: int) -> None:
+        """Keep blocks ``start`` to ``end`` of a match; unpin the others."""
+        self.check(m)
         with self.lock:
             self._enter()
-            drop = m._pins[keep:]
-            del m._pins[keep:], m.hashes[keep:], m.tiers[keep:]
+            drop = m._pins[:start] + m._pins[end:]
+            m._pins[:] = m._pins[start:end]
+            m.hashes[:] = m.hashes[start:end]
+            m.tiers[:] = m.tiers[start:end]
             self._unpin(drop)
             events = self._take_events()
         self._publish(events)
@@ -433,6 +437,7 @@ class Planner:
                 res.overflow += len(took)
         if not full:
             return
+        ts.skipped += len(full)
         if t + 1 >= len(self.tiers):
             res.not_saved += len(full)
             self.not_saved += len(full)
@@ -490,6 +495,8 @@ class Planner:
         for i, (k, s) in enumerate(zip(keys, slots)):
             d = ds.registry.allocate(k) if i in go else None
             if d is None:
+                if i in go:
+                    ds.skipped += 1
                 sreg.unpin(s)
                 continue
             c_keys.append(k)
@@ -671,7 +678,7 @@ class Planner:
             "rejected_blocks": ts.rejected,
             "overflow_blocks": ts.overflow_in,
             "adopted_blocks": ts.adopted,
-            "skipped_writes": ts.rejected,
+            "skipped_writes": ts.skipped,
             "failed_writes": ts.failed_writes,
             "failed_reads": ts.failed_reads,
             "failed_slots": r.failed_slots,

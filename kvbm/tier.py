@@ -92,9 +92,10 @@ class Tier(abc.ABC):
         return config
 
     @classmethod
-    def check_chain(cls, index: int, types: Sequence[type[Tier]], write_through: bool,
-                    name: str) -> None:
-        """Raise ``ConfigError`` if this tier cannot stand at ``index`` of a chain of ``types``."""
+    def check_chain(cls, index: int, chain: Sequence[tuple[str, type[Tier]]],
+                    write_through: bool) -> None:
+        """Raise ``ConfigError`` if this tier cannot stand at ``index`` of ``chain``
+        ((name, tier class) of every tier, in order)."""
 
     # -- the data path ------------------------------------------------------------------
     def views(self, slots: Sequence[int]) -> list[np.ndarray] | None:

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xxhash
 
+from kvbm.config import TierConfig
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
@@ -76,6 +77,13 @@ class DiskTier(Tier):
     medium: ClassVar[str] = "DISK"
     #: Dynamo's frequency filter: only blocks offered at least twice reach the disk.
     default_admission: ClassVar[str] = "frequency"
+
+    @classmethod
+    def config_for_rank(cls, config: TierConfig, rank: int, tp_size: int) -> TierConfig:
+        """Rank ``rank`` stores its shard under ``<path>/rank<rank>`` of every directory:
+        one path shared by all ranks would put two shards in the same slots."""
+        paths: list[str] = config.path  # type: ignore[attr-defined]
+        return config.model_copy(update={"path": [f"{p}/rank{rank}" for p in paths]})
 
     def __init__(self, config: DiskTierConfig, ctx: TierContext) -> None:
         super().__init__(config, ctx)

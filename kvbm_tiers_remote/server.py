@@ -7,16 +7,11 @@ reads the block's bytes with a one-sided NIXL READ; this process only pins the b
 checksum. A lease ends when the reader releases it, when the reader's connection
 closes, or after its timeout, so a dead or hung reader cannot pin blocks forever.
 
-What is served comes from a ``ServedBlocks`` source: the arena and which key sits
-in which slot. Two exist:
-
-- ``ManagerBlocks``: a ``KvBlockManager``'s host tier, whose registry (in this
-  process) says where each block is and pins it against eviction;
-- ``SlotMap``: the vLLM worker's arena. Under vLLM the registries live in the
-  scheduler process, so the worker keeps its own key -> slot map from the slot
-  instructions it executes (*write key K into slot S*, *forget slot S*). A slot is
-  served only after all its bytes were written (``commit``), and a slot a peer holds
-  a lease on is never written: ``claim`` refuses it and the caller skips that write.
+What is served comes from a ``kvbm.served.ServedBlocks`` source: the arena and which
+key sits in which slot. The executor keeps one (``SlotMap``) from the writes and
+discards it runs, in one process and in every vLLM worker alike: a slot is served
+only after all its bytes were written, and a slot a peer holds a lease on is never
+written (the executor skips that write and reports it failed).
 """
 
 from __future__ import annotations
@@ -27,201 +22,21 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import numpy as np
 import xxhash
 
 from kvbm.hashing import SequenceHash
+from kvbm.served import ServedBlocks
 
 from .protocol import recv_msg, send_msg
-
-if TYPE_CHECKING:
-    from kvbm.manager import KvBlockManager, TierRuntime
 
 log = logging.getLogger("kvbm.remote")
 
 #: Seconds the serving side progresses NIXL after a reader connects or asks for it.
 _PUMP_S = 1.0
-
-
-class ServedBlocks(Protocol):
-    """What a ``BlockServer`` serves: an arena of slots and which key sits in which."""
-
-    @property
-    def slots(self) -> np.ndarray:
-        """The arena as ``[num_slots, block_bytes]`` uint8 (registered with NIXL)."""
-        ...
-
-    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
-        """Whether each key is served now."""
-        ...
-
-    def pin(self, keys: Sequence[SequenceHash]) -> list[tuple[int, int] | None]:
-        """Pin each served key's slot against overwrite: ``(slot, version)`` or None.
-
-        ``version`` changes whenever the slot is rewritten, so a checksum remembered
-        for an older version is never reported for newer bytes.
-        """
-        ...
-
-    def unpin(self, slots: Sequence[int]) -> None:
-        """Drop one pin of each slot (one per successful ``pin``)."""
-        ...
-
-    def keys(self) -> bytes:
-        """Every served key, concatenated (the hash list a rendezvous file publishes)."""
-        ...
-
-
-class ManagerBlocks:
-    """A ``KvBlockManager``'s host tier as a ``ServedBlocks``: its registry pins."""
-
-    def __init__(self, manager: KvBlockManager, host: TierRuntime) -> None:
-        self._mgr = manager
-        self._reg = host.registry
-        self._slots: np.ndarray = host.tier.slots  # type: ignore[attr-defined]
-
-    @property
-    def slots(self) -> np.ndarray:
-        return self._slots
-
-    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
-        with self._mgr._lock:
-            return [self._reg.lookup(k) is not None for k in keys]
-
-    def pin(self, keys: Sequence[SequenceHash]) -> list[tuple[int, int] | None]:
-        with self._mgr._lock:
-            slots = [self._reg.pin(k) for k in keys]
-        # The registry keeps no write version: a slot rewritten under the same key can
-        # leave a stale remembered checksum, which only fails the reader's check (a
-        # miss, after which it says "suspect" and the sum is taken again).
-        return [None if s is None else (s, 0) for s in slots]
-
-    def unpin(self, slots: Sequence[int]) -> None:
-        if not slots:
-            return
-        with self._mgr._lock:
-            for s in slots:
-                self._reg.unpin(s)
-
-    def keys(self) -> bytes:
-        with self._mgr._lock:
-            return b"".join(k for k, _ in self._reg.registered())
-
-
-class SlotMap:
-    """The served keys of an arena that someone else's instructions fill (a vLLM worker).
-
-    The writer brackets every write into a slot with ``claim`` (the slot's old key is
-    no longer served; refused while a peer's lease pins the slot) and ``commit`` (all
-    bytes are written: serve the new key). ``drop`` forgets slots whose blocks were
-    discarded. Peers' leases ``pin`` slots; a pinned slot is never claimed, so bytes a
-    peer may be reading are never overwritten while its lease lasts, and a slot being
-    written is not mapped, so it is never served mid-write. All methods are
-    thread-safe (the server's connection threads and the writer's threads).
-    """
-
-    def __init__(self, slots: np.ndarray) -> None:
-        assert slots.ndim == 2 and slots.dtype == np.uint8, (
-            f"a SlotMap serves a [num_slots, block_bytes] uint8 arena, got {slots.dtype}"
-            f"{list(slots.shape)}"
-        )
-        self._slots = slots
-        n = int(slots.shape[0])
-        self._lock = threading.Lock()
-        self._slot_of: dict[bytes, int] = {}
-        self._key: list[bytes | None] = [None] * n
-        self._pins = [0] * n
-        self._version = [0] * n
-        self.refused_claims = 0
-
-    @property
-    def slots(self) -> np.ndarray:
-        return self._slots
-
-    def _unmap(self, slot: int) -> None:
-        key = self._key[slot]
-        if key is not None:
-            self._key[slot] = None
-            if self._slot_of.get(key) == slot:
-                del self._slot_of[key]
-
-    def claim(self, slots: Sequence[int]) -> list[bool]:
-        """Take ``slots`` out of service before writing them; False where a lease pins one.
-
-        A refused slot must not be written (skip the block and report it failed): a
-        peer may be reading its bytes. An accepted slot is unmapped at once, so no new
-        lease can reach it until ``commit``.
-        """
-        out = []
-        with self._lock:
-            for s in slots:
-                if self._pins[s]:
-                    self.refused_claims += 1
-                    out.append(False)
-                    continue
-                self._unmap(s)
-                self._version[s] += 1
-                out.append(True)
-        return out
-
-    def commit(self, slots: Sequence[int], keys: Sequence[bytes]) -> None:
-        """All bytes of ``keys[i]`` are in ``slots[i]``: serve them from now on."""
-        with self._lock:
-            for s, k in zip(slots, keys):
-                self._unmap(s)
-                old = self._slot_of.get(k)
-                if old is not None:
-                    self._key[old] = None  # the same block written again elsewhere
-                self._slot_of[bytes(k)] = s
-                self._key[s] = bytes(k)
-
-    def drop(self, slots: Sequence[int]) -> None:
-        """Forget ``slots`` (their blocks were evicted or discarded)."""
-        with self._lock:
-            for s in slots:
-                self._unmap(s)
-
-    def lookup(self, key: bytes) -> int | None:
-        """The slot serving ``key``, or None."""
-        with self._lock:
-            return self._slot_of.get(key)
-
-    def pins_at(self, slot: int) -> int:
-        """Leases holding ``slot`` now."""
-        return self._pins[slot]
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
-    def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
-        with self._lock:
-            return [k in self._slot_of for k in keys]
-
-    def pin(self, keys: Sequence[SequenceHash]) -> list[tuple[int, int] | None]:
-        out: list[tuple[int, int] | None] = []
-        with self._lock:
-            for k in keys:
-                s = self._slot_of.get(k)
-                if s is None:
-                    out.append(None)
-                    continue
-                self._pins[s] += 1
-                out.append((s, self._version[s]))
-        return out
-
-    def unpin(self, slots: Sequence[int]) -> None:
-        with self._lock:
-            for s in slots:
-                assert self._pins[s] > 0, f"unpin of slot {s} that holds no lease"
-                self._pins[s] -= 1
-
-    def keys(self) -> bytes:
-        with self._lock:
-            return b"".join(self._slot_of)
 
 
 @dataclass

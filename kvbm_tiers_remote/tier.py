@@ -13,9 +13,9 @@ timeout is a failed block (``False``), never data; a peer that fails is dropped 
 the peer set and tried again after ``retry_after_s`` (a restarted peer comes back
 with a new NIXL agent).
 
-Serving. ``attach`` (called by the plugin's ``kvbm_chain_built`` hook) registers the
-manager's host-tier arena with this tier's NIXL agent and starts a ``BlockServer`` on
-``listen``; with a rendezvous (a directory or an S3 prefix) it also publishes this
+Serving. The executor hands ``serve`` the slot map it keeps of the tier served (the
+first tier above with a ``peer_arena()``, or ``serve_tier``): the arena is registered
+with this tier's NIXL agent and a ``BlockServer`` starts on ``listen``; with a rendezvous (a directory or an S3 prefix) it also publishes this
 instance's metadata, address and served hashes there, with a heartbeat rewritten
 every ``publish_interval_s``. Readers ignore a record whose heartbeat is older than
 ``stale_intervals`` of the publisher's intervals (a killed peer's leftover, which
@@ -23,7 +23,7 @@ would otherwise cost a failed connect every ``retry_after_s``); a clean shutdown
 removes the record. Only configured peers are served.
 
 Place: last in the chain. The tier takes no offloads, so in a write-through chain
-every tier below it would never receive a block; the plugin refuses that chain.
+every tier below it would never receive a block; ``check_chain`` refuses that chain.
 
 The remote tier stores nothing: its ``read_only`` admission rejects every offload,
 and its registry only records which peer blocks this instance adopted.
@@ -57,10 +57,11 @@ from kvbm.tier import Tier, TierContext
 from .config import RemoteTierConfig
 from .protocol import recv_msg, send_msg, send_msgs, split_addr
 from .rendezvous import DirectoryRendezvous, Rendezvous, open_rendezvous
-from .server import BlockServer, Identity, ManagerBlocks, ServedBlocks
+from .server import BlockServer, Identity
 
 if TYPE_CHECKING:
-    from kvbm.manager import KvBlockManager, TierRuntime
+    from kvbm.config import TierConfig
+    from kvbm.served import ServedBlocks
 
 log = logging.getLogger("kvbm.remote")
 
@@ -142,8 +143,81 @@ class RemoteTier(Tier):
     """Peers' host tiers over NIXL; also serves this instance's host tier to them."""
 
     kind: ClassVar[str] = "remote"
+    medium: ClassVar[str] = "REMOTE"
     shared: ClassVar[bool] = True
+    serves_peers: ClassVar[bool] = True
     default_admission: ClassVar[str] = "read_only"
+
+    @classmethod
+    def config_for_rank(cls, config: TierConfig, rank: int, tp_size: int) -> TierConfig:
+        """Rank ``rank``'s config: its own server, reading its peers' rank ``rank``.
+
+        Each rank serves only its own shard, so a rank-``r`` reader must reach rank-``r``
+        servers. With ``peers``, rank ``r`` listens on ``listen``'s port + ``r`` and reads
+        each peer at that peer's port + ``r`` (every instance uses the same convention,
+        so ``peers`` and ``listen`` name rank 0's ports); a ``rendezvous_dir`` is already
+        per rank (its folder is named by the namespace, which holds the rank). A reader
+        that still reaches another rank's server is refused by ``hello``'s namespace check.
+        """
+        cfg: Any = config
+
+        def shifted(addr: str, key: str) -> str:
+            host, _, port = addr.rpartition(":")
+            p = int(port)
+            if p == 0:
+                return addr  # any free port: found through the rendezvous
+            if p + rank > 65535:
+                raise ConfigError(
+                    f"remote tier key {key!r}: {addr} + tensor-parallel rank {rank} is past "
+                    f"port 65535; rank r uses port + r, so choose a port below {65536 - tp_size}"
+                )
+            return f"{host}:{p + rank}"
+
+        update: dict[str, Any] = {"listen": shifted(cfg.listen, "listen"),
+                                  "peers": [shifted(a, "peers") for a in cfg.peers]}
+        if cfg.instance_id:
+            update["instance_id"] = f"{cfg.instance_id}-rank{rank}"
+        return config.model_copy(update=update)  # type: ignore[no-any-return]
+
+    @classmethod
+    def check_chain(cls, index: int, chain: Sequence[tuple[str, type[Tier]]],
+                    write_through: bool) -> None:
+        """Refuse a write-through chain with tiers below a remote tier; warn without one.
+
+        A remote tier takes no offloads (``read_only``), and the cascade copies tier *i*
+        to tier *i+1* only: every tier below it would never receive a block from this
+        instance. Without write-through nothing cascades; only the lookup order changes
+        (the network before local tiers), which is worth a warning.
+        """
+        if index == len(chain) - 1:
+            return
+        name = chain[index][0]
+        below = ", ".join(repr(n) for n, _ in chain[index + 1:])
+        if write_through:
+            raise ConfigError(
+                f"tier {name!r}: a remote tier takes no offloads, so the write-through "
+                f"cascade stops at it and tier(s) {below} below it would never receive a "
+                f"block; move {name!r} to the end of 'tiers'"
+            )
+        log.warning("kvbm tier %r: a remote tier is looked up before tier(s) %s below it, "
+                    "which are local; move %r to the end of 'tiers'", name, below, name)
+
+    def served_tier(self, candidates: Sequence[str]) -> str | None:
+        """The tier named by ``serve_tier``, else the first with an arena; None if not serving."""
+        if not self.cfg.serve:
+            return None
+        if self.cfg.serve_tier is not None:
+            if self.cfg.serve_tier in candidates:
+                return self.cfg.serve_tier
+            log.warning("kvbm tier %r: serve_tier %r is not a tier whose memory peers can read "
+                        "(%s); nothing is served", self.name, self.cfg.serve_tier,
+                        ", ".join(candidates) or "none in this chain")
+            return None
+        if not candidates:
+            log.warning("kvbm tier %r: serve is on but the chain has no host tier to expose; "
+                        "add {type: host} above it or set serve: false", self.name)
+            return None
+        return candidates[0]
 
     def __init__(self, config: RemoteTierConfig, ctx: TierContext) -> None:
         super().__init__(config, ctx)
@@ -208,9 +282,6 @@ class RemoteTier(Tier):
         self._stale_files: dict[str, tuple[Hashable, float]] = {}
         self._where: OrderedDict[bytes, str] = OrderedDict()
         self._where_lock = threading.Lock()
-        self._stale: set[SequenceHash] = set()
-        self._stale_event = threading.Event()
-        self._sweeper: threading.Thread | None = None
         self._regions: dict[int, tuple[int, np.ndarray, Any]] = {}
         self._bounce_free: list[np.ndarray] = []
         self._step_blocks = max(1, config.pipeline_bytes // self.block_bytes)
@@ -218,7 +289,6 @@ class RemoteTier(Tier):
         # Checksums of each READ run here while the next is read (xxhash releases the GIL).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{self.name}-verify")
         self.stats_r = RemoteStats()
-        self._manager: KvBlockManager | None = None
         self._server: BlockServer | None = None
         self._served_reg: Any = None
         self._publisher: threading.Thread | None = None
@@ -226,55 +296,17 @@ class RemoteTier(Tier):
         self._closed = False
 
     # -- serving ----------------------------------------------------------------
-    def attach(self, manager: KvBlockManager) -> None:
-        """Expose ``manager``'s host tier to the configured peers (called once per manager)."""
-        self._manager = manager
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="kvbm-remote-sweep",
-                                         daemon=True)
-        self._sweeper.start()
-        if not self.cfg.serve or self._listener is None:
-            return
-        host = self._served_runtime(manager)
-        if host is None:
-            log.warning(
-                "kvbm tier %r: serve is on but the chain has no host tier to expose%s; "
-                "add {type: host} above it or set serve: false",
-                self.name, f" named {self.cfg.serve_tier!r}" if self.cfg.serve_tier else "",
-            )
-            return
-        arena: np.ndarray = host.tier.arena  # type: ignore[attr-defined]
-        with self._nixl_lock:
-            self._served_reg = self._agent.register_memory(
-                [(int(arena.ctypes.data), int(arena.nbytes), 0, "")], "DRAM"
-            )
-            # Metadata taken after registration carries the arena's remote keys.
-            self.identity.metadata = self._agent.get_agent_metadata()
-        self._server = BlockServer(
-            ManagerBlocks(manager, host), self.identity, self._listener, self._allowed,
-            self.cfg.lease_timeout_s,
-            progress=None if self.cfg.progress_thread else self._progress,
-            checksum_cache=self.cfg.checksum_cache,
-        )
-        if self._rdv is not None:
-            self._publish(host)
-            self._publisher = threading.Thread(
-                target=self._publish_loop, args=(host,), name="kvbm-remote-publish", daemon=True
-            )
-            self._publisher.start()
-        log.info("kvbm tier %r: serving tier %r as %s on %s", self.name, host.name,
-                 self.instance_id, self.identity.addr)
-
     def _progress(self) -> None:
         with self._nixl_lock:
             self._agent.get_new_notifs()  # drives the UCX worker's progress
 
     def serve(self, source: ServedBlocks) -> bool:
-        """Expose ``source``'s arena to the configured peers, without a manager.
+        """Expose ``source``'s arena to the configured peers.
 
-        For a process that holds a host arena but not its registry (a vLLM worker: the
-        registries live in the scheduler process); ``source`` says which key sits in
-        which slot (``server.SlotMap``). Publishes in the rendezvous like
-        ``attach``. Returns False when ``serve`` is off or this tier serves already.
+        ``source`` (the executor's ``SlotMap`` of the served tier, in one process and in
+        every vLLM worker alike) says which key sits in which slot and takes the
+        leases' pins. Publishes in the rendezvous, if any. Returns False when ``serve``
+        is off or this tier serves already.
         """
         if not self.cfg.serve or self._listener is None or self._server is not None:
             return False
@@ -291,24 +323,14 @@ class RemoteTier(Tier):
             checksum_cache=self.cfg.checksum_cache,
         )
         if self._rdv is not None:
-            # No runtime: _served_keys reads the keys from the server's source.
-            self._publish(None)  # type: ignore[arg-type]
+            self._publish()
             self._publisher = threading.Thread(
-                target=self._publish_loop, args=(None,), name="kvbm-remote-publish", daemon=True
+                target=self._publish_loop, name="kvbm-remote-publish", daemon=True
             )
             self._publisher.start()
         log.info("kvbm tier %r: serving %d slots as %s on %s", self.name,
                  int(arena.shape[0]), self.instance_id, self.identity.addr)
         return True
-
-    def _served_runtime(self, manager: KvBlockManager) -> TierRuntime | None:
-        for rt in manager.chain:
-            if self.cfg.serve_tier is not None:
-                if rt.name == self.cfg.serve_tier:
-                    return rt if hasattr(rt.tier, "arena") else None
-            elif rt.config.type == "host" and hasattr(rt.tier, "arena"):
-                return rt
-        return None
 
     def _allowed(self, from_id: str, from_addr: str) -> bool:
         if from_addr in self._peer_addrs:
@@ -322,9 +344,9 @@ class RemoteTier(Tier):
         assert isinstance(self._rdv, DirectoryRendezvous), "only rendezvous_dir has a file"
         return self._rdv.path
 
-    def _publish(self, host: TierRuntime, keys: bytes | None = None) -> None:
+    def _publish(self, keys: bytes | None = None) -> None:
         if keys is None:
-            keys = self._served_keys(host)
+            keys = self._server.source.keys() if self._server is not None else b""
         ident = self.identity
         # "heartbeat" (wall clock: readers may be other hosts on a shared directory)
         # is rewritten every interval, so a reader can tell a killed peer's leftover
@@ -339,19 +361,12 @@ class RemoteTier(Tier):
         assert self._rdv is not None, "publishing needs a rendezvous"
         self._rdv.publish(blob)  # a failure is logged there (once per outage)
 
-    def _served_keys(self, host: TierRuntime) -> bytes:
-        if self._server is not None:
-            return self._server.source.keys()
-        assert self._manager is not None
-        with self._manager._lock:
-            return b"".join(k for k, _ in host.registry.registered())
-
-    def _publish_loop(self, host: TierRuntime) -> None:
+    def _publish_loop(self) -> None:
         while not self._stop.wait(self.cfg.publish_interval_s):
             try:
                 # Rewritten even when the keys did not change: the file's heartbeat is
                 # what tells readers this instance is still alive.
-                self._publish(host)
+                self._publish()
             except Exception as e:  # a full disk or a failing S3 must not stop the engine
                 where = self._rdv.where if self._rdv is not None else "?"
                 log.warning("kvbm tier %r: publishing to %s failed (%s)", self.name, where, e)
@@ -359,10 +374,6 @@ class RemoteTier(Tier):
     def detach(self) -> None:
         """Stop serving: unpublish, close the server, drop every lease it granted."""
         self._stop.set()
-        self._stale_event.set()
-        if self._sweeper is not None:
-            self._sweeper.join(timeout=2)
-            self._sweeper = None
         if self._publisher is not None:
             self._publisher.join(timeout=2)
             self._publisher = None
@@ -610,7 +621,6 @@ class RemoteTier(Tier):
 
     # -- Tier contract ----------------------------------------------------------
     def probe(self, keys: Sequence[SequenceHash]) -> list[bool]:
-        self._sweep()
         self.stats_r.probes += 1
         found = [False] * len(keys)
         for peer in self._live_peers():
@@ -674,47 +684,12 @@ class RemoteTier(Tier):
             self._read_from(peers[pk], idx, keys, dst, ok)
         failed = [keys[i] for i in range(n) if not ok[i]]
         if failed:
+            # The planner drops a block whose read failed once nobody pins it; here
+            # only forget where it was, so a later probe asks again.
             with self._where_lock:
                 for k in failed:
                     self._where.pop(k, None)
-                if self._manager is not None:
-                    # Without a manager (a vLLM worker) the scheduler drops failed
-                    # blocks itself, and nothing would ever sweep this set.
-                    self._stale.update(failed)
-            self._stale_event.set()
         return ok
-
-    def _sweep(self) -> bool:
-        """Forget registry entries of peer blocks that failed to read, once unpinned.
-
-        Without this, a block a peer evicted (or a dead peer's block) would stay
-        matched here and fail every read until this tier's own LRU dropped it.
-        Returns True while some stale blocks are still pinned by a match.
-        """
-        mgr = self._manager
-        if not self._stale or mgr is None:
-            return False
-        rt = next((r for r in mgr.chain if r.tier is self), None)
-        if rt is None:
-            return False
-        with mgr._lock, self._where_lock:
-            stale, self._stale = self._stale, set()
-            reg = rt.registry
-            for k in stale:
-                if k in reg and not reg.remove(k) and reg.lookup(k) is not None:
-                    self._stale.add(k)  # still pinned by a match: try again soon
-            return bool(self._stale)
-
-    def _sweep_loop(self) -> None:
-        while not self._stop.is_set():
-            self._stale_event.wait(1.0)
-            if self._stop.is_set():
-                return
-            self._stale_event.clear()
-            if self._sweep():
-                # A match still holds some: look again after it is likely released.
-                self._stop.wait(0.05)
-                self._stale_event.set()
 
     # -- the data path ----------------------------------------------------------
     def _read_from(

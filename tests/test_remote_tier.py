@@ -479,8 +479,9 @@ def server() -> Any:
 
 
 def _pins(mgr: KvBlockManager, hashes: list[bytes]) -> list[int]:
-    reg = mgr.chain[0].registry
-    return [reg.pins_at(reg.lookup(h)) for h in hashes]  # type: ignore[arg-type]
+    """Leases held on each block's slot in the served host arena."""
+    served = mgr.executor.served[0]
+    return [served.pins_at(served.lookup(h)) for h in hashes]  # type: ignore[arg-type]
 
 
 def test_lease_pins_blocks_until_its_timeout(server: Any) -> None:

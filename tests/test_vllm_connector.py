@@ -406,7 +406,7 @@ def test_local_prefix_cache_hit_loads_only_blocks_beyond_it(make: Any) -> None:
     so = e.step()
     loads = so.kv_connector_metadata.loads
     assert loads, "kvbm should supply the blocks vLLM no longer holds"
-    local = so.scheduled_new_reqs[0].num_computed_tokens - 16 * len(loads[0].block_ids)
+    local = so.scheduled_new_reqs[0].num_computed_tokens - 16 * len(loads[0].dst)
     assert local >= 16 and so.num_scheduled_tokens["b"] == 64 - 48
     e.assert_prefix_kv(b, 3)
     e.run()
@@ -417,21 +417,21 @@ def test_layer_load_waits_for_its_own_layer_only(make: Any) -> None:
     e.add("a", prompt(50))
     e.run()
     e.scrub()
-    ws = e.workers[0].worker_side
+    engine = e.workers[0].worker_side.engine
     gate = threading.Event()
-    real = ws._slot_view
+    real = engine.copy_layer_in
 
     slept: list[bool] = []
 
-    def slow_layer1(buf: Any, li: int) -> Any:
+    def slow_layer1(li: int, indices: Any, src: Any) -> Any:
         if li == 0 and not slept:
             slept.append(True)
             time.sleep(0.3)  # a wait that returned early would see layer 0 unloaded
         if li == 1:
             gate.wait(10)
-        return real(buf, li)
+        return real(li, indices, src)
 
-    ws._slot_view = slow_layer1
+    engine.copy_layer_in = slow_layer1
     b = e.add("b", prompt(50), max_tokens=3)
     seen: list[tuple[bool, bool]] = []
 
@@ -610,13 +610,13 @@ def test_abort_during_async_load_keeps_blocks_until_the_load_reports(make: Any, 
     e.run()
     ws = e.workers[0].worker_side
     gate = threading.Event()
-    real = ws._run_loads
+    real = ws._load
 
     def slow(ops: Any, events: Any) -> None:
         gate.wait(10)
         real(ops, events)
 
-    ws._run_loads = slow
+    ws._load = slow
     e.add("b", prompt(50))
     e.step()
     e.sched.finish_requests("b", v.RequestStatus.FINISHED_ABORTED)

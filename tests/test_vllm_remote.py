@@ -300,13 +300,13 @@ def test_tp2_ranks_serve_their_own_shard_on_consecutive_ports(make: Any) -> None
 
 
 def test_listen_port_past_65535_for_a_rank_is_a_config_error() -> None:
-    from kvbm.connectors.vllm import _remote_for_rank
     from kvbm.errors import ConfigError
     from kvbm_tiers_remote.config import RemoteTierConfig
+    from kvbm_tiers_remote.tier import RemoteTier
 
     cfg = RemoteTierConfig(name="remote", listen="127.0.0.1:65535", peers=["127.0.0.1:7100"])
     with pytest.raises(ConfigError, match="'listen'.*65535"):
-        _remote_for_rank(cfg, 1, 2)
+        RemoteTier.config_for_rank(cfg, 1, 2)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["read"]:

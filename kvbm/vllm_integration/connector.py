@@ -7,7 +7,7 @@ settings, so a KVBM deployment switches by installing kvbm and nothing else.
 
 from __future__ import annotations
 
-from kvbm.connectors.vllm import KvbmConnector, KvbmConnectorMetadata, KvbmWorkerMetadata
+from kvbm_vllm.connector import KvbmConnector, KvbmConnectorMetadata, KvbmWorkerMetadata
 
 
 class DynamoConnector(KvbmConnector):

@@ -1,0 +1,146 @@
+"""What vLLM's configuration fixes for kvbm: the per-rank block layout, the settings, the namespace.
+
+The model part of the layout (layers, KV heads per rank, head size, dtype, page size)
+always comes from vLLM's KV-cache spec; a kvbm config that names a different one is
+a ``ConfigError``. The rest of the settings come from ``kv_connector_extra_config``
+(``{"kvbm": {...}}`` or ``{"kvbm_config": "/path/kvbm.yaml"}``) or kvbm's environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvbm.config import KvbmSettings, load_settings
+from kvbm.errors import ConfigError, LayoutError
+from kvbm.hashing import Namespace
+from kvbm.layout import BlockLayout, ModelSpec
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+_TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8",
+                      "uint8")
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    name = str(dtype).replace("torch.", "")
+    return name if name in _TORCH_DTYPE_NAMES else None
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """What vLLM's KV-cache spec fixes: the per-rank block layout and the layer order."""
+
+    layout: BlockLayout
+    layer_names: tuple[str, ...]
+
+
+def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> EngineLayout:
+    """The per-rank block layout of vLLM's KV cache; ``LayoutError`` when kvbm cannot hold it.
+
+    kvbm supports one KV-cache group of full attention (MHA/GQA with equal K and V head
+    sizes, or MLA), unquantized. Hybrid models (sliding window groups, Mamba), packed
+    or quantized pages are refused with the reason.
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = list(kv_cache_config.kv_cache_groups)
+    if len(groups) != 1:
+        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        raise LayoutError(
+            f"vLLM KV cache has {len(groups)} groups ({', '.join(kinds)}): a hybrid-attention "
+            "model, which kvbm does not support; run it without kvbm or with "
+            "--disable-hybrid-kv-cache-manager"
+        )
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, FullAttentionSpec):
+        raise LayoutError(
+            f"vLLM KV-cache spec {type(spec).__name__} is not full attention; kvbm supports "
+            "FullAttentionSpec and MLAAttentionSpec"
+        )
+    for attr, ok in (("num_head_slots", None), ("state_content_bytes", None),
+                     ("page_size_padded", None)):
+        if getattr(spec, attr, None) is not ok:
+            raise LayoutError(
+                f"vLLM KV-cache spec has {attr}={getattr(spec, attr)!r} (packed pages); "
+                "kvbm supports plain [blocks, heads, tokens, K|V] pages"
+            )
+    if getattr(spec, "tokens_per_state", 1) != 1:
+        raise LayoutError(f"vLLM KV-cache spec stores {spec.tokens_per_state} tokens per "
+                          "state; kvbm supports one token per state")
+    quant = getattr(spec, "kv_quant_mode", None)
+    if quant is not None and getattr(quant, "name", "NONE") != "NONE":
+        raise LayoutError(f"vLLM KV cache is quantized ({quant.name}); kvbm supports "
+                          "unquantized KV caches only")
+    dtype = _dtype_name(spec.dtype)
+    if dtype is None:
+        raise LayoutError(f"vLLM KV-cache dtype {spec.dtype} is not supported; use one of "
+                          f"{sorted(_TORCH_DTYPE_NAMES)}")
+    if isinstance(spec, MLAAttentionSpec):
+        model = ModelSpec(num_layers=len(groups[0].layer_names), num_kv_heads=1,
+                          head_dim=spec.head_size, dtype=dtype, outer_dim=1,
+                          name=str(vllm_config.model_config.model))
+    else:
+        if spec.head_size_v != spec.head_size:
+            raise LayoutError(f"vLLM KV cache has K head size {spec.head_size} and V head "
+                              f"size {spec.head_size_v}; kvbm needs them equal")
+        model = ModelSpec(num_layers=len(groups[0].layer_names),
+                          num_kv_heads=spec.num_kv_heads, head_dim=spec.head_size,
+                          dtype=dtype, outer_dim=2, name=str(vllm_config.model_config.model))
+    return EngineLayout(BlockLayout(model, spec.block_size, kind="layer_separate"),
+                        tuple(groups[0].layer_names))
+
+
+def connector_settings(vllm_config: VllmConfig, eng: EngineLayout) -> KvbmSettings:
+    """kvbm settings for this engine: the user's config with vLLM's layout filled in.
+
+    The user's config is ``kv_connector_extra_config["kvbm"]`` (a dict of settings),
+    else ``kv_connector_extra_config["kvbm_config"]`` (a YAML path), else kvbm's own
+    environment (``KVBM_CONFIG``, ``KVBM_*``, ``DYN_KVBM_*``). A model or page size
+    given there that disagrees with vLLM's is a ``ConfigError``.
+    """
+    ktc = vllm_config.kv_transfer_config
+    extra = dict(getattr(ktc, "kv_connector_extra_config", None) or {})
+    source: Any = extra.get("kvbm")
+    if source is None:
+        source = extra.get("kvbm_config")
+    user = load_settings(source)
+    m = eng.layout.model
+    tp = int(vllm_config.parallel_config.tensor_parallel_size)
+    if "model" in user.model_fields_set:
+        um = user.model
+        heads_ok = um.num_kv_heads in (m.num_kv_heads, m.num_kv_heads * tp)
+        if (um.num_layers, um.head_dim, um.dtype, um.outer_dim) != (
+            m.num_layers, m.head_dim, m.dtype, m.outer_dim
+        ) or not heads_ok:
+            raise ConfigError(
+                f"kvbm config key 'model': layers={um.num_layers} kv_heads={um.num_kv_heads} "
+                f"head_dim={um.head_dim} dtype={um.dtype} outer_dim={um.outer_dim} does not "
+                f"match vLLM's KV cache (layers={m.num_layers} kv_heads={m.num_kv_heads} per "
+                f"rank x tp {tp}, head_dim={m.head_dim} dtype={m.dtype} outer_dim={m.outer_dim}); "
+                "remove 'model' from the kvbm config or fix it"
+            )
+    if "page_size" in user.model_fields_set and user.page_size != eng.layout.page_size:
+        raise ConfigError(
+            f"kvbm config key 'page_size': {user.page_size} differs from vLLM's block size "
+            f"{eng.layout.page_size}; remove it from the kvbm config or pass "
+            f"--block-size {user.page_size} to vLLM"
+        )
+    name = user.model.name if "model" in user.model_fields_set else m.name
+    model = {"name": name, "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads,
+             "head_dim": m.head_dim, "dtype": m.dtype, "outer_dim": m.outer_dim}
+    return user.model_copy(update={
+        "model": type(user.model)(**model),
+        "page_size": eng.layout.page_size,
+        "tp_size": tp,
+    })
+
+
+def namespace_for(settings: KvbmSettings, layout: BlockLayout, rank: int,
+               lora: str | None = None, salt: str | None = None) -> Namespace:
+    """The namespace of rank ``rank``'s blocks (a request's LoRA and cache salt included)."""
+    return Namespace(model_id=settings.model.name, layout_digest=layout.digest, tp_rank=rank,
+                     tp_size=settings.tp_size, lora_name=lora or settings.lora_name,
+                     cache_salt=salt or settings.cache_salt)

@@ -1,0 +1,132 @@
+"""What crosses vLLM's process boundaries: plans down, reports up, recovered blocks at start.
+
+- ``KvbmConnectorMetadata``: one step's ``Plan`` (kvbm.plan), the same for every
+  tensor-parallel rank;
+- ``KvbmWorkerMetadata``: one rank's reports, ``op_id -> (ranks reporting, failed
+  positions)``; vLLM aggregates them across ranks each step;
+- ``KvbmHandshakeMetadata``: one rank's blocks its persistent tiers recovered at start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+from kvbm.hashing import SequenceHash
+from kvbm.plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, SaveOp
+
+
+class KvbmConnectorMetadata(KVConnectorMetadata):
+    """One step's slot-level plan, the same for every tensor-parallel rank."""
+
+    def __init__(self, plan: Plan | None = None) -> None:
+        self.plan = plan if plan is not None else Plan()
+
+    @property
+    def loads(self) -> list[LoadOp]:
+        return self.plan.loads
+
+    @property
+    def saves(self) -> list[SaveOp]:
+        return self.plan.saves
+
+    @property
+    def copies(self) -> list[CopyOp]:
+        return self.plan.copies
+
+    @property
+    def discards(self) -> list[DiscardOp]:
+        return self.plan.discards
+
+    @property
+    def probes(self) -> list[ProbeOp]:
+        return self.plan.probes
+
+    def __repr__(self) -> str:
+        return f"KvbmConnectorMetadata({self.plan!r})"
+
+
+class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
+    """What workers finished: ``op_id -> (number of ranks reporting, failed positions)``.
+
+    vLLM aggregates one object per rank each step; the scheduler side adds the counts
+    up across steps until every rank has reported an operation.
+    """
+
+    def __init__(self, reports: dict[int, tuple[int, frozenset[int]]] | None = None) -> None:
+        self.reports: dict[int, tuple[int, frozenset[int]]] = dict(reports or {})
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Sum the rank counts and unite the failures of two reports."""
+        assert isinstance(other, KvbmWorkerMetadata), (
+            f"KvbmWorkerMetadata cannot aggregate {type(other).__name__}"
+        )
+        out = dict(self.reports)
+        for op, (n, failed) in other.reports.items():
+            if op in out:
+                m, f = out[op]
+                out[op] = (m + n, f | failed)
+            else:
+                out[op] = (n, failed)
+        return KvbmWorkerMetadata(out)
+
+    def __repr__(self) -> str:
+        return f"KvbmWorkerMetadata(ops={len(self.reports)})"
+
+
+class KvbmHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """One rank's blocks that its persistent tiers found at start (``Tier.recover``).
+
+    vLLM collects one per worker once the KV caches are registered and hands them to
+    the scheduler side (``set_xfer_handshake_metadata``) before the first step. Per
+    tier: the slots as little-endian int64 and the 16-byte keys, concatenated, so a
+    million recovered blocks cross the process boundary as two flat byte strings.
+    """
+
+    KEY_BYTES = 16
+
+    def __init__(self, rank: int, tiers: list[tuple[bytes, bytes]]) -> None:
+        self.rank = rank
+        self.tiers = tiers
+
+    @classmethod
+    def of(cls, rank: int, recovered: list[list[tuple[int, SequenceHash]]]) -> KvbmHandshakeMetadata:
+        """Encode ``recovered[t]`` (slot, key) of every tier ``t``."""
+        tiers = []
+        for blocks in recovered:
+            ok = [(s, k) for s, k in blocks if len(k) == cls.KEY_BYTES]
+            slots = np.asarray([s for s, _ in ok], dtype="<i8").tobytes()
+            tiers.append((slots, b"".join(k for _, k in ok)))
+        return cls(rank, tiers)
+
+    def blocks(self, tier: int) -> set[tuple[int, SequenceHash]]:
+        """(slot, key) of every block this rank recovered in tier ``tier``."""
+        if tier >= len(self.tiers):
+            return set()
+        slots_raw, keys = self.tiers[tier]
+        slots = np.frombuffer(slots_raw, dtype="<i8").tolist()
+        kb = self.KEY_BYTES
+        return {(int(s), SequenceHash(keys[i * kb : (i + 1) * kb])) for i, s in enumerate(slots)}
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks recovered over all tiers."""
+        return sum(len(s) // 8 for s, _ in self.tiers)
+
+    def __repr__(self) -> str:
+        return f"KvbmHandshakeMetadata(rank={self.rank}, blocks={self.num_blocks})"
+
+
+def as_reports(report: dict[int, frozenset[int]]) -> dict[int, tuple[int, frozenset[int]]]:
+    """One rank's executor report in the worker metadata's form (one rank each)."""
+    return {op: (1, failed) for op, failed in report.items()}
+
+
+__all__: list[Any] = ["KvbmConnectorMetadata", "KvbmHandshakeMetadata", "KvbmWorkerMetadata",
+                      "as_reports"]

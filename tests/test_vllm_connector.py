@@ -584,12 +584,41 @@ def test_preempted_request_resumes_by_loading_its_saved_blocks(make: Any) -> Non
     a = e.add("a", prompt(64, seed=1), max_tokens=40)
     b = e.add("b", prompt(64, seed=2), max_tokens=40)
     e.run(until=lambda: b.num_preemptions > 0 or a.num_preemptions > 0)
-    victim = b if b.num_preemptions else a
+    victim, other = (b, a) if b.num_preemptions else (a, b)
+    # Every engine block the running request does not hold is overwritten, so the
+    # victim's KV can come back only through kvbm.
+    keep = set(e.sched.kv_cache_manager.get_block_ids(other.request_id)[0])
+    for kv in e.kv:
+        for t in kv.values():
+            for blk in range(t.shape[0]):
+                if blk // e.ratio not in keep:
+                    t[blk].fill_(-1.0)
     loads_before = e.side.loaded_blocks
+    for _ in range(100):
+        so = e.step()
+        loads = [op for op in so.kv_connector_metadata.loads if op.req_id == victim.request_id]
+        if loads:
+            break
+    else:
+        raise AssertionError("the preempted request never loaded from kvbm")
+    assert loads[0].layerwise
+    e.assert_prefix_kv(victim, len(loads[0].dst))  # the loaded bytes, layer by layer
     e.run()
-    assert e.side.loaded_blocks > loads_before, "the resumed request loaded from kvbm"
-    assert victim.num_preemptions >= 1
+    assert e.side.loaded_blocks > loads_before
     assert e.pins() == 0
+
+
+def test_scheduler_keeps_a_bounded_number_of_hashers(make: Any, v: Any) -> None:
+    from kvbm_vllm.scheduler import MAX_HASHERS
+
+    e = make()
+    for i in range(MAX_HASHERS + 40):
+        sp = v.SamplingParams(max_tokens=1)
+        req = v.Request(request_id=f"s{i}", prompt_token_ids=prompt(40), sampling_params=sp,
+                        pooling_params=None, mm_features=None, cache_salt=f"tenant-{i}")
+        e.conn.get_num_new_matched_tokens(req, 0)
+        e.conn.request_finished(req, [])
+    assert len(e.side._hashers) <= MAX_HASHERS
 
 
 def test_finished_requests_leave_no_pins_and_no_pending_work(make: Any) -> None:

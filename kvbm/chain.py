@@ -9,6 +9,7 @@ only the links (its registries and filters), the executor builds the tiers.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from .config import KvbmSettings, TierConfig, tier_names, validate_tier
 from .errors import ConfigError, PluginError
 from .plugins import Plugins
 from .policy import AdmissionPolicy, AdmitAll
+from .registry import BlockRegistry
 from .tier import Tier
 
 log = logging.getLogger("kvbm")
@@ -92,11 +94,50 @@ def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -
     return links
 
 
-def tier_states(links: list[ChainLink], events: Any = None) -> list[Any]:
-    """The planner's view of every link: a fresh registry each, with its policies."""
-    from .planner import TierState
-    from .registry import BlockRegistry
+@dataclass(eq=False)
+class TierState:
+    """A tier of the chain as the planner sees it: registry, admission, capabilities, counters.
 
+    ``tier`` is the storage object in a process that holds it (``KvBlockManager``); a
+    planner that drives other processes' storage (vLLM's scheduler) has none.
+    """
+
+    name: str
+    index: int
+    cls: type[Tier]
+    config: TierConfig
+    registry: BlockRegistry
+    admission: AdmissionPolicy
+    tier: Any = None
+    hits: int = 0
+    lookups: int = 0
+    rejected: int = 0
+    stored: int = 0
+    failed_writes: int = 0
+    failed_reads: int = 0
+    overflow_in: int = 0  # blocks written here because the tiers above were full
+    skipped: int = 0  # admitted blocks this tier had no free slot for
+    adopted: int = 0
+    _last_warn: float = 0.0
+
+    @property
+    def shared(self) -> bool:
+        return self.cls.shared
+
+    @property
+    def medium(self) -> str:
+        return self.cls.medium
+
+    def warn(self, msg: str, *args: Any) -> None:
+        """Log a warning about this tier, at most once a second."""
+        now = time.monotonic()
+        if now - self._last_warn >= 1.0:
+            self._last_warn = now
+            log.warning("kvbm tier %r: " + msg, self.name, *args)
+
+
+def tier_states(links: list[ChainLink], events: Any = None) -> list[TierState]:
+    """The planner's view of every link: a fresh registry each, with its policies."""
     return [TierState(link.name, i, link.tier_cls, link.config,
                       BlockRegistry(link.name, link.num_blocks, link.eviction, events),
                       link.admission)

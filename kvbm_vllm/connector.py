@@ -34,6 +34,7 @@ try:
         KVConnectorRole,
         KVConnectorWorkerMetadata,
     )
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 except ImportError as e:  # pragma: no cover - exercised only without vLLM
     raise PluginError(
         f"kvbm's vLLM connector needs vLLM and torch ({e}); install vLLM, then "
@@ -41,7 +42,12 @@ except ImportError as e:  # pragma: no cover - exercised only without vLLM
     ) from e
 
 from .config import EngineLayout, connector_settings, engine_layout
-from .metadata import KvbmConnectorMetadata, KvbmHandshakeMetadata, KvbmWorkerMetadata
+from .metadata import (
+    KvbmConnectorMetadata,
+    KvbmConnectorStats,
+    KvbmHandshakeMetadata,
+    KvbmWorkerMetadata,
+)
 from .scheduler import SchedulerSide
 from .worker import WorkerSide
 
@@ -187,6 +193,17 @@ class KvbmConnector(KVConnectorBase_V1):
         if self.scheduler_side is None:
             return False, None
         return self.scheduler_side.request_finished(request), None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Scheduler: blocks loaded, failed, saved and not saved since the last call."""
+        if self.scheduler_side is None:
+            return None
+        return self.scheduler_side.interval_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        """kvbm's stats object for the counters vLLM's logger receives."""
+        return KvbmConnectorStats(data=dict(data or {}))
 
     def take_events(self) -> Iterable[Any]:
         """KV events (``BlockStored``/``BlockRemoved``) of kvbm's tiers since the last call."""

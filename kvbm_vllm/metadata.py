@@ -17,6 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvbm.hashing import SequenceHash
 from kvbm.plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, SaveOp
@@ -123,10 +124,36 @@ class KvbmHandshakeMetadata(KVConnectorHandshakeMetadata):
         return f"KvbmHandshakeMetadata(rank={self.rank}, blocks={self.num_blocks})"
 
 
+class KvbmConnectorStats(KVConnectorStats):
+    """kvbm's counters for vLLM's stats logger: blocks loaded, failed, saved and not saved.
+
+    The scheduler side hands one per interval (``get_kv_connector_stats``) holding
+    what changed since the last; vLLM sums them (``aggregate``) and logs ``reduce()``.
+    A block "not saved" found no free slot in any tier of the chain.
+    """
+
+    KEYS = ("loaded_blocks", "failed_loads", "saved_blocks", "not_saved_blocks")
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        """Sum the counters of two intervals."""
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: int(self.data.get(k, 0)) for k in self.KEYS}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k) for k in self.KEYS)
+
+
 def as_reports(report: dict[int, frozenset[int]]) -> dict[int, tuple[int, frozenset[int]]]:
     """One rank's executor report in the worker metadata's form (one rank each)."""
     return {op: (1, failed) for op, failed in report.items()}
 
 
-__all__: list[Any] = ["KvbmConnectorMetadata", "KvbmHandshakeMetadata", "KvbmWorkerMetadata",
-                      "as_reports"]
+__all__: list[Any] = ["KvbmConnectorMetadata", "KvbmConnectorStats", "KvbmHandshakeMetadata",
+                      "KvbmWorkerMetadata", "as_reports"]

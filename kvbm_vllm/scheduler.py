@@ -29,7 +29,7 @@ from kvbm.planner import Match, Planner
 from kvbm.plugins import build_plugins
 
 from .config import namespace_for
-from .metadata import KvbmConnectorMetadata, KvbmHandshakeMetadata
+from .metadata import KvbmConnectorMetadata, KvbmConnectorStats, KvbmHandshakeMetadata
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -136,6 +136,7 @@ class SchedulerSide:
         self.failed_blocks = 0
         self.saved_blocks = 0
         self.not_saved_blocks = 0
+        self._reported: dict[str, int] = {}
 
     # -- helpers -------------------------------------------------------------------------
     def _say_once(self, what: str, msg: str, *args: Any) -> None:
@@ -474,6 +475,15 @@ class SchedulerSide:
         self._translate_events()
         out, self._vllm_events = self._vllm_events, []
         return out
+
+    def interval_stats(self) -> KvbmConnectorStats | None:
+        """What changed since the last call, for vLLM's stats logger (None: nothing)."""
+        now = {"loaded_blocks": self.loaded_blocks, "failed_loads": self.failed_blocks,
+               "saved_blocks": self.saved_blocks, "not_saved_blocks": self.not_saved_blocks}
+        delta = {k: v - self._reported.get(k, 0) for k, v in now.items()}
+        self._reported = now
+        out = KvbmConnectorStats(data={k: v for k, v in delta.items() if v})
+        return None if out.is_empty() else out
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -174,6 +174,7 @@ class Engine:
         self.agg = v.KVOutputAggregator(expected_finished_count=tp)
         self.layer_order: list[str] = []
         self.step_outputs: list[Any] = []
+        self.core_outputs: list[Any] = []
 
     # -- requests ------------------------------------------------------------------
     def add(self, req_id: str, tokens: list[int], max_tokens: int = 2) -> Any:
@@ -237,7 +238,7 @@ class Engine:
                 sampled_token_ids=[list(s) for s in sampled], logprobs=None,
                 prompt_logprobs_dict={}, pooler_output=None, kv_connector_output=kco))
         out = self.agg.aggregate(outs)
-        self.sched.update_from_output(so, out)
+        self.core_outputs.append(self.sched.update_from_output(so, out))
         self.step_outputs.append(so)
         return so
 
@@ -606,6 +607,18 @@ def test_preempted_request_resumes_by_loading_its_saved_blocks(make: Any) -> Non
     e.run()
     assert e.side.loaded_blocks > loads_before
     assert e.pins() == 0
+
+
+def test_blocks_no_tier_had_a_slot_for_are_reported_as_not_saved(make: Any) -> None:
+    e = make(tiers=[{"type": "host", "num_blocks": 2}])
+    e.add("a", prompt(80), max_tokens=1)  # 5 blocks in one step, 2 slots
+    e.run()
+    # What vLLM's stats logger receives, summed over the steps.
+    logged = [eco.scheduler_stats.kv_connector_stats for outs in e.core_outputs
+              for eco in outs.values() if eco.scheduler_stats is not None
+              and eco.scheduler_stats.kv_connector_stats]
+    assert sum(st.get("not_saved_blocks", 0) for st in logged) == 3
+    assert e.side.stats()["not_saved_blocks"] == 3
 
 
 def test_scheduler_keeps_a_bounded_number_of_hashers(make: Any, v: Any) -> None:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvbm.config import TierConfig
-from kvbm.objectstore import (
-    check_bucket_name,
-    check_endpoint_url,
-    hide_url_credentials,
-    normalize_prefix,
-    reject_unexpanded,
-)
+from kvbm.objectstore import S3Connection
 
 #: ``publish_interval_s`` with ``rendezvous_s3`` unless given: each publish is a PUT
 #: and each listing a LIST, which S3 bills per request.
@@ -27,59 +21,22 @@ def _check_addr(value: str, key: str) -> str:
     return value
 
 
-class RendezvousS3Config(BaseModel):
+class RendezvousS3Config(S3Connection):
     """``rendezvous_s3: {bucket: kv-peers, prefix: prod, endpoint_url: http://minio:9000}``.
 
     Each instance publishes its peer record as the object
-    ``{prefix}/{namespace}/{instance_id}.kvbm-peer``. The keys are named as the s3
-    tier's; the timeouts are short because a rendezvous request must never stall the
-    engine (a failed one is retried at the next interval).
+    ``{prefix}/{namespace}/{instance_id}.kvbm-peer``. The connection keys and their
+    checks are the core's ``kvbm.objectstore.S3Connection``, as the s3 tier's, so both
+    read them the same way (bucket names, unset ``${VAR}`` references, credentials
+    as ``SecretStr``, never printed). Only the defaults differ: the prefix, and short
+    timeouts because a rendezvous request must never stall the engine (a failed one
+    is retried at the next interval).
     """
 
-    model_config = ConfigDict(extra="forbid")
     bucket: str = Field(..., description="bucket the instances share (it must exist)")
     prefix: str = Field("kvbm-peers", description="key prefix of the peer records")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; AWS when unset")
-    region: str | None = Field(None, description="region name; boto3's default chain when unset")
-    addressing_style: Literal["auto", "path", "virtual"] = Field(
-        "auto", description="bucket in the path (MinIO, moto) or in the host name (AWS)"
-    )
-    profile: str | None = Field(None, description="shared-config profile for boto3's chain")
-    aws_access_key_id: SecretStr | None = Field(None, description="else boto3's chain")
-    aws_secret_access_key: SecretStr | None = Field(None, description="else boto3's chain")
-    aws_session_token: SecretStr | None = Field(None, description="else boto3's chain")
     connect_timeout_s: float = Field(1.0, gt=0, description="TCP connect timeout of a request")
     read_timeout_s: float = Field(2.0, gt=0, description="socket read timeout of a request")
-
-    # The object store's checks (kvbm.objectstore), as the s3 tier's, so both read the
-    # same keys the same way (bucket names, unset ${VAR}s, credentials in a URL never printed).
-    @model_validator(mode="before")
-    @classmethod
-    def _hide_url_credentials(cls, data: object) -> object:
-        return hide_url_credentials(data)
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, v: str) -> str:
-        return check_bucket_name(v)
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        return normalize_prefix(v)
-
-    @field_validator(
-        "endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-        "profile", "region", mode="before",
-    )
-    @classmethod
-    def _expanded(cls, v: object) -> object:
-        return reject_unexpanded(v)
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        return check_endpoint_url(v)
 
 
 class RemoteTierConfig(TierConfig):

@@ -5,7 +5,8 @@ metadata, namespace, block size, served hashes, heartbeat) under
 ``{namespace}/{instance_id}.kvbm-peer`` of a rendezvous, rewrites it every
 ``publish_interval_s`` and removes it on a clean shutdown. Readers list the
 rendezvous, fetch the records that changed since the last listing and ignore those
-whose heartbeat is stale (the tier does that part; see ``RemoteTier._scan_dir``).
+whose heartbeat is stale (the tier's peer set does that part; see
+``_peers.PeerSet.scan_dir``).
 
 Two backends:
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from kvbm import BlockLayout, ContiguousBlocks, KvBlockManager, ModelSpec, Namespace
-from kvbm.bench.limits import best_of
 from kvbm.layout import aligned_empty
 from kvbm.tier import TierContext
+from kvbm_bench.limits import best_of
 from kvbm_tiers_disk.config import DiskTierConfig
 from kvbm_tiers_disk.format import HEADER_BYTES
 from kvbm_tiers_disk.tier import DiskTier

@@ -16,7 +16,7 @@ import pickle
 import numpy as np
 
 from kvbm import BlockHasher, Namespace
-from kvbm.bench.limits import best_of
+from kvbm_bench.limits import best_of
 
 
 def vllm_style(tokens: list[int], page: int) -> list[bytes]:

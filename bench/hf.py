@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvbm.connectors import hf_bench
+import kvbm_bench.hf as hf_bench
 
 
 def main(argv: list[str] | None = None) -> int:

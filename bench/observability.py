@@ -24,10 +24,10 @@ import zmq
 from prometheus_client import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
+import kvbm_observability.plugin as obs
 from kvbm import ContiguousBlocks, KvBlockManager, build_plugins
-from kvbm import observability_plugin as obs
 from kvbm.events import BlockEvent, EventKind
-from kvbm.kv_events import encode_batch
+from kvbm_observability.kv_events import encode_batch
 
 MODEL = {"name": "bench", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16"}
 PAGE = 16

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .plugins import ConnectorRegistry, LayoutRegistry, PolicyRegistry
+from .plugins import LayoutRegistry, PolicyRegistry
 
 
 @hookimpl
@@ -23,9 +23,3 @@ def kvbm_register_layouts(registry: LayoutRegistry) -> None:
     registry.add("layer_separate", factory="kvbm.layout:LayerSeparateBlocks", extra="torch",
                  requires=("torch",), description="one torch tensor per layer, as vLLM holds them")
 
-
-@hookimpl
-def kvbm_register_connectors(registry: ConnectorRegistry) -> None:
-    """The vLLM connector."""
-    registry.add("vllm", factory="kvbm.connectors.vllm:KvbmConnector", extra="vllm",
-                 requires=("torch", "vllm"), description="vLLM KVConnectorBase_V1")

@@ -38,7 +38,11 @@ class ChainLink:
 def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -> list[ChainLink]:
     """Validate every tier (step two) and build its policies; warn on a chain that makes no sense."""
     if not settings.tiers:
-        raise ConfigError("key 'tiers': the chain is empty; give at least one tier, e.g. [{type: host, capacity: 4GiB}]")
+        known = plugins.tiers.names()
+        example = known[0] if known else "<type>"
+        raise ConfigError(f"key 'tiers': the chain is empty; give at least one tier, e.g. "
+                          f"[{{type: {example}, capacity: 4GiB}}] (installed tier types: "
+                          f"{', '.join(known) or 'none; see `kvbm plugins`'})")
     layout = settings.layout()
     bb = layout.bytes_per_block
     links: list[ChainLink] = []

@@ -329,6 +329,11 @@ class KvbmSettings(BaseSettings):
     write_through: bool = Field(True, description="cascade offloads down every tier")
     io_threads: int = Field(4, gt=0, description="worker threads for lower-tier copies")
     copy_threads: int = Field(2, gt=0, description="threads one batch's memory copies are split across")
+    probe_timeout_s: float = Field(
+        0.5, gt=0, description="longest a match waits for shared tiers (S3, peers) to say which "
+        "blocks other instances wrote; a later answer counts as misses")
+    close_timeout_s: float = Field(
+        30.0, ge=0, description="longest close() waits for the write-through cascade")
     metrics: bool = False
     metrics_port: int = Field(6880, ge=0, lt=65536)
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")

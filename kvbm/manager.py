@@ -110,8 +110,8 @@ class KvBlockManager:
         **overrides: Any,
     ) -> KvBlockManager:
         """Build the chain a config names (a YAML path, a dict, settings, or env/defaults)."""
-        settings = load_settings(config, **overrides)
         plugins = plugins or build_plugins()
+        settings = load_settings(config, tier_types=plugins.tiers, **overrides)
         links = resolve_chain(settings, plugins)
         layout = settings.layout()
         namespace = Namespace(
@@ -126,7 +126,7 @@ class KvBlockManager:
         tiers = build_tiers(links, namespace, layout)
         executor = Executor(tiers, layout, copy_threads=settings.copy_threads,
                             io_threads=settings.io_threads,
-                            probe_timeout_s=getattr(settings, "probe_timeout_s", 0.5))
+                            probe_timeout_s=settings.probe_timeout_s)
         try:
             states = tier_states(links, events)
             for ts, tier, blocks in zip(states, tiers, executor.recover()):
@@ -339,7 +339,7 @@ class KvBlockManager:
         if self._closed:
             return
         self._closed = True
-        wait_s = timeout if timeout is not None else getattr(self.settings, "close_timeout_s", 30.0)
+        wait_s = timeout if timeout is not None else self.settings.close_timeout_s
         if not self.executor.flush(wait_s):
             log.warning("kvbm: the write-through cascade did not finish within %.0fs; closing",
                         wait_s)

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_manager import blocks, flaky_plugin, manager, onboard_all
 
 from kvbm import ContiguousBlocks, KvBlockManager, KvbmError
 from kvbm.plugins import build_plugins
 from kvbm.registry import SlotState
 
 from conftest import PAGE, SMALL_MODEL
-from test_manager import blocks, flaky_plugin, manager, onboard_all
 
 
 class _SplitSource:

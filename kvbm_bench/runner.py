@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from kvbm.config import KvbmSettings, load_settings
-from kvbm.layout import ContiguousBlocks, LayerSeparateBlocks
+from kvbm.engine_blocks import engine_blocks
+from kvbm.layout import ContiguousBlocks
 from kvbm.manager import KvBlockManager
 
 from .config import BenchOptions, default_settings
@@ -147,14 +148,9 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     dtype = getattr(torch, m.dtype)
     kv = [torch.zeros(m.outer_dim, max_blocks, layout.page_size, m.num_kv_heads, m.head_dim, dtype=dtype)
           for _ in range(m.num_layers)]
-    try:
-        # The GPU tier's registration copies with fewer calls than the core's
-        # portable LayerSeparateBlocks; both take the same vLLM-shaped tensors.
-        from kvbm_tiers_gpu import register_kv_caches
-
-        engine: Any = register_kv_caches(kv, layout)
-    except ImportError:
-        engine = LayerSeparateBlocks(kv, layout)
+    # The one engine adapter the vLLM worker and the GPU tier use too (a plugin's
+    # accelerated class for device tensors, the core's for these CPU ones).
+    engine: Any = engine_blocks(kv, layout, plugins=mgr.plugins)
     pattern = _pattern_fn(bb, opts.seed)
     want = np.empty(bb, dtype=np.uint8)
     got = [np.empty(bb, dtype=np.uint8) for _ in range(max_blocks)]

@@ -195,6 +195,21 @@ class KvbmCollector(Collector):
         )
         c.add_metric([], st.get("events_dropped", 0))
         yield c
+        c = CounterMetricFamily(
+            PREFIX + "blocks_not_saved",
+            "blocks offered for saving that no tier of the chain had a free slot for",
+        )
+        c.add_metric([], st.get("not_saved_blocks", 0))
+        yield c
+        c = CounterMetricFamily(
+            PREFIX + "leaked_pins",
+            "pins of matches dropped without release(), given back when garbage-collected",
+        )
+        c.add_metric([], st.get("leaked_pins", 0))
+        yield c
+        g = GaugeMetricFamily(PREFIX + "pinned_blocks", "pins held now over all tiers")
+        g.add_metric([], st.get("pinned_blocks", 0))
+        yield g
         g = GaugeMetricFamily(PREFIX + "block_bytes", "bytes of one KV block")
         g.add_metric([], bb)
         yield g

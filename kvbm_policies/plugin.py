@@ -47,6 +47,4 @@ def simulate_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     from . import simulate
 
     simulate.add_arguments(parser)
-    # simulate.register() is the argparse-subparsers form of the same command; the
-    # registry hands over a ready parser, so only its arguments and runner are taken.
-    return simulate._cmd_simulate
+    return simulate.run

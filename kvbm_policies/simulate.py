@@ -29,7 +29,7 @@ from kvbm.registry import BlockRegistry
 
 from .workloads import Trace, load_mooncake, multi_turn_trace
 
-__all__ = ["SimResult", "belady", "register", "replay", "run_simulation"]
+__all__ = ["SimResult", "add_arguments", "belady", "replay", "run", "run_simulation"]
 
 DEFAULT_TRACE = "/work/shared/traces/mooncake_synthetic_trace.jsonl"
 
@@ -188,7 +188,8 @@ def load_trace(args: argparse.Namespace) -> Trace:
     return load_mooncake(args.trace, blocks_per_id=args.blocks_per_id, limit=args.limit)
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``kvbm simulate`` with parsed arguments; returns the exit status."""
     from kvbm.plugins import build_plugins
 
     plugins = build_plugins()
@@ -239,11 +240,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="Mooncake: replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-
-def register(subparsers: Any) -> None:
-    """Add ``kvbm simulate`` to the ``kvbm`` command."""
-    p = subparsers.add_parser(
-        "simulate", help="replay a block trace against each eviction policy beside Belady's OPT",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_arguments(p)
-    p.set_defaults(func=_cmd_simulate)

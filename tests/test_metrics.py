@@ -163,6 +163,19 @@ def test_host_hit_rate_is_hits_over_lookups() -> None:
     assert got['kvbm_tier_lookups_total{tier="host",type="host"}'] == 9
 
 
+def test_blocks_no_tier_had_a_slot_for_are_counted_as_not_saved() -> None:
+    m = _manager(tiers=[{"type": "host", "num_blocks": 4}])
+    try:
+        _workload(m, 100, 4)
+        with m.match_prefix(list(range(100, 100 + 4 * PAGE))):  # every slot pinned
+            _workload(m, 9_000, 3)
+        got = scrape(_url(m))
+    finally:
+        m.close()
+    assert got["kvbm_blocks_not_saved_total"] == 3
+    assert got["kvbm_pinned_blocks"] == 0
+
+
 def test_evictions_and_usage_are_exported_per_tier() -> None:
     m = _manager(tiers=[{"type": "host", "num_blocks": 4}])
     try:

@@ -179,32 +179,26 @@ class Executor:
     # -- tier calls that never raise -----------------------------------------------------
     def _write(self, t: int, slots: Sequence[int], keys: Sequence[SequenceHash],
                bufs: Sequence[np.ndarray]) -> list[bool]:
-        tier = self.tiers[t]
-        if not slots:
-            return []
-        try:
-            ok = list(tier.write(slots, keys, bufs))
-            if len(ok) != len(slots):
-                raise RuntimeError(f"write returned {len(ok)} flags for {len(slots)} blocks")
-            return ok
-        except Exception as e:
-            self.warn(f"w{t}", "kvbm tier %r: write of %d blocks failed (%s); skipped",
-                      tier.name, len(slots), e)
-            return [False] * len(slots)
+        return self._call(t, "write", "skipped", slots, keys, bufs)
 
     def _read(self, t: int, slots: Sequence[int], keys: Sequence[SequenceHash],
               bufs: Sequence[np.ndarray]) -> list[bool]:
+        return self._call(t, "read", "treated as misses", slots, keys, bufs)
+
+    def _call(self, t: int, what: str, outcome: str, slots: Sequence[int],
+              keys: Sequence[SequenceHash], bufs: Sequence[np.ndarray]) -> list[bool]:
+        """``tier.write`` or ``tier.read``, with a raise or a wrong answer as all failed."""
         tier = self.tiers[t]
         if not slots:
             return []
         try:
-            ok = list(tier.read(slots, keys, bufs))
+            ok = list(getattr(tier, what)(slots, keys, bufs))
             if len(ok) != len(slots):
-                raise RuntimeError(f"read returned {len(ok)} flags for {len(slots)} blocks")
+                raise RuntimeError(f"{what} returned {len(ok)} flags for {len(slots)} blocks")
             return ok
         except Exception as e:
-            self.warn(f"r{t}", "kvbm tier %r: read of %d blocks failed (%s); treated as misses",
-                      tier.name, len(slots), e)
+            self.warn(f"{what}{t}", "kvbm tier %r: %s of %d blocks failed (%s); %s",
+                      tier.name, what, len(slots), e, outcome)
             return [False] * len(slots)
 
     def _views(self, t: int, slots: Sequence[int]) -> list[np.ndarray] | None:
@@ -548,7 +542,7 @@ class _Direct:
 
 
 def _raw(s: Any) -> np.ndarray:
-    return s.buf if isinstance(s, _Direct) else s  # type: ignore[no-any-return]
+    return s.buf if isinstance(s, _Direct) else s
 
 
 def _copy_from(src: Sequence[np.ndarray]) -> Callable[[Sequence[int], Sequence[np.ndarray]], None]:

@@ -51,3 +51,5 @@ try:  # SGLang's factory requires a subclass of its own HiCacheStorage.
     )
 except Exception:  # SGLang absent (or broken): the same interface, locally
     HiCacheStorageBase = _HiCacheStorageInterface
+
+__all__ = ["HiCacheStorageBase"]

@@ -109,8 +109,8 @@ class WorkerSide:
     # -- reports -------------------------------------------------------------------------
     def _report(self, report: Report) -> None:
         with self._lock:
-            for op, failed in report.items():
-                self._reports[op] = self._reports.get(op, frozenset()) | failed
+            for op_id, failed in report.items():
+                self._reports[op_id] = self._reports.get(op_id, frozenset()) | failed
 
     def take_reports(self) -> KvbmWorkerMetadata | None:
         with self._lock:
@@ -193,8 +193,8 @@ class WorkerSide:
                     # Errors are recorded before the request is: vLLM must see a failed
                     # block no later than the step that reports the request done.
                     self._recving.add(op.req_id)
-            for op, failed in report.items():
-                self._reports[op] = self._reports.get(op, frozenset()) | failed
+            for op_id, failed in report.items():
+                self._reports[op_id] = self._reports.get(op_id, frozenset()) | failed
 
     def wait_for_layer(self, layer_name: str) -> None:
         """Block until this step's loads have written layer ``layer_name``."""

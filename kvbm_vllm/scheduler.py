@@ -438,7 +438,9 @@ class SchedulerSide:
         from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
         events, self._sink.events = self._sink.events, []
-        medium = {ts.name: ts.medium for ts in self.tiers}
+        # vLLM's media: GPU, CPU, and STORAGE for everything below host memory.
+        vllm_media = {"GPU": "GPU", "CPU": "CPU"}
+        medium = {ts.name: vllm_media.get(ts.medium, "STORAGE") for ts in self.tiers}
         for ev in events:
             if ev.kind is EventKind.REGISTERED:
                 hashes, tokens = [], []

@@ -785,3 +785,24 @@ def test_take_events_reports_stored_blocks_under_vllm_block_hashes(make: Any) ->
     stored = [h for ev in events if type(ev).__name__ == "BlockStored" and ev.medium == "CPU"
               for h in ev.block_hashes]
     assert stored == list(a.block_hashes[:3])
+
+
+def test_blocks_cascaded_below_host_memory_are_reported_in_vllms_storage_medium(
+    make: Any, tmp_path: Any
+) -> None:
+    from vllm.distributed.kv_events import MEDIUM_STORAGE
+
+    e = make(tiers=[{"type": "host", "num_blocks": 16},
+                    {"type": "disk", "num_blocks": 32, "path": str(tmp_path), "admission": "all"}])
+    batches: list[Any] = []
+    e.sched.kv_event_publisher = types.SimpleNamespace(publish=batches.append,
+                                                       shutdown=lambda: None)
+    a = e.add("a", prompt(50), max_tokens=1)
+    e.run()
+    settle(e)  # the cascade's copies report, and their blocks register below
+    events = [ev for b in batches for ev in b.events]
+    media = {ev.medium for ev in events if type(ev).__name__ == "BlockStored"}
+    assert media == {"CPU", MEDIUM_STORAGE}
+    stored = [h for ev in events if type(ev).__name__ == "BlockStored"
+              and ev.medium == MEDIUM_STORAGE for h in ev.block_hashes]
+    assert stored == list(a.block_hashes[:3])

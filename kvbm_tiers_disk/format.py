@@ -9,8 +9,9 @@ region starts on a 4096-byte boundary as O_DIRECT requires. A slot's offset depe
 only on its index, never on how many slots the file holds, so a restart with a larger
 or smaller capacity keeps every slot that still fits.
 
-A slot header names its block (key, namespace digest, layout digest, length, data
-checksum, sequence number, global slot) and ends with a checksum of its own bytes. The
+A slot header (``kvbm.blockfile``, the core's block header, shared with the fs tier)
+names its block (key, namespace digest, layout digest, length, data checksum,
+sequence number, global slot) and ends with a checksum of its own bytes. The
 writer invalidates an old header before overwriting its data, writes the data, and
 writes the new header last, so at any instant a valid header describes data that was
 completely written: a process killed mid-offload leaves no valid header over a torn
@@ -24,28 +25,33 @@ from dataclasses import dataclass
 
 import xxhash
 
-PAGE = 4096
+# The block header (one page in front of the data) is the core's (``kvbm.blockfile``), shared
+# with the fs tier; the names stay importable from here for older callers.
+from kvbm.blockfile import (
+    BLOCK_MAGIC,
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    HEADER_USED,
+    PAGE,
+    pack_header,
+    round_up,
+    unpack_header,
+)
+from kvbm.blockfile import BlockHeader as SlotHeader
+
+__all__ = [
+    "BLOCK_MAGIC", "FORMAT_VERSION", "HEADER_BYTES", "HEADER_USED", "PAGE", "SUPERBLOCK_BYTES",
+    "SUPER_MAGIC", "Geometry", "SlotHeader", "Superblock", "pack_header", "round_up",
+    "unpack_header",
+]
+
 SUPERBLOCK_BYTES = PAGE
-HEADER_BYTES = PAGE
-FORMAT_VERSION = 1
-
 SUPER_MAGIC = b"KVBMDISK"
-BLOCK_MAGIC = b"KVBH"
 
-# magic, version, flags, key, namespace digest, layout digest, length, data checksum,
-# sequence number, global slot; followed by a u64 xxh3 of these bytes.
-_HDR = struct.Struct("<4sHH16s16s8sQQQQ")
 _SUM = struct.Struct("<Q")
-HEADER_USED = _HDR.size + _SUM.size
-
 # magic, version, flags, namespace digest, layout digest, block bytes, stride,
 # stripe index, stripe count; followed by a u64 xxh3 of these bytes.
 _SUPER = struct.Struct("<8sHH16s8sQQII")
-
-
-def round_up(n: int, align: int = PAGE) -> int:
-    """``n`` rounded up to a multiple of ``align``."""
-    return -(-n // align) * align
 
 
 @dataclass(frozen=True)
@@ -74,38 +80,6 @@ class Geometry:
     def slots_in(self, size: int) -> int:
         """How many whole slots a file of ``size`` bytes holds."""
         return max(0, (size - SUPERBLOCK_BYTES) // self.span)
-
-
-@dataclass(frozen=True, slots=True)
-class SlotHeader:
-    """The record in front of each block's bytes."""
-
-    key: bytes
-    namespace: bytes
-    layout: bytes
-    length: int
-    checksum: int
-    seq: int
-    slot: int
-
-
-def pack_header(buf: memoryview, h: SlotHeader) -> None:
-    """Write ``h`` into the first ``HEADER_USED`` bytes of ``buf`` (the rest stays as is)."""
-    _HDR.pack_into(buf, 0, BLOCK_MAGIC, FORMAT_VERSION, 0, h.key, h.namespace, h.layout,
-                   h.length, h.checksum, h.seq, h.slot)
-    _SUM.pack_into(buf, _HDR.size, xxhash.xxh3_64_intdigest(buf[: _HDR.size]))
-
-
-def unpack_header(buf: memoryview) -> SlotHeader | None:
-    """The header in ``buf``, or None when it is blank, torn or of another format."""
-    if bytes(buf[:4]) != BLOCK_MAGIC:
-        return None
-    (magic, version, _flags, key, ns, layout, length, checksum, seq, slot) = _HDR.unpack_from(buf)
-    if version != FORMAT_VERSION:
-        return None
-    if _SUM.unpack_from(buf, _HDR.size)[0] != xxhash.xxh3_64_intdigest(buf[: _HDR.size]):
-        return None
-    return SlotHeader(key, ns, layout, length, checksum, seq, slot)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xxhash
 
+from kvbm.blockfile import HEADER_BYTES, PAGE, BlockHeader, pack_header, unpack_header
 from kvbm.config import TierConfig
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
@@ -50,7 +51,7 @@ from .files import (
     plan_file,
     prepare_directory,
 )
-from .format import HEADER_BYTES, PAGE, Geometry, SlotHeader, Superblock, pack_header, unpack_header
+from .format import Geometry, Superblock
 
 log = logging.getLogger("kvbm.disk")
 
@@ -434,8 +435,8 @@ class DiskTier(Tier):
     def _write_header(self, slot: int, key: bytes, checksum: int) -> bool:
         st, local = self._locate(slot)
         buf = self._header_buf()
-        h = SlotHeader(bytes(key), self._ns, self._layout, self.block_bytes, checksum,
-                       self._next_seq(), slot)
+        h = BlockHeader(bytes(key), self._ns, self._layout, self.block_bytes, checksum,
+                        self._next_seq(), slot)
         pack_header(memoryview(buf), h)
         # From here on the header may be valid on disk, even if the write reports failure.
         self._hdr_live[slot] = 1

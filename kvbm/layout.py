@@ -74,6 +74,12 @@ class BlockLayout:
     model: ModelSpec
     page_size: int
     kind: Literal["fully_contiguous", "layer_separate"] = "fully_contiguous"
+    #: How the engine itself arranges a block's bytes where kvbm copies them opaquely
+    #: (engine, attention backend, kernel variant and its tiling, per-layer shape),
+    #: e.g. ``"vllm:CPU_ATTN:amx:[2, 128, 256]"``; empty when kvbm's copies turn the
+    #: engine's tensors into the canonical order itself. Part of ``digest``, so two
+    #: engines that lay a block out differently never read each other's blocks.
+    physical: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or self.page_size <= 0:
@@ -104,6 +110,10 @@ class BlockLayout:
         d = asdict(self.model)
         d.pop("name")
         d["page_size"] = self.page_size
+        if self.physical:
+            # Only when set: the digests of layouts without one stay what they were,
+            # so blocks stored before the field existed are still found.
+            d["physical"] = self.physical
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 

@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from .chain import ChainLink, resolve_chain, tier_states
@@ -107,13 +107,19 @@ class KvBlockManager:
         config: str | os.PathLike[str] | dict[str, Any] | KvbmSettings | None = None,
         *,
         plugins: Plugins | None = None,
+        physical: str = "",
         **overrides: Any,
     ) -> KvBlockManager:
-        """Build the chain a config names (a YAML path, a dict, settings, or env/defaults)."""
+        """Build the chain a config names (a YAML path, a dict, settings, or env/defaults).
+
+        ``physical`` is an engine's physical block layout (``BlockLayout.physical``, as an
+        engine connector's worker reports it) when this manager is to read the blocks
+        that engine stored; blocks of another physical layout are never matched.
+        """
         plugins = plugins or build_plugins()
         settings = load_settings(config, tier_types=plugins.tiers, **overrides)
         links = resolve_chain(settings, plugins)
-        layout = settings.layout()
+        layout = replace(settings.layout(), physical=physical)
         namespace = Namespace(
             model_id=settings.model.name,
             layout_digest=layout.digest,

@@ -8,6 +8,8 @@ a ``ConfigError``. The rest of the settings come from ``kv_connector_extra_confi
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,8 @@ from kvbm.layout import BlockLayout, ModelSpec
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+log = logging.getLogger("kvbm.vllm")
 
 _TORCH_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8",
                       "uint8")
@@ -144,3 +148,42 @@ def namespace_for(settings: KvbmSettings, layout: BlockLayout, rank: int,
     return Namespace(model_id=settings.model.name, layout_digest=layout.digest, tp_rank=rank,
                      tp_size=settings.tp_size, lora_name=lora or settings.lora_name,
                      cache_salt=salt or settings.cache_salt)
+
+
+def physical_layout(vllm_config: VllmConfig, layer_names: Sequence[str],
+                    kv_caches: Mapping[str, Any]) -> str:
+    """How this engine lays a block's bytes out where kvbm cannot see it: the block identity.
+
+    kvbm reads vLLM's KV tensors through their logical dims, but an attention kernel
+    may tile a block's K and V inside them (vLLM's CPU backend: its ``amx`` and
+    ``vec`` kernels differ, and ``vec`` transposes K). So the engine, the attention
+    backend, the kernel variant (``layer.isa`` on CPU) and one layer's per-block
+    shape and dtype name the bytes; this string goes into the layout digest of every
+    block the worker stores. ``LayoutError`` when the layers disagree.
+    """
+    backends: set[str] = set()
+    isas: set[str] = set()
+    try:
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+        layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase,  # type: ignore[type-abstract]
+                                             list(layer_names))
+        for layer in layers.values():
+            backends.add(str(layer.get_attn_backend().get_name()))
+            isa = getattr(layer, "isa", None)
+            if isa is not None:
+                isas.add(str(isa))
+    except Exception as e:  # an older or newer vLLM without these names
+        log.warning("kvbm: cannot read vLLM's attention backend (%s); blocks are shared only "
+                    "with instances that cannot read it either", e)
+    if len(backends) > 1 or len(isas) > 1:
+        raise LayoutError(f"vLLM's attention layers use different backends or kernels "
+                          f"({sorted(backends)} {sorted(isas)}); kvbm needs one per model")
+    first = next(iter(kv_caches.values()))
+    parts = ["vllm", backends.pop() if backends else "unknown"]
+    if isas:
+        parts.append(isas.pop())
+    parts.append(str([int(d) for d in first.shape[1:]]))
+    parts.append(str(first.dtype).replace("torch.", ""))
+    return ":".join(parts)

@@ -131,7 +131,8 @@ class KvbmConnector(KVConnectorBase_V1):
                                                 bool(events), probe_timeout_s=probe_timeout)
         else:
             self.worker_side = WorkerSide(settings, eng, _tp_rank(vllm_config),
-                                          probe_timeout_s=_probe_timeout(extra))
+                                          probe_timeout_s=_probe_timeout(extra),
+                                          vllm_config=vllm_config)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -82,29 +82,37 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
 
 
 class KvbmHandshakeMetadata(KVConnectorHandshakeMetadata):
-    """One rank's blocks that its persistent tiers found at start (``Tier.recover``).
+    """What one rank tells the scheduler side at start, once its KV caches are registered.
 
-    vLLM collects one per worker once the KV caches are registered and hands them to
-    the scheduler side (``set_xfer_handshake_metadata``) before the first step. Per
-    tier: the slots as little-endian int64 and the 16-byte keys, concatenated, so a
-    million recovered blocks cross the process boundary as two flat byte strings.
+    ``physical``: the block identity of this rank's engine layout (backend, kernel,
+    shape: ``config.physical_layout``), which every rank must share; ``refused``: why
+    this rank cannot hold kvbm blocks (a KV-cache layout kvbm does not understand),
+    which turns reuse off for the whole engine; and the blocks its persistent tiers
+    found (``Tier.recover``). vLLM collects one per worker and hands them to the
+    scheduler side (``set_xfer_handshake_metadata``) before the first step. Per tier:
+    the slots as little-endian int64 and the 16-byte keys, concatenated, so a million
+    recovered blocks cross the process boundary as two flat byte strings.
     """
 
     KEY_BYTES = 16
 
-    def __init__(self, rank: int, tiers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, rank: int, tiers: list[tuple[bytes, bytes]], physical: str = "",
+                 refused: str | None = None) -> None:
         self.rank = rank
         self.tiers = tiers
+        self.physical = physical
+        self.refused = refused
 
     @classmethod
-    def of(cls, rank: int, recovered: list[list[tuple[int, SequenceHash]]]) -> KvbmHandshakeMetadata:
+    def of(cls, rank: int, recovered: list[list[tuple[int, SequenceHash]]],
+           physical: str = "", refused: str | None = None) -> KvbmHandshakeMetadata:
         """Encode ``recovered[t]`` (slot, key) of every tier ``t``."""
         tiers = []
         for blocks in recovered:
             ok = [(s, k) for s, k in blocks if len(k) == cls.KEY_BYTES]
             slots = np.asarray([s for s, _ in ok], dtype="<i8").tobytes()
             tiers.append((slots, b"".join(k for _, k in ok)))
-        return cls(rank, tiers)
+        return cls(rank, tiers, physical, refused)
 
     def blocks(self, tier: int) -> set[tuple[int, SequenceHash]]:
         """(slot, key) of every block this rank recovered in tier ``tier``."""
@@ -121,7 +129,8 @@ class KvbmHandshakeMetadata(KVConnectorHandshakeMetadata):
         return sum(len(s) // 8 for s, _ in self.tiers)
 
     def __repr__(self) -> str:
-        return f"KvbmHandshakeMetadata(rank={self.rank}, blocks={self.num_blocks})"
+        return (f"KvbmHandshakeMetadata(rank={self.rank}, blocks={self.num_blocks}, "
+                f"physical={self.physical!r}, refused={self.refused!r})")
 
 
 class KvbmConnectorStats(KVConnectorStats):

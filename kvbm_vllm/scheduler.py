@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kvbm.chain import resolve_chain, tier_states
@@ -128,6 +128,8 @@ class SchedulerSide:
         self._probes: dict[int, str] = {}  # probe op -> request id
         self._said: set[str] = set()
         self._restored = False
+        #: Why reuse is off for this engine (a rank refused its KV cache layout), or None.
+        self.disabled: str | None = None
         self._ext: dict[SequenceHash, list[Any]] = {}  # key -> [vllm hash, tokens, holders]
         self._vllm_events: list[Any] = []
         self.restored_blocks = 0
@@ -190,6 +192,18 @@ class SchedulerSide:
         if self._restored:
             return 0
         self._restored = True
+        refused = [m.refused for m in ranks.values() if m.refused]
+        physical = {m.physical for m in ranks.values()}
+        if refused or len(physical) > 1:
+            self.disabled = refused[0] if refused else (
+                f"tensor-parallel ranks lay blocks out differently: {sorted(physical)}")
+            log.error("kvbm: reuse is off for this engine: %s", self.disabled)
+            return 0
+        if physical and not self.reqs:
+            # Keys are hashed under the engine's physical layout, as the workers store
+            # them: another engine's blocks (another kernel) never match by key either.
+            self.layout = replace(self.layout, physical=physical.pop())
+            self._hashers.clear()
         if self._acc or self._loads or any(ts.registry.num_used for ts in self.tiers):
             log.warning("kvbm: the workers' recovered blocks arrived after scheduling began; "
                         "they are not used (the slots may have been written since)")
@@ -261,7 +275,7 @@ class SchedulerSide:
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
         self._drop_match(st)
-        if not st.supported:
+        if not st.supported or self.disabled is not None:
             return 0, False
         # Never the whole prompt: vLLM must compute at least one token to sample from.
         usable = max(0, request.num_tokens - 1) // self.page
@@ -331,7 +345,7 @@ class SchedulerSide:
     # -- saves ---------------------------------------------------------------------------
     def build_meta(self, so: SchedulerOutput, block_ids_of: Any) -> KvbmConnectorMetadata:
         """This step's plan: loads, saves of newly complete blocks, and what reports led to."""
-        if self.tiers:
+        if self.tiers and self.disabled is None:
             self._plan_saves(so, block_ids_of)
         self._outbox.extend(self.planner.take_plan())
         plan, self._outbox = self._outbox, Plan()

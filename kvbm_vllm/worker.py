@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from kvbm.chain import resolve_chain
@@ -34,7 +35,7 @@ from kvbm.plugins import build_plugins
 from kvbm.served import SlotMap
 from kvbm.tier import Tier
 
-from .config import EngineLayout, namespace_for
+from .config import EngineLayout, namespace_for, physical_layout
 from .metadata import KvbmConnectorMetadata, KvbmHandshakeMetadata, KvbmWorkerMetadata, as_reports
 
 log = logging.getLogger("kvbm.vllm")
@@ -44,29 +45,21 @@ class WorkerSide:
     """The data half on one tensor-parallel rank: this rank's tiers and the copies."""
 
     def __init__(self, settings: KvbmSettings, eng: EngineLayout, rank: int,
-                 probe_timeout_s: float = 5.0) -> None:
+                 probe_timeout_s: float = 5.0, vllm_config: Any = None) -> None:
         self.settings = settings
+        self.eng = eng
         self.layout = eng.layout
         self.layer_names = eng.layer_names
         self.rank = rank
+        self.probe_timeout_s = probe_timeout_s
+        self.vllm_config = vllm_config
         self.plugins = build_plugins()
-        links = resolve_chain(settings, self.plugins)
-        ns = namespace_for(settings, eng.layout, rank)
-        tiers = build_tiers(links, ns, eng.layout, rank=rank, tp_size=settings.tp_size)
-        self.executor = Executor(tiers, eng.layout, copy_threads=settings.copy_threads,
-                                 io_threads=settings.io_threads, probe_timeout_s=probe_timeout_s,
-                                 name=f"kvbm{rank}")
-        try:
-            # Blocks persistent tiers (disk) hold from an earlier run. Recovering also
-            # builds the tier's own index. The scheduler side gets them through vLLM's
-            # handshake and registers those that every rank holds in the same slot.
-            recovered = self.executor.recover()
-            self.handshake: KvbmHandshakeMetadata | None = (
-                KvbmHandshakeMetadata.of(rank, recovered) if any(recovered) else None)
-            self.executor.serve_peers()
-        except BaseException:
-            self.executor.close(timeout=0)
-            raise
+        self.links = resolve_chain(settings, self.plugins)
+        # The storage is built once the engine's tensors are seen (register_kv_caches):
+        # their physical layout is part of every stored block's identity.
+        self._executor: Executor | None = None
+        self.handshake: KvbmHandshakeMetadata | None = None
+        self.refused: str | None = None
         self.engine: Any = None
         self._lock = threading.Lock()
         self._reports: Report = {}
@@ -79,14 +72,22 @@ class WorkerSide:
         self._save: LayeredSave | None = None
 
     @property
+    def executor(self) -> Executor:
+        """This rank's executor (built by ``register_kv_caches``)."""
+        if self._executor is None:
+            raise LayoutError("kvbm: no KV caches registered on this worker "
+                              f"({self.refused or 'register_kv_caches was not called'})")
+        return self._executor
+
+    @property
     def tiers(self) -> list[Tier]:
-        """This rank's storage of every tier, in chain order."""
-        return self.executor.tiers
+        """This rank's storage of every tier, in chain order (none before registration)."""
+        return self._executor.tiers if self._executor is not None else []
 
     @property
     def served(self) -> dict[int, SlotMap]:
         """Tier index -> the slot map peers are served from (a remote tier's ``serve``)."""
-        return self.executor.served
+        return self._executor.served if self._executor is not None else {}
 
     @property
     def block_bytes(self) -> int:
@@ -95,16 +96,52 @@ class WorkerSide:
 
     # -- engine tensors ------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any], num_blocks: int | None = None) -> None:
-        """Take vLLM's per-layer KV tensors (any form the core adapter reads)."""
+        """Take vLLM's per-layer KV tensors, then build this rank's storage.
+
+        A layout kvbm does not understand is refused with one line: the engine runs
+        without reuse (the scheduler side learns it from the handshake), nothing is
+        copied.
+        """
         from kvbm.engine_blocks import engine_blocks
 
         missing = [n for n in self.layer_names if n not in kv_caches]
         ordered = kv_caches if missing else {n: kv_caches[n] for n in self.layer_names}
-        if len(ordered) != self.layout.model.num_layers:
-            raise LayoutError(f"register_kv_caches: expected {self.layout.model.num_layers} "
-                              f"layers {list(self.layer_names)}, got {list(kv_caches)}")
-        self.engine = engine_blocks(ordered, self.layout, num_blocks=num_blocks,
-                                    plugins=self.plugins)
+        try:
+            if len(ordered) != self.layout.model.num_layers:
+                raise LayoutError(f"expected {self.layout.model.num_layers} layers "
+                                  f"{list(self.layer_names)}, got {list(kv_caches)}")
+            engine = engine_blocks(ordered, self.layout, num_blocks=num_blocks,
+                                   plugins=self.plugins)
+            physical = (physical_layout(self.vllm_config, list(ordered), ordered)
+                        if self.vllm_config is not None else "")
+        except LayoutError as e:
+            self.refused = str(e)
+            log.error("kvbm rank %d: refusing vLLM's KV cache (%s); this engine runs without "
+                      "kvbm's reuse", self.rank, e)
+            self.handshake = KvbmHandshakeMetadata.of(self.rank, [], refused=self.refused)
+            return
+        self.engine = engine
+        self.layout = replace(self.layout, physical=physical)
+        self._build(physical)
+
+    def _build(self, physical: str) -> None:
+        ns = namespace_for(self.settings, self.layout, self.rank)
+        tiers = build_tiers(self.links, ns, self.layout, rank=self.rank,
+                            tp_size=self.settings.tp_size)
+        ex = Executor(tiers, self.layout, copy_threads=self.settings.copy_threads,
+                      io_threads=self.settings.io_threads, probe_timeout_s=self.probe_timeout_s,
+                      name=f"kvbm{self.rank}")
+        try:
+            # Blocks persistent tiers (disk) hold from an earlier run of the same
+            # layout. The scheduler side gets them through vLLM's handshake and
+            # registers those that every rank holds in the same slot.
+            recovered = ex.recover()
+            ex.serve_peers()
+        except BaseException:
+            ex.close(timeout=0)
+            raise
+        self._executor = ex
+        self.handshake = KvbmHandshakeMetadata.of(self.rank, recovered, physical=physical)
 
     # -- reports -------------------------------------------------------------------------
     def _report(self, report: Report) -> None:
@@ -133,6 +170,15 @@ class WorkerSide:
         plan = meta.plan
         with self._lock:
             self._bad_reqs = set()  # before any load of this step can record a failure
+        if self._executor is None:
+            # No storage (refused or never registered): every operation fails, so the
+            # scheduler aborts its slots and vLLM recomputes what it meant to load.
+            self._finish_loads(plan.loads, {op.op_id: frozenset(range(len(op.dst)))
+                                            for op in plan.loads})
+            self._report({op.op_id: frozenset(range(len(op.slots))) for op in plan.saves})
+            self._report({op.op_id: frozenset(range(len(op.dst_slots))) for op in plan.copies})
+            self._report({op.op_id: frozenset({0}) for op in plan.probes})
+            return
         for d in plan.discards:
             self.executor.discard(d)
         for c in plan.copies:
@@ -231,10 +277,11 @@ class WorkerSide:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait for every background load, copy and probe (tests, shutdown)."""
-        return self.executor.flush(timeout)
+        return self._executor.flush(timeout) if self._executor is not None else True
 
     def close(self) -> None:
         self._load_pool.shutdown(wait=True)
         if self._save is not None:
             self._save.close()
-        self.executor.close(timeout=0)
+        if self._executor is not None:
+            self._executor.close(timeout=0)

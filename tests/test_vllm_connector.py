@@ -806,3 +806,36 @@ def test_blocks_cascaded_below_host_memory_are_reported_in_vllms_storage_medium(
     stored = [h for ev in events if type(ev).__name__ == "BlockStored"
               and ev.medium == MEDIUM_STORAGE for h in ev.block_hashes]
     assert stored == list(a.block_hashes[:3])
+
+
+def test_a_kv_cache_layout_kvbm_cannot_read_is_refused_in_one_line_and_turns_reuse_off(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kvbm.connectors.vllm import KvbmConnector
+
+    e = make()
+    w = KvbmConnector(e.vc, _role("WORKER"), e.kcc)
+    caplog.set_level(logging.ERROR, logger="kvbm.vllm")
+    # 3 dims for a model with K and V: no vLLM layout kvbm knows.
+    w.register_kv_caches({n: torch.zeros(64, PAGE, HEADS * HEAD) for n in LAYERS})
+    said = [r.getMessage() for r in caplog.records if "refusing" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0]
+    hs = w.get_handshake_metadata()
+    assert hs is not None and hs.refused
+    s = KvbmConnector(e.vc, _role("SCHEDULER"), e.kcc)
+    s.set_xfer_handshake_metadata({0: hs})
+    e.add("a", prompt(50))  # the engine's own connector saves it; this one must not
+    req = e.sched.requests["a"]
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert s.scheduler_side.disabled is not None
+    w.shutdown()
+    e.run()
+
+
+def test_workers_store_under_the_engines_physical_layout_and_keys_follow_it(make: Any) -> None:
+    e = make()
+    ws = e.workers[0].worker_side
+    # The harness's model has no attention layers: the backend reads "unknown".
+    assert ws.layout.physical == f"vllm:unknown:{[HEADS, PAGE, 2 * HEAD]}:float32"
+    assert e.side.layout.physical == ws.layout.physical
+    assert ws.tiers[0].ctx.namespace.layout_digest == ws.layout.digest

@@ -70,7 +70,7 @@ def _reader(args: dict[str, Any]) -> None:
         "model": args["model"], "page_size": args["page"],
         "tiers": [{"type": "host", "num_blocks": 16},
                   {"type": "remote", "listen": args["listen"], "peers": [args["peer"]], **FAST}],
-    })
+    }, physical=args["physical"])
     print("READY", flush=True)
     for line in sys.stdin:
         job = json.loads(line)
@@ -88,9 +88,10 @@ def _reader(args: dict[str, Any]) -> None:
 class Reader:
     """Process B: started once, asked to onboard token lists one at a time."""
 
-    def __init__(self, model: dict[str, Any], listen: str, peer: str) -> None:
+    def __init__(self, model: dict[str, Any], listen: str, peer: str, physical: str) -> None:
         env = dict(os.environ, UCX_NET_DEVICES="lo")
-        arg = json.dumps({"model": model, "page": PAGE, "listen": listen, "peer": peer})
+        arg = json.dumps({"model": model, "page": PAGE, "listen": listen, "peer": peer,
+                          "physical": physical})
         self.proc = subprocess.Popen([sys.executable, __file__, "read", arg],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
@@ -131,6 +132,14 @@ class Reader:
 # --- process A: the vLLM engine ----------------------------------------------------------
 
 
+def physical() -> str:
+    """The physical block layout A's workers report (the test has no attention layers,
+    so the backend is "unknown"; the shape is one layer's [heads, tokens, K|V]): B must
+    name it to read A's blocks."""
+    return f"vllm:unknown:{[HEADS, PAGE, 2 * HEAD]}:float32"
+
+
+
 @pytest.fixture(scope="module")
 def ports() -> tuple[int, int]:
     """(A's port, B's port): each lists the other as its peer."""
@@ -142,7 +151,7 @@ def reader(v: Any, ports: tuple[int, int]) -> Iterator[Reader]:
     a, b = ports
     model = {"name": v.model_dir, "num_layers": len(LAYERS), "num_kv_heads": HEADS,
              "head_dim": HEAD, "dtype": "float32", "outer_dim": 2}
-    r = Reader(model, f"127.0.0.1:{b}", f"127.0.0.1:{a}")
+    r = Reader(model, f"127.0.0.1:{b}", f"127.0.0.1:{a}", physical())
     try:
         yield r.ready()
     finally:
@@ -205,6 +214,7 @@ def test_blocks_a_vllm_worker_saved_are_onboarded_byte_exact_by_another_process(
     e.run()
     served = e.workers[0].worker_side.served[0]
     assert len(served) == 3, "the worker serves the three blocks it saved"
+    assert e.workers[0].worker_side.layout.physical == physical()
     loaded, tiers, data = reader.onboard(tokens[:48], tmp_path / "b.bin")
     assert loaded == 3 and tiers == ["remote"] * 3
     for i in range(3):
@@ -330,7 +340,7 @@ def test_worker_publishes_its_served_blocks_in_a_rendezvous_dir_and_a_peer_reads
         "model": model, "page_size": PAGE,
         "tiers": [{"type": "host", "num_blocks": 16},
                   {"type": "remote", "rendezvous_dir": rdir, "publish_interval_s": 0.05, **FAST}],
-    })
+    }, physical=e.workers[0].worker_side.layout.physical)
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # the worker republishes its keys every 0.05 s

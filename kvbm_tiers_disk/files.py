@@ -19,6 +19,7 @@ import numpy as np
 
 from kvbm.errors import ConfigError
 from kvbm.layout import aligned_empty
+from kvbm.safepaths import UnsafePath, open_directory, private_subdir
 from kvbm.sizes import format_size
 
 from .format import SUPERBLOCK_BYTES, Geometry, Superblock
@@ -86,59 +87,75 @@ def _refuse_foreign(tier: str, path: Path, st: os.stat_result, what: str) -> Non
 def prepare_directory(tier: str, base: str, namespace_hex: str) -> Path:
     """Create (or check) ``base/kvbm-<namespace>`` as a 0700 directory this user owns.
 
-    A ``base`` that is a symlink to a place another user owns is refused, as is a
-    subdirectory that another user owns (or a symlink to one).
+    The default ``base`` is under ``/tmp``, where any user can plant names. So missing
+    components of ``base`` are made one at a time relative to their parent, following
+    no symlink another user owns (``kvbm.safepaths``); a ``base`` that is a symlink to
+    a place another user owns is refused; and ``kvbm-<namespace>`` itself is never a
+    symlink: it is opened with ``O_NOFOLLOW`` and checked for owner and mode through
+    its descriptor, so a planted link to one of the victim's directories is refused
+    instead of chmodded and written into.
     """
+    where = f"disk tier {tier!r}: key 'path'"
     bp = Path(base)
     try:
-        lst = os.lstat(bp)
-    except FileNotFoundError:
-        try:
-            os.makedirs(bp, mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(
-                f"disk tier {tier!r}: key 'path': cannot create {base!r} ({e.strerror}); "
-                "create it or give another directory"
-            ) from None
-        lst = os.lstat(bp)
-    if stat.S_ISLNK(lst.st_mode):
+        lst: os.stat_result | None = os.lstat(bp)
+    except OSError:
+        lst = None  # missing, or a component is not a directory: open_directory says which
+    if lst is not None and stat.S_ISLNK(lst.st_mode):
         try:
             target = os.stat(bp)
         except OSError as e:
             raise ConfigError(
-                f"disk tier {tier!r}: key 'path': {base!r} is a symlink that cannot be "
-                f"followed ({e.strerror}); give a real directory"
+                f"{where}: {base!r} is a symlink that cannot be followed ({e.strerror}); "
+                "give a real directory"
             ) from None
         _refuse_foreign(tier, bp, target, f"is a symlink to {os.path.realpath(bp)!r}, which is")
-        lst = target
-    if not stat.S_ISDIR(lst.st_mode):
-        raise ConfigError(f"disk tier {tier!r}: key 'path': {base!r} is not a directory")
     sub = bp / f"kvbm-{namespace_hex}"
     try:
-        os.mkdir(sub, 0o700)
-    except FileExistsError:
-        pass
+        bfd = open_directory(base)
+        try:
+            if lst is not None and stat.S_ISLNK(lst.st_mode):
+                # The link may have been swapped since it was checked: look again, through
+                # the descriptor now in use.
+                _refuse_foreign(tier, bp, os.fstat(bfd),
+                                f"is a symlink to {os.path.realpath(bp)!r}, which is")
+            os.close(private_subdir(bfd, sub.name, str(sub)))
+        finally:
+            os.close(bfd)
+    except UnsafePath as e:
+        raise ConfigError(f"{where}: {e}") from None
     except OSError as e:
         raise ConfigError(
-            f"disk tier {tier!r}: key 'path': cannot create {str(sub)!r} ({e.strerror}); "
-            "give a writable directory"
+            f"{where}: cannot create or open {str(sub)!r} ({e.strerror}); create {base!r} "
+            "yourself or give a writable directory"
         ) from None
-    sst = os.lstat(sub)
-    if stat.S_ISLNK(sst.st_mode):
-        sst = os.stat(sub)
-        _refuse_foreign(tier, sub, sst, f"is a symlink to {os.path.realpath(sub)!r}, which is")
-    _refuse_foreign(tier, sub, sst, "is")
-    if not stat.S_ISDIR(sst.st_mode):
-        raise ConfigError(f"disk tier {tier!r}: {str(sub)!r} exists and is not a directory; remove it")
-    if stat.S_IMODE(sst.st_mode) != 0o700:
-        # The umask or an older run may have left it open to others; KV is user data.
-        os.chmod(sub, 0o700)
     return sub
 
 
 def lock_directory(tier: str, d: Path) -> int:
-    """Hold an exclusive flock on ``d/lock`` so that two processes never share slot files."""
-    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    """Hold an exclusive flock on ``d/lock`` so that two processes never share slot files.
+
+    The lock file is opened through the directory's descriptor without following a
+    symlink, and must be a regular file with one link before it is truncated: a hard
+    link planted there would make kvbm overwrite another file.
+    """
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                     dir_fd=dfd)
+    except OSError as e:
+        raise ConfigError(
+            f"disk tier {tier!r}: cannot open {str(d / 'lock')!r} ({e.strerror}); remove it"
+        ) from None
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ConfigError(
+            f"disk tier {tier!r}: {str(d / 'lock')!r} is not a plain file of this user's "
+            f"(links {st.st_nlink}, uid {st.st_uid}); remove it"
+        )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kvbm.config import TierConfig
 from kvbm.objectstore import S3Connection
+from kvbm.safepaths import check_name
 
 #: ``publish_interval_s`` with ``rendezvous_s3`` unless given: each publish is a PUT
 #: and each listing a LIST, which S3 bills per request.
@@ -131,6 +132,20 @@ class RemoteTierConfig(TierConfig):
     ucx_error_handling_mode: Literal["none", "peer"] | None = Field(
         None, description="UCX backend option; 'none' is needed with UCX_TLS=sm,cma,self"
     )
+
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_id(cls, v: str | None) -> str | None:
+        # It names this instance's record file in rendezvous_dir and its object key in
+        # rendezvous_s3: '../../x' would write outside them.
+        return None if v is None else check_name(v)
+
+    @field_validator("rendezvous_dir")
+    @classmethod
+    def _rendezvous_dir(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "\x00" in v):
+            raise ValueError("give a directory the instances share, e.g. /shared/kvbm-peers")
+        return v
 
     @field_validator("peers")
     @classmethod

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvbm.errors import ConfigError, PluginError
+from kvbm.safepaths import UnsafePath, check_name, open_directory, shared_subdir
 
 if TYPE_CHECKING:
     from .config import RemoteTierConfig, RendezvousS3Config
@@ -102,6 +103,14 @@ class Rendezvous(ABC):
     remote: ClassVar[bool] = False
 
     def __init__(self, tier: str, where: str, instance_id: str) -> None:
+        try:
+            # The id names this instance's record: a '/' or '..' in it would publish
+            # outside the rendezvous (the config checks a given id; this also covers
+            # the default one, built from the host name).
+            check_name(instance_id)
+        except ValueError as e:
+            raise ConfigError(f"tier {tier!r}: key 'instance_id': value {instance_id!r}: {e}; "
+                              "set instance_id") from None
         self.tier = tier
         self.where = where
         self.instance_id = instance_id
@@ -145,13 +154,26 @@ def _instance_of(name: str) -> str | None:
 
 
 class DirectoryRendezvous(Rendezvous):
-    """Records are files in ``{rendezvous_dir}/{namespace}``, replaced atomically."""
+    """Records are files in ``{rendezvous_dir}/{namespace}``, replaced atomically.
+
+    The directory is shared by design, so it is made and opened without following a
+    symlink another user planted (``kvbm.safepaths``), and a record is written to a
+    new temporary file (``O_EXCL | O_NOFOLLOW``) that is renamed over the old one:
+    nothing planted under either name is ever written through.
+    """
 
     def __init__(self, tier: str, root: str, namespace: str, instance_id: str) -> None:
         self.dir = Path(root) / namespace
         super().__init__(tier, str(self.dir), instance_id)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            check_name(namespace)
+            rfd = open_directory(root, mode=0o777)
+            try:
+                os.close(shared_subdir(rfd, namespace, str(self.dir)))
+            finally:
+                os.close(rfd)
+        except (UnsafePath, ValueError) as e:
+            raise ConfigError(f"tier {tier!r}: key 'rendezvous_dir': {e}") from None
         except OSError as e:
             raise ConfigError(
                 f"tier {tier!r}: key 'rendezvous_dir': cannot create {self.dir} "
@@ -167,7 +189,16 @@ class DirectoryRendezvous(Rendezvous):
         path = self.path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(blob)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # left by a killed run of this pid
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)  # readers see the old file or the new one, never half
         except OSError as e:
             self._outage.failed("publishing", e)
@@ -224,6 +255,10 @@ class S3Rendezvous(Rendezvous):
         self.bucket = cfg.bucket
         self.folder = f"{cfg.prefix}/{namespace}/" if cfg.prefix else f"{namespace}/"
         super().__init__(tier, f"s3://{cfg.bucket}/{self.folder.rstrip('/')}", instance_id)
+        try:
+            check_name(namespace)
+        except ValueError as e:
+            raise ConfigError(f"tier {tier!r}: namespace {namespace!r}: {e}") from None
         self.key = self.folder + instance_id + PEER_SUFFIX
         self._client = _client(tier, cfg)
         self._known: frozenset[str] = frozenset()

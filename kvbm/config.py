@@ -9,36 +9,85 @@ The core names no tier type. What the config needs of tier types comes from thei
 plugins' declarations (``TierRegistry.add``): the environment variables that set their
 keys (``EnvAlias``; Dynamo's ``DYN_KVBM_CPU_*``, ``DYN_KVBM_DISK_*`` …), the default
 chain, and the order tiers are sorted in.
+
+Every problem is one ``ConfigError`` line naming the tier, the key, the value (never
+a secret's) and what is allowed; nothing a user would not mean is accepted silently:
+unknown keys and ``KVBM_*`` variables (with the name they probably meant), a tier
+name given twice, a page size no engine uses, sizes this machine cannot hold. The
+YAML reader is ``kvbm.config_yaml``; secrets are wrapped by ``kvbm.redact``.
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+from .config_env import DYNAMO_SETTINGS, OWN_VARIABLES, check_environment, settings_variables
+from .config_errors import format_validation_error
+from .config_yaml import read_yaml
 from .errors import ConfigError
 from .layout import DTYPE_SIZES, BlockLayout, ModelSpec
-from .sizes import parse_size
+from .machine import memory_total
+from .redact import hide_secrets, is_secret_key
+from .safepaths import NAME_RULE, check_name
+from .sizes import format_size, parse_size
+
+__all__ = [
+    "EnvAlias", "KvEventsConfig", "KvbmSettings", "ModelConfig", "ProbeContext", "ProbeResult",
+    "TierConfig", "TierDeclaration", "TierDeclarations", "TierSpec", "apply_dynamo_env",
+    "decimal_gigabytes", "default_tiers", "is_generated_name", "load_settings", "read_yaml", "tier_names", "truthy",
+    "validate_tier",
+]
+
+# Free text that reaches logs, metrics labels and hashes: printable, one line.
+_TEXT_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+#: Bytes of the planner's metadata per slot of a tier (registry, policy, hash), measured
+#: with a full LRU registry; a chain whose registries alone would not fit is refused.
+REGISTRY_BYTES_PER_SLOT = 256
+
+
+def _check_text(v: str | None) -> str | None:
+    if v is not None and not _TEXT_RE.fullmatch(v):
+        raise ValueError("must be 1-256 printable characters on one line")
+    return v
 
 
 class ModelConfig(BaseModel):
     """The model whose KV is cached (only what fixes the KV shape)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = "llama-3-8b"
-    num_layers: int = Field(32, gt=0)
-    num_kv_heads: int = Field(8, gt=0)
-    head_dim: int = Field(128, gt=0)
+    num_layers: int = Field(32, gt=0, le=4096)
+    num_kv_heads: int = Field(8, gt=0, le=4096)
+    head_dim: int = Field(128, gt=0, le=65536)
     dtype: str = "bfloat16"
     outer_dim: Literal[1, 2] = 2
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_text(v) or v
 
     @field_validator("dtype")
     @classmethod
@@ -59,18 +108,69 @@ class ModelConfig(BaseModel):
         )
 
 
+def _check_tier_name(v: str | None) -> str | None:
+    # A tier's name reaches thread names, metrics labels and (per tier) file names.
+    if v is not None:
+        try:
+            check_name(v)
+        except ValueError:
+            raise ValueError(f"must be {NAME_RULE}") from None
+    return v
+
+
 class TierSpec(BaseModel):
-    """The skeleton of one tier entry; the tier's plugin validates the rest."""
+    """The skeleton of one tier entry; the tier's plugin validates the rest.
+
+    The rest is kept as given until then, except secrets: a secret key's value is a
+    ``SecretStr`` from here on, so no repr of the settings can show it.
+    """
 
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str = Field(..., min_length=1, max_length=64)
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_secrets(cls, data: Any) -> Any:
+        return hide_secrets(data)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return _check_tier_name(v)
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What a tier's ``probe`` may need besides its config: its name and size in slots."""
+
+    name: str
+    num_blocks: int
+    block_bytes: int
+    #: The longest one network probe may wait (a HEAD of a bucket).
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One thing ``kvbm config check --probe`` touched: ``ok`` and one line saying what
+    was touched and what came of it (with the fix when it failed)."""
+
+    ok: bool
+    line: str
 
 
 class TierConfig(BaseModel):
-    """Keys every tier accepts. Plugins subclass it with their own keys."""
+    """Keys every tier accepts. Plugins subclass it with their own keys.
 
-    model_config = ConfigDict(extra="forbid")
+    A subclass may override ``resolve_num_blocks`` to refuse a size the machine cannot
+    hold, and ``probe`` to touch what the tier needs (``kvbm config check --probe``).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    #: Where ``resolve_num_blocks`` errors point a user lowering this tier's size
+    #: (e.g. the Dynamo variables that set it); tier configs may override it.
+    size_hint: ClassVar[str] = "capacity or num_blocks"
     type: str
     name: str | None = None
     capacity: int | None = Field(None, description="bytes; '64GiB', '100GB' or an integer")
@@ -85,22 +185,48 @@ class TierConfig(BaseModel):
     def _capacity(cls, v: Any) -> Any:
         return None if v is None else parse_size(v)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return _check_tier_name(v)
+
     def resolve_num_blocks(self, block_bytes: int) -> int:
-        """Slots this tier holds: ``num_blocks`` if given, else ``capacity // block_bytes``."""
+        """Slots this tier holds: ``num_blocks`` if given, else ``capacity // block_bytes``.
+
+        Refuses a tier whose planner metadata alone (``REGISTRY_BYTES_PER_SLOT`` per
+        slot) would take more than half this machine's memory.
+        """
         if self.num_blocks is not None:
-            return self.num_blocks
-        if self.capacity is None:
+            n = self.num_blocks
+            key = "num_blocks"
+        elif self.capacity is None:
             raise ConfigError(
                 f"tier {self.name!r}: neither 'capacity' nor 'num_blocks' is set; "
                 "give one, e.g. capacity: 8GiB"
             )
-        n = self.capacity // block_bytes
-        if n < 1:
+        else:
+            n = self.capacity // block_bytes
+            key = "capacity"
+            if n < 1:
+                raise ConfigError(
+                    f"tier {self.name!r}: key 'capacity': {self.capacity} bytes holds no block "
+                    f"of {block_bytes} bytes; give at least {block_bytes}"
+                )
+        meta, total = n * REGISTRY_BYTES_PER_SLOT, memory_total()
+        if meta > total // 2:
             raise ConfigError(
-                f"tier {self.name!r}: key 'capacity': {self.capacity} bytes holds no block of "
-                f"{block_bytes} bytes; give at least {block_bytes}"
+                f"tier {self.name!r}: key {key!r}: {n} blocks of {format_size(block_bytes)} "
+                f"need {format_size(meta)} of memory to track alone, more than half this "
+                f"machine's {format_size(total)}; lower {self.size_hint}, or raise page_size "
+                "for larger blocks"
             )
         return n
+
+    def probe(self, ctx: ProbeContext) -> list[ProbeResult]:
+        """Touch what this tier needs on this machine (paths, buckets, free memory or
+        space) and say how each went, one line each; nothing is left behind. The
+        default touches nothing."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -151,7 +277,13 @@ UNORDERED = 99
 
 def decimal_gigabytes(text: str) -> int:
     """Bytes of a number of decimal gigabytes (10**9 bytes), as Dynamo's ``*_GB`` variables mean."""
-    return int(float(text) * 10**9)
+    try:
+        gb = float(text)
+    except ValueError:
+        raise ValueError("expected a number of gigabytes (10**9 bytes), e.g. 64 or 1.5") from None
+    if not math.isfinite(gb) or gb <= 0:
+        raise ValueError("expected a finite number of gigabytes above zero, e.g. 64 or 1.5")
+    return int(gb * 10**9)
 
 
 def truthy(text: str) -> bool:
@@ -187,6 +319,23 @@ def _declared_types(env: Mapping[str, str]) -> TierDeclarations:
     return build_plugins(env).tiers
 
 
+_TIERS_EXAMPLE = "tiers: [{type: host, capacity: 4GiB}]"
+
+
+def _check_tier_list(tiers: Any) -> list[dict[str, Any]]:
+    """``tiers`` as a list of mappings, else ConfigError saying how to write one."""
+    if not isinstance(tiers, list):
+        raise ConfigError(f"key 'tiers': value {type(tiers).__name__} is not a list of tiers; "
+                          f"write e.g. {_TIERS_EXAMPLE}")
+    for i, t in enumerate(tiers):
+        if not isinstance(t, dict):
+            shown = repr(t) if isinstance(t, (str, int, float, bool)) and len(repr(t)) < 40 \
+                else type(t).__name__
+            raise ConfigError(f"key 'tiers.{i}': value {shown} is not a mapping; write each "
+                              "tier as {type: host, capacity: 4GiB}")
+    return [dict(t) for t in tiers]
+
+
 def apply_dynamo_env(
     data: dict[str, Any], env: Mapping[str, str], types: TierDeclarations | None = None
 ) -> dict[str, Any]:
@@ -200,7 +349,7 @@ def apply_dynamo_env(
     types = types if types is not None else _declared_types(env)
     decls = sorted(types.declarations(), key=_order)
     data = dict(data)
-    tiers = [dict(t) for t in data["tiers"]] if "tiers" in data else default_tiers(types)
+    tiers = _check_tier_list(data["tiers"]) if "tiers" in data else default_tiers(types)
     aliases = [(var, d.type, a) for d in decls for var, a in d.env.items() if var in env]
     # Aliases that add a tier go first, so a flag applies to a tier another variable adds.
     for var, ttype, alias in sorted(aliases, key=lambda x: not x[2].adds_tier):
@@ -215,9 +364,11 @@ def apply_dynamo_env(
             matches = [tiers[-1]]
         try:
             value = alias.convert(raw)
-        except ValueError as e:
+        except (ValueError, ArithmeticError, TypeError) as e:
+            # The value is shown unless the key holds a secret.
+            shown = "(hidden)" if is_secret_key(alias.key) else repr(raw)
             raise ConfigError(
-                f"{var}={raw!r}: not a valid value ({e}); {var} sets key {alias.key!r} of "
+                f"{var}={shown}: not a valid value ({e}); {var} sets key {alias.key!r} of "
                 f"the {ttype!r} tier"
             ) from None
         # A block-count override wins over a size: TierConfig.resolve_num_blocks
@@ -238,44 +389,34 @@ def apply_dynamo_env(
     return data
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML config file as a dict; one-line ConfigError for a missing file or bad syntax."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"config file {str(p)!r}: cannot be read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(os.path.expandvars(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {str(p)!r}: YAML syntax error{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(p)!r}: expected a mapping of keys at the top, got {type(data).__name__}"
-        )
-    return data
+def known_variables(types: TierDeclarations) -> set[str]:
+    """Every environment variable kvbm reads: its own, ``KVBM_<KEY>``, and the aliases
+    the tier plugins declare."""
+    declared = {var for d in types.declarations() for var in d.env}
+    return set(OWN_VARIABLES) | DYNAMO_SETTINGS | declared | settings_variables(KvbmSettings)
 
 
 class _FileAndDynamoSource(PydanticBaseSettingsSource):
-    """The YAML file (if any) with Dynamo's variables folded in."""
+    """The YAML file (if any) with Dynamo's variables folded in; refuses variables
+    kvbm does not read."""
 
-    def __init__(self, settings_cls: type[BaseSettings], path: str | None,
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None, origin: str,
                  types: TierDeclarations | None) -> None:
         super().__init__(settings_cls)
         self.path = path
+        self.origin = origin
         self.types = types
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         raise NotImplementedError  # __call__ is overridden
 
     def __call__(self) -> dict[str, Any]:
-        data = read_yaml(self.path) if self.path else {}
-        return apply_dynamo_env(data, dict(os.environ), self.types)
+        env = dict(os.environ)
+        types = self.types if self.types is not None else _declared_types(env)
+        used: set[str] = set()
+        data = read_yaml(self.path, used, self.origin) if self.path else {}
+        check_environment(env, known_variables(types), used)
+        return apply_dynamo_env(data, env, types)
 
 
 class KvEventsConfig(BaseModel):
@@ -291,8 +432,8 @@ class KvEventsConfig(BaseModel):
     hash_format: Literal["int64", "bytes", "dynamo"] = Field(
         "int64", description="int64: last 8 bytes of the key, big-endian (vLLM's rule); "
         "bytes: the 16-byte key; dynamo: Dynamo's 64-bit chained xxh3 hashes")
-    dynamo_seed: int = Field(1337, ge=0, description="xxh3 seed of the dynamo hash format")
-    dp_rank: int = Field(0, ge=0, description="data-parallel rank written into every batch")
+    dynamo_seed: int = Field(1337, ge=0, lt=2**64, description="xxh3 seed of the dynamo hash format")
+    dp_rank: int = Field(0, ge=0, lt=65536, description="data-parallel rank written into every batch")
     unknown_tokens: Literal["skip", "empty"] = Field(
         "skip", description="blocks whose token ids are unknown: skip them or send token_ids []")
     token_index_blocks: int = Field(
@@ -308,39 +449,90 @@ class KvEventsConfig(BaseModel):
     buffer_steps: int = Field(
         10_000, gt=0, description="past batches kept for replay (vLLM's buffer_steps)")
 
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(tcp|ipc|inproc)://[^\s]+", v):
+            raise ValueError("must be a ZMQ address: tcp://HOST (the port is its own key), "
+                             "ipc://PATH or inproc://NAME")
+        return v
+
+
+#: Page sizes that are not powers of two are accepted when they are a multiple of this:
+#: vLLM sizes the attention pages of hybrid (attention + Mamba) models to such multiples
+#: (e.g. 528 or 1056 tokens) so that they hold a whole Mamba state.
+PAGE_SIZE_MULTIPLE = 16
+
 
 class KvbmSettings(BaseSettings):
     """Everything that configures a manager."""
 
     model_config = SettingsConfigDict(
-        env_prefix="KVBM_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="KVBM_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        allow_inf_nan=False,
     )
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
-    page_size: int = Field(16, gt=0, description="tokens per block")
+    page_size: int = Field(
+        16, gt=0, le=1 << 16,
+        description="tokens per block: a power of two (vLLM's default 16), or a multiple of 16 "
+        "as vLLM picks for hybrid models")
     # Filled by the file-and-environment source with the tier plugins' default chain
     # when nothing names one; the default here is only for a source-less build.
     tiers: list[TierSpec] = Field(default_factory=list)
     hash_algorithm: Literal["xxh3_128", "sha256"] = "xxh3_128"
     tp_rank: int = Field(0, ge=0)
-    tp_size: int = Field(1, gt=0)
+    tp_size: int = Field(1, gt=0, le=65536)
     lora_name: str | None = None
     cache_salt: str | None = None
     write_through: bool = Field(True, description="cascade offloads down every tier")
-    io_threads: int = Field(4, gt=0, description="worker threads for lower-tier copies")
-    copy_threads: int = Field(2, gt=0, description="threads one batch's memory copies are split across")
+    io_threads: int = Field(4, gt=0, le=1024, description="worker threads for lower-tier copies")
+    copy_threads: int = Field(
+        2, gt=0, le=256, description="threads one batch's memory copies are split across")
     probe_timeout_s: float = Field(
-        0.5, gt=0, description="longest a match waits for shared tiers (S3, peers) to say which "
-        "blocks other instances wrote; a later answer counts as misses")
+        0.5, gt=0, le=60, description="longest a match waits for shared tiers (S3, peers) to say "
+        "which blocks other instances wrote; a later answer counts as misses")
     close_timeout_s: float = Field(
-        30.0, ge=0, description="longest close() waits for the write-through cascade")
+        5.0, ge=0, le=3600, description="longest close() waits for the write-through cascade; "
+        "blocks still on their way down then are not stored below")
     metrics: bool = False
     metrics_port: int = Field(6880, ge=0, lt=65536)
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint binds")
     kv_events: KvEventsConfig = Field(default_factory=KvEventsConfig)
-    leader_worker_init_timeout_secs: float = Field(120, gt=0)
+    leader_worker_init_timeout_secs: float = Field(120, gt=0, le=86400)
 
     _config_file: str | None = None
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, v: int) -> int:
+        if v & (v - 1) and v % PAGE_SIZE_MULTIPLE:
+            raise ValueError(
+                f"must be a power of two (8, 16, 32, 64 ...; vLLM's default is 16) or a multiple "
+                f"of {PAGE_SIZE_MULTIPLE} (as vLLM sizes hybrid models' pages); give the engine's "
+                "block size")
+        return v
+
+    @field_validator("lora_name", "cache_salt", "metrics_host")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        return _check_text(v)
+
+    @model_validator(mode="after")
+    def _whole(self) -> KvbmSettings:
+        if self.tp_rank >= self.tp_size:
+            raise ValueError(f"key 'tp_rank': value {self.tp_rank}: must be below tp_size "
+                             f"({self.tp_size}); ranks count from 0")
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.tiers):
+            if t.name is None:
+                continue
+            if t.name in seen:
+                raise ValueError(
+                    f"key 'tiers.{i}.name': value {t.name!r}: tier {seen[t.name]} has that name "
+                    "too; give each tier its own name")
+            seen[t.name] = i
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -352,9 +544,12 @@ class KvbmSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Init arguments, then ``KVBM_*`` variables, then the YAML file with aliases folded in."""
-        path = _CONFIG_PATH.get() or os.environ.get("KVBM_CONFIG")
+        path = _CONFIG_PATH.get()
+        origin = ""
+        if path is None and os.environ.get("KVBM_CONFIG"):
+            path, origin = os.environ["KVBM_CONFIG"], " (KVBM_CONFIG)"
         return (init_settings, env_settings,
-                _FileAndDynamoSource(settings_cls, path, _TIER_TYPES.get()))
+                _FileAndDynamoSource(settings_cls, path, origin, _TIER_TYPES.get()))
 
     def layout(self) -> BlockLayout:
         """The block layout of the configured model and page size."""
@@ -369,15 +564,40 @@ _CONFIG_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvbm_
 _TIER_TYPES: contextvars.ContextVar[TierDeclarations | None] = contextvars.ContextVar(
     "kvbm_tier_types", default=None)
 
+# An example value per settings key that takes JSON from the environment.
+_JSON_EXAMPLES = {
+    "tiers": '[{"type": "host", "capacity": "4GiB"}]',
+    "model": '{"name": "llama-3-8b", "num_layers": 32}',
+    "kv_events": '{"enabled": true}',
+}
 
-def _format_validation_error(e: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) else f": value {value!r}"
-        lines.append(f"{prefix}key {loc!r}{shown}: {err['msg']}")
-    return "; ".join(lines)
+
+def _env_source(loc: tuple[Any, ...]) -> str | None:
+    """The ``KVBM_*`` variable a settings value at ``loc`` came from, if one is set
+    (variables win over the file)."""
+    names = [str(p).upper() for p in loc if not isinstance(p, int)]
+    env = {k.upper() for k in os.environ}
+    for n in range(len(names), 0, -1):
+        var = "KVBM_" + "__".join(names[:n])
+        if var in env:
+            return var
+    return None
+
+
+def _settings_error(e: SettingsError) -> ConfigError:
+    """A pydantic-settings parse error (JSON in a ``KVBM_*`` variable) as one line; the
+    value is not shown (it may hold credentials)."""
+    m = re.search(r'field "([^"]+)"', str(e))
+    field_name = m.group(1) if m else "?"
+    var = f"KVBM_{field_name.upper()}"
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, json.JSONDecodeError):
+        why = f"not valid JSON ({cause.msg} at character {cause.pos + 1})"
+    else:
+        why = f"cannot be read ({cause or e})"
+    example = _JSON_EXAMPLES.get(field_name)
+    fix = f"; give JSON, e.g. {var}='{example}'" if example else ""
+    return ConfigError(f"environment variable {var}: {why}{fix}")
 
 
 def load_settings(
@@ -390,10 +610,14 @@ def load_settings(
 
     ``tier_types`` (a built ``Plugins.tiers``) supplies the tier plugins' declarations
     (environment aliases, default chain, order); without it the installed plugins are
-    read. Raises ``ConfigError`` with every problem named by key.
+    read. Raises ``ConfigError``, one line naming every problem by key.
     """
     if isinstance(config, KvbmSettings):
         return config.model_copy(update=overrides) if overrides else config
+    if config is not None and not isinstance(config, (str, os.PathLike, dict)):
+        raise ConfigError(
+            f"config: a {type(config).__name__} is not a config; give the path of a YAML file, "
+            "a dict of settings, KvbmSettings, or None (environment and defaults)")
     try:
         if isinstance(config, dict):
             data = apply_dynamo_env({**config, **overrides}, dict(os.environ), tier_types)
@@ -406,18 +630,59 @@ def load_settings(
             _TIER_TYPES.reset(types_token)
             _CONFIG_PATH.reset(token)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+        raise ConfigError(
+            format_validation_error(e, model=KvbmSettings, source_of=_env_source)) from None
+    except SettingsError as e:
+        raise _settings_error(e) from None
+
+
+def is_generated_name(name: str, tier_type: str) -> bool:
+    """Whether ``name`` is one ``tier_names`` made for an unnamed tier of ``tier_type``
+    that repeats the type (``host1``): a tier class refusing repeats tells a slip from
+    a tier the config named on purpose."""
+    return name.startswith(tier_type) and name[len(tier_type):].isdigit()
 
 
 def tier_names(specs: list[TierSpec]) -> list[str]:
-    """Each tier's name: its own, else its type, numbered when a type repeats."""
+    """Each tier's name: its own, else its type, numbered when a type repeats.
+
+    A name given twice, or given to one tier while another tier's type is that name,
+    is a ``ConfigError``: metrics, events and logs would mix the two tiers.
+    """
+    given = {s.name: i for i, s in enumerate(specs) if s.name is not None}
     names: list[str] = []
     for i, s in enumerate(specs):
-        name = s.name or s.type
-        if name in names:
-            name = f"{name}{i}"
+        if s.name is not None:
+            if s.name in names:
+                j = names.index(s.name)
+                raise ConfigError(
+                    f"tier {i}: key 'name': value {s.name!r}: tier {j} (type {specs[j].type}) "
+                    "has that name too; give each tier its own name")
+            names.append(s.name)
+            continue
+        name, n = s.type, i
+        while name in names or name in given:
+            name = f"{s.type}{n}"
+            n += 1
         names.append(name)
     return names
+
+
+def _tier_env_source(ttype: str, loc: tuple[Any, ...]) -> str | None:
+    """The environment alias (``DYN_KVBM_*``) that set a tier key at ``loc``, if any."""
+    key = ".".join(str(p) for p in loc)
+    env = os.environ
+    try:
+        decls = _declared_types(env).declarations()
+    except Exception:  # only a better message is at stake
+        return None
+    for d in decls:
+        if d.type != ttype:
+            continue
+        for var, alias in d.env.items():
+            if var in env and (alias.key == key or key in alias.also):
+                return var
+    return None
 
 
 def validate_tier(spec: TierSpec, name: str, config_model: type[TierConfig]) -> TierConfig:
@@ -427,7 +692,7 @@ def validate_tier(spec: TierSpec, name: str, config_model: type[TierConfig]) -> 
     try:
         cfg = config_model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(
-            _format_validation_error(e, prefix=f"tier {data['name']!r} (type {spec.type}): ")
-        ) from None
+        raise ConfigError(format_validation_error(
+            e, prefix=f"tier {name!r} (type {spec.type}): ", model=config_model,
+            source_of=lambda loc: _tier_env_source(spec.type, loc))) from None
     return cfg

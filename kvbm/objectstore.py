@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _UNEXPANDED_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
@@ -74,9 +75,20 @@ def check_bucket_name(v: str) -> str:
 
 
 def normalize_prefix(v: str) -> str:
-    """A key prefix without leading or trailing '/'."""
+    """A key prefix without leading or trailing '/'; ValueError for one that is not a
+    plain path of names (S3-compatible stores on a file system map keys to paths, and
+    some clients resolve '..')."""
     # 'prod/' and '/prod' name the same place; keys join parts with '/'.
-    return v.strip("/")
+    v = v.strip("/")
+    if not v:
+        return v
+    if len(v) > 512:
+        raise ValueError("must be at most 512 characters; a prefix names a folder of blocks")
+    parts = v.split("/")
+    if any(p in ("", ".", "..") for p in parts) or _CONTROL_RE.search(v):
+        raise ValueError("must be names separated by single '/', without '.' or '..' parts or "
+                         "control characters, e.g. prod/kvbm")
+    return v
 
 
 def reject_unexpanded(v: object) -> object:
@@ -87,6 +99,11 @@ def reject_unexpanded(v: object) -> object:
     """
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)  # a numeric secret in YAML; an error would print it
+    if isinstance(v, SecretStr):
+        # The core's skeleton wraps secrets as soon as it sees them: look inside, and
+        # keep the wrapper.
+        inner = v.get_secret_value()
+        return v if reject_unexpanded(inner) is not None else None
     if isinstance(v, str):
         m = _UNEXPANDED_RE.fullmatch(v.strip())
         if m:
@@ -170,6 +187,21 @@ class S3Connection(BaseModel):
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         return check_endpoint_url(v)
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> S3Connection:
+        # boto3 takes a key id and secret only as a pair; one alone fails deep inside
+        # the first request's signing.
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            given, missing = (("aws_access_key_id", "aws_secret_access_key")
+                              if self.aws_secret_access_key is None
+                              else ("aws_secret_access_key", "aws_access_key_id"))
+            raise ValueError(f"key {given!r} is given without {missing!r}; give both, or "
+                             "neither to use boto3's credential chain (environment, profile, role)")
+        if self.aws_session_token is not None and self.aws_access_key_id is None:
+            raise ValueError("key 'aws_session_token' is given without 'aws_access_key_id' and "
+                             "'aws_secret_access_key'; a session token goes with temporary keys")
+        return self
 
 
 class S3ConnectionSettings(Protocol):

@@ -9,6 +9,7 @@ arena is page-aligned anonymous memory instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +17,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from kvbm.config import is_generated_name
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
+from kvbm.machine import memory_available
+from kvbm.sizes import format_size
 from kvbm.tier import Tier, TierContext
 
-from .config import HostTierConfig
+from .config import SIZE_HINT, HostTierConfig
 
 log = logging.getLogger("kvbm.host")
 
@@ -40,25 +44,59 @@ class HostTier(Tier):
     kind: ClassVar[str] = "host"
     medium: ClassVar[str] = "CPU"
 
+    @classmethod
+    def check_chain(cls, index: int, chain: Sequence[tuple[str, type[Tier]]],
+                    write_through: bool) -> None:
+        """Refuse a second host tier the config did not name: two DRAM arenas are one
+        larger arena, except that every block is copied between them and stored twice,
+        so an unnamed repeat is a copy-paste slip. Named ones (a test standing in for a
+        slower tier) start with a warning."""
+        first = next(i for i, (_, c) in enumerate(chain) if issubclass(c, HostTier))
+        if first == index:
+            return
+        name = chain[index][0]
+        if is_generated_name(name, "host"):
+            raise ConfigError(
+                f"tier {name!r}: a second host tier (after {chain[first][0]!r}); two DRAM "
+                "arenas only copy and store each block twice: give one host tier the capacity "
+                "of both (or give this one a name of its own if you mean it)")
+        log.warning("kvbm tier %r: a second host tier (after %r) copies and stores each block "
+                    "twice; one host tier with the capacity of both holds more", name,
+                    chain[first][0])
+
     def __init__(self, config: HostTierConfig, ctx: TierContext) -> None:  # type: ignore[override]
         super().__init__(config, ctx)
         self.pinned = False
         want_pin = config.pin == "always" or (config.pin == "auto" and _cuda_available())
         nbytes = self.num_slots * self.block_bytes
         self._tensor: Any = None
-        if want_pin:
-            if not _cuda_available():
-                raise ConfigError(
-                    f"tier {self.name!r}: key 'pin': value 'always' needs CUDA, which is not "
-                    "available; use pin: auto"
-                )
-            import torch
+        if want_pin and not _cuda_available():
+            raise ConfigError(
+                f"tier {self.name!r}: key 'pin': value 'always' needs CUDA, which is not "
+                "available; use pin: auto"
+            )
+        avail = memory_available()
+        if nbytes > avail:
+            # Touching (or pinning) more than is available ends in an OOM kill, not an error.
+            raise ConfigError(
+                f"tier {self.name!r}: capacity {format_size(nbytes)} exceeds the memory "
+                f"available now ({format_size(avail)}); lower {SIZE_HINT} or free memory")
+        try:
+            if want_pin:
+                import torch
 
-            self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            self.arena = self._tensor.numpy()
-            self.pinned = True
-        else:
-            self.arena = aligned_empty(nbytes)
+                self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                self.arena = self._tensor.numpy()
+                self.pinned = True
+            else:
+                self.arena = aligned_empty(nbytes)
+        except (MemoryError, RuntimeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.ENOMEM, None):
+                raise
+            raise ConfigError(
+                f"tier {self.name!r}: cannot allocate {format_size(nbytes)} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'out of memory'}); "
+                f"lower {SIZE_HINT}") from None
         self.slots = self.arena.reshape(self.num_slots, self.block_bytes)
         if config.touch:
             # Fault the pages in now, not during the first engine step.

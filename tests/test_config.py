@@ -270,6 +270,7 @@ def test_lower_tier_smaller_than_upper_warns_what_to_change(caplog: pytest.LogCa
 
 
 def test_repeated_tier_types_get_distinct_names() -> None:
-    s = load_settings({"model": SMALL_MODEL, "tiers": [{"type": "host", "num_blocks": 4},
-                                                       {"type": "host", "num_blocks": 8}]})
-    assert [link.name for link in resolve_chain(s, build_plugins())] == ["host", "host1"]
+    s = load_settings({"model": SMALL_MODEL, "tiers": [
+        {"type": "disk", "num_blocks": 4, "path": "/tmp/a"},
+        {"type": "disk", "num_blocks": 8, "path": "/tmp/b"}]})
+    assert [link.name for link in resolve_chain(s, build_plugins())] == ["disk", "disk1"]

@@ -1,4 +1,5 @@
-"""Admission filters: Dynamo's frequency filter and the priority-prefix filter.
+"""Admission filters: Dynamo's frequency filter, the priority-prefix filter, a frequency
+sketch (TinyLFU's doorkeeper for a lower tier) and a reuse-window filter.
 
 A filter sees the blocks one offload offers to a tier, in request order, and says
 which the tier may write. Presence needs no filter here: the manager never offers a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,8 +19,9 @@ from kvbm.hashing import SequenceHash
 from kvbm.policy import AdmissionPolicy
 
 from .options import float_option, int_option, reject_unknown
+from .sketch import FrequencySketch
 
-__all__ = ["FrequencyFilter", "PriorityPrefixFilter"]
+__all__ = ["FrequencyFilter", "PriorityPrefixFilter", "ReuseWindowFilter", "SketchFilter"]
 
 #: Counts double on every offer; capping them keeps an often-offered block's count a
 #: machine integer (Dynamo's is an i64) without changing any decision.
@@ -137,3 +140,73 @@ class PriorityPrefixFilter(AdmissionPolicy):
             if priorities[i] < lo:
                 return [True] * i + [False] * (n - i)
         return [True] * n
+
+
+class SketchFilter(AdmissionPolicy):
+    """Admit a block once a frequency sketch has seen it offered ``threshold`` times lately.
+
+    Dynamo's rule (write a block on its second offer, forget counts as they age) in
+    TinyLFU's bounded memory: the counts live in a ``FrequencySketch`` of ``4 x width``
+    bytes (4 MiB by default, for any number of blocks, where a dict of a million
+    counts takes about 100 MiB), and they halve every ``sample`` offers (default ten
+    per counter) instead of every period of wall-clock time, so what "lately" means
+    follows the traffic, not the clock. Counts saturate at 15; ``threshold`` is 1 to 15.
+    """
+
+    def __init__(self, threshold: Any = 2, width: Any = 1 << 20, sample: Any = None,
+                 **options: Any) -> None:
+        reject_unknown("tinylfu", options, ("threshold", "width", "sample"))
+        super().__init__()
+        self.threshold = int_option("threshold", threshold, 1, 15)
+        w = int_option("width", width, 16, 1 << 28)
+        s = None if sample is None else int_option("sample", sample, 1)
+        self.sketch = FrequencySketch(w, s)
+        self._lock = threading.Lock()  # the cascade offers from worker threads
+
+    def admit(
+        self, keys: Sequence[SequenceHash], priorities: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Count one offer of each key; True where its estimate reached the threshold."""
+        with self._lock:
+            add, lo = self.sketch.add, self.threshold
+            return [add(k) >= lo for k in keys]
+
+
+class ReuseWindowFilter(AdmissionPolicy):
+    """Admit a block offered again within the last ``window`` distinct blocks offered.
+
+    A block is offered to a tier only while the tier does not hold it, so a second offer
+    soon after the first means the block is reused; the window bounds how soon. Set to
+    about the tier's capacity in blocks, it admits what the tier would keep until its
+    reuse and refuses what it would evict first: on conversations taking turns (a loop
+    larger than the tier) it writes a stable subset instead of rewriting every block
+    every turn. Memory: one entry per block in the window (an ordered dict).
+    ``offers`` (default 2) is the offers that admit, counting this one.
+    """
+
+    def __init__(self, window: Any = 1_000_000, offers: Any = 2, **options: Any) -> None:
+        reject_unknown("reuse", options, ("window", "offers"))
+        super().__init__()
+        self.window = int_option("window", window, 1)
+        self.offers = int_option("offers", offers, 1)
+        self._seen: OrderedDict[SequenceHash, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Blocks in the window."""
+        return len(self._seen)
+
+    def admit(
+        self, keys: Sequence[SequenceHash], priorities: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Count one offer of each key in the window; True where it reached ``offers``."""
+        out: list[bool] = []
+        with self._lock:
+            seen, need, window = self._seen, self.offers, self.window
+            for k in keys:
+                c = seen.pop(k, 0) + 1
+                seen[k] = c
+                out.append(c >= need)
+                if len(seen) > window:
+                    seen.popitem(last=False)
+        return out

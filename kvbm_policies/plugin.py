@@ -27,11 +27,21 @@ def kvbm_register_policies(registry: PolicyRegistry) -> None:
                  description="S3-FIFO: small, main and ghost FIFO queues")
     registry.add("lirs", kind="eviction", factory="kvbm_policies.eviction:LIRSPolicy",
                  description="LIRS: protect blocks with short reuse distance (loops, multi-turn)")
+    registry.add("wtinylfu", kind="eviction", factory="kvbm_policies.tinylfu:WTinyLFUPolicy",
+                 description="W-TinyLFU: window LRU, frequency-sketch duel into segmented LRU")
+    registry.add("prefix", kind="eviction", factory="kvbm_policies.prefix:PrefixLRUPolicy",
+                 description="prefix-aware: leaves of the prefix tree first, LRU among them")
+    registry.add("adaptive", kind="eviction", factory="kvbm_policies.adaptive:AdaptivePolicy",
+                 description="follow the candidate (default lru, lirs) whose shadow hit more")
     registry.add("frequency", kind="admission", factory="kvbm_policies.admission:FrequencyFilter",
                  description="admit a block offered often enough (Dynamo's doubling filter)")
     registry.add("priority_prefix", kind="admission",
                  factory="kvbm_policies.admission:PriorityPrefixFilter",
                  description="stop a request's offload at its first block below min_priority")
+    registry.add("tinylfu", kind="admission", factory="kvbm_policies.admission:SketchFilter",
+                 description="admit a block seen offered twice lately, counted in a 4 MiB sketch")
+    registry.add("reuse", kind="admission", factory="kvbm_policies.admission:ReuseWindowFilter",
+                 description="admit a block offered again within the last `window` blocks")
 
 
 @hookimpl

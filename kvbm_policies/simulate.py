@@ -1,146 +1,39 @@
-"""``kvbm simulate``: replay a block-access trace against each eviction policy and OPT.
+"""``kvbm simulate``: replay a workload against eviction policies (one tier) or a chain.
 
-Access model, per request: the hit is the strict prefix, the leading run of its keys
-the cache holds; those blocks are pinned (``BlockRegistry.pin``: a hit), the request's
-missing blocks are allocated and committed in order (evicting through the policy),
-then the pins are released, last block first, as vLLM and Dynamo free a request's
-blocks, so that a prefix's tail ages before its head. The replay runs through the
-real ``kvbm.registry.BlockRegistry``, so what is measured is what a tier would do.
+One tier (the default): every named eviction policy replays the trace at the same
+capacity (a quarter of the working set unless told), beside Belady's OPT, with its
+hit rate, its share of OPT, its difference to LRU in points and its speed
+(``kvbm_policies.replay``). With ``--chain host:1/16,disk:1/4`` the trace goes
+through a whole write-through chain driven by the core's planner, once per eviction
+policy and admission filter named, reporting each tier's hits and bytes written
+(``kvbm_policies.chain``).
 
-Belady's OPT is the ceiling: offline, on the same flattened access sequence, it
-evicts the cached block whose next access is furthest in the future. With strict
-prefix hits OPT is the classic bound, not a proof of optimality, but no online
-policy here has come near to passing it.
+Workloads: the families of ``kvbm_policies.families`` (``--workload``, parameters with
+``--param key=value``; ``--list-workloads`` prints them with their defaults), the
+public Mooncake trace beside the repository (``--workload mooncake``: see
+``shared/traces/README.md``) or any Mooncake-format file (``--trace FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
+import ast
+import inspect
 import json
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from kvbm.policy import EvictionPolicy
-from kvbm.registry import BlockRegistry
+from .chain import BYTES_PER_TOKEN, ChainResult, parse_chain, simulate_chain
+from .families import FAMILIES, make_workload
+from .replay import SimResult, belady, replay
+from .workloads import MOONCAKE_NAME, Trace, find_mooncake, load_mooncake
 
-from .workloads import Trace, load_mooncake, multi_turn_trace
+__all__ = ["SimResult", "add_arguments", "belady", "format_chain", "format_table", "load_trace",
+           "replay", "run", "run_chain", "run_simulation", "workload_help"]
 
-__all__ = ["SimResult", "add_arguments", "belady", "replay", "run", "run_simulation"]
-
-DEFAULT_TRACE = "/work/shared/traces/mooncake_synthetic_trace.jsonl"
-
-
-@dataclass
-class SimResult:
-    """Hit rate and speed of one policy on one trace at one capacity."""
-
-    policy: str
-    capacity: int
-    accesses: int
-    hits: int
-    evictions: int
-    seconds: float
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.accesses if self.accesses else 0.0
-
-    @property
-    def ops_per_s(self) -> float:
-        """Block accesses replayed per second (lookup, pin or allocate+commit, unpin)."""
-        return self.accesses / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hit_rate"] = self.hit_rate
-        d["ops_per_s"] = self.ops_per_s
-        return d
-
-
-def replay(
-    trace: Trace,
-    policy: EvictionPolicy,
-    capacity: int,
-    name: str = "",
-    release: str = "reverse",
-    priorities: Callable[[int, int], int] | None = None,
-) -> SimResult:
-    """Replay ``trace`` through a ``BlockRegistry`` of ``capacity`` slots using ``policy``.
-
-    ``release`` is the order pins are dropped in: ``"reverse"`` (tail first, the
-    default) or ``"forward"``. ``priorities(request_index, block_index)`` gives each
-    new block's priority (default 0).
-    """
-    if release not in ("reverse", "forward"):
-        raise ValueError(f"release must be 'reverse' or 'forward', got {release!r}")
-    reg = BlockRegistry("simulate", capacity, policy)
-    pin, allocate, commit, unpin = reg.pin, reg.allocate, reg.commit, reg.unpin
-    take_evicted = reg.take_evicted
-    reverse = release == "reverse"
-    hits = 0
-    t0 = time.perf_counter()
-    for ri, keys in enumerate(trace.requests):
-        pinned: list[int] = []
-        for k in keys:
-            slot = pin(k)  # type: ignore[arg-type]
-            if slot is None:
-                break
-            pinned.append(slot)
-        n = len(pinned)
-        hits += n
-        for bi in range(n, len(keys)):
-            slot = allocate(keys[bi])  # type: ignore[arg-type]
-            if slot is not None:
-                commit(slot, priorities(ri, bi) if priorities is not None else 0)
-        if reverse:
-            pinned.reverse()
-        for slot in pinned:
-            unpin(slot)
-        take_evicted()  # no storage to discard from; keeps the list from growing
-    seconds = time.perf_counter() - t0
-    return SimResult(name or type(policy).__name__, capacity, trace.accesses, hits, reg.evictions, seconds)
-
-
-def belady(trace: Trace, capacity: int) -> SimResult:
-    """Belady's OPT on the flattened access sequence, with strict-prefix hits."""
-    flat = [k for r in trace.requests for k in r]
-    never = len(flat) + 1
-    nxt = [0] * len(flat)
-    last: dict[int, int] = {}
-    for i in range(len(flat) - 1, -1, -1):
-        k = flat[i]
-        nxt[i] = last.get(k, never)
-        last[k] = i
-    t0 = time.perf_counter()
-    cached: dict[int, int] = {}  # key -> its next access
-    heap: list[tuple[int, int]] = []  # (-next access, key); stale entries skipped
-    hits = evictions = 0
-    t = 0
-    for keys in trace.requests:
-        n = 0
-        while n < len(keys) and keys[n] in cached:
-            n += 1
-        hits += n
-        for k in keys:
-            nu = nxt[t]
-            t += 1
-            if k not in cached and len(cached) >= capacity:
-                while True:
-                    neg, victim = heapq.heappop(heap)
-                    if cached.get(victim) == -neg:
-                        del cached[victim]
-                        evictions += 1
-                        break
-            cached[k] = nu
-            heapq.heappush(heap, (-nu, k))
-        if len(heap) > 4 * capacity + 64:
-            heap = [(-v, k) for k, v in cached.items()]
-            heapq.heapify(heap)
-    return SimResult("OPT (Belady)", capacity, trace.accesses, hits, evictions, time.perf_counter() - t0)
+# Legacy flags, passed to a family only when given and only if it takes them.
+_SHORTCUTS = ("users", "rounds", "page_size", "seed")
 
 
 def run_simulation(
@@ -149,6 +42,7 @@ def run_simulation(
     capacity: int,
     release: str = "reverse",
     plugins: Any = None,
+    engine: str = "fast",
 ) -> tuple[SimResult, list[SimResult]]:
     """OPT and one replay per named eviction policy (resolved through the plugins)."""
     from kvbm.plugins import build_plugins
@@ -156,61 +50,207 @@ def run_simulation(
     plugins = plugins or build_plugins()
     classes = [(name, plugins.policies.get_kind("eviction", name).load()) for name in policies]
     opt = belady(trace, capacity)
-    results = [replay(trace, cls(capacity), capacity, name, release) for name, cls in classes]
+    results = [replay(trace, cls(capacity), capacity, name, release, engine=engine)
+               for name, cls in classes]
     return opt, results
 
 
+def _params_line(trace: Trace) -> str:
+    items = [f"{k}={v}" for k, v in trace.info.items() if k != "family"]
+    return "parameters: " + (", ".join(items) if items else "none")
+
+
 def format_table(trace: Trace, capacity: int, opt: SimResult, results: list[SimResult]) -> str:
-    """The report: each policy's hit rate beside OPT's, and its speed."""
+    """The one-tier report: each policy's hit rate beside OPT's and LRU's, and its speed."""
     ws = trace.working_set
+    lru = next((r for r in results if r.policy == "lru"), None)
     lines = [
         f"trace: {trace.name}: {len(trace.requests)} requests, {trace.accesses} accesses, "
         f"working set {ws} ({trace.unit}s)",
+        _params_line(trace),
         f"capacity: {capacity} ({capacity / ws:.1%} of the working set)",
         "",
-        f"{'policy':<14} {'hit rate':>9} {'of OPT':>8} {'accesses/s':>12} {'evictions':>10}",
-        f"{'OPT (Belady)':<14} {opt.hit_rate:>9.2%} {1:>8.1%} {'offline':>12} {opt.evictions:>10}",
+        f"{'policy':<14} {'hit rate':>9} {'of OPT':>8} {'vs LRU':>8} {'accesses/s':>12} {'evictions':>10}",
+        f"{'OPT (Belady)':<14} {opt.hit_rate:>9.2%} {1:>8.1%} {'':>8} {'offline':>12} {opt.evictions:>10}",
     ]
     best = max(results, key=lambda r: r.hit_rate, default=None)
     for r in results:
         ratio = r.hit_rate / opt.hit_rate if opt.hit_rate else 0.0
+        vs = f"{(r.hit_rate - lru.hit_rate) * 100:+.1f} pt" if lru is not None else "-"
         mark = "  <- best" if r is best else ""
-        lines.append(f"{r.policy:<14} {r.hit_rate:>9.2%} {ratio:>8.1%} {r.ops_per_s:>12,.0f} "
+        lines.append(f"{r.policy:<14} {r.hit_rate:>9.2%} {ratio:>8.1%} {vs:>8} {r.ops_per_s:>12,.0f} "
                      f"{r.evictions:>10}{mark}")
     return "\n".join(lines)
 
 
+def run_chain(trace: Trace, spec: str, policies: Sequence[str], admissions: Sequence[str],
+              plugins: Any = None, bytes_per_token: int = BYTES_PER_TOKEN,
+              interval: float = 0.1) -> list[ChainResult]:
+    """One chain replay per (eviction policy, admission filter of the lower tiers)."""
+    from kvbm.plugins import build_plugins
+
+    plugins = plugins or build_plugins()
+    out: list[ChainResult] = []
+    opt: float | None = None
+    for pol in policies:
+        for adm in admissions:
+            tiers = parse_chain(spec, trace.working_set)
+            for i, t in enumerate(tiers):
+                t.policy = pol
+                if i > 0:
+                    t.admission = adm
+            res = simulate_chain(trace, tiers, plugins, bytes_per_token, interval,
+                                 label=f"{pol} / {adm}", opt=opt is None)
+            if opt is None:
+                opt = res.opt_hit_rate
+            res.opt_hit_rate = opt
+            out.append(res)
+    return out
+
+
+def format_chain(trace: Trace, spec: str, results: list[ChainResult]) -> str:
+    """The chain report: prefix hit rate, each tier's share and bytes written."""
+    if not results:
+        return "no chain run"
+    first = results[0]
+    caps = ", ".join(f"{t.name} {t.capacity}" for t in first.tiers)
+    lines = [
+        f"trace: {trace.name}: {len(trace.requests)} requests, {trace.accesses} accesses, "
+        f"working set {trace.working_set} ({trace.unit}s)",
+        _params_line(trace),
+        f"chain: {spec} -> {caps} keys; write-through; OPT for one cache of "
+        f"{sum(t.capacity for t in first.tiers)} keys: {first.opt_hit_rate:.2%}",
+        "",
+    ]
+    head = f"{'eviction / admission below':<28} {'hit rate':>9} {'of OPT':>7}"
+    for t in first.tiers:
+        head += f" | {t.name + ' hits':>10} {t.name + ' written':>14} {'GiB':>9}"
+    head += f" {'accesses/s':>11}"
+    lines.append(head)
+    base: dict[str, ChainResult] = {}
+    for r in results:
+        pol = r.label.split(" / ")[0]
+        base.setdefault(pol, r)
+        row = f"{r.label:<28} {r.hit_rate:>9.2%} {r.hit_rate / r.opt_hit_rate if r.opt_hit_rate else 0:>7.1%}"
+        for t in r.tiers:
+            row += f" | {t.hits / r.accesses:>10.2%} {t.written:>14,} {t.bytes_written / 2**30:>9,.1f}"
+        row += f" {r.accesses / r.seconds if r.seconds else 0:>11,.0f}"
+        b = base[pol]
+        if r is not b and len(r.tiers) > 1 and b.tiers[1].written:
+            low = r.tiers[1]
+            row += (f"  ({low.name} writes {low.written / b.tiers[1].written - 1:+.0%}, "
+                    f"hit rate {(r.hit_rate - b.hit_rate) * 100:+.1f} pt vs {b.label})")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--param {item!r}: give KEY=VALUE, e.g. --param users=16")
+        try:
+            v: Any = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            v = value.strip()
+        if isinstance(v, list):
+            v = tuple(v)
+        out[key.strip().replace("-", "_")] = v
+    return out
+
+
 def load_trace(args: argparse.Namespace) -> Trace:
     """The trace the command line names."""
-    if args.trace == "multi-turn":
-        return multi_turn_trace(users=args.users, rounds=args.rounds, page_size=args.page_size,
-                                seed=args.seed)
-    return load_mooncake(args.trace, blocks_per_id=args.blocks_per_id, limit=args.limit)
+    name = args.workload
+    path = args.trace
+    if path in FAMILIES or path == "mooncake":  # the old --trace multi-turn spelling
+        name, path = path, None
+    if path is not None:
+        return load_mooncake(path, blocks_per_id=args.blocks_per_id, limit=args.limit)
+    if name == "mooncake":
+        found = find_mooncake()
+        if found is None:
+            raise OSError(f"the public Mooncake trace ({MOONCAKE_NAME}) is not in shared/traces/ "
+                          "beside this checkout; give its path with --trace")
+        return load_mooncake(found, blocks_per_id=args.blocks_per_id, limit=args.limit)
+    params = _parse_params(args.param or [])
+    accepted = inspect.signature(FAMILIES[name]).parameters
+    for key in _SHORTCUTS:
+        v = getattr(args, key, None)
+        if v is not None and key in accepted:
+            params.setdefault(key, v)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"workload {name!r} takes no parameter {unknown[0]!r}; it takes "
+                         f"{', '.join(accepted)}")
+    return make_workload(name, **params)
+
+
+def workload_help() -> str:
+    """Each family with its first docstring line and its parameters' defaults."""
+    lines = []
+    for name, gen in FAMILIES.items():
+        doc = (inspect.getdoc(gen) or "").split("\n")[0]
+        params = ", ".join(f"{p.name}={p.default!r}" for p in inspect.signature(gen).parameters.values())
+        lines.append(f"{name}: {doc}\n    {params}")
+    lines.append(f"mooncake: the public Mooncake trace ({MOONCAKE_NAME} in shared/traces/, see its "
+                 "README)\n    blocks_per_id (--blocks-per-id), limit (--limit)")
+    return "\n".join(lines)
+
+
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else []
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``kvbm simulate`` with parsed arguments; returns the exit status."""
+    from kvbm.errors import PluginError
     from kvbm.plugins import build_plugins
 
+    if args.list_workloads:
+        print(workload_help())
+        return 0
     plugins = build_plugins()
-    names = [n.strip() for n in args.policies.split(",") if n.strip()] if args.policies else sorted(
-        e.name for e in plugins.policies if e.kind == "eviction" and e.available)
     try:
         trace = load_trace(args)
     except OSError as e:
-        print(f"kvbm simulate: cannot read trace {args.trace!r}: {e}", file=sys.stderr)
+        print(f"kvbm simulate: cannot read trace {args.trace or args.workload!r}: {e}", file=sys.stderr)
         return 2
-    ws = trace.working_set
-    capacity = args.capacity if args.capacity is not None else max(1, int(ws * args.fraction))
-    if capacity < 1:
-        print(f"kvbm simulate: --capacity must be at least 1, got {capacity}", file=sys.stderr)
+    except (ValueError, TypeError) as e:
+        print(f"kvbm simulate: {e}", file=sys.stderr)
         return 2
-    opt, results = run_simulation(trace, names, capacity, args.release, plugins)
+    try:
+        if args.chain:
+            pols = _names(args.policies) or ["lru"]
+            adms = _names(args.admission) or ["all", "frequency"]
+            chain_results = run_chain(trace, args.chain, pols, adms, plugins, args.bytes_per_token,
+                                      args.interval)
+            if args.json:
+                print(json.dumps({"trace": trace.name, "info": trace.info, "unit": trace.unit,
+                                  "requests": len(trace.requests), "accesses": trace.accesses,
+                                  "working_set": trace.working_set, "chain": args.chain,
+                                  "runs": [r.as_dict() for r in chain_results]}))
+            else:
+                print(format_chain(trace, args.chain, chain_results))
+            return 0
+        names = _names(args.policies) or sorted(
+            e.name for e in plugins.policies if e.kind == "eviction" and e.available)
+        ws = trace.working_set
+        capacity = args.capacity if args.capacity is not None else max(1, int(ws * args.fraction))
+        if capacity < 1:
+            print(f"kvbm simulate: --capacity must be at least 1, got {capacity}", file=sys.stderr)
+            return 2
+        opt, results = run_simulation(trace, names, capacity, args.release, plugins, args.engine)
+    except (ValueError, PluginError) as e:
+        print(f"kvbm simulate: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({
-            "trace": trace.name, "unit": trace.unit, "requests": len(trace.requests),
-            "accesses": trace.accesses, "working_set": ws, "capacity": capacity,
-            "release": args.release, "opt": opt.as_dict(),
+            "trace": trace.name, "info": trace.info, "unit": trace.unit,
+            "requests": len(trace.requests), "accesses": trace.accesses, "working_set": ws,
+            "capacity": capacity, "release": args.release, "engine": args.engine,
+            "opt": opt.as_dict(),
             "policies": [r.as_dict() | {"of_opt": r.hit_rate / opt.hit_rate if opt.hit_rate else 0.0}
                          for r in results],
         }))
@@ -221,22 +261,42 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The simulator's options (shared with ``bench/policies.py``)."""
-    p.add_argument("--trace", default="multi-turn",
-                   help="'multi-turn' (the built-in workload) or a Mooncake-format JSONL file, "
-                        f"e.g. {DEFAULT_TRACE}")
+    p.add_argument("--workload", default="multi-turn", choices=[*FAMILIES, "mooncake"],
+                   help="workload family, or 'mooncake' for the public trace in shared/traces/ "
+                        "(see --list-workloads)")
+    p.add_argument("--trace", default=None,
+                   help=f"a Mooncake-format JSONL file to replay instead (e.g. {MOONCAKE_NAME})")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a workload parameter, e.g. --param users=16 --param doc_tokens=[4096,8192]")
+    p.add_argument("--list-workloads", action="store_true",
+                   help="print every workload family with its parameters and defaults")
     p.add_argument("--policies", default=None,
-                   help="comma-separated eviction policies (default: every installed one)")
+                   help="comma-separated eviction policies (default: every installed one; "
+                        "with --chain: lru)")
     p.add_argument("--capacity", type=int, default=None, help="cache size in trace keys")
     p.add_argument("--fraction", type=float, default=0.25,
                    help="cache size as a fraction of the working set when --capacity is not given")
     p.add_argument("--release", choices=("reverse", "forward"), default="reverse",
                    help="order a request's pins are dropped in (reverse: tail block first)")
-    p.add_argument("--users", type=int, default=32, help="multi-turn: conversations")
-    p.add_argument("--rounds", type=int, default=8, help="multi-turn: turns per conversation")
-    p.add_argument("--page-size", type=int, default=16, help="multi-turn: tokens per block")
-    p.add_argument("--seed", type=int, default=0, help="multi-turn: random seed")
+    p.add_argument("--engine", choices=("fast", "registry"), default="fast",
+                   help="fast: the policy calls in a tight loop; registry: through "
+                        "kvbm.registry.BlockRegistry (same results, slower)")
+    p.add_argument("--chain", default=None, metavar="SPEC",
+                   help="simulate a write-through chain instead, e.g. host:1/16,disk:1/4,s3:1 "
+                        "(sizes: fractions of the working set, or block counts)")
+    p.add_argument("--admission", default=None,
+                   help="with --chain: comma-separated admission filters for the tiers below the "
+                        "first, one run each (default: all,frequency)")
+    p.add_argument("--bytes-per-token", type=int, default=BYTES_PER_TOKEN,
+                   help="KV bytes per token, for bytes written (default: Llama-3-8B bf16, 128 KiB)")
+    p.add_argument("--interval", type=float, default=0.1,
+                   help="with --chain: seconds between requests of a generated workload, the clock "
+                        "of time-decayed filters (Mooncake files carry their own timestamps)")
+    p.add_argument("--users", type=int, default=None, help="multi-turn, long-docs: conversations")
+    p.add_argument("--rounds", type=int, default=None, help="multi-turn, long-docs: turns each")
+    p.add_argument("--page-size", type=int, default=None, help="generated workloads: tokens per block")
+    p.add_argument("--seed", type=int, default=None, help="generated workloads: random seed")
     p.add_argument("--blocks-per-id", type=int, default=1,
                    help="Mooncake: blocks per 512-token hash id (32 for 16-token pages; 1 keeps ids)")
     p.add_argument("--limit", type=int, default=None, help="Mooncake: replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-

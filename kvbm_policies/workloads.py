@@ -1,20 +1,38 @@
-"""Block-access traces for the policy simulator: the multi-turn workload and Mooncake files.
+"""Block-access traces for the policy simulator: the trace type, multi-turn chat, Mooncake files.
 
 A trace is a list of requests, each the list of its prompt's block keys in order. Two
 requests that share a prefix share its leading keys, as sequence hashes do, so a
-request's hit is the leading run of its keys already cached.
+request's hit is the leading run of its keys already cached. The other workload
+families are in ``kvbm_policies.families``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Trace", "load_mooncake", "multi_turn_trace"]
+__all__ = ["MOONCAKE_NAME", "Trace", "find_mooncake", "load_mooncake", "multi_turn_trace",
+           "request_tokens"]
+
+#: The public Mooncake trace's file, in ``shared/traces/`` beside the repository (its
+#: README there says where it comes from).
+MOONCAKE_NAME = "mooncake_synthetic_trace.jsonl"
+
+
+def find_mooncake() -> Path | None:
+    """The public Mooncake trace in ``../shared/traces/`` of this checkout or of the current
+    directory, or None when neither has it."""
+    here = Path(__file__).resolve().parents[1]
+    for base in (here, Path.cwd()):
+        p = base.parent / "shared" / "traces" / MOONCAKE_NAME
+        if p.is_file():
+            return p
+    return None
 
 
 @dataclass
@@ -26,11 +44,23 @@ class Trace:
     #: What one key stands for, for the report ("16-token block", "512-token id").
     unit: str = "block"
     info: dict[str, object] = field(default_factory=dict)
+    #: Tokens one key covers (16 for a 16-token block, 512 for a Mooncake id): what a
+    #: written key costs in bytes is this many tokens of KV.
+    tokens_per_key: int = 16
+    #: Arrival time of each request in seconds, when the trace has them (Mooncake's
+    #: timestamps); generated traces have none (the chain simulator then spaces
+    #: requests evenly).
+    times: list[float] | None = None
 
     @property
     def accesses(self) -> int:
         """Block accesses: the sum of the requests' lengths."""
         return sum(len(r) for r in self.requests)
+
+    @property
+    def has_repeats(self) -> bool:
+        """Whether some request names one key twice (the registry then counts pins)."""
+        return any(len(set(r)) != len(r) for r in self.requests)
 
     @property
     def working_set(self) -> int:
@@ -39,6 +69,36 @@ class Trace:
         for r in self.requests:
             seen.update(r)
         return len(seen)
+
+    def keys_as_bytes(self) -> list[list[bytes]]:
+        """The requests with each key as 16 bytes, the form of a sequence hash."""
+        memo: dict[int, bytes] = {}
+        out: list[list[bytes]] = []
+        for r in self.requests:
+            row: list[bytes] = []
+            for k in r:
+                b = memo.get(k)
+                if b is None:
+                    b = memo[k] = k.to_bytes(16, "little", signed=True)
+                row.append(b)
+            out.append(row)
+        return out
+
+
+def request_tokens(trace: Trace, page_size: int) -> Iterator[np.ndarray]:
+    """Each request as token ids whose chained block hashes share exactly as its keys do.
+
+    Block ``k`` is ``page_size`` tokens derived from its key alone; since a key names its
+    whole prefix, two prompts then agree on their first ``i`` blocks exactly when their
+    keys do, so ``KvBlockManager.hash_tokens`` reproduces the trace's sharing. For
+    replaying any family against a real chain (``kvbm bench``).
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    col = np.arange(page_size, dtype=np.uint64)
+    for keys in trace.requests:
+        k = np.asarray(keys, dtype=np.uint64)[:, None]
+        yield ((k * np.uint64(page_size) + col) & np.uint64(0xFFFFFFFF)).astype(np.uint32).ravel()
 
 
 def multi_turn_trace(
@@ -85,8 +145,8 @@ def multi_turn_trace(
     return Trace(
         f"multi-turn ({users} users x {rounds} rounds, seed {seed})",
         requests,
-        unit=f"{page_size}-token block",
-        info={"users": users, "rounds": rounds, "system_tokens": system_tokens,
+        unit=f"{page_size}-token block", tokens_per_key=page_size,
+        info={"family": "multi-turn", "users": users, "rounds": rounds, "system_tokens": system_tokens,
               "user_tokens": list(user_tokens), "answer_tokens": answer_tokens,
               "page_size": page_size, "seed": seed},
     )
@@ -103,13 +163,16 @@ def load_mooncake(
     if blocks_per_id < 1:
         raise ValueError(f"blocks_per_id must be >= 1, got {blocks_per_id}")
     requests: list[list[int]] = []
+    times: list[float] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                ids: Sequence[int] = json.loads(line)["hash_ids"]
+                row = json.loads(line)
+                ids: Sequence[int] = row["hash_ids"]
+                times.append(float(row.get("timestamp", 0)) / 1000.0)
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: not a Mooncake trace line with 'hash_ids' ({e})") from None
             if blocks_per_id == 1:
@@ -120,4 +183,6 @@ def load_mooncake(
                 break
     unit = "512-token id" if blocks_per_id == 1 else f"{512 // blocks_per_id}-token block"
     return Trace(f"mooncake {os.path.basename(os.fspath(path))}", requests, unit=unit,
-                 info={"path": os.fspath(path), "blocks_per_id": blocks_per_id})
+                 tokens_per_key=max(1, 512 // blocks_per_id), times=times,
+                 info={"family": "mooncake", "file": os.path.basename(os.fspath(path)),
+                       "blocks_per_id": blocks_per_id, "limit": limit})

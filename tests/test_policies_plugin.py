@@ -81,8 +81,10 @@ def test_every_policy_of_the_issue_is_registered() -> None:
     reg = build_plugins().policies
     ours = {(e.kind, e.name) for e in reg if e.plugin.name == "policies"}
     assert ours == {("eviction", "lfu"), ("eviction", "priority"), ("eviction", "arc"),
-                    ("eviction", "s3fifo"), ("eviction", "lirs"),
-                    ("admission", "frequency"), ("admission", "priority_prefix")}
+                    ("eviction", "s3fifo"), ("eviction", "lirs"), ("eviction", "wtinylfu"),
+                    ("eviction", "prefix"), ("eviction", "adaptive"),
+                    ("admission", "frequency"), ("admission", "priority_prefix"),
+                    ("admission", "tinylfu"), ("admission", "reuse")}
     assert reg.get_kind("eviction", "lru").plugin.name == "builtin"
 
 

@@ -1,0 +1,102 @@
+"""A count-min frequency sketch with aging: how often a block was seen lately, in bounded memory.
+
+This is the sketch of TinyLFU (Einziger, Friedman and Manes, 2017) as Caffeine and
+Ristretto use it: four rows of 4-bit counters (here one byte each, saturating at 15),
+a block's estimate the smallest of its four counters, an increment that raises only
+the counters at that minimum (conservative update: fewer overestimates), and a reset
+that halves every counter after ``sample`` increments, so that old popularity fades
+and a block hot an hour ago does not keep out one hot now.
+
+Memory is ``4 x width`` bytes whatever the number of distinct blocks: width is the
+power of two at or above the cache's capacity, so a 1M-block tier's sketch is 4 MiB
+where a dict of counts would be about 100 MiB.
+
+Keys are the 16-byte sequence hashes (already uniformly random: their first eight
+bytes are the hash) or, in the simulator, small ints (mixed by a multiplicative
+hash). Never Python's ``hash()``: it is salted per process, and a policy must pick the
+same victims in every run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FrequencySketch", "key_hash"]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # odd: multiplication by it is a bijection mod 2**64
+_MAX = 15  # Caffeine's 4-bit counters: a block seen 15 times is simply "hot"
+
+
+def key_hash(key: Any) -> int:
+    """A well-mixed 64-bit hash of a block key (bytes or int), the same in every process."""
+    if isinstance(key, int):
+        h = (key * _GOLDEN) & _MASK64
+        return h ^ (h >> 31)
+    return int.from_bytes(bytes(key)[:8], "little")
+
+
+class FrequencySketch:
+    """Approximate access counts (0 to 15) of many keys in ``4 x width`` bytes, with aging.
+
+    ``width`` is rounded up to a power of two (at least 16). ``sample`` increments (by
+    default ten per counter of a row, Caffeine's choice) trigger a reset that halves
+    every counter.
+    """
+
+    def __init__(self, width: int, sample: int | None = None) -> None:
+        w = 16
+        while w < width:
+            w <<= 1
+        self.width = w
+        self._mask = w - 1
+        self.sample = sample if sample is not None else 10 * w
+        if self.sample < 1:
+            raise ValueError(f"frequency sketch: sample must be at least 1, got {self.sample}")
+        self._table = bytearray(4 * w)
+        self._added = 0
+        self.resets = 0
+
+    def _slots(self, h: int) -> tuple[int, int, int, int]:
+        # Four row positions from disjoint bit ranges of one 64-bit hash (independent
+        # up to a width of 2**16, overlapping but still mixed above).
+        m, w = self._mask, self.width
+        return (h & m, w + ((h >> 16) & m), 2 * w + ((h >> 32) & m),
+                3 * w + (((h >> 48) ^ (h >> 5)) & m))
+
+    def estimate(self, key: Any) -> int:
+        """The key's estimated count: the smallest of its four counters."""
+        t = self._table
+        a, b, c, d = self._slots(key_hash(key))
+        return min(t[a], t[b], t[c], t[d])
+
+    def add(self, key: Any) -> int:
+        """Count one access of ``key``; returns its estimate after the increment."""
+        t = self._table
+        a, b, c, d = self._slots(key_hash(key))
+        ta, tb, tc, td = t[a], t[b], t[c], t[d]
+        lo = min(ta, tb, tc, td)
+        if lo < _MAX:
+            # Conservative update: only counters at the minimum can be too low.
+            if ta == lo:
+                t[a] = lo + 1
+            if tb == lo:
+                t[b] = lo + 1
+            if tc == lo:
+                t[c] = lo + 1
+            if td == lo:
+                t[d] = lo + 1
+            lo += 1
+        self._added += 1
+        if self._added >= self.sample:
+            self.reset()
+        return lo
+
+    def reset(self) -> None:
+        """Halve every counter (aging); the count of additions restarts."""
+        view = np.frombuffer(self._table, dtype=np.uint8)
+        view >>= 1
+        self._added = 0
+        self.resets += 1

@@ -1,0 +1,207 @@
+"""W-TinyLFU eviction (Einziger, Friedman and Manes, 2017), as Caffeine runs it.
+
+A new block enters a small LRU *window*. When the window is over its share, its oldest
+block becomes a candidate for the main cache and must beat the main cache's own victim
+(the oldest block of its *probation* segment) on the frequency sketch: the one seen
+less often lately is evicted. The main cache is a segmented LRU: a block hit in
+probation moves to *protected* (at most ``protected_ratio`` of the main cache), whose
+overflow goes back to probation. One-off blocks (a long document read once, a
+conversation that never comes back) thus pass through the window without displacing
+blocks that keep being reused, and a block reused at long distances, which LRU would
+have dropped, keeps its count in the sketch and wins its way back.
+
+``window_ratio`` is the window's starting share of the capacity (Caffeine: 1 %). With
+``adaptive`` (the default) a hill climber moves it each sample period toward the
+share that hits more: recency-heavy traffic grows the window, frequency-heavy traffic
+shrinks it, as Caffeine does.
+
+Pinned blocks keep their segment (a hit while pinned still promotes) and leave the
+segment's LRU order until released. All operations are O(1); the sketch costs four
+byte reads per access.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from kvbm.hashing import SequenceHash
+from kvbm.policy import EvictionPolicy
+
+from .options import float_option, reject_unknown
+from .sketch import FrequencySketch
+
+__all__ = ["WTinyLFUPolicy"]
+
+# Window, probation, protected, and candidates: blocks the window pushed out that have
+# not yet dueled a probation block (Caffeine keeps them at probation's recent end).
+_W, _P, _Q, _C = 0, 1, 2, 3
+
+
+def _bool_option(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no",
+                                                             "off"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"option {name!r}: value {value!r} is not a boolean; give true or false")
+
+
+class WTinyLFUPolicy(EvictionPolicy):
+    """Window LRU, then a frequency-sketch duel into a segmented LRU main cache."""
+
+    def __init__(self, capacity: int, **options: Any) -> None:
+        reject_unknown("wtinylfu", options, ("window_ratio", "protected_ratio", "adaptive"))
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"wtinylfu: capacity must be at least one block, got {capacity!r}")
+        super().__init__(capacity)
+        wr = float_option("window_ratio", options.get("window_ratio", 0.01), 0.0, 1.0, hi_open=True)
+        pr = float_option("protected_ratio", options.get("protected_ratio", 0.8), 0.0, 1.0)
+        self.adaptive = _bool_option("adaptive", options.get("adaptive", True))
+        self._window_max = max(1, round(wr * capacity))
+        self._protected_ratio = pr
+        self._protected_max = int(pr * (capacity - self._window_max))
+        self.sketch = FrequencySketch(capacity)
+        self._od: tuple[OrderedDict[SequenceHash, None], ...] = (
+            OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict())
+        self._seg: dict[SequenceHash, int] = {}  # every known key, evictable or pinned
+        self._size = [0, 0, 0, 0]  # per segment, pinned blocks included
+        # Hill climbing (Caffeine's SimpleClimber): one sample = ``capacity`` accesses.
+        self._sample = max(16, capacity)
+        self._hits = 0
+        self._misses = 0
+        self._prev_rate = 0.0
+        self._step = max(1.0, 0.0625 * capacity)
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def window_max(self) -> int:
+        """The window's current target size, in blocks."""
+        return self._window_max
+
+    def segment(self, key: SequenceHash) -> str | None:
+        """``"window"``, ``"probation"`` or ``"protected"`` for a known block, else None."""
+        s = self._seg.get(key)
+        return None if s is None else ("window", "probation", "protected", "probation")[s]
+
+    # -- the contract ----------------------------------------------------------------------
+    def insert(self, key: SequenceHash, priority: int = 0) -> None:
+        self.sketch.add(key)
+        old = self._seg.get(key)
+        if old is not None:  # re-registered while known: start over in the window
+            self._od[old].pop(key, None)
+            self._size[old] -= 1
+        self._seg[key] = _W
+        self._size[_W] += 1
+        self._od[_W][key] = None
+        self._spill_window()
+        self._misses += 1
+        if self.adaptive and self._hits + self._misses >= self._sample:
+            self._climb()
+
+    def touch(self, key: SequenceHash) -> None:
+        self.sketch.add(key)
+        self._hits += 1
+        s = self._seg.get(key)
+        if s is None:
+            return
+        od = self._od[s]
+        evictable = key in od
+        if s in (_P, _C):
+            if evictable:
+                del od[key]
+                self._od[_Q][key] = None
+            self._seg[key] = _Q
+            self._size[s] -= 1
+            self._size[_Q] += 1
+            self._demote_protected()
+        elif evictable:
+            od.move_to_end(key)
+
+    def pin(self, key: SequenceHash) -> None:
+        s = self._seg.get(key)
+        if s is not None:
+            self._od[s].pop(key, None)
+
+    def unpin(self, key: SequenceHash) -> None:
+        s = self._seg.get(key)
+        if s is None:
+            self.insert(key)
+        else:
+            self._od[s][key] = None
+
+    def remove(self, key: SequenceHash) -> None:
+        s = self._seg.get(key)
+        if s is not None and self._od[s].pop(key, 0) is None:
+            del self._seg[key]
+            self._size[s] -= 1
+
+    def victim(self) -> SequenceHash | None:
+        window, probation, protected, cands = self._od
+        if cands:
+            cand = next(iter(cands))
+            main_victim = next(iter(probation)) if probation else (
+                next(iter(protected)) if protected else None)
+            if main_victim is not None:
+                # The duel: the candidate stays only if seen more often lately than the
+                # block it would push out (ties keep the incumbent).
+                est = self.sketch.estimate
+                if est(cand) > est(main_victim):
+                    del cands[cand]
+                    probation[cand] = None
+                    self._seg[cand] = _P
+                    self._size[_C] -= 1
+                    self._size[_P] += 1
+                    return self._drop(main_victim)
+            return self._drop(cand)
+        for od in (probation, protected, window):
+            if od:
+                return self._drop(next(iter(od)))
+        return None
+
+    def __len__(self) -> int:
+        od = self._od
+        return len(od[0]) + len(od[1]) + len(od[2]) + len(od[3])
+
+    # -- internals -------------------------------------------------------------------------
+    def _drop(self, key: SequenceHash) -> SequenceHash:
+        s = self._seg.pop(key)
+        del self._od[s][key]
+        self._size[s] -= 1
+        return key
+
+    def _spill_window(self) -> None:
+        window, cands = self._od[_W], self._od[_C]
+        while self._size[_W] > self._window_max and window:
+            k = window.popitem(last=False)[0]
+            cands[k] = None
+            self._seg[k] = _C
+            self._size[_W] -= 1
+            self._size[_C] += 1
+
+    def _demote_protected(self) -> None:
+        protected = self._od[_Q]
+        while self._size[_Q] > self._protected_max and protected:
+            k = protected.popitem(last=False)[0]
+            self._od[_P][k] = None
+            self._seg[k] = _P
+            self._size[_Q] -= 1
+            self._size[_P] += 1
+
+    def _climb(self) -> None:
+        # Caffeine's hill climber: keep moving the window's size in the direction that
+        # raised the hit rate over the last sample, turn around when it fell; steps
+        # shrink so that the size settles.
+        total = self._hits + self._misses
+        rate = self._hits / total
+        delta = rate - self._prev_rate
+        step = self._step if delta >= 0 else -self._step
+        self._step = max(1.0, abs(step) * 0.98) * (1 if step >= 0 else -1)
+        self._prev_rate = rate
+        self._hits = self._misses = 0
+        c = self.capacity
+        new = int(min(max(1, self._window_max + round(self._step)), c - 1 if c > 1 else 1))
+        self._window_max = new
+        self._protected_max = int(self._protected_ratio * (c - new))
+        self._demote_protected()
+        self._spill_window()

@@ -144,7 +144,7 @@ class S3Connection(BaseModel):
     logs, errors and ``kvbm config check``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bucket: str = Field(..., description="bucket name (it must exist)")
     prefix: str = Field("", description="key prefix of every object")
@@ -157,8 +157,9 @@ class S3Connection(BaseModel):
     aws_access_key_id: SecretStr | None = Field(None, description="else boto3's chain")
     aws_secret_access_key: SecretStr | None = Field(None, description="else boto3's chain")
     aws_session_token: SecretStr | None = Field(None, description="else boto3's chain")
-    connect_timeout_s: float = Field(2.0, gt=0, description="TCP connect timeout per attempt")
-    read_timeout_s: float = Field(10.0, gt=0, description="socket read timeout per attempt")
+    connect_timeout_s: float = Field(
+        2.0, gt=0, le=300, description="TCP connect timeout per attempt")
+    read_timeout_s: float = Field(10.0, gt=0, le=3600, description="socket read timeout per attempt")
 
     @model_validator(mode="before")
     @classmethod

@@ -3,10 +3,14 @@ what an answer or error means.
 
 Transport errors, timeouts, 5xx and throttling answers (503 SlowDown) are retried
 ``retries`` times with capped exponential backoff and full jitter. ``read_timeout_s``
-bounds one socket read only; ``request_deadline_s`` bounds a whole request, retries
-included: a watchdog thread cuts the connection of an attempt that outlives it (a
-server trickling a byte at a time), and the request counts as a timeout and a breaker
-failure. Answers from a live server (404, 412, an object that is not ours, a pointer
+bounds one socket read only; a deadline bounds a whole request, retries included: a
+watchdog thread cuts the connection of an attempt that outlives it (a server
+trickling a byte at a time, or one stopped dead), and the request counts as a timeout
+and a breaker failure. Reads and HEADs, which an engine waits on (onboard, the probes
+of match_prefix, the bucket check at start), get the short ``read_deadline_s``;
+writes and deletes, which run in the background cascade, ``request_deadline_s``.
+``close`` cuts every request still running, so a tier closes in moments whatever the
+server does. Answers from a live server (404, 412, an object that is not ours, a pointer
 to follow) are raised as exceptions of their own and count as breaker successes.
 """
 
@@ -74,7 +78,13 @@ class Redirect(Exception):
 
 
 class DeadlineExceeded(TimeoutError):
-    """A request (retries included) ran past ``request_deadline_s``."""
+    """A request (retries included) ran past its deadline (``read_deadline_s`` or
+    ``request_deadline_s``)."""
+
+
+#: The wire functions (``_wire``) whose requests an engine call waits on: they get
+#: ``read_deadline_s`` unless the caller names a deadline.
+ENGINE_READS = frozenset({"get_blocks", "head_meta"})
 
 
 RETRYABLE: tuple[type[BaseException], ...] = (Truncated, *TRANSPORT_ERRORS)
@@ -208,8 +218,17 @@ class Watchdog:
                 self._wake_at = float("inf") if wait is None else now + wait
                 self._cv.wait(wait)
 
+    def cut_all(self) -> None:
+        """Expire every attempt now and cut its connections (the tier is closing)."""
+        with self._cv:
+            for a in self._armed:
+                a.expired = True
+                for c in a.conns:
+                    _cut(c)
+
     def close(self) -> None:
-        """Stop the watchdog thread."""
+        """Cut every attempt still running and stop the watchdog thread."""
+        self.cut_all()
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -241,6 +260,18 @@ class Requests:
             cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.breaker_max_cooldown_s
         )
         self.watchdog = Watchdog(name)
+        self._closed = False
+
+    def deadline_for(self, fn: Callable[[], Any]) -> tuple[float, str]:
+        """The deadline of ``fn``'s request and the key that sets it: reads and HEADs
+        (an engine waits on them) ``read_deadline_s``, the rest ``request_deadline_s``
+        (which bounds reads too, when it is the shorter)."""
+        cfg = self.cfg
+        target = getattr(fn, "func", fn)  # a functools.partial of a _wire function
+        if (getattr(target, "__name__", "") in ENGINE_READS
+                and cfg.read_deadline_s < cfg.request_deadline_s):
+            return cfg.read_deadline_s, "read_deadline_s"
+        return cfg.request_deadline_s, "request_deadline_s"
 
     def watch(self, client: Any) -> bool:
         """Make ``client``'s connection pools report to the deadline watchdog.
@@ -262,17 +293,24 @@ class Requests:
         manager.pool_classes_by_scheme = classes
         return True
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run one request: retries with backoff and jitter within ``request_deadline_s``,
-        breaker bookkeeping.
+    def call(self, fn: Callable[[], T], deadline_s: float | None = None,
+             key: str = "request_deadline_s") -> T:
+        """Run one request: retries with backoff and jitter within its deadline
+        (``deadline_s``, named ``key`` in messages; else ``deadline_for(fn)``), breaker
+        bookkeeping.
 
         Raises ``Missing``/``Exists``/``BadObject``/``Redirect`` (answers, not faults),
-        ``Refused`` (breaker open), ``DeadlineExceeded`` or the last transient error.
+        ``Refused`` (breaker open, or the tier closing), ``DeadlineExceeded`` or the last
+        transient error.
         """
         cfg = self.cfg
-        deadline = time.monotonic() + cfg.request_deadline_s
+        if deadline_s is None:
+            deadline_s, key = self.deadline_for(fn)
+        deadline = time.monotonic() + deadline_s
         attempt = 0
         while True:
+            if self._closed:
+                raise Refused()
             if not self.breaker.allow():
                 self.counters.inc("refused")
                 raise Refused()
@@ -285,7 +323,7 @@ class Requests:
                     # or headers cut short that parse as a shorter answer), it is a
                     # timeout, and the budget is spent.
                     self.breaker_failure(e)
-                    raise self._deadline_exceeded() from None
+                    raise self._deadline_exceeded(deadline_s, key) from None
                 if isinstance(e, ANSWERS):
                     self.breaker.success()
                     raise
@@ -294,7 +332,7 @@ class Requests:
                 if armed.expired:
                     # A cut in the headers can end them early and still parse as a
                     # complete answer (a PUT's "200" without its ETag): not trusted.
-                    exc = self._deadline_exceeded()
+                    exc = self._deadline_exceeded(deadline_s, key)
                     self.breaker_failure(exc)
                     raise exc
                 self.breaker.success()
@@ -307,7 +345,7 @@ class Requests:
             cap = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (attempt - 1)))
             pause = random.uniform(0, cap)  # full jitter: instances don't retry in step
             if time.monotonic() + pause >= deadline:
-                raise self._deadline_exceeded() from err
+                raise self._deadline_exceeded(deadline_s, key) from err
             self.counters.inc("retries")
             time.sleep(pause)
 
@@ -349,13 +387,14 @@ class Requests:
         self.breaker_failure(e)
         raise e
 
-    def _deadline_exceeded(self) -> DeadlineExceeded:
+    def _deadline_exceeded(self, seconds: float, key: str) -> DeadlineExceeded:
         self.counters.inc("timeouts")
         self.counters.inc("deadline_exceeded")
+        if self._closed:
+            return DeadlineExceeded("cut short: the tier is closing")
         return DeadlineExceeded(
-            f"no complete answer within request_deadline_s={self.cfg.request_deadline_s} s "
-            "(retries included); the server is overloaded or trickling: check it, or raise "
-            "request_deadline_s"
+            f"no complete answer within {key}={seconds} s (retries included); the server is "
+            f"overloaded, trickling or stopped: check it, or raise {key}"
         )
 
     def breaker_failure(self, e: BaseException) -> None:
@@ -369,5 +408,6 @@ class Requests:
             )
 
     def close(self) -> None:
-        """Stop the watchdog."""
+        """Refuse new requests, cut the ones still running, stop the watchdog."""
+        self._closed = True
         self.watchdog.close()

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kvbm.config import TierConfig
+from kvbm.config import ProbeContext, ProbeResult, TierConfig
 from kvbm.objectstore import S3Connection, hide_url_credentials, redact_url
 
 __all__ = ["DEFAULT_NUM_BLOCKS", "S3TierConfig", "hide_url_credentials", "redact_url"]
@@ -38,9 +38,16 @@ class S3TierConfig(TierConfig, S3Connection):
         16, ge=1, le=512, description="requests in flight for reads and for writes (each)"
     )
     request_deadline_s: float = Field(
-        30.0, gt=0,
-        description="total time one GET/PUT/HEAD may take, retries included; read_timeout_s "
+        10.0, gt=0, le=3600,
+        description="total time one request may take, retries included (PUTs and deletes of "
+        "the background cascade; reads too when shorter than read_deadline_s); read_timeout_s "
         "bounds one socket read, so a server trickling bytes could stall longer without it",
+    )
+    read_deadline_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="total time one GET or HEAD may take, retries included: an engine waits "
+        "on them (onboard, the probes of match_prefix, the bucket check at start), so a "
+        "stopped server costs it this long at most, then the circuit breaker answers at once",
     )
     retries: int = Field(2, ge=0, le=10, description="extra attempts after a transient failure")
     backoff_base_s: float = Field(0.05, gt=0, description="first retry waits up to this long")
@@ -87,3 +94,13 @@ class S3TierConfig(TierConfig, S3Connection):
         if self.num_blocks is None and self.capacity is None:
             return DEFAULT_NUM_BLOCKS
         return super().resolve_num_blocks(block_bytes)
+
+    def probe(self, ctx: ProbeContext) -> list[ProbeResult]:
+        """HEAD the bucket with the tier's credentials (boto3 imported only here)."""
+        try:
+            from ._setup import probe_bucket
+        except ImportError:
+            return [ProbeResult(False, f"tier {ctx.name!r}: boto3 is not installed; "
+                                       "pip install 'kvbm[s3]'")]
+        ok, line = probe_bucket(self, ctx.name, ctx.timeout_s)
+        return [ProbeResult(ok, line)]

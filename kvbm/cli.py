@@ -44,9 +44,20 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown_value(key: str, value: Any) -> str:
+    """A config value as ``config check`` prints it: secrets masked, whatever their type."""
+    from .redact import is_secret_key
+
+    if is_secret_key(key) and value is not None:
+        return "***"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shown_value(str(k), v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from .chain import resolve_chain
-    from .config import load_settings
+    from .config import ProbeContext, load_settings
     from .sizes import format_size
 
     plugins = build_plugins()
@@ -65,9 +76,25 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
               f"{format_size(link.num_blocks * bb)}; eviction {link.config.policy}; "
               f"admission {type(link.admission).__name__}")
         for k, v in shown.items():
-            if "secret" in k or "password" in k or ("key" in k.lower() and "access" in k.lower()):
-                v = "***"
-            print(f"    {k}: {v}")
+            print(f"    {k}: {_shown_value(k, v)}")
+    if args.probe:
+        failed = 0
+        for link in links:
+            ctx = ProbeContext(link.name, link.num_blocks, bb, timeout_s=args.timeout)
+            try:
+                results = link.config.probe(ctx)
+            except Exception as e:  # a probe that breaks is a failed probe, one line
+                print(f"probe FAILED: tier {link.name!r}: the probe raised {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}")
+                failed += 1
+                continue
+            if not results:
+                print(f"probe ok: tier {link.name!r}: nothing to touch on this machine")
+            for r in results:
+                print(f"probe {'ok' if r.ok else 'FAILED'}: {r.line}")
+                failed += not r.ok
+        if failed:
+            raise KvbmError(f"{failed} probe(s) failed; see the lines above")
     print("ok")
     return 0
 
@@ -111,6 +138,12 @@ def build_parser(argv: Sequence[str] = (), plugins: Plugins | None = None) -> ar
     csub = sc.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="print the resolved chain of a YAML file, or its errors")
     cc.add_argument("file", help="YAML config file")
+    cc.add_argument("--probe", action="store_true",
+                    help="also touch what the chain needs on this machine: a file made and "
+                         "removed in each disk path (O_DIRECT), a HEAD of each bucket with its "
+                         "credentials, free memory and space; one line each")
+    cc.add_argument("--timeout", type=float, default=5.0,
+                    help="seconds a network probe may wait (default 5)")
     cc.set_defaults(func=_cmd_config_check)
     for name in plugins.commands.names():
         entry = plugins.commands.get(name)
@@ -136,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KvbmError as e:
-        print(f"kvbm: error: {e}", file=sys.stderr)
+        print(f"kvbm: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -144,6 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`kvbm plugins | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        # A bug, not a config problem: still one line (tracebacks scare and hide the
+        # line that matters); -v shows the traceback for a report.
+        if args.verbose:
+            logging.getLogger("kvbm").exception("kvbm: internal error")
+        print(f"kvbm: internal error: {type(e).__name__}: {_one_line(e)} (run with -v for "
+              "the traceback and please report it)", file=sys.stderr)
+        return 3
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from kvbm.config import TierConfig
+from kvbm.config import ProbeContext, ProbeResult, TierConfig
 
 
 class DiskTierConfig(TierConfig):
@@ -16,6 +16,8 @@ class DiskTierConfig(TierConfig):
     them. Boolean keys also accept the strings Dynamo's variables carry ("true", "0").
     """
 
+    size_hint: ClassVar[str] = ("capacity or num_blocks (DYN_KVBM_DISK_CACHE_GB, "
+                                "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS)")
     type: Literal["disk"] = "disk"
     path: list[str] = Field(
         default_factory=lambda: ["/tmp/"],
@@ -68,8 +70,10 @@ class DiskTierConfig(TierConfig):
     @field_validator("path")
     @classmethod
     def _path_nonempty(cls, v: list[str]) -> list[str]:
-        if not v or any(not p for p in v):
+        if not v or any(not p.strip() for p in v):
             raise ValueError("give at least one directory, e.g. path: /mnt/nvme/kvbm")
+        if any("\x00" in p or len(p) > 4096 for p in v):
+            raise ValueError("a directory path has a NUL byte or is longer than 4096 characters")
         if len(set(v)) != len(v):
             raise ValueError("a directory is listed twice; list each device's directory once")
         return v
@@ -79,3 +83,18 @@ class DiskTierConfig(TierConfig):
     def _allocator(cls, v: Any) -> Any:
         # Dynamo spells it in various cases and with underscores.
         return v.strip().lower().replace("_", "-") if isinstance(v, str) else v
+
+    def probe(self, ctx: ProbeContext) -> list[ProbeResult]:
+        """Each directory: a file made, written and read with O_DIRECT (unless off), then
+        removed; and free space against this tier's share of the slot files."""
+        from .files import probe_directory
+        from .format import Geometry
+
+        geom = Geometry(ctx.block_bytes)
+        n = len(self.path)
+        out: list[ProbeResult] = []
+        for i, p in enumerate(self.path):
+            need = geom.file_size(len(range(i, ctx.num_blocks, n)))
+            out += [ProbeResult(ok, line) for ok, line in
+                    probe_directory(ctx.name, p, need, not self.disable_o_direct)]
+        return out

@@ -6,6 +6,7 @@ the data path lives in ``tier.py``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -338,3 +339,70 @@ def open_stripe(
     except BaseException:
         os.close(fd)
         raise
+
+
+def probe_directory(tier: str, base: str, need: int, o_direct: bool) -> list[tuple[bool, str]]:
+    """What ``kvbm config check --probe`` learns of one directory of the tier: whether a
+    file can be made there (with ``O_DIRECT`` unless it is off), written, read and
+    removed, and whether the filesystem has ``need`` bytes free. (ok, line) each;
+    nothing is left behind (a missing directory is not made, its parent is looked at).
+    """
+    where = f"tier {tier!r}: path {base!r}"
+    path = base
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        if parent == path:
+            break
+        path = parent
+    if path != base:
+        ok = os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+        if not ok:
+            return [(False, f"{where}: does not exist, and {path!r} is not a directory this "
+                            "user may create it in; create it or give another directory")]
+    try:
+        fd = open_directory(path, create=False)
+    except UnsafePath as e:
+        return [(False, f"{where}: {e}")]
+    except OSError as e:
+        return [(False, f"{where}: cannot be opened ({e.strerror}); give a directory")]
+    out: list[tuple[bool, str]] = []
+    name = f".kvbm-probe-{os.getpid()}"
+    try:
+        free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        if path != base:
+            out.append((True, f"{where}: does not exist yet; kvbm will create it in {path!r}"))
+        else:
+            try:
+                f = os.open(name, flags | (O_DIRECT if o_direct else 0), 0o600, dir_fd=fd)
+            except OSError as e:
+                fix = _NO_DIRECT_FIX if o_direct and e.errno == errno.EINVAL else \
+                    "give a directory this user may write"
+                out.append((False, f"{where}: cannot create a file ({e.strerror}); {fix}"))
+            else:
+                try:
+                    buf = aligned_empty(4096)
+                    buf[:] = 0x6B
+                    back = aligned_empty(4096)
+                    good = os.pwritev(f, [buf], 0) == 4096 and os.preadv(f, [back], 0) == 4096 \
+                        and bool((back == buf).all())
+                    how = "O_DIRECT" if o_direct else "buffered"
+                    out.append((good, f"{where}: a file was created, written, read back and "
+                                      f"removed ({how})" if good else
+                                      f"{where}: a file written there read back wrong; "
+                                      "check the device"))
+                except OSError as e:
+                    fix = _NO_DIRECT_FIX if o_direct and e.errno == errno.EINVAL else \
+                        "check the device and its filesystem"
+                    out.append((False, f"{where}: writing a file failed ({e.strerror}); {fix}"))
+                finally:
+                    os.close(f)
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=fd)
+        fits = need <= free
+        out.append((fits, f"{where}: {format_size(free)} free, about {format_size(need)} "
+                          "needed" + ("" if fits else "; lower capacity or num_blocks "
+                                      "(DYN_KVBM_DISK_CACHE_GB) or free some space")))
+    finally:
+        os.close(fd)
+    return out

@@ -133,7 +133,7 @@ def parse_chain(spec: str, working_set: int) -> list[ChainTier]:
                 n = int(size)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"chain {spec!r}: size {size!r} of tier {name!r} is not a fraction "
-                             f"(1/4, 0.25) or a block count") from None
+                             f"(1/4, 0.25) or a block count; e.g. host:1/16,disk:1/4") from None
         tiers.append(ChainTier(name, max(1, n)))
     if not tiers:
         raise ValueError(f"chain {spec!r} names no tier; e.g. host:1/16,disk:1/4")

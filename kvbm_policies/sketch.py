@@ -7,18 +7,19 @@ the counters at that minimum (conservative update: fewer overestimates), and a r
 that halves every counter after ``sample`` increments, so that old popularity fades
 and a block hot an hour ago does not keep out one hot now.
 
-Memory is ``4 x width`` bytes whatever the number of distinct blocks: width is the
-power of two at or above the cache's capacity, so a 1M-block tier's sketch is 4 MiB
-where a dict of counts would be about 100 MiB.
+Memory is ``4 x width`` bytes whatever the number of distinct blocks; W-TinyLFU sizes
+the width at four counters per cached block (Caffeine keeps sixteen 4-bit counters per
+entry), so a 1M-block tier's sketch is 16 MiB where a dict of counts would be about
+100 MiB.
 
-Keys are the 16-byte sequence hashes (already uniformly random: their first eight
-bytes are the hash) or, in the simulator, small ints (mixed by a multiplicative
-hash). Never Python's ``hash()``: it is salted per process, and a policy must pick the
-same victims in every run.
+Keys are the 16-byte sequence hashes or, in the simulator, ints; both are mixed by a
+multiplicative hash. Never Python's ``hash()``: it is salted per process, and a policy
+must pick the same victims in every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,19 @@ _MAX = 15  # Caffeine's 4-bit counters: a block seen 15 times is simply "hot"
 
 
 def key_hash(key: Any) -> int:
-    """A well-mixed 64-bit hash of a block key (bytes or int), the same in every process."""
+    """A well-mixed 64-bit hash of a block key, the same in every process.
+
+    A sequence hash's first eight bytes, or an int, mixed by a multiplication (so that
+    short test keys and consecutive ids spread too); any other key by its ``repr``.
+    """
     if isinstance(key, int):
-        h = (key * _GOLDEN) & _MASK64
-        return h ^ (h >> 31)
-    return int.from_bytes(bytes(key)[:8], "little")
+        h = key
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        h = int.from_bytes(bytes(key[:8]), "little")
+    else:
+        h = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+    h = (h * _GOLDEN) & _MASK64
+    return h ^ (h >> 31)
 
 
 class FrequencySketch:

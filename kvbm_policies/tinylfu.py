@@ -61,7 +61,9 @@ class WTinyLFUPolicy(EvictionPolicy):
         self._window_max = max(1, round(wr * capacity))
         self._protected_ratio = pr
         self._protected_max = int(pr * (capacity - self._window_max))
-        self.sketch = FrequencySketch(capacity)
+        # Four counters per cached block and a reset every ten capacities of accesses,
+        # as Caffeine sizes its sketch.
+        self.sketch = FrequencySketch(4 * capacity, sample=10 * capacity)
         self._od: tuple[OrderedDict[SequenceHash, None], ...] = (
             OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict())
         self._seg: dict[SequenceHash, int] = {}  # every known key, evictable or pinned

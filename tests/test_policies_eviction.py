@@ -3,6 +3,7 @@ and each policy's own order."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,15 +15,30 @@ from kvbm.errors import ConfigError
 from kvbm.plugins import build_plugins
 from kvbm.policy import EvictionPolicy, LRUPolicy
 from kvbm.registry import BlockRegistry, SlotState
-from kvbm_policies import ARCPolicy, LFUPolicy, LIRSPolicy, PriorityLRUPolicy, S3FIFOPolicy
+from kvbm_policies import (
+    AdaptivePolicy,
+    ARCPolicy,
+    LFUPolicy,
+    LIRSPolicy,
+    PrefixLRUPolicy,
+    PriorityLRUPolicy,
+    S3FIFOPolicy,
+    WTinyLFUPolicy,
+)
 
-POLICIES: dict[str, type[EvictionPolicy]] = {
+POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
     "priority": PriorityLRUPolicy,
     "arc": ARCPolicy,
     "s3fifo": S3FIFOPolicy,
     "lirs": LIRSPolicy,
+    "wtinylfu": WTinyLFUPolicy,
+    "prefix": PrefixLRUPolicy,
+    "adaptive": AdaptivePolicy,
+    # Switching leader on every sampled access: the hand-over itself under random calls.
+    "adaptive-switching": lambda c: AdaptivePolicy(c, candidates="lru,lirs,arc,wtinylfu,prefix",
+                                                   period=1, margin=0.0),
 }
 
 # One operation on a tier: offer a block (maybe committed pinned, as the cascade does),
@@ -276,7 +292,8 @@ def test_unknown_policy_name_names_the_tier_key_and_known_policies(small_config:
     assert "tier 'host'" in msg and "'fifo'" in msg and "lirs" in msg and "s3fifo" in msg
 
 
-@pytest.mark.parametrize("name", ["lfu", "priority", "arc", "s3fifo", "lirs"])
+@pytest.mark.parametrize("name", ["lfu", "priority", "arc", "s3fifo", "lirs", "wtinylfu", "prefix",
+                                  "adaptive"])
 def test_policy_is_chosen_per_tier_from_the_config(small_config: dict[str, Any], name: str) -> None:
     small_config["tiers"][0]["policy"] = name
     with KvBlockManager.from_config(small_config, plugins=build_plugins()) as mgr:

@@ -137,7 +137,9 @@ def build_parser(argv: Sequence[str] = (), plugins: Plugins | None = None) -> ar
     sc = sub.add_parser("config", help="configuration tools")
     csub = sc.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="print the resolved chain of a YAML file, or its errors")
-    cc.add_argument("file", help="YAML config file")
+    cc.add_argument("file", nargs="?", default=None,
+                    help="YAML config file (default: KVBM_CONFIG, else the environment and "
+                         "defaults alone)")
     cc.add_argument("--probe", action="store_true",
                     help="also touch what the chain needs on this machine: a file made and "
                          "removed in each disk path (O_DIRECT), a HEAD of each bucket with its "

@@ -43,7 +43,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .config_env import DYNAMO_SETTINGS, OWN_VARIABLES, check_environment, settings_variables
+from .config_env import OWN_VARIABLES, check_environment, settings_variables
 from .config_errors import format_validation_error
 from .config_yaml import read_yaml
 from .errors import ConfigError
@@ -322,18 +322,35 @@ def _declared_types(env: Mapping[str, str]) -> TierDeclarations:
 _TIERS_EXAMPLE = "tiers: [{type: host, capacity: 4GiB}]"
 
 
+def _raw_shown(v: Any) -> str:
+    """A raw YAML value as a message shows it: short scalars as written, else their kind."""
+    if v is None:
+        return "null"
+    if isinstance(v, (str, int, float, bool)) and len(repr(v)) < 40:
+        return repr(v)
+    if isinstance(v, dict):
+        return "a mapping"
+    return f"a {type(v).__name__}"
+
+
 def _check_tier_list(tiers: Any) -> list[dict[str, Any]]:
     """``tiers`` as a list of mappings, else ConfigError saying how to write one."""
     if not isinstance(tiers, list):
-        raise ConfigError(f"key 'tiers': value {type(tiers).__name__} is not a list of tiers; "
+        raise ConfigError(f"key 'tiers': value {_raw_shown(tiers)} is not a list of tiers; "
                           f"write e.g. {_TIERS_EXAMPLE}")
     for i, t in enumerate(tiers):
         if not isinstance(t, dict):
-            shown = repr(t) if isinstance(t, (str, int, float, bool)) and len(repr(t)) < 40 \
-                else type(t).__name__
-            raise ConfigError(f"key 'tiers.{i}': value {shown} is not a mapping; write each "
-                              "tier as {type: host, capacity: 4GiB}")
+            raise ConfigError(f"key 'tiers.{i}': value {_raw_shown(t)} is not a mapping; write "
+                              "each tier as {type: host, capacity: 4GiB}")
     return [dict(t) for t in tiers]
+
+
+#: Dynamo's variables for settings keys that are not a tier's.
+DYNAMO_KEYS = {
+    "metrics": "DYN_KVBM_METRICS",
+    "metrics_port": "DYN_KVBM_METRICS_PORT",
+    "leader_worker_init_timeout_secs": "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS",
+}
 
 
 def apply_dynamo_env(
@@ -367,8 +384,9 @@ def apply_dynamo_env(
         except (ValueError, ArithmeticError, TypeError) as e:
             # The value is shown unless the key holds a secret.
             shown = "(hidden)" if is_secret_key(alias.key) else repr(raw)
+            why = "expected a whole number, e.g. 1024" if alias.convert is int else str(e)
             raise ConfigError(
-                f"{var}={shown}: not a valid value ({e}); {var} sets key {alias.key!r} of "
+                f"{var}={shown}: not a valid value ({why}); {var} sets key {alias.key!r} of "
                 f"the {ttype!r} tier"
             ) from None
         # A block-count override wins over a size: TierConfig.resolve_num_blocks
@@ -380,12 +398,9 @@ def apply_dynamo_env(
     order = {d.type: _order(d) for d in decls}
     tiers.sort(key=lambda t: order.get(str(t.get("type")), UNORDERED))
     data["tiers"] = tiers
-    if "DYN_KVBM_METRICS" in env:
-        data["metrics"] = truthy(env["DYN_KVBM_METRICS"])
-    if "DYN_KVBM_METRICS_PORT" in env:
-        data["metrics_port"] = env["DYN_KVBM_METRICS_PORT"]
-    if "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS" in env:
-        data["leader_worker_init_timeout_secs"] = env["DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS"]
+    for key, var in DYNAMO_KEYS.items():
+        if var in env:
+            data[key] = truthy(env[var]) if key == "metrics" else env[var]
     return data
 
 
@@ -393,7 +408,8 @@ def known_variables(types: TierDeclarations) -> set[str]:
     """Every environment variable kvbm reads: its own, ``KVBM_<KEY>``, and the aliases
     the tier plugins declare."""
     declared = {var for d in types.declarations() for var in d.env}
-    return set(OWN_VARIABLES) | DYNAMO_SETTINGS | declared | settings_variables(KvbmSettings)
+    return (set(OWN_VARIABLES) | set(DYNAMO_KEYS.values()) | declared
+            | settings_variables(KvbmSettings))
 
 
 class _FileAndDynamoSource(PydanticBaseSettingsSource):
@@ -573,15 +589,16 @@ _JSON_EXAMPLES = {
 
 
 def _env_source(loc: tuple[Any, ...]) -> str | None:
-    """The ``KVBM_*`` variable a settings value at ``loc`` came from, if one is set
-    (variables win over the file)."""
+    """The variable a settings value at ``loc`` came from, if one is set: ``KVBM_*``
+    (they win over the file), else Dynamo's (folded into the file's values)."""
     names = [str(p).upper() for p in loc if not isinstance(p, int)]
     env = {k.upper() for k in os.environ}
     for n in range(len(names), 0, -1):
         var = "KVBM_" + "__".join(names[:n])
         if var in env:
             return var
-    return None
+    dyn = DYNAMO_KEYS.get(str(loc[0])) if loc else None
+    return dyn if dyn is not None and dyn in os.environ else None
 
 
 def _settings_error(e: SettingsError) -> ConfigError:
@@ -650,14 +667,15 @@ def tier_names(specs: list[TierSpec]) -> list[str]:
     is a ``ConfigError``: metrics, events and logs would mix the two tiers.
     """
     given = {s.name: i for i, s in enumerate(specs) if s.name is not None}
+    for i, s in enumerate(specs):
+        j = next((j for j, o in enumerate(specs) if o.name is None and o.type == s.name), None)
+        if s.name is not None and j is not None:
+            raise ConfigError(
+                f"tier {i}: key 'name': value {s.name!r}: tier {j} (type {specs[j].type}) goes "
+                "by that name, having none of its own; give each tier its own name")
     names: list[str] = []
     for i, s in enumerate(specs):
         if s.name is not None:
-            if s.name in names:
-                j = names.index(s.name)
-                raise ConfigError(
-                    f"tier {i}: key 'name': value {s.name!r}: tier {j} (type {specs[j].type}) "
-                    "has that name too; give each tier its own name")
             names.append(s.name)
             continue
         name, n = s.type, i
@@ -669,9 +687,12 @@ def tier_names(specs: list[TierSpec]) -> list[str]:
 
 
 def _tier_env_source(ttype: str, loc: tuple[Any, ...]) -> str | None:
-    """The environment alias (``DYN_KVBM_*``) that set a tier key at ``loc``, if any."""
+    """The variable that set a tier key at ``loc``, if any: ``KVBM_TIERS`` (which sets
+    the whole chain) or an environment alias (``DYN_KVBM_*``)."""
     key = ".".join(str(p) for p in loc)
     env = os.environ
+    if "KVBM_TIERS" in env:
+        return "KVBM_TIERS"
     try:
         decls = _declared_types(env).declarations()
     except Exception:  # only a better message is at stake

@@ -24,10 +24,6 @@ __all__ = ["OWN_VARIABLES", "check_environment", "settings_variables"]
 
 #: Variables the core reads itself (not settings keys).
 OWN_VARIABLES = frozenset({"KVBM_CONFIG", "KVBM_PLUGINS", "KVBM_DISABLE_PLUGIN_AUTOLOAD"})
-#: Dynamo's variables for keys that are not a tier's (``apply_dynamo_env`` reads them).
-DYNAMO_SETTINGS = frozenset({
-    "DYN_KVBM_METRICS", "DYN_KVBM_METRICS_PORT", "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS",
-})
 # A DYN_KVBM_* name this close to one kvbm reads is a typo, not one of Dynamo's others.
 _TYPO_CUTOFF = 0.9
 

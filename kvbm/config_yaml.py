@@ -103,10 +103,11 @@ def _walk(node: Node, expand: Callable[[str], str]) -> None:
         for key, value in node.value:
             if isinstance(key, ScalarNode):
                 if key.value in seen:
+                    first, again = seen[key.value], _line(key)
+                    lines = f"line {again}" if first == again else f"lines {first} and {again}"
                     raise _Refused(
-                        f"key {key.value!r} is given twice in one mapping (lines "
-                        f"{seen[key.value]} and {_line(key)}); YAML would keep only the last: "
-                        "remove one")
+                        f"key {key.value!r} is given twice in one mapping ({lines}); YAML would "
+                        "keep only the last: remove one")
                 seen[key.value] = _line(key)
             _walk(value, expand)
     elif isinstance(node, SequenceNode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -24,6 +25,9 @@ def parse_size(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"size {value!r} is not a size; use bytes or a string like '64GiB'")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"size {value!r} is not a finite number; use bytes or a string "
+                             "like '64GiB'")
         n = float(value)
     else:
         m = _SIZE_RE.match(value)

@@ -23,9 +23,9 @@ OPT. This policy runs the tier with one candidate (the *leader*) and keeps a sma
 
 Per access the cost is the leader's, a hash, and ``candidates / rate`` shadow
 accesses. Options: ``candidates`` (names, default ``"lru,lirs"``), ``rate`` (a power
-of two; default: the largest up to 64 that leaves every shadow 512 blocks),
+of two; default: the largest up to 64 that leaves every shadow 256 blocks),
 ``period`` (sampled accesses; default half a shadow's capacity), ``margin``
-(default 0.05). The defaults are measured (``docs/benchmarks/policies.md``): a third
+(default 0.1). The defaults are measured (``docs/benchmarks/policies.md``): a third
 candidate (ARC) made the choice flap on the multi-turn and long-docs workloads.
 """
 
@@ -39,7 +39,10 @@ from kvbm.hashing import SequenceHash
 from kvbm.policy import EvictionPolicy, LRUPolicy
 
 from .options import float_option, int_option, reject_unknown
-from .sketch import key_hash
+from .sketch import key_int
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
 
 __all__ = ["AdaptivePolicy", "CANDIDATES"]
 
@@ -60,25 +63,30 @@ CANDIDATES = ("lru", "lfu", "arc", "s3fifo", "lirs", "wtinylfu", "prefix")
 class _Shadow:
     """A candidate's small cache over the sampled blocks: metadata only, no pins."""
 
-    __slots__ = ("capacity", "hits", "policy", "resident")
+    __slots__ = ("capacity", "hits", "insert", "policy", "resident", "touch", "victim")
 
     def __init__(self, policy: EvictionPolicy, capacity: int) -> None:
         self.policy = policy
         self.capacity = capacity
         self.resident: set[SequenceHash] = set()
         self.hits = 0.0
+        self.touch = policy.touch
+        self.insert = policy.insert
+        self.victim = policy.victim
 
     def access(self, key: SequenceHash) -> None:
-        if key in self.resident:
+        """One access of a sampled block: a hit, or a new block (evicting when full)."""
+        resident = self.resident
+        if key in resident:
             self.hits += 1
-            self.policy.touch(key)
+            self.touch(key)
             return
-        if len(self.resident) >= self.capacity:
-            v = self.policy.victim()
+        if len(resident) >= self.capacity:
+            v = self.victim()
             if v is not None:
-                self.resident.discard(v)
-        self.resident.add(key)
-        self.policy.insert(key)
+                resident.discard(v)
+        resident.add(key)
+        self.insert(key)
 
 
 class AdaptivePolicy(EvictionPolicy):
@@ -104,20 +112,31 @@ class AdaptivePolicy(EvictionPolicy):
                 raise ValueError(f"option 'rate': value {rate} is not a power of two")
         else:
             rate = 1
-            while rate < 64 and capacity // (rate * 2) >= 512:
+            while rate < 64 and capacity // (rate * 2) >= 256:
                 rate *= 2
         self.rate = rate
         shadow_cap = max(1, capacity // rate)
         self.period = int_option("period", options.get("period", max(1, shadow_cap // 2)), 1)
-        self.margin = float_option("margin", options.get("margin", 0.05), 0.0)
+        self.margin = float_option("margin", options.get("margin", 0.1), 0.0)
         self._mask = rate - 1
         self._shadows = [_Shadow(self._factories[n](shadow_cap), shadow_cap) for n in names]
         self._leader_index = 0
-        self._leader: EvictionPolicy = self._factories[names[0]](capacity)
         self._pinned: set[SequenceHash] = set()
         self._recent: deque[SequenceHash] = deque(maxlen=capacity)  # last accesses, for a switch
+        self._remember = self._recent.append
         self._sampled = 0
         self.switches = 0
+        self._lead(self._factories[names[0]](capacity))
+
+    def _lead(self, policy: EvictionPolicy) -> None:
+        # The leader's bound methods, looked up once: every call of the tier goes through
+        # one of them, and an attribute lookup per call is a tenth of LRU's work.
+        self._leader = policy
+        self._l_insert = policy.insert
+        self._l_touch = policy.touch
+        self._l_pin = policy.pin
+        self._l_unpin = policy.unpin
+        self._l_victim = policy.victim
 
     # -- views -----------------------------------------------------------------------------
     @property
@@ -131,30 +150,34 @@ class AdaptivePolicy(EvictionPolicy):
 
     # -- the contract ----------------------------------------------------------------------
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        self._leader.insert(key, priority)
-        self._recent.append(key)
-        if not (key_hash(key) >> 7) & self._mask:
+        self._l_insert(key, priority)
+        self._remember(key)
+        # In the sample when bits 40.. of the key's mixed hash are zero under the mask
+        # (inlined: this runs on every access).
+        k = key if type(key) is int else key_int(key)  # type: ignore[comparison-overlap]
+        if not ((k * _GOLDEN) & _MASK64) >> 40 & self._mask:
             self._sample(key)
 
     def touch(self, key: SequenceHash) -> None:
-        self._leader.touch(key)
-        self._recent.append(key)
-        if not (key_hash(key) >> 7) & self._mask:
+        self._l_touch(key)
+        self._remember(key)
+        k = key if type(key) is int else key_int(key)  # type: ignore[comparison-overlap]
+        if not ((k * _GOLDEN) & _MASK64) >> 40 & self._mask:
             self._sample(key)
 
     def pin(self, key: SequenceHash) -> None:
         self._pinned.add(key)
-        self._leader.pin(key)
+        self._l_pin(key)
 
     def unpin(self, key: SequenceHash) -> None:
         self._pinned.discard(key)
-        self._leader.unpin(key)
+        self._l_unpin(key)
 
     def remove(self, key: SequenceHash) -> None:
         self._leader.remove(key)
 
     def victim(self) -> SequenceHash | None:
-        return self._leader.victim()
+        return self._l_victim()
 
     def __len__(self) -> int:
         return len(self._leader)
@@ -162,7 +185,17 @@ class AdaptivePolicy(EvictionPolicy):
     # -- learning ---------------------------------------------------------------------------
     def _sample(self, key: SequenceHash) -> None:
         for s in self._shadows:
-            s.access(key)
+            resident = s.resident
+            if key in resident:  # _Shadow.access, inlined: once per sampled access
+                s.hits += 1
+                s.touch(key)
+                continue
+            if len(resident) >= s.capacity:
+                v = s.victim()
+                if v is not None:
+                    resident.discard(v)
+            resident.add(key)
+            s.insert(key)
         self._sampled += 1
         if self._sampled >= self.period:
             self._sampled = 0
@@ -196,6 +229,6 @@ class AdaptivePolicy(EvictionPolicy):
             if k in seen and k in resident:
                 new.touch(k)
             seen.add(k)
-        self._leader = new
+        self._lead(new)
         self._leader_index = index
         self.switches += 1

@@ -424,15 +424,19 @@ class LIRSPolicy(EvictionPolicy):
                 del self._nonres[key]
 
     def _to_lir(self, key: SequenceHash) -> None:
-        self._state[key] = _LIR
+        state, stack = self._state, self._s
+        state[key] = _LIR
         self._lir_count += 1
-        self._s[key] = None
-        self._s.move_to_end(key)
+        if key in stack:
+            stack.move_to_end(key)
+        else:
+            stack[key] = None
         if key not in self._pinned:
             self._lir[key] = None
         if self._lir_count > self._lir_max:
             self._demote_bottom()
-        self._prune()
+        if state[next(iter(stack))] != _LIR:  # the stack holds ``key``: never empty here
+            self._prune()
 
     def _demote_bottom(self) -> None:
         for key in self._s:
@@ -456,19 +460,29 @@ class LIRSPolicy(EvictionPolicy):
             self._to_lir(key)
         else:
             self._state[key] = _HIR
-            self._s[key] = None
-            self._s.move_to_end(key)
+            stack = self._s
+            if key in stack:
+                stack.move_to_end(key)
+            else:
+                stack[key] = None
             if key not in self._pinned:
-                self._q[key] = None
-                self._q.move_to_end(key)
+                q = self._q
+                if key in q:
+                    q.move_to_end(key)
+                else:
+                    q[key] = None
 
     def touch(self, key: SequenceHash) -> None:
         st = self._state.get(key)
         if st == _LIR:
-            self._s.move_to_end(key)
-            if key in self._lir:
-                self._lir.move_to_end(key)
-            self._prune()
+            stack = self._s
+            bottom = next(iter(stack))
+            stack.move_to_end(key)
+            lir = self._lir
+            if key in lir:
+                lir.move_to_end(key)
+            if bottom == key:  # only the bottom moving can leave HIR entries below
+                self._prune()
         elif st == _HIR:
             if key in self._s:
                 self._q.pop(key, None)
@@ -520,10 +534,12 @@ class LIRSPolicy(EvictionPolicy):
             return key
         if self._lir:
             key = self._lir.popitem(last=False)[0]
-            del self._state[key]
-            del self._s[key]
+            state, stack = self._state, self._s
+            del state[key]
+            del stack[key]
             self._lir_count -= 1
-            self._prune()
+            if stack and state[next(iter(stack))] != _LIR:
+                self._prune()
             return key
         return None
 

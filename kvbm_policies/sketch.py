@@ -24,23 +24,36 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FrequencySketch", "key_hash"]
+__all__ = ["FrequencySketch", "key_hash", "key_int"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: multiplication by it is a bijection mod 2**64
 _MAX = 15  # Caffeine's 4-bit counters: a block seen 15 times is simply "hot"
 
 
+def key_int(key: Any) -> int:
+    """A block key as an int before mixing: itself, or a hash's bytes read little-endian;
+    any other key by a digest of its ``repr``."""
+    if isinstance(key, int):
+        return int(key)
+    if isinstance(key, (bytes, bytearray)):
+        return int.from_bytes(key, "little")
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+
+
 def key_hash(key: Any) -> int:
     """A well-mixed 64-bit hash of a block key, the same in every process.
 
-    A sequence hash's first eight bytes, or an int, mixed by a multiplication (so that
-    short test keys and consecutive ids spread too); any other key by its ``repr``.
+    An int, or a sequence hash's bytes read as one little-endian int, mixed by a
+    multiplication (so that short test keys and consecutive ids spread too); any other
+    key by its ``repr``.
     """
-    if isinstance(key, int):
+    if type(key) is int:
         h = key
-    elif isinstance(key, (bytes, bytearray, memoryview)):
-        h = int.from_bytes(bytes(key[:8]), "little")
+    elif isinstance(key, (bytes, bytearray)):
+        h = int.from_bytes(key, "little")
+    elif isinstance(key, int):
+        h = int(key)
     else:
         h = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
     h = (h * _GOLDEN) & _MASK64
@@ -65,38 +78,64 @@ class FrequencySketch:
         if self.sample < 1:
             raise ValueError(f"frequency sketch: sample must be at least 1, got {self.sample}")
         self._table = bytearray(4 * w)
+        # One view per row: indexing a row saves an addition per counter on every access.
+        view = memoryview(self._table)
+        self._rows = (view[:w], view[w:2 * w], view[2 * w:3 * w], view[3 * w:])
+        self._r0, self._r1, self._r2, self._r3 = self._rows
         self._added = 0
         self.resets = 0
 
-    def _slots(self, h: int) -> tuple[int, int, int, int]:
-        # Four row positions from disjoint bit ranges of one 64-bit hash (independent
-        # up to a width of 2**16, overlapping but still mixed above).
-        m, w = self._mask, self.width
-        return (h & m, w + ((h >> 16) & m), 2 * w + ((h >> 32) & m),
-                3 * w + (((h >> 48) ^ (h >> 5)) & m))
+    # Four row positions come from disjoint bit ranges of one 64-bit hash (independent
+    # up to a width of 2**16, overlapping but still mixed above). ``frequency`` and
+    # ``increment`` inline the positions: they run on every access of W-TinyLFU.
 
     def estimate(self, key: Any) -> int:
         """The key's estimated count: the smallest of its four counters."""
-        t = self._table
-        a, b, c, d = self._slots(key_hash(key))
-        return min(t[a], t[b], t[c], t[d])
+        return self.frequency(key_hash(key))
 
     def add(self, key: Any) -> int:
         """Count one access of ``key``; returns its estimate after the increment."""
-        t = self._table
-        a, b, c, d = self._slots(key_hash(key))
-        ta, tb, tc, td = t[a], t[b], t[c], t[d]
-        lo = min(ta, tb, tc, td)
+        return self.increment(key_hash(key))
+
+    def frequency(self, h: int) -> int:
+        """``estimate`` of the key whose ``key_hash`` is ``h`` (callers that keep hashes)."""
+        m = self._mask
+        lo = self._r0[h & m]
+        x = self._r1[(h >> 16) & m]
+        if x < lo:
+            lo = x
+        x = self._r2[(h >> 32) & m]
+        if x < lo:
+            lo = x
+        x = self._r3[((h >> 48) ^ (h >> 5)) & m]
+        return x if x < lo else lo
+
+    def increment(self, h: int) -> int:
+        """``add`` for the key whose ``key_hash`` is ``h``."""
+        m = self._mask
+        r0, r1, r2, r3 = self._rows
+        a = h & m
+        b = (h >> 16) & m
+        c = (h >> 32) & m
+        d = ((h >> 48) ^ (h >> 5)) & m
+        ta, tb, tc, td = r0[a], r1[b], r2[c], r3[d]
+        lo = ta
+        if tb < lo:
+            lo = tb
+        if tc < lo:
+            lo = tc
+        if td < lo:
+            lo = td
         if lo < _MAX:
             # Conservative update: only counters at the minimum can be too low.
             if ta == lo:
-                t[a] = lo + 1
+                r0[a] = lo + 1
             if tb == lo:
-                t[b] = lo + 1
+                r1[b] = lo + 1
             if tc == lo:
-                t[c] = lo + 1
+                r2[c] = lo + 1
             if td == lo:
-                t[d] = lo + 1
+                r3[d] = lo + 1
             lo += 1
         self._added += 1
         if self._added >= self.sample:

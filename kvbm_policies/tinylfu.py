@@ -29,7 +29,7 @@ from kvbm.hashing import SequenceHash
 from kvbm.policy import EvictionPolicy
 
 from .options import float_option, reject_unknown
-from .sketch import FrequencySketch
+from .sketch import FrequencySketch, key_hash
 
 __all__ = ["WTinyLFUPolicy"]
 
@@ -67,6 +67,8 @@ class WTinyLFUPolicy(EvictionPolicy):
         self._od: tuple[OrderedDict[SequenceHash, None], ...] = (
             OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict())
         self._seg: dict[SequenceHash, int] = {}  # every known key, evictable or pinned
+        self._hash: dict[SequenceHash, int] = {}  # its sketch hash, computed once
+        self._increment = self.sketch.increment
         self._size = [0, 0, 0, 0]  # per segment, pinned blocks included
         # Hill climbing (Caffeine's SimpleClimber): one sample = ``capacity`` accesses.
         self._sample = max(16, capacity)
@@ -88,25 +90,30 @@ class WTinyLFUPolicy(EvictionPolicy):
 
     # -- the contract ----------------------------------------------------------------------
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        self.sketch.add(key)
-        old = self._seg.get(key)
+        h = key_hash(key)
+        self._hash[key] = h
+        self._increment(h)
+        seg, size = self._seg, self._size
+        old = seg.get(key)
         if old is not None:  # re-registered while known: start over in the window
             self._od[old].pop(key, None)
-            self._size[old] -= 1
-        self._seg[key] = _W
-        self._size[_W] += 1
+            size[old] -= 1
+        seg[key] = _W
+        size[_W] += 1
         self._od[_W][key] = None
-        self._spill_window()
+        if size[_W] > self._window_max:
+            self._spill_window()
         self._misses += 1
         if self.adaptive and self._hits + self._misses >= self._sample:
             self._climb()
 
     def touch(self, key: SequenceHash) -> None:
-        self.sketch.add(key)
         self._hits += 1
         s = self._seg.get(key)
         if s is None:
+            self.sketch.add(key)
             return
+        self._increment(self._hash[key])
         od = self._od[s]
         evictable = key in od
         if s in (_P, _C):
@@ -136,6 +143,7 @@ class WTinyLFUPolicy(EvictionPolicy):
         s = self._seg.get(key)
         if s is not None and self._od[s].pop(key, 0) is None:
             del self._seg[key]
+            del self._hash[key]
             self._size[s] -= 1
 
     def victim(self) -> SequenceHash | None:
@@ -147,8 +155,8 @@ class WTinyLFUPolicy(EvictionPolicy):
             if main_victim is not None:
                 # The duel: the candidate stays only if seen more often lately than the
                 # block it would push out (ties keep the incumbent).
-                est = self.sketch.estimate
-                if est(cand) > est(main_victim):
+                freq, hashes = self.sketch.frequency, self._hash
+                if freq(hashes[cand]) > freq(hashes[main_victim]):
                     del cands[cand]
                     probation[cand] = None
                     self._seg[cand] = _P
@@ -167,6 +175,7 @@ class WTinyLFUPolicy(EvictionPolicy):
 
     # -- internals -------------------------------------------------------------------------
     def _drop(self, key: SequenceHash) -> SequenceHash:
+        del self._hash[key]
         s = self._seg.pop(key)
         del self._od[s][key]
         self._size[s] -= 1

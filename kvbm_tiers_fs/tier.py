@@ -249,11 +249,12 @@ class FsTier(Tier):
             if not self._direct_ok(flat):
                 buf = self._bounce()
                 np.copyto(buf[: self.block_bytes], flat)
-                bufs = [hdr, buf]
+                bufs = [hdr.data, buf.data]
             elif pad:
-                bufs = [hdr, flat, self._pad[:pad]]  # buffered only: O_DIRECT bounced above
+                # Buffered only (O_DIRECT took the bounce buffer above).
+                bufs = [hdr.data, flat.data, self._pad[:pad].data]
             else:
-                bufs = [hdr, flat]
+                bufs = [hdr.data, flat.data]
             tmp = f"{d}/{temp_name(key)}" if d else temp_name(key)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW
             if self.o_direct:
@@ -329,7 +330,7 @@ class FsTier(Tier):
             bounce = self._bounce() if self.o_direct else self._bounce()[:bb]
             buf = flat if direct else bounce
             hdr = self._header_buf()
-            got = _pread_all(fd, [hdr, buf])
+            got = _pread_all(fd, [hdr.data, buf.data], HEADER_BYTES + buf.nbytes)
         except (OSError, ValueError) as e:
             self._fault("read_errors", e, "read of %s failed", rel)
             return False
@@ -480,12 +481,14 @@ class FsTier(Tier):
             os.close(self._dir_fd)
 
 
-def _pwrite_all(fd: int, bufs: list[np.ndarray], total: int) -> None:
-    """Write ``bufs`` at offset 0 with as few ``pwritev`` calls as the kernel allows."""
-    views = [b.data.cast("B") for b in bufs]
+def _pwrite_all(fd: int, bufs: list[memoryview], total: int) -> None:
+    """Write ``bufs`` at offset 0: one ``pwritev``, more only if the kernel wrote less."""
+    n = os.pwritev(fd, bufs, 0)
+    if n == total:
+        return
+    views = [b.cast("B") for b in bufs]
     off = 0
     while views:
-        n = os.pwritev(fd, views, off)
         if n <= 0:
             raise OSError(errno.EIO, f"pwritev wrote {n} bytes at offset {off}")
         off += n
@@ -494,22 +497,27 @@ def _pwrite_all(fd: int, bufs: list[np.ndarray], total: int) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+        if views:
+            n = os.pwritev(fd, views, off)
     if off != total:
         raise OSError(errno.EIO, f"wrote {off} bytes, expected {total}")
 
 
-def _pread_all(fd: int, bufs: list[np.ndarray]) -> int:
-    """Fill ``bufs`` from offset 0; returns the bytes read (less only at end of file)."""
-    views = [b.data.cast("B") for b in bufs]
+def _pread_all(fd: int, bufs: list[memoryview], total: int) -> int:
+    """Fill ``bufs`` from offset 0: one ``preadv``, more only if the kernel returned less;
+    returns the bytes read (less than ``total`` only at the end of the file)."""
+    n = os.preadv(fd, bufs, 0)
+    if n == total or n <= 0:
+        return max(n, 0)
+    views = [b.cast("B") for b in bufs]
     off = 0
-    while views:
-        n = os.preadv(fd, views, off)
-        if n <= 0:
-            break
+    while views and n > 0:
         off += n
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+        if views:
+            n = os.preadv(fd, views, off)
     return off

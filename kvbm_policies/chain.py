@@ -38,7 +38,7 @@ from kvbm.tier import Tier
 from .replay import belady
 from .workloads import Trace
 
-__all__ = ["ChainResult", "ChainTier", "TierResult", "parse_chain", "simulate_chain"]
+__all__ = ["ChainResult", "ChainTier", "TierResult", "parse_chain", "parse_named", "simulate_chain"]
 
 #: Llama-3-8B in bf16: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes per token, so a
 #: 16-token block is 2 MiB, as in ``kvbm bench``.
@@ -138,6 +138,29 @@ def parse_chain(spec: str, working_set: int) -> list[ChainTier]:
     if not tiers:
         raise ValueError(f"chain {spec!r} names no tier; e.g. host:1/16,disk:1/4")
     return tiers
+
+
+def parse_named(spec: str, capacity: int) -> tuple[str, dict[str, Any]]:
+    """``"reuse:window=2x"``: a policy or filter name with options; a value ``Nx`` is N times
+    ``capacity`` (the tier's size in keys), numbers are numbers, the rest strings."""
+    name, *opts = [p.strip() for p in spec.split(":")]
+    options: dict[str, Any] = {}
+    for o in opts:
+        key, sep, value = o.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{spec!r}: options are KEY=VALUE after the name, e.g. reuse:window=2x")
+        v: Any = value
+        try:
+            if value.endswith("x"):
+                v = max(1, round(float(value[:-1]) * capacity))
+            elif value.lstrip("-").isdigit():
+                v = int(value)
+            else:
+                v = float(value)
+        except ValueError:
+            v = value
+        options[key] = v
+    return name, options
 
 
 def _build(cls: Any, options: dict[str, Any], clock: Callable[[], float] | None) -> Any:

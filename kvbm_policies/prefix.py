@@ -14,16 +14,18 @@ is where the tree is read from:
   hit nothing tells the last block of one from the first of the next, and a wrong
   link would keep an unrelated block as long as its "child" stays.
 
-Order: evictable leaves by the time they were last released or hit (oldest first);
-only when every evictable block has a cached child does the oldest of those go. A
-heap of ``(has_child, tick, key)`` entries with lazy deletion gives both in O(log n);
-a block gets a fresh entry whenever its tick or leaf state changes, and stale ones
-are skipped when popped and purged when they outnumber the live ones.
+Order: evictable leaves by the time they were last released or hit, oldest first;
+only when every evictable block has a cached child does one of those go (roughly the
+one that became a parent first). Leaves live in an ordered dict that only ever grows
+at its recent end, so it stays in time order at O(1) a call; the one exception, a
+parent that turns back into a leaf when its last child goes, keeps its old time in a
+small heap beside it, and a victim is the older of the two fronts.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from typing import Any
 
 from kvbm.hashing import SequenceHash
@@ -32,6 +34,8 @@ from kvbm.policy import EvictionPolicy
 from .options import reject_unknown
 
 __all__ = ["PrefixLRUPolicy"]
+
+_LEAF, _OLD, _INNER = 0, 1, 2  # where an evictable block is: leaves, the heap, inner
 
 
 class PrefixLRUPolicy(EvictionPolicy):
@@ -46,7 +50,10 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._children: dict[SequenceHash, set[SequenceHash]] = {}  # cached children only
         self._known: set[SequenceHash] = set()  # evictable and pinned
         self._tick: dict[SequenceHash, int] = {}  # evictable keys -> last release or hit
-        self._heap: list[tuple[int, int, SequenceHash]] = []
+        self._where: dict[SequenceHash, int] = {}  # evictable keys -> _LEAF, _OLD or _INNER
+        self._leaves: OrderedDict[SequenceHash, None] = OrderedDict()  # by tick, oldest first
+        self._old: list[tuple[int, SequenceHash]] = []  # leaves again, at their old tick
+        self._inner: OrderedDict[SequenceHash, None] = OrderedDict()
         self._clock = 0
         self._chain: SequenceHash | None = None  # the block a new block would follow
         self._pinned_last: SequenceHash | None = None  # the last call pinned this block
@@ -56,22 +63,46 @@ class PrefixLRUPolicy(EvictionPolicy):
         """The block this one was taken to follow, while both are cached."""
         return self._parent.get(key)
 
-    def _push(self, key: SequenceHash) -> None:
+    def _unplace(self, key: SequenceHash) -> None:
+        where = self._where.pop(key, None)
+        if where == _LEAF:
+            del self._leaves[key]
+        elif where == _INNER:
+            del self._inner[key]
+        # _OLD: the heap entry goes stale (no longer in ``_where`` as _OLD).
+        self._tick.pop(key, None)
+
+    def _use(self, key: SequenceHash) -> None:
+        # ``key`` enters the evictable set, or is hit while in it: a fresh tick, so it
+        # goes to the recent end of its list.
+        where = self._where.get(key)
+        if where == _LEAF:
+            self._leaves.move_to_end(key)
+        elif where == _INNER:
+            self._inner.move_to_end(key)
+        elif key in self._children:
+            self._where[key] = _INNER
+            self._inner[key] = None
+        else:
+            self._where[key] = _LEAF
+            self._leaves[key] = None
         self._clock += 1
         self._tick[key] = self._clock
-        heapq.heappush(self._heap, (1 if key in self._children else 0, self._clock, key))
-        if len(self._heap) > 2 * len(self._tick) + 64:
-            # Stale entries would grow the heap without bound under heavy touching.
-            kids = self._children
-            self._heap = [(1 if k in kids else 0, t, k) for k, t in self._tick.items()]
-            heapq.heapify(self._heap)
 
-    def _relabel(self, key: SequenceHash) -> None:
-        # ``key`` gained its first cached child or lost its last: its heap entry must
-        # say so; the tick stays (a change of leaf state is not a use).
-        t = self._tick.get(key)
-        if t is not None:
-            heapq.heappush(self._heap, (1 if key in self._children else 0, t, key))
+    def _became_parent(self, key: SequenceHash) -> None:
+        where = self._where.get(key)
+        if where == _LEAF:
+            del self._leaves[key]
+        elif where != _OLD:
+            return  # pinned (placed when released) or already inner
+        self._where[key] = _INNER
+        self._inner[key] = None
+
+    def _became_leaf(self, key: SequenceHash) -> None:
+        if self._where.get(key) == _INNER:
+            del self._inner[key]
+            self._where[key] = _OLD
+            heapq.heappush(self._old, (self._tick[key], key))
 
     def _link(self, child: SequenceHash, parent: SequenceHash | None) -> None:
         old = self._parent.get(child)
@@ -84,13 +115,13 @@ class PrefixLRUPolicy(EvictionPolicy):
                 kids.discard(child)
                 if not kids:
                     del self._children[old]
-                    self._relabel(old)
+                    self._became_leaf(old)
         if parent is not None and parent != child and parent in self._known:
             self._parent[child] = parent
             kids = self._children.get(parent)
             if kids is None:
                 self._children[parent] = {child}
-                self._relabel(parent)
+                self._became_parent(parent)
             else:
                 kids.add(child)
 
@@ -104,15 +135,20 @@ class PrefixLRUPolicy(EvictionPolicy):
             self._chain = key
         self._pinned_last = None
         self._inserted_last = key
-        self._push(key)
+        self._use(key)
 
     def touch(self, key: SequenceHash) -> None:
-        if key in self._tick:
-            self._push(key)
+        if key in self._where:
+            self._use(key)
 
     def pin(self, key: SequenceHash) -> None:
+        where = self._where.pop(key, None)  # _unplace, inlined: once per hit
+        if where == _LEAF:
+            del self._leaves[key]
+        elif where == _INNER:
+            del self._inner[key]
         self._tick.pop(key, None)
-        if self._inserted_last != key:
+        if self._inserted_last != key and self._parent.get(key) != self._pinned_last:
             # A match: the block pinned just before is the parent; none makes a root.
             self._link(key, self._pinned_last)
         self._pinned_last = key
@@ -123,28 +159,35 @@ class PrefixLRUPolicy(EvictionPolicy):
         if key not in self._known:
             self.insert(key)
         else:
-            self._push(key)
+            self._use(key)
         self._chain = self._pinned_last = self._inserted_last = None
 
     def remove(self, key: SequenceHash) -> None:
-        if key in self._tick:
+        if key in self._where:
             self._forget(key)
         self._chain = self._pinned_last = self._inserted_last = None
 
     def victim(self) -> SequenceHash | None:
-        heap, tick, children = self._heap, self._tick, self._children
-        while heap:
-            inner, t, key = heapq.heappop(heap)
-            if tick.get(key) == t and inner == (1 if key in children else 0):
-                self._forget(key)
-                return key
-        return None
+        old, where, tick = self._old, self._where, self._tick
+        while old and not (where.get(old[0][1]) == _OLD and tick[old[0][1]] == old[0][0]):
+            heapq.heappop(old)  # stale: used, pinned or gone since it was pushed
+        leaves = self._leaves
+        if old and (not leaves or old[0][0] < tick[next(iter(leaves))]):
+            key = heapq.heappop(old)[1]
+        elif leaves:
+            key = next(iter(leaves))
+        elif self._inner:
+            key = next(iter(self._inner))
+        else:
+            return None
+        self._forget(key)
+        return key
 
     def __len__(self) -> int:
-        return len(self._tick)
+        return len(self._where)
 
     def _forget(self, key: SequenceHash) -> None:
-        self._tick.pop(key, None)
+        self._unplace(key)
         self._known.discard(key)
         if key in (self._chain, self._pinned_last, self._inserted_last):
             self._chain = self._pinned_last = self._inserted_last = None

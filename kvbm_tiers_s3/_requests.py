@@ -132,12 +132,14 @@ class Counters:
 class _Armed:
     """One request attempt the watchdog guards: its deadline and its connections."""
 
-    __slots__ = ("conns", "deadline", "expired")
+    __slots__ = ("conns", "counted", "deadline", "expired")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.conns: list[Any] = []
         self.expired = False
+        #: The watchdog already counted this attempt's expiry against the breaker.
+        self.counted = False
 
 
 def _cut(conn: Any) -> None:
@@ -159,8 +161,9 @@ class Watchdog:
     down the sockets of expired attempts, which fails the blocked read or send.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, on_expire: Callable[[], None] | None = None) -> None:
         self._name = name
+        self._on_expire = on_expire
         self._local = threading.local()
         self._armed: set[_Armed] = set()
         self._cv = threading.Condition()
@@ -207,6 +210,13 @@ class Watchdog:
                 wait: float | None = None
                 for a in self._armed:
                     if now >= a.deadline:
+                        if not a.expired and self._on_expire is not None:
+                            # Counted now, not when the cut attempt's thread gets to it:
+                            # attempts that all hang on one stopped server expire together,
+                            # and the breaker must be open before any of their threads
+                            # takes the next request (else each round costs a deadline).
+                            a.counted = True
+                            self._on_expire()
                         a.expired = True
                         for c in a.conns:
                             _cut(c)
@@ -223,6 +233,7 @@ class Watchdog:
         with self._cv:
             for a in self._armed:
                 a.expired = True
+                a.counted = True  # closing is not the server's failure
                 for c in a.conns:
                     _cut(c)
 
@@ -259,7 +270,7 @@ class Requests:
         self.breaker = CircuitBreaker(
             cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.breaker_max_cooldown_s
         )
-        self.watchdog = Watchdog(name)
+        self.watchdog = Watchdog(name, on_expire=self._expired)
         self._closed = False
 
     def deadline_for(self, fn: Callable[[], Any]) -> tuple[float, str]:
@@ -322,7 +333,8 @@ class Requests:
                     # The watchdog cut this attempt: whatever the cut caused (an error,
                     # or headers cut short that parse as a shorter answer), it is a
                     # timeout, and the budget is spent.
-                    self.breaker_failure(e)
+                    if not armed.counted:
+                        self.breaker_failure(e)
                     raise self._deadline_exceeded(deadline_s, key) from None
                 if isinstance(e, ANSWERS):
                     self.breaker.success()
@@ -333,7 +345,8 @@ class Requests:
                     # A cut in the headers can end them early and still parse as a
                     # complete answer (a PUT's "200" without its ETag): not trusted.
                     exc = self._deadline_exceeded(deadline_s, key)
-                    self.breaker_failure(exc)
+                    if not armed.counted:
+                        self.breaker_failure(exc)
                     raise exc
                 self.breaker.success()
                 return out
@@ -348,6 +361,10 @@ class Requests:
                 raise self._deadline_exceeded(deadline_s, key) from err
             self.counters.inc("retries")
             time.sleep(pause)
+
+    def _expired(self) -> None:
+        """The watchdog cut an attempt at its deadline: one failure for the breaker."""
+        self.breaker_failure(DeadlineExceeded("an attempt ran past its deadline"))
 
     def _classify(self, e: Exception) -> BaseException:
         """Breaker and counter bookkeeping for a failed attempt; returns ``e`` if it

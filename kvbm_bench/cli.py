@@ -18,12 +18,14 @@ def command(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--system-tokens", type=int, default=1024, help="shared system prompt length")
     p.add_argument("--duration", type=float, default=90.0, help="stop the workload after this many seconds")
     p.add_argument("--raw-blocks", type=int, default=512, help="blocks in the contiguous 2 MiB phase")
-    p.add_argument("--engine", choices=["none", "hf"], default="none",
-                   help="'hf' runs a real transformers model (time to first token)")
+    p.add_argument("--engine", choices=["none", "hf", "vllm"], default="none",
+                   help="'hf' runs a real transformers model, 'vllm' a real vLLM engine "
+                        "(time to first token)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import hf
+    from . import hf, vllm_bench
 
     hf.add_arguments(p)
+    vllm_bench.add_arguments(p)
     return run
 
 
@@ -33,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
         from . import hf
 
         return int(hf.run_hf_bench(args))
+    if args.engine == "vllm":
+        from . import vllm_bench
+
+        return vllm_bench.run_vllm_bench(args)
     from .runner import environment_note, format_report, run_bench
 
     opts = BenchOptions(

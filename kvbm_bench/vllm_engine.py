@@ -149,12 +149,22 @@ def run_arm(model_dir: str, arm: dict[str, Any]) -> dict[str, Any]:
                     "external_hits": h1 - h0, "external_queries": q1 - q0,
                     "seconds": secs,
                 })
+            stats = _kvbm_stats(llm)
         finally:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
-    return {"name": arm.get("name", ""), "start_s": start_s, "results": results}
+    return {"name": arm.get("name", ""), "start_s": start_s, "results": results, "kvbm": stats}
+
+
+def _kvbm_stats(llm: Any) -> dict[str, Any] | None:
+    """kvbm's scheduler-side counters (hits per tier…) when the engine runs in this process."""
+    try:
+        side = llm.llm_engine.engine_core.engine_core.scheduler.get_kv_connector().scheduler_side
+        return dict(side.stats()) if side is not None else None
+    except Exception:  # vLLM's multiprocessing: the scheduler lives in another process
+        return None
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

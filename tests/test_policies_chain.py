@@ -9,7 +9,7 @@ import pytest
 
 from kvbm.cli import main
 from kvbm_policies import ReuseWindowFilter, SketchFilter
-from kvbm_policies.chain import ChainTier, parse_chain, simulate_chain
+from kvbm_policies.chain import ChainTier, parse_chain, parse_named, simulate_chain
 from kvbm_policies.workloads import Trace, find_mooncake, multi_turn_trace
 
 
@@ -130,3 +130,14 @@ def test_chain_replays_mooncake_timestamps_as_the_filters_clock(tmp_path: Path) 
     assert t.times is not None and t.times[-1] > t.times[0]
     r = simulate_chain(t, _chain(100, 400, "frequency"))
     assert r.accesses == t.accesses
+
+
+def test_parse_named_reads_options_and_scales_nx_by_the_tier_size() -> None:
+    assert parse_named("reuse:window=2x", 300) == ("reuse", {"window": 600})
+    assert parse_named("lirs:hir_ratio=0.05", 10) == ("lirs", {"hir_ratio": 0.05})
+    assert parse_named("adaptive:candidates=lru", 10) == ("adaptive", {"candidates": "lru"})
+
+
+def test_parse_named_option_without_a_value_shows_the_form() -> None:
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_named("reuse:window", 10)

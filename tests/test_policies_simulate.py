@@ -153,3 +153,12 @@ def test_simulate_command_registry_engine_gives_the_same_hits(capsys: pytest.Cap
     main([*args, "--engine", "registry"])
     slow = json.loads(capsys.readouterr().out)
     assert [p["hits"] for p in fast["policies"]] == [p["hits"] for p in slow["policies"]]
+
+
+def test_simulate_command_passes_options_after_a_policy_name(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["simulate", "--users", "4", "--rounds", "3", "--policies", "lirs:hir_ratio=0.5,lirs",
+               "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    a, b = doc["policies"]
+    assert a["policy"] == "lirs:hir_ratio=0.5" and a["hits"] != b["hits"]

@@ -116,6 +116,7 @@ class FsTier(Tier):
         self.directory, self._dir_fd = open_namespace_dir(self.name, self.root, ctx.namespace.hex)
         try:
             self.o_direct, self.o_direct_reason = self._decide_o_direct()
+            self._read_flags = os.O_RDONLY | NOFOLLOW | (O_DIRECT if self.o_direct else 0)
             self.filesystem = filesystem_of(str(self.directory))[0]
             self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix=f"kvbm-{self.name}")
             self._probes = ThreadPoolExecutor(min(8, config.io_threads),
@@ -291,12 +292,11 @@ class FsTier(Tier):
     def _read_one(self, key: bytes, dst: np.ndarray) -> bool:
         d, f = block_name(key, self.cfg.fanout)
         rel = f"{d}/{f}" if d else f
-        flags = os.O_RDONLY | NOFOLLOW | (O_DIRECT if self.o_direct else 0)
         try:
-            if not self._subdir(d, create=False):
+            if d not in self._dirs_ok and not self._subdir(d, create=False):
                 self._add(missing_files=1)
                 return False
-            fd = os.open(rel, flags, dir_fd=self._dir_fd)
+            fd = os.open(rel, self._read_flags, dir_fd=self._dir_fd)
         except FileNotFoundError:
             self._add(missing_files=1)  # never written here, evicted, or a janitor's
             return False
@@ -327,8 +327,9 @@ class FsTier(Tier):
             direct = dst.flags.c_contiguous and self._direct_ok(flat)
             # Through the bounce buffer, O_DIRECT reads the padded page run; buffered I/O
             # only the block.
-            bounce = self._bounce() if self.o_direct else self._bounce()[:bb]
-            buf = flat if direct else bounce
+            # Through the bounce buffer O_DIRECT reads the padded page run, buffered I/O
+            # only the block.
+            buf = flat if direct else self._bounce() if self.o_direct else self._bounce()[:bb]
             hdr = self._header_buf()
             got = _pread_all(fd, [hdr.data, buf.data], HEADER_BYTES + buf.nbytes)
         except (OSError, ValueError) as e:

@@ -84,6 +84,16 @@ class Janitor:
         self.low_water = low_water
         self.temp_max_age_s = temp_max_age_s
         self._lock = threading.Lock()
+        # Set by stop(): a pass in progress ends at the next directory or file, so
+        # the tier can close the descriptor the pass works through.
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """End any pass in progress (waiting for it to reach its next directory or
+        file), and every later one at once."""
+        self._stopped.set()
+        with self._lock:
+            pass
 
     # -- one pass -----------------------------------------------------------------------
     def run(self) -> JanitorReport:
@@ -95,7 +105,7 @@ class Janitor:
         rep = JanitorReport(scope="directory" if whole else "namespace", budget=budget)
         # One pass at a time in this process; another process's pass holds the flock.
         with self._lock, self._flock() as held:
-            if not held:
+            if not held or self._stopped.is_set():
                 return rep
             rep.ran = True
             files: list[_File] = []
@@ -120,6 +130,9 @@ class Janitor:
 
     @contextlib.contextmanager
     def _flock(self) -> Iterator[bool]:
+        if self._stopped.is_set():
+            yield False  # the tier is closing: its directory descriptor may be gone
+            return
         try:
             fd = os.open(JANITOR_LOCK, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600, dir_fd=self.ns_fd)
         except OSError as e:
@@ -176,6 +189,8 @@ class Janitor:
         # fwalk opens each directory without following symlinks: a link planted in
         # the tree is never entered.
         for dirpath, _dirs, names, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            if self._stopped.is_set():
+                return
             for name in names:
                 is_block = name.endswith(BLOCK_SUFFIX)
                 owner = None if is_block else parse_temp(name)
@@ -206,7 +221,7 @@ class Janitor:
         total = rep.bytes
         files.sort(key=lambda f: f.when)
         for f in files:
-            if total <= target:
+            if total <= target or self._stopped.is_set():
                 break
             if self._unlink(f.rel, tops[f.base][0], rep):
                 rep.removed_files += 1
@@ -244,8 +259,9 @@ class JanitorThread(threading.Thread):
                 log.warning("kvbm fs janitor %r: pass failed (%s)", self.name, e)
             self._stop_event.wait(self._interval)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to end and wait for the pass in progress (at most ``timeout``)."""
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Ask the thread to end and wait for the pass in progress (at most ``timeout``
+        seconds; None: until it ends)."""
         self._stop_event.set()
         if self.is_alive():
             self.join(timeout)

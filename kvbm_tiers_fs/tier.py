@@ -474,8 +474,11 @@ class FsTier(Tier):
         if self._closed:
             return
         self._closed = True
+        # A pass in progress stops at its next directory; the thread is joined before
+        # the descriptor every pass works through is closed.
+        self._janitor.stop()
         if self._janitor_thread is not None:
-            self._janitor_thread.stop()
+            self._janitor_thread.stop(timeout=None)
         self._probes.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         with contextlib.suppress(OSError):

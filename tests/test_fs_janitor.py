@@ -249,3 +249,9 @@ def test_background_janitor_runs_at_start_and_on_its_interval(tmp_path: Path) ->
     passes = t.janitor_passes
     time.sleep(0.5)
     assert t.janitor_passes == passes  # close() stopped it
+
+
+def test_janitor_after_close_does_nothing(tmp_path: Path) -> None:
+    t = make_tier(tmp_path)
+    t.close()
+    assert t.janitor().ran is False

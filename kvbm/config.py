@@ -637,8 +637,17 @@ def load_settings(
             "a dict of settings, KvbmSettings, or None (environment and defaults)")
     try:
         if isinstance(config, dict):
-            data = apply_dynamo_env({**config, **overrides}, dict(os.environ), tier_types)
-            return KvbmSettings(**data)
+            given = {**config, **overrides}
+            data = apply_dynamo_env(given, dict(os.environ), tier_types)
+            if "tiers" not in given:
+                # The chain then comes from KVBM_TIERS, or KVBM_CONFIG's file, or the
+                # default chain, as with no config at all; init arguments would beat them.
+                del data["tiers"]
+            types_token = _TIER_TYPES.set(tier_types)
+            try:
+                return KvbmSettings(**data)
+            finally:
+                _TIER_TYPES.reset(types_token)
         token = _CONFIG_PATH.set(None if config is None else os.fspath(config))
         types_token = _TIER_TYPES.set(tier_types)
         try:

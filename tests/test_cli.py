@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from distributions import make_distribution, on_sys_path
@@ -134,3 +135,145 @@ def test_help_lists_every_subcommand_without_importing_them() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert "bench" in out and "simulate" in out and "LOADED []" in out
+
+
+# -- config check --probe ---------------------------------------------------------------------
+def _chain_yaml(tmp_path: Path, *tiers: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model: {SMALL_MODEL}\npage_size: 4\ntiers:\n"
+                 + "".join(f"  - {t}\n" for t in tiers))
+    return p
+
+
+def _probe_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith("probe ")]
+
+
+def test_probe_makes_writes_and_removes_a_file_in_each_disk_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    f = _chain_yaml(tmp_path, f"{{type: disk, num_blocks: 8, path: [{a}, {b}]}}")
+    assert main(["config", "check", "--probe", str(f)]) == 0
+    lines = _probe_lines(capsys.readouterr().out)
+    for d in (a, b):
+        assert (f"probe ok: tier 'disk': path '{d}': a file was created, written, read back and "
+                "removed (O_DIRECT)") in lines
+        assert list(d.iterdir()) == []
+
+
+def test_probe_of_a_missing_disk_path_says_it_will_be_made_and_makes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    f = _chain_yaml(tmp_path, f"{{type: disk, num_blocks: 8, path: {tmp_path}/new/cache}}")
+    assert main(["config", "check", "--probe", str(f)]) == 0
+    assert (f"probe ok: tier 'disk': path '{tmp_path}/new/cache': does not exist yet; kvbm will "
+            f"create it in '{tmp_path}'") in _probe_lines(capsys.readouterr().out)
+    assert not (tmp_path / "new").exists()
+
+
+def test_probe_of_a_disk_path_under_a_file_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "file").write_text("x")
+    f = _chain_yaml(tmp_path, f"{{type: disk, num_blocks: 8, path: {tmp_path}/file/cache}}")
+    assert main(["config", "check", "--probe", str(f)]) == 2
+    out = capsys.readouterr()
+    assert _probe_lines(out.out) == [
+        f"probe FAILED: tier 'disk': path '{tmp_path}/file/cache': does not exist, and "
+        f"'{tmp_path}/file' is not a directory this user may create it in; create it or give "
+        "another directory"]
+    assert out.err == "kvbm: error: 1 probe(s) failed; see the lines above\n"
+
+
+def test_config_check_without_probe_touches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    f = _chain_yaml(tmp_path, f"{{type: disk, num_blocks: 8, path: {tmp_path}/new}}")
+    assert main(["config", "check", str(f)]) == 0
+    assert not _probe_lines(capsys.readouterr().out) and not (tmp_path / "new").exists()
+
+
+def test_probe_of_a_host_arena_above_the_memory_available_now_fails() -> None:
+    from kvbm.config import ProbeContext
+    from kvbm_tiers_host.config import HostTierConfig
+
+    cfg = HostTierConfig(type="host", name="host", num_blocks=1)
+    [r] = cfg.probe(ProbeContext("host", num_blocks=1 << 20, block_bytes=1 << 20))
+    assert not r.ok and r.line.startswith("tier 'host': memory: 1.00TiB arena, ")
+    assert r.line.endswith("does not fit; lower capacity or num_blocks (DYN_KVBM_CPU_CACHE_GB, "
+                           "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS) or free memory")
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Any]:
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    from s3server import MotoServer
+
+    s = MotoServer()
+    s.start()
+    yield s
+    s.stop()
+
+
+def _s3_entry(url: str, bucket: str) -> str:
+    return (f"{{type: s3, bucket: {bucket}, endpoint_url: '{url}', region: us-east-1, "
+            "addressing_style: path, aws_access_key_id: AKIA, aws_secret_access_key: s}")
+
+
+def test_probe_heads_each_bucket_with_its_credentials(
+    tmp_path: Path, moto: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    f = _chain_yaml(tmp_path, _s3_entry(moto.url, "kvbm-test"))
+    assert main(["config", "check", "--probe", str(f)]) == 0
+    [line] = _probe_lines(capsys.readouterr().out)
+    assert line.startswith(f"probe ok: tier 's3': bucket 'kvbm-test' (s3://kvbm-test at "
+                           f"{moto.url}): HEAD answered in ")
+    assert line.endswith(" ms with these credentials")
+
+
+def test_probe_of_a_missing_bucket_fails_naming_the_fix(
+    tmp_path: Path, moto: Any, capsys: pytest.CaptureFixture[str],
+) -> None:
+    f = _chain_yaml(tmp_path, _s3_entry(moto.url, "no-such-bucket"))
+    assert main(["config", "check", "--probe", str(f)]) == 2
+    assert _probe_lines(capsys.readouterr().out) == [
+        f"probe FAILED: tier 's3': bucket 'no-such-bucket' (s3://no-such-bucket at {moto.url}): "
+        "does not exist; create it or set create_bucket: true"]
+
+
+def test_probe_of_a_server_that_never_answers_fails_within_its_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as lsn:  # accepts connections (the kernel does) and never answers
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(8)
+        url = f"http://127.0.0.1:{lsn.getsockname()[1]}"
+        f = _chain_yaml(tmp_path, _s3_entry(url, "kv-cache"))
+        t0 = time.monotonic()
+        assert main(["config", "check", "--probe", "--timeout", "1", str(f)]) == 2
+        assert time.monotonic() - t0 < 3.0
+    assert _probe_lines(capsys.readouterr().out) == [
+        f"probe FAILED: tier 's3': bucket 'kv-cache' (s3://kv-cache at {url}): no answer within "
+        "1 s; check endpoint_url and that the server runs"]
+
+
+def test_an_unexpected_error_is_one_line_and_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kvbm.cli
+
+    def broken(args: Any) -> int:
+        raise TypeError("a bug\nwith two lines")
+
+    monkeypatch.setattr(kvbm.cli, "_cmd_plugins", broken)
+    assert main(["plugins"]) == 3
+    assert capsys.readouterr().err == (
+        "kvbm: internal error: TypeError: a bug with two lines (run with -v for the traceback "
+        "and please report it)\n")

@@ -274,3 +274,57 @@ def test_repeated_tier_types_get_distinct_names() -> None:
         {"type": "disk", "num_blocks": 4, "path": "/tmp/a"},
         {"type": "disk", "num_blocks": 8, "path": "/tmp/b"}]})
     assert [link.name for link in resolve_chain(s, build_plugins())] == ["disk", "disk1"]
+
+
+# -- bad input: what is accepted, and what is refused beyond the table ------------------------
+@pytest.mark.parametrize("page", [1, 8, 16, 32, 256, 528, 1056])
+def test_page_sizes_engines_use_are_accepted(page: int) -> None:
+    # Powers of two, and the multiples of 16 vLLM picks for hybrid (Mamba) models.
+    assert load_settings({"page_size": page}).page_size == page
+
+
+def test_kvbm_tiers_sets_the_chain_of_a_dict_config_that_names_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KVBM_TIERS", '[{"type": "host", "num_blocks": 7}]')
+    s = load_settings({"model": SMALL_MODEL})
+    assert [t.model_dump(exclude_none=True) for t in s.tiers] == [{"type": "host", "num_blocks": 7}]
+
+
+def test_a_dynamo_variable_kvbm_does_not_read_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dynamo's own KVBM reads it; a Dynamo environment must keep working unchanged.
+    monkeypatch.setenv("DYN_KVBM_LEADER_ZMQ_HOST", "10.0.0.1")
+    assert load_settings().page_size == 16
+
+
+def test_a_named_second_host_tier_starts_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    s = load_settings({"model": SMALL_MODEL, "tiers": [
+        {"type": "host", "num_blocks": 4}, {"type": "host", "name": "slow", "num_blocks": 8}]})
+    with caplog.at_level(logging.WARNING, logger="kvbm.host"):
+        resolve_chain(s, build_plugins())
+    assert "kvbm tier 'slow': a second host tier (after 'host')" in caplog.text
+
+
+def test_a_host_arena_above_the_memory_available_now_is_refused_before_allocating() -> None:
+    from kvbm.machine import memory_available, memory_total
+
+    avail, total = memory_available(), memory_total()
+    if total - avail < 256 << 20:
+        pytest.skip("almost all memory is available: no size fits between the two")
+    cap = (avail + total) // 2
+    with pytest.raises(ConfigError, match=r"exceeds the memory available now \("):
+        KvBlockManager.from_config({"model": SMALL_MODEL, "page_size": 4,
+                                    "tiers": [{"type": "host", "capacity": cap, "touch": False}]})
+
+
+def test_an_unknown_key_lists_the_known_ones_when_none_is_close() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings({"zzz": 1})
+    assert str(e.value).startswith("key 'zzz': unknown key; known keys: cache_salt, ")
+
+
+def test_every_config_error_is_one_line_even_with_several_problems() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings({"page_size": 12, "io_threads": 0, "model": {"num_layers": -1}})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.count("; key ") == 2

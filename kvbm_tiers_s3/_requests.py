@@ -82,6 +82,10 @@ class DeadlineExceeded(TimeoutError):
     ``request_deadline_s``)."""
 
 
+#: How much earlier than its deadline an attempt may be cut when another one expires:
+#: attempts sent together to a stopped server expire together.
+EXPIRY_GRACE_S = 0.05
+
 #: The wire functions (``_wire``) whose requests an engine call waits on: they get
 #: ``read_deadline_s`` unless the caller names a deadline.
 ENGINE_READS = frozenset({"get_blocks", "head_meta"})
@@ -207,14 +211,17 @@ class Watchdog:
         with self._cv:
             while not self._closed:
                 now = time.monotonic()
+                # Attempts sent together to a stopped server expire a few ms apart; once
+                # one expires, those about to are cut with it, so that all of them count
+                # against the breaker before any of their threads sends the next request
+                # (else every round of hung requests costs the engine another deadline).
+                cutoff = now
+                if any(now >= a.deadline and not a.expired for a in self._armed):
+                    cutoff = now + EXPIRY_GRACE_S
                 wait: float | None = None
                 for a in self._armed:
-                    if now >= a.deadline:
+                    if cutoff >= a.deadline:
                         if not a.expired and self._on_expire is not None:
-                            # Counted now, not when the cut attempt's thread gets to it:
-                            # attempts that all hang on one stopped server expire together,
-                            # and the breaker must be open before any of their threads
-                            # takes the next request (else each round costs a deadline).
                             a.counted = True
                             self._on_expire()
                         a.expired = True

@@ -86,11 +86,11 @@ def test_a_variable_is_never_expanded_in_a_key(
 
 
 def test_a_variables_value_never_becomes_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Expanded over the file's text, this value would close the mapping and set
+    # Expanded over the file's text, this value would close the quoted name and set
     # num_layers; expanded in the parsed value it stays one name.
-    monkeypatch.setenv("NAME", "tiny, num_layers: 99")
+    monkeypatch.setenv("NAME", 'tiny", num_layers: "99')
     s = load_settings(write(tmp_path, "model: {name: \"$NAME\"}\n"))
-    assert (s.model.name, s.model.num_layers) == ("tiny, num_layers: 99", 32)
+    assert (s.model.name, s.model.num_layers) == ('tiny", num_layers: "99', 32)
 
 
 def test_an_unset_variable_stays_as_written(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kvbm.config import TierConfig
 from kvbm.errors import ConfigError
@@ -96,6 +96,14 @@ class GpuTierConfig(TierConfig):
     copy_backend: CopyBackend = Field(
         "auto", description="auto (torch on CUDA, numpy on CPU), torch, numpy, or cupy"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        # Caught here, not when torch first sees it at start-up.
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a device index)")
+        return v
 
     def transfer(self) -> TransferConfig:
         """The transfer settings these keys name."""

@@ -279,6 +279,9 @@ CASES: list[Bad] = [
         "'posix' or 'nixl'", tier("{type: disk, num_blocks: 4, io_engine: spdk}")),
     Bad("disk-io-threads", "tier 'disk' (type disk): key 'io_threads': value 1000: input should "
         "be less than or equal to 256", tier("{type: disk, num_blocks: 4, io_threads: 1000}")),
+    # -- gpu ------------------------------------------------------------------------------
+    Bad("gpu-device", "tier 'gpu' (type gpu): key 'device': value 'tpu': must be 'auto', 'cpu', "
+        "'cuda' or 'cuda:N' (N a device index)", tier("{type: gpu, num_blocks: 4, device: tpu}")),
     # -- s3 -------------------------------------------------------------------------------
     Bad("s3-no-bucket", "tier 's3' (type s3): key 'bucket': missing; it is required",
         tier("{type: s3}")),

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kvbm.config import TierConfig
+from kvbm.config import ProbeContext, ProbeResult, TierConfig
 from kvbm.objectstore import S3Connection
 from kvbm.safepaths import check_name
 
@@ -172,3 +172,11 @@ class RemoteTierConfig(TierConfig):
         if self.rendezvous_s3 is not None and "publish_interval_s" not in self.model_fields_set:
             self.publish_interval_s = S3_PUBLISH_INTERVAL_S
         return self
+
+    def probe(self, ctx: ProbeContext) -> list[ProbeResult]:
+        """The rendezvous: a record file made and removed in ``rendezvous_dir``, or a
+        HEAD of ``rendezvous_s3``'s bucket with its credentials."""
+        from .rendezvous import probe_rendezvous
+
+        return [ProbeResult(ok, line) for ok, line in probe_rendezvous(self, ctx.name,
+                                                                       ctx.timeout_s)]

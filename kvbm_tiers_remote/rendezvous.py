@@ -386,3 +386,58 @@ def open_rendezvous(
     if config.rendezvous_dir:
         return DirectoryRendezvous(tier, config.rendezvous_dir, namespace, instance_id)
     return None
+
+
+def probe_rendezvous(config: RemoteTierConfig, tier: str, timeout_s: float) -> list[tuple[bool, str]]:
+    """``kvbm config check --probe``: whether this instance could publish its record
+    where ``config`` says, one (ok, line) per place; nothing is left behind."""
+    if config.rendezvous_dir:
+        return [_probe_dir(config.rendezvous_dir, tier)]
+    if config.rendezvous_s3 is not None:
+        return [_probe_s3(config.rendezvous_s3, tier, timeout_s)]
+    return [(True, f"tier {tier!r}: peers listed by address; no rendezvous to touch")]
+
+
+def _probe_dir(root: str, tier: str) -> tuple[bool, str]:
+    where = f"tier {tier!r}: rendezvous_dir {root!r}"
+    if not os.path.lexists(root):
+        return True, f"{where}: does not exist yet; the first instance creates it"
+    try:
+        fd = open_directory(root, create=False)
+    except UnsafePath as e:
+        return False, f"{where}: {e}"
+    except OSError as e:
+        return False, f"{where}: cannot be opened ({e.strerror}); give a directory"
+    name = f".kvbm-probe-{os.getpid()}{PEER_SUFFIX}"
+    try:
+        f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+        os.close(f)
+        os.unlink(name, dir_fd=fd)
+    except OSError as e:
+        return False, f"{where}: cannot create a record there ({e.strerror}); give a directory " \
+                      "every instance may write"
+    finally:
+        os.close(fd)
+    return True, f"{where}: a record file was created and removed"
+
+
+def _probe_s3(cfg: RendezvousS3Config, tier: str, timeout_s: float) -> tuple[bool, str]:
+    where = f"tier {tier!r}: rendezvous_s3 bucket {cfg.bucket!r}"
+    try:
+        short = cfg.model_copy(update={"connect_timeout_s": min(cfg.connect_timeout_s, timeout_s),
+                                       "read_timeout_s": min(cfg.read_timeout_s, timeout_s)})
+        client = _client(tier, short)
+    except (PluginError, ConfigError) as e:
+        return False, str(e)
+    try:
+        client.head_bucket(Bucket=cfg.bucket)
+    except Exception as e:
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) or type(e).__name__
+        fix = {"404": "create it", "NoSuchBucket": "create it",
+               "403": "check the credentials and the bucket's policy"}.get(
+                   code, "check endpoint_url, the credentials and that the server runs")
+        return False, f"{where}: {code}; {fix}"
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+    return True, f"{where}: HEAD answered with these credentials"

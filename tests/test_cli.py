@@ -277,3 +277,16 @@ def test_an_unexpected_error_is_one_line_and_exit_3(
     assert capsys.readouterr().err == (
         "kvbm: internal error: TypeError: a bug with two lines (run with -v for the traceback "
         "and please report it)\n")
+
+
+def test_probe_makes_and_removes_a_record_in_the_rendezvous_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    f = _chain_yaml(tmp_path, "{type: host, num_blocks: 4}",
+                    f"{{type: remote, rendezvous_dir: {peers}}}")
+    assert main(["config", "check", "--probe", str(f)]) == 0
+    assert (f"probe ok: tier 'remote': rendezvous_dir '{peers}': a record file was created and "
+            "removed") in _probe_lines(capsys.readouterr().out)
+    assert list(peers.iterdir()) == []

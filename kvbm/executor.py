@@ -37,6 +37,11 @@ from .tier import Tier
 
 log = logging.getLogger("kvbm")
 
+#: A staged save is split into about this many parts (copy of one overlaps the write
+#: of the previous), of at least ``_PIPELINE_MIN`` blocks each.
+_PIPELINE_PARTS = 4
+_PIPELINE_MIN = 8
+
 
 @dataclass
 class PathStats:
@@ -73,6 +78,9 @@ class Executor:
                                               thread_name_prefix=f"{name}-copy")
                            if self._copy_threads > 1 else None)
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"{name}-io")
+        # Writes of a pipelined save (one thread: parts stay in order, and the tier
+        # spreads each part over its own I/O threads).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write")
         # Probes of shared tiers run here so that a caller waits at most
         # probe_timeout_s; a hung server fills these threads and later probes then
         # count as misses at once instead of queueing behind it.
@@ -247,17 +255,52 @@ class Executor:
         if views is not None:
             self.split_copy(source.copy_out, src, views)
         else:
-            bufs = self.staging.acquire(len(todo))
-            try:
-                self.split_copy(source.copy_out, src, bufs)
-                ok = self._write(op.tier, slots, [SequenceHash(op.keys[i]) for i in todo], bufs)
-            finally:
-                self.staging.release(bufs)
+            keys = [SequenceHash(op.keys[i]) for i in todo]
+            ok = self._staged_write(op.tier, slots, keys, src, source)
             failed.update(i for i, g in zip(todo, ok) if not g)
         self._commit(op.tier, op.slots, op.keys, failed)
         self.count(f"offload:{self.tiers[op.tier].name}", len(op.slots) - len(failed),
                    time.perf_counter() - t0, len(failed))
         return frozenset(failed)
+
+    def _staged_write(self, t: int, slots: list[int], keys: list[SequenceHash], src: list[int],
+                      source: BlockSource) -> list[bool]:
+        """Engine blocks into a tier that stores through ``write``, pipelined.
+
+        The batch goes in parts: while the writer thread writes part ``i``, this thread
+        copies part ``i+1`` into staging, so the copy and the I/O overlap. Every part
+        already handed to the writer finishes before this returns or raises (a source
+        error stops the copying, never a write in flight).
+        """
+        n = len(slots)
+        step = n if n < 2 * _PIPELINE_MIN else max(_PIPELINE_MIN, -(-n // _PIPELINE_PARTS))
+        ok = [False] * n
+        parts: list[tuple[int, list[np.ndarray], Future[list[bool]]]] = []
+        err: BaseException | None = None
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            bufs = self.staging.acquire(b - a)
+            try:
+                self.split_copy(source.copy_out, src[a:b], bufs)
+            except BaseException as e:
+                self.staging.release(bufs)
+                err = e
+                break
+            if step == n:  # one part: nothing to overlap, write here
+                done: Future[list[bool]] = Future()
+                done.set_result(self._write(t, slots[a:b], keys[a:b], bufs))
+            else:
+                done = self._writer.submit(self._write, t, slots[a:b], keys[a:b], bufs)
+            parts.append((a, bufs, done))
+        for a, bufs, done in parts:
+            try:
+                got = done.result()
+            finally:
+                self.staging.release(bufs)
+            ok[a:a + len(got)] = got
+        if err is not None:
+            raise err
+        return ok
 
     def copy(self, op: CopyOp) -> frozenset[int]:
         """Copy blocks from one tier to another (the cascade)."""
@@ -520,6 +563,7 @@ class Executor:
             log.warning("kvbm: background transfers still running after %.0fs; closing the "
                         "tiers under them (those blocks are not stored)", timeout or 0)
         self._io.shutdown(wait=done, cancel_futures=True)
+        self._writer.shutdown(wait=done)
         self._probe_pool.shutdown(wait=False, cancel_futures=True)
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=done)

@@ -266,3 +266,48 @@ def test_match_prefix_waits_for_a_hung_shared_tier_no_longer_than_its_probe_dead
     finally:
         proxy.close()
         server.stop()
+
+
+def test_a_large_save_into_a_disk_first_chain_is_written_in_overlapping_parts_byte_exact(
+    tmp_path: Any
+) -> None:
+    with manager([{"type": "disk", "num_blocks": 64, "path": str(tmp_path),
+                   "admission": "all"}]) as mgr:
+        hashes, src, data = blocks(mgr, 40)
+        parts: list[int] = []
+        real = mgr.executor.tiers[0].write
+
+        def write(slots: Sequence[int], keys: Sequence[bytes], bufs: Sequence[np.ndarray]) -> Any:
+            parts.append(len(slots))
+            return real(slots, keys, bufs)
+
+        mgr.executor.tiers[0].write = write
+        assert mgr.offload(hashes, src).stored == 40
+        assert len(parts) > 1 and sum(parts) == 40, "the batch went in parts"
+        res, out, _ = onboard_all(mgr, hashes)
+        assert res.loaded == 40 and np.array_equal(out, data)
+
+
+def test_a_source_that_fails_mid_pipeline_leaves_no_late_write_in_reused_slots(
+    tmp_path: Any
+) -> None:
+    with manager([{"type": "disk", "num_blocks": 40, "path": str(tmp_path),
+                   "admission": "all"}]) as mgr:
+        a_hashes, _, a_data = blocks(mgr, 40, seed=1)
+        b_hashes, b_src, b_data = blocks(mgr, 8, seed=2)
+        real = mgr.executor.tiers[0].write
+        a_keys = set(a_hashes)
+
+        def write(slots: Sequence[int], keys: Sequence[bytes], bufs: Sequence[np.ndarray]) -> Any:
+            if keys and keys[0] in a_keys:
+                time.sleep(0.2)  # the batch that fails is still being written...
+            return real(slots, keys, bufs)
+
+        mgr.executor.tiers[0].write = write
+        with pytest.raises(ValueError, match="engine block 0"):
+            mgr.offload(a_hashes, _SplitSource(a_data, 35, delay=0.0))
+        # ...when a small batch reuses its slots at once (written in this thread).
+        assert mgr.offload(b_hashes, b_src).stored == 8
+        time.sleep(0.8)
+        res, out, _ = onboard_all(mgr, b_hashes)
+        assert res.loaded == 8 and np.array_equal(out, b_data), "a late write overwrote a block"

@@ -91,7 +91,8 @@ def format_table(trace: Trace, capacity: int, opt: SimResult, results: list[SimR
 def run_chain(trace: Trace, spec: str, policies: Sequence[str], admissions: Sequence[str],
               plugins: Any = None, bytes_per_token: int = BYTES_PER_TOKEN,
               interval: float = 0.1) -> list[ChainResult]:
-    """One chain replay per (eviction policy, admission filter of the lower tiers)."""
+    """One chain replay per (eviction policy of every tier, admission filter of the second
+    tier); tiers below the second admit all."""
     from kvbm.plugins import build_plugins
 
     plugins = plugins or build_plugins()
@@ -102,7 +103,10 @@ def run_chain(trace: Trace, spec: str, policies: Sequence[str], admissions: Sequ
             tiers = parse_chain(spec, trace.working_set)
             for i, t in enumerate(tiers):
                 t.policy, t.policy_options = parse_named(pol, t.capacity)
-                if i > 0:
+                if i == 1:
+                    # The second tier only (the disk): in a write-through chain a block
+                    # it refuses never cascades further, so a filter on every lower
+                    # tier would measure the first one twice and starve the rest.
                     t.admission, t.admission_options = parse_named(adm, t.capacity)
             res = simulate_chain(trace, tiers, plugins, bytes_per_token, interval,
                                  label=f"{pol} / {adm}", opt=opt is None)
@@ -128,7 +132,7 @@ def format_chain(trace: Trace, spec: str, results: list[ChainResult]) -> str:
         "",
     ]
     w = max([28, *(len(r.label) for r in results)])
-    head = f"{'eviction / admission below':<{w}} {'hit rate':>9} {'of OPT':>7}"
+    head = f"{'eviction / admission':<{w}} {'hit rate':>9} {'of OPT':>7}"
     for t in first.tiers:
         head += f" | {t.name + ' hits':>10} {t.name + ' written':>14} {'GiB':>9}"
     head += f" {'accesses/s':>11}"
@@ -292,9 +296,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulate a write-through chain instead, e.g. host:1/16,disk:1/4,s3:1 "
                         "(sizes: fractions of the working set, or block counts)")
     p.add_argument("--admission", default=None,
-                   help="with --chain: comma-separated admission filters for the tiers below the "
-                        "first, one run each (default: all,frequency); options follow the name, "
-                        "a value Nx is N times the tier's size: reuse:window=2x")
+                   help="with --chain: comma-separated admission filters for the second tier "
+                        "(lower ones admit all), one run each (default: all,frequency); options "
+                        "follow the name, a value Nx is N times the tier's size: reuse:window=2x")
     p.add_argument("--bytes-per-token", type=int, default=BYTES_PER_TOKEN,
                    help="KV bytes per token, for bytes written (default: Llama-3-8B bf16, 128 KiB)")
     p.add_argument("--interval", type=float, default=0.1,

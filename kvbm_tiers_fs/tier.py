@@ -26,6 +26,10 @@ keeps which key each slot it wrote holds, so that ``discard`` deletes the files 
 instance wrote when its policy evicts them, and nothing else (blocks adopted from
 other instances are theirs to evict, or the janitor's).
 
+``recover`` reports nothing: a restarted instance finds blocks by ``probe``, like any
+other instance, and the files it wrote before the restart are no longer its own to
+evict; the janitor ages them out with the rest.
+
 O_DIRECT is used where a test file at start accepts it (``o_direct: auto``); the
 answer is in ``stats()`` and ``kvbm_tiers_fs.probe.probe_directory`` gives it for a
 path before any tier starts.

@@ -23,9 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import numpy as np
+
 from .chain import ChainLink, resolve_chain, tier_states
 from .config import KvbmSettings, load_settings
-from .errors import KvbmError, TokenError
+from .errors import KvbmError, LayoutError, TokenError
 from .events import EventBus
 from .executor import Executor, PathStats, build_tiers
 from .hashing import BlockHasher, Namespace, SequenceHash
@@ -174,6 +176,9 @@ class KvBlockManager:
         """
         self._check_open()
         hashes = self._as_hashes(tokens_or_hashes)
+        if hashes and isinstance(tokens_or_hashes, (list, tuple)) and isinstance(
+                tokens_or_hashes[0], bytes):
+            _check_hashes("match_prefix", hashes, fix="")
         match = self.planner.match(hashes)
         rest = hashes[match.num_blocks:]
         if rest:
@@ -207,10 +212,14 @@ class KvBlockManager:
         if priorities is not None and len(priorities) != len(hashes):
             raise ValueError(f"offload: {len(hashes)} hashes but {len(priorities)} priorities; "
                              "give one priority per block or none")
-        for k, h in enumerate(hashes):
-            if not isinstance(h, bytes) or len(h) != 16:
-                raise TokenError(f"offload: hashes[{k}] is {type(h).__name__} {h!r:.40}, not a "
-                                 "16-byte sequence hash; pass manager.hash_tokens(tokens)")
+        _check_hashes("offload", hashes)
+        _check_engine("offload", "source", source, "copy_out")
+        _check_indices("offload", indices, source)
+        if priorities is not None:
+            for k, p in enumerate(priorities):
+                if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p <= 100:
+                    raise KvbmError(f"offload: priorities[{k}] is {type(p).__name__} {p!r:.40}, "
+                                    "not an integer from 0 to 100")
         sr = self.planner.plan_save(list(hashes), list(indices), priorities)
         res = OffloadResult(present=sr.present, rejected=sr.rejected, not_saved=sr.not_saved)
         plan = sr.plan
@@ -252,6 +261,7 @@ class KvBlockManager:
         if indices is None:
             indices = range(n)
         self.planner.check(match)
+        _check_engine("onboard", "destination", destination, "copy_in")
         if len(indices) != n:
             raise ValueError(f"onboard: match has {n} blocks but {len(indices)} destination indices")
         res = OnboardResult()
@@ -363,6 +373,35 @@ class KvBlockManager:
 
 
 _T = TypeVar("_T")
+
+_ENGINE_HINT = "pass ContiguousBlocks, LayerSeparateBlocks or kvbm.engine_blocks(...)"
+
+
+def _check_hashes(call: str, hashes: Sequence[Any],
+                  fix: str = "; pass manager.hash_tokens(tokens)") -> None:
+    for k, h in enumerate(hashes):
+        if not isinstance(h, bytes) or len(h) != 16:
+            raise TokenError(f"{call}: hashes[{k}] is {type(h).__name__} {h!r:.40}, not a "
+                             f"16-byte sequence hash{fix}")
+
+
+def _check_engine(call: str, role: str, obj: Any, method: str) -> None:
+    if not callable(getattr(obj, method, None)):
+        raise KvbmError(f"{call}: {role} is {type(obj).__name__}, not engine blocks; "
+                        f"{_ENGINE_HINT}")
+
+
+def _check_indices(call: str, indices: Sequence[Any], source: Any) -> None:
+    """Every index an integer, and inside the source when it says how many blocks it has."""
+    n = getattr(source, "num_blocks", None)
+    if n is None and hasattr(source, "__len__"):
+        n = len(source)
+    for k, i in enumerate(indices):
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise KvbmError(f"{call}: indices[{k}] is {type(i).__name__} {i!r:.40}, not a "
+                            "block index")
+        if n is not None and not 0 <= i < n:
+            raise LayoutError(f"block index {i} is out of range [0, {n})")
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:

@@ -62,6 +62,9 @@ __all__ = ["S3Tier"]
 
 log = logging.getLogger("kvbm.s3")
 
+#: How long ``close`` lets background requests finish before it cuts them.
+_CLOSE_GRACE_S = 0.5
+
 _COUNTERS = (
     "puts", "put_bytes", "put_exists", "put_failures", "gets", "get_bytes", "get_misses",
     "get_failures", "checksum_failures", "bad_objects", "truncated", "heads", "probe_hits",
@@ -570,11 +573,23 @@ class S3Tier(Tier):
         return out
 
     def close(self) -> None:
-        """Wait for background writes and deletes, then release the connections."""
-        self._reads.shutdown(wait=True)
-        self._writes.shutdown(wait=True)
-        self._pointers.shutdown(wait=True)
+        """Let background writes and deletes finish for a moment, cut the rest, release all.
+
+        The manager (and a vLLM worker) has given the cascade ``close_timeout_s``
+        already; a healthy server finishes what is left (deletes of evicted blocks) in
+        milliseconds, so the tier waits at most ``_CLOSE_GRACE_S`` more, then cuts the
+        requests still running on a slow or hung server (their blocks are not stored).
+        """
+        pools = (self._reads, self._writes, self._pointers)
+        for pool in pools:
+            pool.shutdown(wait=False)
+        deadline = time.monotonic() + _CLOSE_GRACE_S
+        for pool in pools:
+            for t in list(getattr(pool, "_threads", ())):
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._req.close()
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
         close = getattr(self._client, "close", None)
         if close is not None:
             close()

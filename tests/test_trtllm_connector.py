@@ -127,6 +127,9 @@ class Engine:
         self.errors: list[KvbmLoadError] = []
         self.failed: list[int] = []
         self.outputs: list[Any] = []  # every SchedulerOutput, as built
+        #: Tokens the runtime honours of an offer (KVCacheManagerV2 may take less and
+        #: says so with cancel_load); None: all.
+        self.honour: int | None = None
         self._next_id = 1
 
     @property
@@ -146,6 +149,9 @@ class Engine:
         for req in self.waiting:
             n, load_async = self.leader.get_num_new_matched_tokens(req, 0)
             assert not load_async, "kvbm's TensorRT-LLM loads are layer-wise"
+            if self.honour is not None and self.honour < n:
+                self.leader.cancel_load(req, self.honour, n)
+                n = self.honour
             need = -(-(req.prompt_len + req.max_tokens) // PAGE)
             req.block_ids = [self.free.pop(0) for _ in range(need)]
             self.leader.update_state_after_alloc(req, list(req.block_ids))
@@ -409,6 +415,17 @@ def test_chunked_generation_saves_blocks_completed_by_generated_tokens(
     assert e.bad_reads == []
 
 
+def test_an_offer_the_runtime_takes_only_part_of_loads_that_part(
+        make: Callable[..., Engine]) -> None:
+    e = make()
+    e.serve(prompt(64))
+    e.honour = 16
+    b = e.serve(prompt(64))
+    assert b.computed == list(range(16, 64)) and e.bad_reads == []
+    assert e.leader.side.loaded_blocks == 1
+    assert e.leader.side.planner is not None and e.leader.side.planner.pins() == 0
+
+
 # --- failures ----------------------------------------------------------------------
 
 
@@ -641,3 +658,21 @@ def test_plugin_registers_the_trtllm_connector() -> None:
     entry = build_plugins().connectors.get("trtllm")
     assert entry.factory == "kvbm_trtllm.connector:DynamoKVBMConnectorLeader"
     assert entry.plugin.distribution == "kvbm"
+
+
+def test_dynamos_environment_configures_the_chain(
+        tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "8")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "32")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", str(tmp_path / "dyn"))
+    e = Engine(llm_args(model_dir))
+    try:
+        planner = e.leader.side.planner
+        assert planner is not None
+        assert [(ts.cls.__name__, ts.registry.capacity) for ts in planner.tiers] == [
+            ("HostTier", 8), ("DiskTier", 32)]
+        e.serve(prompt(64))
+        b = e.serve(prompt(64))
+        assert e.matched[b.request_id] == 48 and e.bad_reads == []
+    finally:
+        e.close()

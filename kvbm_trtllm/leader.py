@@ -183,7 +183,8 @@ class LeaderSide:
             st.match.release()
             st.match = None
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any,
+                                   num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond ``num_computed_tokens`` kvbm holds (pinned now); loads are layer-wise."""
         self.poll()
         if self.planner is None:

@@ -50,7 +50,8 @@ class KvbmLoadError(KvbmError):
     def __init__(self, failed: dict[str, list[int]]) -> None:
         self.failed = failed
         blocks = sum(len(v) for v in failed.values())
-        detail = "; ".join(f"request {r}: engine blocks {sorted(b)}" for r, b in sorted(failed.items()))
+        detail = "; ".join(f"request {r}: engine blocks {sorted(b)}"
+                           for r, b in sorted(failed.items()))
         super().__init__(
             f"kvbm: {blocks} KV block(s) promised to TensorRT-LLM failed to load ({detail}). "
             "TensorRT-LLM's connector API cannot recompute a promised prefix, so this step's "
@@ -81,7 +82,6 @@ class WorkerSide:
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-trtllm-load{rank}")
         self._events: list[threading.Event] | None = None
         self._sync: Future[None] | None = None
-        self._sync_ops: list[LoadOp] = []
         self._save: LayeredSave | None = None
         self._step_loads = False  # this step's plan had loads: the same on every rank
 
@@ -164,9 +164,8 @@ class WorkerSide:
         for c in plan.copies:
             self.executor.submit(self._copy, c)
         if plan.loads:
-            self._sync_ops = list(plan.loads)
             self._events = [threading.Event() for _ in range(self.engine.num_layers)]
-            self._sync = self._load_pool.submit(self._load, self._sync_ops, self._events)
+            self._sync = self._load_pool.submit(self._load, list(plan.loads), self._events)
         if plan.saves:
             self._save = LayeredSave(self.executor, plan.saves, self.engine)
 
@@ -193,7 +192,7 @@ class WorkerSide:
         if save is not None:
             self._add({op.op_id: frozenset(range(len(op.slots))) for op in save.ops})
             save.close()
-        self._sync, self._events, self._sync_ops = None, None, []
+        self._sync, self._events = None, None
         with self._lock:
             self._errors = {}
 
@@ -232,7 +231,8 @@ class WorkerSide:
 
     def save_layer(self, layer: int) -> None:
         """Copy layer ``layer`` of this step's newly complete blocks into their tier."""
-        if self._save is not None and self.engine is not None and 0 <= layer < self.engine.num_layers:
+        engine = self.engine
+        if self._save is not None and engine is not None and 0 <= layer < engine.num_layers:
             self._save.layer(layer)
 
     def finish_step(self) -> None:
@@ -245,7 +245,7 @@ class WorkerSide:
         loaded, self._step_loads = self._step_loads, False
         if self._sync is not None:
             self._sync.result()
-        self._sync, self._events, self._sync_ops = None, None, []
+        self._sync, self._events = None, None
         with self._lock:
             mine = {r: sorted(b) for r, b in self._errors.items() if b}
             self._errors = {}

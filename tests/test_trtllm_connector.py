@@ -216,7 +216,8 @@ class Engine:
 
     def _positions(self, req: Request, start: int, end: int) -> tuple[Any, Any, Any]:
         pos = torch.arange(start, end)
-        blocks = torch.tensor([req.block_ids[p // PAGE] for p in range(start, end)], dtype=torch.long)
+        blocks = torch.tensor([req.block_ids[p // PAGE] for p in range(start, end)],
+                              dtype=torch.long)
         return pos, blocks, pos % PAGE
 
     def _attend(self, req: Request, layer: int, end: int) -> None:

@@ -79,7 +79,7 @@ def test_builtin_plugins_load_before_entry_points_sorted_by_name() -> None:
 def test_every_plugin_registers_through_the_entry_point_group() -> None:
     dists = {p.name: p.distribution for p in build_plugins().plugins}
     for name in ("host", "disk", "s3", "gpu", "remote", "policies", "observability", "bench", "hf",
-                 "sglang", "vllm"):
+                 "sglang", "vllm", "trtllm"):
         assert dists[name] == "kvbm"
 
 
@@ -198,7 +198,8 @@ def test_every_hook_spec_is_exercised_by_a_test(name: str) -> None:
 CORE = Path(__file__).resolve().parents[1] / "kvbm"
 # Import paths users type, kept in the core as the plugin modules under their old names.
 REEXPORTS = {"kv_events.py", "connectors/hf.py", "connectors/sglang.py",
-             "connectors/vllm.py", "vllm_integration/connector.py"}
+             "connectors/vllm.py", "vllm_integration/connector.py",
+             "trtllm_integration/connector.py"}
 TIER_TYPES = {"gpu", "host", "disk", "s3", "remote"}
 
 

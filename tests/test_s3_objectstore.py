@@ -46,7 +46,7 @@ def test_s3_tier_config_keeps_its_yaml_keys() -> None:
     s3_keys = {
         "bucket", "prefix", "endpoint_url", "region", "addressing_style", "profile",
         "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "max_concurrency",
-        "connect_timeout_s", "read_timeout_s", "request_deadline_s", "retries",
+        "connect_timeout_s", "read_timeout_s", "read_deadline_s", "request_deadline_s", "retries",
         "backoff_base_s", "backoff_max_s", "breaker_failures", "breaker_cooldown_s",
         "breaker_max_cooldown_s", "conditional_put", "pack_blocks", "pack_pointers",
         "delete_on_evict", "exist_cache_size", "negative_ttl_s", "create_bucket",

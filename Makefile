@@ -48,16 +48,19 @@ $(ENGINE_STAMP): $(ENGINE_VENV)/bin/python
 	$(ENGINE_PIP) install -q -e '.[disk]' $(TORCH)
 	touch $@
 
-bench: $(BENCH_STAMP) fio
+bench: $(BENCH_STAMP)
 	$(BIN)/kvbm bench $(ARGS)
 
 # The fs tier beside fio with the same file-per-block pattern (docs/benchmarks/fs.md).
 bench-fs: $(BENCH_STAMP) fio
 	$(BIN)/python bench/fs.py $(ARGS)
 
-# fio is the limit bench/fs.py measures the fs tier against. Installed with apt-get
-# where it is missing and apt-get is there (as root, or with password-less sudo);
-# otherwise the bench falls back to a plain Python loop and says so. Never fails.
+# fio is the limit bench/fs.py measures the fs tier against: `make fio` installs it
+# with apt-get (as root, or with password-less sudo); without it the bench falls back
+# to a plain Python loop and says so. Never fails. Not part of `make bench` or `make
+# test`: Debian's fio pulls the RDMA libraries (libibverbs, librdmacm), and with them
+# present but no RDMA device, the UCX inside NIXL crashes at process exit (SIGSEGV
+# after every test passed), which would fail `make test` on such a machine.
 fio:
 	@command -v fio >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) apt-get install -y -q fio >/dev/null 2>&1 || \

@@ -25,7 +25,7 @@ $(VENV)/bin/python:
 
 $(BENCH_STAMP): $(VENV)/bin/python
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[disk,s3,hf,metrics]' $(TORCH)
+	$(PIP) -e '.[disk,s3,hf,metrics,plot]' $(TORCH)
 	touch $@
 
 # vLLM has no CPU wheel: its wheel goes in without dependencies beside the CPU

@@ -2,23 +2,26 @@
 
 Validation runs in two steps (the core's skeleton, then each tier's own config model,
 so an error names the tier and the key); each tier class then checks where it stands
-in the chain (``Tier.check_chain``). Nothing here builds storage: the planner needs
-only the links (its registries and filters), the executor builds the tiers.
+in the chain (``Tier.check_chain``). The planner needs only the links (its registries
+and filters); ``build_tiers`` makes each link's storage for the executor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .config import KvbmSettings, TierConfig, tier_names, validate_tier
 from .errors import ConfigError, PluginError
+from .layout import BlockLayout
 from .plugins import Plugins
 from .policy import AdmissionPolicy, AdmitAll
 from .registry import BlockRegistry
-from .tier import Tier
+from .tier import Tier, TierContext
 
 log = logging.getLogger("kvbm")
 
@@ -146,3 +149,26 @@ def tier_states(links: list[ChainLink], events: Any = None) -> list[TierState]:
                       BlockRegistry(link.name, link.num_blocks, link.eviction, events),
                       link.admission)
             for i, link in enumerate(links)]
+
+
+def build_tiers(links: Sequence[Any], namespace: Any, layout: BlockLayout, *, rank: int = 0,
+                tp_size: int = 1) -> list[Tier]:
+    """Build the storage of every link of a resolved chain for tensor-parallel rank ``rank``.
+
+    A tier whose storage is named by its config alone gets a per-rank config
+    (``Tier.config_for_rank``). On an error every tier built so far is closed.
+    """
+    tiers: list[Tier] = []
+    try:
+        for link in links:
+            cfg = link.config
+            if tp_size > 1:
+                cfg = link.tier_cls.config_for_rank(cfg, rank, tp_size)
+            tiers.append(link.tier_cls(cfg, TierContext(link.name, namespace, layout,
+                                                        link.num_blocks)))
+    except BaseException:
+        for t in reversed(tiers):
+            with contextlib.suppress(Exception):
+                t.close()
+        raise
+    return tiers

@@ -17,7 +17,6 @@ into a slot after the planner has settled it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -597,28 +596,3 @@ def _copy_from(src: Sequence[np.ndarray]) -> Callable[[Sequence[int], Sequence[n
             np.copyto(d, src[i])
 
     return fn
-
-
-def build_tiers(links: Sequence[Any], namespace: Any, layout: BlockLayout, *, rank: int = 0,
-                tp_size: int = 1) -> list[Tier]:
-    """Build the storage of every link of a resolved chain for tensor-parallel rank ``rank``.
-
-    A tier whose storage is named by its config alone gets a per-rank config
-    (``Tier.config_for_rank``). On an error every tier built so far is closed.
-    """
-    from .tier import TierContext
-
-    tiers: list[Tier] = []
-    try:
-        for link in links:
-            cfg = link.config
-            if tp_size > 1:
-                cfg = link.tier_cls.config_for_rank(cfg, rank, tp_size)
-            tiers.append(link.tier_cls(cfg, TierContext(link.name, namespace, layout,
-                                                        link.num_blocks)))
-    except BaseException:
-        for t in reversed(tiers):
-            with contextlib.suppress(Exception):
-                t.close()
-        raise
-    return tiers

@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .chain import ChainLink, resolve_chain, tier_states
+from .chain import ChainLink, build_tiers, resolve_chain, tier_states
 from .config import KvbmSettings, load_settings
 from .errors import KvbmError, LayoutError, TokenError
 from .events import EventBus
-from .executor import Executor, PathStats, build_tiers
+from .executor import Executor, PathStats
 from .hashing import BlockHasher, Namespace, SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
 from .plan import Plan, Report

@@ -27,10 +27,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from kvbm.chain import resolve_chain
+from kvbm.chain import build_tiers, resolve_chain
 from kvbm.config import KvbmSettings
 from kvbm.errors import ConfigError, KvbmError, LayoutError
-from kvbm.executor import Executor, build_tiers
+from kvbm.executor import Executor
 from kvbm.hashing import SequenceHash
 from kvbm.layered import LayeredSave
 from kvbm.plan import CopyOp, LoadOp, Plan, Report

@@ -25,10 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from kvbm.chain import resolve_chain
+from kvbm.chain import build_tiers, resolve_chain
 from kvbm.config import KvbmSettings
 from kvbm.errors import LayoutError
-from kvbm.executor import Executor, build_tiers
+from kvbm.executor import Executor
 from kvbm.layered import LayeredSave
 from kvbm.plan import LoadOp, ProbeOp, Report
 from kvbm.plugins import build_plugins

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 from kvbm.config import KvbmSettings
 from kvbm.errors import ConfigError, LayoutError
-from kvbm.hashing import Namespace
 from kvbm.layout import BlockLayout, ModelSpec
 
 log = logging.getLogger("kvbm.trtllm")
@@ -198,13 +197,5 @@ def connector_settings(user: KvbmSettings, layout: BlockLayout, tp_size: int) ->
                                    "page_size": layout.page_size, "tp_size": tp_size})
 
 
-def namespace_for(settings: KvbmSettings, layout: BlockLayout, rank: int,
-                  lora: str | None = None, salt: str | None = None) -> Namespace:
-    """The namespace of rank ``rank``'s blocks (a request's LoRA and cache salt included)."""
-    return Namespace(model_id=settings.model.name, layout_digest=layout.digest, tp_rank=rank,
-                     tp_size=settings.tp_size, lora_name=lora or settings.lora_name,
-                     cache_salt=salt or settings.cache_salt)
-
-
 __all__ = ["BACKEND_KV_LAYOUT", "PoolLayout", "Ranks", "attention_backend", "connector_settings",
-           "namespace_for", "pool_layout", "ranks", "tokens_per_block"]
+           "pool_layout", "ranks", "tokens_per_block"]

@@ -15,7 +15,6 @@ TRT-LLM's pool's, which only the workers see (``WorkerHello`` through the link).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +25,12 @@ from kvbm.layout import BlockLayout
 from kvbm.plan import Plan
 from kvbm.planner import Match, Planner
 from kvbm.plugins import build_plugins
+from kvbm.ranks import Hashers, RankReports, restore_ranks
 
 from ._interface import BAD_PAGE_INDEX
 from ._link import Link
 from .api import RequestData, SchedulerOutput
-from .config import connector_settings, namespace_for
+from .config import connector_settings
 from .messages import KvbmTrtllmMetadata, WorkerHello, WorkerReport
 
 log = logging.getLogger("kvbm.trtllm")
@@ -90,9 +90,9 @@ class LeaderSide:
         #: Why reuse is off for this engine (a rank refused its pool), or None.
         self.disabled: str | None = None
         self.reqs: dict[int, _Req] = {}
-        self._hashers: OrderedDict[tuple[str | None, str | None], BlockHasher] = OrderedDict()
+        self._hashers: Hashers | None = None
         self._outbox = Plan()
-        self._acc: dict[int, tuple[int, set[int]]] = {}  # op -> (ranks reported, failed)
+        self._acc = RankReports(tp_size)
         self._loads: dict[int, _Load] = {}
         self._saves: dict[int, int] = {}  # save op -> blocks
         self._said: set[str] = set()
@@ -137,29 +137,14 @@ class LeaderSide:
         links = resolve_chain(self.settings, build_plugins())
         self.planner = Planner(tier_states(links), page_size=self.layout.page_size,
                                write_through=self.settings.write_through)
-        for ts in self.planner.tiers:
-            # One registry serves all ranks, and a load needs every rank's shard: a block
-            # is registered only where every rank found the same key in the same slot.
-            common = set.intersection(*(h.blocks(ts.index) for h in hellos))
-            if common:
-                n = self.planner.restore(ts.index, sorted(common))
-                self.restored_blocks += n
-                log.info("kvbm tier %r: %d blocks recovered by all %d ranks are matchable",
-                         ts.name, n, self.tp_size)
+        self._hashers = Hashers(self.settings, self.layout)
+        self.restored_blocks += restore_ranks(self.planner, self.tp_size,
+                                              [h.blocks for h in hellos])
 
     # -- requests ------------------------------------------------------------------------
     def _hasher(self, lora: str | None, salt: str | None) -> BlockHasher:
-        assert self.settings is not None and self.layout is not None
-        key = (lora, salt)
-        h = self._hashers.get(key)
-        if h is None:
-            ns = namespace_for(self.settings, self.layout, 0, lora, salt)
-            h = self._hashers[key] = BlockHasher(ns, self.page, self.settings.hash_algorithm)
-            if len(self._hashers) > MAX_HASHERS:
-                self._hashers.popitem(last=False)
-        else:
-            self._hashers.move_to_end(key)
-        return h
+        assert self._hashers is not None, "hashers are made when the workers registered"
+        return self._hashers.get(lora, salt)
 
     def _state(self, request: Any) -> _Req:
         rid = int(request.request_id)
@@ -312,14 +297,9 @@ class LeaderSide:
             for op, failed in w.report.items():
                 if not self.planner.is_pending(op):
                     continue  # settled already
-                n, f = self._acc.get(op, (0, set()))
-                n += 1
-                f |= failed
-                if n < self.tp_size:
-                    self._acc[op] = (n, f)
-                    continue
-                self._acc.pop(op, None)
-                self._settle(op, f)
+                done = self._acc.add(op, 1, failed)
+                if done is not None:
+                    self._settle(op, done)
 
     def _settle(self, op: int, failed: set[int]) -> None:
         assert self.planner is not None

@@ -35,10 +35,11 @@ from kvbm.hashing import SequenceHash
 from kvbm.layered import LayeredSave
 from kvbm.plan import CopyOp, LoadOp, Plan, Report
 from kvbm.plugins import build_plugins
+from kvbm.ranks import namespace_for
 from kvbm.tier import Tier
 
 from ._link import Collective, Link
-from .config import PoolLayout, connector_settings, namespace_for, pool_layout
+from .config import PoolLayout, connector_settings, pool_layout
 from .messages import WorkerHello, WorkerReport
 
 log = logging.getLogger("kvbm.trtllm")

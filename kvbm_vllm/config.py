@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmSettings, load_settings
 from kvbm.errors import ConfigError, LayoutError
-from kvbm.hashing import Namespace
 from kvbm.layout import BlockLayout, ModelSpec
 
 if TYPE_CHECKING:
@@ -140,14 +139,6 @@ def connector_settings(vllm_config: VllmConfig, eng: EngineLayout) -> KvbmSettin
         "page_size": eng.layout.page_size,
         "tp_size": tp,
     })
-
-
-def namespace_for(settings: KvbmSettings, layout: BlockLayout, rank: int,
-               lora: str | None = None, salt: str | None = None) -> Namespace:
-    """The namespace of rank ``rank``'s blocks (a request's LoRA and cache salt included)."""
-    return Namespace(model_id=settings.model.name, layout_digest=layout.digest, tp_rank=rank,
-                     tp_size=settings.tp_size, lora_name=lora or settings.lora_name,
-                     cache_salt=salt or settings.cache_salt)
 
 
 def physical_layout(vllm_config: VllmConfig, layer_names: Sequence[str],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,8 @@ from kvbm.layout import BlockLayout
 from kvbm.plan import Plan, Report
 from kvbm.planner import Match, Planner
 from kvbm.plugins import build_plugins
+from kvbm.ranks import Hashers, RankReports, restore_ranks
 
-from .config import namespace_for
 from .metadata import KvbmConnectorMetadata, KvbmConnectorStats, KvbmHandshakeMetadata
 
 if TYPE_CHECKING:
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvbm.vllm")
 
-#: Hashers kept for (LoRA, cache salt) pairs; the least recently used goes first.
-MAX_HASHERS = 64
 
 
 @dataclass
@@ -120,9 +117,9 @@ class SchedulerSide:
         self.tiers = self.planner.tiers
         self.shared = [ts.index for ts in self.tiers if ts.shared]
         self.reqs: dict[str, _ReqState] = {}
-        self._hashers: OrderedDict[tuple[str | None, str | None], BlockHasher] = OrderedDict()
+        self._hashers = Hashers(settings, layout)
         self._outbox = Plan()
-        self._acc: dict[int, tuple[int, set[int]]] = {}  # op -> (ranks reported, failed)
+        self._acc = RankReports(self.tp_size)
         self._loads: dict[int, _Load] = {}
         self._saves: dict[int, int] = {}  # save op -> blocks
         self._probes: dict[int, str] = {}  # probe op -> request id
@@ -148,17 +145,7 @@ class SchedulerSide:
 
     def _hasher(self, request: Any) -> BlockHasher:
         lora = request.lora_request.lora_name if getattr(request, "lora_request", None) else None
-        salt = getattr(request, "cache_salt", None)
-        key = (lora, salt)
-        h = self._hashers.get(key)
-        if h is None:
-            ns = namespace_for(self.settings, self.layout, 0, lora, salt)
-            h = self._hashers[key] = BlockHasher(ns, self.page, self.settings.hash_algorithm)
-            if len(self._hashers) > MAX_HASHERS:
-                self._hashers.popitem(last=False)
-        else:
-            self._hashers.move_to_end(key)
-        return h
+        return self._hashers.get(lora, getattr(request, "cache_salt", None))
 
     def _state(self, request: Any) -> _ReqState:
         st = self.reqs.get(request.request_id)
@@ -203,22 +190,13 @@ class SchedulerSide:
             # Keys are hashed under the engine's physical layout, as the workers store
             # them: another engine's blocks (another kernel) never match by key either.
             self.layout = replace(self.layout, physical=physical.pop())
-            self._hashers.clear()
+            self._hashers.relayout(self.layout)
         if self._acc or self._loads or any(ts.registry.num_used for ts in self.tiers):
             log.warning("kvbm: the workers' recovered blocks arrived after scheduling began; "
                         "they are not used (the slots may have been written since)")
             return 0
-        total = 0
-        for ts in self.tiers:
-            common: set[tuple[int, SequenceHash]] | None = None
-            for r in range(self.tp_size):
-                got = ranks[r].blocks(ts.index) if r in ranks else set()
-                common = got if common is None else common & got
-            if common:
-                n = self.planner.restore(ts.index, sorted(common))
-                total += n
-                log.info("kvbm tier %r: %d blocks recovered by all %d ranks are matchable",
-                         ts.name, n, self.tp_size)
+        total = restore_ranks(self.planner, self.tp_size,
+                              [ranks[r].blocks for r in range(self.tp_size) if r in ranks])
         self.restored_blocks = total
         return total
 
@@ -256,7 +234,7 @@ class SchedulerSide:
         if st.probe is not None:
             for op in st.probe.ops:
                 self._probes.pop(op, None)
-                self._acc.pop(op, None)
+                self._acc.drop(op)
             st.probe = None
 
     def _probe_answered(self, op: int, failed: set[int]) -> None:
@@ -392,17 +370,13 @@ class SchedulerSide:
         for op, (n, failed) in reports.items():
             if op not in self._probes and not self.planner.is_pending(op):
                 continue  # settled already, or its request gave up waiting
-            m, f = self._acc.get(op, (0, set()))
-            m += n
-            f = f | set(failed)
-            if m < self.tp_size:
-                self._acc[op] = (m, f)
+            done = self._acc.add(op, n, failed)
+            if done is None:
                 continue
-            self._acc.pop(op, None)
             if op in self._probes:
-                self._probe_answered(op, f)
+                self._probe_answered(op, done)
             else:
-                self._settle(op, f)
+                self._settle(op, done)
         self._translate_events()
 
     def _settle(self, op: int, failed: set[int]) -> None:

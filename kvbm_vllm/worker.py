@@ -32,10 +32,11 @@ from kvbm.executor import Executor
 from kvbm.layered import LayeredSave
 from kvbm.plan import LoadOp, ProbeOp, Report
 from kvbm.plugins import build_plugins
+from kvbm.ranks import namespace_for
 from kvbm.served import SlotMap
 from kvbm.tier import Tier
 
-from .config import EngineLayout, namespace_for, physical_layout
+from .config import EngineLayout, physical_layout
 from .metadata import KvbmConnectorMetadata, KvbmHandshakeMetadata, KvbmWorkerMetadata, as_reports
 
 log = logging.getLogger("kvbm.vllm")

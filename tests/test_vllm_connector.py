@@ -622,7 +622,7 @@ def test_blocks_no_tier_had_a_slot_for_are_reported_as_not_saved(make: Any) -> N
 
 
 def test_scheduler_keeps_a_bounded_number_of_hashers(make: Any, v: Any) -> None:
-    from kvbm_vllm.scheduler import MAX_HASHERS
+    from kvbm.ranks import MAX_HASHERS
 
     e = make()
     for i in range(MAX_HASHERS + 40):

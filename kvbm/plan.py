@@ -107,6 +107,21 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.discards or self.probes or self.loads or self.saves or self.copies)
 
+    def all_failed(self) -> Report:
+        """A report that fails every position of every reported operation but probes
+        (its executor died, or has no storage)."""
+        report: Report = {}
+        for op in self.saves:
+            report[op.op_id] = frozenset(range(len(op.slots)))
+        for c in self.copies:
+            report[c.op_id] = frozenset(range(len(c.dst_slots)))
+        for ld in self.loads:
+            every = frozenset(range(len(ld.slots)))
+            report[ld.op_id] = every
+            if ld.promote_op:
+                report[ld.promote_op] = every
+        return report
+
     def op_ids(self) -> list[int]:
         """Every operation id that expects a report (promotions included)."""
         out = [op.op_id for op in self.probes]

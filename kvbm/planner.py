@@ -511,16 +511,7 @@ class Planner:
 
     def fail(self, plan: Plan) -> Plan:
         """Settle every reported operation of ``plan`` as failed (its executor died)."""
-        report: Report = {}
-        for op in plan.saves:
-            report[op.op_id] = frozenset(range(len(op.slots)))
-        for c in plan.copies:
-            report[c.op_id] = frozenset(range(len(c.dst_slots)))
-        for ld in plan.loads:
-            report[ld.op_id] = frozenset(range(len(ld.slots)))
-            if ld.promote_op:
-                report[ld.promote_op] = frozenset(range(len(ld.slots)))
-        return self.apply(report)
+        return self.apply(plan.all_failed())
 
     # -- restart, housekeeping, stats ------------------------------------------------------
     def restore(self, t: int, blocks: Sequence[tuple[int, SequenceHash]]) -> int:

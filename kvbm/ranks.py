@@ -4,6 +4,8 @@ Such an engine splits the data path across processes: the leader (scheduler) dri
 the planner, each tensor-parallel rank runs the executor on its own shard. Three
 things follow from that and are written once here:
 
+- ``engine_settings``: the user's settings with the engine's block layout filled in
+  (a model or page size the user gave that disagrees with the engine is refused);
 - ``namespace_for``: rank ``r``'s namespace (a request's LoRA and cache salt in it);
 - ``Hashers``: the leader's block hashers, one per (LoRA, cache salt), bounded;
 - ``RankReports``: an operation is applied to the planner only once every rank
@@ -20,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from .config import KvbmSettings
+from .errors import ConfigError
 from .hashing import BlockHasher, Namespace, SequenceHash
 from .layout import BlockLayout
 from .planner import Planner
@@ -28,6 +31,38 @@ log = logging.getLogger("kvbm")
 
 #: Hashers kept for (LoRA, cache salt) pairs; the least recently used goes first.
 MAX_HASHERS = 64
+
+
+def engine_settings(user: KvbmSettings, layout: BlockLayout, tp_size: int, *, engine: str,
+                    page_what: str, page_fix: str) -> KvbmSettings:
+    """``user`` with the engine's per-rank layout, page size and tensor-parallel size.
+
+    ``engine`` names the engine's KV cache in errors ("vLLM's KV cache"); ``page_what``
+    and ``page_fix`` name its page size and how to change it. A ``model`` the user gave
+    keeps its name; its shape must be the engine's (KV heads per rank or in all).
+    """
+    m = layout.model
+    if "model" in user.model_fields_set:
+        um = user.model
+        heads_ok = um.num_kv_heads in (m.num_kv_heads, m.num_kv_heads * tp_size)
+        if (um.num_layers, um.head_dim, um.dtype, um.outer_dim) != (
+            m.num_layers, m.head_dim, m.dtype, m.outer_dim
+        ) or not heads_ok:
+            raise ConfigError(
+                f"kvbm config key 'model': layers={um.num_layers} kv_heads={um.num_kv_heads} "
+                f"head_dim={um.head_dim} dtype={um.dtype} outer_dim={um.outer_dim} does not "
+                f"match {engine} (layers={m.num_layers} kv_heads={m.num_kv_heads} per "
+                f"rank x tp {tp_size}, head_dim={m.head_dim} dtype={m.dtype} "
+                f"outer_dim={m.outer_dim}); remove 'model' from the kvbm config or fix it")
+    if "page_size" in user.model_fields_set and user.page_size != layout.page_size:
+        raise ConfigError(
+            f"kvbm config key 'page_size': {user.page_size} differs from {page_what} "
+            f"{layout.page_size}; remove it from the kvbm config or {page_fix}")
+    name = user.model.name if "model" in user.model_fields_set else m.name
+    model = {"name": name, "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads,
+             "head_dim": m.head_dim, "dtype": m.dtype, "outer_dim": m.outer_dim}
+    return user.model_copy(update={"model": type(user.model)(**model),
+                                   "page_size": layout.page_size, "tp_size": tp_size})
 
 
 def namespace_for(settings: KvbmSettings, layout: BlockLayout, rank: int,

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from kvbm.config import KvbmSettings
 from kvbm.errors import ConfigError, LayoutError
 from kvbm.layout import BlockLayout, ModelSpec
+from kvbm.ranks import engine_settings
 
 log = logging.getLogger("kvbm.trtllm")
 
@@ -173,28 +174,9 @@ def connector_settings(user: KvbmSettings, layout: BlockLayout, tp_size: int) ->
     A ``model`` or ``page_size`` the user gave that disagrees with the pool is a
     ``ConfigError`` naming both.
     """
-    m = layout.model
-    if "model" in user.model_fields_set:
-        um = user.model
-        heads_ok = um.num_kv_heads in (m.num_kv_heads, m.num_kv_heads * tp_size)
-        if (um.num_layers, um.head_dim, um.dtype, um.outer_dim) != (
-            m.num_layers, m.head_dim, m.dtype, m.outer_dim
-        ) or not heads_ok:
-            raise ConfigError(
-                f"kvbm config key 'model': layers={um.num_layers} kv_heads={um.num_kv_heads} "
-                f"head_dim={um.head_dim} dtype={um.dtype} outer_dim={um.outer_dim} does not match "
-                f"TensorRT-LLM's KV-cache pool (layers={m.num_layers} kv_heads={m.num_kv_heads} "
-                f"per rank x tp {tp_size}, head_dim={m.head_dim} dtype={m.dtype} "
-                f"outer_dim={m.outer_dim}); remove 'model' from the kvbm config or fix it")
-    if "page_size" in user.model_fields_set and user.page_size != layout.page_size:
-        raise ConfigError(
-            f"kvbm config key 'page_size': {user.page_size} differs from TensorRT-LLM's "
-            f"kv_cache_config.tokens_per_block {layout.page_size}; remove it from the kvbm "
-            "config or set tokens_per_block to it")
-    model = {"name": m.name, "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads,
-             "head_dim": m.head_dim, "dtype": m.dtype, "outer_dim": m.outer_dim}
-    return user.model_copy(update={"model": type(user.model)(**model),
-                                   "page_size": layout.page_size, "tp_size": tp_size})
+    return engine_settings(user, layout, tp_size, engine="TensorRT-LLM's KV-cache pool",
+                           page_what="TensorRT-LLM's kv_cache_config.tokens_per_block",
+                           page_fix="set tokens_per_block to it")
 
 
 __all__ = ["BACKEND_KV_LAYOUT", "PoolLayout", "Ranks", "attention_backend", "connector_settings",

@@ -171,18 +171,10 @@ class WorkerSide:
             self._save = LayeredSave(self.executor, plan.saves, self.engine)
 
     def _fail_all(self, plan: Plan) -> None:
-        report: Report = {}
-        for op in plan.saves:
-            report[op.op_id] = frozenset(range(len(op.slots)))
-        for c in plan.copies:
-            report[c.op_id] = frozenset(range(len(c.dst_slots)))
         for ld in plan.loads:
-            report[ld.op_id] = frozenset(range(len(ld.dst)))
-            if ld.promote_op:
-                report[ld.promote_op] = frozenset(range(len(ld.dst)))
             with self._lock:
                 self._errors.setdefault(ld.req_id, set()).update(ld.dst)
-        self._add(report)
+        self._add(plan.all_failed())
 
     def _abandon(self) -> None:
         """A step whose forward pass never reached ``wait_for_save`` (it raised): wait for
@@ -191,7 +183,7 @@ class WorkerSide:
             self._sync.result()
         save, self._save = self._save, None
         if save is not None:
-            self._add({op.op_id: frozenset(range(len(op.slots))) for op in save.ops})
+            self._add(Plan(saves=save.ops).all_failed())
             save.close()
         self._sync, self._events = None, None
         with self._lock:
@@ -211,9 +203,7 @@ class WorkerSide:
             report = self.executor.load(ops, self.engine, on_layer=lambda li: events[li].set())
         except Exception as e:
             log.error("kvbm rank %d: load failed (%s); every block of it failed", self.rank, e)
-            report = {op.op_id: frozenset(range(len(op.dst))) for op in ops}
-            report.update({op.promote_op: frozenset(range(len(op.dst)))
-                           for op in ops if op.promote_op})
+            report = Plan(loads=ops).all_failed()
         finally:
             for ev in events:
                 ev.set()

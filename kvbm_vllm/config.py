@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmSettings, load_settings
-from kvbm.errors import ConfigError, LayoutError
+from kvbm.errors import LayoutError
 from kvbm.layout import BlockLayout, ModelSpec
+from kvbm.ranks import engine_settings
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -110,35 +111,10 @@ def connector_settings(vllm_config: VllmConfig, eng: EngineLayout) -> KvbmSettin
     if source is None:
         source = extra.get("kvbm_config")
     user = load_settings(source)
-    m = eng.layout.model
     tp = int(vllm_config.parallel_config.tensor_parallel_size)
-    if "model" in user.model_fields_set:
-        um = user.model
-        heads_ok = um.num_kv_heads in (m.num_kv_heads, m.num_kv_heads * tp)
-        if (um.num_layers, um.head_dim, um.dtype, um.outer_dim) != (
-            m.num_layers, m.head_dim, m.dtype, m.outer_dim
-        ) or not heads_ok:
-            raise ConfigError(
-                f"kvbm config key 'model': layers={um.num_layers} kv_heads={um.num_kv_heads} "
-                f"head_dim={um.head_dim} dtype={um.dtype} outer_dim={um.outer_dim} does not "
-                f"match vLLM's KV cache (layers={m.num_layers} kv_heads={m.num_kv_heads} per "
-                f"rank x tp {tp}, head_dim={m.head_dim} dtype={m.dtype} outer_dim={m.outer_dim}); "
-                "remove 'model' from the kvbm config or fix it"
-            )
-    if "page_size" in user.model_fields_set and user.page_size != eng.layout.page_size:
-        raise ConfigError(
-            f"kvbm config key 'page_size': {user.page_size} differs from vLLM's block size "
-            f"{eng.layout.page_size}; remove it from the kvbm config or pass "
-            f"--block-size {user.page_size} to vLLM"
-        )
-    name = user.model.name if "model" in user.model_fields_set else m.name
-    model = {"name": name, "num_layers": m.num_layers, "num_kv_heads": m.num_kv_heads,
-             "head_dim": m.head_dim, "dtype": m.dtype, "outer_dim": m.outer_dim}
-    return user.model_copy(update={
-        "model": type(user.model)(**model),
-        "page_size": eng.layout.page_size,
-        "tp_size": tp,
-    })
+    return engine_settings(user, eng.layout, tp, engine="vLLM's KV cache",
+                           page_what="vLLM's block size",
+                           page_fix=f"pass --block-size {user.page_size} to vLLM")
 
 
 def physical_layout(vllm_config: VllmConfig, layer_names: Sequence[str],

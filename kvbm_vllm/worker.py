@@ -30,7 +30,7 @@ from kvbm.config import KvbmSettings
 from kvbm.errors import LayoutError
 from kvbm.executor import Executor
 from kvbm.layered import LayeredSave
-from kvbm.plan import LoadOp, ProbeOp, Report
+from kvbm.plan import LoadOp, Plan, ProbeOp, Report
 from kvbm.plugins import build_plugins
 from kvbm.ranks import namespace_for
 from kvbm.served import SlotMap
@@ -174,10 +174,7 @@ class WorkerSide:
         if self._executor is None:
             # No storage (refused or never registered): every operation fails, so the
             # scheduler aborts its slots and vLLM recomputes what it meant to load.
-            self._finish_loads(plan.loads, {op.op_id: frozenset(range(len(op.dst)))
-                                            for op in plan.loads})
-            self._report({op.op_id: frozenset(range(len(op.slots))) for op in plan.saves})
-            self._report({op.op_id: frozenset(range(len(op.dst_slots))) for op in plan.copies})
+            self._finish_loads(plan.loads, plan.all_failed())
             self._report({op.op_id: frozenset({0}) for op in plan.probes})
             return
         for d in plan.discards:
@@ -192,7 +189,7 @@ class WorkerSide:
         sync = [op for op in plan.loads if op.layerwise]
         if sync:
             if self.engine is None:
-                self._finish_loads(sync, {op.op_id: frozenset(range(len(op.dst))) for op in sync})
+                self._finish_loads(sync, Plan(loads=sync).all_failed())
             else:
                 self._events = [threading.Event() for _ in range(self.engine.num_layers)]
                 self._sync = self._load_pool.submit(self._load, sync, self._events)
@@ -200,7 +197,7 @@ class WorkerSide:
             if self.engine is None:
                 log.error("kvbm rank %d: no KV caches registered (register_kv_caches not "
                           "called); this step's blocks are not stored", self.rank)
-                self._report({op.op_id: frozenset(range(len(op.slots))) for op in plan.saves})
+                self._report(Plan(saves=plan.saves).all_failed())
             else:
                 self._save = LayeredSave(self.executor, plan.saves, self.engine)
 
@@ -220,9 +217,7 @@ class WorkerSide:
         except Exception as e:
             log.error("kvbm rank %d: load failed (%s); every block of it is a load error",
                       self.rank, e)
-            report = {op.op_id: frozenset(range(len(op.dst))) for op in ops}
-            report.update({op.promote_op: frozenset(range(len(op.dst)))
-                           for op in ops if op.promote_op})
+            report = Plan(loads=ops).all_failed()
         finally:
             if events is not None:
                 for ev in events:

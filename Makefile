@@ -48,23 +48,42 @@ $(ENGINE_STAMP): $(ENGINE_VENV)/bin/python
 	$(ENGINE_PIP) install -q -e '.[disk]' $(TORCH)
 	touch $@
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) fio
 	$(BIN)/kvbm bench $(ARGS)
 
 # The fs tier beside fio with the same file-per-block pattern (docs/benchmarks/fs.md).
 bench-fs: $(BENCH_STAMP) fio
 	$(BIN)/python bench/fs.py $(ARGS)
 
-# fio is the limit bench/fs.py measures the fs tier against: `make fio` installs it
-# with apt-get (as root, or with password-less sudo); without it the bench falls back
-# to a plain Python loop and says so. Never fails. Not part of `make bench` or `make
-# test`: Debian's fio pulls the RDMA libraries (libibverbs, librdmacm), and with them
-# present but no RDMA device, the UCX inside NIXL crashes at process exit (SIGSEGV
-# after every test passed), which would fail `make test` on such a machine.
+# fio is the limit the disk tiers are measured against (kvbm bench, bench/disk.py,
+# bench/fs.py). `make fio` unpacks Debian's fio, and the libraries it needs that the
+# system lacks, into .tools/fio (apt-get download + dpkg-deb -x: no root, nothing
+# installed system-wide) behind a wrapper, .tools/bin/fio, that sets LD_LIBRARY_PATH
+# for fio alone. Installed system-wide, fio would bring the RDMA libraries
+# (libibverbs, librdmacm), and with them present but no RDMA device the UCX inside
+# NIXL crashes at process exit (SIGSEGV after every test passed). A fio already on
+# PATH is used as it is. Never fails: without fio the benches measure against dd (or
+# a Python loop) and say so.
+FIO_ROOT := .tools/fio/root
 fio:
-	@command -v fio >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) apt-get install -y -q fio >/dev/null 2>&1 || \
-	  echo "make fio: could not install fio with apt-get; bench/fs.py uses its Python loop as the limit"
+	@if command -v fio >/dev/null 2>&1 || .tools/bin/fio --version >/dev/null 2>&1; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then \
+	  echo "make fio: no apt-get here; the disk limit is dd's (the benches say so)"; exit 0; fi; \
+	rm -rf .tools/fio && mkdir -p .tools/fio/debs .tools/bin && echo '*' > .tools/.gitignore; \
+	libs=$$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+	  --no-replaces --no-enhances --no-pre-depends fio 2>/dev/null | grep '^lib' | grep -v perl | \
+	  sort -u | while read -r p; do \
+	    [ "$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null)" = "install ok installed" ] || echo "$$p"; \
+	  done); \
+	if (cd .tools/fio/debs && apt-get download -q fio $$libs >/dev/null 2>&1) && \
+	   (for d in .tools/fio/debs/*.deb; do dpkg-deb -x "$$d" $(FIO_ROOT) || exit 1; done); then \
+	  rm -rf .tools/fio/debs; \
+	  dirs=$$(cd $(FIO_ROOT) && find . -name '*.so*' -printf '%h\n' | sort -u | sed 's|^\.|$$r|' | paste -sd:); \
+	  printf '#!/bin/sh\n# fio unpacked by `make fio`; its libraries for fio alone\nr=$$(cd "$$(dirname "$$0")/../fio/root" && pwd)\nLD_LIBRARY_PATH="%s$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$r/usr/bin/fio" "$$@"\n' "$$dirs" > .tools/bin/fio; \
+	  chmod +x .tools/bin/fio; \
+	  .tools/bin/fio --version >/dev/null 2>&1 && echo "make fio: $$(.tools/bin/fio --version) in .tools/bin/fio" || \
+	    echo "make fio: the unpacked fio does not run; the disk limit is dd's"; \
+	else echo "make fio: could not download fio with apt-get; the disk limit is dd's"; fi
 
 test: $(TEST_STAMP) $(ENGINE_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

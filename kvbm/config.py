@@ -276,8 +276,8 @@ class KvEventsConfig(BaseModel):
     enabled: bool = False
     endpoint: str = Field("tcp://127.0.0.1", description="ZMQ address to bind; tcp without port")
     port: int = Field(
-        0, ge=0, lt=65536,
-        description="0 picks a free port per instance; a fixed port is offset by dp_rank")
+        5557, ge=0, lt=65536,
+        description="vLLM's default 5557; offset by dp_rank; 0 picks a free port per instance")
     topic: str = Field("", description="ZMQ topic frame of every message")
     hash_format: Literal["int64", "bytes", "dynamo"] = Field(
         "int64", description="int64: last 8 bytes of the key, big-endian (vLLM's rule); "

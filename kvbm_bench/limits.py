@@ -1,12 +1,37 @@
-"""Physical limits measured in the same run, as denominators of each figure's ratio."""
+"""Physical limits measured in the same run, as denominators of each figure's ratio.
+
+Every path has its own limit, measured on the same bytes, in the same run:
+
+- memory paths: the best of a 1-thread and an N-thread copy (``memcpy_best``): one
+  thread is faster than several on some machines, so a fixed count would flatter;
+- a tier on a local directory: fio with O_DIRECT, 2 MiB blocks and ``numjobs`` = the
+  tier's I/O threads (``fio_gbps``), with ``dd`` (one request in flight) beside it;
+  without fio, dd is the limit and the table says so;
+- an S3 tier: a raw boto3 put/get loop against the same server, bucket and
+  credentials, with the tier's concurrency (``s3_raw_gbps``);
+- a remote tier: a raw NIXL READ needs the peer's slot addresses, measured by
+  ``bench/remote.py``; ``kvbm bench`` says "no limit" for it rather than a wrong one.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+BLOCK = 2 * 2**20  # fio's and dd's block size: one 2 MiB KV block per request
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -19,43 +44,133 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def memcpy_gbps(nbytes: int = 256 * 2**20, threads: int = 1, repeats: int = 5) -> float:
-    """Best-of-``repeats`` GB/s of copying ``nbytes`` between two touched buffers.
+def split_copy(dst: np.ndarray, src: np.ndarray, threads: int, pool: ThreadPoolExecutor | None) -> float:
+    """Seconds to copy ``src`` into ``dst`` (same shape) split along the first axis
+    across ``threads`` (this thread takes the first slice; ``np.copyto`` releases the GIL)."""
+    k = len(src)
+    if threads <= 1 or pool is None or k < 2:
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        return time.perf_counter() - t0
+    step = -(-k // threads)
+    t0 = time.perf_counter()
+    futs = [pool.submit(np.copyto, dst[j : j + step], src[j : j + step]) for j in range(step, k, step)]
+    np.copyto(dst[:step], src[:step])
+    for f in futs:
+        f.result()
+    return time.perf_counter() - t0
 
-    With ``threads`` > 1 the buffer is split into that many slices copied in
-    parallel (``np.copyto`` releases the GIL), the way the host tier copies a batch.
-    """
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.zeros(nbytes, dtype=np.uint8)
-    step = -(-nbytes // threads)
-    parts = [(dst[i : i + step], src[i : i + step]) for i in range(0, nbytes, step)]
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
+
+def best_copy(dst: np.ndarray, src: np.ndarray, threads: int, pool: ThreadPoolExecutor | None) -> float:
+    """The faster of a 1-thread and a ``threads``-thread copy of the same bytes, back to
+    back (seconds): the memory limit of a path that copies these bytes."""
+    one = split_copy(dst, src, 1, None)
+    if threads <= 1:
+        return one
+    return min(one, split_copy(dst, src, threads, pool))
+
+
+@dataclass
+class MemcpyLimit:
+    """GB/s of one copy of the same bytes with 1 and with ``threads`` threads."""
+
+    one_thread_gbps: float
+    n_threads_gbps: float
+    threads: int
+
+    @property
+    def best_gbps(self) -> float:
+        return max(self.one_thread_gbps, self.n_threads_gbps)
+
+    @property
+    def name(self) -> str:
+        t = 1 if self.one_thread_gbps >= self.n_threads_gbps else self.threads
+        return f"memcpy best of 1/{self.threads} threads ({t} won)"
+
+
+def memcpy_best(nbytes: int = 256 * 2**20, threads: int = 2, repeats: int = 5) -> MemcpyLimit:
+    """Best-of-``repeats`` GB/s of copying ``nbytes`` between two touched buffers with
+    one thread and with ``threads``, interleaved (1, N, 1, N …) so load drift hits both."""
+    src = np.ones((max(threads, 1) * 8, nbytes // (max(threads, 1) * 8)), dtype=np.uint8)
+    dst = np.zeros_like(src)
+    one = many = float("inf")
+    with ThreadPoolExecutor(max(1, threads - 1)) as pool:
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            if threads == 1:
-                np.copyto(dst, src)
-            else:
-                list(pool.map(lambda p: np.copyto(p[0], p[1]), parts))
-            best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+            one = min(one, split_copy(dst, src, 1, None))
+            if threads > 1:
+                many = min(many, split_copy(dst, src, threads, pool))
+    if threads <= 1:
+        many = one
+    return MemcpyLimit(src.nbytes / one / 1e9, src.nbytes / many / 1e9, max(threads, 1))
+
+
+def memcpy_gbps(nbytes: int = 256 * 2**20, threads: int = 1, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GB/s of copying ``nbytes`` with exactly ``threads`` threads."""
+    lim = memcpy_best(nbytes, threads, repeats)
+    return lim.n_threads_gbps if threads > 1 else lim.one_thread_gbps
+
+
+# -- disk --------------------------------------------------------------------------
+
+
+def find_fio() -> str | None:
+    """fio: ``KVBM_FIO``, the one ``make fio`` unpacked (``.tools/bin/fio`` of the source
+    tree or of the current directory), else the one on PATH; None when there is none."""
+    cands = [os.environ.get("KVBM_FIO", "")]
+    cands += [str(Path(__file__).resolve().parent.parent / ".tools" / "bin" / "fio"),
+              str(Path.cwd() / ".tools" / "bin" / "fio")]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return shutil.which("fio")
+
+
+def fio_gbps(directory: str, threads: int, nbytes: int = 512 * 2**20, repeats: int = 2,
+             fio: str | None = None) -> tuple[float, float] | None:
+    """(write, read) GB/s of fio in ``directory``: O_DIRECT, 2 MiB blocks, ``threads``
+    jobs (``psync``, as the tier's threads issue ``pwrite``/``pread``), ``nbytes`` in all;
+    best of ``repeats``. None where fio is missing or fails (O_DIRECT refused …)."""
+    fio = fio or find_fio()
+    if fio is None:
+        return None
+    jobs = max(1, threads)
+    per_job = max(BLOCK, nbytes // jobs // BLOCK * BLOCK)
+    work = tempfile.mkdtemp(prefix="kvbm-fio-", dir=directory)
+    name = f"kvbm-limit-{uuid.uuid4().hex[:8]}"
+
+    def run(rw: str) -> float:
+        r = subprocess.run(
+            [fio, f"--name={name}", f"--directory={work}", f"--rw={rw}", f"--bs={BLOCK}",
+             f"--size={per_job}", f"--numjobs={jobs}", "--direct=1", "--ioengine=psync",
+             "--group_reporting", "--output-format=json", "--thread"],
+            capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.strip() or r.stdout.strip())
+        out = r.stdout[r.stdout.index("{"):]  # fio may print notes before its JSON
+        bw = float(json.loads(out)["jobs"][0]["write" if rw == "write" else "read"]["bw_bytes"])
+        if bw <= 0:
+            raise RuntimeError("fio reported no bandwidth")
+        return bw / 1e9
+
+    try:
+        w = max(run("write") for _ in range(repeats))
+        rd = max(run("read") for _ in range(repeats))
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
+        return None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return w, rd
 
 
 def dd_direct_gbps(directory: str, nbytes: int = 512 * 2**20, repeats: int = 3) -> tuple[float, float]:
     """(write, read) GB/s of ``dd`` with O_DIRECT and 2 MiB blocks in ``directory``.
 
-    The physical limit of a disk tier on that directory: one request in flight, no
-    page cache. Returns (0, 0) where dd or O_DIRECT is unavailable.
+    One request in flight, no page cache: shown beside fio. Returns (0, 0) where dd
+    or O_DIRECT is unavailable.
     """
-    import os
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
     if shutil.which("dd") is None:
         return 0.0, 0.0
-    count = max(1, nbytes // (2 * 2**20))
+    count = max(1, nbytes // BLOCK)
 
     def run(args: list[str]) -> float:
         r = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
@@ -75,5 +190,61 @@ def dd_direct_gbps(directory: str, nbytes: int = 512 * 2**20, repeats: int = 3) 
         return 0.0, 0.0
     finally:
         os.unlink(path)
-    size = count * 2 * 2**20
+    size = count * BLOCK
     return size / w / 1e9, size / r / 1e9
+
+
+# -- object store -----------------------------------------------------------------
+
+
+def s3_raw_gbps(cfg: Any, threads: int, block_bytes: int, blocks: int = 16,
+                repeats: int = 2) -> tuple[float, float]:
+    """(put, get) GB/s of a raw boto3 loop: ``blocks`` objects of ``block_bytes`` put
+    then got by ``threads`` threads, through a client built from the tier's own config
+    (endpoint, bucket, region, credentials); best of ``repeats``. The objects go under
+    ``{prefix}/kvbm-bench-limit/`` and are deleted after. Raises on a server error."""
+    from kvbm.objectstore import s3_client
+
+    client = s3_client(cfg, max_pool_connections=threads + 2,
+                       request_checksum_calculation="when_required",
+                       response_checksum_validation="when_required")
+    payload = np.random.default_rng(7).integers(0, 256, block_bytes, dtype=np.uint8).tobytes()
+    base = f"{cfg.prefix.rstrip('/')}/kvbm-bench-limit/{uuid.uuid4().hex}".lstrip("/")
+    keys = [f"{base}/{i}" for i in range(blocks)]
+    bucket = cfg.bucket
+
+    def put(k: str) -> None:
+        client.put_object(Bucket=bucket, Key=k, Body=payload)
+
+    def get(k: str) -> None:
+        n = len(client.get_object(Bucket=bucket, Key=k)["Body"].read())
+        if n != block_bytes:
+            raise RuntimeError(f"raw get of {k}: {n} bytes, not {block_bytes}")
+
+    nbytes = blocks * block_bytes
+    tp = tg = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        try:
+            list(pool.map(put, keys))  # warm-up: connections opened, server paths hot
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                list(pool.map(put, keys))
+                tp = min(tp, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                list(pool.map(get, keys))
+                tg = min(tg, time.perf_counter() - t0)
+        finally:
+            for i in range(0, len(keys), 1000):
+                client.delete_objects(Bucket=bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+    return nbytes / tp / 1e9, nbytes / tg / 1e9
+
+
+def nixl_importable() -> bool:
+    """Whether NIXL can be imported here (the remote tier's transport)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nixl") is not None
+    except (ImportError, ValueError):
+        return False

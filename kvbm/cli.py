@@ -1,4 +1,5 @@
-"""The ``kvbm`` command: ``plugins`` and ``config check``, and the plugins' subcommands.
+"""The ``kvbm`` command: ``plugins``, ``plugin new``, ``config check``, ``--version``, and
+the plugins' subcommands.
 
 Plugins add subcommands through ``kvbm_register_commands`` (``kvbm bench`` and ``kvbm
 simulate`` come from the bench and policy plugins). A subcommand's module is imported
@@ -53,6 +54,33 @@ def _shown_value(key: str, value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_shown_value(str(k), v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def _cmd_plugin_new(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .scaffold import names_for, new_plugin
+
+    names = names_for(args.name)
+    taken = build_plugins().tiers
+    if args.name in taken:
+        owner = taken.get(args.name).plugin
+        raise KvbmError(f"plugin name {args.name!r}: tier type {args.name!r} exists already "
+                        f"(plugin {owner.name!r} of distribution {owner.distribution!r}); "
+                        "choose another name")
+    written = new_plugin(args.name, Path(args.dir) if args.dir else None)
+    root = written[0].parent
+    print(f"wrote {names['__DIST__']} ({len(written)} files) in {root}:")
+    for path in written:
+        print(f"    {path.relative_to(root)}")
+    print(f"next: cd {root} && pip install -e '.[test]' && kvbm plugins && pytest tests")
+    return 0
+
+
+def _version() -> str:
+    from .plugins import _dist_version
+
+    return f"kvbm {_dist_version('kvbm')}"
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -130,10 +158,19 @@ def build_parser(argv: Sequence[str] = (), plugins: Plugins | None = None) -> ar
     wanted = _command_of(argv)
     p = argparse.ArgumentParser(prog="kvbm", description="KV-cache block manager for LLM inference")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("--version", action="version", version=_version(),
+                   help="print kvbm's version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("plugins", help="list installed plugins and what they register")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=_cmd_plugins)
+    pp = sub.add_parser("plugin", help="plugin authoring tools")
+    psub = pp.add_subparsers(dest="plugin_command", required=True)
+    pn = psub.add_parser("new", help="write a template tier plugin distribution (kvbm-NAME)")
+    pn.add_argument("name", help="the tier type's name, e.g. mytier (package kvbm_mytier)")
+    pn.add_argument("--dir", default=None,
+                    help="folder to write it in, new or empty (default: ./kvbm-NAME)")
+    pn.set_defaults(func=_cmd_plugin_new)
     sc = sub.add_parser("config", help="configuration tools")
     csub = sc.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="print the resolved chain of a YAML file, or its errors")
@@ -160,6 +197,10 @@ def build_parser(argv: Sequence[str] = (), plugins: Plugins | None = None) -> ar
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kvbm`` script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _command_of(argv) is None and "--version" in argv:
+        # Before the plugins load: a broken plugin must not hide the version to report.
+        print(_version())
+        return 0
     try:
         parser = build_parser(argv)
     except KvbmError as e:

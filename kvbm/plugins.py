@@ -64,8 +64,13 @@ class Entry:
 
     @property
     def install_hint(self) -> str:
-        """The pip command that installs what this entry needs."""
-        return f"pip install 'kvbm[{self.extra}]'" if self.extra else f"pip install {' '.join(self.requires)}"
+        """The pip command that installs what this entry needs: the extra of the
+        distribution that registered it (kvbm's own, or a third party's)."""
+        if not self.extra:
+            return f"pip install {' '.join(self.requires)}"
+        dist = self.plugin.distribution
+        owner = dist if dist not in ("kvbm", "local", "unknown") else "kvbm"
+        return f"pip install '{owner}[{self.extra}]'"
 
     @property
     def available(self) -> bool:
@@ -266,7 +271,7 @@ class CommandRegistry(_Registry):
 
     kind = "command"
     #: The core's own subcommands, which no plugin may take.
-    RESERVED = frozenset({"plugins", "config"})
+    RESERVED = frozenset({"plugins", "plugin", "config"})
 
     def add(self, name: str, *, factory: str, extra: str | None = None,
             requires: Sequence[str] = (), description: str = "") -> None:

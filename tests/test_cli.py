@@ -117,7 +117,7 @@ def test_a_subcommand_missing_its_packages_says_the_pip_command(
     hello: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["tape-report"]) == 2
-    assert "pip install 'kvbm[tape]'" in capsys.readouterr().err
+    assert "pip install 'kvbm-hello[tape]'" in capsys.readouterr().err
 
 
 def test_bench_and_simulate_come_from_their_plugins(capsys: pytest.CaptureFixture[str]) -> None:
@@ -290,3 +290,69 @@ def test_probe_makes_and_removes_a_record_in_the_rendezvous_directory(
     assert (f"probe ok: tier 'remote': rendezvous_dir '{peers}': a record file was created and "
             "removed") in _probe_lines(capsys.readouterr().out)
     assert list(peers.iterdir()) == []
+
+
+def test_version_prints_kvbm_and_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"kvbm {importlib.metadata.version('kvbm')}\n"
+
+
+def test_version_is_printed_even_when_a_plugin_fails_to_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with on_sys_path(tmp_path, "thirdparty_broken"):
+        make_distribution(tmp_path, "kvbm-broken", "thirdparty_broken", "broken",
+                          "raise ImportError('a broken plugin')\n")
+        assert main(["plugins"]) == 2  # the plugin does break the other commands
+        capsys.readouterr()
+        assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("kvbm ")
+
+
+def test_plugin_new_refuses_the_name_of_an_installed_tier_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plugin", "new", "host", "--dir", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == (
+        "kvbm: error: plugin name 'host': tier type 'host' exists already (plugin 'host' of "
+        "distribution 'kvbm'); choose another name\n")
+    assert not (tmp_path / "p").exists()
+
+
+def test_plugin_new_refuses_a_name_that_cannot_be_a_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["plugin", "new", "My-Tier", "--dir", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvbm: error: plugin name 'My-Tier': must be 1-40 lowercase") and "e.g. mytier" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_plugin_new_refuses_a_folder_that_is_not_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert main(["plugin", "new", "mytier", "--dir", str(tmp_path)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_plugin_new_writes_a_distribution_with_its_entry_point_and_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tomllib = pytest.importorskip("tomllib")
+    assert main(["plugin", "new", "mytier", "--dir", str(tmp_path / "p")]) == 0
+    root = tmp_path / "p"
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert meta["name"] == "kvbm-mytier"
+    assert meta["entry-points"]["kvbm.plugins"] == {"mytier": "kvbm_mytier.plugin"}
+    assert "client" in meta["optional-dependencies"]
+    for rel in ("kvbm_mytier/plugin.py", "kvbm_mytier/config.py", "kvbm_mytier/tier.py",
+                "kvbm_mytier/py.typed", "tests/test_mytier.py", "README.md"):
+        assert (root / rel).is_file(), rel
+    plugin = (root / "kvbm_mytier" / "plugin.py").read_text()
+    assert "@kvbm.hookimpl\ndef kvbm_register_tiers(" in plugin
+    assert "class MytierTierConfig(TierConfig):" in (root / "kvbm_mytier" / "config.py").read_text()
+    assert "kvbm-mytier" in capsys.readouterr().out

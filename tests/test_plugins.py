@@ -153,12 +153,12 @@ def test_plugin_with_missing_package_lists_itself_unavailable_with_pip_command(s
     make_distribution(site, "kvbm-tape", "thirdparty_tape", "tape", MISSING_EXTRA)
     entry = build_plugins().tiers.get("tape")
     assert not entry.available
-    assert entry.install_hint == "pip install 'kvbm[tape]'"
+    assert entry.install_hint == "pip install 'kvbm-tape[tape]'"
 
 
 def test_chain_naming_unavailable_plugin_fails_at_start_with_pip_command(site: Path) -> None:
     make_distribution(site, "kvbm-tape", "thirdparty_tape", "tape", MISSING_EXTRA)
-    with pytest.raises(PluginError, match=r"pip install 'kvbm\[tape\]'"):
+    with pytest.raises(PluginError, match=r"pip install 'kvbm-tape\[tape\]'"):
         KvBlockManager.from_config({"model": SMALL_MODEL, "tiers": [{"type": "tape", "num_blocks": 4}]})
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import KvbmSettings, TierConfig, tier_names, validate_tier
+from .config import KvbmSettings, TierConfig, tier_names, validate_tiers
 from .errors import ConfigError, PluginError
 from .layout import BlockLayout
 from .plugins import Plugins
@@ -49,17 +49,12 @@ def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -
     layout = settings.layout()
     bb = layout.bytes_per_block
     links: list[ChainLink] = []
-    for spec, name in zip(settings.tiers, tier_names(settings.tiers)):
-        if spec.type not in plugins.tiers:
-            raise ConfigError(
-                f"tier {name!r}: key 'type': value {spec.type!r} is not a known tier type; "
-                f"known: {', '.join(plugins.tiers.names()) or 'none'} (see `kvbm plugins`)"
-            )
-        entry = plugins.tiers.get(spec.type)
-        assert entry.config_model is not None
-        cfg = validate_tier(spec, name, entry.config_model)
+    names = tier_names(settings.tiers)
+    # Every tier's type and keys checked first, all their errors in one line.
+    configs = validate_tiers(settings.tiers, names, plugins.tiers)
+    for spec, name, cfg in zip(settings.tiers, names, configs):
         n = cfg.resolve_num_blocks(bb)
-        tier_cls: Any = entry.load() if load else Tier
+        tier_cls: Any = plugins.tiers.get(spec.type).load() if load else Tier
         try:
             ev_cls = plugins.policies.get_kind("eviction", cfg.policy).load()
             eviction = ev_cls(n, **cfg.policy_options)

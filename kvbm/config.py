@@ -67,6 +67,7 @@ __all__ = [
     "TierConfig", "TierDeclaration", "TierDeclarations", "TierSpec", "apply_dynamo_env",
     "decimal_gigabytes", "default_tiers", "is_generated_name", "load_settings", "read_yaml", "tier_names", "truthy",
     "validate_tier",
+    "validate_tiers",
 ]
 
 # Free text that reaches logs, metrics labels and hashes: printable, one line.
@@ -560,3 +561,27 @@ def validate_tier(spec: TierSpec, name: str, config_model: type[TierConfig]) -> 
             e, prefix=f"tier {name!r} (type {spec.type}): ", model=config_model,
             source_of=lambda loc: _tier_env_source(spec.type, loc))) from None
     return cfg
+
+
+def validate_tiers(specs: list[TierSpec], names: list[str], tier_types: Any) -> list[TierConfig]:
+    """Step two for the whole chain: every tier's type and keys checked, and every
+    tier's errors raised at once, as one ``ConfigError`` line (``; ``-joined, in chain
+    order), so a user fixes all of them in one pass. ``tier_types`` is the plugins'
+    tier registry (``plugins.tiers``)."""
+    configs: list[TierConfig] = []
+    errors: list[str] = []
+    known = ", ".join(tier_types.names()) or "none"
+    for spec, name in zip(specs, names):
+        if spec.type not in tier_types:
+            errors.append(f"tier {name!r}: key 'type': value {spec.type!r} is not a known tier "
+                          f"type; known: {known} (see `kvbm plugins`)")
+            continue
+        model = tier_types.get(spec.type).config_model
+        assert model is not None
+        try:
+            configs.append(validate_tier(spec, name, model))
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return configs

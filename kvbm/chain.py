@@ -9,6 +9,7 @@ and filters); ``build_tiers`` makes each link's storage for the executor.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -36,6 +37,25 @@ class ChainLink:
     num_blocks: int
     eviction: Any
     admission: AdmissionPolicy
+
+
+def takes_capacity(factory: Any) -> bool:
+    """Whether an admission filter's factory declares a ``capacity`` parameter."""
+    try:
+        return "capacity" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): it does not
+        return False
+
+
+def admission_options(factory: Any, options: dict[str, Any], capacity: int) -> dict[str, Any]:
+    """The keywords an admission filter's factory is called with: the tier's options and,
+    when the factory declares a ``capacity`` parameter, the tier's size in blocks (a
+    filter that sizes itself by its tier, e.g. a reuse window of twice the tier). A
+    factory without one gets the options alone, as before, so filters written for the
+    older hook keep working; ``capacity`` given in the options wins."""
+    if "capacity" in options or not takes_capacity(factory):
+        return dict(options)
+    return {**options, "capacity": capacity}
 
 
 def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -> list[ChainLink]:
@@ -67,7 +87,7 @@ def resolve_chain(settings: KvbmSettings, plugins: Plugins, load: bool = True) -
         else:
             try:
                 adm_cls = plugins.policies.get_kind("admission", adm_name).load()
-                admission = adm_cls(**cfg.admission_options)
+                admission = adm_cls(**admission_options(adm_cls, cfg.admission_options, n))
             except PluginError as e:
                 if cfg.admission is None:
                     # The tier's default filter is not installed: admit all rather than

@@ -66,10 +66,14 @@ class Planner:
     """Registries, pins, admission and slot choice for one chain; plans, never I/O."""
 
     def __init__(self, tiers: list[TierState], *, page_size: int, write_through: bool = True,
-                 events: EventBus | None = None) -> None:
+                 events: EventBus | None = None, bypass_refused: bool = True) -> None:
         self.tiers = tiers
         self.page_size = page_size
         self.write_through = write_through and len(tiers) > 1
+        #: In the write-through cascade, a block a tier's admission filter refuses is
+        #: offered to the tier below it, copied from the tier above (which still holds
+        #: it); otherwise a refusal ends the block's cascade there.
+        self.bypass_refused = bypass_refused
         self.events = events
         self.lock = threading.RLock()
         self._pending: dict[int, _Pending] = {}
@@ -369,15 +373,23 @@ class Planner:
             self._plan_copy(0, keys, slots, ps, plan)
 
     def _plan_copy(self, src: int, keys: list[SequenceHash], slots: list[int], prios: list[int],
-                   plan: Plan) -> None:
-        """Reserve tier ``src + 1`` slots for blocks pinned in ``src``; unpin what is not copied."""
-        dst = src + 1
+                   plan: Plan, dst: int | None = None) -> None:
+        """Reserve tier ``dst`` (default ``src + 1``) slots for blocks pinned in ``src``;
+        unpin what is not copied. With ``bypass_refused``, blocks ``dst``'s filter refuses
+        are offered to the tier below ``dst`` instead, still from ``src``."""
+        if dst is None:
+            dst = src + 1
         ds = self.tiers[dst]
         sreg = self.tiers[src].registry
         absent = [i for i, k in enumerate(keys) if k not in ds.registry]
         admit = self._admit(ds, [keys[i] for i in absent], [prios[i] for i in absent])
         ds.rejected += len(absent) - sum(admit)
         go = {i for i, a in zip(absent, admit) if a}
+        down = self.bypass_refused and dst + 1 < len(self.tiers)
+        refused = {i for i, a in zip(absent, admit) if not a} if down else set()
+        b_keys: list[SequenceHash] = []
+        b_src: list[int] = []
+        b_prio: list[int] = []
         c_keys: list[SequenceHash] = []
         c_src: list[int] = []
         c_dst: list[int] = []
@@ -387,6 +399,11 @@ class Planner:
             if d is None:
                 if i in go:
                     ds.skipped += 1
+                elif i in refused:  # still pinned in ``src``: offered one tier further down
+                    b_keys.append(k)
+                    b_src.append(s)
+                    b_prio.append(prios[i])
+                    continue
                 sreg.unpin(s)
                 continue
             c_keys.append(k)
@@ -400,6 +417,8 @@ class Planner:
             self._pending[op.op_id] = _Pending("write", dst, c_dst, c_keys, c_prio,
                                                src_tier=src, src_slots=c_src)
             plan.copies.append(op)
+        if b_keys:
+            self._plan_copy(src, b_keys, b_src, b_prio, plan, dst + 1)
 
     # -- load ----------------------------------------------------------------------------
     def plan_load(self, m: Match, dst: Sequence[int], *, promote: bool = True,

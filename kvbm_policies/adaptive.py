@@ -155,14 +155,14 @@ class AdaptivePolicy(EvictionPolicy):
         # In the sample when bits 40.. of the key's mixed hash are zero under the mask
         # (inlined: this runs on every access).
         k = key if type(key) is int else key_int(key)  # type: ignore[comparison-overlap]
-        if not ((k * _GOLDEN) & _MASK64) >> 40 & self._mask:
+        if not (k * _GOLDEN) >> 40 & self._mask:  # bits 40.. below 64: no need to mask
             self._sample(key)
 
     def touch(self, key: SequenceHash) -> None:
         self._l_touch(key)
         self._remember(key)
         k = key if type(key) is int else key_int(key)  # type: ignore[comparison-overlap]
-        if not ((k * _GOLDEN) & _MASK64) >> 40 & self._mask:
+        if not (k * _GOLDEN) >> 40 & self._mask:  # bits 40.. below 64: no need to mask
             self._sample(key)
 
     def pin(self, key: SequenceHash) -> None:
@@ -177,6 +177,8 @@ class AdaptivePolicy(EvictionPolicy):
         self._leader.remove(key)
 
     def victim(self) -> SequenceHash | None:
+        # Not the leader's bound method set on the instance: callers (the replay, the
+        # registry) bind ``victim`` once and would keep the old leader's after a switch.
         return self._l_victim()
 
     def __len__(self) -> int:

@@ -182,11 +182,33 @@ class ReuseWindowFilter(AdmissionPolicy):
     larger than the tier) it writes a stable subset instead of rewriting every block
     every turn. Memory: one entry per block in the window (an ordered dict).
     ``offers`` (default 2) is the offers that admit, counting this one.
+
+    ``window`` is a block count, or ``"Nx"``: N times the tier's ``capacity`` in blocks,
+    which the chain passes to the filter (``kvbm.chain.admission_options``). The default
+    is ``"2x"`` (measured in ``docs/benchmarks/policies.md``), or 1,000,000 blocks for a
+    filter built without a capacity.
     """
 
-    def __init__(self, window: Any = 1_000_000, offers: Any = 2, **options: Any) -> None:
-        reject_unknown("reuse", options, ("window", "offers"))
+    def __init__(self, window: Any = None, offers: Any = 2, capacity: Any = None,
+                 **options: Any) -> None:
+        reject_unknown("reuse", options, ("window", "offers", "capacity"))
         super().__init__()
+        cap = None if capacity is None else int_option("capacity", capacity, 1)
+        if window is None:
+            window = "2x" if cap is not None else 1_000_000
+        if isinstance(window, str) and window.strip().lower().endswith("x"):
+            try:
+                factor = float(window.strip()[:-1])
+            except ValueError:
+                factor = -1.0
+            if factor <= 0:
+                raise ValueError(f"option 'window': value {window!r} is not a positive multiple "
+                                 "of the tier's size; give e.g. 2x, or a block count")
+            if cap is None:
+                raise ValueError(f"option 'window': value {window!r} is a multiple of the tier's "
+                                 "size, but this filter was built without one; give a block count")
+            window = max(1, round(factor * cap))
+        self.capacity = cap
         self.window = int_option("window", window, 1)
         self.offers = int_option("offers", offers, 1)
         self._seen: OrderedDict[SequenceHash, int] = OrderedDict()

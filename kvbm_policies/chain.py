@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbm.chain import TierState
+from kvbm.chain import TierState, admission_options
 from kvbm.config import TierConfig
 from kvbm.plan import Plan, Report
 from kvbm.planner import Planner
@@ -163,14 +163,18 @@ def parse_named(spec: str, capacity: int) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def _build(cls: Any, options: dict[str, Any], clock: Callable[[], float] | None) -> Any:
+def _build(cls: Any, options: dict[str, Any], clock: Callable[[], float] | None,
+           capacity: int) -> Any:
+    # The core's rule (a filter that declares ``capacity`` gets its tier's size), plus
+    # the trace's clock for filters that take one.
+    kwargs = admission_options(cls, options, capacity)
     if clock is not None:
         try:
             if "clock" in inspect.signature(cls).parameters:
-                return cls(clock=clock, **options)
+                return cls(clock=clock, **kwargs)
         except (TypeError, ValueError):  # no signature to read: build it plainly
             pass
-    return cls(**options)
+    return cls(**kwargs)
 
 
 def simulate_chain(
@@ -181,8 +185,11 @@ def simulate_chain(
     interval: float = 0.1,
     label: str = "",
     opt: bool = True,
+    bypass_refused: bool = True,
 ) -> ChainResult:
-    """Replay ``trace`` through the chain ``tiers`` (first = fastest) with write-through."""
+    """Replay ``trace`` through the chain ``tiers`` (first = fastest) with write-through;
+    ``bypass_refused``: a block a tier's filter refuses goes on to the tier below it
+    (``kvbm.planner.Planner``'s option of that name)."""
     from kvbm.plugins import build_plugins
 
     plugins = plugins or build_plugins()
@@ -196,11 +203,12 @@ def simulate_chain(
         ev_cls = plugins.policies.get_kind("eviction", t.policy).load()
         eviction: EvictionPolicy = ev_cls(t.capacity, **t.policy_options)
         admission: AdmissionPolicy = _build(plugins.policies.get_kind("admission", t.admission).load(),
-                                            t.admission_options, clock)
+                                            t.admission_options, clock, t.capacity)
         cfg = TierConfig(type=t.name, num_blocks=t.capacity)
         states.append(TierState(t.name, i, _SimTier, cfg,
                                 BlockRegistry(t.name, t.capacity, eviction), admission))
-    planner = Planner(states, page_size=trace.tokens_per_key, write_through=True)
+    planner = Planner(states, page_size=trace.tokens_per_key, write_through=True,
+                      bypass_refused=bypass_refused)
     written = [0] * len(states)
     index = {s.name: s.index for s in states}
 

@@ -10,15 +10,14 @@ while it is pinned, so a hit during a pin still counts. A block committed pinned
 write-through cascade) may be unpinned without an ``insert`` first; it then enters as
 a new block with priority 0.
 
-Every operation is O(1) amortized, except LFU and the priority order, which are
-O(log n) through a heap. Ordered dicts stand in for intrusive lists: a move to the end
-allocates nothing new in CPython.
+Every operation is O(1) amortized, except the priority order, O(log n) through a
+heap, and LFU's, O(log n) only when a value first gets a bucket. Ordered dicts stand
+in for intrusive lists: a move to the end allocates nothing new in CPython.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections import OrderedDict
 from typing import Any
 
@@ -42,65 +41,82 @@ class LFUPolicy(EvictionPolicy):
     A block's value is ``age + hits``, where ``age`` is the value of the last block
     evicted. Old counts thus stop protecting a block once newer blocks have been hit
     as often since, without an O(n) halving pass. Ties go to the least recently
-    released. A heap holds (value, tick, key); entries made stale by a later touch
-    or pin are skipped when popped and purged when they outnumber the live ones.
+    released. Evictable blocks sit in one ordered dict per value (oldest release
+    first); a small heap holds the values that have a bucket, so a call moves a key
+    between two buckets in O(1) and only a new value costs a heap push.
     """
 
     def __init__(self, capacity: int, **options: Any) -> None:
         reject_unknown("lfu", options, ())
         super().__init__(_check_capacity("lfu", capacity))
         self._age = 0
-        self._tick = itertools.count()
-        self._live: dict[SequenceHash, tuple[int, int]] = {}  # key -> (value, tick) in heap
+        self._value: dict[SequenceHash, int] = {}  # evictable key -> its bucket's value
         self._count: dict[SequenceHash, int] = {}  # key -> hits, evictable or pinned
-        self._heap: list[tuple[int, int, SequenceHash]] = []
+        self._buckets: dict[int, OrderedDict[SequenceHash, None]] = {}
+        self._values: list[int] = []  # heap of the values in ``_buckets``
 
-    def _push(self, key: SequenceHash) -> None:
-        entry = (self._age + self._count[key], next(self._tick))
-        self._live[key] = entry
-        heapq.heappush(self._heap, (entry[0], entry[1], key))
-        if len(self._heap) > 2 * len(self._live) + 64:
-            # Stale entries would grow the heap without bound under heavy touching.
-            self._heap = [(v, t, k) for k, (v, t) in self._live.items()]
-            heapq.heapify(self._heap)
+    def _place(self, key: SequenceHash, value: int) -> None:
+        self._value[key] = value
+        b = self._buckets.get(value)
+        if b is None:
+            b = self._buckets[value] = OrderedDict()
+            heapq.heappush(self._values, value)
+        b[key] = None
 
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
+        v = self._value.pop(key, None)
+        if v is not None:  # re-registered while evictable: a new block
+            del self._buckets[v][key]
         self._count[key] = 1
-        self._push(key)
+        self._place(key, self._age + 1)
 
     def touch(self, key: SequenceHash) -> None:
         c = self._count.get(key)
         if c is None:
             return
         self._count[key] = c + 1
-        if key in self._live:
-            self._push(key)
+        v = self._value.pop(key, None)
+        if v is not None:
+            del self._buckets[v][key]
+            self._place(key, self._age + c + 1)
 
     def pin(self, key: SequenceHash) -> None:
-        self._live.pop(key, None)
+        v = self._value.pop(key, None)
+        if v is not None:
+            del self._buckets[v][key]
 
     def unpin(self, key: SequenceHash) -> None:
-        if key not in self._count:
-            self._count[key] = 1
-        self._push(key)
+        c = self._count.get(key)
+        if c is None:
+            c = self._count[key] = 1
+        v = self._value.pop(key, None)
+        if v is not None:
+            del self._buckets[v][key]
+        self._place(key, self._age + c)
 
     def remove(self, key: SequenceHash) -> None:
-        if self._live.pop(key, None) is not None:
+        v = self._value.pop(key, None)
+        if v is not None:
+            del self._buckets[v][key]
             del self._count[key]
 
     def victim(self) -> SequenceHash | None:
-        heap = self._heap
-        while heap:
-            value, tick, key = heapq.heappop(heap)
-            if self._live.get(key) == (value, tick):
-                del self._live[key]
+        values, buckets = self._values, self._buckets
+        while values:
+            value = values[0]
+            b = buckets[value]
+            if b:
+                key = b.popitem(last=False)[0]
+                del self._value[key]
                 del self._count[key]
                 self._age = value
                 return key
+            heapq.heappop(values)  # an emptied bucket: drop it
+            del buckets[value]
         return None
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._value)
 
 
 class PriorityLRUPolicy(EvictionPolicy):

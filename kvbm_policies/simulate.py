@@ -90,30 +90,38 @@ def format_table(trace: Trace, capacity: int, opt: SimResult, results: list[SimR
 
 def run_chain(trace: Trace, spec: str, policies: Sequence[str], admissions: Sequence[str],
               plugins: Any = None, bytes_per_token: int = BYTES_PER_TOKEN,
-              interval: float = 0.1) -> list[ChainResult]:
+              interval: float = 0.1, cascades: Sequence[str] = ("bypass",)) -> list[ChainResult]:
     """One chain replay per (eviction policy of every tier, admission filter of the second
-    tier); tiers below the second admit all."""
+    tier, cascade); tiers below the second admit all. Cascade ``bypass`` (the planner's
+    default): a block the second tier refuses is copied past it to the third; ``stop``:
+    it goes no further (the planner before ``bypass_refused``)."""
     from kvbm.plugins import build_plugins
 
     plugins = plugins or build_plugins()
+    for c in cascades:
+        if c not in ("stop", "bypass"):
+            raise ValueError(f"--cascade: value {c!r} is not stop or bypass; give e.g. "
+                             "--cascade stop,bypass")
     out: list[ChainResult] = []
     opt: float | None = None
     for pol in policies:
-        for adm in admissions:
-            tiers = parse_chain(spec, trace.working_set)
-            for i, t in enumerate(tiers):
-                t.policy, t.policy_options = parse_named(pol, t.capacity)
-                if i == 1:
-                    # The second tier only (the disk): in a write-through chain a block
-                    # it refuses never cascades further, so a filter on every lower
-                    # tier would measure the first one twice and starve the rest.
-                    t.admission, t.admission_options = parse_named(adm, t.capacity)
-            res = simulate_chain(trace, tiers, plugins, bytes_per_token, interval,
-                                 label=f"{pol} / {adm}", opt=opt is None)
-            if opt is None:
-                opt = res.opt_hit_rate
-            res.opt_hit_rate = opt
-            out.append(res)
+        for cascade in cascades:
+            for adm in admissions:
+                tiers = parse_chain(spec, trace.working_set)
+                for i, t in enumerate(tiers):
+                    t.policy, t.policy_options = parse_named(pol, t.capacity)
+                    if i == 1:
+                        # The second tier only (the disk): the one whose SSD writes a
+                        # filter saves; lower tiers (a bucket) admit all.
+                        t.admission, t.admission_options = parse_named(adm, t.capacity)
+                label = f"{pol} / {adm}" + (f" / {cascade}" if len(cascades) > 1 else "")
+                res = simulate_chain(trace, tiers, plugins, bytes_per_token, interval,
+                                     label=label, opt=opt is None,
+                                     bypass_refused=cascade == "bypass")
+                if opt is None:
+                    opt = res.opt_hit_rate
+                res.opt_hit_rate = opt
+                out.append(res)
     return out
 
 
@@ -139,7 +147,8 @@ def format_chain(trace: Trace, spec: str, results: list[ChainResult]) -> str:
     lines.append(head)
     base: dict[str, ChainResult] = {}
     for r in results:
-        pol = r.label.split(" / ")[0]
+        parts = r.label.split(" / ")
+        pol = " / ".join(parts[:1] + parts[2:])  # the same eviction and cascade
         base.setdefault(pol, r)
         row = f"{r.label:<{w}} {r.hit_rate:>9.2%} {r.hit_rate / r.opt_hit_rate if r.opt_hit_rate else 0:>7.1%}"
         for t in r.tiers:
@@ -235,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
             pols = _names(args.policies) or ["lru"]
             adms = _names(args.admission) or ["all", "frequency"]
             chain_results = run_chain(trace, args.chain, pols, adms, plugins, args.bytes_per_token,
-                                      args.interval)
+                                      args.interval, _names(args.cascade) or ["bypass"])
             if args.json:
                 print(json.dumps({"trace": trace.name, "info": trace.info, "unit": trace.unit,
                                   "requests": len(trace.requests), "accesses": trace.accesses,
@@ -299,6 +308,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --chain: comma-separated admission filters for the second tier "
                         "(lower ones admit all), one run each (default: all,frequency); options "
                         "follow the name, a value Nx is N times the tier's size: reuse:window=2x")
+    p.add_argument("--cascade", default=None,
+                   help="with --chain: what happens to a block the second tier's filter refuses: "
+                        "bypass (copied past it to the next tier, the planner's default) or stop "
+                        "(goes no further); comma-separated for one run each (default: bypass)")
     p.add_argument("--bytes-per-token", type=int, default=BYTES_PER_TOKEN,
                    help="KV bytes per token, for bytes written (default: Llama-3-8B bf16, 128 KiB)")
     p.add_argument("--interval", type=float, default=0.1,

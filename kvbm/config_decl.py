@@ -5,6 +5,12 @@ The core names no tier type. A tier plugin declares, when it registers its type
 its keys (``EnvAlias``: this is how Dynamo's ``DYN_KVBM_CPU_*`` and ``DYN_KVBM_DISK_*``
 keep working), a tier of its type for the default chain, and its place in a chain.
 ``apply_dynamo_env`` folds those variables into a raw settings dict.
+
+Dynamo's sizes name the chain: when the config names no chain, a size variable
+(``names_chain``) makes the chain exactly the tiers such variables add, so
+``DYN_KVBM_DISK_CACHE_GB`` without ``DYN_KVBM_CPU_CACHE_GB`` is Dynamo's disk-only
+chain (the device offloads straight to disk), not the default host tier with a disk
+below it. Dynamo variables kvbm cannot honour are listed in ``kvbm.config_env``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,14 @@ class EnvAlias:
     flag set to false); ``adds_tier`` adds a tier of the type to a chain that lacks one,
     as Dynamo's ``DYN_KVBM_DISK_CACHE_GB`` enables a disk tier; ``every_tier`` sets the
     key on every tier of the type rather than on the first.
+
+    ``names_chain``: the variable is one of the sizes that name the chain, as Dynamo's
+    ``DYN_KVBM_CPU_CACHE_GB`` and ``DYN_KVBM_DISK_CACHE_GB`` do. When the config names
+    no chain and such a variable is set, the chain holds only the tiers the variables
+    add, not the default chain. ``alone``: keys set (unless set already) on the tier the
+    variable added when that chain holds this tier and no other, e.g. Dynamo's
+    disk-only chain admits every block (its frequency filter guards only the host's
+    offloads to disk).
     """
 
     key: str
@@ -42,6 +56,8 @@ class EnvAlias:
     when: Callable[[str], bool] | None = None
     adds_tier: bool = True
     every_tier: bool = False
+    names_chain: bool = False
+    alone: Mapping[str, Any] = field(default_factory=dict)
 
 
 class TierDeclarations(Protocol):
@@ -152,14 +168,22 @@ def apply_dynamo_env(
 
     The tier keys they set, the default chain and the order tiers are sorted in come
     from what the tier plugins declared (``types``; the installed plugins when None).
-    A variable for a tier type the chain lacks adds that tier when its alias says so
-    (``DYN_KVBM_DISK_CACHE_GB`` alone enables a disk tier).
+    A variable for a tier type the chain lacks adds that tier when its alias says so.
+    When ``data`` names no chain and a ``names_chain`` variable is set, the chain is
+    the tiers the variables add (``DYN_KVBM_DISK_CACHE_GB`` alone: disk only, as in
+    Dynamo); else it is the default chain with those tiers added.
     """
     types = types if types is not None else _declared_types(env)
     decls = sorted(types.declarations(), key=_order)
     data = dict(data)
-    tiers = _check_tier_list(data["tiers"]) if "tiers" in data else default_tiers(types)
     aliases = [(var, d.type, a) for d in decls for var, a in d.env.items() if var in env]
+    env_chain = "tiers" not in data and any(
+        a.names_chain and (a.when is None or a.when(env[var])) for var, _, a in aliases)
+    if "tiers" in data:
+        tiers = _check_tier_list(data["tiers"])
+    else:
+        tiers = [] if env_chain else default_tiers(types)
+    added: set[str] = set()  # tier types a variable added
     # Aliases that add a tier go first, so a flag applies to a tier another variable adds.
     for var, ttype, alias in sorted(aliases, key=lambda x: not x[2].adds_tier):
         raw = env[var]
@@ -170,6 +194,7 @@ def apply_dynamo_env(
             if not alias.adds_tier:
                 continue
             tiers.append({"type": ttype})
+            added.add(ttype)
             matches = [tiers[-1]]
         try:
             value = alias.convert(raw)
@@ -187,6 +212,11 @@ def apply_dynamo_env(
             _set_key(t, alias.key, value)
             for k, v in alias.also.items():
                 _set_key(t, k, v)
+    if env_chain and len(tiers) == 1 and tiers[0].get("type") in added:
+        for _, ttype, alias in aliases:
+            if ttype == tiers[0]["type"]:
+                for k, v in alias.alone.items():
+                    tiers[0].setdefault(k, v)
     order = {d.type: _order(d) for d in decls}
     tiers.sort(key=lambda t: order.get(str(t.get("type")), UNORDERED))
     data["tiers"] = tiers

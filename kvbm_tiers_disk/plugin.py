@@ -20,9 +20,13 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
         description="preallocated files of aligned slots, O_DIRECT; survives a restart",
         order=2,
         env={
-            # Dynamo KVBM's variables; any of the first six alone adds a disk tier.
-            "DYN_KVBM_DISK_CACHE_GB": EnvAlias("capacity", decimal_gigabytes),
-            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": EnvAlias("num_blocks", int),
+            # Dynamo KVBM's variables; any of the first six alone adds a disk tier. A
+            # size without a CPU one is Dynamo's disk-only chain: the device offloads
+            # straight to disk, every block (the frequency filter guards host-to-disk).
+            "DYN_KVBM_DISK_CACHE_GB": EnvAlias("capacity", decimal_gigabytes, names_chain=True,
+                                               alone={"admission": "all"}),
+            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": EnvAlias(
+                "num_blocks", int, names_chain=True, alone={"admission": "all"}),
             "DYN_KVBM_DISK_CACHE_DIR": EnvAlias("path"),
             "DYN_KVBM_DISK_ZEROFILL_FALLBACK": EnvAlias("zerofill_fallback"),
             "DYN_KVBM_DISK_DISABLE_O_DIRECT": EnvAlias("disable_o_direct"),

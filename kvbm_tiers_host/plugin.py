@@ -21,9 +21,10 @@ def kvbm_register_tiers(registry: TierRegistry) -> None:
         # The chain a config that names none runs: one host tier.
         default={"capacity": "4GiB"},
         env={
-            # Dynamo KVBM's variables; "GB" is 10**9 bytes.
-            "DYN_KVBM_CPU_CACHE_GB": EnvAlias("capacity", decimal_gigabytes),
-            "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": EnvAlias("num_blocks", int),
+            # Dynamo KVBM's variables; "GB" is 10**9 bytes. Sizes name the chain.
+            "DYN_KVBM_CPU_CACHE_GB": EnvAlias("capacity", decimal_gigabytes, names_chain=True),
+            "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": EnvAlias("num_blocks", int,
+                                                               names_chain=True),
             "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY": EnvAlias(
                 "admission_options.min_priority", also={"admission": "priority_prefix"},
                 adds_tier=False, every_tier=True),

@@ -74,6 +74,7 @@ def test_dynamo_block_count_override_wins_over_size(monkeypatch: pytest.MonkeyPa
 
 
 def test_dynamo_disk_variables_add_a_disk_tier_below_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "1")
     monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "10")
     monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", "/tmp/x")
     s = load_settings()
@@ -81,11 +82,11 @@ def test_dynamo_disk_variables_add_a_disk_tier_below_host(monkeypatch: pytest.Mo
     assert s.tiers[1].model_dump()["path"] == "/tmp/x"
 
 
-def test_dynamo_disk_cache_gb_alone_adds_a_disk_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dynamo_disk_cache_gb_alone_is_a_disk_only_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "1.5")
     s = load_settings()
-    assert [t.type for t in s.tiers] == ["host", "disk"]
-    assert s.tiers[1].model_dump()["capacity"] == 15 * 10**8
+    assert [t.type for t in s.tiers] == ["disk"]  # Dynamo: the device offloads straight to disk
+    assert s.tiers[0].model_dump()["capacity"] == 15 * 10**8
 
 
 def test_disabling_the_disk_filter_reaches_a_disk_tier_another_variable_adds(
@@ -93,6 +94,7 @@ def test_disabling_the_disk_filter_reaches_a_disk_tier_another_variable_adds(
 ) -> None:
     monkeypatch.setenv("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "true")
     assert [t.type for t in load_settings().tiers] == ["host"]  # a flag adds no tier
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "1")
     monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "10")
     disk = load_settings().tiers[1].model_dump()
     assert disk["admission"] == "all"
@@ -100,6 +102,7 @@ def test_disabling_the_disk_filter_reaches_a_disk_tier_another_variable_adds(
 
 def test_dynamo_flag_set_to_false_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "false")
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "1")
     monkeypatch.setenv("DYN_KVBM_DISK_CACHE_GB", "10")
     assert load_settings().tiers[1].model_dump().get("admission") is None
 

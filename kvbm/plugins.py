@@ -372,7 +372,16 @@ def build_plugins(env: Mapping[str, str] | None = None, extra_plugins: Sequence[
         register(obj, PluginInfo(ep.name, ep.value, dist, dver))
     for mod in extra_plugins:
         register(mod, PluginInfo(mod.__name__, mod.__name__, "local", "-"))
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        # A decorated function whose name is no hook (a typo): one line naming it.
+        owner = next((i for i, o in loaded.values() if o is e.plugin), None)
+        where = (f"plugin {owner.name!r} of distribution {owner.distribution!r}"
+                 if owner is not None else "a plugin")
+        hooks = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("kvbm_")))
+        raise PluginError(f"{where}: {e}; @kvbm.hookimpl functions must be named after one "
+                          f"of kvbm's hooks: {hooks}") from None
 
     registries: list[tuple[str, _Registry]] = [
         ("kvbm_register_tiers", result.tiers),

@@ -127,9 +127,10 @@ _PLUGIN = '''\
 
 kvbm imports this module through the entry point in pyproject.toml (group
 ``kvbm.plugins``) and calls each function decorated with ``@kvbm.hookimpl`` whose name
-is one of kvbm's hooks (``kvbm.hookspecs``). A function without the decorator, or with
-a misspelt name, registers nothing. Import only kvbm and the standard library here:
-the tier's own module is imported when a chain uses it.
+is one of kvbm's hooks (``kvbm.hookspecs``), passing its arguments by name
+(``registry``). A function without the decorator registers nothing; a decorated one
+whose name is no kvbm hook stops kvbm at start-up. Import only kvbm and the standard
+library here: the tier's own module is imported when a chain uses it.
 """
 
 from __future__ import annotations

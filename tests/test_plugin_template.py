@@ -130,3 +130,21 @@ def test_a_third_party_plugins_missing_requirement_names_its_own_distribution(tm
     assert DIST in row and f"unavailable: {hint}" in row
     error = next(ln for ln in r.stdout.splitlines() if ln.startswith("ERROR "))
     assert MISSING in error and hint in error and "kvbm[client]" not in error
+
+
+def test_a_hookimpl_whose_name_is_no_hook_is_one_error_naming_the_hooks() -> None:
+    import types
+
+    from kvbm import PluginError, hookimpl
+    from kvbm.plugins import build_plugins
+
+    @hookimpl
+    def kvbm_register_tier(registry: object) -> None:  # "tiers" misspelt
+        pass
+
+    typo = types.ModuleType("typo_plugin")
+    typo.kvbm_register_tier = kvbm_register_tier  # type: ignore[attr-defined]
+    with pytest.raises(PluginError) as e:
+        build_plugins(extra_plugins=[typo])
+    assert "plugin 'typo_plugin'" in str(e.value) and "'kvbm_register_tier'" in str(e.value)
+    assert "kvbm_register_tiers" in str(e.value) and "\n" not in str(e.value)

@@ -6,6 +6,9 @@ import zmq
 
 from kvbm.errors import ConfigError
 
+#: vLLM's default KV-event port (``KVEventsConfig.endpoint`` is ``tcp://*:5557``), kvbm's too.
+DEFAULT_PORT = 5557
+
 
 def bind(
     sock: zmq.Socket[bytes],
@@ -45,9 +48,11 @@ def bind(
     try:
         sock.bind(where)
     except zmq.ZMQError as e:
+        held = " (vLLM's default: another engine or kvbm instance may hold it)" if (
+            port == DEFAULT_PORT) else ""
         raise ConfigError(
-            f"kv_events: cannot bind {where} ({e}); set kv_events.{port_key} to 0 to pick "
-            "a free port per instance, or choose another address"
+            f"kv_events: cannot bind {where} ({e}){held}; set kv_events.{port_key} to another "
+            "port, or to 0 to pick a free port per instance"
         ) from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

@@ -19,10 +19,17 @@ module turns the manager's ``BlockEvent`` batches into the messages vLLM's
 Which kvbm events become which messages: a block registered in a tier is
 ``BlockStored`` with that tier's medium; a block evicted or removed from a tier is
 ``BlockRemoved``; a manager that closes sends ``AllBlocksCleared``. A tier's medium is
-what its class declares (``Tier.medium``: GPU, CPU, DISK, REMOTE; an object store's
-OBJECT is sent as Dynamo's EXTERNAL), unless ``media`` in the config names another
-for the tier's name or type; a tier whose medium is REMOTE also sets ``locality``. Allocation and
-match events are not published (vLLM has no such messages).
+what its class declares (``Tier.medium``), in vLLM's words where vLLM has one:
+GPU, CPU, and STORAGE for a disk (vLLM's ``MEDIUM_STORAGE``, what its offloading
+connector sends for its disk tier; Dynamo's router reads it as its disk tier too); an
+object store's OBJECT is sent as Dynamo's EXTERNAL, a peer's as REMOTE. ``media`` in
+the config names another for a tier's name or type; a tier whose medium is REMOTE
+also sets ``locality``. Allocation and match events are not published (vLLM has no
+such messages).
+
+Where. The PUB socket binds ``endpoint`` on ``port``, vLLM's default 5557 (offset by
+``dp_rank``, as vLLM offsets its own); ``port: 0`` picks a free one per instance. The
+bound address is in the start-up line (WARNING), ``stats()`` and ``kvbm status``.
 
 Block hashes. kvbm keys blocks by a 16-byte ``SequenceHash``; vLLM's events carry
 ``int`` (or ``bytes``) hashes. ``hash_format``:
@@ -122,9 +129,10 @@ __all__ = [
 log = logging.getLogger("kvbm.kv_events")
 
 #: The medium string of a tier's declared ``medium`` (``kvbm.tier.MEDIA``) where the
-#: two differ: vLLM's strings where vLLM has one (GPU, CPU), else those Dynamo's router
-#: maps to its storage tiers (DISK, EXTERNAL for an object store, REMOTE).
-EVENT_MEDIA: dict[str, str] = {"OBJECT": "EXTERNAL"}
+#: two differ: vLLM's strings where vLLM has one (``vllm.distributed.kv_events``:
+#: MEDIUM_GPU, MEDIUM_CPU, MEDIUM_STORAGE, the last for disk), else those Dynamo's
+#: router maps to its storage tiers (EXTERNAL for an object store, REMOTE).
+EVENT_MEDIA: dict[str, str] = {"DISK": "STORAGE", "OBJECT": "EXTERNAL"}
 _PUBLISHED = {
     EventKind.REGISTERED: EventKind.REGISTERED,
     EventKind.EVICTED: EventKind.REMOVED,

@@ -4,12 +4,14 @@ Nothing is counted per block here: the manager already keeps its counters (per t
 and per transfer path), and ``KvbmCollector`` turns one ``stats()`` snapshot into
 metric families when Prometheus scrapes. Every ``MetricsExporter`` has its own
 ``CollectorRegistry`` (never the process-global one), so two managers in one process
-export two independent endpoints.
+export two independent endpoints. The endpoint serves Prometheus's text format
+(``kvbm_observability._exposition``).
 
 Names, all prefixed ``kvbm_``:
 
-Dynamo KVBM's names, kept exactly (untyped: the Python client would append
-``_total`` to a counter, and dashboards written for Dynamo query the bare names):
+Dynamo KVBM's names, kept exactly: counters typed ``counter`` under their bare names
+(no ``_total``, as Dynamo's Rust endpoint writes them, so dashboards written for
+Dynamo work unchanged):
 
 =========================  ===========================================================
 ``offload_blocks_d2h``     blocks offloaded into a CPU tier from the engine (or a GPU tier)
@@ -19,6 +21,8 @@ Dynamo KVBM's names, kept exactly (untyped: the Python client would append
 ``onboard_blocks_h2d``     blocks onboarded from a CPU tier to the engine
 ``onboard_blocks_d2d``     blocks onboarded from a DISK tier to the engine
 ``onboard_blocks_o2d``     blocks onboarded from an OBJECT tier to the engine
+``offload_bytes_object``   bytes offloaded into OBJECT tiers
+``onboard_bytes_object``   bytes onboarded from OBJECT tiers
 ``matched_tokens``         tokens of matched prefixes (matched blocks × page size)
 ``object_read_failures``   failed block reads of OBJECT tiers
 ``object_write_failures``  failed block writes of OBJECT tiers
@@ -38,10 +42,13 @@ Counters with labels (``path`` is the manager's ``offload:<tier>`` /
 ``tier_hits_total``, ``tier_lookups_total``, ``evictions_total``,
 ``skipped_writes_total``, ``failed_writes_total``, ``failed_reads_total``,
 ``checksum_failures_total`` (a tier's ``stats()['checksum_failures']``),
-``events_dropped_batches_total``. Gauges: ``tier_capacity_blocks``,
-``tier_used_blocks``, ``tier_evictable_blocks``, ``tier_capacity_bytes``,
-``tier_used_bytes``, ``tier_usage_ratio``, ``tier_hit_rate``, ``block_bytes``,
-``tier_stat`` (any other numeric value a tier reports, labelled ``stat``), ``up``.
+``tier_counter_total`` (the other values of a tier's ``stats()`` that its class lists
+in ``counter_stats``: counts that only grow, labelled ``stat``),
+``events_dropped_batches_total``, ``blocks_not_saved_total``, ``leaked_pins_total``.
+Gauges: ``tier_capacity_blocks``, ``tier_used_blocks``, ``tier_evictable_blocks``,
+``tier_capacity_bytes``, ``tier_used_bytes``, ``tier_usage_ratio``, ``tier_hit_rate``,
+``block_bytes``, ``pinned_blocks``, ``tier_stat`` (any other numeric value a tier
+reports, labelled ``stat``), ``up``.
 """
 
 from __future__ import annotations
@@ -53,13 +60,13 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from kvbm.errors import ConfigError
 
 from ._chain import tier_media
+from ._exposition import serve
 
 if TYPE_CHECKING:
     from kvbm.manager import KvBlockManager
@@ -70,6 +77,7 @@ __all__ = [
     "PREFIX",
     "KvbmCollector",
     "MetricsExporter",
+    "dynamo_bytes_name",
     "dynamo_path_name",
 ]
 
@@ -85,6 +93,8 @@ DYNAMO_COUNTERS: dict[str, str] = {
     "onboard_blocks_h2d": "blocks onboarded host to device (engine)",
     "onboard_blocks_d2d": "blocks onboarded disk to device (engine)",
     "onboard_blocks_o2d": "blocks onboarded object storage to device (engine)",
+    "offload_bytes_object": "bytes offloaded to object storage",
+    "onboard_bytes_object": "bytes onboarded from object storage",
     "matched_tokens": "tokens of matched prefixes",
     "object_read_failures": "failed block reads of object storage tiers",
     "object_write_failures": "failed block writes of object storage tiers",
@@ -146,6 +156,14 @@ def dynamo_path_name(path: str, media: dict[str, str]) -> str | None:
     return None
 
 
+def dynamo_bytes_name(path: str, media: dict[str, str]) -> str | None:
+    """Dynamo's bytes counter for a transfer path (into or out of an OBJECT tier), or None."""
+    direction, _, name = path.partition(":")
+    if media.get(name) != "OBJECT" or direction not in ("offload", "onboard"):
+        return None
+    return f"{direction}_bytes_object"
+
+
 class KvbmCollector(Collector):
     """Builds the ``kvbm_`` metric families from one ``manager.stats()`` per scrape."""
 
@@ -188,7 +206,7 @@ class KvbmCollector(Collector):
         page = int(getattr(self.manager, "page_size", 0))
         yield from self._dynamo(tiers, paths, page, self._media(tiers))
         yield from self._paths(tiers, paths)
-        yield from self._tiers(tiers, bb)
+        yield from self._tiers(tiers, bb, self._counter_stats())
         c = CounterMetricFamily(
             PREFIX + "events_dropped_batches",
             "event batches dropped because subscribers fell behind",
@@ -214,6 +232,13 @@ class KvbmCollector(Collector):
         g.add_metric([], bb)
         yield g
 
+    def _counter_stats(self) -> dict[str, frozenset[str]]:
+        """Tier name → the ``stats()`` keys its class declares as counts that only grow."""
+        return {
+            rt.name: frozenset(getattr(type(rt.tier), "counter_stats", ()))
+            for rt in getattr(self.manager, "chain", ())
+        }
+
     def _media(self, tiers: dict[str, dict[str, Any]]) -> dict[str, str]:
         """Each tier's declared medium, in the order of ``tiers`` (the chain's)."""
         declared = tier_media(self.manager)
@@ -231,13 +256,17 @@ class KvbmCollector(Collector):
             name = dynamo_path_name(path, media)
             if name is not None:
                 values[name] += p.get("blocks", 0)
+            name = dynamo_bytes_name(path, media)
+            if name is not None:
+                values[name] += p.get("bytes", 0)
         for n, t in tiers.items():
             values["matched_tokens"] += t.get("hits", 0) * page
             if media[n] == "OBJECT":
                 values["object_read_failures"] += t.get("failed_reads", 0)
                 values["object_write_failures"] += t.get("failed_writes", 0)
         for name, doc in DYNAMO_COUNTERS.items():
-            m = Metric(PREFIX + name, doc + " (Dynamo KVBM name; a counter)", "unknown")
+            # Typed counter under the bare name; the exposition keeps the name as is.
+            m = Metric(PREFIX + name, doc + " (Dynamo KVBM name)", "counter")
             m.add_sample(PREFIX + name, {}, values[name])
             yield m
         now = time.monotonic()
@@ -288,7 +317,9 @@ class KvbmCollector(Collector):
                 fam.add_metric(lv, p.get(key, 0))
         yield from fams.values()
 
-    def _tiers(self, tiers: dict[str, dict[str, Any]], bb: int) -> Iterator[Metric]:
+    def _tiers(
+        self, tiers: dict[str, dict[str, Any]], bb: int, counting: dict[str, frozenset[str]]
+    ) -> Iterator[Metric]:
         labels = ["tier", "type"]
 
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
@@ -324,6 +355,13 @@ class KvbmCollector(Collector):
             "other numeric values a tier reports",
             labels=["tier", "type", "stat"],
         )
+        # Counts that only grow (a remote tier's bytes read, leases served): counters,
+        # so that rate() over them is right across restarts.
+        extra_counts = CounterMetricFamily(
+            PREFIX + "tier_counter",
+            "other counts a tier reports that only grow (its class's counter_stats)",
+            labels=["tier", "type", "stat"],
+        )
         for name, t in tiers.items():
             lv = [name, str(t.get("type"))]
             c, u = t.get("capacity_blocks", 0), t.get("used_blocks", 0)
@@ -336,12 +374,14 @@ class KvbmCollector(Collector):
             for key, fam in counters.items():
                 fam.add_metric(lv, t.get(key, 0))
             for key, v in t.items():
-                if key in _KNOWN_TIER_KEYS or not isinstance(v, (int, float)):
+                if key in _KNOWN_TIER_KEYS or isinstance(v, bool) or not isinstance(v, (int, float)):
                     continue
-                extra.add_metric([*lv, key], float(v))
+                into = extra_counts if key in counting.get(name, ()) else extra
+                into.add_metric([*lv, key], float(v))
         yield from (cap, used, evictable, cap_b, used_b, ratio)
         yield from counters.values()
         yield extra
+        yield extra_counts
 
 
 class MetricsExporter:
@@ -361,7 +401,7 @@ class MetricsExporter:
         self.collector = KvbmCollector(manager, hit_rate_window_s)
         self.registry.register(self.collector)
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = serve(self.registry, host, port)
         except OSError as e:
             raise ConfigError(
                 f"metrics endpoint: cannot listen on {host}:{port} ({e.strerror or e}); set "

@@ -4,7 +4,12 @@
 ``metrics`` (or ``DYN_KVBM_METRICS=true``) starts an HTTP endpoint on ``metrics_port``
 (``kvbm_observability.metrics``). Both stop in ``kvbm_shutdown``. Their settings are
 keys of the core's ``KvbmSettings`` (``kv_events``, ``metrics``, ``metrics_port``,
-``metrics_host``). This module imports only kvbm and the standard library; pyzmq,
+``metrics_host``). Where they listen is said in one WARNING line when they start (so
+it shows whatever the logging setup), and by ``kvbm status``.
+
+It also registers the subcommands ``kvbm dashboard`` (the Grafana dashboard shipped
+with the package) and ``kvbm status`` (where a configuration's endpoints are, and
+whether they answer). This module imports only kvbm and the standard library; pyzmq,
 msgpack and prometheus-client are imported only when a manager enables them
 (``pip install 'kvbm[metrics]'``).
 """
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kvbm.errors import PluginError
 from kvbm.hookspecs import hookimpl
+from kvbm.plugins import CommandRegistry
 
 if TYPE_CHECKING:
     from kvbm.manager import KvBlockManager
@@ -59,6 +65,17 @@ def _import(module: str, what: str) -> ModuleType:
 
 
 @hookimpl
+def kvbm_register_commands(registry: CommandRegistry) -> None:
+    """Add ``kvbm dashboard`` and ``kvbm status`` (standard library only)."""
+    registry.add("dashboard", factory="kvbm_observability.cli:dashboard_command",
+                 description="print the Grafana dashboard of the kvbm_ metrics, or write it "
+                             "(--out FILE)")
+    registry.add("status", factory="kvbm_observability.cli:status_command",
+                 description="the chain, metrics and KV-event endpoints a configuration "
+                             "gives, and whether they answer")
+
+
+@hookimpl
 def kvbm_chain_built(manager: KvBlockManager) -> None:
     """Start what the settings enable; a failure to start raises (the user asked for it)."""
     s = manager.settings
@@ -75,6 +92,19 @@ def kvbm_chain_built(manager: KvBlockManager) -> None:
         raise
     if att.publisher is not None or att.exporter is not None:
         _ATTACHED[manager] = att
+        log.warning("%s", started_line(att))
+
+
+def started_line(att: _Attached) -> str:
+    """The one line that says where a manager's endpoints listen."""
+    parts = []
+    if att.exporter is not None:
+        parts.append(f"Prometheus metrics on {att.exporter.url}")
+    if att.publisher is not None:
+        pub = att.publisher
+        replay = f", replay on {pub.replay_endpoint}" if pub.replay_endpoint else ""
+        parts.append(f"KV events on {pub.endpoint} (topic {pub.config.topic!r}{replay})")
+    return "kvbm: " + "; ".join(parts)
 
 
 @hookimpl

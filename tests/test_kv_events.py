@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 import zmq
 
 from kvbm import ConfigError, ContiguousBlocks, KvBlockManager, build_plugins
+from kvbm.config import KvEventsConfig
 from kvbm.hashing import BlockHasher, dynamo_sequence_hashes
 from kvbm_observability import plugin as obs
 from kvbm_observability.kv_events import (
@@ -28,11 +31,13 @@ TOKENS = list(range(1000, 1000 + 6 * PAGE))  # six full blocks
 
 
 def _manager(tiers: list[dict[str, Any]] | None = None, **kv_events: Any) -> KvBlockManager:
+    # Port 0 unless a test names one: tests run beside other processes that may hold
+    # the default port (vLLM's 5557).
     cfg = {
         "model": dict(SMALL_MODEL),
         "page_size": PAGE,
         "tiers": tiers or [{"type": "host", "num_blocks": 16}],
-        "kv_events": {"enabled": True, **kv_events},
+        "kv_events": {"enabled": True, "port": 0, **kv_events},
     }
     return KvBlockManager.from_config(cfg, plugins=build_plugins(extra_plugins=[obs]))
 
@@ -191,7 +196,82 @@ def test_closing_the_manager_publishes_all_blocks_cleared() -> None:
     assert events == [{"type": "AllBlocksCleared"}]
 
 
-def test_two_instances_bind_different_ports_on_loopback() -> None:
+def _default_port_manager() -> KvBlockManager:
+    """A manager whose kv_events name no port, retried while another test holds 5557."""
+    cfg = {
+        "model": dict(SMALL_MODEL),
+        "page_size": PAGE,
+        "tiers": [{"type": "host", "num_blocks": 4}],
+        "kv_events": {"enabled": True},
+    }
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return KvBlockManager.from_config(cfg, plugins=build_plugins(extra_plugins=[obs]))
+        except ConfigError as e:
+            if "5557" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_publisher_binds_vllms_default_port_5557_when_no_port_is_configured() -> None:
+    m = _default_port_manager()
+    try:
+        pub = obs.kv_event_publisher(m)
+        assert pub is not None
+        assert pub.endpoint == "tcp://127.0.0.1:5557" and pub.port == 5557
+    finally:
+        m.close()
+
+
+def test_the_default_port_is_the_one_vllm_binds_by_default() -> None:
+    kv = pytest.importorskip("vllm.config.kv_events")
+    vllm_port = int(kv.KVEventsConfig().endpoint.rsplit(":", 1)[1])
+    assert KvEventsConfig().port == vllm_port
+
+
+def test_start_up_says_where_events_and_metrics_listen_in_one_warning_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="kvbm")
+    cfg = {
+        "model": dict(SMALL_MODEL),
+        "page_size": PAGE,
+        "tiers": [{"type": "host", "num_blocks": 4}],
+        "kv_events": {"enabled": True, "port": 0, "replay": True},
+        "metrics": True,
+        "metrics_port": 0,
+    }
+    m = KvBlockManager.from_config(cfg, plugins=build_plugins(extra_plugins=[obs]))
+    try:
+        pub, exp = obs.kv_event_publisher(m), obs.metrics_exporter(m)
+        assert pub is not None and exp is not None
+        lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    finally:
+        m.close()
+    said = [ln for ln in lines if pub.endpoint in ln]
+    assert len(said) == 1, lines
+    assert exp.url in said[0] and f"replay on {pub.replay_endpoint}" in said[0]
+
+
+def test_a_second_instance_on_the_default_port_is_told_to_pick_another() -> None:
+    m = _default_port_manager()
+    try:
+        with pytest.raises(ConfigError, match=r"5557.*vLLM's default.*kv_events\.port"):
+            KvBlockManager.from_config(
+                {
+                    "model": dict(SMALL_MODEL),
+                    "page_size": PAGE,
+                    "tiers": [{"type": "host", "num_blocks": 4}],
+                    "kv_events": {"enabled": True},
+                },
+                plugins=build_plugins(extra_plugins=[obs]),
+            )
+    finally:
+        m.close()
+
+
+def test_two_instances_with_port_0_bind_different_ports_on_loopback() -> None:
     a, b = _manager(), _manager()
     try:
         pa, pb = obs.kv_event_publisher(a), obs.kv_event_publisher(b)
@@ -322,8 +402,14 @@ def test_each_tier_publishes_the_medium_its_class_declares(tmp_path: Any) -> Non
         sub.close()
     finally:
         m.close()
-    assert sorted(e["medium"] for e in stored) == ["CPU", "DISK"]
+    assert sorted(e["medium"] for e in stored) == ["CPU", "STORAGE"]
     assert all("locality" not in e for e in stored)
+
+
+def test_a_disk_is_sent_with_vllms_storage_medium() -> None:
+    kv = pytest.importorskip("vllm.distributed.kv_events")
+    assert event_medium("DISK") == kv.MEDIUM_STORAGE == "STORAGE"
+    assert (event_medium("CPU"), event_medium("GPU")) == (kv.MEDIUM_CPU, kv.MEDIUM_GPU)
 
 
 def test_an_object_store_medium_is_sent_as_dynamos_external() -> None:
@@ -360,7 +446,7 @@ def test_a_port_in_use_is_an_error_naming_the_fix() -> None:
     s.bind(("127.0.0.1", 0))
     s.listen()
     try:
-        with pytest.raises(ConfigError, match=r"kv_events\.port to 0"):
+        with pytest.raises(ConfigError, match=r"kv_events\.port to another port, or to 0"):
             _manager(port=s.getsockname()[1])
     finally:
         s.close()

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvbm import ConfigError, ContiguousBlocks, KvBlockManager, build_plugins
 from kvbm.hookspecs import hookimpl
@@ -23,7 +22,27 @@ from kvbm_observability.metrics import dynamo_path_name
 
 from conftest import PAGE, SMALL_MODEL
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "kvbm-grafana.json"
+DASHBOARD = (
+    Path(__file__).resolve().parents[1] / "kvbm_observability" / "dashboards" / "kvbm-grafana.json"
+)
+#: Dynamo KVBM's metric names (its ``prometheus_names::kvbm`` module) and their types.
+DYNAMO_NAMES = {
+    "offload_blocks_d2h": "counter",
+    "offload_blocks_h2d": "counter",
+    "offload_blocks_d2d": "counter",
+    "offload_blocks_d2o": "counter",
+    "onboard_blocks_h2d": "counter",
+    "onboard_blocks_d2d": "counter",
+    "onboard_blocks_o2d": "counter",
+    "offload_bytes_object": "counter",
+    "onboard_bytes_object": "counter",
+    "matched_tokens": "counter",
+    "object_read_failures": "counter",
+    "object_write_failures": "counter",
+    "host_cache_hit_rate": "gauge",
+    "disk_cache_hit_rate": "gauge",
+    "object_cache_hit_rate": "gauge",
+}
 
 
 def _manager(tiers: list[dict[str, Any]] | None = None, **kw: Any) -> KvBlockManager:
@@ -38,16 +57,39 @@ def _manager(tiers: list[dict[str, Any]] | None = None, **kw: Any) -> KvBlockMan
     return KvBlockManager.from_config(cfg, plugins=build_plugins(extra_plugins=[obs]))
 
 
-def scrape(url: str) -> dict[str, float]:
-    """``name{labels}`` → value of every sample the endpoint serves."""
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
+        return str(r.read().decode())
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``name{labels}`` → value of every sample, under the very name Prometheus stores.
+
+    Read line by line (not with prometheus_client's parser, which renames a counter's
+    sample to ``NAME_total`` whatever the endpoint wrote).
+    """
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    for line in scrape_text(url).splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.fullmatch(line)
+        assert m is not None, f"not a sample line: {line!r}"
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(_LABEL.findall(m.group(2) or "")))
+        out[f"{m.group(1)}{{{labels}}}" if labels else m.group(1)] = float(m.group(3))
     return out
+
+
+def exposed_types(url: str) -> dict[str, str]:
+    """Exposed name → its ``# TYPE``."""
+    return {
+        ln.split()[2]: ln.split()[3]
+        for ln in scrape_text(url).splitlines()
+        if ln.startswith("# TYPE ")
+    }
 
 
 def _url(m: KvBlockManager) -> str:
@@ -298,11 +340,13 @@ def test_dynamo_names_follow_the_declared_medium_not_the_type_name() -> None:
     assert dynamo_path_name("offload:tape", media) is None
 
 
-def test_dashboard_queries_only_metrics_the_endpoint_exports() -> None:
+def test_dashboard_queries_only_metrics_the_endpoint_declares() -> None:
+    # Declared (# TYPE) even with no sample in a host-only chain; that every query
+    # returns data is tests/test_prometheus_scrape.py's, against a real Prometheus.
     m = _manager()
     try:
         _workload(m, 100, 2)
-        exported = {k.split("{")[0] for k in scrape(_url(m))}
+        exported = set(exposed_types(_url(m)))
     finally:
         m.close()
     dash = json.loads(DASHBOARD.read_text())
@@ -310,3 +354,188 @@ def test_dashboard_queries_only_metrics_the_endpoint_exports() -> None:
     assert exprs
     used = {n for e in exprs for n in re.findall(r"\bkvbm_[a-z0-9_]+", e)}
     assert used and used <= exported, f"not exported: {sorted(used - exported)}"
+
+
+def test_every_dynamo_kvbm_name_is_exported_bare_with_dynamos_type() -> None:
+    m = _manager()
+    try:
+        url = _url(m)
+        got, typed = scrape(url), exposed_types(url)
+    finally:
+        m.close()
+    for name, typ in DYNAMO_NAMES.items():
+        assert f"kvbm_{name}" in got, f"kvbm_{name} is not exported"
+        assert typed.get(f"kvbm_{name}") == typ, f"kvbm_{name}: {typed.get(f'kvbm_{name}')}"
+
+
+def test_labelled_counters_end_in_total_and_are_typed_under_that_name() -> None:
+    m = _manager()
+    try:
+        _workload(m, 100, 1)
+        url = _url(m)
+        got, typed = scrape(url), exposed_types(url)
+    finally:
+        m.close()
+    assert typed["kvbm_transfer_bytes_total"] == "counter"
+    assert typed["kvbm_tier_lookups_total"] == "counter"
+    assert typed["kvbm_tier_used_blocks"] == "gauge"
+    # Every sample is declared: a sample under no # TYPE is untyped to Prometheus.
+    assert {k.split("{")[0] for k in got} <= set(typed)
+
+
+@pytest.fixture(scope="module")
+def moto() -> Any:
+    pytest.importorskip("kvbm_tiers_s3.tier")
+    from s3server import MotoServer
+
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_an_object_tier_counts_dynamos_object_blocks_and_bytes(moto: Any) -> None:
+    tiers = [
+        {"type": "host", "num_blocks": 4},
+        moto.tier_config(prefix="metrics-object", admission="all"),
+    ]
+    m = _manager(tiers=tiers)
+    try:
+        _workload(m, 100, 4)  # into host, cascaded to s3
+        _workload(m, 9_000, 4)  # evicts the first four from host; s3 keeps them
+        with m.match_prefix(list(range(100, 100 + 4 * PAGE))) as match:
+            assert match.tiers == ["s3"] * 4
+            dst = np.zeros((4, m.block_bytes), dtype=np.uint8)
+            m.onboard(match, ContiguousBlocks(dst, m.layout))
+        got = scrape(_url(m))
+    finally:
+        m.close()
+    assert got["kvbm_offload_blocks_d2o"] == 8
+    assert got["kvbm_offload_bytes_object"] == 8 * m.block_bytes
+    assert got["kvbm_onboard_blocks_o2d"] == 4
+    assert got["kvbm_onboard_bytes_object"] == 4 * m.block_bytes
+    assert got["kvbm_offload_blocks_h2d"] == 0  # an object store is not a disk
+
+
+def test_counts_a_tier_class_declares_are_counters_and_its_other_numbers_gauges(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("nixl._api", reason="the remote tier needs nixl: pip install 'kvbm[remote]'")
+    remote = {"type": "remote", "rendezvous_dir": str(tmp_path), "ucx_net_devices": "lo"}
+    m = _manager(tiers=[{"type": "host", "num_blocks": 4}, remote])
+    try:
+        url = _url(m)
+        got, typed = scrape(url), exposed_types(url)
+    finally:
+        m.close()
+    lv = 'stat="{}",tier="remote",type="remote"'
+    assert typed["kvbm_tier_counter_total"] == "counter"
+    assert got["kvbm_tier_counter_total{" + lv.format("bytes_read") + "}"] == 0
+    assert got["kvbm_tier_stat{" + lv.format("peers_up") + "}"] == 0
+    assert "kvbm_tier_stat{" + lv.format("bytes_read") + "}" not in got
+
+
+def _run_kvbm(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from kvbm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_kvbm_dashboard_prints_the_dashboard_installed_with_the_package() -> None:
+    rc, out, _ = _run_kvbm("dashboard")
+    assert rc == 0
+    assert json.loads(out) == json.loads(DASHBOARD.read_text())
+
+
+def test_kvbm_dashboard_out_writes_the_file(tmp_path: Path) -> None:
+    dest = tmp_path / "kvbm.json"
+    rc, out, _ = _run_kvbm("dashboard", "--out", str(dest))
+    assert rc == 0 and str(dest) in out
+    assert json.loads(dest.read_text())["title"] == json.loads(DASHBOARD.read_text())["title"]
+
+
+def test_kvbm_dashboard_into_a_missing_folder_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    dest = tmp_path / "missing" / "kvbm.json"
+    rc, _, err = _run_kvbm("dashboard", "--out", str(dest))
+    assert rc == 2
+    assert err.count("\n") == 1 and str(dest) in err and "--out" in err
+
+
+def _status_config(tmp_path: Path, port: int, events_port: int) -> Path:
+    cfg = tmp_path / "kvbm.yaml"
+    cfg.write_text(
+        "model: {name: tiny, num_layers: 2, num_kv_heads: 2, head_dim: 8, dtype: float16}\n"
+        f"page_size: {PAGE}\n"
+        "tiers: [{type: host, num_blocks: 16}]\n"
+        f"metrics: true\nmetrics_port: {port}\n"
+        f"kv_events: {{enabled: true, port: {events_port}}}\n"
+    )
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_kvbm_status_prints_the_chain_and_the_endpoints_and_says_they_answer(
+    tmp_path: Path,
+) -> None:
+    m = _manager(kv_events={"enabled": True, "port": 0})
+    try:
+        exp, pub = obs.metrics_exporter(m), obs.kv_event_publisher(m)
+        assert exp is not None and pub is not None and pub.port is not None
+        cfg = _status_config(tmp_path, exp.port, pub.port)
+        rc, out, _ = _run_kvbm("status", str(cfg))
+    finally:
+        m.close()
+    lines = out.splitlines()
+    assert lines[0].startswith("chain: host (host, ")
+    assert lines[1] == f"metrics: on, {exp.url}: answers (kvbm_up 1.0)"
+    assert lines[2].startswith(f"kv events: on, {pub.endpoint} (")
+    assert lines[2].endswith(": answers (a ZMQ socket)")
+    assert rc == 0
+
+
+def test_kvbm_status_says_when_the_endpoints_do_not_answer(tmp_path: Path) -> None:
+    cfg = _status_config(tmp_path, _free_port(), _free_port())
+    rc, out, _ = _run_kvbm("status", str(cfg), "--timeout", "1")
+    lines = out.splitlines()
+    assert lines[1].startswith("metrics: on, http://127.0.0.1:") and "no answer" in lines[1]
+    assert lines[2].startswith("kv events: on, tcp://127.0.0.1:") and "no answer" in lines[2]
+    assert rc == 1
+
+
+def test_kvbm_status_tells_an_http_server_from_a_zmq_socket(tmp_path: Path) -> None:
+    # The metrics endpoint where the events should be: it answers, but not as ZMQ.
+    m = _manager()
+    try:
+        exp = obs.metrics_exporter(m)
+        assert exp is not None
+        cfg = _status_config(tmp_path, _free_port(), exp.port)
+        rc, out, _ = _run_kvbm("status", str(cfg), "--timeout", "1")
+    finally:
+        m.close()
+    assert "not as a ZMQ socket" in out.splitlines()[2]
+    assert rc == 1
+
+
+def test_kvbm_status_with_nothing_enabled_says_how_to_enable_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "1")
+    rc, out, _ = _run_kvbm("status")
+    assert rc == 0
+    assert out.splitlines() == [
+        "chain: host (host, 952.00MiB)",  # Dynamo's GB: 10^9 bytes
+        "metrics: off (metrics: true or DYN_KVBM_METRICS=true serves "
+        "http://127.0.0.1:6880/metrics)",
+        "kv events: off (kv_events: {enabled: true} publishes on tcp://127.0.0.1:5557)",
+    ]

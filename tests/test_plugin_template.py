@@ -148,3 +148,42 @@ def test_a_hookimpl_whose_name_is_no_hook_is_one_error_naming_the_hooks() -> Non
         build_plugins(extra_plugins=[typo])
     assert "plugin 'typo_plugin'" in str(e.value) and "'kvbm_register_tier'" in str(e.value)
     assert "kvbm_register_tiers" in str(e.value) and "\n" not in str(e.value)
+
+
+def _readme_section() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("## Writing a plugin\n")
+    return text[start:text.index("\n## ", start + 3)]
+
+
+def test_the_readmes_plugin_snippets_register_a_tier_with_the_real_api() -> None:
+    import re
+    import types
+
+    import kvbm
+    from kvbm.plugins import build_plugins
+
+    section = _readme_section()
+    tomllib = pytest.importorskip("tomllib")
+    (toml,) = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert "kvbm.plugins" in tomllib.loads(toml)["project"]["entry-points"]
+    register, config, tier = re.findall(r"```python\n(.*?)```", section, re.S)
+    mod = types.ModuleType("readme_plugin")
+    exec(config, mod.__dict__)  # the config model, as written
+    exec(register.replace("from .config import MyTierConfig\n", ""), mod.__dict__)
+    exec(tier, mod.__dict__)
+    assert issubclass(mod.MyTierConfig, kvbm.TierConfig)
+    # Every class attribute the README sets is one the core reads.
+    declared = {n for n in vars(mod.MyTier) if not n.startswith("_")}
+    assert declared and declared <= set(dir(kvbm.Tier)), declared - set(dir(kvbm.Tier))
+    entry = build_plugins(extra_plugins=[mod]).tiers.get("mytier")  # registered: decorated
+    assert entry.config_model is mod.MyTierConfig and entry.order == 5
+    assert entry.extra == "client" and "MYTIER_GB" in entry.env
+
+
+def test_the_readme_section_names_what_a_working_tier_plugin_needs() -> None:
+    section = _readme_section()
+    for needed in ("kvbm plugin new", "@kvbm.hookimpl", "kvbm.TierConfig", "slot",
+                   "16-byte `bytes`", "1-D `uint8` numpy", "threads", "lock", "shared",
+                   "default_admission", "kind", "medium", "[project.entry-points.\"kvbm.plugins\"]"):
+        assert needed in section, needed

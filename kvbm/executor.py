@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine_blocks._native import copy_pairs
 from .hashing import SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
@@ -592,7 +593,6 @@ def _copy_from(src: Sequence[np.ndarray]) -> Callable[[Sequence[int], Sequence[n
     """A ``split_copy`` function that copies ``src[i]`` into each given buffer."""
 
     def fn(idx: Sequence[int], dst: Sequence[np.ndarray]) -> None:
-        for i, d in zip(idx, dst):
-            np.copyto(d, src[i])
+        copy_pairs(dst, [src[i] for i in idx])  # one native call, the GIL released
 
     return fn

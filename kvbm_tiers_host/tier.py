@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvbm.config import is_generated_name
+from kvbm.engine_blocks._native import copy_pairs, copy_runs
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
@@ -107,6 +108,7 @@ class HostTier(Tier):
             else None
         )
         self._threads = config.copy_threads
+        copy_runs()  # compile the copy loop now, not during the first engine step
 
     def peer_arena(self) -> np.ndarray:
         """The whole arena, ``[num_slots, block_bytes]``: a remote tier may serve it to peers."""
@@ -117,17 +119,16 @@ class HostTier(Tier):
         return [s[i] for i in slots]
 
     def _copy(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        # np.copyto releases the GIL, so a batch split across threads copies in parallel.
+        # One native call per thread's share (copy_pairs: no Python call per block, the
+        # GIL released), so a batch split across threads copies in parallel.
         if self._pool is None or len(pairs) < 2:
-            for d, s in pairs:
-                np.copyto(d, s)
+            copy_pairs([d for d, _ in pairs], [s for _, s in pairs])
             return
         k = self._threads
         chunks = [pairs[i::k] for i in range(k)]
 
         def run(chunk: list[tuple[np.ndarray, np.ndarray]]) -> None:
-            for d, s in chunk:
-                np.copyto(d, s)
+            copy_pairs([d for d, _ in chunk], [s for _, s in chunk])
 
         list(self._pool.map(run, chunks))
 

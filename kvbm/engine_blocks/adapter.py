@@ -237,8 +237,9 @@ class LayerSeparateBlocks:
             if views.stacked is not None:
                 self._np_stacked = views.stacked.view(u8).numpy()
             self._np_block_shape = (*self._host_shape[:-1], inner[-1] * m.itemsize)
-        self._plan: _RunPlan | None = None
-        self._planned = False
+        # Built here (the loop is compiled once per process), not on the first copy.
+        self._plan: _RunPlan | None = (_RunPlan.build(self._np_layers, self._bytes_per_layer)
+                                       if self._np_layers is not None else None)
 
     # -- introspection -----------------------------------------------------------------
     def layer_index(self, name: str) -> int:
@@ -395,11 +396,7 @@ class LayerSeparateBlocks:
             self._torch_in(idx, bufs, l0, l1)
 
     def _run_plan(self) -> _RunPlan | None:
-        """The native plan for these CPU tensors, built once; None where numpy copies."""
-        if not self._planned:
-            self._planned = True
-            if self._np_layers is not None and _native.copy_runs() is not None:
-                self._plan = _RunPlan.build(self._np_layers, self._bytes_per_layer)
+        """The native plan for these CPU tensors; None where numpy copies."""
         return self._plan if _native.enabled else None
 
     def _np_out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:

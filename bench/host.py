@@ -1,0 +1,191 @@
+"""Host tier: engine-shaped and contiguous offload/onboard beside a memory copy of the same bytes.
+
+The engine side is vLLM's: one bf16 tensor per layer, ``[2, num_blocks, page, heads,
+head_dim]`` (32 layers, 8 KV heads of 128, page 16: 2 MiB blocks, two 32 KiB runs per
+block and layer), block ids in random order as a paged engine hands them out. Each
+batch goes through ``KvBlockManager.offload`` / ``onboard`` with a host tier, and is
+timed right after plain copies of the same bytes between two touched buffers with
+1 thread and with ``copy_threads`` threads; the faster of the two is the batch's
+limit (the machine's memory bandwidth moves from one moment to the next, so figure
+and limit alternate). Every onboarded block is compared with the block it was
+offloaded from, layer by layer with torch (0 mismatched or the bench fails).
+
+``--paths native,numpy`` runs the adapter's native batch copy and its numpy
+per-(block, layer) fallback in the same run, interleaved, for a before/after.
+
+Run: ``python bench/host.py [--batch 64] [--batches 4] [--repeats 3] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from kvbm.engine_blocks import _native, engine_blocks
+from kvbm.layout import ContiguousBlocks
+from kvbm.manager import KvBlockManager
+
+MODEL = {"name": "llama-3-8b-like", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
+         "dtype": "bfloat16"}
+
+
+def split_copy(dst: np.ndarray, src: np.ndarray, k: int, pool: ThreadPoolExecutor) -> float:
+    """Seconds to copy ``src`` into ``dst`` in ``k`` slices on ``k`` threads (1: one call)."""
+    t0 = time.perf_counter()
+    if k == 1:
+        np.copyto(dst, src)
+    else:
+        step = -(-len(src) // k)
+        futs = [pool.submit(np.copyto, dst[i:i + step], src[i:i + step])
+                for i in range(step, len(src), step)]
+        np.copyto(dst[:step], src[:step])
+        for f in futs:
+            f.result()
+    return time.perf_counter() - t0
+
+
+def memcpy_limit(nbytes: int, threads: int, bufs: tuple[np.ndarray, np.ndarray],
+                 pool: ThreadPoolExecutor) -> float:
+    """Seconds of the best plain copy of ``nbytes``: best of 2 with 1 thread and with N."""
+    d, s = bufs[0][:nbytes], bufs[1][:nbytes]
+    return min(split_copy(d, s, k, pool) for k in sorted({1, threads}) for _ in range(2))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    n = args.batch
+    nb = 2 * n  # offload from the first half of the engine, onboard into the second
+    mgr = KvBlockManager.from_config({
+        "model": MODEL, "page_size": 16, "copy_threads": args.threads,
+        "tiers": [{"type": "host", "num_blocks": n * args.batches, "copy_threads": args.threads}],
+    })
+    layout = mgr.layout
+    bb = layout.bytes_per_block
+    m = layout.model
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randint(0, 256, (2, nb, 16, m.num_kv_heads, m.head_dim * 2), generator=g,
+                        dtype=torch.uint8).view(torch.bfloat16) for _ in range(m.num_layers)]
+    kv_u8 = [t.view(torch.uint8) for t in kv]  # compared as bytes: random bf16 has NaNs
+    engine: Any = engine_blocks(kv, layout, plugins=mgr.plugins)
+    rng = np.random.default_rng(1)
+    contig_src = rng.integers(0, 256, (n, bb), dtype=np.uint8)
+    contig_dst = np.zeros_like(contig_src)
+    lim_bufs = (np.ones(n * bb, dtype=np.uint8), np.ones(n * bb, dtype=np.uint8))
+    pool = ThreadPoolExecutor(max(1, args.threads - 1))
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    native_ok = _native.copy_runs() is not None
+    rows: dict[str, list[dict[str, float]]] = {}
+    verified = mismatched = 0
+    serial = 0
+    try:
+        for _ in range(args.repeats):
+            acc: dict[str, list[float]] = {}
+            for _ in range(args.batches):
+                for shape in ("engine", "contiguous"):
+                    for path in (paths if shape == "engine" else ["native"]):
+                        _native.enabled = path == "native"
+                        serial += 1
+                        tokens = rng.integers(0, 32000, n * 16, dtype=np.uint32)
+                        tokens[0] = serial  # fresh hashes every batch
+                        hashes = mgr.hash_tokens(tokens)
+                        src_ids = rng.permutation(n).tolist()
+                        dst_ids = (n + rng.permutation(n)).tolist()
+                        label = f"{shape}" + (f"[{path}]" if shape == "engine" else "")
+                        a = acc.setdefault(label, [0.0, 0.0, 0.0, 0.0])
+                        lim = memcpy_limit(n * bb, args.threads, lim_bufs, pool)
+                        if shape == "engine":
+                            t0 = time.perf_counter()
+                            stored = mgr.offload(hashes, engine, indices=src_ids).stored
+                            t_off = time.perf_counter() - t0
+                        else:
+                            contig_src[:, :16] = np.frombuffer(b"".join(hashes),
+                                                               dtype=np.uint8).reshape(n, 16)
+                            t0 = time.perf_counter()
+                            stored = mgr.offload(hashes, ContiguousBlocks(contig_src, layout)).stored
+                            t_off = time.perf_counter() - t0
+                        assert stored == n, f"stored {stored} of {n}"
+                        a[0] += lim
+                        a[1] += t_off
+                        for t in kv_u8:
+                            t[:, n:].zero_()
+                        contig_dst[:] = 0
+                        lim = memcpy_limit(n * bb, args.threads, lim_bufs, pool)
+                        with mgr.match_prefix(hashes) as match:
+                            assert match.num_blocks == n
+                            t0 = time.perf_counter()
+                            if shape == "engine":
+                                loaded = mgr.onboard(match, engine, indices=dst_ids).loaded
+                            else:
+                                loaded = mgr.onboard(match, ContiguousBlocks(contig_dst,
+                                                                             layout)).loaded
+                            t_on = time.perf_counter() - t0
+                        assert loaded == n, f"loaded {loaded} of {n}"
+                        a[2] += lim
+                        a[3] += t_on
+                        if shape == "engine":
+                            for s, d in zip(src_ids, dst_ids):
+                                ok = all(torch.equal(t[:, s], t[:, d]) for t in kv_u8)
+                                verified += ok
+                                mismatched += not ok
+                        else:
+                            for j in range(n):
+                                ok = np.array_equal(contig_dst[j], contig_src[j])
+                                verified += ok
+                                mismatched += not ok
+            for label, (lo, fo, li, fi) in acc.items():
+                nbytes = args.batches * n * bb
+                rows.setdefault(f"offload {label}", []).append(
+                    {"gbps": nbytes / fo / 1e9, "limit_gbps": nbytes / lo / 1e9, "ratio": lo / fo})
+                rows.setdefault(f"onboard {label}", []).append(
+                    {"gbps": nbytes / fi / 1e9, "limit_gbps": nbytes / li / 1e9, "ratio": li / fi})
+    finally:
+        _native.enabled = True
+        pool.shutdown()
+        mgr.close()
+    return {"batch_blocks": n, "block_bytes": bb, "batches": args.batches, "repeats": args.repeats,
+            "threads": args.threads, "native_loop": native_ok, "rows": rows,
+            "verified_blocks": verified, "mismatched_blocks": mismatched,
+            "loadavg": list(os.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64, help="blocks per offload/onboard (64)")
+    p.add_argument("--batches", type=int, default=4, help="batches per repeat (4)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; min/median/max over them (3)")
+    p.add_argument("--threads", type=int, default=2, help="copy_threads of manager and tier (2)")
+    p.add_argument("--paths", default="native,numpy",
+                   help="engine copy paths, interleaved: native,numpy (default both)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    res = run(args)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        mib = res["block_bytes"] / 2**20
+        print(f"host tier, {res['batch_blocks']} blocks of {mib:g} MiB a batch, {res['batches']} "
+              f"batches x {res['repeats']} repeats, {res['threads']} copy threads, native loop "
+              f"{'built' if res['native_loop'] else 'NOT available (numpy)'}; load "
+              + " ".join(f"{x:.2f}" for x in res["loadavg"]))
+        print(f"{'path':34} {'GB/s':>6} {'limit':>6}  ratio min / median / max")
+        for name, rs in res["rows"].items():
+            r = sorted(x["ratio"] for x in rs)
+            print(f"{name:34} {statistics.median(x['gbps'] for x in rs):6.2f} "
+                  f"{statistics.median(x['limit_gbps'] for x in rs):6.2f}  "
+                  f"{r[0]:.2f} / {statistics.median(r):.2f} / {r[-1]:.2f}")
+        print("limit: memcpy of the same bytes, best of 1 and N threads, timed before each batch")
+        print(f"verified {res['verified_blocks']} blocks, {res['mismatched_blocks']} mismatched")
+    return 1 if res["mismatched_blocks"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

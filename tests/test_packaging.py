@@ -186,6 +186,7 @@ def _wheel_files(wheel: Path) -> set[str]:
         return set(zf.namelist())
 
 
+@pytest.mark.slow
 def test_the_sdist_carries_what_the_readme_commands_and_readers_need(built: tuple[Path, Path]) -> None:
     files = _sdist_files(built[0])
     want = {"Makefile", "README.md", "LICENSE", "MANIFEST.in", "pyproject.toml",
@@ -196,6 +197,7 @@ def test_the_sdist_carries_what_the_readme_commands_and_readers_need(built: tupl
     assert not want - files, sorted(want - files)
 
 
+@pytest.mark.slow
 def test_every_package_ships_py_typed(built: tuple[Path, Path]) -> None:
     assert len(PACKAGES) > 10
     for pkg in PACKAGES:
@@ -204,6 +206,7 @@ def test_every_package_ships_py_typed(built: tuple[Path, Path]) -> None:
     assert not {f"{pkg}/py.typed" for pkg in PACKAGES} - files
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_data_file_of_the_packages(built: tuple[Path, Path]) -> None:
     # py.typed, YAML and JSON (dashboards) under the packages are package data.
     data = {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*")
@@ -213,6 +216,7 @@ def test_the_wheel_ships_every_data_file_of_the_packages(built: tuple[Path, Path
     assert not data - _wheel_files(built[1]), sorted(data - _wheel_files(built[1]))
 
 
+@pytest.mark.slow
 def test_the_wheel_declares_an_spdx_license_and_carries_its_text(built: tuple[Path, Path]) -> None:
     with zipfile.ZipFile(built[1]) as zf:
         info = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
@@ -223,6 +227,7 @@ def test_the_wheel_declares_an_spdx_license_and_carries_its_text(built: tuple[Pa
     assert "Apache License" in text and "Version 2.0, January 2004" in text
 
 
+@pytest.mark.slow
 def test_the_wheel_declares_every_plugin_entry_point(built: tuple[Path, Path]) -> None:
     with zipfile.ZipFile(built[1]) as zf:
         name = next(n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))

@@ -90,6 +90,7 @@ with KvBlockManager.from_config(cfg) as mgr:
 """
 
 
+@pytest.mark.slow
 def test_the_template_installed_as_a_distribution_round_trips_blocks_through_a_chain(
     installed: Path, tmp_path: Path
 ) -> None:
@@ -103,6 +104,7 @@ def test_the_template_installed_as_a_distribution_round_trips_blocks_through_a_c
     assert "loaded 6 equal True" in lines
 
 
+@pytest.mark.slow
 def test_the_templates_own_tests_pass_against_the_installed_wheel(installed: Path, tmp_path: Path) -> None:
     tests = installed.parent / "src" / "tests"
     r = _run(installed, f"import sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
@@ -111,6 +113,7 @@ def test_the_templates_own_tests_pass_against_the_installed_wheel(installed: Pat
     assert "3 passed" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_third_party_plugins_missing_requirement_names_its_own_distribution(tmp_path: Path) -> None:
     site = _template(tmp_path, requires=MISSING)
     r = _run(site, f'''

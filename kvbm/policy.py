@@ -6,6 +6,11 @@ The registry tells it when a block enters that set (``insert``, ``unpin``), leav
 forgets it. A policy therefore cannot evict a pinned block: it never holds one.
 Policies are called under the manager's lock, once per block, so each call must be
 O(1) or O(log n).
+
+A policy may instead keep its state in flat arrays indexed by the registry's slots
+(``use_slots``): the registry then calls the ``*_slot`` methods, with slot numbers
+and no keys, so a cached block costs the policy a few bytes and no Python object.
+The core's LRU does so; a policy that does not is driven by keys, as before.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import abc
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from .hashing import SequenceHash
 
@@ -53,14 +60,61 @@ class EvictionPolicy(abc.ABC):
     def __len__(self) -> int:
         """Number of evictable blocks."""
 
+    # -- the slot-indexed form (optional) ---------------------------------------------
+    def use_slots(self, capacity: int) -> bool:
+        """Offered by a registry of ``capacity`` slots: True to be driven by slot numbers.
+
+        A policy that accepts is called through ``insert_slot`` … ``victim_slot``
+        from then on, never through the keyed methods, and ``__len__`` counts the
+        slots. The default declines: the registry passes keys.
+        """
+        return False
+
+    def insert_slot(self, slot: int, priority: int = 0) -> None:
+        """``insert`` for the block in ``slot`` (only after ``use_slots`` returned True)."""
+        raise NotImplementedError
+
+    def touch_slot(self, slot: int) -> None:
+        """``touch`` for the block in ``slot``."""
+        raise NotImplementedError
+
+    def pin_slot(self, slot: int) -> None:
+        """``pin`` for the block in ``slot``."""
+        raise NotImplementedError
+
+    def unpin_slot(self, slot: int) -> None:
+        """``unpin`` for the block in ``slot``."""
+        raise NotImplementedError
+
+    def remove_slot(self, slot: int) -> None:
+        """``remove`` for the block in ``slot``."""
+        raise NotImplementedError
+
+    def victim_slot(self) -> int:
+        """``victim`` as a slot number: drop and return it, or -1 when none is evictable."""
+        raise NotImplementedError
+
 
 class LRUPolicy(EvictionPolicy):
-    """Least recently used (or released) first: an ordered dict of evictable keys."""
+    """Least recently used (or released) first.
+
+    Under a registry (``use_slots``) the evictable blocks form an intrusive doubly
+    linked list over two ``int32`` arrays indexed by slot, with a sentinel at index
+    ``capacity``: 8 bytes per slot, O(1) per operation, no Python object per block
+    (the shape of vLLM's ``FreeKVCacheBlockQueue``, in arrays). The head is the
+    victim, a release or hit moves a block to the tail. A slot not in the list has
+    ``next == -1``. Driven by keys (the policy simulators), it keeps an ordered dict.
+    """
 
     def __init__(self, capacity: int, **options: Any) -> None:
         super().__init__(capacity)
         self._order: OrderedDict[SequenceHash, None] = OrderedDict()
+        self._by_slot = False
+        self._prev = self._next = np.empty(0, np.int32).data
+        self._end = 0  # the sentinel's index (the capacity) once slot-indexed
+        self._n = 0
 
+    # -- by key --------------------------------------------------------------------------
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
         self._order[key] = None
 
@@ -84,7 +138,86 @@ class LRUPolicy(EvictionPolicy):
         return self._order.popitem(last=False)[0]
 
     def __len__(self) -> int:
-        return len(self._order)
+        return self._n if self._by_slot else len(self._order)
+
+    # -- by slot: the list operations are written out in each method, as a call costs
+    # -- as much as the pointer updates themselves on the match path ------------------
+    def use_slots(self, capacity: int) -> bool:
+        if len(self):
+            raise ValueError(f"LRUPolicy: already holds {len(self)} blocks of another "
+                             "registry; give each tier a policy of its own")
+        nxt = np.full(capacity + 1, -1, np.int32)
+        prev = np.full(capacity + 1, -1, np.int32)
+        nxt[capacity] = prev[capacity] = capacity  # the empty list: the sentinel alone
+        self._prev, self._next = prev.data, nxt.data
+        self._end = capacity
+        self._by_slot = True
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slot-indexed arrays (0 when driven by key)."""
+        return self._prev.nbytes + self._next.nbytes
+
+    def insert_slot(self, slot: int, priority: int = 0) -> None:
+        prev, nxt, end = self._prev, self._next, self._end
+        if nxt[slot] < 0:
+            tail = prev[end]
+            nxt[tail] = slot
+            prev[slot] = tail
+            nxt[slot] = end
+            prev[end] = slot
+            self._n += 1
+
+    def touch_slot(self, slot: int) -> None:
+        prev, nxt, end = self._prev, self._next, self._end
+        n = nxt[slot]
+        if n >= 0 and n != end:  # listed, and not already the most recent
+            p = prev[slot]
+            nxt[p] = n
+            prev[n] = p
+            tail = prev[end]
+            nxt[tail] = slot
+            prev[slot] = tail
+            nxt[slot] = end
+            prev[end] = slot
+
+    def pin_slot(self, slot: int) -> None:
+        prev, nxt = self._prev, self._next
+        n = nxt[slot]
+        if n >= 0:
+            p = prev[slot]
+            nxt[p] = n
+            prev[n] = p
+            nxt[slot] = -1
+            self._n -= 1
+
+    def unpin_slot(self, slot: int) -> None:
+        prev, nxt, end = self._prev, self._next, self._end
+        n = nxt[slot]
+        if n >= 0:  # listed already (a release without a pin): move it to the tail
+            if n == end:
+                return
+            p = prev[slot]
+            nxt[p] = n
+            prev[n] = p
+        else:
+            self._n += 1
+        tail = prev[end]
+        nxt[tail] = slot
+        prev[slot] = tail
+        nxt[slot] = end
+        prev[end] = slot
+
+    def remove_slot(self, slot: int) -> None:
+        self.pin_slot(slot)
+
+    def victim_slot(self) -> int:
+        slot = self._next[self._end]
+        if slot == self._end:
+            return -1
+        self.pin_slot(slot)
+        return slot
 
 
 class AdmissionPolicy(abc.ABC):

@@ -3,8 +3,15 @@
 A slot is ``FREE``, ``WRITING`` (reserved for a block whose bytes are being written,
 not yet matchable) or ``REGISTERED`` (holds the block named by its hash). Registered
 blocks carry a pin count; registered unpinned blocks form the evictable cache that
-the tier's eviction policy orders. Every operation is O(1) per block: the free slots
-are a deque used as a stack, the hash → slot map a dict, the per-slot state flat lists.
+the tier's eviction policy orders. Every operation is O(1) per block.
+
+Everything per slot lives in flat arrays allocated once for the tier's capacity, so
+that a disk or S3 tier of ten million blocks costs tens of bytes per block, not
+hundreds: the keys and the key → slot index (``kvbm.flatmap.SlotKeys``, 24 to 32
+bytes), the state (``int8``), the pin count (``int32``) and the free slots (an
+``int32`` ring used as a stack, 4 bytes). A policy that accepts slot numbers
+(``EvictionPolicy.use_slots``, as the core's LRU does) keeps its own state the same
+way; any other policy is handed keys, as before.
 
 A slot whose write failed goes to the *bottom* of the free stack (``abort(failed=True)``):
 it is retried only after every healthy free slot was used, so one dead slot (a
@@ -17,24 +24,36 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
 
 from .events import BlockEvent, EventBus, EventKind
+from .flatmap import SlotKeys
 from .hashing import SequenceHash
 from .policy import EvictionPolicy
+
+__all__ = ["BlockRegistry", "SlotState"]
+
+_FREE, _WRITING, _REGISTERED = 0, 1, 2
 
 
 class SlotState(enum.IntEnum):
     """Where a slot is in its life."""
 
-    FREE = 0
-    WRITING = 1
-    REGISTERED = 2
+    FREE = _FREE
+    WRITING = _WRITING
+    REGISTERED = _REGISTERED
 
 
 class BlockRegistry:
-    """Slots, states and pins of one tier, with eviction through ``policy``."""
+    """Slots, states and pins of one tier, with eviction through ``policy``.
+
+    Keys are 16-byte ``SequenceHash`` values (or ints, never mixed with bytes: see
+    ``SlotKeys``); the keys handed back (``key_at``, ``evict``, ``registered``, the
+    events) are equal to the ones given, not the same objects.
+    """
 
     def __init__(
         self,
@@ -49,12 +68,21 @@ class BlockRegistry:
         self.capacity = capacity
         self.policy = policy
         self._events = events
-        self._free: deque[int] = deque(range(capacity - 1, -1, -1))
-        self._state: list[SlotState] = [SlotState.FREE] * capacity
-        self._key: list[SequenceHash | None] = [None] * capacity
-        self._pins: list[int] = [0] * capacity
-        self._slot_of: dict[SequenceHash, int] = {}
-        # Registered blocks to drop once their last pin goes (their read failed).
+        self._keys = SlotKeys(capacity)
+        self._find = self._keys.find
+        self._state_np = np.zeros(capacity, np.int8)
+        self._pins_np = np.zeros(capacity, np.int32)
+        self._state = self._state_np.data
+        self._pins = self._pins_np.data
+        # The free slots: a ring of capacity entries holding a stack whose bottom is
+        # at ``_bottom``; slot 0 on top at first, as the tiers fill from the front.
+        self._ring_np = np.arange(capacity - 1, -1, -1, dtype=np.int32)
+        self._ring = self._ring_np.data
+        self._bottom = 0
+        self._nfree = capacity
+        self._by_slot = policy.use_slots(capacity)
+        # Registered blocks to drop once their last pin goes (their read failed): few,
+        # and only while pinned.
         self._doomed: set[int] = set()
         # Runs of one kind, keyed (run number, kind) in the order they happened: a block
         # evicted and stored again (or stored then evicted) in one batch must reach
@@ -73,31 +101,39 @@ class BlockRegistry:
     # -- queries -------------------------------------------------------------
     def lookup(self, key: SequenceHash) -> int | None:
         """Slot of a registered block, or None (absent or still being written)."""
-        slot = self._slot_of.get(key)
-        if slot is None or self._state[slot] is not SlotState.REGISTERED:
+        slot = self._find(key)
+        if slot < 0 or self._state[slot] != _REGISTERED:
             return None
         return slot
 
     def __contains__(self, key: object) -> bool:
         """True for registered and in-flight blocks: both must not be written again."""
-        return key in self._slot_of
+        return self._find(key) >= 0
 
     def key_at(self, slot: int) -> SequenceHash | None:
-        return self._key[slot]
+        if self._state[slot] == _FREE:
+            return None
+        return self._keys.key_at(slot)  # type: ignore[no-any-return]
 
     def state_at(self, slot: int) -> SlotState:
-        return self._state[slot]
+        return SlotState(self._state[slot])
 
     def pins_at(self, slot: int) -> int:
         return self._pins[slot]
 
+    def next_free(self) -> int | None:
+        """The slot ``allocate`` hands out next when no eviction is needed, or None."""
+        if not self._nfree:
+            return None
+        return self._ring[(self._bottom + self._nfree - 1) % self.capacity]
+
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._nfree
 
     @property
     def num_used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.capacity - self._nfree
 
     @property
     def num_evictable(self) -> int:
@@ -106,72 +142,114 @@ class BlockRegistry:
     @property
     def num_pinned(self) -> int:
         """Pins held over all slots (a scan: for stats and tests, not the data path)."""
-        return sum(self._pins)
+        return int(self._pins_np.sum(dtype=np.int64))
 
     @property
     def num_writing(self) -> int:
         """Slots reserved for a write not yet committed or aborted (a scan)."""
-        return sum(1 for s in self._state if s is SlotState.WRITING)
+        return int(np.count_nonzero(self._state_np == _WRITING))
 
-    def registered(self) -> Iterable[tuple[SequenceHash, int]]:
-        """(hash, slot) of every registered block."""
-        for key, slot in self._slot_of.items():
-            if self._state[slot] is SlotState.REGISTERED:
-                yield key, slot
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the registry's arrays, with the policy's when it keeps them by slot."""
+        own = (self._keys.nbytes + self._state_np.nbytes + self._pins_np.nbytes
+               + self._ring_np.nbytes)
+        return own + int(getattr(self.policy, "nbytes", 0))
+
+    def registered(self) -> Iterator[tuple[SequenceHash, int]]:
+        """(hash, slot) of every registered block, in slot order (a scan)."""
+        key_at = self._keys.key_at
+        for slot in np.flatnonzero(self._state_np == _REGISTERED).tolist():
+            yield key_at(slot), slot
+
+    # -- the free stack ---------------------------------------------------------
+    def _push_free(self, slot: int) -> None:
+        self._ring[(self._bottom + self._nfree) % self.capacity] = slot
+        self._nfree += 1
+
+    def _push_free_bottom(self, slot: int) -> None:
+        self._bottom = (self._bottom - 1) % self.capacity
+        self._ring[self._bottom] = slot
+        self._nfree += 1
+
+    def _pop_free(self) -> int:
+        self._nfree -= 1
+        return self._ring[(self._bottom + self._nfree) % self.capacity]
 
     # -- transitions ---------------------------------------------------------
     def restore(self, blocks: Iterable[tuple[int, SequenceHash]]) -> int:
         """Register blocks found in storage at start, each in the slot it occupies.
 
-        Called once on an empty registry (a restart). Duplicate keys or slots, and
-        slots out of range, are skipped. Returns the number restored.
+        Called once on an empty registry (a restart). Duplicate keys or slots, slots
+        out of range and keys that are no sequence hash are skipped. Returns the
+        number restored.
         """
         assert self.num_used == 0, "restore runs only on an empty registry"
+        keys, state = self._keys, self._state
         n = 0
         for slot, key in blocks:
-            if not 0 <= slot < self.capacity or key in self._slot_of:
+            if not 0 <= slot < self.capacity or state[slot] != _FREE:
                 continue
-            if self._state[slot] is not SlotState.FREE:
+            try:
+                code = keys.code_to_add(key)
+            except TypeError:
                 continue
-            self._state[slot] = SlotState.REGISTERED
-            self._key[slot] = key
-            self._slot_of[key] = slot
-            self.policy.insert(key, 0)
+            if keys.find_code(code) >= 0:
+                continue
+            state[slot] = _REGISTERED
+            keys.add_code(code, slot)
+            if self._by_slot:
+                self.policy.insert_slot(slot, 0)
+            else:
+                self.policy.insert(key, 0)
             n += 1
-        taken = set(self._slot_of.values())
-        self._free = deque(s for s in range(self.capacity - 1, -1, -1) if s not in taken)
+        free = np.flatnonzero(self._state_np == _FREE)[::-1].astype(np.int32)
+        self._ring_np[: len(free)] = free
+        self._bottom, self._nfree = 0, len(free)
         return n
 
     def allocate(self, key: SequenceHash) -> int | None:
         """Reserve a slot for ``key`` (state WRITING), evicting if the tier is full.
 
         Returns None when the tier already has ``key`` or when every slot is pinned or
-        in flight; the caller then skips the write.
+        in flight; the caller then skips the write. A key that is no sequence hash is
+        a ``TypeError``.
         """
-        if key in self._slot_of:
+        keys = self._keys
+        code = keys.code_to_add(key)
+        if keys.find_code(code) >= 0:
             return None
-        if not self._free and not self._evict_one():
+        if not self._nfree and self.evict() is None:
             return None
-        slot = self._free.pop()
-        self._state[slot] = SlotState.WRITING
-        self._key[slot] = key
-        self._slot_of[key] = slot
-        self._emit(EventKind.ALLOCATED, key)
+        slot = self._pop_free()
+        self._state[slot] = _WRITING
+        keys.add_code(code, slot)
+        if self._events is not None and self._events.active:
+            self._emit(EventKind.ALLOCATED, key)
         return slot
 
     def commit(self, slot: int, priority: int = 0, pinned: bool = False) -> None:
         """The slot's bytes are written: the block becomes matchable (and evictable unless pinned)."""
-        assert self._state[slot] is SlotState.WRITING, f"commit of slot {slot} in state {self._state[slot].name}"
-        key = self._key[slot]
-        assert key is not None
-        self._state[slot] = SlotState.REGISTERED
+        state = self._state
+        assert state[slot] == _WRITING, f"commit of slot {slot} in state {SlotState(state[slot]).name}"
+        state[slot] = _REGISTERED
         # Insert even when pinned, so the policy learns the block's priority; the pin
         # takes it out of the evictable set at once until the cascade releases it.
+        if self._by_slot:
+            self.policy.insert_slot(slot, priority)
+            if pinned:
+                self._pins[slot] = 1
+                self.policy.pin_slot(slot)
+            if self._events is not None and self._events.active:
+                self._emit(EventKind.REGISTERED, self._keys.key_at(slot))
+            return
+        key = self._keys.key_at(slot)
         self.policy.insert(key, priority)
         if pinned:
             self._pins[slot] = 1
             self.policy.pin(key)
-        self._emit(EventKind.REGISTERED, key)
+        if self._events is not None and self._events.active:
+            self._emit(EventKind.REGISTERED, key)
 
     def abort(self, slot: int, failed: bool = False) -> None:
         """The write did not happen: free the slot; the block was never visible.
@@ -179,35 +257,48 @@ class BlockRegistry:
         ``failed``: the tier tried and failed to write this slot; it goes to the bottom
         of the free stack, retried only when no healthy free slot is left.
         """
-        assert self._state[slot] is SlotState.WRITING, f"abort of slot {slot} in state {self._state[slot].name}"
-        self._release_slot(slot)
+        state = self._state
+        assert state[slot] == _WRITING, f"abort of slot {slot} in state {SlotState(state[slot]).name}"
+        self._keys.remove(slot)
+        state[slot] = _FREE
         if failed:
             self.failed_slots += 1
-            # _release_slot pushed it on top; move it to the bottom.
-            self._free.pop()
-            self._free.appendleft(slot)
+            self._push_free_bottom(slot)
+        else:
+            self._push_free(slot)
 
     def pin(self, key: SequenceHash) -> int | None:
         """Pin a registered block (count a hit); return its slot, or None if absent."""
-        slot = self.lookup(key)
-        if slot is None:
+        slot = self._find(key)
+        if slot < 0 or self._state[slot] != _REGISTERED:
             return None
-        if self._pins[slot] == 0:
-            self.policy.pin(key)
-        self._pins[slot] += 1
-        self.policy.touch(key)
+        pins = self._pins
+        n = pins[slot]
+        if self._by_slot:
+            if n == 0:
+                self.policy.pin_slot(slot)
+            pins[slot] = n + 1
+            self.policy.touch_slot(slot)
+        else:
+            if n == 0:
+                self.policy.pin(key)
+            pins[slot] = n + 1
+            self.policy.touch(key)
         return slot
 
     def unpin(self, slot: int) -> None:
         """Drop one pin; at zero the block is evictable again (or dropped, if doomed)."""
-        assert self._pins[slot] > 0, f"unpin of slot {slot} that holds no pin"
-        self._pins[slot] -= 1
-        if self._pins[slot] == 0:
-            key = self._key[slot]
-            assert key is not None
-            self.policy.unpin(key)
-            if slot in self._doomed:
-                self.remove(key)
+        pins = self._pins
+        n = pins[slot]
+        assert n > 0, f"unpin of slot {slot} that holds no pin"
+        pins[slot] = n - 1
+        if n == 1:
+            if self._by_slot:
+                self.policy.unpin_slot(slot)
+            else:
+                self.policy.unpin(self._keys.key_at(slot))
+            if self._doomed and slot in self._doomed:
+                self._drop(slot, self._keys.key_at(slot))
 
     def doom(self, key: SequenceHash) -> bool:
         """Drop ``key`` as soon as nobody pins it (its read failed); True if dropped now."""
@@ -217,29 +308,43 @@ class BlockRegistry:
         if self._pins[slot]:
             self._doomed.add(slot)
             return False
-        return self.remove(key)
+        self._drop(slot, key)
+        return True
 
     def remove(self, key: SequenceHash) -> bool:
         """Drop an unpinned registered block on purpose; False if absent or pinned."""
         slot = self.lookup(key)
         if slot is None or self._pins[slot]:
             return False
-        self.policy.remove(key)
+        self._drop(slot, key)
+        return True
+
+    def _drop(self, slot: int, key: Any) -> None:
+        if self._by_slot:
+            self.policy.remove_slot(slot)
+        else:
+            self.policy.remove(key)
         self._release_slot(slot)
         self.removed += 1
         self._emit(EventKind.REMOVED, key)
         self.last_removed.append((key, slot))
-        return True
 
     def evict(self) -> tuple[SequenceHash, int] | None:
         """Evict one block chosen by the policy; return its (hash, former slot)."""
-        key = self.policy.victim()
-        if key is None:
-            return None
-        slot = self._slot_of[key]
-        assert self._state[slot] is SlotState.REGISTERED and self._pins[slot] == 0, (
-            f"policy {type(self.policy).__name__} chose block in slot {slot} that is "
-            f"{self._state[slot].name} with {self._pins[slot]} pins"
+        if self._by_slot:
+            slot = self.policy.victim_slot()
+            if slot < 0:
+                return None
+            key = self._keys.key_at(slot)
+        else:
+            key = self.policy.victim()
+            if key is None:
+                return None
+            slot = self._find(key)
+        assert slot >= 0 and self._state[slot] == _REGISTERED and self._pins[slot] == 0, (
+            f"policy {type(self.policy).__name__} chose block {key!r} in slot {slot} that is "
+            f"{SlotState(self._state[slot]).name if slot >= 0 else 'absent'} with "
+            f"{self._pins[slot] if slot >= 0 else 0} pins"
         )
         self._release_slot(slot)
         self.evictions += 1
@@ -247,18 +352,13 @@ class BlockRegistry:
         self.last_evicted.append((key, slot))
         return key, slot
 
-    def _evict_one(self) -> bool:
-        return self.evict() is not None
-
     def _release_slot(self, slot: int) -> None:
-        key = self._key[slot]
-        if key is not None:
-            del self._slot_of[key]
-        self._doomed.discard(slot)
-        self._state[slot] = SlotState.FREE
-        self._key[slot] = None
+        self._keys.remove(slot)
+        if self._doomed:
+            self._doomed.discard(slot)
+        self._state[slot] = _FREE
         self._pins[slot] = 0
-        self._free.append(slot)
+        self._push_free(slot)
 
     # -- events --------------------------------------------------------------
     def _emit(self, kind: EventKind, key: SequenceHash) -> None:

@@ -80,7 +80,7 @@ def test_a_slot_whose_write_failed_is_not_the_first_one_used_again() -> None:
     with manager([{"type": "host", "num_blocks": 2},
                   {"type": "flaky", "name": "lower", "num_blocks": 8}]) as mgr:
         lower = mgr.chain[1].tier
-        bad_slot = mgr.chain[1].registry._free[-1]  # the next slot the lower tier hands out
+        bad_slot = mgr.chain[1].registry.next_free()  # the next slot the lower tier hands out
         real = lower.write
 
         def write(slots: Sequence[int], keys: Sequence[bytes], src: Sequence[np.ndarray]) -> list[bool]:

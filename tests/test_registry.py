@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import hypothesis.strategies as st
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvbm.flatmap import SlotKeys
 from kvbm.hashing import SequenceHash
 from kvbm.policy import LRUPolicy
 from kvbm.registry import BlockRegistry, SlotState
@@ -105,9 +108,11 @@ class RegistryMachine(RuleBasedStateMachine):
         assert self.reg.num_used == len(self.writing) + len(self.registered)
 
     @invariant()
-    def no_hash_in_two_slots(self) -> None:
-        slots = [self.reg._slot_of[k] for k in self.reg._slot_of]
-        assert len(slots) == len(set(slots))
+    def index_holds_each_used_slot_once_under_its_key(self) -> None:
+        slots = self.reg._keys.indexed_slots().tolist()
+        assert len(slots) == len(set(slots)) == self.reg.num_used
+        for s in slots:
+            assert self.reg._keys.find(self.reg.key_at(s)) == s
 
     @invariant()
     def evictable_set_is_exactly_unpinned_registered(self) -> None:
@@ -169,3 +174,293 @@ def test_unpin_without_pin_is_an_invariant_violation() -> None:
     reg.commit(slot)  # type: ignore[arg-type]
     with pytest.raises(AssertionError, match="holds no pin"):
         reg.unpin(slot)  # type: ignore[arg-type]
+
+
+# --- the flat arrays against a plain model, slot for slot and victim for victim ---------
+
+# Keys whose home in the index (its top bits) is the first entry, the last entry (a
+# cluster that wraps around) or anywhere: a tier of 5 slots has a 16-entry index.
+EXACT_KEYS = ([SequenceHash(bytes([i]) * 15 + b"\x00") for i in range(4)]
+              + [SequenceHash(bytes([i]) * 15 + b"\xff") for i in range(4)]
+              + [SequenceHash(bytes([i * 37 % 256]) * 15 + bytes([i * 53 % 256])) for i in range(4)])
+
+
+class ExactRegistryMachine(RuleBasedStateMachine):
+    """The registry with its LRU must hand out the slots and choose the victims that a
+    reference made of a list (free stack), dicts and an OrderedDict (LRU) does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reg = new_registry()
+        self.free = list(range(CAPACITY - 1, -1, -1))  # top at the end
+        self.slot_of: dict[SequenceHash, int] = {}
+        self.state: dict[int, str] = {}  # slot -> "w" or "r"
+        self.pins: dict[int, int] = {}
+        self.lru: OrderedDict[SequenceHash, None] = OrderedDict()
+        self.doomed: set[int] = set()
+        self.held: list[int] = []  # one entry per pin
+
+    def _key(self, slot: int) -> SequenceHash:
+        return next(k for k, s in self.slot_of.items() if s == slot)
+
+    def _release(self, slot: int, bottom: bool = False) -> None:
+        del self.slot_of[self._key(slot)]
+        del self.state[slot]
+        self.pins.pop(slot, None)
+        self.doomed.discard(slot)
+        if bottom:
+            self.free.insert(0, slot)
+        else:
+            self.free.append(slot)
+
+    def _model_evict(self) -> SequenceHash | None:
+        if not self.lru:
+            return None
+        key = self.lru.popitem(last=False)[0]
+        self._release(self.slot_of[key])
+        return key
+
+    @rule(key=st.sampled_from(EXACT_KEYS))
+    def allocate(self, key: SequenceHash) -> None:
+        got = self.reg.allocate(key)
+        evicted = [k for k, _ in self.reg.take_evicted()]
+        if key in self.slot_of or (not self.free and not self.lru):
+            assert got is None and evicted == []
+            return
+        want_evicted = [] if self.free else [self._model_evict()]
+        assert evicted == want_evicted
+        slot = self.free.pop()
+        assert got == slot
+        self.slot_of[key] = slot
+        self.state[slot] = "w"
+
+    @precondition(lambda self: any(v == "w" for v in self.state.values()))
+    @rule(data=st.data(), pinned=st.booleans())
+    def commit(self, data: st.DataObject, pinned: bool) -> None:
+        slot = data.draw(st.sampled_from(sorted(s for s, v in self.state.items() if v == "w")))
+        self.reg.commit(slot, pinned=pinned)
+        self.state[slot] = "r"
+        if pinned:
+            self.pins[slot] = 1
+            self.held.append(slot)
+        else:
+            self.lru[self._key(slot)] = None
+
+    @precondition(lambda self: any(v == "w" for v in self.state.values()))
+    @rule(data=st.data(), failed=st.booleans())
+    def abort(self, data: st.DataObject, failed: bool) -> None:
+        slot = data.draw(st.sampled_from(sorted(s for s, v in self.state.items() if v == "w")))
+        key = self._key(slot)
+        self.reg.abort(slot, failed=failed)
+        self._release(slot, bottom=failed)
+        assert key not in self.reg
+
+    @rule(key=st.sampled_from(EXACT_KEYS))
+    def pin(self, key: SequenceHash) -> None:
+        got = self.reg.pin(key)
+        slot = self.slot_of.get(key)
+        if slot is None or self.state[slot] != "r":
+            assert got is None
+            return
+        assert got == slot
+        self.lru.pop(key, None)
+        self.pins[slot] = self.pins.get(slot, 0) + 1
+        self.held.append(slot)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        slot = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        key = self._key(slot)
+        self.reg.unpin(slot)
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            if slot in self.doomed:
+                self._release(slot)
+                assert self.reg.take_dropped() == [(key, slot)]
+            else:
+                self.lru[key] = None
+                self.lru.move_to_end(key)
+
+    @rule(key=st.sampled_from(EXACT_KEYS))
+    def doom(self, key: SequenceHash) -> None:
+        got = self.reg.doom(key)
+        slot = self.slot_of.get(key)
+        if slot is None or self.state[slot] != "r":
+            assert got is False
+            return
+        if self.pins.get(slot):
+            assert got is False
+            self.doomed.add(slot)
+        else:
+            assert got is True
+            del self.lru[key]
+            self._release(slot)
+            assert self.reg.take_dropped() == [(key, slot)]
+
+    @rule(key=st.sampled_from(EXACT_KEYS))
+    def remove(self, key: SequenceHash) -> None:
+        slot = self.slot_of.get(key)
+        expect = slot is not None and self.state[slot] == "r" and not self.pins.get(slot)
+        assert self.reg.remove(key) == expect
+        if expect:
+            assert slot is not None
+            del self.lru[key]
+            self._release(slot)
+            assert self.reg.take_dropped() == [(key, slot)]
+
+    @rule()
+    def evict(self) -> None:
+        got = self.reg.evict()
+        self.reg.take_evicted()
+        slot = self.slot_of.get(self.lru.__iter__().__next__()) if self.lru else None
+        key = self._model_evict()
+        assert got == (None if key is None else (key, slot))
+
+    @invariant()
+    def every_slot_agrees_with_the_model(self) -> None:
+        reg = self.reg
+        assert reg.num_free == len(self.free) and reg.next_free() == (self.free[-1] if self.free else None)
+        assert reg.num_evictable == len(self.lru)
+        assert reg.num_pinned == sum(self.pins.values()) == len(self.held)
+        for slot in range(CAPACITY):
+            want = {"w": SlotState.WRITING, "r": SlotState.REGISTERED}.get(self.state.get(slot, ""),
+                                                                           SlotState.FREE)
+            assert reg.state_at(slot) is want
+            assert reg.pins_at(slot) == self.pins.get(slot, 0)
+        for key in EXACT_KEYS:
+            slot = self.slot_of.get(key)
+            assert (key in reg) == (slot is not None)
+            assert reg.lookup(key) == (slot if slot is not None and self.state[slot] == "r" else None)
+            if slot is not None:
+                assert reg.key_at(slot) == key
+        assert sorted(reg.registered()) == sorted((k, s) for k, s in self.slot_of.items()
+                                                  if self.state[s] == "r")
+
+
+TestExactRegistryMachine = ExactRegistryMachine.TestCase
+TestExactRegistryMachine.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+class SlotKeysMachine(RuleBasedStateMachine):
+    """The key index against a dict, with keys crowded onto a few homes so that
+    clusters form, wrap around the end of the index and are shifted back on removal."""
+
+    CAP = 24
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys = SlotKeys(self.CAP)
+        self.model: dict[bytes, int] = {}
+        self.free = list(range(self.CAP))
+
+    @staticmethod
+    def key(home: int, tail: int) -> bytes:
+        # The index has 64 entries: the home is the top 6 bits of the last byte.
+        return tail.to_bytes(15, "little") + bytes([home << 2 | tail & 3])
+
+    @precondition(lambda self: self.free)
+    @rule(home=st.sampled_from([0, 1, 31, 62, 63]), tail=st.integers(0, 40))
+    def add(self, home: int, tail: int) -> None:
+        k = self.key(home, tail)
+        code = self.keys.code_to_add(k)
+        if k in self.model:
+            assert self.keys.find_code(code) == self.model[k]
+            return
+        assert self.keys.find_code(code) == -1
+        slot = self.free.pop()
+        self.keys.add_code(code, slot)
+        self.model[k] = slot
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from(sorted(self.model)))
+        slot = self.model.pop(k)
+        self.keys.remove(slot)
+        self.free.append(slot)
+
+    @invariant()
+    def every_key_is_found_in_its_slot_and_no_other_is(self) -> None:
+        assert len(self.keys) == len(self.model)
+        for k, slot in self.model.items():
+            assert self.keys.find(k) == slot and self.keys.key_at(slot) == k
+        for home in (0, 1, 31, 62, 63):
+            k = self.key(home, 41)  # never added
+            assert self.keys.find(k) == -1
+
+    @invariant()
+    def no_lookup_reads_past_an_empty_entry(self) -> None:
+        # A probe from a key's home to its entry crosses no empty entry: otherwise a
+        # later lookup of that key would stop early and miss it.
+        assert int(self.keys.probe_lengths().sum(initial=0)) == sum(
+            self._reach(k) for k in self.model)
+
+    def _reach(self, k: bytes) -> int:
+        index, mask = self.keys._index_np, self.keys._mask
+        i = self.keys.code(k) >> self.keys._shift
+        n = 1
+        while index[i] != self.model[k]:
+            assert index[i] >= 0, f"key {k.hex()} lies beyond an empty entry"
+            i = (i + 1) & mask
+            n += 1
+        return n
+
+
+TestSlotKeysMachine = SlotKeysMachine.TestCase
+TestSlotKeysMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+def test_integer_keys_come_back_as_the_same_integers() -> None:
+    reg = new_registry(4)
+    for k in (-(2**127), -1, 0, 2**127 - 1):
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    assert sorted(k for k, _ in reg.registered()) == [-(2**127), -1, 0, 2**127 - 1]  # type: ignore[type-var]
+    assert reg.evict() == (-(2**127), 0)
+
+
+def test_a_key_of_the_other_kind_is_refused_with_its_value_and_never_found() -> None:
+    reg = new_registry(4)
+    reg.commit(reg.allocate(KEYS[0]))  # type: ignore[arg-type]
+    code = int.from_bytes(KEYS[0], "little")
+    assert code not in reg and reg.lookup(code) is None  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=f"block key {code}: each key of this registry is a 16-byte"):
+        reg.allocate(code)  # type: ignore[arg-type]
+    assert reg.num_used == 1, "a refused key takes no slot"
+
+
+def test_a_key_of_another_length_is_refused_and_never_matches_a_16_byte_key() -> None:
+    reg = new_registry(4)
+    long = SequenceHash(b"\x01" * 15 + b"\x00")
+    reg.commit(reg.allocate(long))  # type: ignore[arg-type]
+    short = SequenceHash(b"\x01" * 15)  # the same number, one byte shorter
+    assert short not in reg and reg.pin(short) is None
+    with pytest.raises(TypeError, match="16-byte SequenceHash"):
+        reg.allocate(short)
+
+
+def test_a_policy_serving_one_registry_is_refused_by_a_second() -> None:
+    policy = LRUPolicy(2)
+    reg = BlockRegistry("a", 2, policy)
+    reg.commit(reg.allocate(KEYS[0]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="give each tier a policy of its own"):
+        BlockRegistry("b", 2, policy)
+
+
+def test_a_failed_slot_goes_below_the_never_used_ones() -> None:
+    reg = new_registry(3)
+    slot = reg.allocate(KEYS[0])
+    assert slot == 0
+    reg.abort(slot, failed=True)
+    assert [reg.allocate(k) for k in KEYS[1:4]] == [1, 2, 0]
+
+
+def test_restore_leaves_the_lowest_free_slot_on_top() -> None:
+    reg = new_registry(4)
+    reg.restore([(0, KEYS[0]), (2, KEYS[1])])
+    assert (reg.allocate(KEYS[2]), reg.allocate(KEYS[3])) == (1, 3)
+
+
+def test_arrays_cost_under_64_bytes_per_slot_with_the_lru() -> None:
+    reg = BlockRegistry("t", 100_000, LRUPolicy(100_000))
+    assert reg.nbytes / reg.capacity <= 64

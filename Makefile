@@ -17,7 +17,7 @@ ENGINE_VENV := .venv-vllm-cpu
 ENGINE_PIP := $(ENGINE_VENV)/bin/python -m pip
 ENGINE_STAMP := $(ENGINE_VENV)/.engine-$(INPUTS)
 
-.PHONY: bench bench-fs fio test lint typecheck clean
+.PHONY: bench bench-fs fio prometheus test lint typecheck clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,7 @@ $(TEST_STAMP): $(BENCH_STAMP)
 	$(PIP) --no-deps vllm==0.33.0 xgrammar==0.2.8
 	$(PIP) -r requirements/vllm-cpu.txt $(TORCH)
 	$(PIP) -e '.[disk,s3,hf,metrics,remote,test]' $(TORCH)
+	@$(MAKE) --no-print-directory prometheus
 	touch $@
 
 $(ENGINE_VENV)/bin/python:
@@ -84,6 +85,18 @@ fio:
 	  .tools/bin/fio --version >/dev/null 2>&1 && echo "make fio: $$(.tools/bin/fio --version) in .tools/bin/fio" || \
 	    echo "make fio: the unpacked fio does not run; the disk limit is dd's"; \
 	else echo "make fio: could not download fio with apt-get; the disk limit is dd's"; fi
+
+# Debian's prometheus (with promtool) runs the dashboard's queries in
+# tests/test_prometheus_scrape.py: `make prometheus` installs it with apt-get (as root,
+# or with password-less sudo), without recommends; it pulls no RDMA library (checked:
+# apt-get install -s prometheus). `make test` calls it once. Never fails: without it
+# that test is skipped.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
+	  ! command -v apt-get >/dev/null 2>&1 || \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo -n ) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  echo "make prometheus: could not install prometheus with apt-get; tests/test_prometheus_scrape.py is skipped"
 
 test: $(TEST_STAMP) $(ENGINE_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -42,7 +42,7 @@ Counters with labels (``path`` is the manager's ``offload:<tier>`` /
 ``tier_hits_total``, ``tier_lookups_total``, ``evictions_total``,
 ``skipped_writes_total``, ``failed_writes_total``, ``failed_reads_total``,
 ``checksum_failures_total`` (a tier's ``stats()['checksum_failures']``),
-``tier_counter_total`` (the other values of a tier's ``stats()`` that its class lists
+``tier_stat_total`` (the other values of a tier's ``stats()`` that its class lists
 in ``counter_stats``: counts that only grow, labelled ``stat``),
 ``events_dropped_batches_total``, ``blocks_not_saved_total``, ``leaked_pins_total``.
 Gauges: ``tier_capacity_blocks``, ``tier_used_blocks``, ``tier_evictable_blocks``,
@@ -358,7 +358,7 @@ class KvbmCollector(Collector):
         # Counts that only grow (a remote tier's bytes read, leases served): counters,
         # so that rate() over them is right across restarts.
         extra_counts = CounterMetricFamily(
-            PREFIX + "tier_counter",
+            PREFIX + "tier_stat",
             "other counts a tier reports that only grow (its class's counter_stats)",
             labels=["tier", "type", "stat"],
         )

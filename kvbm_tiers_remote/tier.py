@@ -81,7 +81,7 @@ class RemoteTier(Tier):
     shared: ClassVar[bool] = True
     serves_peers: ClassVar[bool] = True
     default_admission: ClassVar[str] = "read_only"
-    #: Keys of ``stats()`` that only grow: exported as counters (kvbm_tier_counter_total).
+    #: Keys of ``stats()`` that only grow: exported as counters (kvbm_tier_stat_total).
     counter_stats: ClassVar[frozenset[str]] = frozenset({
         "blocks_read", "bytes_read", "lease_misses", "transfer_errors", "peer_drops",
         "bounce_blocks", "lease_overruns", "served_leases", "served_blocks", "served_misses",

@@ -429,8 +429,8 @@ def test_counts_a_tier_class_declares_are_counters_and_its_other_numbers_gauges(
     finally:
         m.close()
     lv = 'stat="{}",tier="remote",type="remote"'
-    assert typed["kvbm_tier_counter_total"] == "counter"
-    assert got["kvbm_tier_counter_total{" + lv.format("bytes_read") + "}"] == 0
+    assert typed["kvbm_tier_stat_total"] == "counter"
+    assert got["kvbm_tier_stat_total{" + lv.format("bytes_read") + "}"] == 0
     assert got["kvbm_tier_stat{" + lv.format("peers_up") + "}"] == 0
     assert "kvbm_tier_stat{" + lv.format("bytes_read") + "}" not in got
 

@@ -299,3 +299,32 @@ def test_an_honoured_variable_is_never_refused(
     with caplog.at_level(logging.WARNING, logger="kvbm"):
         load_settings(dict(SMALL))
     assert not caplog.records
+
+
+def test_tensorrt_llm_under_a_disk_only_dynamo_environment_reuses_blocks_from_disk(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dynamo's TensorRT-LLM path with only a disk size: the leader's chain is the disk
+    tier alone, a repeated prompt loads its complete blocks from it, byte-exact (the
+    harness checks every loaded layer's values)."""
+    pytest.importorskip("torch")
+    import test_trtllm_connector as trt
+
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "32")
+    monkeypatch.setenv("DYN_KVBM_DISK_CACHE_DIR", str(tmp_path / "dyn"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+        "num_attention_heads": 4, "num_key_value_heads": trt.HEADS, "head_dim": trt.HEAD,
+        "num_hidden_layers": trt.LAYERS, "torch_dtype": "float32"}))
+    e = trt.Engine(trt.llm_args(model))
+    try:
+        planner = e.leader.side.planner
+        assert planner is not None
+        assert [(ts.cls.__name__, type(ts.admission).__name__) for ts in planner.tiers] == [
+            ("DiskTier", "AdmitAll")]
+        e.serve(trt.prompt(64))
+        b = e.serve(trt.prompt(64))
+        assert e.matched[b.request_id] == 48 and e.bad_reads == []
+    finally:
+        e.close()

@@ -21,12 +21,12 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
-from prometheus_client import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
 import kvbm_observability.plugin as obs
 from kvbm import ContiguousBlocks, KvBlockManager, build_plugins
 from kvbm.events import BlockEvent, EventKind
+from kvbm_observability._exposition import serve
 from kvbm_observability.kv_events import encode_batch
 
 MODEL = {"name": "bench", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float16"}
@@ -67,7 +67,7 @@ def request_path_us(m: KvBlockManager, requests: int, blocks: int, seed: int = 0
 
 def publish_rate(batches: int, per_batch: int) -> tuple[float, float]:
     """(publisher blocks/s, prebuilt msgpack+zmq blocks/s) for BlockStored batches."""
-    m = manager(kv_events={"enabled": True})
+    m = manager(kv_events={"enabled": True, "port": 0})
     try:
         pub = obs.kv_event_publisher(m)
         assert pub is not None
@@ -136,7 +136,7 @@ def main() -> None:
     res: dict[str, Any] = {"requests": a.requests, "blocks_per_prompt": a.blocks}
     configs = {
         "baseline": {},
-        "kv_events": {"kv_events": {"enabled": True}},
+        "kv_events": {"kv_events": {"enabled": True, "port": 0}},
         "metrics": {"metrics": True, "metrics_port": 0},
     }
     mgrs = {name: manager(**kw) for name, kw in configs.items()}
@@ -172,7 +172,8 @@ def main() -> None:
         res["scrape_ms"] = scrape_ms(exp.url, 30)
     finally:
         m.close()
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=CollectorRegistry())
+    # The same HTTP server as kvbm's endpoint, serving nothing: the round trip alone.
+    server, thread = serve(CollectorRegistry(), "127.0.0.1", 0)
     try:
         res["empty_scrape_ms"] = scrape_ms(f"http://127.0.0.1:{server.server_port}/metrics", 30)
     finally:

@@ -7,7 +7,9 @@ A plugin (entry point ``observability`` in the group ``kvbm.plugins``): its
   with vLLM's replay socket;
 - ``metrics`` — the ``kvbm_`` Prometheus families, Dynamo KVBM's names included;
 - ``plugin`` — the hooks, and ``kv_event_publisher(manager)`` /
-  ``metrics_exporter(manager)`` to find what a manager started.
+  ``metrics_exporter(manager)`` to find what a manager started;
+- ``cli`` — ``kvbm dashboard`` (``dashboards/kvbm-grafana.json``, package data) and
+  ``kvbm status`` (a configuration's endpoints, and whether they answer).
 
 Importing this package imports no pyzmq, msgpack or prometheus-client.
 """

@@ -374,7 +374,7 @@ class KvbmCollector(Collector):
             for key, fam in counters.items():
                 fam.add_metric(lv, t.get(key, 0))
             for key, v in t.items():
-                if key in _KNOWN_TIER_KEYS or isinstance(v, bool) or not isinstance(v, (int, float)):
+                if key in _KNOWN_TIER_KEYS or not isinstance(v, (int, float)):
                     continue
                 into = extra_counts if key in counting.get(name, ()) else extra
                 into.add_metric([*lv, key], float(v))

@@ -75,11 +75,12 @@ class EvictionPolicy(abc.ABC):
         raise NotImplementedError
 
     def touch_slot(self, slot: int) -> None:
-        """``touch`` for the block in ``slot``."""
+        """``touch`` for the block in ``slot``, which is pinned already (a further hit)."""
         raise NotImplementedError
 
-    def pin_slot(self, slot: int) -> None:
-        """``pin`` for the block in ``slot``."""
+    def pin_slot(self, slot: int, hit: bool = True) -> None:
+        """``pin`` for the block in ``slot``, then ``touch`` unless ``hit`` is False
+        (one call where the keyed form makes two: this is the match path)."""
         raise NotImplementedError
 
     def unpin_slot(self, slot: int) -> None:
@@ -182,7 +183,8 @@ class LRUPolicy(EvictionPolicy):
             nxt[slot] = end
             prev[end] = slot
 
-    def pin_slot(self, slot: int) -> None:
+    def pin_slot(self, slot: int, hit: bool = True) -> None:
+        # A hit on a pinned block changes nothing: it is not in the list.
         prev, nxt = self._prev, self._next
         n = nxt[slot]
         if n >= 0:

@@ -70,6 +70,8 @@ class BlockRegistry:
         self._events = events
         self._keys = SlotKeys(capacity)
         self._find = self._keys.find
+        self._probe = self._keys.probe
+        self._raw = True  # bytes keys go to the index as they are (not a table of ints)
         self._state_np = np.zeros(capacity, np.int8)
         self._pins_np = np.zeros(capacity, np.int32)
         self._state = self._state_np.data
@@ -81,6 +83,10 @@ class BlockRegistry:
         self._bottom = 0
         self._nfree = capacity
         self._by_slot = policy.use_slots(capacity)
+        if self._by_slot:  # bound once: the match path makes one call per block
+            self._pin_slot = policy.pin_slot
+            self._touch_slot = policy.touch_slot
+            self._unpin_slot = policy.unpin_slot
         # Registered blocks to drop once their last pin goes (their read failed): few,
         # and only while pinned.
         self._doomed: set[int] = set()
@@ -191,13 +197,14 @@ class BlockRegistry:
             if not 0 <= slot < self.capacity or state[slot] != _FREE:
                 continue
             try:
-                code = keys.code_to_add(key)
+                kb = keys.canon_to_add(key)
             except TypeError:
                 continue
-            if keys.find_code(code) >= 0:
+            if keys.find_canon(kb) >= 0:
                 continue
             state[slot] = _REGISTERED
-            keys.add_code(code, slot)
+            keys.add(kb, slot)
+            self._raw = not keys.ints
             if self._by_slot:
                 self.policy.insert_slot(slot, 0)
             else:
@@ -216,14 +223,15 @@ class BlockRegistry:
         a ``TypeError``.
         """
         keys = self._keys
-        code = keys.code_to_add(key)
-        if keys.find_code(code) >= 0:
+        kb = keys.canon_to_add(key)
+        if keys.find_canon(kb) >= 0:
             return None
         if not self._nfree and self.evict() is None:
             return None
         slot = self._pop_free()
         self._state[slot] = _WRITING
-        keys.add_code(code, slot)
+        keys.add(kb, slot)
+        self._raw = not keys.ints
         if self._events is not None and self._events.active:
             self._emit(EventKind.ALLOCATED, key)
         return slot
@@ -239,7 +247,7 @@ class BlockRegistry:
             self.policy.insert_slot(slot, priority)
             if pinned:
                 self._pins[slot] = 1
-                self.policy.pin_slot(slot)
+                self.policy.pin_slot(slot, hit=False)
             if self._events is not None and self._events.active:
                 self._emit(EventKind.REGISTERED, self._keys.key_at(slot))
             return
@@ -269,20 +277,37 @@ class BlockRegistry:
 
     def pin(self, key: SequenceHash) -> int | None:
         """Pin a registered block (count a hit); return its slot, or None if absent."""
-        slot = self._find(key)
-        if slot < 0 or self._state[slot] != _REGISTERED:
+        if key.__class__ is bytes and self._raw:
+            # SlotKeys.find written out: this runs for every block of every match.
+            index, mask, buf = self._probe
+            i = hash(key) & mask
+            slot = index[i]
+            while slot >= 0:
+                o = slot << 4
+                if buf[o:o + 16] == key:  # type: ignore[comparison-overlap]
+                    break
+                i = (i + 1) & mask
+                slot = index[i]
+            else:
+                return None
+        else:
+            slot = self._find(key)
+            if slot < 0:
+                return None
+        if self._state[slot] != _REGISTERED:
             return None
         pins = self._pins
         n = pins[slot]
+        pins[slot] = n + 1
         if self._by_slot:
-            if n == 0:
-                self.policy.pin_slot(slot)
-            pins[slot] = n + 1
-            self.policy.touch_slot(slot)
+            # One call: pin_slot is the first pin and its hit, touch_slot a later hit.
+            if n:
+                self._touch_slot(slot)
+            else:
+                self._pin_slot(slot)
         else:
             if n == 0:
                 self.policy.pin(key)
-            pins[slot] = n + 1
             self.policy.touch(key)
         return slot
 
@@ -294,7 +319,7 @@ class BlockRegistry:
         pins[slot] = n - 1
         if n == 1:
             if self._by_slot:
-                self.policy.unpin_slot(slot)
+                self._unpin_slot(slot)
             else:
                 self.policy.unpin(self._keys.key_at(slot))
             if self._doomed and slot in self._doomed:

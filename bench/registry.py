@@ -1,0 +1,194 @@
+"""The block registry at 10K, 1M and 10M cached blocks: bytes per block and match time.
+
+For each size and implementation a fresh process fills one tier's registry (with the
+core's LRU policy) to capacity with 64-block prefixes of xxh3-128 keys, then times
+``Planner.match`` (the metadata half of ``match_prefix``: lookup, pin, LRU update)
+of a 64-block prefix, released after each match:
+
+- ``cold``: a different random cached prefix each time (what a server sees; the
+  registry's memory is out of cache at 10M blocks),
+- ``hot``: one prefix over and over, the same code with every line in cache: the
+  limit the cold figure is measured against (``cold/hot``).
+
+Bytes per block is the growth of the process's resident memory from before the
+registry was made to after it was full, over the number of blocks; everything the
+registry and its policy hold counts, the keys included. Beside it, its limit: the
+16 bytes of the key itself. ``traced`` is the same from ``tracemalloc`` (up to 1M
+blocks, where tracing is cheap enough). ``old`` is the registry before issue 14
+(``bench/registry_old.py``: a dict, per-slot lists and an ordered dict).
+
+Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new]
+[--runs 3] [--samples 2000] [--json]``. Runs interleave the implementations and
+sizes; the table gives min/median/max over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+PREFIX = 64  # blocks per prefix, matched at once
+CHUNK = 1 << 16
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _key(i: int) -> bytes:
+    return xxhash.xxh3_128_digest(i.to_bytes(8, "little"))
+
+
+def _child(impl: str, n: int, samples: int, seed: int) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kvbm.chain import TierState
+    from kvbm.config import TierConfig
+    from kvbm.planner import Planner
+    from kvbm.policy import AdmitAll, LRUPolicy
+    from kvbm.registry import BlockRegistry
+
+    class _Tier:  # what the planner asks of a tier's class on the match path
+        shared = False
+        medium = "host"
+
+    n -= n % PREFIX
+    gc.collect()
+    trace = n <= 1_000_000
+    if trace:
+        tracemalloc.start()
+    rss0 = _rss()
+    if impl == "old":
+        from registry_old import OldBlockRegistry, OldLRUPolicy
+        reg: Any = OldBlockRegistry("bench", n, OldLRUPolicy(n))
+    else:
+        reg = BlockRegistry("bench", n, LRUPolicy(n))
+    t0 = time.perf_counter()
+    allocate, commit = reg.allocate, reg.commit
+    for c in range(0, n, CHUNK):
+        for k in [_key(i) for i in range(c, min(n, c + CHUNK))]:
+            commit(allocate(k))
+    fill_s = time.perf_counter() - t0
+    gc.collect()
+    rss1 = _rss()
+    traced = tracemalloc.get_traced_memory()[0] if trace else 0
+    tracemalloc.stop()
+    assert reg.num_used == n and reg.num_evictable == n
+
+    ts = TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=n), reg,  # type: ignore[arg-type]
+                   AdmitAll())
+    planner = Planner([ts], page_size=16)
+    rng = random.Random(seed)
+    prefixes = n // PREFIX
+    hot = [_key(i) for i in range(0, PREFIX)]
+    cold_t: list[float] = []
+    hot_t: list[float] = []
+    perf = time.perf_counter
+    for _ in range(samples):
+        p = rng.randrange(prefixes)
+        keys = [_key(i) for i in range(p * PREFIX, (p + 1) * PREFIX)]
+        t0 = perf()
+        m = planner.match(keys)
+        t1 = perf()
+        m.release()
+        assert m.num_blocks == PREFIX
+        cold_t.append(t1 - t0)
+        t0 = perf()
+        m = planner.match(hot)
+        t1 = perf()
+        m.release()
+        hot_t.append(t1 - t0)
+    cold_t.sort()
+    hot_t.sort()
+    return {
+        "impl": impl, "blocks": n,
+        "rss_bytes_per_block": (rss1 - rss0) / n,
+        "traced_bytes_per_block": traced / n if trace else None,
+        "array_bytes_per_block": getattr(reg, "nbytes", 0) / n or None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "fill_blocks_per_s": n / fill_s,
+        "match_p50_us": cold_t[len(cold_t) // 2] * 1e6,
+        "match_p99_us": cold_t[int(len(cold_t) * 0.99)] * 1e6,
+        "hot_p50_us": hot_t[len(hot_t) // 2] * 1e6,
+    }
+
+
+def _mmm(xs: list[float]) -> str:
+    return f"{min(xs):.3g}/{statistics.median(xs):.3g}/{max(xs):.3g}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10000,1000000,10000000")
+    ap.add_argument("--impl", default="old,new", help="old, new or both (old,new)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=2000, help="matches timed per size")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed)))
+        return
+    sizes = [int(s) for s in a.sizes.split(",")]
+    impls = a.impl.split(",")
+    rows: list[dict[str, Any]] = []
+    for run in range(a.runs):
+        for n in sizes:
+            # Alternate which implementation goes first, so that neither always meets
+            # the same load.
+            for impl in (impls if run % 2 == 0 else impls[::-1]):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", impl, str(n), "--samples",
+                     str(a.samples), "--seed", str(run)],
+                    check=True, capture_output=True, text=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                r["run"] = run
+                rows.append(r)
+                if not a.json:
+                    print(f"  run {run} {impl:3s} {n:>10,d}: {r['rss_bytes_per_block']:6.1f} B/block, "
+                          f"match p50 {r['match_p50_us']:7.1f} us (hot {r['hot_p50_us']:6.1f}), "
+                          f"p99 {r['match_p99_us']:7.1f} us, peak {r['peak_rss_mib']:7.0f} MiB",
+                          file=sys.stderr, flush=True)
+    load = os.getloadavg()
+    if a.json:
+        print(json.dumps({"rows": rows, "loadavg": load}, indent=2))
+        return
+    print(f"block registry + LRU, {PREFIX}-block prefix matches; min/median/max of {a.runs} runs; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'impl':4s} {'blocks':>10s} | {'B/block (rss)':>16s} {'÷ 16 B key':>14s} {'traced':>8s} | "
+          f"{'match p50 us':>16s} {'p99 us':>16s} {'cold/hot':>14s} {'p50 ÷ p50@' + str(sizes[0]):>16s} "
+          f"| {'peak MiB':>8s}")
+    for impl in impls:
+        base = [r["match_p50_us"] for r in rows if r["impl"] == impl and r["blocks"] == sizes[0] - sizes[0] % PREFIX]
+        for n in sizes:
+            rs = sorted((r for r in rows if r["impl"] == impl and r["blocks"] == n - n % PREFIX),
+                        key=lambda r: r["run"])
+            if not rs:
+                continue
+            b = [r["rss_bytes_per_block"] for r in rs]
+            tr = [r["traced_bytes_per_block"] for r in rs if r["traced_bytes_per_block"]]
+            p50 = [r["match_p50_us"] for r in rs]
+            ratio = [r["match_p50_us"] / base[r["run"]] for r in rs] if len(base) == len(rs) else []
+            print(f"{impl:4s} {n:>10,d} | {_mmm(b):>16s} {_mmm([x / 16 for x in b]):>14s} "
+                  f"{(f'{statistics.median(tr):.1f}' if tr else '-'):>8s} | "
+                  f"{_mmm(p50):>16s} {_mmm([r['match_p99_us'] for r in rs]):>16s} "
+                  f"{_mmm([r['match_p50_us'] / r['hot_p50_us'] for r in rs]):>14s} "
+                  f"{(_mmm(ratio) if ratio else '-'):>16s} | {max(r['peak_rss_mib'] for r in rs):8.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvbm.engine_blocks import _native
 from kvbm.errors import LayoutError
 from kvbm.layout import BlockLayout
 
@@ -53,9 +54,17 @@ class CacheBlockSource:
     def _copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
         m = self.layout.model
         p = self.layout.page_size
-        for b, d in zip(indices, dst, strict=True):
+        if len(indices) != len(dst):
+            raise LayoutError(f"dst: expected {len(indices)} buffers, got {len(dst)}")
+        for b in indices:
             if not 0 <= b < self.num_blocks:
                 raise LayoutError(f"block index {b} is out of range [0, {self.num_blocks})")
+        rows = _native.copy_rows()
+        if rows is not None and indices and all(
+                t.device.type == "cpu" and t.stride(-1) == 1 for kv in self._kv for t in kv):
+            self._native_out(rows, indices, dst)
+            return
+        for b, d in zip(indices, dst, strict=True):
             out = torch.from_numpy(d).view(self._dtype).view(
                 m.num_layers, 2, p, m.num_kv_heads, m.head_dim
             )
@@ -64,6 +73,42 @@ class CacheBlockSource:
                 # [heads, page, head_dim] -> [page, heads, head_dim]: one strided copy each.
                 out[li, 0].copy_(k[:, s : s + p].transpose(0, 1))
                 out[li, 1].copy_(v[:, s : s + p].transpose(0, 1))
+
+    def _native_out(self, rows: _native.RowCopy, indices: Sequence[int],
+                    dst: Sequence[np.ndarray]) -> None:
+        """Every block in one native call per layer's K or V tensor.
+
+        Head ``h`` of block ``b`` is ``page`` rows of ``head_dim`` values at stride
+        ``stride(seq)`` in the cache tensor, and the same rows at stride ``heads ×
+        head_dim`` in the block; in a token-major tensor (kvbm's room) the whole
+        ``[page, heads, head_dim]`` slice is one contiguous run instead.
+        """
+        m = self.layout.model
+        p = self.layout.page_size
+        isz = m.itemsize
+        h, d = m.num_kv_heads, m.head_dim
+        b = np.asarray(indices, dtype=np.int64)
+        bp = np.fromiter((_native.address(x) for x in dst), dtype=np.int64, count=len(dst))
+        for x in dst:
+            if x.nbytes != self.layout.bytes_per_block or not x.flags.c_contiguous \
+                    or not x.flags.writeable:
+                raise LayoutError(f"dst: expected writable contiguous buffers of "
+                                  f"{self.layout.bytes_per_block} bytes")
+        heads = np.arange(h, dtype=np.int64)
+        part = p * h * d * isz  # one layer's K (or V) of one block
+        for li, kv in enumerate(self._kv):
+            for half, t in enumerate(kv):
+                sh, ss = t.stride(0) * isz, t.stride(1) * isz
+                src0 = t.data_ptr() + b * (p * ss)  # [n]
+                dst0 = bp + (2 * li + half) * part
+                if ss == h * d * isz and sh == d * isz:  # token-major: one run a block
+                    rows(len(b), _native.address(np.ascontiguousarray(dst0)),
+                         _native.address(np.ascontiguousarray(src0)), 1, part, 0, 0)
+                    continue
+                sp = (src0[:, None] + heads[None, :] * sh).reshape(-1)
+                dp = (dst0[:, None] + heads[None, :] * (d * isz)).reshape(-1)
+                rows(len(sp), _native.address(dp), _native.address(sp), p, d * isz,
+                     h * d * isz, ss)
 
 
 class CacheBlockDestination:
@@ -81,17 +126,23 @@ class CacheBlockDestination:
     """
 
     def __init__(self, layout: BlockLayout, num_blocks: int, capacity: int,
-                 device: Any = "cpu") -> None:
+                 device: Any = "cpu", room: torch.Tensor | None = None) -> None:
         m = layout.model
         if capacity < num_blocks * layout.page_size:
             raise ValueError(f"capacity {capacity} tokens is less than {num_blocks} blocks")
         self.layout = layout
         self.num_blocks = num_blocks
         self._dtype = getattr(torch, m.dtype)
-        self.room = torch.empty(
-            (m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim),
-            dtype=self._dtype, device=device,
-        )
+        shape = (m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim)
+        if room is None:
+            room = torch.empty(shape, dtype=self._dtype, device=device)
+        elif room.dtype != self._dtype or tuple(room.shape[:3]) != shape[:3] \
+                or tuple(room.shape[4:]) != shape[4:] or room.shape[3] < capacity \
+                or not room.is_contiguous():
+            raise LayoutError(f"room: expected a contiguous {m.dtype} tensor of at least "
+                              f"{list(shape)}, got {room.dtype} {list(room.shape)}")
+        #: ``[layers, 2, 1, capacity, kv_heads, head_dim]``, token-major.
+        self.room = room
 
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
         """Write kvbm blocks ``src`` into the room as blocks ``indices`` of the prefix."""
@@ -103,9 +154,28 @@ class CacheBlockDestination:
     def _copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
         m = self.layout.model
         p = self.layout.page_size
-        for b, s in zip(indices, src, strict=True):
+        if len(indices) != len(src):
+            raise LayoutError(f"src: expected {len(indices)} buffers, got {len(src)}")
+        for b in indices:
             if not 0 <= b < self.num_blocks:
                 raise LayoutError(f"block index {b} is out of range [0, {self.num_blocks})")
+        runs = _native.copy_runs()
+        if runs is not None and indices and self.room.device.type == "cpu" and all(
+                x.nbytes == self.layout.bytes_per_block and x.flags.c_contiguous for x in src):
+            # Block b's layer l K (or V) is one contiguous run in both: one native call
+            # moves every block's 2 × layers runs, the GIL released.
+            part = p * m.num_kv_heads * m.head_dim * m.itemsize
+            cap = self.room.shape[3]
+            blocks = np.asarray(indices, dtype=np.int64)
+            sp = np.fromiter((_native.address(x) for x in src), dtype=np.int64, count=len(src))
+            lk = np.arange(2 * m.num_layers, dtype=np.int64)  # (layer, K|V) in order
+            room_at = (self.room.data_ptr() + lk[None, :] * (cap * part // p)
+                       + blocks[:, None] * part)
+            src_at = sp[:, None] + lk[None, :] * part
+            d, s_ = room_at.reshape(-1), src_at.reshape(-1)
+            runs(len(d), _native.address(d), _native.address(s_), part)
+            return
+        for b, s in zip(indices, src, strict=True):
             blk = torch.from_numpy(s).view(self._dtype).view(
                 m.num_layers, 2, p, m.num_kv_heads, m.head_dim
             )

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ from ._model import (
     text_config,
     unsupported_reason,
 )
+from ._rooms import state_of
 
 __all__ = [
     "CacheBlockSource",
@@ -238,6 +239,7 @@ class KvbmCache(DynamicCache):
         self.device = dev if isinstance(dev, torch.device) else torch.device("cpu")
         self.loaded_tokens = 0
         self.offered_blocks = 0
+        self._state = state_of(manager)
 
     @property
     def reuse_enabled(self) -> bool:
@@ -281,14 +283,21 @@ class KvbmCache(DynamicCache):
                       self.page_size + 1, level=logging.INFO)
             return 0
         hashes = self.manager.hash_tokens(row[: usable * self.page_size])
+        # A request that just stored this prefix in the background: wait for it, then load.
+        self._state.await_stores(hashes)
         with self.manager.match_prefix(hashes) as match:
             if match.num_blocks == 0:
                 return 0
             # Room for the whole prompt and ``headroom`` generated tokens, so neither the
-            # prefill nor the first decode steps copy the loaded prefix again.
-            dest = CacheBlockDestination(self.layout, match.num_blocks,
-                                         capacity=len(row) + max(self.headroom, 0),
-                                         device=self.device)
+            # prefill nor the first decode steps copy the loaded prefix again; a room of
+            # an earlier request, touched already, when one is free.
+            m = self.layout.model
+            capacity = len(row) + max(self.headroom, 0)
+            room = self._state.room(
+                (m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim),
+                getattr(torch, m.dtype), self.device, capacity)
+            dest = CacheBlockDestination(self.layout, match.num_blocks, capacity=capacity,
+                                         device=self.device, room=room)
             res = self.manager.onboard(match, dest)
         if res.loaded == 0:
             return 0
@@ -310,7 +319,10 @@ class KvbmCache(DynamicCache):
         ``input_ids`` is the sequence the cache was filled with (the prompt, or the
         prompt and the generated tokens, as ``generate`` returns them); only blocks
         within both it and the cache are stored, each offered once per cache. With
-        ``wait=False`` the copy runs on a background thread and a ``Future`` is returned.
+        ``wait=False`` the copy runs on one of the manager's I/O threads and a ``Future``
+        is returned (``manager.flush()`` waits for it too); the room it reads from is
+        not handed to another request before it finishes, and a request whose prompt
+        starts with these blocks waits for it before matching.
         """
         row = self._tokens(input_ids, "offload")
         if row is None or not self.layers or not getattr(self.layers[0], "is_initialized", False):
@@ -323,15 +335,15 @@ class KvbmCache(DynamicCache):
             return _done(OffloadResult(), wait)
         self.offered_blocks = n
 
+        hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
+
         def run() -> OffloadResult:
-            hashes = self.manager.hash_tokens(row[: n * self.page_size])
-            return self.manager.offload(hashes[start:], source, indices=range(start, n))
+            return self.manager.offload(hashes, source, indices=range(start, n))
 
         if wait:
             return run()
-        pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-hf-offload")
-        fut = pool.submit(run)
-        pool.shutdown(wait=False)  # the thread exits once this one job is done
+        fut: Future[OffloadResult] = self.manager.executor.submit(run)
+        self._state.started(hashes, fut)
         return fut
 
     def reset(self) -> None:
@@ -353,29 +365,30 @@ def _done(res: OffloadResult, wait: bool) -> OffloadResult | Future[OffloadResul
 
 
 def prefill(model: Any, input_ids: torch.Tensor, cache: KvbmCache, *, offload: bool = True,
-            **forward_kwargs: Any) -> Any:
+            offload_wait: bool = False, **forward_kwargs: Any) -> Any:
     """Run the prompt through ``model`` with ``cache``: load the cached prefix, compute the rest.
 
     Returns the model's output for the computed positions (``logits[:, -1]`` is the
     prompt's last token, as in a plain forward). With ``offload`` the prompt's new
-    complete blocks are stored afterwards.
+    complete blocks are stored afterwards, in the background unless ``offload_wait``.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     n = cache.load_prefix(input_ids)
     out = model(input_ids=input_ids[:, n:], past_key_values=cache, use_cache=True, **forward_kwargs)
     if offload:
-        cache.offload_blocks(input_ids)
+        cache.offload_blocks(input_ids, wait=offload_wait)
     return out
 
 
 def generate(model: Any, input_ids: torch.Tensor, manager: KvBlockManager, *,
-             tokenizer: Any = None, **generate_kwargs: Any) -> Any:
+             tokenizer: Any = None, offload_wait: bool = False, **generate_kwargs: Any) -> Any:
     """``model.generate`` with kvbm: the cached prefix is loaded, the new blocks stored.
 
     Takes and returns what ``model.generate`` does (``generate_kwargs`` pass through).
-    The KV of the prompt and of the generated tokens is offloaded, so the next turn of
-    a conversation, whose prompt starts with this one's output, reuses all of it.
+    The KV of the prompt and of the generated tokens is offloaded (in the background
+    unless ``offload_wait``), so the next turn of a conversation, whose prompt starts
+    with this one's output, reuses all of it.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
@@ -383,5 +396,5 @@ def generate(model: Any, input_ids: torch.Tensor, manager: KvBlockManager, *,
     cache.load_prefix(input_ids)
     out = model.generate(input_ids, past_key_values=cache, **generate_kwargs)
     seq = out if isinstance(out, torch.Tensor) else out.sequences
-    cache.offload_blocks(seq)
+    cache.offload_blocks(seq, wait=offload_wait)
     return out

@@ -129,6 +129,7 @@ def test_loaded_blocks_come_from_the_tier_that_holds_them(model: Any, host_manag
     prompt = tokens(33, 7)
     with torch.inference_mode():
         prefill(model, prompt, KvbmCache(host_manager, model))
+    host_manager.flush()  # prefill stores in the background
     with host_manager.match_prefix(prompt[0]) as m:
         assert m.num_blocks == 33 // PAGE
         assert set(m.tiers) == {"host"}
@@ -321,3 +322,75 @@ def test_cache_that_already_holds_kv_is_left_as_it_is(model: Any, host_manager: 
         model(prompt[:, :5], past_key_values=cache)
         assert cache.load_prefix(prompt) == 5
     assert cache.loaded_tokens == 0
+
+
+# -- rooms reused across requests, offloads in the background ----------------------------
+def test_back_to_back_requests_sharing_a_prefix_load_it_exactly(model: Any,
+                                                                host_manager: Any) -> None:
+    prefix = tokens(8 * PAGE, 30)
+    first = torch.cat([prefix, tokens(3, 31)], dim=1)
+    second = torch.cat([prefix, tokens(5, 32)], dim=1)
+    with torch.inference_mode():
+        a = KvbmCache(host_manager, model)
+        prefill(model, first, a)  # stores in the background, no flush before the next
+        stored = [layer.keys[:, :, :8 * PAGE].clone() for layer in a.layers]
+        b = KvbmCache(host_manager, model)
+        out = prefill(model, second, b)
+        plain = model(second).logits[:, -1]
+    assert b.loaded_tokens == 8 * PAGE  # waited for the first request's store
+    for li, layer in enumerate(b.layers):
+        assert torch.equal(layer.keys[:, :, :8 * PAGE], stored[li]), f"layer {li} keys"
+    diff = (out.logits[:, -1].log_softmax(-1) - plain.log_softmax(-1)).abs().max()
+    assert float(diff) <= TOL
+
+
+def test_room_is_not_handed_out_while_its_offload_reads_it(model: Any, host_manager: Any,
+                                                           monkeypatch: Any) -> None:
+    import threading
+
+    prefix = tokens(6 * PAGE, 33)
+    qa, qb = tokens(3 * PAGE + 1, 34), tokens(3 * PAGE + 1, 35)
+    gate = threading.Event()
+    real = host_manager.offload
+
+    def held_offload(*args: Any, **kwargs: Any) -> Any:
+        gate.wait(10)  # the store starts only after the next request computed
+        return real(*args, **kwargs)
+
+    with torch.inference_mode():
+        prefill(model, prefix, KvbmCache(host_manager, model), offload_wait=True)
+        a = KvbmCache(host_manager, model)
+        prompt_a = torch.cat([prefix, qa], dim=1)
+        prefill(model, prompt_a, a, offload=False)
+        kv_a = [layer.keys.clone() for layer in a.layers]
+        room_a = a.layers[0].keys.data_ptr()
+        monkeypatch.setattr(host_manager, "offload", held_offload)
+        fut = a.offload_blocks(prompt_a, wait=False)
+        del a  # the request is over; only its offload still reads the room
+        b = KvbmCache(host_manager, model)
+        prefill(model, torch.cat([prefix, qb], dim=1), b, offload=False)
+        assert b.layers[0].keys.data_ptr() != room_a
+        gate.set()
+        assert fut.result(timeout=30).stored == 3
+        monkeypatch.setattr(host_manager, "offload", real)
+        c = KvbmCache(host_manager, model)
+        assert c.load_prefix(torch.cat([prompt_a, tokens(1, 36)], dim=1)) == 9 * PAGE
+    for li, layer in enumerate(c.layers):
+        assert torch.equal(layer.keys[:, :, :9 * PAGE], kv_a[li][:, :, :9 * PAGE]), f"layer {li}"
+
+
+def test_room_of_a_finished_request_is_reused(model: Any, host_manager: Any) -> None:
+    from kvbm_hf._rooms import state_of
+
+    prompt = tokens(5 * PAGE + 1, 37)
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(host_manager, model), offload_wait=True)
+        a = KvbmCache(host_manager, model)
+        prefill(model, prompt, a, offload_wait=True)
+        ptr = a.layers[0].keys.data_ptr()
+        made = state_of(host_manager).allocated
+        del a
+        b = KvbmCache(host_manager, model)
+        assert b.load_prefix(prompt) == 5 * PAGE
+    assert b.layers[0].keys.data_ptr() == ptr
+    assert state_of(host_manager).allocated == made

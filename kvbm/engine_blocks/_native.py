@@ -36,15 +36,28 @@ void kvbm_copy_runs(int64_t n, const int64_t *dst, const int64_t *src, int64_t l
     for (int64_t i = 0; i < n; i++)
         memcpy((void *)(intptr_t)dst[i], (const void *)(intptr_t)src[i], (size_t)len);
 }
+void kvbm_copy_rows(int64_t n, const int64_t *dst, const int64_t *src, int64_t rows,
+                    int64_t len, int64_t dst_stride, int64_t src_stride) {
+    for (int64_t i = 0; i < n; i++) {
+        char *d = (char *)(intptr_t)dst[i];
+        const char *s = (const char *)(intptr_t)src[i];
+        for (int64_t r = 0; r < rows; r++)
+            memcpy(d + r * dst_stride, s + r * src_stride, (size_t)len);
+    }
+}
 """
 
 #: ``fn(n, dst_ptrs, src_ptrs, run_bytes)``: copies run ``i`` of ``run_bytes`` bytes from
 #: address ``src_ptrs[i]`` to ``dst_ptrs[i]`` (pointers to int64 arrays of n addresses).
 RunCopy = Callable[[int, int, int, int], None]
+#: ``fn(n, dst_ptrs, src_ptrs, rows, row_bytes, dst_stride, src_stride)``: for each of
+#: the n pairs, ``rows`` rows of ``row_bytes`` bytes, ``*_stride`` bytes apart.
+RowCopy = Callable[[int, int, int, int, int, int, int], None]
 
 _lock = threading.Lock()
 _loaded = False
 _fn: RunCopy | None = None
+_rows: RowCopy | None = None
 #: False turns the native loop off in this process (tests compare both paths).
 enabled = True
 
@@ -56,7 +69,7 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def _build() -> RunCopy | None:
+def _build() -> tuple[RunCopy, RowCopy] | None:
     cc = _compiler()
     if cc is None:
         log.debug("kvbm: no C compiler found; engine-block copies use numpy")
@@ -84,20 +97,38 @@ def _build() -> RunCopy | None:
     fn = so.kvbm_copy_runs
     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn.restype = None
-    return fn
+    rows = so.kvbm_copy_rows
+    rows.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    rows.restype = None
+    return fn, rows
+
+
+def _load() -> None:
+    global _loaded, _fn, _rows
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                built = _build()
+                if built is not None:
+                    _fn, _rows = built
+                _loaded = True
 
 
 def copy_runs() -> RunCopy | None:
     """The native run copier, built on first use; None without a C compiler (or disabled)."""
-    global _loaded, _fn
     if not enabled:
         return None
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                _fn = _build()
-                _loaded = True
+    _load()
     return _fn
+
+
+def copy_rows() -> RowCopy | None:
+    """The native strided copier (rows of equal length), or None as ``copy_runs``."""
+    if not enabled:
+        return None
+    _load()
+    return _rows
 
 
 def address(buf: np.ndarray) -> int:

@@ -24,6 +24,8 @@ def command(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--engine", choices=["none", "hf", "vllm"], default="none",
                    help="'hf' runs a real transformers model, 'vllm' a real vLLM engine "
                         "(time to first token)")
+    p.add_argument("--limit-mib", type=int, default=512,
+                   help="MiB that fio and dd move for each disk limit (default 512)")
     p.add_argument("--out", default=None,
                    help="results folder: report.json, paths.csv and PNG plots (default: "
                         "bench-out/kvbm-bench-<UTC time> in the current directory)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(
         config=args.config, users=args.users, rounds=args.rounds,
         system_tokens=args.system_tokens, duration=args.duration, raw_blocks=args.raw_blocks,
-        progress=not args.no_progress,
+        progress=not args.no_progress, limit_bytes=args.limit_mib * 2**20,
     )
     bar = Progress(PHASES, opts.progress)
     if opts.progress:

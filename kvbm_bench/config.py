@@ -25,6 +25,7 @@ class BenchOptions:
     raw_blocks: int = 512
     raw_batch: int = 64
     progress: bool = True
+    limit_bytes: int = 512 * 2**20  # bytes fio and dd move per measurement
 
 
 def default_settings(tmpdir: str) -> dict[str, Any]:

@@ -44,12 +44,12 @@ class Progress:
         if enabled:
             # A phase that takes a while between steps (building a chain, a flush, fio)
             # is still seen to move: the line is redrawn with its clock at least every
-            # second on a terminal, every ``5 * interval`` in a log.
+            # second on a terminal, every ``2 * interval`` in a log.
             self._ticker = threading.Thread(target=self._tick, name="kvbm-bench-progress", daemon=True)
             self._ticker.start()
 
     def _tick(self) -> None:
-        period = self.interval if self.tty else 5 * self.interval
+        period = self.interval if self.tty else 2 * self.interval
         while not self._stop.wait(min(period, 1.0)):
             if time.perf_counter() - self.last >= period and self.index >= 0:
                 self._draw(force=True)

@@ -161,7 +161,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> BenchRepo
             mgr.close()
         first_kind = kinds[mgr.chain[0].name]
         _contiguous_phase(settings, opts, report, bar, first_kind)
-        _limits_phase(report, tiers, kinds, settings.copy_threads, bar)
+        _limits_phase(report, tiers, kinds, settings.copy_threads, bar, opts.limit_bytes)
         _attach_limits(report, kinds)
         bar.done()
         return report
@@ -171,11 +171,11 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> BenchRepo
 
 
 def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds: dict[str, str],
-                  threads: int, bar: Progress) -> None:
+                  threads: int, bar: Progress, nbytes: int) -> None:
     """Each tier's own limit, measured now, in this run (one progress step each)."""
     steps = 1 + sum({"disk": 2, "s3": 1}.get(k, 0) for k in kinds.values())
     bar.phase("limits", steps, text=f"memory copy, 1 and {threads} threads")
-    mc = memcpy_best(threads=threads)
+    mc = memcpy_best(min(256 * 2**20, nbytes), threads=threads)
     report.limits["memcpy_1t_gbps"] = mc.one_thread_gbps
     report.limits["memcpy_nt_gbps"] = mc.n_threads_gbps
     report.limits["memcpy_threads"] = float(mc.threads)
@@ -188,7 +188,7 @@ def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds:
             assert d is not None
             jobs = int(getattr(cfg, "io_threads", 1) or 1)
             bar.text = f"fio on {name} ({jobs} jobs)"
-            got = fio_gbps(d, jobs, fio=fio) if fio else None
+            got = fio_gbps(d, jobs, nbytes, fio=fio) if fio else None
             if got is not None:
                 report.limits[f"fio_write:{name}"], report.limits[f"fio_read:{name}"] = got
                 report.limits[f"fio_jobs:{name}"] = float(jobs)
@@ -196,7 +196,7 @@ def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds:
                 report.limit_notes[name] = ("no fio (run `make fio`): dd is the limit" if fio is None
                                             else "fio failed in this directory: dd is the limit")
             bar.step(f"dd on {name}")
-            w, r = dd_direct_gbps(d, repeats=2)
+            w, r = dd_direct_gbps(d, nbytes, repeats=2)
             report.limits[f"dd_write:{name}"], report.limits[f"dd_read:{name}"] = w, r
             bar.step(f"{name} measured")
         elif kind == "s3":

@@ -88,7 +88,7 @@ def test_bench_json_verifies_every_onboarded_block(tmp_path: Path, capsys: pytes
     p.write_text("model: {num_layers: 4, num_kv_heads: 2, head_dim: 64, dtype: bfloat16}\n"
                  "page_size: 16\ntiers: [{type: host, num_blocks: 64}]\n")
     assert main(["bench", "--config", str(p), "--json", "--users", "2", "--rounds", "3",
-                 "--system-tokens", "256", "--raw-blocks", "16"]) == 0
+                 "--system-tokens", "256", "--raw-blocks", "16", "--no-out"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verified_blocks"] > 0 and report["mismatched_blocks"] == 0
     assert 0 < report["hit_rate"] < 1
@@ -356,3 +356,29 @@ def test_plugin_new_writes_a_distribution_with_its_entry_point_and_extra(
     assert "@kvbm.hookimpl\ndef kvbm_register_tiers(" in plugin
     assert "class MytierTierConfig(TierConfig):" in (root / "kvbm_mytier" / "config.py").read_text()
     assert "kvbm-mytier" in capsys.readouterr().out
+
+
+def test_config_check_shows_every_tiers_errors_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvbm.plugins import build_plugins
+
+    p = tmp_path / "c.yaml"
+    p.write_text("tiers:\n  - {type: host, capacity: 64MiB, copy_thread: 2}\n"
+                 f"  - {{type: disk, capacity: 1GiB, path: '{tmp_path}', io_threds: 4}}\n"
+                 "  - {type: nope}\n")
+    assert main(["config", "check", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "kvbm: error: tier 'host' (type host): key 'copy_thread': unknown key; did you mean "
+        "'copy_threads'?; tier 'disk' (type disk): key 'io_threds': unknown key; did you mean "
+        "'io_threads'?; tier 'nope': key 'type': value 'nope' is not a known tier type; known: "
+        + ", ".join(build_plugins().tiers.names()) + " (see `kvbm plugins`)")
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["bench"], ["config", "check"], ["plugins"]])
+def test_help_names_no_path_of_this_machine(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kvbm")
+    for local in ("/work/", "/home/", "/tmp/", "/root/", str(Path.cwd()), str(Path.home())):
+        assert local not in out, f"kvbm {' '.join(command)} --help shows {local!r}"

@@ -62,7 +62,7 @@ def disk_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     tmp = tmp_path_factory.mktemp("bench")
     # A host tier smaller than one prompt: the second round's prefixes come from disk.
     cfg = _chain(tmp, "{type: host, num_blocks: 16}",
-                 f"{{type: disk, num_blocks: 256, path: '{tmp / 'disk'}', io_threads: 2}}")
+                 f"{{type: disk, num_blocks: 256, path: '{tmp / 'disk'}', io_threads: 2, admission: all}}")
     err, out = TimedStream(), io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):

@@ -82,6 +82,30 @@ def test_every_phase_reports_progress_with_an_eta_limits_included(disk_run: dict
     assert disk_run["err"][-1][1].startswith("kvbm bench: done in ")
 
 
+def test_a_slow_chain_build_still_shows_progress_in_the_first_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kvbm_bench.runner
+
+    built: list[float] = []
+    real = kvbm_bench.runner.KvBlockManager.from_config
+
+    def slow(config: Any) -> Any:  # a chain whose build takes 2.5 s (a large arena, a bucket check)
+        time.sleep(2.5)
+        built.append(time.perf_counter())
+        return real(config)
+
+    monkeypatch.setattr(kvbm_bench.runner.KvBlockManager, "from_config", slow)
+    err = TimedStream()
+    cfg = _chain(tmp_path, "{type: host, num_blocks: 16}")
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["bench", "--config", str(cfg), "--no-out", *ARGS]) == 0
+    shown = [t for t, line in err.lines if "ETA" in line and t < built[0]]
+    assert shown and shown[0] - t0 < 1.0, err.lines[:5]
+    assert len(shown) >= 2  # and its clock moves while the chain is built
+
+
 def test_a_phase_between_steps_still_redraws_its_clock() -> None:
     s = TimedStream()
     bar = Progress(["slow"], True, stream=s, interval=0.1)

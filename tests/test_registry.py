@@ -468,3 +468,23 @@ def test_restore_leaves_the_lowest_free_slot_on_top() -> None:
 def test_arrays_cost_under_64_bytes_per_slot_with_the_lru() -> None:
     reg = BlockRegistry("t", 100_000, LRUPolicy(100_000))
     assert reg.nbytes / reg.capacity <= 64
+
+
+def test_a_free_slots_stale_key_after_the_last_pin_is_not_taken_for_the_block() -> None:
+    reg = new_registry(4)
+    for k in KEYS[:3]:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    assert reg.remove(KEYS[1]) and reg.remove(KEYS[2])  # slot 1 then slot 2 freed
+    moved = reg.allocate(KEYS[1])  # takes slot 2, the top of the free stack
+    assert moved == 2
+    reg.commit(moved)
+    reg.unpin(reg.pin(KEYS[0]))  # type: ignore[arg-type]  # slot 0: slot 1 is tried next
+    assert reg.pin(KEYS[1]) == 2, "slot 1 still holds KEYS[1]'s bytes, but is free"
+
+
+def test_a_block_in_the_slot_after_the_last_pin_is_found_there() -> None:
+    reg = new_registry(4)
+    for k in KEYS[:3]:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    assert [reg.pin(k) for k in KEYS[:3]] == [0, 1, 2]
+    assert reg.pin(KEYS[3]) is None and reg.pin(KEYS[0]) == 0

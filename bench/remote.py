@@ -87,7 +87,7 @@ def _raw_read(tier: Any, peer: Any, remote: list[tuple[int, int, int]], bufs: li
         if not asked and time.perf_counter() - t0 > 0.002:
             asked = True  # as the tier does: the transport may need the peer's progress
             with peer.lock:
-                tier._send(peer, {"op": "pump"})
+                tier._peer_set.send(peer, {"op": "pump"})
         state = agent.check_xfer_state(h)
     dt = time.perf_counter() - t0
     agent.release_xfer_handle(h)
@@ -124,21 +124,21 @@ def run(batches: list[int], reps: int, extra: dict[str, Any]) -> dict[str, Any]:
         found = tier.probe(hashes)
         if not all(found):
             raise RuntimeError(f"the peer serves {sum(found)} of {n} blocks")
-        peer = next(p for p in tier._live_peers() if p.up)
+        peer = next(p for p in tier._peer_set.live() if p.up)
         bb = mgr.block_bytes
         # The peer's slot addresses, for the raw READ (leased once, then released).
         with peer.lock:
-            reply = tier._rpc(peer, {"op": "lease", "keys": hashes, "ttl": 5})
-            tier._rpc(peer, {"op": "release", "lease": reply["lease"]}, reply=False)
+            reply = tier._peer_set.rpc(peer, {"op": "lease", "keys": hashes, "ttl": 5})
+            tier._peer_set.rpc(peer, {"op": "release", "lease": reply["lease"]}, reply=False)
         remote_all = [(int(b[0]), bb, 0) for b in reply["blocks"]]
-        bufs_all = mgr._staging.acquire(n)
+        bufs_all = mgr.executor.staging.acquire(n)
         for buf in bufs_all:  # register the staging arenas, as the tier's first read would
-            if tier._local_addr(buf) is None:
+            if tier._reader._local_addr(buf) is None:
                 raise RuntimeError("a staging buffer could not be registered with NIXL")
         dest = np.zeros((n, bb), dtype=np.uint8)
         dest[:: 1, :: 4096] = 1  # fault the destination in before timing
         dest_rows = list(dest)
-        if tier._local_addr(dest_rows[0]) is None:  # registered as the onboard's READs do
+        if tier._reader._local_addr(dest_rows[0]) is None:  # registered as the onboard's READs do
             raise RuntimeError("the onboard destination could not be registered with NIXL")
         rows: list[dict[str, Any]] = []
         for batch in batches:

@@ -248,3 +248,60 @@ def nixl_importable() -> bool:
         return importlib.util.find_spec("nixl") is not None
     except (ImportError, ValueError):
         return False
+
+
+# -- remote (NIXL) ----------------------------------------------------------------
+
+
+def remote_raw_read_gbps(tier: Any, keys: list[bytes], bufs: list[np.ndarray], repeats: int = 3) -> float:
+    """GB/s of one raw NIXL READ of ``keys``' blocks from a live peer of a remote tier
+    into ``bufs``: the limit of that tier's reads. Through the tier's own agent and
+    UCX transports, with its local buffers registered as its reads register them; the
+    blocks are leased (pinned) on the peer for the READs, then released. No checksum,
+    no lease per step, no pipelining: the transfer alone, best of ``repeats``.
+    Raises RuntimeError when no live peer serves every key."""
+    ps, reader, agent, lock = tier._peer_set, tier._reader, tier._agent, tier._nixl_lock
+    bb = int(tier.block_bytes)
+    peers = [p for p in ps.live() if p.up]
+    if not peers:
+        raise RuntimeError("no live peer")
+    local = []
+    for b in bufs[: len(keys)]:
+        addr = reader._local_addr(b)
+        if addr is None:
+            raise RuntimeError("a local buffer could not be registered with NIXL")
+        local.append((int(addr), bb, 0))
+    for peer in peers:
+        with peer.lock:
+            reply = ps.rpc(peer, {"op": "lease", "keys": list(keys), "ttl": 30})
+        try:
+            blocks = reply["blocks"]
+            if any(b is None for b in blocks):
+                continue  # this peer does not hold them all: try the next one
+            remote = [(int(b[0]), bb, 0) for b in blocks]
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                with lock:
+                    h = agent.initialize_xfer("READ", agent.get_xfer_descs(local, "DRAM"),
+                                              agent.get_xfer_descs(remote, "DRAM"), peer.agent)
+                    state = agent.transfer(h)
+                asked = False
+                while state == "PROC":
+                    if not asked and time.perf_counter() - t0 > 0.002:
+                        asked = True  # as the tier does: the transport may need the peer's progress
+                        with peer.lock:
+                            ps.send(peer, {"op": "pump"})
+                    with lock:
+                        state = agent.check_xfer_state(h)
+                dt = time.perf_counter() - t0
+                with lock:
+                    agent.release_xfer_handle(h)
+                if state != "DONE":
+                    raise RuntimeError(f"raw NIXL READ ended in state {state}")
+                best = min(best, dt)
+            return len(keys) * bb / best / 1e9
+        finally:
+            with peer.lock:
+                ps.rpc(peer, {"op": "release", "lease": reply["lease"]}, reply=False)
+    raise RuntimeError("no live peer holds every block read")

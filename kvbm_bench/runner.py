@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.config import KvbmSettings, load_settings
-from kvbm.layout import ContiguousBlocks
+from kvbm.layout import ContiguousBlocks, aligned_empty
 from kvbm.manager import KvBlockManager
 
 from .config import BenchOptions, default_settings
@@ -35,6 +35,7 @@ from .limits import (
     fio_gbps,
     memcpy_best,
     nixl_importable,
+    remote_raw_read_gbps,
     s3_raw_gbps,
     split_copy,
 )
@@ -209,11 +210,9 @@ def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds:
             except Exception as e:  # the tier's own figure stands; its limit is unknown
                 report.limit_notes[name] = f"raw boto3 failed: {type(e).__name__}: {str(e)[:80]}"
             bar.step(f"{name} measured")
-        elif kind == "remote":
-            report.limit_notes[name] = (
-                "no limit here: a raw NIXL READ needs the peer's slot addresses; "
-                "bench/remote.py measures it" if nixl_importable()
-                else "no limit: NIXL is not importable")
+        elif kind == "remote" and f"nixl_read:{name}" not in report.limits:
+            report.limit_notes.setdefault(name, "no limit: NIXL is not importable"
+                                          if not nixl_importable() else "no limit: not measured")
 
 
 def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport, torch: Any,
@@ -248,6 +247,8 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     probe_src = np.ones((8 * max(1, threads), 64 * 2**20 // (8 * max(1, threads))), dtype=np.uint8)
     probe_dst = np.ones_like(probe_src)  # touched: a sample times copying, not faults
     probe_pool = ThreadPoolExecutor(max(1, threads - 1))
+    remote = {rt.name: rt.tier for rt in mgr.chain if str(rt.config.type) == "remote"}
+    remote_keys: dict[str, list[bytes]] = {name: [] for name in remote}
     for k, turn in enumerate(turns):
         if time.perf_counter() - t_start > opts.duration:
             break
@@ -267,8 +268,10 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
                 res = mgr.onboard(match, engine, indices=list(range(n)))
                 report.onboard_ms.append((time.perf_counter() - t0) * 1e3)
                 n = res.loaded
-                for t in match.tiers[:n]:
+                for t, h in zip(match.tiers[:n], hashes[:n]):
                     report.matched_by_tier[t] = report.matched_by_tier.get(t, 0) + 1
+                    if t in remote_keys:  # the last 64 blocks read from each peer tier
+                        remote_keys[t] = [*remote_keys[t][-63:], h]
                 engine.copy_out(list(range(n)), got[:n])
                 for b in range(n):
                     if np.array_equal(got[b], pattern(hashes[b], want)):
@@ -289,6 +292,17 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     mgr.flush()
     report.seconds = time.perf_counter() - t_start
     probe_pool.shutdown()
+    for name, tier in remote.items():
+        # The remote tier's limit needs its live peer and the manager: measured here.
+        if not remote_keys[name]:
+            report.limit_notes[name] = "no limit: no block was read from a peer"
+            continue
+        bar.text = f"raw NIXL READ from {name}'s peer"
+        bufs = [aligned_empty(bb) for _ in remote_keys[name]]
+        try:
+            report.limits[f"nixl_read:{name}"] = remote_raw_read_gbps(tier, remote_keys[name], bufs)
+        except Exception as e:  # the tier's own figure stands; its limit is unknown
+            report.limit_notes[name] = f"no limit: raw NIXL READ failed: {type(e).__name__}: {str(e)[:80]}"
     report.limits["memcpy_gbps"] = float(np.median(samples)) if samples else 0.0
     for name, st in mgr.stats()["paths"].items():
         report.paths[name] = {k: st[k] for k in ("blocks", "bytes", "seconds", "gbps", "failures")}
@@ -411,7 +425,11 @@ def _attach_limits(report: BenchReport, kinds: dict[str, str]) -> None:
             else:
                 what = f"no limit ({report.limit_notes.get(tier, 'not measured')})"
         elif kind == "remote":
-            what = f"no limit ({report.limit_notes.get(tier, 'not measured')})"
+            if not write and lim.get(f"nixl_read:{tier}"):
+                value, what = lim[f"nixl_read:{tier}"], "raw NIXL READ, same peer"
+            else:
+                what = ("no limit (a remote tier reads only)" if write else
+                        f"no limit ({report.limit_notes.get(tier, 'not measured')})")
         else:
             # A memory path: the median of the best-of-1/N copies of 64 MiB sampled
             # through the workload, beside it.

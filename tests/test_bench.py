@@ -244,6 +244,36 @@ def test_a_path_without_a_measured_limit_has_no_ratio_and_says_why() -> None:
     assert r.paths["onboard:r"]["limit"] == "no limit (no limit: NIXL is not importable)"
 
 
+def test_a_remote_read_is_measured_against_the_raw_nixl_read() -> None:
+    r = BenchReport(chain=["r:remote"], limits={"nixl_read:r": 2.0})
+    r.paths["onboard:r"] = {"blocks": 1, "bytes": 1, "seconds": 1.0, "gbps": 1.0, "failures": 0}
+    _attach_limits(r, {"r": "remote"})
+    assert (r.paths["onboard:r"]["limit"], r.paths["onboard:r"]["ratio"]) == ("raw NIXL READ, same peer", 0.5)
+
+
+def test_raw_nixl_read_moves_the_peers_blocks_byte_exact(tmp_path: Path) -> None:
+    pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvbm[remote]'")
+    pytest.importorskip("msgpack")
+    from test_remote_tier import TINY, Child, _blocks, _config
+
+    from kvbm import KvBlockManager
+    from kvbm.layout import aligned_empty
+
+    remote = {"rendezvous_dir": str(tmp_path / "rdv")}
+    child = Child(TINY, remote, n=8, seed=5).ready()
+    try:
+        with KvBlockManager.from_config(_config(TINY, remote)) as mgr:
+            tokens, data = _blocks(8, 5, mgr.block_bytes)
+            keys = mgr.hash_tokens(tokens)
+            tier = mgr.chain[-1].tier
+            assert all(tier.probe(keys))
+            bufs = [aligned_empty(mgr.block_bytes) for _ in keys]
+            assert limits.remote_raw_read_gbps(tier, keys, bufs, repeats=1) > 0
+            assert all(np.array_equal(b, d) for b, d in zip(bufs, data))
+    finally:
+        child.kill()
+
+
 def test_numpy_engine_blocks_round_trip_each_blocks_bytes() -> None:
     layout = BlockLayout(ModelSpec(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16"), 16)
     eng = NumpyEngineBlocks(layout, 4)

@@ -9,8 +9,9 @@ Every path has its own limit, measured on the same bytes, in the same run:
   without fio, dd is the limit and the table says so;
 - an S3 tier: a raw boto3 put/get loop against the same server, bucket and
   credentials, with the tier's concurrency (``s3_raw_gbps``);
-- a remote tier: a raw NIXL READ needs the peer's slot addresses, measured by
-  ``bench/remote.py``; ``kvbm bench`` says "no limit" for it rather than a wrong one.
+- a remote tier's reads: a raw NIXL READ of blocks it read, from the same peer,
+  through its own agent (``remote_raw_read_gbps``); where none can be measured (no
+  NIXL, no block read from a peer) the table says "no limit" rather than a wrong one.
 """
 
 from __future__ import annotations

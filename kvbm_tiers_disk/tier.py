@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import xxhash
 
 from kvbm.blockfile import HEADER_BYTES, PAGE, BlockHeader, pack_header, unpack_header
 from kvbm.config import TierConfig
@@ -39,6 +38,7 @@ from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
 from kvbm.tier import Tier, TierContext
 
+from ._xxh import xxh3_64
 from .config import DiskTierConfig
 from .files import (
     O_DIRECT,
@@ -427,7 +427,7 @@ class DiskTier(Tier):
                     buf = buf[: self.block_bytes]
             if os.pwritev(st.fd, [buf], self.geom.data_offset(local)) != buf.nbytes:
                 raise OSError(errno.ENOSPC, "short write of block data")
-            return xxhash.xxh3_64_intdigest(src)
+            return xxh3_64(src)
         except (OSError, ValueError) as e:
             self._fault("write_errors", e, "write of slot %d to %s failed", slot, st.path)
             return None
@@ -489,7 +489,7 @@ class DiskTier(Tier):
                         "(file truncated?)", slot, st.path, got, buf.nbytes)
             return False
         data = buf[:bb]
-        if xxhash.xxh3_64_intdigest(data) != want:
+        if xxh3_64(data) != want:
             self._fault("checksum_failures", None, "slot %d in %s failed its checksum", slot, st.path)
             return False
         if flat is not None and buf is not flat:
@@ -520,7 +520,7 @@ class DiskTier(Tier):
         ok = [a and b for a, b in zip(ok, moved, strict=True)]
         if not all(moved):
             self._fault("write_errors", None, "NIXL write failed for %d blocks", moved.count(False))
-        sums = [xxhash.xxh3_64_intdigest(f) if g else None for f, g in zip(flat, ok, strict=True)]
+        sums = [xxh3_64(f) if g else None for f, g in zip(flat, ok, strict=True)]
         if self.cfg.durable and any(ok):
             return self._sync_then_headers(slots, keys, sums, ok)
         res = self._run(
@@ -543,7 +543,7 @@ class DiskTier(Tier):
         for s, f, g, m in zip(slots, flat, ok, moved, strict=True):
             if g and not m:
                 self._fault("read_errors", None, "NIXL read of slot %d failed", s)
-            good = g and m and xxhash.xxh3_64_intdigest(f) == self._sums[s]
+            good = g and m and xxh3_64(f) == self._sums[s]
             if g and m and not good:
                 self._fault("checksum_failures", None, "slot %d failed its checksum", s)
             out.append(good)

@@ -206,10 +206,15 @@ class _Bench:
                            .logits[0, -1].argmax()))
         full = torch.cat([prompt, torch.tensor([seq])], dim=1) if answer else prompt
         t1 = time.perf_counter()
-        res = cache.offload_blocks(full)
+        fut = cache.offload_blocks(full, wait=False)  # off the request path, as generate does
         t_off = time.perf_counter() - t1
+        # Waited for here, outside every timed span, so the next request (either arm)
+        # never shares the CPUs with it; its own duration is reported beside.
+        res = fut.result()  # type: ignore[union-attr]
+        t_bg = time.perf_counter() - t1
         return {"ttft": ttft, "load": t_load, "loaded_tokens": n, "first": first, "answer": seq,
-                "offload": t_off, "stored": getattr(res, "stored", 0), "cache": cache}
+                "offload": t_off, "offload_bg": t_bg, "stored": getattr(res, "stored", 0),
+                "cache": cache}
 
     def suffix_compute(self, cache: Any, loaded: int, suffix: Any) -> float:
         """Prefill of ``suffix`` over a plain ``DynamicCache`` already holding ``loaded`` tokens.
@@ -233,7 +238,11 @@ def _pct(a: float, b: float) -> float:
 
 def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
     """Run the three workloads and return every figure (progress lines go to ``out``)."""
-    from .limits import memcpy_gbps
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from .limits import best_copy, memcpy_gbps
 
     def say(msg: str) -> None:
         if out is not None:
@@ -299,10 +308,21 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 f"offload {cold['offload']:.3f}s")
             b.manager.flush()
             hits: list[dict[str, Any]] = []
+            # The copy limit of each hit, timed right before it: a copy of the prefix's
+            # bytes between two touched buffers, the faster of 1 and N threads.
+            pbytes = (opts.prefix_tokens // opts.page_size) * b.block_bytes
+            lim_src = np.ones(pbytes, dtype=np.uint8)
+            lim_dst = np.ones(pbytes, dtype=np.uint8)
+            nthreads = max(1, torch.get_num_threads())
+            lim_pool = ThreadPoolExecutor(max(1, nthreads - 1))
             for i in range(max(1, opts.prefix_requests)):
                 # The first hits ask the baseline's questions, so their tokens can be compared.
                 q = firsts[i][0] if i < len(firsts) else request()
+                if hits:
+                    del hits[-1]["cache"]  # that request is over: its room goes back to the pool
+                lim = best_copy(lim_dst, lim_src, nthreads, lim_pool)
                 r = b.with_kvbm(q)
+                r["limit_copy"] = lim * (r["loaded_tokens"] // opts.page_size * b.block_bytes) / pbytes
                 if i < len(firsts) and r["first"] != firsts[i][1]:
                     rep.mismatches += 1
                 hits.append(r)
@@ -313,9 +333,11 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
             loaded = hits[0]["loaded_tokens"]
             loaded_bytes = loaded // opts.page_size * b.block_bytes
             suffix_t = b.suffix_compute(hits[-1]["cache"], loaded, request()[:, loaded:])
-            for r in hits:
-                del r["cache"]  # free the loaded KV before the next workload
-            copy_limit = loaded_bytes / (gbps * 1e9)
+            del hits[-1]["cache"]  # free the loaded KV before the next workload
+            lim_pool.shutdown()
+            del lim_src, lim_dst
+            copy_limit = statistics.median(r["limit_copy"] for r in hits)
+            load_ratios = [r["limit_copy"] / r["load"] for r in hits if r["load"] > 0]
             base_t = statistics.median(plain_t)
             rep.prefix = {
                 "prefix_tokens": opts.prefix_tokens, "question_tokens": opts.question_tokens,
@@ -324,6 +346,9 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 "ttft_kvbm_hit": hit_t, "load": load_t,
                 "load_gbps": loaded_bytes / load_t / 1e9 if load_t > 0 else 0.0,
                 "limit_copy": copy_limit, "limit_suffix_compute": suffix_t,
+                "load_ratio_min": min(load_ratios), "load_ratio_median": statistics.median(load_ratios),
+                "load_ratio_max": max(load_ratios),
+                "speedups": sorted(base_t / r["ttft"] for r in hits),
                 "limit_ttft": copy_limit + suffix_t,
                 "speedup": base_t / hit_t,
                 "hit_vs_limit": hit_t / (copy_limit + suffix_t),
@@ -336,6 +361,7 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
             nk_t: list[float] = []
             nk_req: list[float] = []
             own: list[float] = []
+            bg: list[float] = []
             for _ in range(max(1, opts.unique_repeats)):
                 q = b.tokens(opts.unique_tokens)
                 t, f = b.plain(q)
@@ -348,6 +374,7 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 nk_t.append(r["ttft"])
                 nk_req.append(r["ttft"] + r["offload"])
                 own.append(r["load"])
+                bg.append(r["offload_bg"])
             rep.no_reuse = {
                 "prompt_tokens": opts.unique_tokens, "repeats": len(np_t),
                 "ttft_plain": statistics.median(np_t), "ttft_kvbm": statistics.median(nk_t),
@@ -362,14 +389,22 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 "kvbm_own": statistics.median(own),
                 "kvbm_own_pct": statistics.median(own) / statistics.median(np_t) * 100.0,
                 "offload": statistics.median(r - t for r, t in zip(nk_req, nk_t)),
+                # kvbm on the request path: its own time before the first token plus
+                # handing the offload to the background.
+                "request_path_pct": statistics.median(
+                    (o + (r - t)) / p * 100.0 for o, r, t, p in zip(own, nk_req, nk_t, np_t)),
+                "offload_background": statistics.median(bg),
+                "offload_background_pct": statistics.median(bg) / statistics.median(np_t) * 100.0,
             }
     finally:
         b.close()
     rep.goals = {
-        "prefix_speedup_min": 10.0,
-        "prefix_speedup_met": rep.prefix["speedup"] >= 10.0,
-        "no_reuse_overhead_max_pct": 2.0,
-        "no_reuse_overhead_met": rep.no_reuse["kvbm_own_pct"] <= 2.0,
+        "prefix_speedup_min": 30.0,
+        "prefix_speedup_met": rep.prefix["speedup"] >= 30.0,
+        "prefix_load_ratio_min": 0.8,
+        "prefix_load_ratio_met": rep.prefix["load_ratio_median"] >= 0.8,
+        "no_reuse_overhead_max_pct": 1.0,
+        "no_reuse_overhead_met": rep.no_reuse["request_path_pct"] <= 1.0,
     }
     rep.wall_s = time.perf_counter() - t_start
     if opts.plot:
@@ -450,22 +485,29 @@ def format_report(rep: HfBenchReport) -> str:
         f"{pf['limit_ttft']:>8.3f}  {pf['hit_vs_limit']:.2f} (limit: copy "
         f"{pf['limit_copy']:.3f}s + suffix compute {pf['limit_suffix_compute']:.3f}s)",
         f"  {'  of which match+onboard':<34} {pf['load']:>8.3f}  {pf['limit_copy']:>8.3f}  "
-        f"{pf['load'] / pf['limit_copy'] if pf['limit_copy'] else float('nan'):.2f} "
-        f"({pf['loaded_bytes'] / 2**20:.0f} MiB at {pf['load_gbps']:.2f} GB/s)",
-        f"  speedup {pf['speedup']:.1f}x (goal >= 10x: "
-        f"{'met' if rep.goals['prefix_speedup_met'] else 'NOT met'})",
+        f"{pf['limit_copy'] / pf['load'] if pf['load'] else float('nan'):.2f} "
+        f"({pf['loaded_bytes'] / 2**20:.0f} MiB at {pf['load_gbps']:.2f} GB/s; memcpy/load per "
+        f"request min/median/max {pf['load_ratio_min']:.2f}/{pf['load_ratio_median']:.2f}/"
+        f"{pf['load_ratio_max']:.2f}, goal >= 0.8: "
+        f"{'met' if rep.goals['prefix_load_ratio_met'] else 'NOT met'})",
+        f"  speedup {pf['speedup']:.1f}x (per request {', '.join(f'{x:.1f}' for x in pf['speedups'])};"
+        f" goal >= 30x: {'met' if rep.goals['prefix_speedup_met'] else 'NOT met'})",
     ]
     nr = rep.no_reuse
     lines += [
         "",
         f"no reuse: {nr['repeats']} x {nr['prompt_tokens']}-token prompts per arm",
         f"  kvbm's own time before the first token: {nr['kvbm_own'] * 1e3:.2f} ms = "
-        f"{nr['kvbm_own_pct']:.3f}% of the {nr['ttft_plain']:.3f}s prefill (goal <= 2%: "
-        f"{'met' if rep.goals['no_reuse_overhead_met'] else 'NOT met'})",
+        f"{nr['kvbm_own_pct']:.3f}% of the {nr['ttft_plain']:.3f}s prefill",
+        f"  on the request path (that + handing the offload to the background): "
+        f"{nr['request_path_pct']:.3f}% (goal <= 1%: "
+        f"{'met' if rep.goals['no_reuse_overhead_met'] else 'NOT met'}); the offload itself "
+        f"{nr['offload_background'] * 1e3:.1f} ms in the background "
+        f"({nr['offload_background_pct']:.2f}% of the prefill)",
         f"  end to end, best (median) of each arm: without kvbm {nr['ttft_plain_min']:.3f}s "
         f"({nr['ttft_plain']:.3f}s), with kvbm {nr['ttft_kvbm_min']:.3f}s ({nr['ttft_kvbm']:.3f}s): "
         f"{nr['ttft_overhead_pct']:+.2f}% ({nr['ttft_overhead_pct_median']:+.2f}%)",
-        f"  the offload after the first token: {nr['offload'] * 1e3:.1f} ms "
+        f"  handing off the offload after the first token: {nr['offload'] * 1e3:.2f} ms "
         f"({nr['offload'] / nr['ttft_plain'] * 100:.2f}% of the prefill); whole request best "
         f"of arm {nr['request_overhead_pct']:+.2f}%",
         "",

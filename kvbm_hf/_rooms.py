@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kvbm.engine_blocks import _native
 from kvbm.hashing import SequenceHash
 from kvbm.manager import KvBlockManager
 
@@ -60,6 +61,7 @@ class ConnectorState:
         self._rooms: list[torch.Tensor] = []
         self._pending: dict[SequenceHash, Future[Any]] = {}
         self.allocated = 0  # rooms made, for tests and stats
+        _native.copy_runs()  # compile the copy loop now, not inside the first request
 
     # -- rooms ---------------------------------------------------------------------------
     def room(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -36,8 +36,15 @@ void kvbm_copy_runs(int64_t n, const int64_t *dst, const int64_t *src, int64_t l
     for (int64_t i = 0; i < n; i++)
         memcpy((void *)(intptr_t)dst[i], (const void *)(intptr_t)src[i], (size_t)len);
 }
+#define ROWS(L) for (int64_t i = 0; i < n; i++) { \
+        char *d = (char *)(intptr_t)dst[i]; const char *s = (const char *)(intptr_t)src[i]; \
+        for (int64_t r = 0; r < rows; r++) memcpy(d + r * dst_stride, s + r * src_stride, L); }
 void kvbm_copy_rows(int64_t n, const int64_t *dst, const int64_t *src, int64_t rows,
                     int64_t len, int64_t dst_stride, int64_t src_stride) {
+    /* Rows of one head_dim are short: fixed sizes let the compiler inline the copy. */
+    if (len == 128) { ROWS(128) return; }
+    if (len == 256) { ROWS(256) return; }
+    if (len == 512) { ROWS(512) return; }
     for (int64_t i = 0; i < n; i++) {
         char *d = (char *)(intptr_t)dst[i];
         const char *s = (const char *)(intptr_t)src[i];

@@ -13,12 +13,18 @@ of a 64-block prefix, released after each match:
 Bytes per block is the growth of the process's resident memory from before the
 registry was made to after it was full, over the number of blocks; everything the
 registry and its policy hold counts, the keys included. Beside it, its limit: the
-16 bytes of the key itself. ``traced`` is the same from ``tracemalloc`` (up to 1M
-blocks, where tracing is cheap enough). ``old`` is the registry before issue 14
+16 bytes of the key itself. ``traced`` is the same from ``tracemalloc``, in a run of
+its own (up to 1M blocks, where tracing is cheap enough). ``old`` is the registry before issue 14
 (``bench/registry_old.py``: a dict, per-slot lists and an ordered dict).
 
+Two slot orders (``--fill``): ``request``, each prefix's blocks saved together into
+consecutive slots (how a tier fills: a request's blocks come off the free stack in a
+row), and ``interleaved``, block b of every prefix and then block b + 1, so that no
+two blocks of a prefix are near: the worst case for the registry's guess that a
+match's next block sits in the slot after the last one.
+
 Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new]
-[--runs 3] [--samples 2000] [--json]``. Runs interleave the implementations and
+[--fill request,interleaved] [--runs 3] [--samples 2000] [--json]``. Runs interleave the implementations and
 sizes; the table gives min/median/max over runs.
 """
 
@@ -53,7 +59,7 @@ def _key(i: int) -> bytes:
     return xxhash.xxh3_128_digest(i.to_bytes(8, "little"))
 
 
-def _child(impl: str, n: int, samples: int, seed: int) -> dict[str, Any]:
+def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from kvbm.chain import TierState
     from kvbm.config import TierConfig
@@ -67,8 +73,7 @@ def _child(impl: str, n: int, samples: int, seed: int) -> dict[str, Any]:
 
     n -= n % PREFIX
     gc.collect()
-    trace = n <= 1_000_000
-    if trace:
+    if traced:  # a run of its own: tracing's own memory would count in the RSS
         tracemalloc.start()
     rss0 = _rss()
     if impl == "old":
@@ -78,21 +83,33 @@ def _child(impl: str, n: int, samples: int, seed: int) -> dict[str, Any]:
         reg = BlockRegistry("bench", n, LRUPolicy(n))
     t0 = time.perf_counter()
     allocate, commit = reg.allocate, reg.commit
-    for c in range(0, n, CHUNK):
-        for k in [_key(i) for i in range(c, min(n, c + CHUNK))]:
-            commit(allocate(k))
+    prefixes = n // PREFIX
+    if fill == "request":  # each prefix saved at once: its blocks in consecutive slots
+        order: Any = range(n)
+    else:  # block b of every prefix, then block b + 1: a prefix's blocks far apart
+        order = (p * PREFIX + b for b in range(PREFIX) for p in range(prefixes))
+    batch: list[int] = []
+    for i in order:
+        batch.append(i)
+        if len(batch) == CHUNK:
+            for k in [_key(j) for j in batch]:
+                commit(allocate(k))
+            batch = []
+    for k in [_key(j) for j in batch]:
+        commit(allocate(k))
+    del batch, order
     fill_s = time.perf_counter() - t0
     gc.collect()
     rss1 = _rss()
-    traced = tracemalloc.get_traced_memory()[0] if trace else 0
-    tracemalloc.stop()
     assert reg.num_used == n and reg.num_evictable == n
+    if traced:
+        return {"impl": impl, "blocks": n,
+                "traced_bytes_per_block": tracemalloc.get_traced_memory()[0] / n}
 
     ts = TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=n), reg,  # type: ignore[arg-type]
                    AdmitAll())
     planner = Planner([ts], page_size=16)
     rng = random.Random(seed)
-    prefixes = n // PREFIX
     hot = [_key(i) for i in range(0, PREFIX)]
     cold_t: list[float] = []
     hot_t: list[float] = []
@@ -114,9 +131,8 @@ def _child(impl: str, n: int, samples: int, seed: int) -> dict[str, Any]:
     cold_t.sort()
     hot_t.sort()
     return {
-        "impl": impl, "blocks": n,
+        "impl": impl, "blocks": n, "fill": fill,
         "rss_bytes_per_block": (rss1 - rss0) / n,
-        "traced_bytes_per_block": traced / n if trace else None,
         "array_bytes_per_block": getattr(reg, "nbytes", 0) / n or None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "fill_blocks_per_s": n / fill_s,
@@ -139,55 +155,76 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fill", default="request,interleaved",
+                    help="slot order of each prefix's blocks: request (saved together), "
+                         "interleaved (every prefix's block b, then b + 1: the worst case)")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed)))
+        print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed, a.traced,
+                                a.fill)))
         return
     sizes = [int(s) for s in a.sizes.split(",")]
     impls = a.impl.split(",")
     rows: list[dict[str, Any]] = []
+    traced: dict[tuple[str, int], float] = {}
+    for n in (n for n in sizes if n <= 1_000_000):
+        for impl in impls:
+            out = subprocess.run([sys.executable, __file__, "--child", impl, str(n), "--traced",
+                                  "--fill", "request"],
+                                 check=True, capture_output=True, text=True).stdout
+            traced[(impl, n)] = json.loads(out.strip().splitlines()[-1])["traced_bytes_per_block"]
+    fills = a.fill.split(",")
     for run in range(a.runs):
-        for n in sizes:
-            # Alternate which implementation goes first, so that neither always meets
-            # the same load.
-            for impl in (impls if run % 2 == 0 else impls[::-1]):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", impl, str(n), "--samples",
-                     str(a.samples), "--seed", str(run)],
-                    check=True, capture_output=True, text=True).stdout
-                r = json.loads(out.strip().splitlines()[-1])
-                r["run"] = run
-                rows.append(r)
-                if not a.json:
-                    print(f"  run {run} {impl:3s} {n:>10,d}: {r['rss_bytes_per_block']:6.1f} B/block, "
-                          f"match p50 {r['match_p50_us']:7.1f} us (hot {r['hot_p50_us']:6.1f}), "
-                          f"p99 {r['match_p99_us']:7.1f} us, peak {r['peak_rss_mib']:7.0f} MiB",
-                          file=sys.stderr, flush=True)
+        for fill in fills:
+            for n in sizes:
+                # Alternate which implementation goes first, so that neither always
+                # meets the same load.
+                for impl in (impls if run % 2 == 0 else impls[::-1]):
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", impl, str(n), "--samples",
+                         str(a.samples), "--seed", str(run), "--fill", fill],
+                        check=True, capture_output=True, text=True).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
+                    r["run"] = run
+                    rows.append(r)
+                    if not a.json:
+                        print(f"  run {run} {impl:3s} {fill:11s} {n:>10,d}: "
+                              f"{r['rss_bytes_per_block']:6.1f} B/block, match p50 "
+                              f"{r['match_p50_us']:7.1f} us (hot {r['hot_p50_us']:6.1f}), p99 "
+                              f"{r['match_p99_us']:7.1f} us, peak {r['peak_rss_mib']:7.0f} MiB, "
+                              f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     load = os.getloadavg()
     if a.json:
-        print(json.dumps({"rows": rows, "loadavg": load}, indent=2))
+        print(json.dumps({"rows": rows, "traced": [
+            {"impl": i, "blocks": n, "traced_bytes_per_block": v} for (i, n), v in traced.items()],
+            "loadavg": load}, indent=2))
         return
-    print(f"block registry + LRU, {PREFIX}-block prefix matches; min/median/max of {a.runs} runs; "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'impl':4s} {'blocks':>10s} | {'B/block (rss)':>16s} {'÷ 16 B key':>14s} {'traced':>8s} | "
-          f"{'match p50 us':>16s} {'p99 us':>16s} {'cold/hot':>14s} {'p50 ÷ p50@' + str(sizes[0]):>16s} "
-          f"| {'peak MiB':>8s}")
+    print(f"block registry + LRU, {PREFIX}-block prefix matches (Planner.match); min/median/max "
+          f"of {a.runs} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'impl':4s} {'fill':11s} {'blocks':>10s} | {'B/block (rss)':>16s} {'÷ 16 B key':>14s} "
+          f"{'traced':>7s} | {'match p50 us':>16s} {'p99 us':>18s} {'cold/hot':>14s} "
+          f"{'p50 ÷ p50@' + str(sizes[0]):>16s} | {'peak MiB':>8s}")
     for impl in impls:
-        base = [r["match_p50_us"] for r in rows if r["impl"] == impl and r["blocks"] == sizes[0] - sizes[0] % PREFIX]
-        for n in sizes:
-            rs = sorted((r for r in rows if r["impl"] == impl and r["blocks"] == n - n % PREFIX),
-                        key=lambda r: r["run"])
-            if not rs:
-                continue
-            b = [r["rss_bytes_per_block"] for r in rs]
-            tr = [r["traced_bytes_per_block"] for r in rs if r["traced_bytes_per_block"]]
-            p50 = [r["match_p50_us"] for r in rs]
-            ratio = [r["match_p50_us"] / base[r["run"]] for r in rs] if len(base) == len(rs) else []
-            print(f"{impl:4s} {n:>10,d} | {_mmm(b):>16s} {_mmm([x / 16 for x in b]):>14s} "
-                  f"{(f'{statistics.median(tr):.1f}' if tr else '-'):>8s} | "
-                  f"{_mmm(p50):>16s} {_mmm([r['match_p99_us'] for r in rs]):>16s} "
-                  f"{_mmm([r['match_p50_us'] / r['hot_p50_us'] for r in rs]):>14s} "
-                  f"{(_mmm(ratio) if ratio else '-'):>16s} | {max(r['peak_rss_mib'] for r in rs):8.0f}")
+        for fill in fills:
+            def of(n: int, impl: str = impl, fill: str = fill) -> list[dict[str, Any]]:
+                return sorted((r for r in rows if r["impl"] == impl and r["fill"] == fill
+                               and r["blocks"] == n - n % PREFIX), key=lambda r: r["run"])
+            base = {r["run"]: r["match_p50_us"] for r in of(sizes[0])}
+            for n in sizes:
+                rs = of(n)
+                if not rs:
+                    continue
+                b = [r["rss_bytes_per_block"] for r in rs]
+                tr = traced.get((impl, n)) if fill == "request" else None
+                ratio = [r["match_p50_us"] / base[r["run"]] for r in rs if r["run"] in base]
+                print(f"{impl:4s} {fill:11s} {n:>10,d} | {_mmm(b):>16s} "
+                      f"{_mmm([x / 16 for x in b]):>14s} {(f'{tr:.1f}' if tr else '-'):>7s} | "
+                      f"{_mmm([r['match_p50_us'] for r in rs]):>16s} "
+                      f"{_mmm([r['match_p99_us'] for r in rs]):>18s} "
+                      f"{_mmm([r['match_p50_us'] / r['hot_p50_us'] for r in rs]):>14s} "
+                      f"{(_mmm(ratio) if ratio else '-'):>16s} | "
+                      f"{max(r['peak_rss_mib'] for r in rs):8.0f}")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,11 @@ class Executor:
                                               thread_name_prefix=f"{name}-copy")
                            if self._copy_threads > 1 else None)
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"{name}-io")
-        # Writes of a pipelined save (one thread: parts stay in order, and the tier
-        # spreads each part over its own I/O threads).
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write")
+        # Writes of a pipelined save. Two threads: the next part's write is queued on
+        # the tier's I/O threads while the last blocks of the previous one finish, so
+        # the disk never waits at a part's boundary (each part has slots of its own; the
+        # tier spreads a part over its own I/O threads).
+        self._writer = ThreadPoolExecutor(2, thread_name_prefix=f"{name}-write")
         # Probes of shared tiers run here so that a caller waits at most
         # probe_timeout_s; a hung server fills these threads and later probes then
         # count as misses at once instead of queueing behind it.

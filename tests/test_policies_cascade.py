@@ -9,6 +9,7 @@ filter that declares ``capacity`` its tier's size in blocks
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -114,3 +115,38 @@ def test_reuse_window_multiple_errors_name_the_option_and_the_value(window: Any,
     with pytest.raises(ValueError, match=message) as e:
         ReuseWindowFilter(window=window, capacity=capacity)
     assert "option 'window'" in str(e.value) and repr(window) in str(e.value)
+
+
+def _chain_runs(capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, Any]:
+    from kvbm.cli import main
+
+    rc = main(["simulate", "--users", "8", "--rounds", "4", "--chain", "host:1/16,disk:1/4,s3:1",
+               "--admission", "all,reuse", "--json", *extra])
+    assert rc == 0
+    return {r["label"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+
+
+def test_simulate_cascade_bypass_keeps_the_hits_a_disk_filter_would_take_from_the_bucket(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    runs = _chain_runs(capsys, "--cascade", "stop,bypass")
+    stop, bypass = runs["lru / reuse / stop"], runs["lru / reuse / bypass"]
+    assert stop["tiers"][1]["written"] == bypass["tiers"][1]["written"], "same disk writes"
+    assert bypass["tiers"][2]["hits"] > stop["tiers"][2]["hits"]
+    assert bypass["hits"] > stop["hits"]
+    assert bypass["tiers"][2]["written"] > stop["tiers"][2]["written"]
+
+
+def test_simulate_cascade_is_the_planners_default_bypass(capsys: pytest.CaptureFixture[str]) -> None:
+    plain = _chain_runs(capsys)
+    bypass = _chain_runs(capsys, "--cascade", "bypass")
+    assert plain["lru / reuse"]["hits"] == bypass["lru / reuse"]["hits"]
+
+
+def test_simulate_cascade_names_a_bad_value(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvbm.cli import main
+
+    assert main(["simulate", "--users", "2", "--rounds", "1", "--chain", "host:1/4,disk:1/2",
+                 "--cascade", "sideways"]) == 2
+    err = capsys.readouterr().err
+    assert "--cascade" in err and "'sideways'" in err and "stop or bypass" in err

@@ -41,6 +41,7 @@ class StagingPool:
 
     def _grow(self, n: int) -> None:
         arena = aligned_empty(n * self._stride)
+        arena[::4096] = 0  # fault the pages in here, not inside the first copy into them
         for i in range(n):
             self._free.append(arena[i * self._stride : i * self._stride + self.block_bytes])
         self.allocated += n

@@ -148,14 +148,12 @@ class SlotKeys:
         o = slot << 4
         self._buf[o:o + 16] = kb
 
-    def _home(self, slot: int) -> int:
+    def remove(self, slot: int, kb: bytes | None = None) -> None:
+        """Forget the index entry of ``slot`` (which must be indexed); ``kb``: its key
+        as stored, when the caller has it at hand."""
+        index, mask, buf = self._index, self._mask, self._buf
         o = slot << 4
-        return hash(bytes(self._buf[o:o + 16])) & self._mask
-
-    def remove(self, slot: int) -> None:
-        """Forget the index entry of ``slot`` (which must be indexed)."""
-        index, mask, home = self._index, self._mask, self._home
-        i = home(slot)
+        i = hash(kb if kb is not None else bytes(buf[o:o + 16])) & mask
         while index[i] != slot:
             assert index[i] >= 0, f"slot {slot} is not in the index"
             i = (i + 1) & mask
@@ -167,7 +165,8 @@ class SlotKeys:
             s = index[j]
             if s < 0:
                 break
-            if (j - home(s)) & mask >= (j - i) & mask:
+            o = s << 4
+            if (j - hash(bytes(buf[o:o + 16]))) & mask >= (j - i) & mask:
                 index[i] = s
                 i = j
         index[i] = -1

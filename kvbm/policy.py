@@ -215,10 +215,15 @@ class LRUPolicy(EvictionPolicy):
         self.pin_slot(slot)
 
     def victim_slot(self) -> int:
-        slot = self._next[self._end]
-        if slot == self._end:
+        prev, nxt, end = self._prev, self._next, self._end
+        slot = nxt[end]
+        if slot == end:
             return -1
-        self.pin_slot(slot)
+        n = nxt[slot]
+        nxt[end] = n
+        prev[n] = end
+        nxt[slot] = -1
+        self._n -= 1
         return slot
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .events import BlockEvent, EventBus, EventKind
-from .flatmap import SlotKeys
+from .flatmap import KEY_BYTES, SlotKeys
 from .hashing import SequenceHash
 from .policy import EvictionPolicy
 
@@ -72,6 +72,7 @@ class BlockRegistry:
         self._find = self._keys.find
         self._probe = self._keys.probe
         self._raw = True  # bytes keys go to the index as they are (not a table of ints)
+        self._bytes = False  # the table holds bytes keys (known after the first one)
         self._state_np = np.zeros(capacity, np.int8)
         self._pins_np = np.zeros(capacity, np.int32)
         self._state = self._state_np.data
@@ -207,7 +208,7 @@ class BlockRegistry:
                 continue
             state[slot] = _REGISTERED
             keys.add(kb, slot)
-            self._raw = not keys.ints
+            self._raw = self._bytes = not keys.ints
             if self._by_slot:
                 self.policy.insert_slot(slot, 0)
             else:
@@ -226,15 +227,20 @@ class BlockRegistry:
         a ``TypeError``.
         """
         keys = self._keys
-        kb = keys.canon_to_add(key)
+        if key.__class__ is bytes and len(key) == KEY_BYTES and self._bytes:
+            kb: bytes = key
+        else:
+            kb = keys.canon_to_add(key)
+            self._raw = not keys.ints
+            self._bytes = not keys.ints
         if keys.find_canon(kb) >= 0:
             return None
         if not self._nfree and self.evict() is None:
             return None
-        slot = self._pop_free()
+        self._nfree -= 1
+        slot = self._ring[(self._bottom + self._nfree) % self.capacity]
         self._state[slot] = _WRITING
         keys.add(kb, slot)
-        self._raw = not keys.ints
         if self._events is not None and self._events.active:
             self._emit(EventKind.ALLOCATED, key)
         return slot
@@ -385,9 +391,16 @@ class BlockRegistry:
             f"{SlotState(self._state[slot]).name if slot >= 0 else 'absent'} with "
             f"{self._pins[slot] if slot >= 0 else 0} pins"
         )
-        self._release_slot(slot)
+        # _release_slot written out: a full tier evicts once per block it saves.
+        self._keys.remove(slot, key if self._bytes else None)
+        if self._doomed:
+            self._doomed.discard(slot)
+        self._state[slot] = _FREE
+        self._ring[(self._bottom + self._nfree) % self.capacity] = slot
+        self._nfree += 1
         self.evictions += 1
-        self._emit(EventKind.EVICTED, key)
+        if self._events is not None and self._events.active:
+            self._emit(EventKind.EVICTED, key)
         self.last_evicted.append((key, slot))
         return key, slot
 

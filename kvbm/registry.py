@@ -37,6 +37,7 @@ from .policy import EvictionPolicy
 __all__ = ["BlockRegistry", "SlotState"]
 
 _FREE, _WRITING, _REGISTERED = 0, 1, 2
+_MAX_SLOTS = 2**31 - 2
 
 
 class SlotState(enum.IntEnum):
@@ -64,6 +65,10 @@ class BlockRegistry:
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"tier {tier!r}: capacity must be at least one block, got {capacity}")
+        if capacity > _MAX_SLOTS:
+            raise ValueError(f"tier {tier!r}: capacity {capacity} blocks exceeds the registry's "
+                             f"{_MAX_SLOTS} slots (int32 slot numbers); use larger blocks "
+                             "(more tokens per page) or split the tier in two")
         self.tier = tier
         self.capacity = capacity
         self.policy = policy

@@ -488,3 +488,9 @@ def test_a_block_in_the_slot_after_the_last_pin_is_found_there() -> None:
         reg.commit(reg.allocate(k))  # type: ignore[arg-type]
     assert [reg.pin(k) for k in KEYS[:3]] == [0, 1, 2]
     assert reg.pin(KEYS[3]) is None and reg.pin(KEYS[0]) == 0
+
+
+def test_a_capacity_past_int32_slot_numbers_is_refused_naming_the_tier_and_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"tier 'big': capacity 2147483647 blocks exceeds .* "
+                                         r"use larger blocks"):
+        BlockRegistry("big", 2**31 - 1, LRUPolicy(8))

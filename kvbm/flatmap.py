@@ -2,7 +2,7 @@
 
 A registry of ten million blocks cannot afford a Python object per block (a 16-byte
 ``bytes`` key alone is 49 bytes, a dict entry and an int more). ``SlotKeys`` keeps
-each slot's key in one ``bytearray`` (16 bytes a slot) and finds a key's slot through
+each slot's key in one anonymous ``mmap`` (16 bytes a slot) and finds a key's slot through
 an open-addressing index of ``int32`` slot numbers (8 to 16 bytes a slot), both
 allocated once for the tier's capacity, never grown.
 
@@ -17,11 +17,12 @@ degrades however many blocks come and go.
 
 Scalar access goes through the ``memoryview`` of a numpy array, which costs about
 as much as a ``list`` item and returns a plain ``int``; a key is compared as one
-16-byte slice of the ``bytearray``. The index never holds a Python object.
+16-byte slice of the mapping. The index never holds a Python object.
 """
 
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,12 @@ class SlotKeys:
         self.bits = max(3, (2 * capacity - 1).bit_length())
         self._mask = (1 << self.bits) - 1
         self._ints: bool | None = None  # the kind of key, fixed by the first one added
-        self._buf = bytearray(KEY_BYTES * capacity)
+        # An anonymous mapping rather than a bytearray: its slices are bytes (a third
+        # faster to compare), its pages are touched only when a slot is first used, and
+        # it can sit on huge pages, where a random slot's key costs no TLB miss.
+        self._buf = mmap.mmap(-1, KEY_BYTES * capacity)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._buf.madvise(mmap.MADV_HUGEPAGE)
         self._index_np = np.full(1 << self.bits, -1, np.int32)
         self._index = self._index_np.data
 
@@ -63,7 +69,7 @@ class SlotKeys:
         return bool(self._ints)
 
     @property
-    def probe(self) -> tuple[memoryview, int, bytearray]:
+    def probe(self) -> tuple[memoryview, int, mmap.mmap]:
         """(index, mask, key bytes): what ``find`` reads, for a caller that writes the
         probe out on its hot path. Key ``k`` (16 bytes) is in slot ``s`` when an entry
         from ``hash(k) & mask`` on, before the first -1, is ``s`` with
@@ -102,7 +108,7 @@ class SlotKeys:
     def key_at(self, slot: int) -> Any:
         """The key last added for ``slot`` (bytes, or int in a table of ints)."""
         o = slot * KEY_BYTES
-        kb = bytes(self._buf[o:o + KEY_BYTES])
+        kb = self._buf[o:o + KEY_BYTES]
         return int.from_bytes(kb, "little", signed=True) if self._ints else kb
 
     # -- the index ----------------------------------------------------------------------
@@ -153,7 +159,7 @@ class SlotKeys:
         as stored, when the caller has it at hand."""
         index, mask, buf = self._index, self._mask, self._buf
         o = slot << 4
-        i = hash(kb if kb is not None else bytes(buf[o:o + 16])) & mask
+        i = hash(kb if kb is not None else buf[o:o + 16]) & mask
         while index[i] != slot:
             assert index[i] >= 0, f"slot {slot} is not in the index"
             i = (i + 1) & mask
@@ -166,7 +172,7 @@ class SlotKeys:
             if s < 0:
                 break
             o = s << 4
-            if (j - hash(bytes(buf[o:o + 16]))) & mask >= (j - i) & mask:
+            if (j - hash(buf[o:o + 16])) & mask >= (j - i) & mask:
                 index[i] = s
                 i = j
         index[i] = -1

@@ -302,13 +302,13 @@ class BlockRegistry:
             # match, a free slot's stale key, a slot past the end) takes the index.
             slot = self._guess
             o = slot << 4
-            if not (buf[o:o + 16] == key and state[slot] == _REGISTERED):  # type: ignore[comparison-overlap]
+            if not (buf[o:o + 16] == key and state[slot] == _REGISTERED):
                 # SlotKeys.find written out: this runs for every block of every match.
                 i = hash(key) & mask
                 slot = index[i]
                 while slot >= 0:
                     o = slot << 4
-                    if buf[o:o + 16] == key:  # type: ignore[comparison-overlap]
+                    if buf[o:o + 16] == key:
                         break
                     i = (i + 1) & mask
                     slot = index[i]

@@ -4,7 +4,7 @@ The same job as ``kvbm bench --engine hf``: a random Llama (seeded, fp32, CPU; n
 is downloaded) on a multi-turn conversation, on one long shared prefix (8K tokens by
 default) and on prompts that share nothing. Each figure is printed beside its limit
 measured in the same run (memcpy speed for the loaded bytes, the model's compute for
-the rest of the prompt); see ``kvbm/connectors/hf_bench.py``.
+the rest of the prompt); see ``kvbm_bench/hf.py``.
 
 Run: ``python bench/hf.py [--json] [--config chain.yaml] [--hf-prefix-tokens 8192]
 [--hf-layers 4] [--hf-hidden 512] [--hf-plot kvbm-bench-hf.png] …`` (``--help`` lists all).

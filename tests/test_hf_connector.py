@@ -394,3 +394,41 @@ def test_room_of_a_finished_request_is_reused(model: Any, host_manager: Any) -> 
         assert b.load_prefix(prompt) == 5 * PAGE
     assert b.layers[0].keys.data_ptr() == ptr
     assert state_of(host_manager).allocated == made
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+def test_native_and_torch_block_copies_move_the_same_bytes(token_major: bool) -> None:
+    import numpy as np
+
+    from kvbm.engine_blocks import _native
+    from kvbm.layout import BlockLayout, ModelSpec
+    from kvbm_hf._blocks import CacheBlockDestination, CacheBlockSource
+
+    layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
+    g = torch.Generator().manual_seed(40)
+
+    def kv() -> Any:
+        if token_major:  # kvbm's room: [1, seq, heads, hd] memory seen as [1, heads, seq, hd]
+            return torch.randn(1, 5 * PAGE, 2, 8, generator=g).transpose(1, 2)
+        return torch.randn(1, 2, 5 * PAGE, 8, generator=g)
+
+    layers = [(kv(), kv()) for _ in range(2)]
+    ids = [4, 0, 2]
+    got = {}
+    for native in (True, False):
+        _native.enabled = native
+        try:
+            out = [np.full(layout.bytes_per_block, 7, dtype=np.uint8) for _ in ids]
+            CacheBlockSource(layers, layout).copy_out(ids, out)
+            dest = CacheBlockDestination(layout, 5, capacity=6 * PAGE)
+            dest.room.zero_()
+            dest.copy_in(ids, out)
+            got[native] = ([o.copy() for o in out], dest.room.clone())
+        finally:
+            _native.enabled = True
+    assert all(np.array_equal(a, b) for a, b in zip(got[True][0], got[False][0]))
+    assert torch.equal(got[True][1], got[False][1])
+    # And the bytes are the tokens' K/V, token-major: block 4, layer 1, V, token 0, head 1.
+    k, v = layers[1]
+    blk = torch.from_numpy(got[True][0][0]).view(torch.float32).view(2, 2, PAGE, 2, 8)
+    assert torch.equal(blk[1, 1, 0, 1], v[0, 1, 4 * PAGE])

@@ -57,7 +57,10 @@ class SlotKeys:
         # An anonymous mapping rather than a bytearray: its slices are bytes (a third
         # faster to compare), its pages are touched only when a slot is first used, and
         # it can sit on huge pages, where a random slot's key costs no TLB miss.
-        self._buf = mmap.mmap(-1, KEY_BYTES * capacity)
+        # Private: mmap(-1, n) alone is MAP_SHARED, so that a forked process (an engine
+        # worker) would write the keys of its copy of the registry into this one's.
+        self._buf = mmap.mmap(-1, KEY_BYTES * capacity,
+                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._buf.madvise(mmap.MADV_HUGEPAGE)
         self._index_np = np.full(1 << self.bits, -1, np.int32)

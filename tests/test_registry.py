@@ -494,3 +494,17 @@ def test_a_capacity_past_int32_slot_numbers_is_refused_naming_the_tier_and_the_f
     with pytest.raises(ValueError, match=r"tier 'big': capacity 2147483647 blocks exceeds .* "
                                          r"use larger blocks"):
         BlockRegistry("big", 2**31 - 1, LRUPolicy(8))
+
+
+def test_a_forked_process_changing_its_copy_leaves_the_parents_keys_alone() -> None:
+    import os
+
+    reg = new_registry(2)
+    reg.commit(reg.allocate(KEYS[0]))  # type: ignore[arg-type]
+    pid = os.fork()
+    if pid == 0:  # the child evicts the block and stores another in its slot
+        reg.evict()
+        reg.commit(reg.allocate(KEYS[1]))  # type: ignore[arg-type]
+        os._exit(0 if reg.key_at(0) == KEYS[1] else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert reg.key_at(0) == KEYS[0] and reg.pin(KEYS[0]) == 0

@@ -34,31 +34,10 @@ import numpy as np
 from kvbm.engine_blocks import _native, engine_blocks
 from kvbm.layout import ContiguousBlocks
 from kvbm.manager import KvBlockManager
+from kvbm_bench.limits import best_copy, split_copy
 
 MODEL = {"name": "llama-3-8b-like", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
          "dtype": "bfloat16"}
-
-
-def split_copy(dst: np.ndarray, src: np.ndarray, k: int, pool: ThreadPoolExecutor) -> float:
-    """Seconds to copy ``src`` into ``dst`` in ``k`` slices on ``k`` threads (1: one call)."""
-    t0 = time.perf_counter()
-    if k == 1:
-        np.copyto(dst, src)
-    else:
-        step = -(-len(src) // k)
-        futs = [pool.submit(np.copyto, dst[i:i + step], src[i:i + step])
-                for i in range(step, len(src), step)]
-        np.copyto(dst[:step], src[:step])
-        for f in futs:
-            f.result()
-    return time.perf_counter() - t0
-
-
-def memcpy_limit(nbytes: int, threads: int, bufs: tuple[np.ndarray, np.ndarray],
-                 pool: ThreadPoolExecutor) -> float:
-    """Seconds of the better plain copy of ``nbytes``: one with 1 thread, one with N."""
-    d, s = bufs[0][:nbytes], bufs[1][:nbytes]
-    return min(split_copy(d, s, k, pool) for k in sorted({1, threads}))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         dst_ids = (n + rng.permutation(n)).tolist()
                         label = f"{shape}" + (f"[{path}]" if shape == "engine" else "")
                         a = acc.setdefault(label, [0.0, 0.0, 0.0, 0.0])
-                        lim = memcpy_limit(n * bb, args.threads, lim_bufs, pool)
+                        lim = best_copy(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], args.threads, pool)
                         if shape == "engine":
                             t0 = time.perf_counter()
                             stored = mgr.offload(hashes, engine, indices=src_ids).stored
@@ -120,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         for t in kv_u8:
                             t[:, n:].zero_()
                         contig_dst[:] = 0
-                        lim = memcpy_limit(n * bb, args.threads, lim_bufs, pool)
+                        lim = best_copy(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], args.threads, pool)
                         with mgr.match_prefix(hashes) as match:
                             assert match.num_blocks == n
                             t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from kvbm_bench import limits
 from kvbm_bench.engine_np import NumpyEngineBlocks
 from kvbm_bench.progress import Progress
 from kvbm_bench.results import write_results
-from kvbm_bench.runner import BenchReport, _attach_limits, block_label
+from kvbm_bench.runner import BenchReport, _attach_limits, _count_only_uploaded, block_label
 
 # 2 layers x K/V x page 16 x 2 heads x 16 x fp16 = 4 KiB per block.
 MODEL = "{name: tiny, num_layers: 2, num_kv_heads: 2, head_dim: 16, dtype: float16}"
@@ -230,10 +230,27 @@ def test_s3_paths_are_measured_against_raw_boto3_on_the_same_server(
     report = json.loads(capsys.readouterr().out)
     assert report["mismatched_blocks"] == 0
     p = report["paths"]["offload:s3"]
+    assert "skipped_bytes" not in p  # a fresh bucket: every offered byte was sent
     assert p["limit"] == "raw boto3 put x4 same server"
     assert p["limit_gbps"] == report["limits"]["boto3_put:s3"] > 0
     if "onboard:s3" in report["paths"]:
         assert report["paths"]["onboard:s3"]["limit"] == "raw boto3 get x4 same server"
+
+
+def test_an_offload_to_an_object_store_counts_only_the_bytes_it_uploaded() -> None:
+    # The S3 tier skips a block its server already holds (a conditional put finds it):
+    # those bytes never crossed the wire and must not raise the path's GB/s.
+    r = BenchReport(chain=["h:host", "s3:s3"])
+    r.paths["offload:s3"] = {"blocks": 10, "bytes": 10_000, "seconds": 1e-6, "gbps": 10.0,
+                             "failures": 0}
+    r.paths["offload:h"] = {"blocks": 10, "bytes": 10_000, "seconds": 1e-6, "gbps": 10.0,
+                            "failures": 0}
+    _count_only_uploaded(r, {"h": {"blocks": 3}, "s3": {"put_bytes": 4_000, "put_exists": 6}})
+    assert r.paths["offload:s3"]["bytes"] == 4_000
+    assert r.paths["offload:s3"]["skipped_bytes"] == 6_000
+    assert r.paths["offload:s3"]["gbps"] == pytest.approx(4.0)
+    assert "already on the server" in r.limit_notes["s3"]
+    assert r.paths["offload:h"]["bytes"] == 10_000  # a tier without put_bytes: as measured
 
 
 def test_a_path_without_a_measured_limit_has_no_ratio_and_says_why() -> None:

@@ -337,12 +337,24 @@ class KvbmCache(DynamicCache):
 
         hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
 
-        def run() -> OffloadResult:
-            return self.manager.offload(hashes, source, indices=range(start, n))
-
         if wait:
-            return run()
-        fut: Future[OffloadResult] = self.manager.executor.submit(run)
+            return self.manager.offload(hashes, source, indices=range(start, n))
+        # The I/O thread's work item keeps its function (and what that refers to) until
+        # after the future is done, so the function holds neither this cache nor the
+        # source: ``held`` is emptied before it returns. Otherwise the room could look
+        # busy to the next request, which would then allocate (and fault in) another.
+        held = [source]
+        manager = self.manager
+        del source
+
+        def run() -> OffloadResult:
+            src = held.pop()
+            try:
+                return manager.offload(hashes, src, indices=range(start, n))
+            finally:
+                del src
+
+        fut: Future[OffloadResult] = manager.executor.submit(run)
         self._state.started(hashes, fut)
         return fut
 

@@ -432,3 +432,49 @@ def test_native_and_torch_block_copies_move_the_same_bytes(token_major: bool) ->
     k, v = layers[1]
     blk = torch.from_numpy(got[True][0][0]).view(torch.float32).view(2, 2, PAGE, 2, 8)
     assert torch.equal(blk[1, 1, 0, 1], v[0, 1, 4 * PAGE])
+
+
+def test_room_is_reused_as_soon_as_its_background_offload_is_done(model: Any,
+                                                                  host_manager: Any) -> None:
+    import threading
+
+    from kvbm_hf._rooms import state_of
+
+    prompt = tokens(5 * PAGE + 1, 41)
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(host_manager, model), offload_wait=True)
+        a = KvbmCache(host_manager, model)
+        prefill(model, torch.cat([prompt, tokens(2 * PAGE, 42)], dim=1), a, offload=False)
+        ptr = a.layers[0].keys.data_ptr()
+        made = state_of(host_manager).allocated
+        # The I/O thread is held inside the done future's callbacks: its work item (what
+        # it ran) is still alive, as it is in the instant after any offload finishes.
+        checked, in_callback = threading.Event(), threading.Event()
+        gate = threading.Event()
+        real = host_manager.offload
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            gate.wait(10)
+            return real(*args, **kwargs)
+
+        def hold(_: Any) -> None:
+            in_callback.set()
+            checked.wait(10)
+
+        host_manager.offload = gated
+        try:
+            fut = a.offload_blocks(torch.cat([prompt, tokens(2 * PAGE, 42)], dim=1), wait=False)
+            fut.add_done_callback(hold)
+            gate.set()
+            assert fut.result(timeout=30).stored == 2
+            assert in_callback.wait(10)
+            del a  # the request is over and its offload done
+            b = KvbmCache(host_manager, model)
+            loaded = b.load_prefix(prompt)
+            reused = b.layers[0].keys.data_ptr() == ptr
+            allocated = state_of(host_manager).allocated - made
+        finally:
+            checked.set()
+            host_manager.offload = real
+    assert loaded == 5 * PAGE
+    assert allocated == 0 and reused

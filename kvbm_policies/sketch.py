@@ -20,11 +20,12 @@ must pick the same victims in every run.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FrequencySketch", "key_hash", "key_int"]
+__all__ = ["FrequencySketch", "key_hash", "key_int", "sketch_positions"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: multiplication by it is a bijection mod 2**64
@@ -58,6 +59,26 @@ def key_hash(key: Any) -> int:
         h = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
     h = (h * _GOLDEN) & _MASK64
     return h ^ (h >> 31)
+
+
+def _int_keys(keys: Sequence[Any]) -> tuple[list[int], np.ndarray]:
+    """The keys that are ints in [0, 2**63), as a list and as a uint64 array."""
+    ints = [k for k in keys if type(k) is int and 0 <= k < 1 << 63]
+    return ints, np.fromiter(ints, dtype=np.uint64, count=len(ints))
+
+
+def sketch_positions(keys: Sequence[Any], mask: int) -> dict[Any, tuple[int, int, int, int]]:
+    """Each int key's four counter positions in a sketch of ``mask + 1`` columns, as
+    ``FrequencySketch`` derives them from ``key_hash``, for many keys in one numpy pass
+    (uint64 arithmetic wraps mod 2**64 as ``key_hash`` masks). Other keys are skipped."""
+    ints, k = _int_keys(keys)
+    with np.errstate(over="ignore"):
+        h = k * np.uint64(_GOLDEN)
+    h ^= h >> np.uint64(31)
+    m = np.uint64(mask)
+    cols = (h & m, (h >> np.uint64(16)) & m, (h >> np.uint64(32)) & m,
+            ((h >> np.uint64(48)) ^ (h >> np.uint64(5))) & m)
+    return dict(zip(ints, zip(*(c.tolist() for c in cols))))
 
 
 class FrequencySketch:

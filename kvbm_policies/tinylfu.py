@@ -23,13 +23,14 @@ byte reads per access.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from kvbm.hashing import SequenceHash
 from kvbm.policy import EvictionPolicy
 
 from .options import float_option, reject_unknown
-from .sketch import FrequencySketch, key_hash
+from .sketch import _MAX, FrequencySketch, key_hash, sketch_positions
 
 __all__ = ["WTinyLFUPolicy"]
 
@@ -66,9 +67,14 @@ class WTinyLFUPolicy(EvictionPolicy):
         self.sketch = FrequencySketch(4 * capacity, sample=10 * capacity)
         self._od: tuple[OrderedDict[SequenceHash, None], ...] = (
             OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict())
+        self._window, self._probation, self._protected, self._cands = self._od
+        self._rows = self.sketch._rows  # the sketch's four rows, for the inlined counting
+        self._smask = self.sketch._mask
+        # Keys' four sketch positions, computed in bulk by ``prepare_keys`` (the simulator).
+        self._pre: dict[SequenceHash, tuple[int, int, int, int]] = {}
         self._seg: dict[SequenceHash, int] = {}  # every known key, evictable or pinned
-        self._hash: dict[SequenceHash, int] = {}  # its sketch hash, computed once
-        self._increment = self.sketch.increment
+        # Its four sketch positions, computed once.
+        self._hash: dict[SequenceHash, tuple[int, int, int, int]] = {}
         self._size = [0, 0, 0, 0]  # per segment, pinned blocks included
         # Hill climbing (Caffeine's SimpleClimber): one sample = ``capacity`` accesses.
         self._sample = max(16, capacity)
@@ -88,11 +94,54 @@ class WTinyLFUPolicy(EvictionPolicy):
         s = self._seg.get(key)
         return None if s is None else ("window", "probation", "protected", "probation")[s]
 
-    # -- the contract ----------------------------------------------------------------------
-    def insert(self, key: SequenceHash, priority: int = 0) -> None:
+    def prepare_keys(self, keys: Sequence[int]) -> None:
+        """Compute the sketch positions of ``keys`` (ints) in bulk, ahead of their use.
+
+        Optional, for the simulator, which knows a trace's keys up front: a key's four
+        positions cost a dozen big-int operations one by one, a few nanoseconds in a
+        numpy pass. The positions are the same either way (``_indexes``); keys that are
+        not ints in [0, 2**63) are left to be computed when seen.
+        """
+        self._pre = sketch_positions(keys, self._smask)
+
+    def _indexes(self, key: SequenceHash) -> tuple[int, int, int, int]:
         h = key_hash(key)
-        self._hash[key] = h
-        self._increment(h)
+        m = self._smask
+        return h & m, (h >> 16) & m, (h >> 32) & m, ((h >> 48) ^ (h >> 5)) & m
+
+    # -- the contract ----------------------------------------------------------------------
+    # ``insert``, ``touch`` and ``victim`` run on every access of the simulator and the
+    # tier: the key's hash, the sketch's increment and frequency, the window's spill and
+    # the drop are written out in them (a call costs as much as what it does).
+    def insert(self, key: SequenceHash, priority: int = 0) -> None:
+        t = self._pre.get(key)
+        if t is None:
+            t = self._indexes(key)
+        self._hash[key] = t
+        # FrequencySketch.increment, inlined (conservative update, aging).
+        r0, r1, r2, r3 = self._rows
+        a, b, c, d = t
+        ta, tb, tc, td = r0[a], r1[b], r2[c], r3[d]
+        lo = ta
+        if tb < lo:
+            lo = tb
+        if tc < lo:
+            lo = tc
+        if td < lo:
+            lo = td
+        if lo < _MAX:
+            if ta == lo:
+                r0[a] = lo + 1
+            if tb == lo:
+                r1[b] = lo + 1
+            if tc == lo:
+                r2[c] = lo + 1
+            if td == lo:
+                r3[d] = lo + 1
+        sk = self.sketch
+        sk._added += 1
+        if sk._added >= sk.sample:
+            sk.reset()
         seg, size = self._seg, self._size
         old = seg.get(key)
         if old is not None:  # re-registered while known: start over in the window
@@ -100,31 +149,62 @@ class WTinyLFUPolicy(EvictionPolicy):
             size[old] -= 1
         seg[key] = _W
         size[_W] += 1
-        self._od[_W][key] = None
-        if size[_W] > self._window_max:
-            self._spill_window()
+        window = self._window
+        window[key] = None
+        wmax = self._window_max
+        if size[_W] > wmax:  # _spill_window, inlined
+            cands = self._cands
+            while size[_W] > wmax and window:
+                k = window.popitem(last=False)[0]
+                cands[k] = None
+                seg[k] = _C
+                size[_W] -= 1
+                size[_C] += 1
         self._misses += 1
         if self.adaptive and self._hits + self._misses >= self._sample:
             self._climb()
 
     def touch(self, key: SequenceHash) -> None:
         self._hits += 1
-        s = self._seg.get(key)
+        seg = self._seg
+        s = seg.get(key)
         if s is None:
             self.sketch.add(key)
             return
-        self._increment(self._hash[key])
+        r0, r1, r2, r3 = self._rows
+        a, b, c, d = self._hash[key]
+        ta, tb, tc, td = r0[a], r1[b], r2[c], r3[d]
+        lo = ta
+        if tb < lo:
+            lo = tb
+        if tc < lo:
+            lo = tc
+        if td < lo:
+            lo = td
+        if lo < _MAX:
+            if ta == lo:
+                r0[a] = lo + 1
+            if tb == lo:
+                r1[b] = lo + 1
+            if tc == lo:
+                r2[c] = lo + 1
+            if td == lo:
+                r3[d] = lo + 1
+        sk = self.sketch
+        sk._added += 1
+        if sk._added >= sk.sample:
+            sk.reset()
         od = self._od[s]
-        evictable = key in od
         if s in (_P, _C):
-            if evictable:
-                del od[key]
-                self._od[_Q][key] = None
-            self._seg[key] = _Q
-            self._size[s] -= 1
-            self._size[_Q] += 1
-            self._demote_protected()
-        elif evictable:
+            if od.pop(key, 0) is None:  # evictable: to protected's recent end
+                self._protected[key] = None
+            seg[key] = _Q
+            size = self._size
+            size[s] -= 1
+            size[_Q] += 1
+            if size[_Q] > self._protected_max:
+                self._demote_protected()
+        elif key in od:
             od.move_to_end(key)
 
     def pin(self, key: SequenceHash) -> None:
@@ -147,24 +227,61 @@ class WTinyLFUPolicy(EvictionPolicy):
             self._size[s] -= 1
 
     def victim(self) -> SequenceHash | None:
-        window, probation, protected, cands = self._od
+        cands = self._cands
+        size, seg, hashes = self._size, self._seg, self._hash
         if cands:
             cand = next(iter(cands))
-            main_victim = next(iter(probation)) if probation else (
-                next(iter(protected)) if protected else None)
-            if main_victim is not None:
+            probation = self._probation
+            if probation:
+                mv, ms = next(iter(probation)), _P
+            elif self._protected:
+                mv, ms = next(iter(self._protected)), _Q
+            else:
+                mv, ms = None, _P
+            if mv is not None:
                 # The duel: the candidate stays only if seen more often lately than the
-                # block it would push out (ties keep the incumbent).
-                freq, hashes = self.sketch.frequency, self._hash
-                if freq(hashes[cand]) > freq(hashes[main_victim]):
+                # block it would push out (ties keep the incumbent). The sketch's
+                # ``frequency`` of both, inlined.
+                r0, r1, r2, r3 = self._rows
+                a, b, c, d = hashes[cand]
+                fc = r0[a]
+                x = r1[b]
+                if x < fc:
+                    fc = x
+                x = r2[c]
+                if x < fc:
+                    fc = x
+                x = r3[d]
+                if x < fc:
+                    fc = x
+                a, b, c, d = hashes[mv]
+                fv = r0[a]
+                x = r1[b]
+                if x < fv:
+                    fv = x
+                x = r2[c]
+                if x < fv:
+                    fv = x
+                x = r3[d]
+                if x < fv:
+                    fv = x
+                if fc > fv:
                     del cands[cand]
                     probation[cand] = None
-                    self._seg[cand] = _P
-                    self._size[_C] -= 1
-                    self._size[_P] += 1
-                    return self._drop(main_victim)
-            return self._drop(cand)
-        for od in (probation, protected, window):
+                    seg[cand] = _P
+                    size[_C] -= 1
+                    size[_P] += 1
+                    del hashes[mv]  # _drop, inlined
+                    del seg[mv]
+                    del self._od[ms][mv]
+                    size[ms] -= 1
+                    return mv
+            del hashes[cand]
+            del seg[cand]
+            del cands[cand]
+            size[_C] -= 1
+            return cand
+        for od in (self._probation, self._protected, self._window):
             if od:
                 return self._drop(next(iter(od)))
         return None

@@ -125,41 +125,101 @@ class PrefixLRUPolicy(EvictionPolicy):
             else:
                 kids.add(child)
 
+    # ``insert``, ``touch``, ``pin``, ``unpin`` and ``victim`` run once per access: the
+    # common paths of ``_use``, ``_link`` and ``_forget`` are written out in them.
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        if key in self._known:  # re-registered while known: it is a new use
+        known = self._known
+        if key in known:  # re-registered while known: it is a new use
             self._forget(key)
-        self._known.add(key)
+        known.add(key)
         chain = self._chain
         if chain is not None:
-            self._link(key, chain)
+            pmap = self._parent
+            old = pmap.get(key)
+            if old is not None:
+                self._link(key, chain)
+            elif chain != key and chain in known:  # _link from no parent, inlined
+                pmap[key] = chain
+                kids = self._children.get(chain)
+                if kids is None:
+                    self._children[chain] = {key}
+                    cw = self._where.get(chain)  # _became_parent, inlined
+                    if cw == _LEAF:
+                        del self._leaves[chain]
+                        self._where[chain] = _INNER
+                        self._inner[chain] = None
+                    elif cw == _OLD:
+                        self._where[chain] = _INNER
+                        self._inner[chain] = None
+                else:
+                    kids.add(key)
             self._chain = key
         self._pinned_last = None
         self._inserted_last = key
-        self._use(key)
+        where = self._where
+        w = where.get(key)  # _use, inlined
+        if w == _LEAF:
+            self._leaves.move_to_end(key)
+        elif w == _INNER:
+            self._inner.move_to_end(key)
+        elif key in self._children:
+            where[key] = _INNER
+            self._inner[key] = None
+        else:
+            where[key] = _LEAF
+            self._leaves[key] = None
+        self._clock = c = self._clock + 1
+        self._tick[key] = c
 
     def touch(self, key: SequenceHash) -> None:
-        if key in self._where:
-            self._use(key)
+        where = self._where.get(key)
+        if where is None:
+            return
+        if where == _LEAF:  # _use, inlined
+            self._leaves.move_to_end(key)
+        elif where == _INNER:
+            self._inner.move_to_end(key)
+        elif key in self._children:
+            self._where[key] = _INNER
+            self._inner[key] = None
+        else:
+            self._where[key] = _LEAF
+            self._leaves[key] = None
+        self._clock = c = self._clock + 1
+        self._tick[key] = c
 
     def pin(self, key: SequenceHash) -> None:
         where = self._where.pop(key, None)  # _unplace, inlined: once per hit
-        if where == _LEAF:
-            del self._leaves[key]
-        elif where == _INNER:
-            del self._inner[key]
-        self._tick.pop(key, None)
-        if self._inserted_last != key and self._parent.get(key) != self._pinned_last:
+        if where is not None:
+            if where == _LEAF:
+                del self._leaves[key]
+            elif where == _INNER:
+                del self._inner[key]
+            del self._tick[key]
+        last = self._pinned_last
+        if self._inserted_last != key and self._parent.get(key) != last:
             # A match: the block pinned just before is the parent; none makes a root.
-            self._link(key, self._pinned_last)
-        self._pinned_last = key
+            self._link(key, last)
+        self._pinned_last = self._chain = key
         self._inserted_last = None
-        self._chain = key
 
     def unpin(self, key: SequenceHash) -> None:
         if key not in self._known:
             self.insert(key)
         else:
-            self._use(key)
+            where = self._where.get(key)  # _use, inlined
+            if where == _LEAF:
+                self._leaves.move_to_end(key)
+            elif where == _INNER:
+                self._inner.move_to_end(key)
+            elif key in self._children:
+                self._where[key] = _INNER
+                self._inner[key] = None
+            else:
+                self._where[key] = _LEAF
+                self._leaves[key] = None
+            self._clock = c = self._clock + 1
+            self._tick[key] = c
         self._chain = self._pinned_last = self._inserted_last = None
 
     def remove(self, key: SequenceHash) -> None:
@@ -174,13 +234,34 @@ class PrefixLRUPolicy(EvictionPolicy):
         leaves = self._leaves
         if old and (not leaves or old[0][0] < tick[next(iter(leaves))]):
             key = heapq.heappop(old)[1]
+            del where[key]
         elif leaves:
             key = next(iter(leaves))
+            del where[key]
+            del leaves[key]
         elif self._inner:
             key = next(iter(self._inner))
+            self._forget(key)
+            return key
         else:
             return None
-        self._forget(key)
+        # _forget, inlined for a leaf (no cached children): unplace, unlink.
+        del tick[key]
+        self._known.discard(key)
+        if key == self._chain or key == self._pinned_last or key == self._inserted_last:
+            self._chain = self._pinned_last = self._inserted_last = None
+        parent = self._parent.pop(key, None)
+        if parent is not None:
+            children = self._children
+            kids = children.get(parent)
+            if kids is not None:
+                kids.discard(key)
+                if not kids:
+                    del children[parent]
+                    if where.get(parent) == _INNER:  # _became_leaf, inlined
+                        del self._inner[parent]
+                        where[parent] = _OLD
+                        heapq.heappush(old, (tick[parent], parent))
         return key
 
     def __len__(self) -> int:

@@ -273,7 +273,14 @@ class Executor:
         copies part ``i+1`` into staging, so the copy and the I/O overlap. Every part
         already handed to the writer finishes before this returns or raises (a source
         error stops the copying, never a write in flight).
+
+        A source in plain host memory (``views``, as ``ContiguousBlocks``) is written
+        from its own blocks, with no staging copy: ``offload`` returns only after the
+        write, so the caller's bytes are read while it waits, as ``copy_out`` would.
         """
+        direct = _views_of(source, src)
+        if direct is not None and all(v.flags.c_contiguous for v in direct):
+            return self._write(t, slots, keys, direct)
         n = len(slots)
         step = n if n < 2 * _PIPELINE_MIN else max(_PIPELINE_MIN, -(-n // _PIPELINE_PARTS))
         ok = [False] * n

@@ -359,9 +359,17 @@ class DiskTier(Tier):
             return [fn(i) for i in range(count)]
         k = min(self.cfg.io_threads, count)
         out = [False] * count
+        # Each thread takes the next block when its last one is done (not every k-th
+        # block): a slow request then delays only its own thread's share.
+        todo = iter(range(count))
+        take = threading.Lock()
 
-        def work(start: int) -> None:
-            for i in range(start, count, k):
+        def work(_: int) -> None:
+            while True:
+                with take:
+                    i = next(todo, -1)
+                if i < 0:
+                    return
                 out[i] = fn(i)
 
         list(self._pool.map(work, range(k)))
@@ -427,7 +435,9 @@ class DiskTier(Tier):
                     buf = buf[: self.block_bytes]
             if os.pwritev(st.fd, [buf], self.geom.data_offset(local)) != buf.nbytes:
                 raise OSError(errno.ENOSPC, "short write of block data")
-            return xxh3_64(src)
+            # The checksum of the bytes handed to the kernel (a bounce copy, or the
+            # caller's block itself), in this I/O thread with the GIL released.
+            return xxh3_64(buf[: self.block_bytes])
         except (OSError, ValueError) as e:
             self._fault("write_errors", e, "write of slot %d to %s failed", slot, st.path)
             return None

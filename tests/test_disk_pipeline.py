@@ -1,0 +1,143 @@
+"""Disk-first offload through the manager: the pipelined staging path (a source without
+views, as an engine's device memory) and the direct path from host memory. Real slot
+files with O_DIRECT in tmp dirs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvbm import ContiguousBlocks, KvBlockManager
+from kvbm.layout import aligned_empty
+from kvbm_tiers_disk import tier as tier_module
+
+from conftest import PAGE, SMALL_MODEL
+
+# 2 x 2 x 4 x 128 x float32 = 8192 bytes: page-aligned blocks go straight to disk.
+ALIGNED_MODEL = {**SMALL_MODEL, "head_dim": 64}
+
+
+def disk_first(tmp_path: Path, n: int) -> dict[str, Any]:
+    return {"model": dict(ALIGNED_MODEL), "page_size": PAGE,
+            "tiers": [{"type": "disk", "num_blocks": n, "path": str(tmp_path), "admission": "all",
+                       "io_threads": 4}]}
+
+
+class CopyOnly:
+    """A source that only copies out (no ``views``): the executor must stage it."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+
+    def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
+        for i, d in zip(indices, dst, strict=True):
+            np.copyto(d, self.data[i])
+
+
+def random_blocks(m: KvBlockManager, n: int, seed: int) -> tuple[list[bytes], np.ndarray]:
+    hashes = m.hash_tokens(list(range(seed * 100_000, seed * 100_000 + n * PAGE)))
+    data = aligned_empty(n * m.block_bytes).reshape(n, m.block_bytes)
+    data[:] = np.random.default_rng(seed).integers(0, 256, data.shape, dtype=np.uint8)
+    return hashes, data
+
+
+def onboard(m: KvBlockManager, hashes: list[bytes]) -> tuple[int, np.ndarray]:
+    out = np.zeros((len(hashes), m.block_bytes), np.uint8)
+    with m.match_prefix(hashes) as match:
+        loaded = m.onboard(match, ContiguousBlocks(out[: match.num_blocks], m.layout)).loaded
+    return loaded, out
+
+
+def test_a_staged_block_is_not_matched_while_its_write_is_still_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, gated = 40, 21
+    with KvBlockManager.from_config(disk_first(tmp_path, 64)) as m:
+        hashes, data = random_blocks(m, n, seed=1)
+        started, release = threading.Event(), threading.Event()
+        real = tier_module.os.pwritev
+
+        def pwritev(fd: int, bufs: Sequence[Any], offset: int) -> int:
+            # Hold the data write of block ``gated`` (its part's other blocks go on).
+            b = bufs[0]
+            if isinstance(b, np.ndarray) and b.nbytes == m.block_bytes and \
+                    np.array_equal(b[:64], data[gated, :64]):
+                started.set()
+                release.wait(10)
+            return real(fd, bufs, offset)
+
+        monkeypatch.setattr(tier_module.os, "pwritev", pwritev)
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(m.offload(hashes, CopyOnly(data))))
+        t.start()
+        try:
+            assert started.wait(10), "the gated block was never written"
+            assert t.is_alive(), "offload returned while a block was still being written"
+            with m.match_prefix(hashes) as match:
+                seen = match.num_blocks
+            assert seen <= gated, f"{seen} blocks matched while block {gated} was being written"
+        finally:
+            release.set()
+            t.join(10)
+        assert result and result[0].stored == n
+        loaded, out = onboard(m, hashes)
+        assert loaded == n and np.array_equal(out, data)
+
+
+def test_a_staged_offload_goes_in_several_parts_and_reads_back_byte_exact(tmp_path: Path) -> None:
+    with KvBlockManager.from_config(disk_first(tmp_path, 64)) as m:
+        hashes, data = random_blocks(m, 40, seed=2)
+        tier = m.executor.tiers[0]
+        real = tier.write
+        parts: list[int] = []
+
+        def write(slots: Sequence[int], keys: Sequence[bytes], bufs: Sequence[np.ndarray]) -> Any:
+            parts.append(len(slots))
+            assert not any(np.shares_memory(b, data) for b in bufs), "staged blocks are copies"
+            return real(slots, keys, bufs)
+
+        tier.write = write  # type: ignore[method-assign]
+        assert m.offload(hashes, CopyOnly(data)).stored == 40
+        assert len(parts) > 2 and sum(parts) == 40
+        loaded, out = onboard(m, hashes)
+        assert loaded == 40 and np.array_equal(out, data)
+
+
+def test_a_disk_first_offload_from_host_memory_writes_the_callers_blocks_without_staging(
+    tmp_path: Path
+) -> None:
+    with KvBlockManager.from_config(disk_first(tmp_path, 64)) as m:
+        hashes, data = random_blocks(m, 24, seed=3)
+        tier = m.executor.tiers[0]
+        real = tier.write
+        handed: list[np.ndarray] = []
+
+        def write(slots: Sequence[int], keys: Sequence[bytes], bufs: Sequence[np.ndarray]) -> Any:
+            handed.extend(bufs)
+            return real(slots, keys, bufs)
+
+        tier.write = write  # type: ignore[method-assign]
+        assert m.offload(hashes, ContiguousBlocks(data, m.layout)).stored == 24
+        assert len(handed) == 24 and all(np.shares_memory(b, data) for b in handed)
+        assert m.executor.staging.allocated == 0, "no staging buffer was needed"
+        loaded, out = onboard(m, hashes)
+        assert loaded == 24 and np.array_equal(out, data)
+
+
+def test_host_memory_that_is_not_page_aligned_is_written_through_bounce_buffers(
+    tmp_path: Path
+) -> None:
+    with KvBlockManager.from_config(disk_first(tmp_path, 16)) as m:
+        hashes, aligned = random_blocks(m, 8, seed=4)
+        raw = np.zeros(aligned.size + 1, np.uint8)
+        data = raw[1:].reshape(aligned.shape)  # one byte past a page boundary
+        data[:] = aligned
+        assert m.offload(hashes, ContiguousBlocks(data, m.layout)).stored == 8
+        loaded, out = onboard(m, hashes)
+        assert loaded == 8 and np.array_equal(out, aligned)
+

@@ -49,10 +49,12 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._parent: dict[SequenceHash, SequenceHash] = {}
         self._children: dict[SequenceHash, set[SequenceHash]] = {}  # cached children only
         self._known: set[SequenceHash] = set()  # evictable and pinned
-        self._tick: dict[SequenceHash, int] = {}  # evictable keys -> last release or hit
-        self._where: dict[SequenceHash, int] = {}  # evictable keys -> _LEAF, _OLD or _INNER
+        # Evictable keys -> ``tick << 2 | place``: the time of the last release or hit,
+        # and _LEAF, _OLD or _INNER (one dict for both: one lookup per call).
+        self._where: dict[SequenceHash, int] = {}
         self._leaves: OrderedDict[SequenceHash, None] = OrderedDict()  # by tick, oldest first
-        self._old: list[tuple[int, SequenceHash]] = []  # leaves again, at their old tick
+        # Leaves again, at their old tick: (``_where`` value, key), stale once it differs.
+        self._old: list[tuple[int, SequenceHash]] = []
         self._inner: OrderedDict[SequenceHash, None] = OrderedDict()
         self._clock = 0
         self._chain: SequenceHash | None = None  # the block a new block would follow
@@ -64,45 +66,47 @@ class PrefixLRUPolicy(EvictionPolicy):
         return self._parent.get(key)
 
     def _unplace(self, key: SequenceHash) -> None:
-        where = self._where.pop(key, None)
-        if where == _LEAF:
-            del self._leaves[key]
-        elif where == _INNER:
-            del self._inner[key]
-        # _OLD: the heap entry goes stale (no longer in ``_where`` as _OLD).
-        self._tick.pop(key, None)
+        w = self._where.pop(key, None)
+        if w is not None:
+            if w & 3 == _LEAF:
+                del self._leaves[key]
+            elif w & 3 == _INNER:
+                del self._inner[key]
+            # _OLD: the heap entry goes stale (no longer in ``_where`` as _OLD).
 
     def _use(self, key: SequenceHash) -> None:
         # ``key`` enters the evictable set, or is hit while in it: a fresh tick, so it
         # goes to the recent end of its list.
-        where = self._where.get(key)
-        if where == _LEAF:
+        w = self._where.get(key)
+        self._clock = c = self._clock + 1
+        if w is not None and w & 3 == _LEAF:
             self._leaves.move_to_end(key)
-        elif where == _INNER:
+            self._where[key] = c << 2 | _LEAF
+        elif w is not None and w & 3 == _INNER:
             self._inner.move_to_end(key)
+            self._where[key] = c << 2 | _INNER
         elif key in self._children:
-            self._where[key] = _INNER
+            self._where[key] = c << 2 | _INNER
             self._inner[key] = None
         else:
-            self._where[key] = _LEAF
+            self._where[key] = c << 2 | _LEAF
             self._leaves[key] = None
-        self._clock += 1
-        self._tick[key] = self._clock
 
     def _became_parent(self, key: SequenceHash) -> None:
-        where = self._where.get(key)
-        if where == _LEAF:
-            del self._leaves[key]
-        elif where != _OLD:
+        w = self._where.get(key)
+        if w is None or w & 3 == _INNER:
             return  # pinned (placed when released) or already inner
-        self._where[key] = _INNER
+        if w & 3 == _LEAF:
+            del self._leaves[key]
+        self._where[key] = w - (w & 3) + _INNER
         self._inner[key] = None
 
     def _became_leaf(self, key: SequenceHash) -> None:
-        if self._where.get(key) == _INNER:
+        w = self._where.get(key)
+        if w is not None and w & 3 == _INNER:
             del self._inner[key]
-            self._where[key] = _OLD
-            heapq.heappush(self._old, (self._tick[key], key))
+            self._where[key] = w = w - _INNER + _OLD
+            heapq.heappush(self._old, (w, key))
 
     def _link(self, child: SequenceHash, parent: SequenceHash | None) -> None:
         old = self._parent.get(child)
@@ -144,12 +148,10 @@ class PrefixLRUPolicy(EvictionPolicy):
                 if kids is None:
                     self._children[chain] = {key}
                     cw = self._where.get(chain)  # _became_parent, inlined
-                    if cw == _LEAF:
-                        del self._leaves[chain]
-                        self._where[chain] = _INNER
-                        self._inner[chain] = None
-                    elif cw == _OLD:
-                        self._where[chain] = _INNER
+                    if cw is not None and cw & 3 != _INNER:
+                        if cw & 3 == _LEAF:
+                            del self._leaves[chain]
+                        self._where[chain] = cw - (cw & 3) + _INNER
                         self._inner[chain] = None
                 else:
                     kids.add(key)
@@ -158,44 +160,48 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._inserted_last = key
         where = self._where
         w = where.get(key)  # _use, inlined
-        if w == _LEAF:
-            self._leaves.move_to_end(key)
-        elif w == _INNER:
-            self._inner.move_to_end(key)
-        elif key in self._children:
-            where[key] = _INNER
-            self._inner[key] = None
-        else:
-            where[key] = _LEAF
-            self._leaves[key] = None
         self._clock = c = self._clock + 1
-        self._tick[key] = c
+        if w is None or w & 3 == _OLD:
+            if key in self._children:
+                where[key] = c << 2 | _INNER
+                self._inner[key] = None
+            else:
+                where[key] = c << 2 | _LEAF
+                self._leaves[key] = None
+        elif w & 3 == _LEAF:
+            self._leaves.move_to_end(key)
+            where[key] = c << 2 | _LEAF
+        else:
+            self._inner.move_to_end(key)
+            where[key] = c << 2 | _INNER
 
     def touch(self, key: SequenceHash) -> None:
-        where = self._where.get(key)
-        if where is None:
+        where = self._where
+        if key not in where:
             return
-        if where == _LEAF:  # _use, inlined
-            self._leaves.move_to_end(key)
-        elif where == _INNER:
-            self._inner.move_to_end(key)
-        elif key in self._children:
-            self._where[key] = _INNER
-            self._inner[key] = None
-        else:
-            self._where[key] = _LEAF
-            self._leaves[key] = None
+        w = where[key]  # _use, inlined
         self._clock = c = self._clock + 1
-        self._tick[key] = c
+        if w is None or w & 3 == _OLD:
+            if key in self._children:
+                where[key] = c << 2 | _INNER
+                self._inner[key] = None
+            else:
+                where[key] = c << 2 | _LEAF
+                self._leaves[key] = None
+        elif w & 3 == _LEAF:
+            self._leaves.move_to_end(key)
+            where[key] = c << 2 | _LEAF
+        else:
+            self._inner.move_to_end(key)
+            where[key] = c << 2 | _INNER
 
     def pin(self, key: SequenceHash) -> None:
-        where = self._where.pop(key, None)  # _unplace, inlined: once per hit
-        if where is not None:
-            if where == _LEAF:
+        w = self._where.pop(key, None)  # _unplace, inlined: once per hit
+        if w is not None:
+            if w & 3 == _LEAF:
                 del self._leaves[key]
-            elif where == _INNER:
+            elif w & 3 == _INNER:
                 del self._inner[key]
-            del self._tick[key]
         last = self._pinned_last
         if self._inserted_last != key and self._parent.get(key) != last:
             # A match: the block pinned just before is the parent; none makes a root.
@@ -207,19 +213,22 @@ class PrefixLRUPolicy(EvictionPolicy):
         if key not in self._known:
             self.insert(key)
         else:
-            where = self._where.get(key)  # _use, inlined
-            if where == _LEAF:
-                self._leaves.move_to_end(key)
-            elif where == _INNER:
-                self._inner.move_to_end(key)
-            elif key in self._children:
-                self._where[key] = _INNER
-                self._inner[key] = None
-            else:
-                self._where[key] = _LEAF
-                self._leaves[key] = None
+            where = self._where
+            w = where.get(key)  # _use, inlined
             self._clock = c = self._clock + 1
-            self._tick[key] = c
+            if w is None or w & 3 == _OLD:
+                if key in self._children:
+                    where[key] = c << 2 | _INNER
+                    self._inner[key] = None
+                else:
+                    where[key] = c << 2 | _LEAF
+                    self._leaves[key] = None
+            elif w & 3 == _LEAF:
+                self._leaves.move_to_end(key)
+                where[key] = c << 2 | _LEAF
+            else:
+                self._inner.move_to_end(key)
+                where[key] = c << 2 | _INNER
         self._chain = self._pinned_last = self._inserted_last = None
 
     def remove(self, key: SequenceHash) -> None:
@@ -228,11 +237,11 @@ class PrefixLRUPolicy(EvictionPolicy):
         self._chain = self._pinned_last = self._inserted_last = None
 
     def victim(self) -> SequenceHash | None:
-        old, where, tick = self._old, self._where, self._tick
-        while old and not (where.get(old[0][1]) == _OLD and tick[old[0][1]] == old[0][0]):
+        old, where = self._old, self._where
+        while old and where.get(old[0][1]) != old[0][0]:
             heapq.heappop(old)  # stale: used, pinned or gone since it was pushed
         leaves = self._leaves
-        if old and (not leaves or old[0][0] < tick[next(iter(leaves))]):
+        if old and (not leaves or old[0][0] < where[next(iter(leaves))]):
             key = heapq.heappop(old)[1]
             del where[key]
         elif leaves:
@@ -246,7 +255,6 @@ class PrefixLRUPolicy(EvictionPolicy):
         else:
             return None
         # _forget, inlined for a leaf (no cached children): unplace, unlink.
-        del tick[key]
         self._known.discard(key)
         if key == self._chain or key == self._pinned_last or key == self._inserted_last:
             self._chain = self._pinned_last = self._inserted_last = None
@@ -258,10 +266,11 @@ class PrefixLRUPolicy(EvictionPolicy):
                 kids.discard(key)
                 if not kids:
                     del children[parent]
-                    if where.get(parent) == _INNER:  # _became_leaf, inlined
+                    w = where.get(parent)  # _became_leaf, inlined
+                    if w is not None and w & 3 == _INNER:
                         del self._inner[parent]
-                        where[parent] = _OLD
-                        heapq.heappush(old, (tick[parent], parent))
+                        where[parent] = w = w - _INNER + _OLD
+                        heapq.heappush(old, (w, parent))
         return key
 
     def __len__(self) -> int:

@@ -159,6 +159,19 @@ class Planner:
         return m
 
     def _extend(self, m: Match, hashes: Sequence[SequenceHash]) -> None:
+        if self.tiers:
+            # The first tier's run in one call (its lookups overlap in memory), then
+            # block by block from its first miss on, as before.
+            ts = self.tiers[0]
+            slots = ts.registry.pin_run(hashes)
+            if slots:
+                k = len(slots)
+                ts.lookups += k
+                ts.hits += k
+                m.hashes.extend(hashes[:k])
+                m.tiers.extend([ts.name] * k)
+                m._pins.extend([(ts.index, s) for s in slots])
+                hashes = hashes[k:]
         for h in hashes:
             for ts in self.tiers:
                 ts.lookups += 1

@@ -91,6 +91,10 @@ class EvictionPolicy(abc.ABC):
         """``remove`` for the block in ``slot``."""
         raise NotImplementedError
 
+    def prefetch_slots(self, slots: np.ndarray) -> None:
+        """Optional: read what the ``*_slot`` calls for ``slots`` will use, all at once
+        (a numpy gather), before the registry makes them one by one (``pin_run``)."""
+
     def victim_slot(self) -> int:
         """``victim`` as a slot number: drop and return it, or -1 when none is evictable."""
         raise NotImplementedError
@@ -213,6 +217,11 @@ class LRUPolicy(EvictionPolicy):
 
     def remove_slot(self, slot: int) -> None:
         self.pin_slot(slot)
+
+    def prefetch_slots(self, slots: np.ndarray) -> None:
+        if self._by_slot:
+            np.asarray(self._prev)[slots]
+            np.asarray(self._next)[slots]
 
     def victim_slot(self) -> int:
         prev, nxt, end = self._prev, self._next, self._end

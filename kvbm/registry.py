@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,14 @@ __all__ = ["BlockRegistry", "SlotState"]
 
 _FREE, _WRITING, _REGISTERED = 0, 1, 2
 _MAX_SLOTS = 2**31 - 2
+# Keys from which ``pin_run`` looks them up together (below, numpy's fixed cost per
+# call is more than the Python probe of each key).
+_RUN_MIN = 8
+_REGISTERED_BYTE = bytes([_REGISTERED])  # a slot's state as the int8 array holds it
+
+
+def _no_prefetch(slots: np.ndarray) -> None:
+    """A policy without ``prefetch_slots`` (it is optional)."""
 
 
 class SlotState(enum.IntEnum):
@@ -96,6 +104,7 @@ class BlockRegistry:
             self._pin_slot = policy.pin_slot
             self._touch_slot = policy.touch_slot
             self._unpin_slot = policy.unpin_slot
+            self._prefetch_slots = getattr(policy, "prefetch_slots", _no_prefetch)
         # Registered blocks to drop once their last pin goes (their read failed): few,
         # and only while pinned.
         self._doomed: set[int] = set()
@@ -335,6 +344,58 @@ class BlockRegistry:
                 self.policy.pin(key)
             self.policy.touch(key)
         return slot
+
+    def pin_run(self, keys: Sequence[SequenceHash]) -> list[int]:
+        """Pin the longest prefix of ``keys`` registered here; return its slots.
+
+        What ``pin`` per key up to the first None does, with the lookups of the whole
+        run made at once (``SlotKeys.find_prefix``): in a registry of millions of blocks
+        each lookup is a random memory access, and these then overlap instead of
+        following one another.
+        """
+        n = len(keys)
+        out: list[int] = []
+        if not (self._raw and n >= _RUN_MIN
+                and all(k.__class__ is bytes and len(k) == KEY_BYTES for k in keys)):
+            for k in keys:
+                slot = self.pin(k)
+                if slot is None:
+                    break
+                out.append(slot)
+            return out
+        found = self._keys.find_prefix(keys if isinstance(keys, list) else list(keys))
+        # The state, pins and policy entries of the run, read together; the loop below
+        # then finds them in the cache.
+        state = self._state_np[found].tobytes()
+        self._pins_np[found]
+        if self._by_slot:
+            self._prefetch_slots(found)
+        run = len(state) - len(state.lstrip(_REGISTERED_BYTE))
+        if run < len(state):  # one still being written ends the run
+            found = found[:run]
+        out = found.tolist()
+        if not out:
+            return out
+        pins = self._pins
+        if self._by_slot:
+            touch_slot, pin_slot = self._touch_slot, self._pin_slot
+            for slot in out:
+                c = pins[slot]
+                pins[slot] = c + 1
+                if c:
+                    touch_slot(slot)
+                else:
+                    pin_slot(slot)
+        else:
+            policy = self.policy
+            for slot, key in zip(out, keys):
+                c = pins[slot]
+                pins[slot] = c + 1
+                if c == 0:
+                    policy.pin(key)
+                policy.touch(key)
+        self._guess = out[-1] + 1
+        return out
 
     def unpin(self, slot: int) -> None:
         """Drop one pin; at zero the block is evictable again (or dropped, if doomed)."""

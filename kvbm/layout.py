@@ -166,14 +166,16 @@ class ContiguousBlocks:
         return [self.array[i] for i in indices]
 
     def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
+        from .engine_blocks._native import copy_pairs  # one native call (streams when large)
+
         self._check(indices)
-        for i, d in zip(indices, dst):
-            np.copyto(d, self.array[i])
+        copy_pairs(dst, [self.array[i] for i in indices])
 
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
+        from .engine_blocks._native import copy_pairs
+
         self._check(indices)
-        for i, s in zip(indices, src):
-            np.copyto(self.array[i], s)
+        copy_pairs([self.array[i] for i in indices], src)
 
 
 def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:

@@ -32,14 +32,16 @@ candidate (ARC) made the choice flap on the multi-turn and long-docs workloads.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from kvbm.hashing import SequenceHash
 from kvbm.policy import EvictionPolicy, LRUPolicy
 
 from .options import float_option, int_option, reject_unknown
-from .sketch import key_int
+from .sketch import _int_keys, key_int
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -126,6 +128,8 @@ class AdaptivePolicy(EvictionPolicy):
         self._remember = self._recent.append
         self._sampled = 0
         self.switches = 0
+        self._pre: frozenset[SequenceHash] | None = None  # the sampled keys, when prepared
+        self._keys: list[int] | None = None  # the keys prepared, for a new leader
         self._lead(self._factories[names[0]](capacity))
 
     def _lead(self, policy: EvictionPolicy) -> None:
@@ -152,6 +156,11 @@ class AdaptivePolicy(EvictionPolicy):
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
         self._l_insert(key, priority)
         self._remember(key)
+        pre = self._pre
+        if pre is not None:  # the simulator gave every key's sample membership
+            if key in pre:
+                self._sample(key)
+            return
         # In the sample when bits 40.. of the key's mixed hash are zero under the mask
         # (inlined: this runs on every access).
         k = key if type(key) is int else key_int(key)  # type: ignore[comparison-overlap]
@@ -161,9 +170,36 @@ class AdaptivePolicy(EvictionPolicy):
     def touch(self, key: SequenceHash) -> None:
         self._l_touch(key)
         self._remember(key)
+        pre = self._pre
+        if pre is not None:
+            if key in pre:
+                self._sample(key)
+            return
         k = key if type(key) is int else key_int(key)  # type: ignore[comparison-overlap]
         if not (k * _GOLDEN) >> 40 & self._mask:  # bits 40.. below 64: no need to mask
             self._sample(key)
+
+    def prepare_keys(self, keys: Sequence[int]) -> None:
+        """Decide the sample membership of ``keys`` in one numpy pass (the simulator's
+        optional hook, as ``replay`` calls it): the same test as ``insert`` makes, bits
+        40.. of ``key * _GOLDEN`` under the mask, which uint64 wrapping keeps intact.
+        Only when every key is an int in [0, 2**63); otherwise keys are tested as seen."""
+        ints, k = _int_keys(keys)
+        if len(ints) != len(keys):
+            return
+        with np.errstate(over="ignore"):
+            h = k * np.uint64(_GOLDEN)
+        hit = ((h >> np.uint64(40)) & np.uint64(self._mask)) == 0
+        self._pre = frozenset(np.asarray(ints, dtype=object)[hit].tolist())
+        self._keys = list(ints)
+        sampled = list(self._pre)  # the shadows see only these
+        for sh in self._shadows:
+            prep = getattr(sh.policy, "prepare_keys", None)
+            if prep is not None:
+                prep(sampled)
+        prep = getattr(self._leader, "prepare_keys", None)
+        if prep is not None:
+            prep(self._keys)
 
     def pin(self, key: SequenceHash) -> None:
         self._pinned.add(key)
@@ -215,6 +251,9 @@ class AdaptivePolicy(EvictionPolicy):
     def _switch(self, index: int) -> None:
         old = self._leader
         new = self._factories[self.candidates[index]](self.capacity)
+        prep = getattr(new, "prepare_keys", None)
+        if prep is not None and self._keys is not None:
+            prep(self._keys)
         order: list[SequenceHash] = []
         while (k := old.victim()) is not None:
             order.append(k)

@@ -5,15 +5,18 @@ head_dim]`` (32 layers, 8 KV heads of 128, page 16: 2 MiB blocks, two 32 KiB run
 block and layer), block ids in random order as a paged engine hands them out. Each
 batch goes through ``KvBlockManager.offload`` / ``onboard`` with a host tier, and is
 timed right after plain copies of the same bytes between two touched buffers with
-1 thread and with ``copy_threads`` threads; the faster of the two is the batch's
-limit (the machine's memory bandwidth moves from one moment to the next, so figure
-and limit alternate). Every onboarded block is compared with the block it was
+1 thread and with ``copy_threads`` threads, each by ``memcpy`` and by streaming
+stores; the fastest of the four is the batch's limit (the machine's memory bandwidth
+moves from one moment to the next, so figure and limit alternate). The ratio to the
+fastest ``memcpy`` alone is shown beside it. Every onboarded block is compared with the block it was
 offloaded from, layer by layer with torch (0 mismatched or the bench fails).
 
-``--paths native,numpy`` runs the adapter's native batch copy and its numpy
-per-(block, layer) fallback in the same run, interleaved, for a before/after. The
-``adapter, 1 thread`` rows time the adapter's copy alone (no manager, one thread)
-beside a 1-thread memcpy of the same bytes.
+``--paths native,memcpy,numpy`` runs the adapter's native batch copy (streaming
+stores for batches past ``_native.STREAM_MIN_BYTES``), the same loop with ``memcpy``
+only, and its numpy per-(block, layer) fallback in the same run, interleaved, for a
+before/after (contiguous blocks take the first two). The ``adapter, 1 thread`` rows
+time the adapter's copy alone (no manager, one thread) beside the best 1-thread copy
+of the same bytes.
 
 Run: ``python bench/host.py [--batch 64] [--batches 4] [--repeats 3] [--json]``.
 """
@@ -34,7 +37,7 @@ import numpy as np
 from kvbm.engine_blocks import _native, engine_blocks
 from kvbm.layout import ContiguousBlocks
 from kvbm.manager import KvBlockManager
-from kvbm_bench.limits import best_copy, split_copy
+from kvbm_bench.limits import copy_limits
 
 MODEL = {"name": "llama-3-8b-like", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
          "dtype": "bfloat16"}
@@ -64,6 +67,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = ThreadPoolExecutor(max(1, args.threads - 1))
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     native_ok = _native.copy_runs() is not None
+    stream_at = _native.stream_min()
+
+    def set_path(path: str) -> None:
+        _native.enabled = path != "numpy"
+        _native.set_stream_min(stream_at if path == "native" else None)
+
+    def limit(threads: int) -> tuple[float, float]:
+        """(best, best memcpy) seconds of copying the batch's bytes, right now."""
+        got = copy_limits(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], threads, pool)
+        return min(got.values()), min(v for k, v in got.items() if k.startswith("memcpy"))
     rows: dict[str, list[dict[str, float]]] = {}
     verified = mismatched = 0
     serial = 0
@@ -72,17 +85,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             acc: dict[str, list[float]] = {}
             for _ in range(args.batches):
                 for shape in ("engine", "contiguous"):
-                    for path in (paths if shape == "engine" else ["native"]):
-                        _native.enabled = path == "native"
+                    for path in (paths if shape == "engine" else
+                                 [p for p in paths if p != "numpy"] or ["native"]):
+                        set_path(path)
                         serial += 1
                         tokens = rng.integers(0, 32000, n * 16, dtype=np.uint32)
                         tokens[0] = serial  # fresh hashes every batch
                         hashes = mgr.hash_tokens(tokens)
                         src_ids = rng.permutation(n).tolist()
                         dst_ids = (n + rng.permutation(n)).tolist()
-                        label = f"{shape}" + (f"[{path}]" if shape == "engine" else "")
-                        a = acc.setdefault(label, [0.0, 0.0, 0.0, 0.0])
-                        lim = best_copy(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], args.threads, pool)
+                        label = f"{shape}[{path}]"
+                        a = acc.setdefault(label, [0.0] * 6)
+                        lim, lim_mc = limit(args.threads)
                         if shape == "engine":
                             t0 = time.perf_counter()
                             stored = mgr.offload(hashes, engine, indices=src_ids).stored
@@ -96,10 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         assert stored == n, f"stored {stored} of {n}"
                         a[0] += lim
                         a[1] += t_off
+                        a[4] += lim_mc
                         for t in kv_u8:
                             t[:, n:].zero_()
                         contig_dst[:] = 0
-                        lim = best_copy(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], args.threads, pool)
+                        lim, lim_mc = limit(args.threads)
                         with mgr.match_prefix(hashes) as match:
                             assert match.num_blocks == n
                             t0 = time.perf_counter()
@@ -112,6 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         assert loaded == n, f"loaded {loaded} of {n}"
                         a[2] += lim
                         a[3] += t_on
+                        a[5] += lim_mc
                         if shape == "engine":
                             for s, d in zip(src_ids, dst_ids):
                                 ok = all(torch.equal(t[:, s], t[:, d]) for t in kv_u8)
@@ -126,29 +142,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # tensors and whole-block buffers, beside a 1-thread memcpy of the same bytes.
             views = list(lim_bufs[0][: n * bb].reshape(n, bb))
             for path in paths:
-                _native.enabled = path == "native"
-                a = acc.setdefault(f"engine[{path}] adapter, 1 thread", [0.0, 0.0, 0.0, 0.0])
+                set_path(path)
+                a = acc.setdefault(f"engine[{path}] adapter, 1 thread", [0.0] * 6)
                 for _ in range(args.batches):
                     ids = rng.permutation(nb)[:n].tolist()
-                    lim = split_copy(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], 1, pool)
+                    lim, lim_mc = limit(1)
                     t0 = time.perf_counter()
                     engine.copy_out(ids, views)
                     a[0] += lim
                     a[1] += time.perf_counter() - t0
-                    lim = split_copy(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], 1, pool)
+                    a[4] += lim_mc
+                    lim, lim_mc = limit(1)
                     t0 = time.perf_counter()
                     engine.copy_in(ids, views)
                     a[2] += lim
                     a[3] += time.perf_counter() - t0
-            _native.enabled = True
-            for label, (lo, fo, li, fi) in acc.items():
+                    a[5] += lim_mc
+            set_path("native")
+            for label, (lo, fo, li, fi, mo, mi) in acc.items():
                 nbytes = args.batches * n * bb
                 rows.setdefault(f"offload {label}", []).append(
-                    {"gbps": nbytes / fo / 1e9, "limit_gbps": nbytes / lo / 1e9, "ratio": lo / fo})
+                    {"gbps": nbytes / fo / 1e9, "limit_gbps": nbytes / lo / 1e9, "ratio": lo / fo,
+                     "memcpy_gbps": nbytes / mo / 1e9, "memcpy_ratio": mo / fo})
                 rows.setdefault(f"onboard {label}", []).append(
-                    {"gbps": nbytes / fi / 1e9, "limit_gbps": nbytes / li / 1e9, "ratio": li / fi})
+                    {"gbps": nbytes / fi / 1e9, "limit_gbps": nbytes / li / 1e9, "ratio": li / fi,
+                     "memcpy_gbps": nbytes / mi / 1e9, "memcpy_ratio": mi / fi})
     finally:
         _native.enabled = True
+        _native.set_stream_min(stream_at)
         pool.shutdown()
         mgr.close()
     return {"batch_blocks": n, "block_bytes": bb, "batches": args.batches, "repeats": args.repeats,
@@ -163,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=4, help="batches per repeat (4)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; min/median/max over them (3)")
     p.add_argument("--threads", type=int, default=2, help="copy_threads of manager and tier (2)")
-    p.add_argument("--paths", default="native,numpy",
-                   help="engine copy paths, interleaved: native,numpy (default both)")
+    p.add_argument("--paths", default="native,memcpy,numpy",
+                   help="copy paths, interleaved: native (streaming stores past 4 MiB), memcpy "
+                        "(the native loop without them), numpy (default all three)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     res = run(args)
@@ -176,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
               f"batches x {res['repeats']} repeats, {res['threads']} copy threads, native loop "
               f"{'built' if res['native_loop'] else 'NOT available (numpy)'}; load "
               + " ".join(f"{x:.2f}" for x in res["loadavg"]))
-        print(f"{'path':34} {'GB/s':>6} {'limit':>6}  ratio min / median / max")
+        print(f"{'path':42} {'GB/s':>6} {'limit':>6}  ratio min / med / max  "
+              f"{'memcpy':>6}  ratio to memcpy")
         for name, rs in res["rows"].items():
             r = sorted(x["ratio"] for x in rs)
-            print(f"{name:34} {statistics.median(x['gbps'] for x in rs):6.2f} "
+            q = sorted(x["memcpy_ratio"] for x in rs)
+            print(f"{name:42} {statistics.median(x['gbps'] for x in rs):6.2f} "
                   f"{statistics.median(x['limit_gbps'] for x in rs):6.2f}  "
-                  f"{r[0]:.2f} / {statistics.median(r):.2f} / {r[-1]:.2f}")
-        print("limit: memcpy of the same bytes, best of 1 and N threads, timed before each batch")
+                  f"{r[0]:.2f} / {statistics.median(r):.2f} / {r[-1]:.2f}      "
+                  f"{statistics.median(x['memcpy_gbps'] for x in rs):6.2f}  "
+                  f"{q[0]:.2f} / {statistics.median(q):.2f} / {q[-1]:.2f}")
+        print("limit: the fastest copy of the same bytes (memcpy or streaming stores, 1 or N "
+              "threads), timed before each batch; memcpy: the fastest memcpy alone")
         print(f"verified {res['verified_blocks']} blocks, {res['mismatched_blocks']} mismatched")
     return 1 if res["mismatched_blocks"] else 0
 

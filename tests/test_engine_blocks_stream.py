@@ -91,3 +91,16 @@ def test_engine_copies_with_streaming_stores_keep_every_byte(
     want = torch.zeros_like(ref)
     want[3], want[1] = ref[0], ref[5]
     assert eb.same_tensors(tensors, eb.FORMS[form][1](want))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_streaming_limit_copy_moves_every_byte(threads: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvbm_bench.limits import stream_copy
+
+    src = np.random.default_rng(threads).integers(0, 256, (7, 4099), dtype=np.uint8)
+    dst = np.zeros_like(src)
+    with ThreadPoolExecutor(2) as pool:
+        assert stream_copy(dst, src, threads, pool) > 0
+    assert np.array_equal(dst, src)  # every row of every thread's share, none left over

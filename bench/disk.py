@@ -1,13 +1,19 @@
 """Disk tier write/read GB/s for batches of 2 MiB blocks, beside fio and ``dd`` with O_DIRECT.
 
-In one run, on one directory: the same bytes written and read by fio (the limit:
-O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads``, psync, as the tier's
-threads issue pwrite/pread; ``make fio`` installs it), with ``dd oflag=direct`` /
-``dd iflag=direct`` beside it (bs=2M, one request in flight), through ``DiskTier``
-directly, and through ``KvBlockManager``
-(offload / onboard, chain ``[disk]``, which adds the staging copy). Then the start-up
-index rebuild: the slot headers of the written cache are scanned again by a fresh
-tier, in blocks/s, with the time that rate projects for a full 100 GB cache.
+On one directory, in ``--repeats`` rounds, each round measuring every path and the
+limit one after another (interleaved, so a change of load hits all of them alike):
+fio (the limit: O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads``, psync,
+as the tier's threads issue pwrite/pread; ``make fio`` installs it), ``DiskTier``
+directly, and ``KvBlockManager`` offload / onboard with the chain ``[disk]``, twice:
+from plain host memory (``ContiguousBlocks``: the tier writes the caller's blocks and
+reads into them, no staging copy) and from a source without views (as an engine's
+device memory: every block goes through a staging buffer, the copy of one part
+overlapping the write of the last). Each figure of a round is the best of two
+passes; every ratio is to fio's figure of the same round, shown as min/median/max
+over the rounds. ``dd oflag=direct`` / ``iflag=direct`` (bs=2M, one request in
+flight) is measured once beside them. Then the start-up index rebuild: the slot
+headers of the written cache are scanned again by a fresh tier, in blocks/s, with
+the time that rate projects for a full 100 GB cache.
 
 Run: ``python bench/disk.py [--dir /tmp] [--gib 0.5] [--batch 64] [--threads 8]
 [--engine posix|nixl|both] [--repeats 3] [--rebuild-blocks 2048] [--json]``.
@@ -17,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,33 +78,95 @@ def tier_for(work: Path, n: int, threads: int, engine: str) -> DiskTier:
     return DiskTier(cfg, TierContext("disk", ns, layout, n))
 
 
-def bench_tier(work: Path, data: np.ndarray, batch: int, threads: int, engine: str,
-               repeats: int) -> dict[str, float]:
-    n, bb = data.shape
-    keys = [i.to_bytes(16, "little") for i in range(n)]
-    src = [data[i] for i in range(n)]
-    dst_arena = aligned_empty(n * bb).reshape(n, bb)
-    dst = [dst_arena[i] for i in range(n)]
-    tier = tier_for(work, n, threads, engine)
-    tier.recover()
+class TierPath:
+    """``DiskTier.write`` / ``read`` of the whole data in batches, straight from its rows."""
 
-    def write() -> None:
-        for i in range(0, n, batch):
-            ok = tier.write(list(range(i, min(n, i + batch))), keys[i : i + batch], src[i : i + batch])
+    def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, engine: str) -> None:
+        n, bb = data.shape
+        self.n, self.batch, self.data = n, batch, data
+        self.keys = [i.to_bytes(16, "little") for i in range(n)]
+        self.src = [data[i] for i in range(n)]
+        self.out = aligned_empty(n * bb).reshape(n, bb)
+        self.dst = [self.out[i] for i in range(n)]
+        self.tier = tier_for(work, n, threads, engine)
+        self.tier.recover()
+
+    def write(self) -> None:
+        n, b = self.n, self.batch
+        for i in range(0, n, b):
+            ok = self.tier.write(list(range(i, min(n, i + b))), self.keys[i : i + b], self.src[i : i + b])
             assert all(ok), "bench write failed"
 
-    def read() -> None:
-        for i in range(0, n, batch):
-            ok = tier.read(list(range(i, min(n, i + batch))), keys[i : i + batch], dst[i : i + batch])
+    def read(self) -> None:
+        self.out[:, :64] = 0  # a read that skipped a block cannot pass the check below
+        n, b = self.n, self.batch
+        for i in range(0, n, b):
+            ok = self.tier.read(list(range(i, min(n, i + b))), self.keys[i : i + b], self.dst[i : i + b])
             assert all(ok), "bench read failed"
 
-    try:
-        tw = best_of(write, repeats)
-        tr = best_of(read, repeats)
-        assert np.array_equal(dst_arena[:: max(1, n // 7)], data[:: max(1, n // 7)]), "read back differs"
-    finally:
-        tier.close()
-    return {"write_gbps": n * bb / tw / 1e9, "read_gbps": n * bb / tr / 1e9}
+    def check(self) -> None:
+        assert np.array_equal(self.out, self.data), "read back differs"
+
+    def close(self) -> None:
+        self.tier.close()
+
+
+class CopyOnly:
+    """An engine's blocks that offer no views (device memory): the manager stages them."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
+        for i, d in zip(indices, dst, strict=True):
+            np.copyto(d, self.array[i])
+
+    def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
+        for i, s in zip(indices, src, strict=True):
+            np.copyto(self.array[i], s)
+
+
+class ManagerPath:
+    """``KvBlockManager.offload`` / ``onboard`` with the chain ``[disk]``; new keys each
+    pass (they evict the last pass's blocks and reuse their slots)."""
+
+    def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, staged: bool) -> None:
+        n, _ = data.shape
+        self.n, self.batch, self.data = n, batch, data
+        cfg = {"model": MODEL, "page_size": PAGE, "tiers": [
+            {"type": "disk", "num_blocks": n, "path": str(work), "admission": "all",
+             "io_threads": threads}]}
+        self.m = KvBlockManager.from_config(cfg)
+        self.out = aligned_empty(data.size).reshape(data.shape)
+        wrap: Any = CopyOnly if staged else (lambda a: ContiguousBlocks(a, self.m.layout))
+        self.src, self.dst = wrap(data), wrap(self.out)
+        self.passes = 0
+        self.hashes: list[bytes] = []
+
+    def write(self) -> None:
+        n, b = self.n, self.batch
+        self.passes += 1
+        self.hashes = self.m.hash_tokens(list(range(self.passes * n * PAGE, (self.passes + 1) * n * PAGE)))
+        for i in range(0, n, b):
+            r = self.m.offload(self.hashes[i : i + b], self.src, range(i, min(n, i + b)))
+            assert r.stored == min(b, n - i), f"offload stored {r.stored}"
+
+    def read(self) -> None:
+        self.out[:, :64] = 0
+        n, b = self.n, self.batch
+        for i in range(0, n, b):
+            with self.m.match_prefix(self.hashes[i : i + b]) as match:
+                got = self.m.onboard(match, self.dst, range(i, i + match.num_blocks)).loaded
+                assert got == min(b, n - i), f"onboard loaded {got}"
+
+    def check(self) -> None:
+        assert np.array_equal(self.out, self.data), "read back differs"
+
+    def close(self) -> None:
+        self.m.close()
 
 
 def bench_rebuild(work: Path, n: int, threads: int, repeats: int) -> dict[str, float]:
@@ -124,31 +195,8 @@ def bench_rebuild(work: Path, n: int, threads: int, repeats: int) -> dict[str, f
     return {"blocks": n, "seconds": best, "blocks_per_s": n / best}
 
 
-def bench_manager(work: Path, data: np.ndarray, batch: int, threads: int, repeats: int) -> dict[str, float]:
-    n, bb = data.shape
-    cfg = {"model": MODEL, "page_size": PAGE, "tiers": [
-        {"type": "disk", "num_blocks": n, "path": str(work), "admission": "all",
-         "io_threads": threads}]}
-    wt, rt = float("inf"), float("inf")
-    out = np.zeros_like(data)
-    with KvBlockManager.from_config(cfg) as m:
-        src = ContiguousBlocks(data, m.layout)
-        dst = ContiguousBlocks(out, m.layout)
-        for rep in range(repeats):
-            # New keys each pass: they evict the last pass's blocks and reuse their slots.
-            hashes = m.hash_tokens(list(range(rep * n * PAGE, (rep + 1) * n * PAGE)))
-            t0 = time.perf_counter()
-            for i in range(0, n, batch):
-                r = m.offload(hashes[i : i + batch], src, range(i, min(n, i + batch)))
-                assert r.stored == min(batch, n - i), f"offload stored {r.stored}"
-            wt = min(wt, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for i in range(0, n, batch):
-                with m.match_prefix(hashes[i : i + batch]) as match:
-                    assert m.onboard(match, dst, range(i, i + match.num_blocks)).loaded == match.num_blocks
-            rt = min(rt, time.perf_counter() - t0)
-        assert np.array_equal(out[:: max(1, n // 7)], data[:: max(1, n // 7)])
-    return {"write_gbps": n * bb / wt / 1e9, "read_gbps": n * bb / rt / 1e9}
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
 def main() -> None:
@@ -158,7 +206,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="blocks per write/read call")
     ap.add_argument("--threads", type=int, default=8, help="disk tier io_threads")
     ap.add_argument("--engine", choices=["posix", "nixl", "both"], default="posix")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (each: every path and fio)")
     ap.add_argument("--rebuild-blocks", type=int, default=2048,
                     help="2 MiB slots written, then scanned by a fresh tier (index rebuild)")
     ap.add_argument("--json", action="store_true")
@@ -171,43 +219,70 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="kvbm-bench-disk-", dir=a.dir))
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else base
     src_file = Path(tempfile.mkstemp(prefix="kvbm-bench-src-", dir=shm)[1])
+    engines = ["posix", "nixl"] if a.engine == "both" else [a.engine]
+    paths: dict[str, Any] = {}
     try:
         data = aligned_empty(nbytes).reshape(n, bb)
         data.reshape(-1)[:] = np.frombuffer(np.random.default_rng(0).bytes(nbytes), np.uint8)
         data.tofile(src_file)  # dd's input, from memory (tmpfs), so only the disk side is timed
         dd_w, dd_r = dd_limits(base, src_file, nbytes, a.repeats)
         fio = find_fio()
-        got = fio_gbps(str(base), a.threads, nbytes, a.repeats, fio=fio) if fio else None
-        # Without fio the limit is dd's, and the table says so.
-        lim_w, lim_r = got if got is not None else (dd_w, dd_r)
-        limit = (f"fio O_DIRECT bs=2M numjobs={a.threads}" if got is not None else
+        for eng in engines:
+            paths[f"tier_{eng}"] = TierPath(base / f"tier-{eng}", data, a.batch, a.threads, eng)
+        paths["manager"] = ManagerPath(base / "manager", data, a.batch, a.threads, staged=False)
+        paths["manager_staged"] = ManagerPath(base / "staged", data, a.batch, a.threads, staged=True)
+        for p in paths.values():  # first pass into the fresh files, untimed
+            p.write()
+            p.read()
+            p.check()
+        lim: dict[str, list[float]] = {"write": [], "read": []}
+        got: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": []} for k in paths}
+        fio_failed = fio is None
+        for _ in range(a.repeats):
+            f = None if fio_failed else fio_gbps(str(base), a.threads, nbytes, 2, fio=fio)
+            fio_failed = f is None
+            # Without fio the limit is dd's, and the table says so.
+            lim["write"].append(f[0] if f else dd_w)
+            lim["read"].append(f[1] if f else dd_r)
+            for k, p in paths.items():
+                got[k]["write"].append(nbytes / best_of(p.write, 2) / 1e9)
+                got[k]["read"].append(nbytes / best_of(p.read, 2) / 1e9)
+                p.check()  # every byte of the last pass, outside the timing
+        for p in paths.values():
+            p.close()
+        paths.clear()
+        limit = (f"fio O_DIRECT bs=2M numjobs={a.threads}" if not fio_failed else
                  "dd O_DIRECT bs=2M (no fio: run `make fio`)" if fio is None else
                  "dd O_DIRECT bs=2M (fio failed here)")
-        engines = ["posix", "nixl"] if a.engine == "both" else [a.engine]
+        lim_w, lim_r = max(lim["write"]), max(lim["read"])
         res: dict[str, Any] = {
             "dir": a.dir, "block_bytes": bb, "blocks": n, "bytes_per_pass": nbytes,
-            "batch": a.batch, "io_threads": a.threads, "repeats": a.repeats,
+            "batch": a.batch, "io_threads": a.threads, "rounds": a.repeats,
             "dd_write_gbps": dd_w, "dd_read_gbps": dd_r, "limit": limit,
             "limit_write_gbps": lim_w, "limit_read_gbps": lim_r,
-            "fio_write_gbps": got[0] if got else None, "fio_read_gbps": got[1] if got else None,
+            "limit_write_rounds": lim["write"], "limit_read_rounds": lim["read"],
+            "fio_write_gbps": None if fio_failed else lim_w,
+            "fio_read_gbps": None if fio_failed else lim_r,
         }
-
-        def ratios(r: dict[str, float]) -> dict[str, float]:
-            return {"write_ratio": r["write_gbps"] / lim_w, "read_ratio": r["read_gbps"] / lim_r,
-                    "write_ratio_vs_dd": r["write_gbps"] / dd_w, "read_ratio_vs_dd": r["read_gbps"] / dd_r}
-
-        for eng in engines:
-            r = bench_tier(base / f"tier-{eng}", data, a.batch, a.threads, eng, a.repeats)
-            res[f"tier_{eng}"] = {**r, **ratios(r)}
-        mgr = bench_manager(base / "manager", data, a.batch, a.threads, a.repeats)
-        res["manager"] = {**mgr, **ratios(mgr)}
+        for k, g in got.items():
+            wr = [x / y for x, y in zip(g["write"], lim["write"], strict=True)]
+            rr = [x / y for x, y in zip(g["read"], lim["read"], strict=True)]
+            res[k] = {"write_gbps": max(g["write"]), "read_gbps": max(g["read"]),
+                      "write_rounds": g["write"], "read_rounds": g["read"],
+                      "write_ratio": statistics.median(wr), "read_ratio": statistics.median(rr),
+                      "write_ratio_range": summary(wr), "read_ratio_range": summary(rr),
+                      "write_ratio_vs_dd": max(g["write"]) / dd_w,
+                      "read_ratio_vs_dd": max(g["read"]) / dd_r}
         reb = bench_rebuild(base / "rebuild", a.rebuild_blocks, a.threads, a.repeats)
         rate = reb["blocks_per_s"]
         res["rebuild"] = reb
         slots_100gb = 100 * 10**9 // (bb + HEADER_BYTES)
         res["rebuild_100gb_slots"] = slots_100gb
         res["rebuild_100gb_projected_s"] = slots_100gb / rate
+        res["loadavg"] = os.getloadavg()
     finally:
+        for p in paths.values():
+            p.close()
         src_file.unlink(missing_ok=True)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -215,18 +290,24 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         return
     print(f"{n} blocks of {bb >> 20} MiB ({nbytes / 1e9:.2f} GB) on {a.dir}, batches of "
-          f"{a.batch}, io_threads {a.threads}, best of {a.repeats}")
-    print(f"  limit: {limit}")
-    print(f"  {'path':28s} {'write GB/s':>10s} {'x limit':>7s} {'x dd':>6s} {'read GB/s':>10s} "
-          f"{'x limit':>7s} {'x dd':>6s}")
-    print(f"  {'limit':28s} {lim_w:10.2f} {1.0:7.2f} {lim_w / dd_w:6.2f} {lim_r:10.2f} {1.0:7.2f} "
-          f"{lim_r / dd_r:6.2f}")
-    print(f"  {'dd O_DIRECT bs=2M (1 request)':28s} {dd_w:10.2f} {dd_w / lim_w:7.2f} {1.0:6.2f} "
-          f"{dd_r:10.2f} {dd_r / lim_r:7.2f} {1.0:6.2f}")
-    rows = [(f"DiskTier ({e})", res[f"tier_{e}"]) for e in engines] + [("KvBlockManager [disk]", res["manager"])]
-    for name, r in rows:
-        print(f"  {name:28s} {r['write_gbps']:10.2f} {r['write_ratio']:7.2f} {r['write_ratio_vs_dd']:6.2f} "
-              f"{r['read_gbps']:10.2f} {r['read_ratio']:7.2f} {r['read_ratio_vs_dd']:6.2f}")
+          f"{a.batch}, io_threads {a.threads}, {a.repeats} interleaved rounds (best of 2 passes "
+          f"each); load average {' '.join(f'{x:.1f}' for x in res['loadavg'])}")
+    print(f"  limit: {limit}; GB/s the best round's, x limit min/median/max over the rounds")
+    print(f"  {'path':34s} {'write GB/s':>10s} {'x limit':>16s} {'read GB/s':>10s} {'x limit':>16s}")
+
+    def rng(r: dict[str, float]) -> str:
+        return f"{r['min']:.2f}/{r['median']:.2f}/{r['max']:.2f}"
+
+    print(f"  {'limit (per round)':34s} {lim_w:10.2f} {'1':>16s} {lim_r:10.2f} {'1':>16s}")
+    print(f"  {'dd O_DIRECT bs=2M (1 request)':34s} {dd_w:10.2f} {dd_w / lim_w:16.2f} "
+          f"{dd_r:10.2f} {dd_r / lim_r:16.2f}")
+    rows = [(f"DiskTier ({e})", f"tier_{e}") for e in engines] + [
+        ("KvBlockManager [disk], host memory", "manager"),
+        ("KvBlockManager [disk], staged", "manager_staged")]
+    for name, k in rows:
+        r = res[k]
+        print(f"  {name:34s} {r['write_gbps']:10.2f} {rng(r['write_ratio_range']):>16s} "
+              f"{r['read_gbps']:10.2f} {rng(r['read_ratio_range']):>16s}")
     print(f"  index rebuild: {rate:,.0f} blocks/s ({reb['blocks']} slots in "
           f"{reb['seconds'] * 1e3:.1f} ms); a full "
           f"100 GB cache ({slots_100gb:,} slots) projects to {res['rebuild_100gb_projected_s']:.2f} s")

@@ -38,9 +38,10 @@ from .tier import Tier
 log = logging.getLogger("kvbm")
 
 #: A staged save is split into about this many parts (copy of one overlaps the write
-#: of the previous), of at least ``_PIPELINE_MIN`` blocks each.
-_PIPELINE_PARTS = 4
-_PIPELINE_MIN = 8
+#: of the previous), of at least ``_PIPELINE_MIN`` blocks each. Small parts keep the
+#: first copy (which nothing overlaps) and the last write (likewise) short.
+_PIPELINE_PARTS = 8
+_PIPELINE_MIN = 4
 
 
 @dataclass

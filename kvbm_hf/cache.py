@@ -118,8 +118,8 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicLayer`` that can start from loaded KV and append into reserved room.
 
     After ``preload`` the layer's keys and values are the first ``n`` tokens of a
-    longer tensor; ``update`` writes new tokens after them in place instead of
-    concatenating, while they fit. Anything else (no room left, a reordered or resized
+    longer tensor (after ``reserve``, none yet); ``update`` writes new tokens after
+    them in place instead of concatenating, while they fit. Anything else (no room left, a reordered or resized
     batch, autograd) falls back to ``DynamicLayer``'s concatenation, which drops the room.
     Tokens already handed out are never written, so earlier views stay valid.
     """
@@ -135,20 +135,32 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.keys = keys_room[:, :, :num_tokens]
         self.values = values_room[:, :, :num_tokens]
 
+    def reserve(self, keys_room: torch.Tensor, values_room: torch.Tensor) -> None:
+        """Write the first tokens the model computes at the start of the given room tensors."""
+        self._room = (keys_room, values_room)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new tokens' KV in place while the room holds them, else concatenate."""
         room = self._room
-        if room is not None and self.keys is not None and self.values is not None:
+        if room is not None:
             rk, rv = room
-            cur = self.keys.shape[-2]
+            if not self.is_initialized:  # reserved: nothing written yet
+                self.lazy_initialization(key_states, value_states)
+                cur, at_start = 0, True
+            elif self.keys is not None and self.values is not None:
+                cur = self.keys.shape[-2]
+                # Still a prefix of the room (crop keeps it; batch reorders copy it away).
+                at_start = (self.keys.data_ptr() == rk.data_ptr()
+                            and self.values.data_ptr() == rv.data_ptr())
+            else:
+                cur, at_start = 0, False
             end = cur + key_states.shape[-2]
             if (
-                end <= rk.shape[-2]
+                at_start
+                and end <= rk.shape[-2]
                 and key_states.shape[0] == rk.shape[0]
-                # Still a prefix of the room (crop keeps it; batch reorders copy it away).
-                and self.keys.data_ptr() == rk.data_ptr()
-                and self.values.data_ptr() == rv.data_ptr()
+                and key_states.dtype == rk.dtype and key_states.device == rk.device
                 and not key_states.requires_grad
                 and (torch.is_inference_mode_enabled() or not torch.is_inference(rk))
             ):
@@ -285,31 +297,39 @@ class KvbmCache(DynamicCache):
         hashes = self.manager.hash_tokens(row[: usable * self.page_size])
         # A request that just stored this prefix in the background: wait for it, then load.
         self._state.await_stores(hashes)
+        # Room for the whole prompt and ``headroom`` generated tokens, so neither the
+        # prefill nor the first decode steps copy the loaded prefix again; a room of an
+        # earlier request, touched already, when one is free. A prompt that loads
+        # nothing is computed into a room too: its pages are touched already (a
+        # ``torch.cat`` would fault in fresh ones), its blocks leave it as one run each,
+        # and the request that computes a prefix leaves its room to those that load it.
+        capacity = len(row) + max(self.headroom, 0)
         with self.manager.match_prefix(hashes) as match:
-            if match.num_blocks == 0:
-                return 0
-            # Room for the whole prompt and ``headroom`` generated tokens, so neither the
-            # prefill nor the first decode steps copy the loaded prefix again; a room of
-            # an earlier request, touched already, when one is free.
-            m = self.layout.model
-            capacity = len(row) + max(self.headroom, 0)
-            room = self._state.room(
-                (m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim),
-                getattr(torch, m.dtype), self.device, capacity)
-            dest = CacheBlockDestination(self.layout, match.num_blocks, capacity=capacity,
-                                         device=self.device, room=room)
-            res = self.manager.onboard(match, dest)
-        if res.loaded == 0:
-            return 0
+            dest = self._destination(max(match.num_blocks, 1), capacity)
+            res = self.manager.onboard(match, dest) if match.num_blocks else None
+        loaded = res.loaded if res is not None else 0
         for li, layer in enumerate(self.layers):
             if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
                 raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
-            layer.preload(*dest.kv_room(li), res.loaded * self.page_size)
-        self.loaded_tokens = res.loaded * self.page_size
+            if loaded:
+                layer.preload(*dest.kv_room(li), loaded * self.page_size)
+            else:
+                layer.reserve(*dest.kv_room(li))
+        if loaded == 0:
+            return 0
+        self.loaded_tokens = loaded * self.page_size
         # Blocks just loaded are in kvbm already: offering them again would only inflate
         # the admission filters' reuse counts.
-        self.offered_blocks = res.loaded
+        self.offered_blocks = loaded
         return self.loaded_tokens
+
+    def _destination(self, num_blocks: int, capacity: int) -> CacheBlockDestination:
+        """Where ``num_blocks`` loaded blocks go: a room of ``capacity`` tokens from the pool."""
+        m = self.layout.model
+        room = self._state.room((m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim),
+                                getattr(torch, m.dtype), self.device, capacity)
+        return CacheBlockDestination(self.layout, num_blocks, capacity=capacity,
+                                     device=self.device, room=room)
 
     def offload_blocks(
         self, input_ids: Any, *, wait: bool = True

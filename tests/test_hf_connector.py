@@ -478,3 +478,25 @@ def test_room_is_reused_as_soon_as_its_background_offload_is_done(model: Any,
             host_manager.offload = real
     assert loaded == 5 * PAGE
     assert allocated == 0 and reused
+
+
+def test_request_that_computes_a_prefix_leaves_its_room_to_the_one_that_loads_it(
+        model: Any, host_manager: Any) -> None:
+    from kvbm_hf._rooms import state_of
+
+    prompt = tokens(7 * PAGE + 1, 43)
+    with torch.inference_mode():
+        a = KvbmCache(host_manager, model)
+        plain = model(prompt).logits[:, -1]
+        # Nothing cached: computed. (The output would hold the cache: only logits kept.)
+        logits = prefill(model, prompt, a, offload_wait=True).logits[:, -1]
+        assert a.loaded_tokens == 0
+        ptr = a.layers[0].keys.data_ptr()
+        made = state_of(host_manager).allocated
+        del a
+        b = KvbmCache(host_manager, model)
+        assert b.load_prefix(prompt) == 7 * PAGE
+    assert b.layers[0].keys.data_ptr() == ptr
+    assert state_of(host_manager).allocated == made
+    # Computed into the room, the prompt's logits are the plain model's.
+    assert float((logits - plain).abs().max()) <= TOL

@@ -280,6 +280,20 @@ class ExactRegistryMachine(RuleBasedStateMachine):
         self.pins[slot] = self.pins.get(slot, 0) + 1
         self.held.append(slot)
 
+    @rule(run=st.lists(st.sampled_from(EXACT_KEYS), max_size=16))
+    def pin_run(self, run: list[SequenceHash]) -> None:
+        got = self.reg.pin_run(run)
+        want: list[int] = []
+        for key in run:  # pin, key by key, up to the first miss
+            slot = self.slot_of.get(key)
+            if slot is None or self.state[slot] != "r":
+                break
+            self.lru.pop(key, None)
+            self.pins[slot] = self.pins.get(slot, 0) + 1
+            self.held.append(slot)
+            want.append(slot)
+        assert got == want
+
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def unpin(self, data: st.DataObject) -> None:
@@ -398,6 +412,13 @@ class SlotKeysMachine(RuleBasedStateMachine):
             assert self.keys.find(k) == slot and self.keys.key_at(slot) == k
         for k in INDEX_ABSENT:
             assert self.keys.find(k) == -1
+
+    @invariant()
+    def a_run_of_keys_is_found_as_key_by_key_up_to_the_first_absent(self) -> None:
+        run = sorted(self.model) + INDEX_ABSENT[:1] + sorted(self.model)
+        want = [self.model[k] for k in sorted(self.model)]
+        assert self.keys.find_prefix(run).tolist() == want
+        assert self.keys.find_prefix(sorted(self.model)[::-1]).tolist() == want[::-1]
 
     @invariant()
     def no_key_lies_beyond_an_empty_entry_from_its_home(self) -> None:

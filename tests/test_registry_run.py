@@ -1,0 +1,185 @@
+"""A prefix looked up at once (``BlockRegistry.pin_run``, ``SlotKeys.find_prefix``,
+``Planner.match``) gives exactly what pinning it key by key gives."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+from hypothesis import given, settings
+
+from kvbm.chain import TierState
+from kvbm.config import TierConfig
+from kvbm.flatmap import SlotKeys
+from kvbm.hashing import SequenceHash
+from kvbm.planner import Planner
+from kvbm.policy import AdmitAll, LRUPolicy
+from kvbm.registry import BlockRegistry, SlotState
+
+
+def key(i: int) -> SequenceHash:
+    return SequenceHash(i.to_bytes(16, "little"))
+
+
+def new_registry(capacity: int) -> BlockRegistry:
+    return BlockRegistry("t", capacity, LRUPolicy(capacity))
+
+
+def window_of(table: SlotKeys, k: bytes) -> list[int]:
+    """The index positions ``find_prefix`` reads for ``k``."""
+    home, mask = table.home_of(k), table.probe[1]
+    return [(home + j) & mask for j in range(4)]
+
+
+def position_of(table: SlotKeys, slot: int) -> int:
+    return int((table._index_np == slot).nonzero()[0][0])
+
+
+def test_a_key_one_byte_off_a_stored_key_in_its_window_is_a_miss_at_each_byte() -> None:
+    # Each impostor differs from a stored key in one byte and its lookup reads that
+    # key's index entry: only the compare of all 16 bytes tells them apart.
+    reg = new_registry(8)
+    stored = [key(i) for i in range(8)]
+    for k in stored:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    table = reg._keys
+    victim = stored[7]
+    at = position_of(table, 7)
+    for byte in range(16):
+        impostors = [SequenceHash(victim[:byte] + bytes([v]) + victim[byte + 1:])
+                     for v in range(256) if v != victim[byte]]
+        impostors = [k for k in impostors if k not in stored]
+        near = [k for k in impostors if at in window_of(table, k)]
+        assert near, f"no impostor at byte {byte} reads slot 7's entry"  # the test's premise
+        for imp in near[:4]:
+            assert table.find_prefix([imp]).tolist() == []
+            assert reg.pin_run(stored[:7] + [imp]) == list(range(7))
+            for s in range(7):
+                reg.unpin(s)
+    assert reg.pin_run(stored) == list(range(8))  # and the key itself is a hit
+
+
+def test_an_empty_entry_never_reads_as_the_last_slots_stale_key() -> None:
+    # An empty index entry (-1) gathers the last slot's key; a removed key whose bytes
+    # are still there must not be found through it.
+    reg = new_registry(8)
+    table = reg._keys
+    stored = [key(i) for i in range(7)]
+    for k in stored:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    index = table._index_np
+    last = next(k for k in (key(i) for i in range(100, 10_000))
+                if any(index[p] < 0 for p in window_of(table, k)))
+    assert reg.allocate(last) == 7
+    reg.commit(7)
+    assert reg.pin_run(stored + [last]) == list(range(8))  # found once, in its slot
+    for s in range(8):
+        reg.unpin(s)
+    assert reg.remove(last) and reg.key_at(7) is None
+    assert bytes(table.probe[2][7 * 16:8 * 16]) == last  # its bytes stay in the slot
+    assert table.find_prefix([last]).tolist() == []
+    assert reg.pin_run(stored + [last]) == list(range(7))
+    assert reg.pin_run([last] + stored) == []
+
+
+def test_a_block_still_being_written_ends_the_run() -> None:
+    reg = new_registry(16)
+    keys = [key(i) for i in range(12)]
+    slots = [reg.allocate(k) for k in keys]
+    for i, s in enumerate(slots):
+        if i != 5:
+            reg.commit(s)  # type: ignore[arg-type]
+    assert reg.pin_run(keys) == slots[:5]
+    assert [reg.pins_at(s) for s in slots] == [1] * 5 + [0] * 7  # type: ignore[arg-type]
+    assert reg.num_evictable == 11 - 5 and reg.state_at(slots[5]) is SlotState.WRITING  # type: ignore[arg-type]
+
+
+def test_a_key_further_from_its_home_than_the_window_is_found() -> None:
+    # Ten keys with one home: the last ones lie past the four entries read at once.
+    table = SlotKeys(16)
+    crowd: list[bytes] = []
+    i = 0
+    while len(crowd) < 10:
+        if table.home_of(key(i)) == 30:  # wraps around the end of the 32-entry index
+            crowd.append(key(i))
+        i += 1
+    for s, k in enumerate(crowd):
+        table.add(k, s)
+    assert table.find_prefix(crowd).tolist() == list(range(10))
+    assert table.find_prefix(crowd[::-1]).tolist() == list(range(9, -1, -1))
+    table.remove(3)
+    assert table.find_prefix(crowd).tolist() == [0, 1, 2]
+
+
+def build(capacity: int, states: list[int]) -> tuple[BlockRegistry, list[SequenceHash]]:
+    """A registry whose key i is absent (0), being written (1), registered (2) or
+    registered and pinned (3); the LRU order is the order of the keys."""
+    reg = new_registry(capacity)
+    keys = [key(1000 + i) for i in range(len(states))]
+    for k, s in zip(keys, states):
+        if s:
+            slot = reg.allocate(k)
+            assert slot is not None
+            if s >= 2:
+                reg.commit(slot, pinned=s == 3)
+    return reg, keys
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), states=st.lists(st.integers(0, 3), min_size=1, max_size=40))
+def test_pin_run_pins_what_pinning_key_by_key_pins(data: st.DataObject, states: list[int]) -> None:
+    capacity = data.draw(st.integers(len(states), 64), label="capacity")
+    run = data.draw(st.lists(st.integers(0, len(states) - 1), max_size=40), label="run")
+    a, keys = build(capacity, states)
+    b, _ = build(capacity, states)
+    got = a.pin_run([keys[i] for i in run])
+    want: list[int] = []
+    for i in run:
+        slot = b.pin(keys[i])
+        if slot is None:
+            break
+        want.append(slot)
+    assert got == want
+    assert [a.pins_at(s) for s in range(capacity)] == [b.pins_at(s) for s in range(capacity)]
+    assert a.num_evictable == b.num_evictable
+    victims = [a.evict() for _ in range(a.num_evictable)]
+    assert victims == [b.evict() for _ in range(b.num_evictable)]
+
+
+def planner(tiers: list[BlockRegistry]) -> Planner:
+    class _Tier:  # what the planner asks of a tier's class on the match path
+        shared = False
+        medium = "host"
+
+    return Planner([TierState(f"t{i}", i, _Tier, TierConfig(type="host", num_blocks=r.capacity),  # type: ignore[arg-type]
+                              r, AdmitAll()) for i, r in enumerate(tiers)], page_size=16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(where=st.lists(st.sampled_from(["top", "below", "both", "none"]), min_size=1, max_size=24))
+def test_a_match_takes_each_block_from_the_first_tier_holding_it_up_to_the_first_miss(
+        where: list[str]) -> None:
+    keys = [key(i) for i in range(len(where))]
+    top, below = new_registry(32), new_registry(32)
+    for k, w in zip(keys, where):
+        for reg, here in ((top, w in ("top", "both")), (below, w in ("below", "both"))):
+            if here:
+                reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    p = planner([top, below])
+    m = p.match(keys)
+    want_tiers: list[str] = []
+    lookups = [0, 0]
+    for w in where:
+        lookups[0] += 1
+        if w in ("top", "both"):
+            want_tiers.append("t0")
+            continue
+        lookups[1] += 1
+        if w == "below":
+            want_tiers.append("t1")
+            continue
+        break
+    assert m.tiers == want_tiers and m.hashes == keys[:len(want_tiers)]
+    assert [t.lookups for t in p.tiers] == lookups
+    assert [t.hits for t in p.tiers] == [want_tiers.count("t0"), want_tiers.count("t1")]
+    assert top.num_pinned == want_tiers.count("t0") and below.num_pinned == want_tiers.count("t1")
+    m.release()
+    assert top.num_pinned == below.num_pinned == 0

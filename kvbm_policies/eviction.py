@@ -467,15 +467,43 @@ class LIRSPolicy(EvictionPolicy):
             del self._lir[key]
             self._q[key] = None
 
+    def _lir_on(self, key: SequenceHash) -> None:
+        # _to_lir, with _demote_bottom's common case (S's bottom is LIR, as _prune
+        # leaves it) written out: once per miss or HIR hit that joins the LIR set.
+        state, stack = self._state, self._s
+        state[key] = _LIR
+        self._lir_count = n = self._lir_count + 1
+        if key in stack:
+            stack.move_to_end(key)
+        else:
+            stack[key] = None
+        pinned = self._pinned
+        if key not in pinned:
+            self._lir[key] = None
+        if n > self._lir_max:
+            b = next(iter(stack))
+            if state[b] == _LIR:
+                del stack[b]
+                state[b] = _HIR
+                self._lir_count = n - 1
+                if b not in pinned:
+                    del self._lir[b]
+                    self._q[b] = None
+            else:
+                self._demote_bottom()
+        if state[next(iter(stack))] != _LIR:  # the stack holds ``key``: never empty here
+            self._prune()
+
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        st = self._state.get(key)
+        state = self._state
+        st = state.get(key)
         if st == _NONRES:
             del self._nonres[key]
-            self._to_lir(key)
+            self._lir_on(key)
         elif st is None and self._lir_count < self._lir_max:
-            self._to_lir(key)
+            self._lir_on(key)
         else:
-            self._state[key] = _HIR
+            state[key] = _HIR
             stack = self._s
             if key in stack:
                 stack.move_to_end(key)
@@ -492,17 +520,19 @@ class LIRSPolicy(EvictionPolicy):
         st = self._state.get(key)
         if st == _LIR:
             stack = self._s
-            bottom = next(iter(stack))
-            stack.move_to_end(key)
-            lir = self._lir
-            if key in lir:
-                lir.move_to_end(key)
-            if bottom == key:  # only the bottom moving can leave HIR entries below
+            if next(iter(stack)) == key:  # only the bottom moving can leave HIR entries below
+                stack.move_to_end(key)
+                if key in self._lir:
+                    self._lir.move_to_end(key)
                 self._prune()
+            else:
+                stack.move_to_end(key)
+                if key in self._lir:
+                    self._lir.move_to_end(key)
         elif st == _HIR:
             if key in self._s:
                 self._q.pop(key, None)
-                self._to_lir(key)
+                self._lir_on(key)
             else:
                 self._s[key] = None
                 if key in self._q:

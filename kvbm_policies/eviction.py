@@ -226,18 +226,26 @@ class ARCPolicy(EvictionPolicy):
         return self._p
 
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        c = self.capacity
-        if key in self._b1:
-            self._p = min(float(c), self._p + max(len(self._b2) / len(self._b1), 1.0))
-            del self._b1[key]
+        b1, b2 = self._b1, self._b2
+        if key in b1:
+            self._p = min(float(self.capacity), self._p + max(len(b2) / len(b1), 1.0))
+            del b1[key]
             self._t2[key] = None
-        elif key in self._b2:
-            self._p = max(0.0, self._p - max(len(self._b1) / len(self._b2), 1.0))
-            del self._b2[key]
+        elif key in b2:
+            self._p = max(0.0, self._p - max(len(b1) / len(b2), 1.0))
+            del b2[key]
             self._t2[key] = None
         else:
             self._t1[key] = None
-        self._trim_ghosts()
+        # _trim_ghosts, written out: once per miss.
+        c = self.capacity
+        t1 = self._t1
+        n1 = len(t1) + self._pinned_t1
+        while b1 and n1 + len(b1) > c:
+            b1.popitem(last=False)
+        resident = len(t1) + len(self._t2) + len(self._pinned)
+        while b2 and resident + len(b1) + len(b2) > 2 * c:
+            b2.popitem(last=False)
 
     def _trim_ghosts(self) -> None:
         c = self.capacity
@@ -284,16 +292,24 @@ class ARCPolicy(EvictionPolicy):
         self._t2.pop(key, None)
 
     def victim(self) -> SequenceHash | None:
-        t1_total = len(self._t1) + self._pinned_t1
-        if self._t1 and (t1_total > self._p or not self._t2):
-            key = self._t1.popitem(last=False)[0]
+        t1, t2 = self._t1, self._t2
+        if t1 and (len(t1) + self._pinned_t1 > self._p or not t2):
+            key = t1.popitem(last=False)[0]
             self._b1[key] = None
-        elif self._t2:
-            key = self._t2.popitem(last=False)[0]
+        elif t2:
+            key = t2.popitem(last=False)[0]
             self._b2[key] = None
         else:
             return None
-        self._trim_ghosts()
+        # _trim_ghosts, written out: once per eviction.
+        c = self.capacity
+        b1, b2 = self._b1, self._b2
+        n1 = len(t1) + self._pinned_t1
+        while b1 and n1 + len(b1) > c:
+            b1.popitem(last=False)
+        resident = len(t1) + len(t2) + len(self._pinned)
+        while b2 and resident + len(b1) + len(b2) > 2 * c:
+            b2.popitem(last=False)
         return key
 
     def __len__(self) -> int:

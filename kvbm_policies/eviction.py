@@ -63,22 +63,37 @@ class LFUPolicy(EvictionPolicy):
             heapq.heappush(self._values, value)
         b[key] = None
 
+    # ``_place`` is written out in ``insert``, ``touch`` and ``unpin``: once per access.
     def insert(self, key: SequenceHash, priority: int = 0) -> None:
-        v = self._value.pop(key, None)
+        value, buckets = self._value, self._buckets
+        v = value.pop(key, None)
         if v is not None:  # re-registered while evictable: a new block
-            del self._buckets[v][key]
+            del buckets[v][key]
         self._count[key] = 1
-        self._place(key, self._age + 1)
+        nv = value[key] = self._age + 1
+        b = buckets.get(nv)
+        if b is None:
+            b = buckets[nv] = OrderedDict()
+            heapq.heappush(self._values, nv)
+        b[key] = None
 
     def touch(self, key: SequenceHash) -> None:
-        c = self._count.get(key)
+        count = self._count
+        c = count.get(key)
         if c is None:
             return
-        self._count[key] = c + 1
-        v = self._value.pop(key, None)
+        count[key] = c + 1
+        value = self._value
+        v = value.pop(key, None)
         if v is not None:
-            del self._buckets[v][key]
-            self._place(key, self._age + c + 1)
+            buckets = self._buckets
+            del buckets[v][key]
+            nv = value[key] = self._age + c + 1
+            b = buckets.get(nv)
+            if b is None:
+                b = buckets[nv] = OrderedDict()
+                heapq.heappush(self._values, nv)
+            b[key] = None
 
     def pin(self, key: SequenceHash) -> None:
         v = self._value.pop(key, None)
@@ -89,10 +104,16 @@ class LFUPolicy(EvictionPolicy):
         c = self._count.get(key)
         if c is None:
             c = self._count[key] = 1
-        v = self._value.pop(key, None)
+        value, buckets = self._value, self._buckets
+        v = value.pop(key, None)
         if v is not None:
-            del self._buckets[v][key]
-        self._place(key, self._age + c)
+            del buckets[v][key]
+        nv = value[key] = self._age + c
+        b = buckets.get(nv)
+        if b is None:
+            b = buckets[nv] = OrderedDict()
+            heapq.heappush(self._values, nv)
+        b[key] = None
 
     def remove(self, key: SequenceHash) -> None:
         v = self._value.pop(key, None)

@@ -33,6 +33,8 @@ def kvbm_register_policies(registry: PolicyRegistry) -> None:
                  description="prefix-aware: leaves of the prefix tree first, LRU among them")
     registry.add("adaptive", kind="eviction", factory="kvbm_policies.adaptive:AdaptivePolicy",
                  description="follow the candidate (default lru, lirs) whose shadow hit more")
+    registry.add("learned", kind="eviction", factory="kvbm_policies.learned:LearnedPolicy",
+                 description="LRU inserting cold the new blocks of a class it learned is rarely reused")
     registry.add("frequency", kind="admission", factory="kvbm_policies.admission:FrequencyFilter",
                  description="admit a block offered often enough (Dynamo's doubling filter)")
     registry.add("priority_prefix", kind="admission",

@@ -25,6 +25,7 @@ from kvbm_policies import (
     S3FIFOPolicy,
     WTinyLFUPolicy,
 )
+from kvbm_policies.learned import LearnedPolicy
 
 POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "lru": LRUPolicy,
@@ -39,6 +40,9 @@ POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     # Switching leader on every sampled access: the hand-over itself under random calls.
     "adaptive-switching": lambda c: AdaptivePolicy(c, candidates="lru,lirs,arc,wtinylfu,prefix",
                                                    period=1, margin=0.0),
+    "learned": LearnedPolicy,
+    # Every class cold after one sample: the cold queue on every path.
+    "learned-cold": lambda c: LearnedPolicy(c, threshold=1.0, sample=2, min_samples=1),
 }
 
 # One operation on a tier: offer a block (maybe committed pinned, as the cascade does),

@@ -82,7 +82,7 @@ def test_every_policy_of_the_issue_is_registered() -> None:
     ours = {(e.kind, e.name) for e in reg if e.plugin.name == "policies"}
     assert ours == {("eviction", "lfu"), ("eviction", "priority"), ("eviction", "arc"),
                     ("eviction", "s3fifo"), ("eviction", "lirs"), ("eviction", "wtinylfu"),
-                    ("eviction", "prefix"), ("eviction", "adaptive"),
+                    ("eviction", "prefix"), ("eviction", "adaptive"), ("eviction", "learned"),
                     ("admission", "frequency"), ("admission", "priority_prefix"),
                     ("admission", "tinylfu"), ("admission", "reuse")}
     assert reg.get_kind("eviction", "lru").plugin.name == "builtin"

@@ -20,6 +20,7 @@ from kvbm_policies import (
     S3FIFOPolicy,
     WTinyLFUPolicy,
 )
+from kvbm_policies.learned import LearnedPolicy
 from kvbm_policies.replay import replay
 from kvbm_policies.workloads import Trace
 
@@ -28,6 +29,8 @@ POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "s3fifo": S3FIFOPolicy, "lirs": LIRSPolicy, "wtinylfu": WTinyLFUPolicy,
     "prefix": PrefixLRUPolicy,
     "adaptive": lambda c: AdaptivePolicy(c, candidates="lru,lirs,arc", period=2, margin=0.0),
+    # Every class cold after one sample: the cold queue on every path.
+    "learned": lambda c: LearnedPolicy(c, threshold=1.0, sample=2, min_samples=1),
 }
 
 

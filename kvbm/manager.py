@@ -132,7 +132,7 @@ class KvBlockManager:
         )
         events = EventBus()
         tiers = build_tiers(links, namespace, layout)
-        executor = Executor(tiers, layout, copy_threads=settings.copy_threads,
+        executor = Executor(tiers, layout, copy_threads=_copy_threads(settings),
                             io_threads=settings.io_threads,
                             probe_timeout_s=settings.probe_timeout_s)
         try:
@@ -375,6 +375,15 @@ class KvBlockManager:
 _T = TypeVar("_T")
 
 _ENGINE_HINT = "pass ContiguousBlocks, LayerSeparateBlocks or kvbm.engine_blocks(...)"
+
+
+def _copy_threads(settings: Any) -> int:
+    """``copy_threads`` as set; left at its default, only as many as pay on this machine
+    (``copy_threads_worth``: one where a second thread copies no faster)."""
+    from .engine_blocks._native import copy_threads_worth
+
+    n = int(settings.copy_threads)
+    return n if "copy_threads" in settings.model_fields_set else copy_threads_worth(n)
 
 
 def _check_hashes(call: str, hashes: Sequence[Any],

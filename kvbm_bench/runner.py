@@ -391,7 +391,7 @@ def _contiguous_phase(settings: KvbmSettings, opts: BenchOptions, report: BenchR
                 "gbps": moved * bb / t / 1e9 if t else 0.0, "failures": 0}
             if first_kind == "memory":
                 p["limit_gbps"] = moved * bb / lim / 1e9 if lim else 0.0
-                p["limit"] = f"memcpy best of 1/{threads} threads, interleaved"
+                p["limit"] = f"memcpy best of 1/{threads} threads or streamed, interleaved"
             report.paths[f"{op}:{tier}{label}"] = p
     finally:
         pool.shutdown()
@@ -456,7 +456,7 @@ def _attach_limits(report: BenchReport, kinds: dict[str, str]) -> None:
             # A memory path: the median of the best-of-1/N copies of 64 MiB sampled
             # through the workload, beside it.
             value = lim.get("memcpy_gbps", 0.0)
-            what = f"memcpy best of 1/{threads} threads"
+            what = f"memcpy best of 1/{threads} threads or streamed"
         p["limit_gbps"], p["limit"] = value, what
         p["ratio"] = p["gbps"] / value if value else None
 

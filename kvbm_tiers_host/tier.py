@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvbm.config import is_generated_name
-from kvbm.engine_blocks._native import copy_pairs, copy_runs
+from kvbm.engine_blocks._native import copy_pairs, copy_runs, copy_threads_worth
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
@@ -134,13 +134,17 @@ class HostTier(Tier):
             # Fault the pages in now (a huge page at its first byte), not during the
             # first engine step.
             self.arena[:: 4096] = 0
+        copy_runs()  # compile the copy loop now, not during the first engine step
+        # As set; left at its default, only as many threads as pay here (one where a
+        # second copies no faster: it would only add a hand-off and a wait).
+        threads = (config.copy_threads if "copy_threads" in config.model_fields_set
+                   else copy_threads_worth(config.copy_threads))
         self._pool = (
-            ThreadPoolExecutor(config.copy_threads, thread_name_prefix=f"kvbm-{self.name}")
-            if config.copy_threads > 1
+            ThreadPoolExecutor(threads, thread_name_prefix=f"kvbm-{self.name}")
+            if threads > 1
             else None
         )
-        self._threads = config.copy_threads
-        copy_runs()  # compile the copy loop now, not during the first engine step
+        self._threads = threads
 
     def peer_arena(self) -> np.ndarray:
         """The whole arena, ``[num_slots, block_bytes]``: a remote tier may serve it to peers."""

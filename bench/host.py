@@ -48,10 +48,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     n = args.batch
     nb = 2 * n  # offload from the first half of the engine, onboard into the second
-    mgr = KvBlockManager.from_config({
-        "model": MODEL, "page_size": 16, "copy_threads": args.threads,
-        "tiers": [{"type": "host", "num_blocks": n * args.batches, "copy_threads": args.threads}],
-    })
+    host: dict[str, Any] = {"type": "host", "num_blocks": n * args.batches}
+    cfg: dict[str, Any] = {"model": MODEL, "page_size": 16, "tiers": [host]}
+    if args.threads:  # else the defaults: as many copy threads as pay here (measured)
+        cfg["copy_threads"] = host["copy_threads"] = args.threads
+    mgr = KvBlockManager.from_config(cfg)
+    lim_threads = args.threads or 2  # the limit tries 1 and N threads whatever the manager uses
     layout = mgr.layout
     bb = layout.bytes_per_block
     m = layout.model
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     contig_src = rng.integers(0, 256, (n, bb), dtype=np.uint8)
     contig_dst = np.zeros_like(contig_src)
     lim_bufs = (np.ones(n * bb, dtype=np.uint8), np.ones(n * bb, dtype=np.uint8))
-    pool = ThreadPoolExecutor(max(1, args.threads - 1))
+    pool = ThreadPoolExecutor(max(1, lim_threads - 1))
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     native_ok = _native.copy_runs() is not None
     stream_at = _native.stream_min()
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         dst_ids = (n + rng.permutation(n)).tolist()
                         label = f"{shape}[{path}]"
                         a = acc.setdefault(label, [0.0] * 6)
-                        lim, lim_mc = limit(args.threads)
+                        lim, lim_mc = limit(lim_threads)
                         if shape == "engine":
                             t0 = time.perf_counter()
                             stored = mgr.offload(hashes, engine, indices=src_ids).stored
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         for t in kv_u8:
                             t[:, n:].zero_()
                         contig_dst[:] = 0
-                        lim, lim_mc = limit(args.threads)
+                        lim, lim_mc = limit(lim_threads)
                         with mgr.match_prefix(hashes) as match:
                             assert match.num_blocks == n
                             t0 = time.perf_counter()
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool.shutdown()
         mgr.close()
     return {"batch_blocks": n, "block_bytes": bb, "batches": args.batches, "repeats": args.repeats,
-            "threads": args.threads, "native_loop": native_ok, "rows": rows,
+            "threads": mgr.executor._copy_threads, "native_loop": native_ok, "rows": rows,
             "verified_blocks": verified, "mismatched_blocks": mismatched,
             "loadavg": list(os.getloadavg())}
 
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="blocks per offload/onboard (64)")
     p.add_argument("--batches", type=int, default=4, help="batches per repeat (4)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; min/median/max over them (3)")
-    p.add_argument("--threads", type=int, default=2, help="copy_threads of manager and tier (2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="copy_threads of manager and tier (default: not set, so as many as pay "
+                        "here, measured at start; the limit tries 1 and 2)")
     p.add_argument("--paths", default="native,memcpy,numpy",
                    help="copy paths, interleaved: native (streaming stores past 4 MiB), memcpy "
                         "(the native loop without them), numpy (default all three)")

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvbm.policy import LRUPolicy  # noqa: E402
+from kvbm.policy import EvictionPolicy, LRUPolicy  # noqa: E402
 from kvbm_policies.eviction import ARCPolicy  # noqa: E402
 from kvbm_policies.learned import LearnedPolicy  # noqa: E402
 from kvbm_policies.replay import belady, replay  # noqa: E402
@@ -73,6 +73,42 @@ def hinted_lru(t: Trace, cap: int, cold_insert: Callable[[int, Counter[int]], bo
             if cold_release(k, rem):
                 order.move_to_end(k, last=False)
     return hits / t.accesses
+
+
+class _CountingHits(EvictionPolicy):
+    """Passes every call on to ``inner``; counts hits (``touch``) on blocks hit before or not."""
+
+    def __init__(self, inner: EvictionPolicy) -> None:
+        super().__init__(inner.capacity)
+        self.inner = inner
+        self.hit_before: set[Any] = set()
+        self.first = self.again = 0
+
+    def insert(self, key: Any, priority: int = 0) -> None:
+        self.inner.insert(key, priority)
+
+    def touch(self, key: Any) -> None:
+        if key in self.hit_before:
+            self.again += 1
+        else:
+            self.first += 1
+            self.hit_before.add(key)
+        self.inner.touch(key)
+
+    def pin(self, key: Any) -> None:
+        self.inner.pin(key)
+
+    def unpin(self, key: Any) -> None:
+        self.inner.unpin(key)
+
+    def remove(self, key: Any) -> None:
+        self.inner.remove(key)
+
+    def victim(self) -> Any:
+        return self.inner.victim()
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def never(k: int, rem: Counter[int]) -> bool:
@@ -153,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
           f"blocks hit before {again / t.accesses:.1%}")
     for name, pol in (("lru", LRUPolicy(cap)), ("arc", ARCPolicy(cap)),
                       ("learned", LearnedPolicy(cap))):
-        res = replay(t, pol, cap)
-        print(f"{name}: {res.hit_rate:.2%} = {res.hit_rate / opt:.3f} of OPT")
+        counting = _CountingHits(pol)
+        res = replay(t, counting, cap)
+        print(f"{name}: {res.hit_rate:.2%} = {res.hit_rate / opt:.3f} of OPT; first return "
+              f"{counting.first / t.accesses:.1%}, blocks hit before {counting.again / t.accesses:.1%}")
 
     print("\n## 2. Oracles on LRU (of OPT)")
     for label, ci, cr in (("told at insertion", never, no), ("told at release", no, never),

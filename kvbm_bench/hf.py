@@ -188,7 +188,11 @@ class _Bench:
         first = int(logits[0, -1].argmax())
         return time.perf_counter() - t0, first
 
-    def with_kvbm(self, prompt: Any, answer: int = 0) -> dict[str, Any]:
+    def with_kvbm(self, prompt: Any, answer: int = 0, keep: bool = False) -> dict[str, Any]:
+        """One request with kvbm, timed; its cache is returned under ``cache`` with ``keep``.
+
+        A cache kept holds its room: the next request then takes (or makes) another.
+        """
         from kvbm_hf._rooms import state_of
         from kvbm_hf.cache import KvbmCache
 
@@ -200,6 +204,7 @@ class _Bench:
         n = cache.load_prefix(prompt)  # hash, match, onboard: the load alone
         t_load = time.perf_counter() - t_set
         t_set -= t0
+        steps = dict(cache.load_times)
         out = self.model(prompt[:, n:], past_key_values=cache, logits_to_keep=1)
         first = int(out.logits[0, -1].argmax())
         ttft = time.perf_counter() - t0
@@ -216,10 +221,13 @@ class _Bench:
         # never shares the CPUs with it; its own duration is reported beside.
         res = fut.result()  # type: ignore[union-attr]
         t_bg = time.perf_counter() - t1
+        kept: dict[str, Any] = {"cache": cache} if keep else {}
+        del cache, out  # the request is over: unless kept, its room is free again
         return {"ttft": ttft, "setup": t_set, "load": t_load, "loaded_tokens": n, "first": first,
                 "answer": seq, "rooms_made": state_of(self.manager).allocated - made,
+                "load_steps": steps,
                 "offload": t_off, "offload_bg": t_bg, "stored": getattr(res, "stored", 0),
-                "cache": cache}
+                **kept}
 
     def suffix_compute(self, cache: Any, loaded: int, suffix: Any) -> float:
         """Prefill of ``suffix`` over a plain ``DynamicCache`` already holding ``loaded`` tokens.
@@ -326,7 +334,7 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 if hits:
                     del hits[-1]["cache"]  # that request is over: its room goes back to the pool
                 lim = best_copy(lim_dst, lim_src, nthreads, lim_pool)
-                r = b.with_kvbm(q)
+                r = b.with_kvbm(q, keep=True)
                 r["limit_copy"] = lim * (r["loaded_tokens"] // opts.page_size * b.block_bytes) / pbytes
                 if i < len(firsts) and r["first"] != firsts[i][1]:
                     rep.mismatches += 1
@@ -353,6 +361,11 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 "setup": statistics.median(r["setup"] for r in hits),
                 "loads": [r["load"] for r in hits], "limit_copies": [r["limit_copy"] for r in hits],
                 "rooms_made": [r["rooms_made"] for r in hits],
+                # Where a load's time went (medians): hash, wait, match, room, onboard.
+                "load_steps": {k: statistics.median(r["load_steps"].get(k, 0.0) for r in hits)
+                               for k in ("hash", "wait", "match", "room", "onboard")},
+                "onboard_ratios": [r["limit_copy"] / r["load_steps"]["onboard"] for r in hits
+                                   if r["load_steps"].get("onboard")],
                 "load_gbps": loaded_bytes / load_t / 1e9 if load_t > 0 else 0.0,
                 "limit_copy": copy_limit, "limit_suffix_compute": suffix_t,
                 "load_ratio_min": min(load_ratios), "load_ratio_median": statistics.median(load_ratios),
@@ -501,6 +514,10 @@ def format_report(rep: HfBenchReport) -> str:
         f"{pf['load_ratio_max']:.2f}, goal >= 0.8: "
         f"{'met' if rep.goals['prefix_load_ratio_met'] else 'NOT met'}; rooms made per request "
         f"{pf['rooms_made']})",
+        f"  {'    steps (median ms)':<34} "
+        + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in pf["load_steps"].items())
+        + (f"; memcpy/onboard alone per request "
+           f"{', '.join(f'{x:.2f}' for x in pf['onboard_ratios'])}" if pf["onboard_ratios"] else ""),
         f"  speedup {pf['speedup']:.1f}x (per request {', '.join(f'{x:.1f}' for x in pf['speedups'])};"
         f" goal >= 30x: {'met' if rep.goals['prefix_speedup_met'] else 'NOT met'})",
     ]

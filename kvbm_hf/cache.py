@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -251,6 +252,9 @@ class KvbmCache(DynamicCache):
         self.device = dev if isinstance(dev, torch.device) else torch.device("cpu")
         self.loaded_tokens = 0
         self.offered_blocks = 0
+        #: Seconds of the last ``load_prefix``'s steps: ``hash``, ``wait`` (for stores of
+        #: these blocks still running), ``match``, ``room``, ``onboard`` (the copy).
+        self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
 
     @property
@@ -294,9 +298,12 @@ class KvbmCache(DynamicCache):
                       "token) have nothing to load; they run as plain prefill",
                       self.page_size + 1, level=logging.INFO)
             return 0
+        t0 = time.perf_counter()
         hashes = self.manager.hash_tokens(row[: usable * self.page_size])
+        t1 = time.perf_counter()
         # A request that just stored this prefix in the background: wait for it, then load.
         self._state.await_stores(hashes)
+        t2 = time.perf_counter()
         # Room for the whole prompt and ``headroom`` generated tokens, so neither the
         # prefill nor the first decode steps copy the loaded prefix again; a room of an
         # earlier request, touched already, when one is free. A prompt that loads
@@ -305,8 +312,13 @@ class KvbmCache(DynamicCache):
         # and the request that computes a prefix leaves its room to those that load it.
         capacity = len(row) + max(self.headroom, 0)
         with self.manager.match_prefix(hashes) as match:
+            t3 = time.perf_counter()
             dest = self._destination(max(match.num_blocks, 1), capacity)
+            t4 = time.perf_counter()
             res = self.manager.onboard(match, dest) if match.num_blocks else None
+            t5 = time.perf_counter()
+        self.load_times = {"hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2, "room": t4 - t3,
+                           "onboard": t5 - t4}
         loaded = res.loaded if res is not None else 0
         for li, layer in enumerate(self.layers):
             if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__

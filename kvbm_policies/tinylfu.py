@@ -75,7 +75,9 @@ class WTinyLFUPolicy(EvictionPolicy):
         self._seg: dict[SequenceHash, int] = {}  # every known key, evictable or pinned
         # Its four sketch positions, computed once.
         self._hash: dict[SequenceHash, tuple[int, int, int, int]] = {}
-        self._size = [0, 0, 0, 0]  # per segment, pinned blocks included
+        # Per segment, pinned blocks included; only the window's and protected's are
+        # read (their bounds), so the hot paths leave probation's and candidates' alone.
+        self._size = [0, 0, 0, 0]
         # Hill climbing (Caffeine's SimpleClimber): one sample = ``capacity`` accesses.
         self._sample = max(16, capacity)
         self._hits = 0
@@ -159,7 +161,6 @@ class WTinyLFUPolicy(EvictionPolicy):
                 cands[k] = None
                 seg[k] = _C
                 size[_W] -= 1
-                size[_C] += 1
         self._misses += 1
         if self.adaptive and self._hits + self._misses >= self._sample:
             self._climb()
@@ -269,8 +270,6 @@ class WTinyLFUPolicy(EvictionPolicy):
                     del cands[cand]
                     probation[cand] = None
                     seg[cand] = _P
-                    size[_C] -= 1
-                    size[_P] += 1
                     del hashes[mv]  # _drop, inlined
                     del seg[mv]
                     del self._od[ms][mv]
@@ -279,7 +278,6 @@ class WTinyLFUPolicy(EvictionPolicy):
             del hashes[cand]
             del seg[cand]
             del cands[cand]
-            size[_C] -= 1
             return cand
         for od in (self._probation, self._protected, self._window):
             if od:

@@ -276,6 +276,7 @@ def test_lirs_keeps_hitting_a_loop_larger_than_the_cache() -> None:
     ("s3fifo", {"small_ratio": 1.5}, "'small_ratio'"),
     ("lirs", {"hir_ratio": "x"}, "'hir_ratio'"),
     ("lfu", {"aging": 2}, "unknown option 'aging'"),
+    ("learned", {"threshold": 2}, "'threshold': value 2 is out of range"),
 ])
 def test_bad_policy_option_names_the_tier_and_key(
     small_config: dict[str, Any], policy: str, options: dict[str, Any], words: str
@@ -297,7 +298,7 @@ def test_unknown_policy_name_names_the_tier_key_and_known_policies(small_config:
 
 
 @pytest.mark.parametrize("name", ["lfu", "priority", "arc", "s3fifo", "lirs", "wtinylfu", "prefix",
-                                  "adaptive"])
+                                  "adaptive", "learned"])
 def test_policy_is_chosen_per_tier_from_the_config(small_config: dict[str, Any], name: str) -> None:
     small_config["tiers"][0]["policy"] = name
     with KvBlockManager.from_config(small_config, plugins=build_plugins()) as mgr:

@@ -29,7 +29,7 @@ The sample keeps the estimate honest: a class inserted cold is never hit, which 
 otherwise confirm its own verdict. Whole runs are sampled because a block is hit only
 behind its whole prefix. With ``threshold=0`` the policy is LRU exactly.
 
-Every operation is O(1) but a verdict's change (64 steps): two ordered dicts, a dict
+Every operation is O(1) but a verdict's change (32 steps): two ordered dicts, a dict
 of the sampled blocks awaiting their first hit, and lists of 64 counts.
 """
 
@@ -84,7 +84,7 @@ class LearnedPolicy(EvictionPolicy):
         return (self._reused[c] + 1.0) / (self._inserted[c] + 2.0)
 
     def is_cold(self, behind_hit: bool, depth: int) -> bool:
-        """Whether a new, unsampled block of this class goes in at the cold end now."""
+        """Whether a new, unsampled block of this class goes to the cold queue now."""
         return self._cold[(_DEPTHS if behind_hit else 0) + min(depth.bit_length(), _DEPTHS - 1)]
 
     def _new_run(self, base: int) -> None:

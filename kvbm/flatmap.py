@@ -29,6 +29,7 @@ larger than the caches a run of keys costs about one memory latency, not one per
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,8 @@ class SlotKeys:
     The caller (the registry) knows which slots are in use.
     """
 
-    __slots__ = ("capacity", "bits", "_mask", "_ints", "_buf", "_index_np", "_index", "_keys_np")
+    __slots__ = ("capacity", "bits", "_mask", "_ints", "_buf", "_index_np", "_index", "_keys_np",
+                 "_keys_c16")
 
     def __init__(self, capacity: int) -> None:
         if not 0 < capacity < 2**31 - 1:
@@ -76,7 +78,9 @@ class SlotKeys:
             self._buf.madvise(mmap.MADV_HUGEPAGE)
         self._index_np = np.full(1 << self.bits, -1, np.int32)
         self._index = self._index_np.data
-        self._keys_np = np.frombuffer(self._buf, _KEY)  # the same bytes, for find_run
+        # The same bytes as arrays, for find_prefix: one item a key.
+        self._keys_np = np.frombuffer(self._buf, _KEY)
+        self._keys_c16 = np.frombuffer(self._buf, np.complex128)
 
     @property
     def ints(self) -> bool:
@@ -159,25 +163,28 @@ class SlotKeys:
             s = index[i]
         return -1
 
-    def find_prefix(self, keys: list[bytes]) -> np.ndarray:
+    def find_prefix(self, keys: Sequence[bytes]) -> np.ndarray:
         """Slots of the leading ``keys`` that are indexed, up to the first one that is not.
 
         Each key is a 16-byte ``bytes`` (as stored). The same answer as ``find_canon``
         key by key: a slot counts only when its whole 16-byte key equals the one
-        looked up. An array of ``int32`` slot numbers.
+        looked up. An array of slot numbers (``intp``, what numpy indexes fastest with).
         """
         n = len(keys)
         # Each key's home and the _WINDOW entries from it (a hash past 2**63 wraps,
         # which keeps the low bits).
         pos = np.fromiter(map(hash, keys), np.int64, n)[:, None] + _STEPS
         pos &= self._mask
-        entries = self._index_np[pos]  # n x _WINDOW slot numbers, -1 empty
-        # An empty entry reads the last slot's key (index -1): ``entries >= 0`` rules it out.
-        same = self._keys_np[entries] == np.frombuffer(b"".join(keys), _KEY)[:, None]
+        entries = self._index_np.take(pos)  # n x _WINDOW slot numbers, -1 empty
+        # The keys they name, gathered as 16-byte numbers (numpy's fastest gather) and
+        # compared as 16 bytes. An empty entry reads the last slot's key (index -1):
+        # ``entries >= 0`` rules it out.
+        same = (self._keys_c16.take(entries).view(_KEY)
+                == np.frombuffer(b"".join(keys), _KEY)[:, None])
         same &= entries >= 0
         at = np.flatnonzero(same)  # a key is indexed once at most: one entry a key at most
         entries = entries.ravel()
-        found: np.ndarray = entries[at]
+        found: np.ndarray = entries[at].astype(np.intp)
         if len(found) == n:
             return found
         got = dict(zip((at // _WINDOW).tolist(), found.tolist()))
@@ -192,7 +199,15 @@ class SlotKeys:
                 if slot < 0:
                     break
             out.append(slot)
-        return np.array(out, np.int32)
+        return np.array(out, np.intp)
+
+    def same_from(self, start: int, keys: Sequence[bytes]) -> bytes:
+        """Whether slot ``start + i`` holds ``keys[i]`` (each a 16-byte ``bytes``): one
+        byte each, 1 or 0, for as many keys as there are slots from ``start`` on."""
+        end = min(start + len(keys), self.capacity)
+        same: bytes = (self._keys_np[start:end]
+                       == np.frombuffer(b"".join(keys[:end - start]), _KEY)).tobytes()
+        return same
 
     def add(self, kb: bytes, slot: int) -> None:
         """Index ``slot`` under ``kb`` (from ``canon_to_add``); the caller checked it is absent."""

@@ -220,8 +220,8 @@ class LRUPolicy(EvictionPolicy):
 
     def prefetch_slots(self, slots: np.ndarray) -> None:
         if self._by_slot:
-            np.asarray(self._prev)[slots]
-            np.asarray(self._next)[slots]
+            np.asarray(self._prev).take(slots)
+            np.asarray(self._next).take(slots)
 
     def victim_slot(self) -> int:
         prev, nxt, end = self._prev, self._next, self._end

@@ -42,6 +42,7 @@ _MAX_SLOTS = 2**31 - 2
 # call is more than the Python probe of each key).
 _RUN_MIN = 8
 _REGISTERED_BYTE = bytes([_REGISTERED])  # a slot's state as the int8 array holds it
+_IN_USE = bytes([_WRITING, _REGISTERED])
 
 
 def _no_prefetch(slots: np.ndarray) -> None:
@@ -349,9 +350,10 @@ class BlockRegistry:
         """Pin the longest prefix of ``keys`` registered here; return its slots.
 
         What ``pin`` per key up to the first None does, with the lookups of the whole
-        run made at once (``SlotKeys.find_prefix``): in a registry of millions of blocks
-        each lookup is a random memory access, and these then overlap instead of
-        following one another.
+        run made at once: in a registry of millions of blocks each lookup is a random
+        memory access, and these then overlap instead of following one another
+        (``SlotKeys.find_prefix``), or, for blocks saved together, are not needed
+        (``SlotKeys.same_from``).
         """
         n = len(keys)
         out: list[int] = []
@@ -363,11 +365,31 @@ class BlockRegistry:
                     break
                 out.append(slot)
             return out
-        found = self._keys.find_prefix(keys if isinstance(keys, list) else list(keys))
+        if not isinstance(keys, list):
+            keys = list(keys)
+        table = self._keys
+        first = table.find_canon(keys[0])
+        if first < 0:
+            return out
+        o = (first + 1) << 4
+        if self._probe[2][o:o + 16] == keys[1]:
+            # Blocks saved together sit in consecutive slots: compare the run with the
+            # slots from the first one's on (one contiguous read, no index), then look
+            # up what follows. A slot counts only while in use: a free one keeps the
+            # bytes of the key it last held, which may since live in another slot.
+            same = table.same_from(first, keys)
+            used = self._state_np[first:first + len(same)].tobytes()
+            head = min(len(same) - len(same.lstrip(b"\x01")),
+                       len(used) - len(used.lstrip(_IN_USE)))
+            found = np.arange(first, first + head, dtype=np.intp)
+            if head < n:
+                found = np.concatenate((found, table.find_prefix(keys[head:])))
+        else:
+            found = table.find_prefix(keys)
         # The state, pins and policy entries of the run, read together; the loop below
         # then finds them in the cache.
-        state = self._state_np[found].tobytes()
-        self._pins_np[found]
+        state = self._state_np.take(found).tobytes()
+        self._pins_np.take(found)
         if self._by_slot:
             self._prefetch_slots(found)
         run = len(state) - len(state.lstrip(_REGISTERED_BYTE))

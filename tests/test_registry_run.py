@@ -109,10 +109,35 @@ def test_a_key_further_from_its_home_than_the_window_is_found() -> None:
     assert table.find_prefix(crowd).tolist() == [0, 1, 2]
 
 
+def test_a_free_slot_in_a_run_of_consecutive_slots_is_passed_over_for_the_index() -> None:
+    # Keys saved together in slots 0-9; key 4 then moved to slot 10, leaving its bytes
+    # in free slot 4. The run is read from consecutive slots up to slot 4 only.
+    reg = new_registry(16)
+    keys = [key(i) for i in range(10)]
+    for k in keys:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    move(reg, keys[4])
+    assert reg.state_at(4) is SlotState.FREE and bytes(reg._keys.probe[2][64:80]) == keys[4]
+    assert reg.pin_run(keys) == [0, 1, 2, 3, 10, 5, 6, 7, 8, 9]
+
+
+def move(reg: BlockRegistry, k: SequenceHash) -> None:
+    """Store registered key ``k`` again in another slot; its old slot stays free with
+    ``k``'s bytes (a failed write sends it below the other free slots)."""
+    slot = reg.lookup(k)
+    assert slot is not None and reg.remove(k)
+    assert reg.allocate(k) == slot
+    reg.abort(slot, failed=True)
+    again = reg.allocate(k)
+    assert again is not None and again != slot, "no other free slot to move to"
+    reg.commit(again)
+
+
 def build(capacity: int, states: list[int]) -> tuple[BlockRegistry, list[SequenceHash]]:
-    """A registry whose key i is absent (0), being written (1), registered (2) or
-    registered and pinned (3); the LRU order is the order of the keys."""
-    reg = new_registry(capacity)
+    """A registry whose key i is absent (0), being written (1), registered (2),
+    registered and pinned (3) or registered, then moved to a later slot (4); the LRU
+    order is the order of the keys (the moved ones last)."""
+    reg = new_registry(capacity + states.count(4))
     keys = [key(1000 + i) for i in range(len(states))]
     for k, s in zip(keys, states):
         if s:
@@ -120,14 +145,21 @@ def build(capacity: int, states: list[int]) -> tuple[BlockRegistry, list[Sequenc
             assert slot is not None
             if s >= 2:
                 reg.commit(slot, pinned=s == 3)
+    for k, s in zip(keys, states):
+        if s == 4:
+            move(reg, k)
     return reg, keys
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), states=st.lists(st.integers(0, 3), min_size=1, max_size=40))
+@given(data=st.data(), states=st.lists(st.integers(0, 4), min_size=1, max_size=40))
 def test_pin_run_pins_what_pinning_key_by_key_pins(data: st.DataObject, states: list[int]) -> None:
     capacity = data.draw(st.integers(len(states), 64), label="capacity")
-    run = data.draw(st.lists(st.integers(0, len(states) - 1), max_size=40), label="run")
+    last = len(states) - 1
+    consecutive = st.tuples(st.integers(0, last), st.integers(0, last)).map(
+        lambda ab: list(range(ab[0], ab[1] + 1)))  # blocks saved together, matched in order
+    run = data.draw(st.one_of(consecutive, st.lists(st.integers(0, last), max_size=40)),
+                    label="run")
     a, keys = build(capacity, states)
     b, _ = build(capacity, states)
     got = a.pin_run([keys[i] for i in run])
@@ -138,7 +170,7 @@ def test_pin_run_pins_what_pinning_key_by_key_pins(data: st.DataObject, states: 
             break
         want.append(slot)
     assert got == want
-    assert [a.pins_at(s) for s in range(capacity)] == [b.pins_at(s) for s in range(capacity)]
+    assert [a.pins_at(s) for s in range(a.capacity)] == [b.pins_at(s) for s in range(b.capacity)]
     assert a.num_evictable == b.num_evictable
     victims = [a.evict() for _ in range(a.num_evictable)]
     assert victims == [b.evict() for _ in range(b.num_evictable)]

@@ -372,22 +372,35 @@ class KvbmCache(DynamicCache):
         if wait:
             return self.manager.offload(hashes, source, indices=range(start, n))
         # The I/O thread's work item keeps its function (and what that refers to) until
-        # after the future is done, so the function holds neither this cache nor the
-        # source: ``held`` is emptied before it returns. Otherwise the room could look
-        # busy to the next request, which would then allocate (and fault in) another.
+        # after its future is done, so the function holds neither this cache nor the
+        # source: ``held`` is emptied before the result is set. Otherwise the room could
+        # look busy to the next request, which would then allocate (and fault in) another.
+        # The future is the caller's own, listed as pending before the I/O thread can
+        # start: nothing is left for this thread to do (or to wait for the GIL to do)
+        # once the store runs.
         held = [source]
         manager = self.manager
         del source
+        fut: Future[OffloadResult] = Future()
+        fut.set_running_or_notify_cancel()
+        self._state.started(hashes, fut)
 
-        def run() -> OffloadResult:
+        def run() -> None:
             src = held.pop()
             try:
-                return manager.offload(hashes, src, indices=range(start, n))
-            finally:
+                res = manager.offload(hashes, src, indices=range(start, n))
+            except BaseException as e:
                 del src
+                fut.set_exception(e)
+                raise  # the executor logs a failed background transfer
+            del src
+            fut.set_result(res)
 
-        fut: Future[OffloadResult] = manager.executor.submit(run)
-        self._state.started(hashes, fut)
+        try:
+            manager.executor.submit(run)
+        except BaseException as e:  # a closed manager: no store, and no one left waiting
+            fut.set_exception(e)
+            raise
         return fut
 
     def reset(self) -> None:

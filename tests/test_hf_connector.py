@@ -500,3 +500,26 @@ def test_request_that_computes_a_prefix_leaves_its_room_to_the_one_that_loads_it
     assert state_of(host_manager).allocated == made
     # Computed into the room, the prompt's logits are the plain model's.
     assert float((logits - plain).abs().max()) <= TOL
+
+
+def test_background_offload_that_fails_raises_from_its_future(model: Any, host_manager: Any,
+                                                               monkeypatch: Any) -> None:
+    import time
+
+    prompt = tokens(4 * PAGE + 1, 44)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("tier gone")
+
+    with torch.inference_mode():
+        a = KvbmCache(host_manager, model)
+        prefill(model, prompt, a, offload=False)
+        monkeypatch.setattr(host_manager, "offload", broken)
+        fut = a.offload_blocks(prompt, wait=False)
+        with pytest.raises(OSError, match="tier gone"):
+            fut.result(timeout=30)
+        monkeypatch.undo()
+        # Nothing is left listed as being stored: the next request does not wait for it.
+        t0 = time.monotonic()
+        assert KvbmCache(host_manager, model).load_prefix(prompt) == 0
+    assert time.monotonic() - t0 < 30

@@ -141,3 +141,87 @@ def test_host_memory_that_is_not_page_aligned_is_written_through_bounce_buffers(
         loaded, out = onboard(m, hashes)
         assert loaded == 8 and np.array_equal(out, aligned)
 
+
+
+# -- the tier: checksums and headers in the finishing pool ------------------------------
+def aligned_tier(tmp_path: Path, n: int = 4) -> Any:
+    from kvbm import BlockLayout, ModelSpec, Namespace
+    from kvbm.tier import TierContext
+    from kvbm_tiers_disk.config import DiskTierConfig
+
+    layout = BlockLayout(ModelSpec(**ALIGNED_MODEL), PAGE)
+    ns = Namespace(ALIGNED_MODEL["name"], layout.digest)
+    cfg = DiskTierConfig(type="disk", name="disk", path=str(tmp_path), num_blocks=n, io_threads=4)
+    t = tier_module.DiskTier(cfg, TierContext("disk", ns, layout, n))
+    t.recover()
+    return t
+
+
+def page_aligned_blocks(bb: int, n: int, seed: int) -> list[np.ndarray]:
+    arena = aligned_empty(n * bb).reshape(n, bb)
+    arena[:] = np.random.default_rng(seed).integers(0, 256, arena.shape, dtype=np.uint8)
+    return [arena[i] for i in range(n)]
+
+
+def test_a_corrupted_byte_read_straight_into_an_aligned_buffer_is_a_miss(tmp_path: Path) -> None:
+    tier = aligned_tier(tmp_path)
+    try:
+        bb = tier.block_bytes
+        src = page_aligned_blocks(bb, 3, seed=6)
+        keys = [bytes([i + 1]) * 16 for i in range(3)]
+        assert tier.write([0, 1, 2], keys, src) == [True] * 3
+        st, local = tier._locate(1)
+        with open(st.path, "r+b") as f:
+            f.seek(tier.geom.data_offset(local) + 4000)
+            b = f.read(1)
+            f.seek(tier.geom.data_offset(local) + 4000)
+            f.write(bytes([b[0] ^ 0xFF]))
+        dst = page_aligned_blocks(bb, 3, seed=7)  # aligned: the tier reads into them directly
+        assert tier.read([0, 1, 2], keys, dst) == [True, False, True]
+        assert np.array_equal(dst[0], src[0]) and np.array_equal(dst[2], src[2])
+        assert tier.stats()["checksum_failures"] == 1
+    finally:
+        tier.close()
+
+
+def test_a_header_is_written_only_after_its_blocks_data_write_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvbm_tiers_disk.format import HEADER_BYTES, unpack_header
+
+    tier = aligned_tier(tmp_path)
+    try:
+        bb = tier.block_bytes
+        old, new = page_aligned_blocks(bb, 2, seed=8)
+        assert tier.write([0], [b"A" * 16], [old]) == [True]
+        st, local = tier._locate(0)
+        started, release = threading.Event(), threading.Event()
+        real = tier_module.os.pwritev
+
+        def pwritev(fd: int, bufs: Sequence[Any], offset: int) -> int:
+            if offset == tier.geom.data_offset(local):
+                started.set()
+                release.wait(10)
+            return real(fd, bufs, offset)
+
+        monkeypatch.setattr(tier_module.os, "pwritev", pwritev)
+        result: list[list[bool]] = []
+        t = threading.Thread(target=lambda: result.append(tier.write([0], [b"C" * 16], [new])))
+        t.start()
+        try:
+            assert started.wait(10)
+            with open(st.path, "rb") as f:
+                f.seek(tier.geom.header_offset(local))
+                hdr = f.read(HEADER_BYTES)
+            assert unpack_header(memoryview(hdr)) is None, "a valid header while the data is in flight"
+            out = page_aligned_blocks(bb, 1, seed=9)
+            assert tier.read([0], [b"A" * 16], out) == [False]
+            assert tier.read([0], [b"C" * 16], out) == [False]
+        finally:
+            release.set()
+            t.join(10)
+        assert result == [[True]]
+        out = page_aligned_blocks(bb, 1, seed=9)
+        assert tier.read([0], [b"C" * 16], out) == [True] and np.array_equal(out[0], new)
+    finally:
+        tier.close()

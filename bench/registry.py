@@ -24,6 +24,12 @@ row), and ``interleaved``, block b of every prefix and then block b + 1, so that
 two blocks of a prefix are near: the worst case for the registry's guess that a
 match's next block sits in the slot after the last one.
 
+Each process also holds the same registry at 10K blocks (``REF``, filled in the same
+order) and matches a random prefix of it after each cold match: ``÷ 10K paired`` is
+the cold p50 over that one, both measured in one loop under the same load (on a
+shared machine, processes run a minute apart meet different loads; the unpaired
+``p50 ÷ p50@10000`` divides figures of two such processes).
+
 Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new]
 [--fill request,interleaved] [--runs 3] [--samples 2000] [--json]``. Runs interleave the implementations and
 sizes; the table gives min/median/max over runs.
@@ -48,6 +54,7 @@ from typing import Any
 import xxhash
 
 PREFIX = 64  # blocks per prefix, matched at once
+REF = 10_000  # the small registry each size is also compared with in its own process
 CHUNK = 1 << 16
 
 
@@ -72,33 +79,44 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
         shared = False
         medium = "host"
 
+    def make(n: int) -> Any:
+        if impl == "old":
+            from registry_old import OldBlockRegistry, OldLRUPolicy
+            return OldBlockRegistry("bench", n, OldLRUPolicy(n))
+        return BlockRegistry("bench", n, LRUPolicy(n))
+
+    def fill_up(reg: Any, n: int) -> None:
+        allocate, commit = reg.allocate, reg.commit
+        prefixes = n // PREFIX
+        if fill == "request":  # each prefix saved at once: its blocks in consecutive slots
+            order: Any = range(n)
+        else:  # block b of every prefix, then block b + 1: a prefix's blocks far apart
+            order = (p * PREFIX + b for b in range(PREFIX) for p in range(prefixes))
+        batch: list[int] = []
+        for i in order:
+            batch.append(i)
+            if len(batch) == CHUNK:
+                for k in [_key(j) for j in batch]:
+                    commit(allocate(k))
+                batch = []
+        for k in [_key(j) for j in batch]:
+            commit(allocate(k))
+
     n -= n % PREFIX
+    prefixes = n // PREFIX
+    if not traced:
+        # The same registry at REF blocks, matched in the same loop: the ratio to it
+        # is paired, sample for sample, under the same load (made before rss0: its
+        # bytes do not count).
+        ref = make(REF)
+        fill_up(ref, REF)
     gc.collect()
     if traced:  # a run of its own: tracing's own memory would count in the RSS
         tracemalloc.start()
     rss0 = _rss()
-    if impl == "old":
-        from registry_old import OldBlockRegistry, OldLRUPolicy
-        reg: Any = OldBlockRegistry("bench", n, OldLRUPolicy(n))
-    else:
-        reg = BlockRegistry("bench", n, LRUPolicy(n))
+    reg = make(n)
     t0 = time.perf_counter()
-    allocate, commit = reg.allocate, reg.commit
-    prefixes = n // PREFIX
-    if fill == "request":  # each prefix saved at once: its blocks in consecutive slots
-        order: Any = range(n)
-    else:  # block b of every prefix, then block b + 1: a prefix's blocks far apart
-        order = (p * PREFIX + b for b in range(PREFIX) for p in range(prefixes))
-    batch: list[int] = []
-    for i in order:
-        batch.append(i)
-        if len(batch) == CHUNK:
-            for k in [_key(j) for j in batch]:
-                commit(allocate(k))
-            batch = []
-    for k in [_key(j) for j in batch]:
-        commit(allocate(k))
-    del batch, order
+    fill_up(reg, n)
     fill_s = time.perf_counter() - t0
     gc.collect()
     rss1 = _rss()
@@ -109,13 +127,18 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
         return {"impl": impl, "blocks": n,
                 "traced_bytes_per_block": (tracemalloc.get_traced_memory()[0] + mapped) / n}
 
-    ts = TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=n), reg,  # type: ignore[arg-type]
-                   AdmitAll())
-    planner = Planner([ts], page_size=16)
+    def planner_of(reg: Any, n: int) -> Planner:
+        ts = TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=n), reg,  # type: ignore[arg-type]
+                       AdmitAll())
+        return Planner([ts], page_size=16)
+
+    planner = planner_of(reg, n)
+    ref_planner = planner_of(ref, REF)
     rng = random.Random(seed)
     hot = [_key(i) for i in range(0, PREFIX)]
     cold_t: list[float] = []
     hot_t: list[float] = []
+    ref_t: list[float] = []
     perf = time.perf_counter
     for _ in range(samples):
         p = rng.randrange(prefixes)
@@ -131,8 +154,17 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
         t1 = perf()
         m.release()
         hot_t.append(t1 - t0)
+        p = rng.randrange(REF // PREFIX)
+        keys = [_key(i) for i in range(p * PREFIX, (p + 1) * PREFIX)]
+        t0 = perf()
+        m = ref_planner.match(keys)
+        t1 = perf()
+        m.release()
+        assert m.num_blocks == PREFIX
+        ref_t.append(t1 - t0)
     cold_t.sort()
     hot_t.sort()
+    ref_t.sort()
     return {
         "impl": impl, "blocks": n, "fill": fill,
         "rss_bytes_per_block": (rss1 - rss0) / n,
@@ -142,6 +174,7 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
         "match_p50_us": cold_t[len(cold_t) // 2] * 1e6,
         "match_p99_us": cold_t[int(len(cold_t) * 0.99)] * 1e6,
         "hot_p50_us": hot_t[len(hot_t) // 2] * 1e6,
+        "ref_p50_us": ref_t[len(ref_t) // 2] * 1e6,
     }
 
 
@@ -194,7 +227,8 @@ def main() -> None:
                     if not a.json:
                         print(f"  run {run} {impl:3s} {fill:11s} {n:>10,d}: "
                               f"{r['rss_bytes_per_block']:6.1f} B/block, match p50 "
-                              f"{r['match_p50_us']:7.1f} us (hot {r['hot_p50_us']:6.1f}), p99 "
+                              f"{r['match_p50_us']:7.1f} us (hot {r['hot_p50_us']:6.1f}, "
+                              f"10K {r['ref_p50_us']:6.1f}), p99 "
                               f"{r['match_p99_us']:7.1f} us, peak {r['peak_rss_mib']:7.0f} MiB, "
                               f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     load = os.getloadavg()
@@ -207,7 +241,7 @@ def main() -> None:
           f"of {a.runs} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{'impl':4s} {'fill':11s} {'blocks':>10s} | {'B/block (rss)':>16s} {'÷ 16 B key':>14s} "
           f"{'traced':>7s} | {'match p50 us':>16s} {'p99 us':>18s} {'cold/hot':>14s} "
-          f"{'p50 ÷ p50@' + str(sizes[0]):>16s} | {'peak MiB':>8s}")
+          f"{'p50 ÷ p50@' + str(sizes[0]):>16s} {'÷ 10K paired':>14s} | {'peak MiB':>8s}")
     for impl in impls:
         for fill in fills:
             def of(n: int, impl: str = impl, fill: str = fill) -> list[dict[str, Any]]:
@@ -226,7 +260,8 @@ def main() -> None:
                       f"{_mmm([r['match_p50_us'] for r in rs]):>16s} "
                       f"{_mmm([r['match_p99_us'] for r in rs]):>18s} "
                       f"{_mmm([r['match_p50_us'] / r['hot_p50_us'] for r in rs]):>14s} "
-                      f"{(_mmm(ratio) if ratio else '-'):>16s} | "
+                      f"{(_mmm(ratio) if ratio else '-'):>16s} "
+                      f"{_mmm([r['match_p50_us'] / r['ref_p50_us'] for r in rs]):>14s} | "
                       f"{max(r['peak_rss_mib'] for r in rs):8.0f}")
 
 

@@ -82,6 +82,17 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
     def make(n: int) -> Any:
         if impl == "old":
             from registry_old import OldBlockRegistry, OldLRUPolicy
+
+            def pin_run(self: Any, keys: Any) -> list[int]:  # the planner's loop before
+                out: list[int] = []
+                for k in keys:
+                    slot = self.pin(k)
+                    if slot is None:
+                        break
+                    out.append(slot)
+                return out
+
+            OldBlockRegistry.pin_run = pin_run
             return OldBlockRegistry("bench", n, OldLRUPolicy(n))
         return BlockRegistry("bench", n, LRUPolicy(n))
 

@@ -13,6 +13,12 @@ bytes), the state (``int8``), the pin count (``int32``) and the free slots (an
 (``EvictionPolicy.use_slots``, as the core's LRU does) keeps its own state the same
 way; any other policy is handed keys, as before.
 
+A match pins a prefix's blocks with one ``pin_run``: blocks saved together are read
+from consecutive slots with no index lookup, the others are looked up together by numpy
+gathers (``SlotKeys.find_prefix``), and their state, pins and policy entries are read
+together before the per-block loop, so that in a tier of millions of blocks the run's
+random memory accesses overlap instead of following one another.
+
 A slot whose write failed goes to the *bottom* of the free stack (``abort(failed=True)``):
 it is retried only after every healthy free slot was used, so one dead slot (a
 truncated file, a bad sector) cannot take every later write. A block whose read

@@ -253,6 +253,9 @@ class AdaptivePolicy(EvictionPolicy):
         new = self._factories[self.candidates[index]](self.capacity)
         prep = getattr(new, "prepare_keys", None)
         if prep is not None and self._keys is not None:
+            # Only in the simulator, and only for a candidate that takes it (W-TinyLFU):
+            # O(the trace's distinct keys) in numpy, about 0.6 s per million keys, per
+            # switch to it; the default candidates (lru, lirs) take none.
             prep(self._keys)
         order: list[SequenceHash] = []
         while (k := old.victim()) is not None:

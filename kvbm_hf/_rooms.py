@@ -3,10 +3,7 @@
 A *room* is the ``[layers, 2, 1, capacity, kv_heads, head_dim]`` tensor a loaded prefix
 is copied into and the model then appends to. Allocating one per request costs a page
 fault per 4 KiB on the first copy (a 128 MiB prefix: 32K faults, more than the copy);
-the pool keeps rooms, touched once, and hands a free one to the next request. A room
-in host memory is numpy's allocation, which asks the kernel for transparent huge pages
-(``madvise``) where torch's does not: a copy into 2 MiB pages misses the TLB 512 times
-less often (a 128 MiB load measured 15 % faster), as do the model's reads of it.
+the pool keeps rooms, touched once, and hands a free one to the next request.
 
 A room is free when nothing but the pool holds its memory: no cache's layers, no view
 a caller kept, no background offload reading it (its source holds views). That is
@@ -22,13 +19,11 @@ back-to-back requests sharing a prefix load it instead of computing it again.
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from concurrent.futures import Future, wait
 from typing import Any
 
-import numpy as np
 import torch
 
 from kvbm.engine_blocks import _native
@@ -47,14 +42,6 @@ MAX_FREE_ROOMS = 2
 def _uses(room: torch.Tensor) -> int:
     assert _use_count is not None
     return int(_use_count(room.untyped_storage()._cdata))
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised room; in host memory numpy's, on huge pages where the kernel has them."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def _free(room: torch.Tensor) -> bool:
@@ -93,7 +80,7 @@ class ConnectorState:
                 if best is not None:
                     return best.view(best.shape)
                 cap = -(-tokens // ROOM_STEP) * ROOM_STEP
-                room = _empty((*shape[:3], cap, *shape[4:]), dtype, device)
+                room = torch.empty((*shape[:3], cap, *shape[4:]), dtype=dtype, device=device)
                 if device.type == "cpu":
                     # Fault every page in now, once for the room's whole life.
                     room.view(-1).view(torch.uint8)[::4096].zero_()

@@ -281,10 +281,12 @@ class KvbmCache(DynamicCache):
     def load_prefix(self, input_ids: Any) -> int:
         """Onboard the longest cached prefix of ``input_ids``; return the tokens now cached.
 
-        Loads whole blocks only, and never the prompt's last token. Returns 0 (plain
-        prefill) when nothing matches, when the prompt has no complete block before its
-        last token, or when reuse is off for this model. A cache that already holds KV
-        (a conversation continued in the same cache) is left as it is.
+        Loads whole blocks only, and never the prompt's last token. Returns 0 (the
+        whole prompt is computed) when nothing matches, when the prompt has no complete
+        block before its last token, or when reuse is off for this model; a prompt with
+        complete blocks that matched nothing is still computed into a pooled room. A
+        cache that already holds KV (a conversation continued in the same cache) is left
+        as it is. ``load_times`` holds the seconds of each step.
         """
         have = self.get_seq_length()
         if have:

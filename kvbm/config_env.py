@@ -35,8 +35,10 @@ __all__ = ["OWN_VARIABLES", "REFUSED_DYNAMO", "REFUSED_DYNAMO_PREFIXES", "check_
 
 log = logging.getLogger("kvbm.config")
 
-#: Variables the core reads itself (not settings keys).
-OWN_VARIABLES = frozenset({"KVBM_CONFIG", "KVBM_PLUGINS", "KVBM_DISABLE_PLUGIN_AUTOLOAD"})
+#: Variables kvbm's own code reads outside the settings (``KVBM_FIO``: the fio binary
+#: ``kvbm bench`` measures a disk limit with).
+OWN_VARIABLES = frozenset({"KVBM_CONFIG", "KVBM_PLUGINS", "KVBM_DISABLE_PLUGIN_AUTOLOAD",
+                           "KVBM_FIO"})
 # A DYN_KVBM_* name this close to one kvbm reads is a typo, not one of Dynamo's others.
 _TYPO_CUTOFF = 0.9
 

@@ -328,3 +328,17 @@ def test_tensorrt_llm_under_a_disk_only_dynamo_environment_reuses_blocks_from_di
         assert e.matched[b.request_id] == 48 and e.bad_reads == []
     finally:
         e.close()
+
+
+def test_every_kvbm_variable_the_code_reads_is_accepted_at_start_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A variable read straight from os.environ (e.g. KVBM_FIO by `kvbm bench`) that the
+    # settings check does not know would stop the manager with "reads no such variable".
+    root = Path(__file__).resolve().parent.parent
+    read = set()
+    for f in root.glob("kvbm*/**/*.py"):
+        read |= set(re.findall(r"environ(?:\.get\(|\[)\s*\"(KVBM_[A-Z0-9_]+)\"", f.read_text()))
+    assert "KVBM_FIO" in read  # the scan finds what it is for
+    for var in sorted(read - {"KVBM_CONFIG"}):  # KVBM_CONFIG names a file: tested elsewhere
+        monkeypatch.setenv(var, "1" if var != "KVBM_PLUGINS" else "host")
+    load_settings(dict(SMALL))

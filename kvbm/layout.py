@@ -161,7 +161,8 @@ class ContiguousBlocks:
                 raise LayoutError(f"block index {i} is out of range [0, {n})")
 
     def views(self, indices: Sequence[int]) -> list[np.ndarray]:
-        """Writable rows for ``indices``: lower tiers read into them with no staging copy."""
+        """Rows for ``indices``: lower tiers read into them, and a disk-first offload
+        writes from them, with no staging copy."""
         self._check(indices)
         return [self.array[i] for i in indices]
 

@@ -187,19 +187,19 @@ class SlotKeys:
         found: np.ndarray = entries[at].astype(np.intp)
         if len(found) == n:
             return found
-        got = dict(zip((at // _WINDOW).tolist(), found.tolist()))
-        out: list[int] = []
-        for i in range(n):
-            slot = got.get(i, -1)
+        # The keys not found in their window: absent when the window holds an empty
+        # entry, else further on in their cluster (the scalar probe). The run ends at
+        # the first absent one.
+        slots = np.full(n, -1, np.intp)
+        slots[at // _WINDOW] = found
+        for i in np.flatnonzero(slots < 0).tolist():
+            if -1 in entries[i * _WINDOW:(i + 1) * _WINDOW].tolist():
+                return slots[:i]
+            slot = self.find_canon(keys[i])
             if slot < 0:
-                window = entries[i * _WINDOW:(i + 1) * _WINDOW].tolist()
-                if -1 in window:  # the probe met an empty entry: absent
-                    break
-                slot = self.find_canon(keys[i])  # the cluster goes on past the window
-                if slot < 0:
-                    break
-            out.append(slot)
-        return np.array(out, np.intp)
+                return slots[:i]
+            slots[i] = slot
+        return slots
 
     def same_from(self, start: int, keys: Sequence[bytes]) -> bytes:
         """Whether slot ``start + i`` holds ``keys[i]`` (each a 16-byte ``bytes``): one

@@ -20,7 +20,7 @@ as much as a ``list`` item and returns a plain ``int``; a key is compared as one
 16-byte slice of the mapping. The index never holds a Python object.
 
 ``find_prefix`` looks up many keys at once (the blocks of a prefix): numpy reads the
-first ``_WINDOW`` index entries from each key's home and the keys of the slots they
+first few index entries from each key's home and the keys of the slots they
 name, all in one pass, and compares whole 16-byte keys. A Python loop waits for one
 random memory access at a time; a gather issues them together, so in a table far
 larger than the caches a run of keys costs about one memory latency, not one per key.
@@ -38,10 +38,12 @@ __all__ = ["KEY_BYTES", "SlotKeys"]
 
 KEY_BYTES = 16
 _KEY = np.dtype((np.void, KEY_BYTES))  # one key, compared as its 16 bytes
-# Index entries read per key by ``find_run``: the index is at most half full, so a key
-# lies further from its home in about one lookup in twenty (those take the scalar probe).
-_WINDOW = 4
-_STEPS = np.arange(_WINDOW, dtype=np.int64)
+# Index entries read per key by ``find_prefix``: 4 in an index at most 3/8 full (about
+# one key in 180 lies further from its home: those take the scalar probe), 8 in a fuller
+# one (a capacity just under a power of two fills it nearly half), where 4 would send
+# about one key in 25 to the scalar probe. Each entry read that names another key costs
+# a read of that key.
+_WINDOWS = {w: np.arange(w, dtype=np.int64) for w in (4, 8)}
 
 
 class SlotKeys:
@@ -58,7 +60,7 @@ class SlotKeys:
     """
 
     __slots__ = ("capacity", "bits", "_mask", "_ints", "_buf", "_index_np", "_index", "_keys_np",
-                 "_keys_c16")
+                 "_keys_c16", "_steps")
 
     def __init__(self, capacity: int) -> None:
         if not 0 < capacity < 2**31 - 1:
@@ -77,6 +79,7 @@ class SlotKeys:
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._buf.madvise(mmap.MADV_HUGEPAGE)
         self._index_np = np.full(1 << self.bits, -1, np.int32)
+        self._steps = _WINDOWS[4 if 8 * capacity <= 3 << self.bits else 8]
         self._index = self._index_np.data
         # The same bytes as arrays, for find_prefix: one item a key.
         self._keys_np = np.frombuffer(self._buf, _KEY)
@@ -171,11 +174,13 @@ class SlotKeys:
         looked up. An array of slot numbers (``intp``, what numpy indexes fastest with).
         """
         n = len(keys)
-        # Each key's home and the _WINDOW entries from it (a hash past 2**63 wraps,
+        # Each key's home and the entries from it (a hash past 2**63 wraps,
         # which keeps the low bits).
-        pos = np.fromiter(map(hash, keys), np.int64, n)[:, None] + _STEPS
+        steps = self._steps
+        w = len(steps)
+        pos = np.fromiter(map(hash, keys), np.int64, n)[:, None] + steps
         pos &= self._mask
-        entries = self._index_np.take(pos)  # n x _WINDOW slot numbers, -1 empty
+        entries = self._index_np.take(pos)  # n x w slot numbers, -1 empty
         # The keys they name, gathered as 16-byte numbers (numpy's fastest gather) and
         # compared as 16 bytes. An empty entry reads the last slot's key (index -1):
         # ``entries >= 0`` rules it out.
@@ -191,9 +196,9 @@ class SlotKeys:
         # entry, else further on in their cluster (the scalar probe). The run ends at
         # the first absent one.
         slots = np.full(n, -1, np.intp)
-        slots[at // _WINDOW] = found
+        slots[at // w] = found
         for i in np.flatnonzero(slots < 0).tolist():
-            if -1 in entries[i * _WINDOW:(i + 1) * _WINDOW].tolist():
+            if -1 in entries[i * w:(i + 1) * w].tolist():
                 return slots[:i]
             slot = self.find_canon(keys[i])
             if slot < 0:

@@ -26,7 +26,7 @@ def new_registry(capacity: int) -> BlockRegistry:
 def window_of(table: SlotKeys, k: bytes) -> list[int]:
     """The index positions ``find_prefix`` reads for ``k``."""
     home, mask = table.home_of(k), table.probe[1]
-    return [(home + j) & mask for j in range(4)]
+    return [(home + j) & mask for j in range(len(table._steps))]
 
 
 def position_of(table: SlotKeys, slot: int) -> int:
@@ -93,7 +93,7 @@ def test_a_block_still_being_written_ends_the_run() -> None:
 
 
 def test_a_key_further_from_its_home_than_the_window_is_found() -> None:
-    # Ten keys with one home: the last ones lie past the four entries read at once.
+    # Ten keys with one home: the last ones lie past the entries read at once (8 here).
     table = SlotKeys(16)
     crowd: list[bytes] = []
     i = 0

@@ -21,8 +21,9 @@ where tracing is cheap enough). ``old`` is the registry before issue 14
 Two slot orders (``--fill``): ``request``, each prefix's blocks saved together into
 consecutive slots (how a tier fills: a request's blocks come off the free stack in a
 row), and ``interleaved``, block b of every prefix and then block b + 1, so that no
-two blocks of a prefix are near: the worst case for the registry's guess that a
-match's next block sits in the slot after the last one.
+two blocks of a prefix are near (as in a random placement: every lookup of a match a
+random access to each array): the worst case for ``pin_run``, which reads a run saved
+together from consecutive slots and looks the rest up through the index.
 
 Each process also holds the same registry at 10K blocks (``REF``, filled in the same
 order) and matches a random prefix of it after each cold match: ``÷ 10K paired`` is

@@ -58,6 +58,7 @@ class HfBenchOptions:
     config: str | None = None
     plot: str | None = "kvbm-bench-hf.png"
     threads: int | None = None
+    copy_threads: int | None = None
     seed: int = 0
 
 
@@ -107,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="host tier size when no --config is given")
     g.add_argument("--hf-plot", default=d.plot, help="PNG to write ('' for none)")
     g.add_argument("--hf-threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--hf-copy-threads", type=int, default=None,
+                   help="kvbm copy_threads (default: kvbm's, which keeps a second thread only "
+                        "where a probe at start-up finds it pays)")
 
 
 def options_from_args(args: argparse.Namespace) -> HfBenchOptions:
@@ -133,6 +137,7 @@ def options_from_args(args: argparse.Namespace) -> HfBenchOptions:
         config=getattr(args, "config", None),
         plot=getattr(args, "hf_plot", d.plot) or None,
         threads=getattr(args, "hf_threads", None),
+        copy_threads=getattr(args, "hf_copy_threads", None),
     )
 
 
@@ -170,8 +175,11 @@ class _Bench:
             tiers = read_yaml(opts.config).get("tiers")
         if tiers is None:
             tiers = [{"type": "host", "capacity": opts.host_capacity}]
+        extra: dict[str, Any] = {}
+        if opts.copy_threads:
+            extra["copy_threads"] = opts.copy_threads
         self.manager = manager_for_model(self.model, tiers=tiers, page_size=opts.page_size,
-                                         name=f"bench-llama-seed{opts.seed}")
+                                         name=f"bench-llama-seed{opts.seed}", **extra)
         self.gen = torch.Generator().manual_seed(opts.seed + 1)
         self.block_bytes = self.manager.block_bytes
 
@@ -266,7 +274,9 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
     torch = b.torch
     rep = HfBenchReport()
     rep.environment = (f"{os.cpu_count()} CPUs, torch {torch.__version__} with "
-                       f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}")
+                       f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}; "
+                       f"kvbm copy threads {getattr(b.manager.executor, '_copy_threads', '?')}"
+                       f"{'' if opts.copy_threads else ' (its default, probed at start-up)'}")
     p = b.model.num_parameters()
     rep.model = {"layers": opts.layers, "hidden": opts.hidden, "heads": opts.heads,
                  "kv_heads": opts.kv_heads, "vocab": opts.vocab, "params": p, "dtype": "float32",

@@ -388,6 +388,9 @@ class KvbmCache(DynamicCache):
         self._state.started(hashes, fut)
 
         def run() -> None:
+            # Yield the GIL once before the store's Python work: the request thread that
+            # handed this over gets back to its engine without waiting a switch interval.
+            time.sleep(0)
             src = held.pop()
             try:
                 res = manager.offload(hashes, src, indices=range(start, n))

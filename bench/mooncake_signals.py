@@ -41,6 +41,7 @@ from kvbm_policies.eviction import ARCPolicy  # noqa: E402
 from kvbm_policies.learned import LearnedPolicy  # noqa: E402
 from kvbm_policies.replay import belady, replay  # noqa: E402
 from kvbm_policies.workloads import Trace, find_mooncake, load_mooncake  # noqa: E402
+from kvbm_policies.wrap import ForwardingPolicy  # noqa: E402
 
 
 def hinted_lru(t: Trace, cap: int, cold_insert: Callable[[int, Counter[int]], bool],
@@ -75,17 +76,13 @@ def hinted_lru(t: Trace, cap: int, cold_insert: Callable[[int, Counter[int]], bo
     return hits / t.accesses
 
 
-class _CountingHits(EvictionPolicy):
+class _CountingHits(ForwardingPolicy):
     """Passes every call on to ``inner``; counts hits (``touch``) on blocks hit before or not."""
 
     def __init__(self, inner: EvictionPolicy) -> None:
-        super().__init__(inner.capacity)
-        self.inner = inner
+        super().__init__(inner)
         self.hit_before: set[Any] = set()
         self.first = self.again = 0
-
-    def insert(self, key: Any, priority: int = 0) -> None:
-        self.inner.insert(key, priority)
 
     def touch(self, key: Any) -> None:
         if key in self.hit_before:
@@ -94,21 +91,6 @@ class _CountingHits(EvictionPolicy):
             self.first += 1
             self.hit_before.add(key)
         self.inner.touch(key)
-
-    def pin(self, key: Any) -> None:
-        self.inner.pin(key)
-
-    def unpin(self, key: Any) -> None:
-        self.inner.unpin(key)
-
-    def remove(self, key: Any) -> None:
-        self.inner.remove(key)
-
-    def victim(self) -> Any:
-        return self.inner.victim()
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
 
 def never(k: int, rem: Counter[int]) -> bool:

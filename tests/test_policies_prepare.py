@@ -15,6 +15,7 @@ from kvbm_policies import AdaptivePolicy, WTinyLFUPolicy
 from kvbm_policies.replay import replay
 from kvbm_policies.sketch import key_hash, sketch_positions
 from kvbm_policies.workloads import Trace
+from kvbm_policies.wrap import ForwardingPolicy
 
 
 def _positions(key: Any, mask: int) -> tuple[int, int, int, int]:
@@ -37,36 +38,17 @@ def test_sketch_positions_skip_keys_a_uint64_cannot_hold_exactly() -> None:
     assert list(got) == [5]
 
 
-class Unprepared(EvictionPolicy):
-    """Passes every call on and records victims, hiding ``prepare_keys`` from the replay."""
+class Unprepared(ForwardingPolicy):
+    """Passes every call on and records victims; offers no ``prepare_keys`` to the replay."""
 
     def __init__(self, inner: EvictionPolicy) -> None:
-        super().__init__(inner.capacity)
-        self.inner = inner
+        super().__init__(inner)
         self.victims: list[Any] = []
 
-    def insert(self, key: Any, priority: int = 0) -> None:
-        self.inner.insert(key, priority)
-
-    def touch(self, key: Any) -> None:
-        self.inner.touch(key)
-
-    def pin(self, key: Any) -> None:
-        self.inner.pin(key)
-
-    def unpin(self, key: Any) -> None:
-        self.inner.unpin(key)
-
-    def remove(self, key: Any) -> None:
-        self.inner.remove(key)
-
     def victim(self) -> Any:
-        v = self.inner.victim()
+        v = super().victim()
         self.victims.append(v)
         return v
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
 
 PREPARED: dict[str, Callable[[int], EvictionPolicy]] = {

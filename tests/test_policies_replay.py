@@ -23,6 +23,7 @@ from kvbm_policies import (
 from kvbm_policies.learned import LearnedPolicy
 from kvbm_policies.replay import replay
 from kvbm_policies.workloads import Trace
+from kvbm_policies.wrap import ForwardingPolicy
 
 POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "lru": LRUPolicy, "lfu": LFUPolicy, "priority": PriorityLRUPolicy, "arc": ARCPolicy,
@@ -34,41 +35,37 @@ POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
 }
 
 
-class Recorder(EvictionPolicy):
+class Recorder(ForwardingPolicy):
     """Wraps a policy and records every call made on it, and every victim."""
 
     def __init__(self, inner: EvictionPolicy) -> None:
-        super().__init__(inner.capacity)
-        self.inner = inner
+        super().__init__(inner)
         self.calls: list[tuple[Any, ...]] = []
 
     def insert(self, key: Any, priority: int = 0) -> None:
         self.calls.append(("insert", key, priority))
-        self.inner.insert(key, priority)
+        super().insert(key, priority)
 
     def touch(self, key: Any) -> None:
         self.calls.append(("touch", key))
-        self.inner.touch(key)
+        super().touch(key)
 
     def pin(self, key: Any) -> None:
         self.calls.append(("pin", key))
-        self.inner.pin(key)
+        super().pin(key)
 
     def unpin(self, key: Any) -> None:
         self.calls.append(("unpin", key))
-        self.inner.unpin(key)
+        super().unpin(key)
 
     def remove(self, key: Any) -> None:
         self.calls.append(("remove", key))
-        self.inner.remove(key)
+        super().remove(key)
 
     def victim(self) -> Any:
-        v = self.inner.victim()
+        v = super().victim()
         self.calls.append(("victim", v))
         return v
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
 
 REQUESTS = st.lists(st.lists(st.integers(0, 20), min_size=1, max_size=8, unique=True), max_size=30)

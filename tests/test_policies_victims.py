@@ -29,6 +29,7 @@ from kvbm_policies import (
 from kvbm_policies.families import make_workload
 from kvbm_policies.replay import replay
 from kvbm_policies.workloads import Trace
+from kvbm_policies.wrap import ForwardingPolicy
 
 POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "lru": LRUPolicy, "lfu": LFUPolicy, "priority": PriorityLRUPolicy, "arc": ARCPolicy,
@@ -84,40 +85,21 @@ GOLDEN: dict[str, tuple[int, int, str]] = {
 }
 
 
-class VictimLog(EvictionPolicy):
+class VictimLog(ForwardingPolicy):
     """Passes every call on, records each victim, and offers ``prepare_keys`` when the
     policy has it, so that the replay takes the same path as without the wrapper."""
 
     def __init__(self, inner: EvictionPolicy) -> None:
-        super().__init__(inner.capacity)
-        self.inner = inner
+        super().__init__(inner)
         self.victims: list[Any] = []
         prepare = getattr(inner, "prepare_keys", None)
         if prepare is not None:
             self.prepare_keys = prepare
 
-    def insert(self, key: Any, priority: int = 0) -> None:
-        self.inner.insert(key, priority)
-
-    def touch(self, key: Any) -> None:
-        self.inner.touch(key)
-
-    def pin(self, key: Any) -> None:
-        self.inner.pin(key)
-
-    def unpin(self, key: Any) -> None:
-        self.inner.unpin(key)
-
-    def remove(self, key: Any) -> None:
-        self.inner.remove(key)
-
     def victim(self) -> Any:
-        v = self.inner.victim()
+        v = super().victim()
         self.victims.append(v)
         return v
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
 
 _TRACES: dict[str, Trace] = {}

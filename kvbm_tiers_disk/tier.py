@@ -4,11 +4,7 @@ Slots are striped across one file per configured directory (slot ``s`` lives in
 stripe ``s % n`` at local index ``s // n``), so several devices serve one batch.
 A batch is split across a pool of worker threads, each with one request in flight;
 ``os.preadv``/``os.pwritev`` release the GIL, so the pool keeps ``io_threads``
-requests queued on the devices. The checksums (and a written block's header) go to
-a second, smaller pool: an I/O thread hands a block over as soon as its data request
-returns and issues its next request at once, so checksumming one block overlaps the
-transfer of the next, and a hashing thread the CPU is slow to schedule holds no
-request slot.
+requests queued on the devices.
 
 The tier keeps an in-memory index (key and data checksum per slot), built from the
 slot headers at start (``recover``) and from its own writes after. A read returns
@@ -29,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,8 +121,6 @@ class DiskTier(Tier):
             self._sums: list[int] = [0] * self.num_slots
             self._hdr_live = bytearray(b"\x01") * self.num_slots
             self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix=f"kvbm-{self.name}")
-            self._fin = ThreadPoolExecutor(max(2, config.io_threads // 2),
-                                           thread_name_prefix=f"kvbm-{self.name}-sum")
             if config.io_engine == "nixl":
                 from .nixl_engine import NixlEngine
 
@@ -388,18 +382,18 @@ class DiskTier(Tier):
         self._check_files()
         if self._engine is not None:
             return self._engine_write(slots, keys, src)
-        if self.cfg.durable:
-            sums: list[int | None] = [None] * len(slots)
+        durable = self.cfg.durable
+        sums: list[int | None] = [None] * len(slots)
 
-            def data(i: int) -> bool:
-                sums[i] = self._write_data(slots[i], keys[i], src[i])
-                return sums[i] is not None
+        def data(i: int) -> bool:
+            s = sums[i] = self._write_data(slots[i], keys[i], src[i])
+            if s is None:
+                return False
+            return True if durable else self._write_header(slots[i], keys[i], s)
 
-            ok = self._run(data, len(slots))
-            if any(ok):
-                ok = self._sync_then_headers(slots, keys, sums, ok)
-        else:
-            ok = self._write_then_finish(slots, keys, src)
+        ok = self._run(data, len(slots))
+        if durable and any(ok):
+            ok = self._sync_then_headers(slots, keys, sums, ok)
         good = sum(ok)
         self._add(blocks_written=good, bytes_written=good * self.block_bytes)
         return ok
@@ -420,38 +414,8 @@ class DiskTier(Tier):
 
         return self._run(header, len(slots))
 
-    def _write_then_finish(
-        self, slots: Sequence[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
-    ) -> list[bool]:
-        """Data from the I/O threads; each block's checksum and header from the finishing
-        pool once its data request returned (so the header still follows the data)."""
-        done: list[Future[bool] | None] = [None] * len(slots)
-
-        def data(i: int) -> bool:
-            got = self._put_data(slots[i], src[i])
-            if got is None:
-                return False
-            buf, bounced = got
-            # This thread's bounce buffer takes its next block: checksum it here.
-            s = xxh3_64(buf) if bounced else None
-            done[i] = self._fin.submit(self._finish_write, slots[i], keys[i], buf, s)
-            return True
-
-        ok = self._run(data, len(slots))
-        return [g and f is not None and f.result() for g, f in zip(ok, done, strict=True)]
-
-    def _finish_write(self, slot: int, key: bytes, buf: np.ndarray, checksum: int | None) -> bool:
-        return self._write_header(slot, key, xxh3_64(buf) if checksum is None else checksum)
-
     def _write_data(self, slot: int, key: bytes, src: np.ndarray) -> int | None:
         """Invalidate the old header, write the data; return its checksum, None on failure."""
-        got = self._put_data(slot, src)
-        return None if got is None else xxh3_64(got[0])
-
-    def _put_data(self, slot: int, src: np.ndarray) -> tuple[np.ndarray, bool] | None:
-        """Invalidate the old header, write the data; return the bytes handed to the kernel
-        (``block_bytes`` of them) and whether they are this thread's bounce buffer; None
-        on failure."""
         st, local = self._locate(slot)
         self._keys[slot] = None
         try:
@@ -462,8 +426,7 @@ class DiskTier(Tier):
             src = src.reshape(-1)
             if src.nbytes != self.block_bytes:
                 raise ValueError(f"block of {src.nbytes} bytes, expected {self.block_bytes}")
-            bounced = not self._direct_ok(src)
-            if not bounced:
+            if self._direct_ok(src):
                 buf = src
             else:
                 buf = self._bounce()
@@ -472,8 +435,9 @@ class DiskTier(Tier):
                     buf = buf[: self.block_bytes]
             if os.pwritev(st.fd, [buf], self.geom.data_offset(local)) != buf.nbytes:
                 raise OSError(errno.ENOSPC, "short write of block data")
-            # The checksum is taken of these bytes, the ones handed to the kernel.
-            return buf[: self.block_bytes], bounced
+            # The checksum of the bytes handed to the kernel (a bounce copy, or the
+            # caller's block itself), in this I/O thread with the GIL released.
+            return xxh3_64(buf[: self.block_bytes])
         except (OSError, ValueError) as e:
             self._fault("write_errors", e, "write of slot %d to %s failed", slot, st.path)
             return None
@@ -503,36 +467,15 @@ class DiskTier(Tier):
         self._check_files()
         if self._engine is not None and dst is not None:
             return self._engine_read(slots, keys, dst)
-        checks: list[Future[bool] | None] = [None] * len(slots)
-
-        def one(i: int) -> bool:
-            got = self._read_one(slots[i], keys[i], None if dst is None else dst[i])
-            if isinstance(got, bool):
-                return got
-            # Read straight into the caller's buffer: verified by the finishing pool
-            # while this thread reads its next block.
-            checks[i] = self._fin.submit(self._verify, slots[i], *got)
-            return True
-
-        ok = self._run(one, len(slots))
-        ok = [g and (c is None or c.result()) for g, c in zip(ok, checks, strict=True)]
+        ok = self._run(lambda i: self._read_one(slots[i], keys[i], None if dst is None else dst[i]),
+                       len(slots))
         good = sum(ok)
         self._add(blocks_read=good, bytes_read=good * self.block_bytes)
         if good < len(ok):
             self._check_files(force=True)
         return ok
 
-    def _verify(self, slot: int, data: np.ndarray, want: int) -> bool:
-        if xxh3_64(data) != want:
-            st, _ = self._locate(slot)
-            self._fault("checksum_failures", None, "slot %d in %s failed its checksum", slot, st.path)
-            return False
-        return True
-
-    def _read_one(self, slot: int, key: bytes, dst: np.ndarray | None) -> bool | tuple[np.ndarray, int]:
-        """Read one block: False on a miss, True once read into ``dst`` through the bounce
-        buffer and verified, or (``dst``'s bytes, their checksum) to verify when read
-        into ``dst`` directly."""
+    def _read_one(self, slot: int, key: bytes, dst: np.ndarray | None) -> bool:
         st, local = self._locate(slot)
         if self._keys[slot] != key:
             self._fault("key_mismatches", None, "slot %d does not hold the requested block", slot)
@@ -556,8 +499,6 @@ class DiskTier(Tier):
                         "(file truncated?)", slot, st.path, got, buf.nbytes)
             return False
         data = buf[:bb]
-        if flat is not None and buf is flat:
-            return data, want
         if xxh3_64(data) != want:
             self._fault("checksum_failures", None, "slot %d in %s failed its checksum", slot, st.path)
             return False
@@ -649,9 +590,6 @@ class DiskTier(Tier):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)  # idempotent; a later write or read raises, and the manager counts it
-        fin = getattr(self, "_fin", None)
-        if fin is not None:
-            fin.shutdown(wait=True)
         if self._engine is not None:
             self._engine.close()
             self._engine = None

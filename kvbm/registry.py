@@ -47,6 +47,9 @@ _MAX_SLOTS = 2**31 - 2
 # Keys from which ``pin_run`` looks them up together (below, numpy's fixed cost per
 # call is more than the Python probe of each key).
 _RUN_MIN = 8
+#: Below this many slots the keys and index stay in the CPU's caches and a lookup per
+#: key is quicker than numpy's gathers (which also hand the GIL round under load).
+_GATHER_MIN_SLOTS = 1 << 18
 _REGISTERED_BYTE = bytes([_REGISTERED])  # a slot's state as the int8 array holds it
 _IN_USE = bytes([_WRITING, _REGISTERED])
 
@@ -352,6 +355,20 @@ class BlockRegistry:
             self.policy.touch(key)
         return slot
 
+    def _find_run(self, keys: list[SequenceHash]) -> np.ndarray:
+        """The slots of the longest registered prefix of ``keys`` (whole-key compares)."""
+        table = self._keys
+        if table.capacity >= _GATHER_MIN_SLOTS:
+            return table.find_prefix(keys)
+        find = table.find_canon
+        out: list[int] = []
+        for k in keys:
+            slot = find(k)
+            if slot < 0:
+                break
+            out.append(slot)
+        return np.array(out, dtype=np.intp)
+
     def pin_run(self, keys: Sequence[SequenceHash]) -> list[int]:
         """Pin the longest prefix of ``keys`` registered here; return its slots.
 
@@ -389,9 +406,9 @@ class BlockRegistry:
                        len(used) - len(used.lstrip(_IN_USE)))
             found = np.arange(first, first + head, dtype=np.intp)
             if head < n:
-                found = np.concatenate((found, table.find_prefix(keys[head:])))
+                found = np.concatenate((found, self._find_run(keys[head:])))
         else:
-            found = table.find_prefix(keys)
+            found = self._find_run(keys)
         # The state, pins and policy entries of the run, read together; the loop below
         # then finds them in the cache.
         state = self._state_np.take(found).tobytes()

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvbm import registry as registry_mod
 from kvbm.flatmap import SlotKeys
 from kvbm.hashing import SequenceHash
 from kvbm.policy import LRUPolicy
@@ -280,9 +281,15 @@ class ExactRegistryMachine(RuleBasedStateMachine):
         self.pins[slot] = self.pins.get(slot, 0) + 1
         self.held.append(slot)
 
-    @rule(run=st.lists(st.sampled_from(EXACT_KEYS), max_size=16))
-    def pin_run(self, run: list[SequenceHash]) -> None:
-        got = self.reg.pin_run(run)
+    @rule(run=st.lists(st.sampled_from(EXACT_KEYS), max_size=16), gather=st.booleans())
+    def pin_run(self, run: list[SequenceHash], gather: bool) -> None:
+        # Both lookups: numpy gathers (large registries) and one key at a time.
+        saved = registry_mod._GATHER_MIN_SLOTS
+        registry_mod._GATHER_MIN_SLOTS = 0 if gather else 1 << 62
+        try:
+            got = self.reg.pin_run(run)
+        finally:
+            registry_mod._GATHER_MIN_SLOTS = saved
         want: list[int] = []
         for key in run:  # pin, key by key, up to the first miss
             slot = self.slot_of.get(key)

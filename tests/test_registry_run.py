@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given, settings
 
+from kvbm import registry as registry_mod
 from kvbm.chain import TierState
 from kvbm.config import TierConfig
 from kvbm.flatmap import SlotKeys
@@ -31,6 +33,16 @@ def window_of(table: SlotKeys, k: bytes) -> list[int]:
 
 def position_of(table: SlotKeys, slot: int) -> int:
     return int((table._index_np == slot).nonzero()[0][0])
+
+
+@pytest.fixture(autouse=True, scope="module", params=["gather", "per-key"])
+def lookup(request: pytest.FixtureRequest) -> object:
+    """Every test here runs with both lookups of a run: numpy gathers (what a registry of
+    millions of slots takes) and one key at a time (a smaller one)."""
+    saved = registry_mod._GATHER_MIN_SLOTS
+    registry_mod._GATHER_MIN_SLOTS = 0 if request.param == "gather" else 1 << 62
+    yield request.param
+    registry_mod._GATHER_MIN_SLOTS = saved
 
 
 def test_a_key_one_byte_off_a_stored_key_in_its_window_is_a_miss_at_each_byte() -> None:

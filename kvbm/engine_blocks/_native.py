@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from kvbm import _cc
 
 log = logging.getLogger("kvbm")
 
@@ -128,38 +126,10 @@ enabled = True
 STREAM_MIN_BYTES = 4 * 2**20
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc and shutil.which(cc):
-        return shutil.which(cc)
-    return shutil.which("cc") or shutil.which("gcc")
-
-
 def _build() -> tuple[RunCopy, RunCopy, RowCopy, ctypes.c_int64, bool] | None:
-    cc = _compiler()
-    if cc is None:
-        log.debug("kvbm: no C compiler found; engine-block copies use numpy")
+    so = _cc.build(_SOURCE, "the engine-block copy loop", "numpy")
+    if so is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="kvbm-native-") as d:
-        src = os.path.join(d, "runs.c")
-        lib = os.path.join(d, "runs.so")
-        with open(src, "w") as f:
-            f.write(_SOURCE)
-        try:
-            r = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", lib, src],
-                               capture_output=True, text=True, timeout=60, check=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            log.debug("kvbm: compiling the copy loop failed (%s); using numpy", e)
-            return None
-        if r.returncode != 0:
-            log.debug("kvbm: compiling the copy loop failed (%s); using numpy",
-                      r.stderr.strip()[:200])
-            return None
-        try:
-            so = ctypes.CDLL(lib)  # mapped now: the file may go with the directory
-        except OSError as e:
-            log.debug("kvbm: loading the copy loop failed (%s); using numpy", e)
-            return None
     fn = so.kvbm_copy_runs
     fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn.restype = None

@@ -62,18 +62,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         dtype=torch.uint8).view(torch.bfloat16) for _ in range(m.num_layers)]
     kv_u8 = [t.view(torch.uint8) for t in kv]  # compared as bytes: random bf16 has NaNs
     engine: Any = engine_blocks(kv, layout, plugins=mgr.plugins)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    engines: dict[str, tuple[Any, list[Any]]] = {"": (engine, kv_u8)}
+    huge_bytes = 0
+    if "huge" in paths:  # the same tensors' bytes in a copy moved onto 2 MiB pages
+        kv_h = [t.clone() for t in kv]
+        eh: Any = engine_blocks(kv_h, layout, plugins=mgr.plugins, huge_pages=True)
+        huge_bytes = eh.huge_page_bytes
+        engines["huge"] = (eh, [t.view(torch.uint8) for t in kv_h])
     rng = np.random.default_rng(1)
     contig_src = rng.integers(0, 256, (n, bb), dtype=np.uint8)
     contig_dst = np.zeros_like(contig_src)
     lim_bufs = (np.ones(n * bb, dtype=np.uint8), np.ones(n * bb, dtype=np.uint8))
     pool = ThreadPoolExecutor(max(1, lim_threads - 1))
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     native_ok = _native.copy_runs() is not None
     stream_at = _native.stream_min()
 
     def set_path(path: str) -> None:
         _native.enabled = path != "numpy"
-        _native.set_stream_min(stream_at if path == "native" else None)
+        _native.set_stream_min(stream_at if path in ("native", "huge") else None)
 
     def limit(threads: int) -> tuple[float, float]:
         """(best, best memcpy) seconds of copying the batch's bytes, right now."""
@@ -88,8 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.batches):
                 for shape in ("engine", "contiguous"):
                     for path in (paths if shape == "engine" else
-                                 [p for p in paths if p != "numpy"] or ["native"]):
+                                 [p for p in paths if p not in ("numpy", "huge")] or ["native"]):
                         set_path(path)
+                        engine, kv_u8 = engines["huge" if path == "huge" else ""]
                         serial += 1
                         tokens = rng.integers(0, 32000, n * 16, dtype=np.uint32)
                         tokens[0] = serial  # fresh hashes every batch
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             views = list(lim_bufs[0][: n * bb].reshape(n, bb))
             for path in paths:
                 set_path(path)
+                engine = engines["huge" if path == "huge" else ""][0]
                 a = acc.setdefault(f"engine[{path}] adapter, 1 thread", [0.0] * 6)
                 for _ in range(args.batches):
                     ids = rng.permutation(nb)[:n].tolist()
@@ -176,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mgr.close()
     return {"batch_blocks": n, "block_bytes": bb, "batches": args.batches, "repeats": args.repeats,
             "threads": mgr.executor._copy_threads, "native_loop": native_ok, "rows": rows,
+            "huge_page_bytes": huge_bytes,
             "verified_blocks": verified, "mismatched_blocks": mismatched,
             "loadavg": list(os.getloadavg())}
 
@@ -190,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                         "here, measured at start; the limit tries 1 and 2)")
     p.add_argument("--paths", default="native,memcpy,numpy",
                    help="copy paths, interleaved: native (streaming stores past 4 MiB), memcpy "
-                        "(the native loop without them), numpy (default all three)")
+                        "(the native loop without them), numpy (default these three); huge: "
+                        "native on a copy of the engine's tensors moved onto 2 MiB pages "
+                        "(engine_huge_pages)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     res = run(args)
@@ -202,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
               f"batches x {res['repeats']} repeats, {res['threads']} copy threads, native loop "
               f"{'built' if res['native_loop'] else 'NOT available (numpy)'}; load "
               + " ".join(f"{x:.2f}" for x in res["loadavg"]))
+        if "huge" in args.paths:
+            print(f"engine_huge_pages: {res['huge_page_bytes'] / 2**20:.0f} MiB of the engine "
+                  "copy's tensors on 2 MiB pages")
         print(f"{'path':42} {'GB/s':>6} {'limit':>6}  ratio min / med / max  "
               f"{'memcpy':>6}  ratio to memcpy")
         for name, rs in res["rows"].items():

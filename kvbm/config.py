@@ -340,6 +340,10 @@ class KvbmSettings(BaseSettings):
     io_threads: int = Field(4, gt=0, le=1024, description="worker threads for lower-tier copies")
     copy_threads: int = Field(
         2, gt=0, le=256, description="threads one batch's memory copies are split across")
+    engine_huge_pages: bool = Field(
+        False, description="move the engine's CPU KV tensors onto 2 MiB pages when they are "
+        "registered (MADV_HUGEPAGE + MADV_COLLAPSE, Linux 6.1+; the bytes stay in place): "
+        "scattered block copies run faster; where the kernel refuses, logged once, 4 KiB pages")
     probe_timeout_s: float = Field(
         0.5, gt=0, le=60, description="longest a match waits for shared tiers (S3, peers) to say "
         "which blocks other instances wrote; a later answer counts as misses")

@@ -232,7 +232,8 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
                           dtype=dtype) for _ in range(m.num_layers)]
         # The one engine adapter the vLLM worker and the GPU tier use too (a plugin's
         # accelerated class for device tensors, the core's for these CPU ones).
-        engine = engine_blocks(kv, layout, plugins=mgr.plugins)
+        engine = engine_blocks(kv, layout, plugins=mgr.plugins,
+                               huge_pages=mgr.settings.engine_huge_pages)
     else:
         from .engine_np import NumpyEngineBlocks
 

@@ -112,7 +112,8 @@ class WorkerSide:
                 raise LayoutError(f"expected {self.layout.model.num_layers} layers "
                                   f"{list(self.layer_names)}, got {list(kv_caches)}")
             engine = engine_blocks(ordered, self.layout, num_blocks=num_blocks,
-                                   plugins=self.plugins)
+                                   plugins=self.plugins,
+                                   huge_pages=self.settings.engine_huge_pages)
             physical = (physical_layout(self.vllm_config, list(ordered), ordered)
                         if self.vllm_config is not None else "")
         except LayoutError as e:

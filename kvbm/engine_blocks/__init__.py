@@ -90,11 +90,14 @@ def engine_blocks(
     plugin registered as ``accelerated_layout_name(device)``, or ``LayerSeparateBlocks``
     when no installed plugin offers one. ``plugins`` defaults to ``build_plugins()``;
     ``options`` (``block_dim``, ``form``, ``kv_layout``, ``device``, or the plugin's
-    own keys) pass through.
+    own keys) pass through. ``huge_pages=True`` (the ``engine_huge_pages`` setting)
+    moves CPU tensors onto 2 MiB pages in place (``_native.advise_huge_pages``); it is
+    ignored for tensors on a device.
     """
     device_type = _device_type(kv_caches)
     factory: Any = LayerSeparateBlocks
     if device_type != "cpu":
+        options.pop("huge_pages", None)  # device memory: not the host's page tables
         factory = _accelerated(device_type, plugins) or LayerSeparateBlocks
     return factory(kv_caches, layout, num_blocks=num_blocks, names=names, **options)  # type: ignore[no-any-return]
 

@@ -203,7 +203,7 @@ class LayerSeparateBlocks:
         heads × hd]``): ``device`` 'auto' (cuda when present, else cpu), 'cpu', 'cuda:N'."""
         return cls._build(allocate_pool(layout, num_blocks, device), layout, **options)
 
-    def _init(self, views: EngineViews, layout: BlockLayout) -> None:
+    def _init(self, views: EngineViews, layout: BlockLayout, *, huge_pages: bool = False) -> None:
         torch = import_torch()
         m = layout.model
         self._torch = torch
@@ -237,6 +237,13 @@ class LayerSeparateBlocks:
             if views.stacked is not None:
                 self._np_stacked = views.stacked.view(u8).numpy()
             self._np_block_shape = (*self._host_shape[:-1], inner[-1] * m.itemsize)
+        #: ``huge_pages=True`` (the ``engine_huge_pages`` setting): bytes of the engine's
+        #: CPU tensors moved onto 2 MiB pages, and why not all (None: all could be).
+        self.huge_page_bytes = 0
+        self.huge_pages_refused: str | None = None
+        if huge_pages and self.device.type == "cpu":
+            self.huge_page_bytes, self.huge_pages_refused = _native.advise_huge_pages(
+                _storage_spans(views.layers))
         # Built here (the loop is compiled once per process), not on the first copy.
         self._plan: _RunPlan | None = (_RunPlan.build(self._np_layers, self._bytes_per_layer)
                                        if self._np_layers is not None else None)
@@ -272,7 +279,8 @@ class LayerSeparateBlocks:
 
     def stats(self) -> dict[str, Any]:
         """Where the blocks live and in which form."""
-        return {"device": str(self.device), "engine": self.engine, "num_blocks": self.num_blocks}
+        return {"device": str(self.device), "engine": self.engine, "num_blocks": self.num_blocks,
+                "huge_page_bytes": self.huge_page_bytes}
 
     # -- validation --------------------------------------------------------------------
     def _layer_arg(self, layer: int | str) -> int:
@@ -509,6 +517,16 @@ class _RunPlan:
         host = (bp[:, None, None] + lay[None, :, None] + self.dst_off[None, None, :]).reshape(-1)
         dst, src = (host, eng) if out else (eng, host)
         self.fn(len(dst), _native.address(dst), _native.address(src), self.run)
+
+
+def _storage_spans(tensors: Sequence[Any]) -> list[tuple[int, int]]:
+    """``(address, nbytes)`` of each distinct storage under ``tensors`` (a pool's layers
+    share one)."""
+    spans: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        spans[int(st.data_ptr())] = int(st.nbytes())
+    return sorted(spans.items())
 
 
 def _check_count(views: EngineViews, num_blocks: int | None) -> None:

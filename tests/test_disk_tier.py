@@ -230,3 +230,46 @@ def test_checksum_runs_natively_where_python_xxhash_exports_it() -> None:
     # python-xxhash's extension exports XXH3_64bits on the platforms CI runs on; if
     # this fails the tier still verifies every block, only with the GIL held.
     assert _xxh.native()
+
+
+def test_checksum_uses_the_simd_dispatcher_where_the_extension_exports_it() -> None:
+    import ctypes
+
+    from kvbm_tiers_disk import _xxh
+
+    libs = _xxh._candidates()
+    exported = any(hasattr(ctypes.CDLL(p), "XXH3_64bits_dispatch") for p in libs[:-1])
+    if not exported:
+        pytest.skip("python-xxhash's extension has no XXH3_64bits_dispatch here")
+    assert _xxh.implementation().endswith(":XXH3_64bits_dispatch"), _xxh.implementation()
+
+
+class _FakeLib:
+    """A library whose entry points hash through python-xxhash; ``wrong`` ones add 1
+    to the value of inputs longer than ``over`` bytes."""
+
+    def __init__(self, wrong: set[str], over: int = -1) -> None:
+        import ctypes
+
+        import xxhash
+
+        for sym in ("XXH3_64bits_dispatch", "XXH3_64bits"):
+            bad = sym in wrong
+
+            def fn(addr: int, n: int, bad: bool = bad) -> int:
+                v = xxhash.xxh3_64_intdigest(ctypes.string_at(addr, n))
+                return (v + 1) % 2**64 if bad and n > over else v
+
+            setattr(self, sym, fn)
+
+
+def test_an_entry_point_whose_value_differs_on_long_inputs_is_not_used() -> None:
+    from kvbm_tiers_disk import _xxh
+
+    # Wrong only past 240 bytes: XXH3's vector path, where a SIMD build could differ.
+    got = _xxh._load(lambda _: _FakeLib({"XXH3_64bits_dispatch"}, over=240), ["fake"])
+    assert got is not None and got[1] == "fake:XXH3_64bits"
+    assert _xxh._load(lambda _: _FakeLib({"XXH3_64bits_dispatch", "XXH3_64bits"}), ["fake"]) is None
+    # The control: with both right, the dispatcher is taken.
+    got = _xxh._load(lambda _: _FakeLib(set()), ["fake"])
+    assert got is not None and got[1] == "fake:XXH3_64bits_dispatch"

@@ -2,7 +2,9 @@
 
 A registry of ten million blocks cannot afford a Python object per block (a 16-byte
 ``bytes`` key alone is 49 bytes, a dict entry and an int more). ``SlotKeys`` keeps
-each slot's key in one anonymous ``mmap`` (16 bytes a slot) and finds a key's slot through
+each slot's record in one anonymous ``mmap`` (its 16-byte key, then ``extra`` bytes the
+caller keeps per slot: the registry's pin count and state, so that the one random
+cache line a lookup reads for the key also holds them) and finds a key's slot through
 an open-addressing index of ``int32`` slot numbers (8 to 16 bytes a slot), both
 allocated once for the tier's capacity, never grown.
 
@@ -59,13 +61,17 @@ class SlotKeys:
     The caller (the registry) knows which slots are in use.
     """
 
-    __slots__ = ("capacity", "bits", "_mask", "_ints", "_buf", "_index_np", "_index", "_keys_np",
-                 "_keys_c16", "_steps")
+    __slots__ = ("capacity", "stride", "bits", "_mask", "_ints", "_buf", "_index_np", "_index",
+                 "_keys_np", "_rec_np", "_steps")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, extra: int = 0) -> None:
         if not 0 < capacity < 2**31 - 1:
             raise ValueError(f"capacity: a table holds 1 to 2**31 - 2 slots, got {capacity}")
+        if extra < 0 or extra % 4:
+            raise ValueError(f"extra: bytes per slot after the key, a multiple of 4, got {extra}")
         self.capacity = capacity
+        # Each slot's record: its key, then ``extra`` bytes of the caller's (``field``).
+        self.stride = KEY_BYTES + extra
         self.bits = max(3, (2 * capacity - 1).bit_length())
         self._mask = (1 << self.bits) - 1
         self._ints: bool | None = None  # the kind of key, fixed by the first one added
@@ -74,16 +80,28 @@ class SlotKeys:
         # it can sit on huge pages, where a random slot's key costs no TLB miss.
         # Private: mmap(-1, n) alone is MAP_SHARED, so that a forked process (an engine
         # worker) would write the keys of its copy of the registry into this one's.
-        self._buf = mmap.mmap(-1, KEY_BYTES * capacity,
+        self._buf = mmap.mmap(-1, self.stride * capacity,
                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._buf.madvise(mmap.MADV_HUGEPAGE)
         self._index_np = np.full(1 << self.bits, -1, np.int32)
         self._steps = _WINDOWS[4 if 8 * capacity <= 3 << self.bits else 8]
         self._index = self._index_np.data
-        # The same bytes as arrays, for find_prefix: one item a key.
-        self._keys_np = np.frombuffer(self._buf, _KEY)
-        self._keys_c16 = np.frombuffer(self._buf, np.complex128)
+        # The same bytes as arrays, for find_prefix: the keys (a strided view), and the
+        # whole records, contiguous, which numpy's ``take`` gathers without a copy (a
+        # take from a strided array would first copy all of it).
+        self._keys_np: np.ndarray = np.ndarray((capacity,), _KEY, self._buf,
+                                               strides=(self.stride,))
+        self._rec_np = np.frombuffer(self._buf, np.dtype(
+            {"names": ["k"], "formats": [_KEY], "offsets": [0], "itemsize": self.stride}))
+
+    def field(self, offset: int, dtype: type[np.generic]) -> np.ndarray:
+        """An array over the ``extra`` bytes of every slot's record, from ``offset`` on:
+        a value a slot that lies in the cache line of its key (zero at first)."""
+        size = np.dtype(dtype).itemsize
+        assert offset >= 0 and offset + size <= self.stride - KEY_BYTES, (offset, dtype)
+        return np.ndarray((self.capacity,), dtype, self._buf, KEY_BYTES + offset,
+                          (self.stride,))
 
     @property
     def ints(self) -> bool:
@@ -91,16 +109,16 @@ class SlotKeys:
         return bool(self._ints)
 
     @property
-    def probe(self) -> tuple[memoryview, int, mmap.mmap]:
-        """(index, mask, key bytes): what ``find`` reads, for a caller that writes the
-        probe out on its hot path. Key ``k`` (16 bytes) is in slot ``s`` when an entry
+    def probe(self) -> tuple[memoryview, int, mmap.mmap, int]:
+        """(index, mask, records, stride): what ``find`` reads, for a caller that writes
+        the probe out on its hot path. Key ``k`` (16 bytes) is in slot ``s`` when an entry
         from ``hash(k) & mask`` on, before the first -1, is ``s`` with
-        ``buf[16 * s:16 * s + 16] == k``."""
-        return self._index, self._mask, self._buf
+        ``buf[stride * s:stride * s + 16] == k``."""
+        return self._index, self._mask, self._buf, self.stride
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays."""
+        """Bytes of the arrays (the records with their ``extra`` bytes)."""
         return len(self._buf) + self._index_np.nbytes
 
     # -- keys as stored ------------------------------------------------------------------
@@ -129,7 +147,7 @@ class SlotKeys:
 
     def key_at(self, slot: int) -> Any:
         """The key last added for ``slot`` (bytes, or int in a table of ints)."""
-        o = slot * KEY_BYTES
+        o = slot * self.stride
         kb = self._buf[o:o + KEY_BYTES]
         return int.from_bytes(kb, "little", signed=True) if self._ints else kb
 
@@ -142,11 +160,11 @@ class SlotKeys:
                 return -1
             key = kb
         # A bytes key of another length equals no stored key: no check needed here.
-        index, mask, buf = self._index, self._mask, self._buf
+        index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
         i = hash(key) & mask
         s = index[i]
         while s >= 0:
-            o = s << 4
+            o = s * stride
             if buf[o:o + 16] == key:
                 return s
             i = (i + 1) & mask
@@ -155,11 +173,11 @@ class SlotKeys:
 
     def find_canon(self, kb: bytes) -> int:
         """Slot of the key stored as ``kb`` (from ``canon``), or -1."""
-        index, mask, buf = self._index, self._mask, self._buf
+        index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
         i = hash(kb) & mask
         s = index[i]
         while s >= 0:
-            o = s << 4
+            o = s * stride
             if buf[o:o + 16] == kb:
                 return s
             i = (i + 1) & mask
@@ -181,10 +199,11 @@ class SlotKeys:
         pos = np.fromiter(map(hash, keys), np.int64, n)[:, None] + steps
         pos &= self._mask
         entries = self._index_np.take(pos)  # n x w slot numbers, -1 empty
-        # The keys they name, gathered as 16-byte numbers (numpy's fastest gather) and
-        # compared as 16 bytes. An empty entry reads the last slot's key (index -1):
-        # ``entries >= 0`` rules it out.
-        same = (self._keys_c16.take(entries).view(_KEY)
+        # The records they name, gathered whole (a key and the caller's bytes of its
+        # slot share a cache line: the caller then finds those in the cache), and their
+        # keys compared as 16 bytes. An empty entry reads the last slot's record (index
+        # -1): ``entries >= 0`` rules it out.
+        same = (self._rec_np.take(entries)["k"]
                 == np.frombuffer(b"".join(keys), _KEY)[:, None])
         same &= entries >= 0
         at = np.flatnonzero(same)  # a key is indexed once at most: one entry a key at most
@@ -221,14 +240,14 @@ class SlotKeys:
         while index[i] >= 0:
             i = (i + 1) & mask
         index[i] = slot
-        o = slot << 4
+        o = slot * self.stride
         self._buf[o:o + 16] = kb
 
     def remove(self, slot: int, kb: bytes | None = None) -> None:
         """Forget the index entry of ``slot`` (which must be indexed); ``kb``: its key
         as stored, when the caller has it at hand."""
-        index, mask, buf = self._index, self._mask, self._buf
-        o = slot << 4
+        index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
+        o = slot * stride
         i = hash(kb if kb is not None else buf[o:o + 16]) & mask
         while index[i] != slot:
             assert index[i] >= 0, f"slot {slot} is not in the index"
@@ -241,7 +260,7 @@ class SlotKeys:
             s = index[j]
             if s < 0:
                 break
-            o = s << 4
+            o = s * stride
             if (j - hash(buf[o:o + 16])) & mask >= (j - i) & mask:
                 index[i] = s
                 i = j

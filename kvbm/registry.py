@@ -7,16 +7,16 @@ the tier's eviction policy orders. Every operation is O(1) per block.
 
 Everything per slot lives in flat arrays allocated once for the tier's capacity, so
 that a disk or S3 tier of ten million blocks costs tens of bytes per block, not
-hundreds: the keys and the key → slot index (``kvbm.flatmap.SlotKeys``, 24 to 32
-bytes), the state (``int8``), the pin count (``int32``) and the free slots (an
-``int32`` ring used as a stack, 4 bytes). A policy that accepts slot numbers
+hundreds: a 24-byte record a slot holding its key, pin count (``int32``) and state
+(``int8``), one cache line for all three, the key → slot index (``kvbm.flatmap.SlotKeys``,
+8 to 16 bytes) and the free slots (an ``int32`` ring used as a stack, 4 bytes). A policy that accepts slot numbers
 (``EvictionPolicy.use_slots``, as the core's LRU does) keeps its own state the same
 way; any other policy is handed keys, as before.
 
 A match pins a prefix's blocks with one ``pin_run``: blocks saved together are read
 from consecutive slots with no index lookup, the others are looked up together by numpy
-gathers (``SlotKeys.find_prefix``), and their state, pins and policy entries are read
-together before the per-block loop, so that in a tier of millions of blocks the run's
+gathers (``SlotKeys.find_prefix``, whose gather of the keys' records brings their state
+and pins too), and their policy entries are read together before the per-block loop, so that in a tier of millions of blocks the run's
 random memory accesses overlap instead of following one another.
 
 A slot whose write failed goes to the *bottom* of the free stack (``abort(failed=True)``):
@@ -91,13 +91,17 @@ class BlockRegistry:
         self.capacity = capacity
         self.policy = policy
         self._events = events
-        self._keys = SlotKeys(capacity)
+        # Each slot's record: its key, pin count (int32) and state (int8), 24 bytes, so
+        # that a lookup's one random cache line holds all three (see ``pin_run``).
+        self._keys = SlotKeys(capacity, extra=8)
         self._find = self._keys.find
         self._probe = self._keys.probe
         self._raw = True  # bytes keys go to the index as they are (not a table of ints)
         self._bytes = False  # the table holds bytes keys (known after the first one)
-        self._state_np = np.zeros(capacity, np.int8)
-        self._pins_np = np.zeros(capacity, np.int32)
+        # Strided views into the records: read them by fancy indexing, never ``take``
+        # (which would copy the whole array first).
+        self._pins_np = self._keys.field(0, np.int32)
+        self._state_np = self._keys.field(4, np.int8)
         self._state = self._state_np.data
         self._pins = self._pins_np.data
         # The free slots: a ring of capacity entries holding a stack whose bottom is
@@ -186,8 +190,7 @@ class BlockRegistry:
     @property
     def nbytes(self) -> int:
         """Bytes of the registry's arrays, with the policy's when it keeps them by slot."""
-        own = (self._keys.nbytes + self._state_np.nbytes + self._pins_np.nbytes
-               + self._ring_np.nbytes)
+        own = self._keys.nbytes + self._ring_np.nbytes  # the records hold state and pins
         return own + int(getattr(self.policy, "nbytes", 0))
 
     def registered(self) -> Iterator[tuple[SequenceHash, int]]:
@@ -312,7 +315,7 @@ class BlockRegistry:
         """Pin a registered block (count a hit); return its slot, or None if absent."""
         state = self._state
         if key.__class__ is bytes and self._raw:
-            index, mask, buf = self._probe
+            index, mask, buf, stride = self._probe
             # The blocks of a request are saved together, into consecutive slots off
             # the free stack, and matched in order: the slot after the last one pinned
             # is first tried, which costs no access to the index (one random memory
@@ -320,13 +323,13 @@ class BlockRegistry:
             # in the index, so a key found there is found right; anything else (no
             # match, a free slot's stale key, a slot past the end) takes the index.
             slot = self._guess
-            o = slot << 4
+            o = slot * stride
             if not (buf[o:o + 16] == key and state[slot] == _REGISTERED):
                 # SlotKeys.find written out: this runs for every block of every match.
                 i = hash(key) & mask
                 slot = index[i]
                 while slot >= 0:
-                    o = slot << 4
+                    o = slot * stride
                     if buf[o:o + 16] == key:
                         break
                     i = (i + 1) & mask
@@ -394,7 +397,7 @@ class BlockRegistry:
         first = table.find_canon(keys[0])
         if first < 0:
             return out
-        o = (first + 1) << 4
+        o = (first + 1) * table.stride
         if self._probe[2][o:o + 16] == keys[1]:
             # Blocks saved together sit in consecutive slots: compare the run with the
             # slots from the first one's on (one contiguous read, no index), then look
@@ -409,10 +412,10 @@ class BlockRegistry:
                 found = np.concatenate((found, self._find_run(keys[head:])))
         else:
             found = self._find_run(keys)
-        # The state, pins and policy entries of the run, read together; the loop below
-        # then finds them in the cache.
-        state = self._state_np.take(found).tobytes()
-        self._pins_np.take(found)
+        # The state of the run (its pins with it: one record, in the cache since the
+        # key compare), and its policy entries read together; the loop below then finds
+        # them in the cache.
+        state = self._state_np[found].tobytes()
         if self._by_slot:
             self._prefetch_slots(found)
         run = len(state) - len(state.lstrip(_REGISTERED_BYTE))

@@ -13,7 +13,10 @@ over a set of cached keys, without the registry's slot bookkeeping: three to six
 times the speed, and equal results (hits, evictions, every victim), which
 ``tests/test_policies_replay.py`` checks on random traces for every policy. A trace
 with a key repeated inside one request (pin counts above one) always takes the
-registry. A policy with an optional ``prepare_keys(keys)`` method (not part of the
+registry. For W-TinyLFU, the prefix-aware LRU and LIRS, freshly built, ``"fast"``
+runs the whole loop in C (``kvbm_policies.native``: the same calls, the same victims,
+the policy object left as built) when a C compiler is at hand; ``engine="python"``
+always runs the Python loop. A policy with an optional ``prepare_keys(keys)`` method (not part of the
 contract) is first given the trace's distinct keys, inside the timed part, to compute
 per-key constants (sketch positions, sample membership) in one numpy pass.
 
@@ -34,6 +37,7 @@ from typing import Any
 from kvbm.policy import EvictionPolicy
 from kvbm.registry import BlockRegistry
 
+from . import native
 from .workloads import Trace
 
 __all__ = ["SimResult", "belady", "replay"]
@@ -85,23 +89,26 @@ def replay(
 
     ``release`` is the order pins are dropped in: ``"reverse"`` (tail first, the
     default) or ``"forward"``. ``priorities(request_index, block_index)`` gives each
-    new block's priority (default 0). ``engine`` is ``"fast"`` or ``"registry"`` (see
-    the module's docstring); both give the same result.
+    new block's priority (default 0). ``engine`` is ``"fast"``, ``"python"`` (the fast
+    loop, never the native one) or ``"registry"`` (see the module's docstring); all give
+    the same result.
     """
     if release not in ("reverse", "forward"):
         raise ValueError(f"release must be 'reverse' or 'forward', got {release!r}")
-    if engine not in ("fast", "registry"):
-        raise ValueError(f"engine must be 'fast' or 'registry', got {engine!r}")
+    if engine not in ("fast", "python", "registry"):
+        raise ValueError(f"engine must be 'fast', 'python' or 'registry', got {engine!r}")
     if capacity < 1:
         raise ValueError(f"capacity must be at least one block, got {capacity}")
     label = name or type(policy).__name__
+    if engine == "fast":
+        native.available()  # built once per process, before any timing
     if engine == "registry" or trace.has_repeats:
         return _replay_registry(trace, policy, capacity, label, release, priorities)
-    return _replay_fast(trace, policy, capacity, label, release, priorities)
+    return _replay_fast(trace, policy, capacity, label, release, priorities, engine == "fast")
 
 
 def _replay_fast(trace: Trace, policy: EvictionPolicy, capacity: int, name: str, release: str,
-                 priorities: Callable[[int, int], int] | None) -> SimResult:
+                 priorities: Callable[[int, int], int] | None, try_native: bool = True) -> SimResult:
     # The registry's calls on the policy, in its order: pin+touch per hit, victim (when
     # full) + insert per new block, unpin per hit. Every name a local: this loop is the
     # simulator's speed. Trace keys are ints where a tier has 16-byte hashes; policies
@@ -117,6 +124,11 @@ def _replay_fast(trace: Trace, policy: EvictionPolicy, capacity: int, name: str,
     free = capacity
     hits = evictions = 0
     t0, c0 = time.perf_counter(), time.process_time()
+    if try_native and priorities is None:
+        got = native.replay(trace, policy, capacity, reverse)
+        if got is not None:  # timed alike: the keys' ranks and the C loop
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            return SimResult(name, capacity, trace.accesses, got[0], got[1], seconds, cpu)
     prepare = getattr(policy, "prepare_keys", None)
     if prepare is not None:  # timed: the bulk pass is part of the replay's cost
         seen: set[Any] = set()

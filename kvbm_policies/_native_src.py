@@ -1,0 +1,550 @@
+"""The C source of the simulator's native replay loops (``kvbm_policies.native``).
+
+Each ``kvbm_replay_<policy>`` function replays a whole trace exactly as
+``replay._replay_fast`` does (pin and touch per hit, victim and insert per new block,
+unpin per hit, last first or in order) against a port of the Python policy, call for
+call: every branch below names the Python method it mirrors. Keys are dense ids
+(0 .. n-1, in the order of the trace's sorted keys); ordered dicts are intrusive
+doubly linked lists over arrays, appended at their tail, popped at their head.
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+typedef int64_t i64;
+typedef struct { i64 head, tail, n; } List;
+
+/* An ordered dict: append (d[k] = None for a new k), delete, move_to_end, front. */
+static inline void l_init(List *l) { l->head = l->tail = -1; l->n = 0; }
+static inline void l_push(List *l, i64 *pv, i64 *nx, i64 k) {
+    pv[k] = l->tail; nx[k] = -1;
+    if (l->tail >= 0) nx[l->tail] = k; else l->head = k;
+    l->tail = k; l->n++;
+}
+static inline void l_del(List *l, i64 *pv, i64 *nx, i64 k) {
+    i64 p = pv[k], q = nx[k];
+    if (p >= 0) nx[p] = q; else l->head = q;
+    if (q >= 0) pv[q] = p; else l->tail = p;
+    l->n--;
+}
+static inline void l_end(List *l, i64 *pv, i64 *nx, i64 k) {
+    if (l->tail == k) return;
+    l_del(l, pv, nx, k); l_push(l, pv, nx, k);
+}
+
+/* The replay loop of replay._replay_fast (priorities None), over a policy prefix P. */
+#define REPLAY(P, S)                                                              \
+    for (i64 r = 0; r < nreq; r++) {                                              \
+        const i64 *ks = keys + off[r];                                            \
+        i64 len = off[r + 1] - off[r], n = 0;                                     \
+        while (n < len && cached[ks[n]]) {                                        \
+            P##_pin(S, ks[n]); P##_touch(S, ks[n]); n++;                          \
+        }                                                                         \
+        hits += n;                                                                \
+        for (i64 i = n; i < len; i++) {                                           \
+            i64 k = ks[i];                                                        \
+            if (cached[k]) continue;                                              \
+            if (avail) avail--;                                                   \
+            else {                                                                \
+                i64 v = P##_victim(S);                                            \
+                if (v < 0) continue;                                              \
+                cached[v] = 0; if (vout) vout[evictions] = v; evictions++;        \
+            }                                                                     \
+            cached[k] = 1; P##_insert(S, k);                                      \
+        }                                                                         \
+        if (reverse) { for (i64 i = n - 1; i >= 0; i--) P##_unpin(S, ks[i]); }    \
+        else { for (i64 i = 0; i < n; i++) P##_unpin(S, ks[i]); }                 \
+    }                                                                             \
+    out[0] = hits; out[1] = evictions;
+
+/* ---------------------------------------------------------------- W-TinyLFU */
+enum { W_ = 0, P_ = 1, Q_ = 2, C_ = 3 };
+typedef struct {
+    i64 *pv, *nx; int8_t *seg, *linked;
+    const uint32_t *pa, *pb, *pc, *pd;
+    uint8_t *r0, *r1, *r2, *r3; i64 width;
+    List od[4]; i64 size[4];
+    i64 wmax, pmax, cap, adaptive, sample, hits, misses, added, sk_sample, resets, climbs;
+    double pratio, prev_rate, step;
+} WT;
+
+static void wt_reset(WT *s) {  /* FrequencySketch.reset */
+    for (i64 i = 0; i < 4 * s->width; i++) s->r0[i] >>= 1;
+    s->added = 0; s->resets++;
+}
+static inline void wt_incr(WT *s, i64 k) {  /* FrequencySketch.increment, conservative */
+    uint32_t a = s->pa[k], b = s->pb[k], c = s->pc[k], d = s->pd[k];
+    uint8_t ta = s->r0[a], tb = s->r1[b], tc = s->r2[c], td = s->r3[d], lo = ta;
+    if (tb < lo) lo = tb;
+    if (tc < lo) lo = tc;
+    if (td < lo) lo = td;
+    if (lo < 15) {
+        if (ta == lo) s->r0[a] = lo + 1;
+        if (tb == lo) s->r1[b] = lo + 1;
+        if (tc == lo) s->r2[c] = lo + 1;
+        if (td == lo) s->r3[d] = lo + 1;
+    }
+    if (++s->added >= s->sk_sample) wt_reset(s);
+}
+static inline uint8_t wt_freq(WT *s, i64 k) {
+    uint8_t lo = s->r0[s->pa[k]], x = s->r1[s->pb[k]];
+    if (x < lo) lo = x;
+    x = s->r2[s->pc[k]]; if (x < lo) lo = x;
+    x = s->r3[s->pd[k]]; if (x < lo) lo = x;
+    return lo;
+}
+static void wt_demote(WT *s) {  /* _demote_protected */
+    while (s->size[Q_] > s->pmax && s->od[Q_].n) {
+        i64 k = s->od[Q_].head;
+        l_del(&s->od[Q_], s->pv, s->nx, k); l_push(&s->od[P_], s->pv, s->nx, k);
+        s->seg[k] = P_; s->size[Q_]--; s->size[P_]++;
+    }
+}
+static void wt_spill(WT *s) {  /* _spill_window */
+    while (s->size[W_] > s->wmax && s->od[W_].n) {
+        i64 k = s->od[W_].head;
+        l_del(&s->od[W_], s->pv, s->nx, k); l_push(&s->od[C_], s->pv, s->nx, k);
+        s->seg[k] = C_; s->size[W_]--; s->size[C_]++;
+    }
+}
+static void wt_climb(WT *s) {  /* _climb: Caffeine's hill climber */
+    i64 total = s->hits + s->misses;
+    double rate = (double)s->hits / (double)total, delta = rate - s->prev_rate;
+    double step = delta >= 0 ? s->step : -s->step;
+    double m = fabs(step) * 0.98;
+    s->step = (m > 1.0 ? m : 1.0) * (step >= 0 ? 1 : -1);
+    s->prev_rate = rate; s->hits = s->misses = 0;
+    i64 c = s->cap, hi = c > 1 ? c - 1 : 1;
+    i64 nw = s->wmax + (i64)nearbyint(s->step);  /* round(): half to even */
+    if (nw < 1) nw = 1;
+    if (nw > hi) nw = hi;
+    s->wmax = nw;
+    s->pmax = (i64)(s->pratio * (double)(c - nw));
+    s->climbs++;
+    wt_demote(s); wt_spill(s);
+}
+static void wt_insert(WT *s, i64 k) {
+    wt_incr(s, k);
+    int old = s->seg[k];
+    if (old >= 0) {  /* re-registered while known: start over in the window */
+        if (s->linked[k]) { l_del(&s->od[old], s->pv, s->nx, k); s->linked[k] = 0; }
+        s->size[old]--;
+    }
+    s->seg[k] = W_; s->size[W_]++;
+    l_push(&s->od[W_], s->pv, s->nx, k); s->linked[k] = 1;
+    if (s->size[W_] > s->wmax) {  /* the inlined spill: size[C] is not counted */
+        while (s->size[W_] > s->wmax && s->od[W_].n) {
+            i64 j = s->od[W_].head;
+            l_del(&s->od[W_], s->pv, s->nx, j); l_push(&s->od[C_], s->pv, s->nx, j);
+            s->seg[j] = C_; s->size[W_]--;
+        }
+    }
+    s->misses++;
+    if (s->adaptive && s->hits + s->misses >= s->sample) wt_climb(s);
+}
+static void wt_touch(WT *s, i64 k) {
+    s->hits++;
+    int g = s->seg[k];
+    if (g < 0) { wt_incr(s, k); return; }
+    wt_incr(s, k);
+    if (g == P_ || g == C_) {
+        if (s->linked[k]) {
+            l_del(&s->od[g], s->pv, s->nx, k);
+            l_push(&s->od[Q_], s->pv, s->nx, k);
+        }
+        s->seg[k] = Q_; s->size[g]--; s->size[Q_]++;
+        if (s->size[Q_] > s->pmax) wt_demote(s);
+    } else if (s->linked[k]) {
+        l_end(&s->od[g], s->pv, s->nx, k);
+    }
+}
+static inline void wt_pin(WT *s, i64 k) {
+    int g = s->seg[k];
+    if (g >= 0 && s->linked[k]) { l_del(&s->od[g], s->pv, s->nx, k); s->linked[k] = 0; }
+}
+static inline void wt_unpin(WT *s, i64 k) {
+    int g = s->seg[k];
+    if (g < 0) { wt_insert(s, k); return; }
+    if (!s->linked[k]) { l_push(&s->od[g], s->pv, s->nx, k); s->linked[k] = 1; }
+}
+static inline i64 wt_drop(WT *s, i64 k) {
+    int g = s->seg[k];
+    s->seg[k] = -1; l_del(&s->od[g], s->pv, s->nx, k); s->linked[k] = 0; s->size[g]--;
+    return k;
+}
+static i64 wt_victim(WT *s) {
+    if (s->od[C_].n) {
+        i64 cand = s->od[C_].head, mv = -1;
+        if (s->od[P_].n) mv = s->od[P_].head;
+        else if (s->od[Q_].n) mv = s->od[Q_].head;
+        if (mv >= 0 && wt_freq(s, cand) > wt_freq(s, mv)) {
+            l_del(&s->od[C_], s->pv, s->nx, cand); l_push(&s->od[P_], s->pv, s->nx, cand);
+            s->seg[cand] = P_;
+            return wt_drop(s, mv);
+        }
+        s->seg[cand] = -1; l_del(&s->od[C_], s->pv, s->nx, cand); s->linked[cand] = 0;
+        return cand;
+    }
+    if (s->od[P_].n) return wt_drop(s, s->od[P_].head);
+    if (s->od[Q_].n) return wt_drop(s, s->od[Q_].head);
+    if (s->od[W_].n) return wt_drop(s, s->od[W_].head);
+    return -1;
+}
+
+/* params: cap, wmax, pmax, adaptive, sample, sk_sample, width; dparams: pratio, step,
+ * prev_rate. out: hits, evictions, window_max, climbs, resets. */
+int kvbm_replay_wtinylfu(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                         int reverse, const uint32_t *pos, const i64 *params,
+                         const double *dparams, i64 *out, i64 *vout) {
+    WT st, *s = &st;
+    memset(s, 0, sizeof st);
+    s->cap = params[0]; s->wmax = params[1]; s->pmax = params[2]; s->adaptive = params[3];
+    s->sample = params[4]; s->sk_sample = params[5]; s->width = params[6];
+    s->pratio = dparams[0]; s->step = dparams[1]; s->prev_rate = dparams[2];
+    s->pa = pos; s->pb = pos + nkeys; s->pc = pos + 2 * nkeys; s->pd = pos + 3 * nkeys;
+    uint8_t *table = calloc((size_t)(4 * s->width), 1);
+    s->pv = malloc(sizeof(i64) * (size_t)(nkeys + 1));
+    s->nx = malloc(sizeof(i64) * (size_t)(nkeys + 1));
+    s->seg = malloc((size_t)nkeys + 1);
+    s->linked = calloc((size_t)nkeys + 1, 1);
+    uint8_t *cached = calloc((size_t)nkeys + 1, 1);
+    if (!table || !s->pv || !s->nx || !s->seg || !s->linked || !cached) {
+        free(table); free(s->pv); free(s->nx); free(s->seg); free(s->linked); free(cached);
+        return -1;
+    }
+    memset(s->seg, -1, (size_t)nkeys + 1);
+    s->r0 = table; s->r1 = table + s->width; s->r2 = table + 2 * s->width;
+    s->r3 = table + 3 * s->width;
+    for (int i = 0; i < 4; i++) l_init(&s->od[i]);
+    i64 hits = 0, evictions = 0;
+    REPLAY(wt, s)
+    out[2] = s->wmax; out[3] = s->climbs; out[4] = s->resets;
+    free(table); free(s->pv); free(s->nx); free(s->seg); free(s->linked); free(cached);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- prefix LRU */
+enum { LEAF = 0, OLD = 1, INNER = 2 };
+typedef struct { i64 w, k; } HE;
+typedef struct {
+    i64 *pv, *nx;            /* leaves / inner links */
+    i64 *where;              /* tick << 2 | place, -1: not evictable */
+    i64 *parent, *nkids, *kfirst, *sprev, *snext;
+    uint8_t *known;
+    List leaves, inner;
+    HE *heap; i64 hn, hcap; int oom;
+    i64 clock, chain, pinned_last, inserted_last;
+} PX;
+
+static inline int he_lt(HE a, HE b) { return a.w < b.w || (a.w == b.w && a.k < b.k); }
+static void h_push(PX *s, i64 w, i64 k) {
+    if (s->hn == s->hcap) {
+        i64 nc = s->hcap ? 2 * s->hcap : 1024;
+        HE *h = realloc(s->heap, sizeof(HE) * (size_t)nc);
+        if (!h) { s->oom = 1; return; }
+        s->heap = h; s->hcap = nc;
+    }
+    HE e = {w, k}; i64 i = s->hn++;
+    while (i > 0) {
+        i64 p = (i - 1) / 2;
+        if (!he_lt(e, s->heap[p])) break;
+        s->heap[i] = s->heap[p]; i = p;
+    }
+    s->heap[i] = e;
+}
+static HE h_pop(PX *s) {
+    HE top = s->heap[0], e = s->heap[--s->hn];
+    i64 i = 0, n = s->hn;
+    for (;;) {
+        i64 c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && he_lt(s->heap[c + 1], s->heap[c])) c++;
+        if (!he_lt(s->heap[c], e)) break;
+        s->heap[i] = s->heap[c]; i = c;
+    }
+    if (n) s->heap[i] = e;
+    return top;
+}
+static inline void kid_add(PX *s, i64 p, i64 c) {
+    s->sprev[c] = -1; s->snext[c] = s->kfirst[p];
+    if (s->kfirst[p] >= 0) s->sprev[s->kfirst[p]] = c;
+    s->kfirst[p] = c; s->nkids[p]++;
+}
+static inline void kid_del(PX *s, i64 p, i64 c) {
+    if (s->sprev[c] >= 0) s->snext[s->sprev[c]] = s->snext[c]; else s->kfirst[p] = s->snext[c];
+    if (s->snext[c] >= 0) s->sprev[s->snext[c]] = s->sprev[c];
+    s->nkids[p]--;
+}
+static void px_became_parent(PX *s, i64 k) {
+    i64 w = s->where[k];
+    if (w < 0 || (w & 3) == INNER) return;
+    if ((w & 3) == LEAF) l_del(&s->leaves, s->pv, s->nx, k);
+    s->where[k] = w - (w & 3) + INNER;
+    l_push(&s->inner, s->pv, s->nx, k);
+}
+static void px_became_leaf(PX *s, i64 k) {
+    i64 w = s->where[k];
+    if (w >= 0 && (w & 3) == INNER) {
+        l_del(&s->inner, s->pv, s->nx, k);
+        s->where[k] = w = w - INNER + OLD;
+        h_push(s, w, k);
+    }
+}
+static void px_link(PX *s, i64 child, i64 parent) {
+    i64 old = s->parent[child];
+    if (old == parent) return;
+    if (old >= 0) {
+        s->parent[child] = -1;
+        kid_del(s, old, child);
+        if (!s->nkids[old]) px_became_leaf(s, old);
+    }
+    if (parent >= 0 && parent != child && s->known[parent]) {
+        s->parent[child] = parent;
+        kid_add(s, parent, child);
+        if (s->nkids[parent] == 1) px_became_parent(s, parent);
+    }
+}
+static void px_use(PX *s, i64 k) {
+    i64 w = s->where[k], c = ++s->clock;
+    if (w < 0 || (w & 3) == OLD) {
+        if (s->nkids[k]) { s->where[k] = c << 2 | INNER; l_push(&s->inner, s->pv, s->nx, k); }
+        else { s->where[k] = c << 2 | LEAF; l_push(&s->leaves, s->pv, s->nx, k); }
+    } else if ((w & 3) == LEAF) {
+        l_end(&s->leaves, s->pv, s->nx, k); s->where[k] = c << 2 | LEAF;
+    } else {
+        l_end(&s->inner, s->pv, s->nx, k); s->where[k] = c << 2 | INNER;
+    }
+}
+static void px_unplace(PX *s, i64 k) {
+    i64 w = s->where[k];
+    if (w < 0) return;
+    s->where[k] = -1;
+    if ((w & 3) == LEAF) l_del(&s->leaves, s->pv, s->nx, k);
+    else if ((w & 3) == INNER) l_del(&s->inner, s->pv, s->nx, k);
+}
+static void px_forget(PX *s, i64 k) {
+    px_unplace(s, k);
+    s->known[k] = 0;
+    if (k == s->chain || k == s->pinned_last || k == s->inserted_last)
+        s->chain = s->pinned_last = s->inserted_last = -1;
+    px_link(s, k, -1);
+    for (i64 c = s->kfirst[k]; c >= 0; c = s->snext[c]) s->parent[c] = -1;
+    s->kfirst[k] = -1; s->nkids[k] = 0;
+}
+static void px_insert(PX *s, i64 k) {
+    if (s->known[k]) px_forget(s, k);
+    s->known[k] = 1;
+    i64 chain = s->chain;
+    if (chain >= 0) {
+        if (s->parent[k] >= 0) px_link(s, k, chain);
+        else if (chain != k && s->known[chain]) {
+            s->parent[k] = chain;
+            kid_add(s, chain, k);
+            if (s->nkids[chain] == 1) px_became_parent(s, chain);
+        }
+        s->chain = k;
+    }
+    s->pinned_last = -1; s->inserted_last = k;
+    px_use(s, k);
+}
+static inline void px_touch(PX *s, i64 k) { if (s->where[k] >= 0) px_use(s, k); }
+static void px_pin(PX *s, i64 k) {
+    px_unplace(s, k);
+    i64 last = s->pinned_last;
+    if (s->inserted_last != k && s->parent[k] != last) px_link(s, k, last);
+    s->pinned_last = s->chain = k; s->inserted_last = -1;
+}
+static void px_unpin(PX *s, i64 k) {
+    if (!s->known[k]) px_insert(s, k); else px_use(s, k);
+    s->chain = s->pinned_last = s->inserted_last = -1;
+}
+static i64 px_victim(PX *s) {
+    while (s->hn && s->where[s->heap[0].k] != s->heap[0].w) h_pop(s);
+    i64 k;
+    if (s->hn && (!s->leaves.n || s->heap[0].w < s->where[s->leaves.head])) {
+        k = h_pop(s).k; s->where[k] = -1;
+    } else if (s->leaves.n) {
+        k = s->leaves.head; s->where[k] = -1; l_del(&s->leaves, s->pv, s->nx, k);
+    } else if (s->inner.n) {
+        k = s->inner.head; px_forget(s, k); return k;
+    } else return -1;
+    s->known[k] = 0;
+    if (k == s->chain || k == s->pinned_last || k == s->inserted_last)
+        s->chain = s->pinned_last = s->inserted_last = -1;
+    i64 p = s->parent[k];
+    s->parent[k] = -1;
+    if (p >= 0) {
+        kid_del(s, p, k);
+        if (!s->nkids[p]) px_became_leaf(s, p);
+    }
+    return k;
+}
+
+int kvbm_replay_prefix(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                       int reverse, i64 *out, i64 *vout) {
+    PX st, *s = &st;
+    memset(s, 0, sizeof st);
+    size_t n = (size_t)nkeys + 1;
+    i64 **arrs[] = {&s->pv, &s->nx, &s->where, &s->parent, &s->kfirst, &s->sprev, &s->snext};
+    int ok = 1;
+    for (int i = 0; i < 7; i++) { *arrs[i] = malloc(sizeof(i64) * n); ok = ok && *arrs[i]; }
+    s->nkids = calloc(n, sizeof(i64));
+    s->known = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    i64 hits = 0, evictions = 0;
+    int rc = -1;
+    if (ok && s->nkids && s->known && cached) {
+        for (size_t i = 0; i < n; i++) s->where[i] = s->parent[i] = s->kfirst[i] = -1;
+        l_init(&s->leaves); l_init(&s->inner);
+        s->chain = s->pinned_last = s->inserted_last = -1;
+        REPLAY(px, s)
+        rc = s->oom ? -1 : 0;
+    }
+    for (int i = 0; i < 7; i++) free(*arrs[i]);
+    free(s->nkids); free(s->known); free(cached); free(s->heap);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- LIRS, LRU */
+enum { LIR = 0, HIR = 1, NONRES = 2 };
+enum { OQ = 0, OL = 1, ON = 2 };  /* which of Q, the LIR order, non-resident a key is in */
+typedef struct {
+    i64 *spv, *snx, *opv, *onx;
+    int8_t *state, *ins, *where, *pinned;
+    List s, o[3];
+    i64 lir_count, lir_max, cap;
+} LI;
+
+static int li_alloc(LI *s, i64 nkeys, i64 cap, i64 lir_max) {
+    size_t n = (size_t)nkeys + 1;
+    memset(s, 0, sizeof *s);
+    s->spv = malloc(8 * n); s->snx = malloc(8 * n); s->opv = malloc(8 * n); s->onx = malloc(8 * n);
+    s->state = malloc(n); s->ins = calloc(n, 1); s->where = malloc(n); s->pinned = calloc(n, 1);
+    if (!s->spv || !s->snx || !s->opv || !s->onx || !s->state || !s->ins || !s->where || !s->pinned)
+        return -1;
+    memset(s->state, -1, n); memset(s->where, -1, n);
+    l_init(&s->s); for (int i = 0; i < 3; i++) l_init(&s->o[i]);
+    s->cap = cap; s->lir_max = lir_max;
+    return 0;
+}
+static void li_free(LI *s) {
+    free(s->spv); free(s->snx); free(s->opv); free(s->onx);
+    free(s->state); free(s->ins); free(s->where); free(s->pinned);
+}
+static inline void s_push(LI *s, i64 k) { l_push(&s->s, s->spv, s->snx, k); s->ins[k] = 1; }
+static inline void s_del(LI *s, i64 k) { l_del(&s->s, s->spv, s->snx, k); s->ins[k] = 0; }
+static inline void s_top(LI *s, i64 k) { if (s->ins[k]) l_end(&s->s, s->spv, s->snx, k); else s_push(s, k); }
+static inline void o_push(LI *s, int w, i64 k) { l_push(&s->o[w], s->opv, s->onx, k); s->where[k] = (int8_t)w; }
+static inline void o_del(LI *s, i64 k) { l_del(&s->o[s->where[k]], s->opv, s->onx, k); s->where[k] = -1; }
+static inline i64 o_pop(LI *s, int w) { i64 k = s->o[w].head; o_del(s, k); return k; }
+
+static void li_prune(LI *s) {
+    while (s->s.n) {
+        i64 k = s->s.head;
+        int st = s->state[k];
+        if (st == LIR) return;
+        s_del(s, k);
+        if (st == NONRES) { s->state[k] = -1; o_del(s, k); }
+    }
+}
+static void li_demote_bottom(LI *s) {
+    i64 k = s->s.head;
+    while (k >= 0 && s->state[k] != LIR) k = s->snx[k];
+    if (k < 0) return;
+    s_del(s, k); s->state[k] = HIR; s->lir_count--;
+    if (!s->pinned[k]) { o_del(s, k); o_push(s, OQ, k); }
+}
+static void li_lir_on(LI *s, i64 k) {
+    s->state[k] = LIR;
+    i64 n = ++s->lir_count;
+    s_top(s, k);
+    if (!s->pinned[k] && s->where[k] != OL) o_push(s, OL, k);
+    if (n > s->lir_max) {
+        i64 b = s->s.head;
+        if (s->state[b] == LIR) {
+            s_del(s, b); s->state[b] = HIR; s->lir_count = n - 1;
+            if (!s->pinned[b]) { o_del(s, b); o_push(s, OQ, b); }
+        } else li_demote_bottom(s);
+    }
+    if (s->state[s->s.head] != LIR) li_prune(s);
+}
+static void li_insert(LI *s, i64 k) {
+    int st = s->state[k];
+    if (st == NONRES) { o_del(s, k); li_lir_on(s, k); }
+    else if (st < 0 && s->lir_count < s->lir_max) li_lir_on(s, k);
+    else {
+        s->state[k] = HIR;
+        s_top(s, k);
+        if (!s->pinned[k]) {
+            if (s->where[k] == OQ) l_end(&s->o[OQ], s->opv, s->onx, k);
+            else o_push(s, OQ, k);
+        }
+    }
+}
+static void li_touch(LI *s, i64 k) {
+    int st = s->state[k];
+    if (st == LIR) {
+        int bottom = s->s.head == k;
+        l_end(&s->s, s->spv, s->snx, k);
+        if (s->where[k] == OL) l_end(&s->o[OL], s->opv, s->onx, k);
+        if (bottom) li_prune(s);
+    } else if (st == HIR) {
+        if (s->ins[k]) {
+            if (s->where[k] == OQ) o_del(s, k);
+            li_lir_on(s, k);
+        } else {
+            s_push(s, k);
+            if (s->where[k] == OQ) l_end(&s->o[OQ], s->opv, s->onx, k);
+        }
+    }
+}
+static inline void li_pin(LI *s, i64 k) {
+    s->pinned[k] = 1;
+    if (s->where[k] == OL || s->where[k] == OQ) o_del(s, k);
+}
+static void li_unpin(LI *s, i64 k) {
+    s->pinned[k] = 0;
+    int st = s->state[k];
+    if (st == LIR) { if (s->where[k] != OL) o_push(s, OL, k); }
+    else if (st == HIR) { if (s->where[k] != OQ) o_push(s, OQ, k); }
+    else li_insert(s, k);
+}
+static i64 li_victim(LI *s) {
+    if (s->o[OQ].n) {
+        i64 k = o_pop(s, OQ);
+        if (s->ins[k]) {
+            s->state[k] = NONRES; o_push(s, ON, k);
+            if (s->o[ON].n > s->cap) {
+                i64 old = o_pop(s, ON);
+                s_del(s, old); s->state[old] = -1;
+            }
+        } else s->state[k] = -1;
+        return k;
+    }
+    if (s->o[OL].n) {
+        i64 k = o_pop(s, OL);
+        s->state[k] = -1; s_del(s, k); s->lir_count--;
+        if (s->s.n && s->state[s->s.head] != LIR) li_prune(s);
+        return k;
+    }
+    return -1;
+}
+
+int kvbm_replay_lirs(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                     int reverse, i64 cap, i64 lir_max, i64 *out, i64 *vout) {
+    LI st, *s = &st;
+    memset(s, 0, sizeof st);
+    uint8_t *cached = calloc((size_t)nkeys + 1, 1);
+    int rc = -1;
+    if (cached && li_alloc(s, nkeys, cap, lir_max) == 0) {
+        i64 hits = 0, evictions = 0;
+        REPLAY(li, s)
+        rc = 0;
+    }
+    li_free(s); free(cached);
+    return rc;
+}
+"""

@@ -1,0 +1,150 @@
+"""Native replay loops for the slowest policies: the simulator's whole trace in one C call.
+
+Python's per-access overhead (a method call and a few dict operations per pin, touch,
+insert, unpin and victim) holds W-TinyLFU, the prefix-aware LRU and LIRS under a
+million block accesses per CPU second. ``replay`` hands a trace to one of the loops
+here when the policy is exactly one of those classes, freshly built (nothing inserted
+yet), and the replay takes the common path (no priorities, no key repeated in a
+request): each loop is a call-for-call port of the policy and of
+``replay._replay_fast`` (``_native_src``), so hits, evictions and every victim are
+the same, which ``tests/test_policies_native.py`` checks against the Python path.
+
+The policy object is left as it was built: the loop keeps its own state, in arrays
+indexed by each key's rank among the trace's distinct keys (numpy's ``unique``, inside
+the timed part). Keys must be ints that fit in 64 bits; any other trace takes the
+Python loop. The C source is compiled once per process by ``kvbm._cc`` (no compiler:
+``available()`` is False and every replay takes the Python loop, with the same
+results). ``enabled = False`` turns the loops off (tests run both paths).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import threading
+from typing import Any
+
+import numpy as np
+
+from kvbm import _cc
+from kvbm.policy import EvictionPolicy
+
+from ._native_src import SOURCE
+from .workloads import Trace
+
+__all__ = ["available", "enabled", "replay", "supports"]
+
+#: False turns the native loops off in this process (tests compare both paths).
+enabled = True
+
+_lock = threading.Lock()
+_loaded = False
+_lib: ctypes.CDLL | None = None
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _load() -> ctypes.CDLL | None:
+    global _loaded, _lib
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                lib = _cc.build(SOURCE, "the policy simulator's replay loops", "the Python loop")
+                if lib is not None:
+                    lib.kvbm_replay_wtinylfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P, _P,
+                                                         _P, _P]
+                    lib.kvbm_replay_prefix.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+                    lib.kvbm_replay_lirs.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _P, _P]
+                    for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs):
+                        fn.restype = ctypes.c_int
+                _lib = lib
+                _loaded = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native loops are built (a C compiler was found) and enabled."""
+    return enabled and _load() is not None
+
+
+def _fresh(policy: EvictionPolicy) -> str | None:
+    """The loop for ``policy``: its exact class, and only before its first call."""
+    from .eviction import LIRSPolicy
+    from .prefix import PrefixLRUPolicy
+    from .tinylfu import WTinyLFUPolicy
+
+    t = type(policy)
+    if t is WTinyLFUPolicy:
+        p: Any = policy
+        return "wtinylfu" if not p._seg and p._hits == 0 and p._misses == 0 else None
+    if t is PrefixLRUPolicy:
+        return "prefix" if not policy._known and policy._clock == 0 else None  # type: ignore[attr-defined]
+    if t is LIRSPolicy:
+        return "lirs" if not policy._state else None  # type: ignore[attr-defined]
+    return None
+
+
+def supports(policy: EvictionPolicy) -> bool:
+    """Whether ``replay`` would run ``policy`` natively (loops built, class and state fit)."""
+    return available() and _fresh(policy) is not None
+
+
+def _ptr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
+           victims: list[Any] | None = None) -> tuple[int, int] | None:
+    """``(hits, evictions)`` of ``trace`` replayed natively, or None when the policy or
+    the trace has no native path (the caller then runs the Python loop). With
+    ``victims``, each victim's key is appended to it in order (for tests)."""
+    if not enabled:
+        return None
+    kind = _fresh(policy)
+    if kind is None:
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    reqs = trace.requests
+    off = np.zeros(len(reqs) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, reqs), np.int64, len(reqs)), out=off[1:])
+    total = int(off[-1])
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(reqs), np.int64, total)
+    except (TypeError, ValueError, OverflowError):
+        return None  # keys that are not 64-bit ints: the Python loop
+    uniq, inv = np.unique(flat, return_inverse=True)
+    ids = np.ascontiguousarray(inv.reshape(-1), dtype=np.int64)
+    nkeys = len(uniq)
+    out = np.zeros(8, np.int64)
+    vout = np.empty(max(1, total), np.int64) if victims is not None else None
+    vptr = _ptr(vout) if vout is not None else None
+    common = (nkeys, len(reqs), _ptr(off), _ptr(ids), capacity, int(reverse))
+    if kind == "wtinylfu":
+        p: Any = policy
+        mask = p._smask
+        with np.errstate(over="ignore"):
+            h = uniq.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(31)
+        m = np.uint64(mask)
+        pos = np.empty((4, nkeys), np.uint32)
+        pos[0] = h & m
+        pos[1] = (h >> np.uint64(16)) & m
+        pos[2] = (h >> np.uint64(32)) & m
+        pos[3] = ((h >> np.uint64(48)) ^ (h >> np.uint64(5))) & m
+        params = np.array([p.capacity, p._window_max, p._protected_max, int(p.adaptive), p._sample,
+                           p.sketch.sample, p.sketch.width], np.int64)
+        dparams = np.array([p._protected_ratio, p._step, p._prev_rate], np.float64)
+        rc = lib.kvbm_replay_wtinylfu(*common, _ptr(pos), _ptr(params), _ptr(dparams), _ptr(out), vptr)
+    elif kind == "prefix":
+        rc = lib.kvbm_replay_prefix(*common, _ptr(out), vptr)
+    else:
+        lirs: Any = policy
+        rc = lib.kvbm_replay_lirs(*common, lirs.capacity, lirs._lir_max, _ptr(out), vptr)
+    if rc != 0:
+        return None  # out of memory in the loop: the Python loop
+    hits, evictions = int(out[0]), int(out[1])
+    if victims is not None and vout is not None:
+        victims.extend(uniq[vout[:evictions]].tolist())
+    return hits, evictions

@@ -77,6 +77,13 @@ def native() -> bool:
     return _native is not None
 
 
+def native_function() -> int | None:
+    """The address of the checked C function (``uint64_t f(const void *, size_t)``),
+    for native loops that checksum without coming back to Python; None without one."""
+    fn = _native
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value  # type: ignore[arg-type]
+
+
 def implementation() -> str:
     """Which function computes checksums: ``<library>:<symbol>``, or ``xxhash (GIL held)``."""
     return "xxhash (GIL held)" if _found is None else _found[1]

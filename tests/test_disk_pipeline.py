@@ -57,6 +57,9 @@ def test_a_staged_block_is_not_matched_while_its_write_is_still_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n, gated = 40, 21
+    # The Python I/O loop (its os.pwritev is held here); tests/test_disk_native.py holds
+    # the native loop's.
+    monkeypatch.setattr(tier_module, "NATIVE_IO", False)
     with KvBlockManager.from_config(disk_first(tmp_path, 64)) as m:
         hashes, data = random_blocks(m, n, seed=1)
         started, release = threading.Event(), threading.Event()
@@ -189,6 +192,7 @@ def test_a_header_is_written_only_after_its_blocks_data_write_returned(
 ) -> None:
     from kvbm_tiers_disk.format import HEADER_BYTES, unpack_header
 
+    monkeypatch.setattr(tier_module, "NATIVE_IO", False)  # the Python loop's os.pwritev
     tier = aligned_tier(tmp_path)
     try:
         bb = tier.block_bytes

@@ -1,0 +1,184 @@
+"""The disk tier's per-block I/O loop in C: a batch's blocks written or read, and
+checksummed, without the GIL between one block and the next.
+
+In Python each block is several GIL hand-offs: the thread takes the GIL back after its
+``pwritev`` returns, again after its checksum, again after its header write. On a
+machine whose CPUs are shared (more runnable threads than cores) a thread that holds
+the GIL can be preempted, and then every other I/O thread that finished a request
+waits for it before it may issue its next one: the device sits idle behind the GIL.
+fio's threads never meet. Here each I/O thread makes one ``ctypes`` call per batch
+(the GIL released for all of it) and takes blocks from a shared counter until none
+is left; per block it does what the Python path does, in the same order:
+
+- write: invalidate the old header if it may be valid, write the data, checksum the
+  bytes written (xxHash's own function, the one ``_xxh`` checked), put the checksum
+  into the header Python packed for the block, seal the header with its own checksum,
+  write it. A block whose data write failed or came back short gets no header.
+- read: read the data, checksum it. Python compares the checksum with the index's.
+
+Every outcome comes back per block (the stage that failed and its errno), and Python
+updates the index and the counters exactly as on its own path. The source is
+compiled once per process with the system's C compiler (``kvbm._cc``); without one,
+or if the loaded loop seals a test header differently from ``pack_header``, the
+tier keeps its Python loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvbm import _cc
+from kvbm.blockfile import HEADER_BYTES, HEADER_USED, BlockHeader, pack_header
+
+from . import _xxh
+
+log = logging.getLogger("kvbm.disk")
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef uint64_t (*hash_fn)(const void *, size_t);
+
+/* status: 0, or stage << 32 | errno (errno 0: a short transfer) */
+static int64_t fail(int64_t stage, ssize_t got) {
+    return (stage << 32) | (uint32_t)(got < 0 ? errno : 0);
+}
+
+void kvbm_disk_seal(char *hp, uint64_t sum, int64_t sum_at, int64_t used, hash_fn h) {
+    memcpy(hp + sum_at, &sum, 8);
+    uint64_t hs = h(hp, (size_t)used);
+    memcpy(hp + used, &hs, 8);
+}
+
+int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64_t *buf,
+                        const int64_t *len, const int64_t *doff, const int64_t *hoff,
+                        const int64_t *inval, int64_t hashed, const char *zero,
+                        char *headers, int64_t page, int64_t sum_at, int64_t used,
+                        hash_fn h, uint64_t *sums, int64_t *status) {
+    int64_t done = 0;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+        if (i >= n) return done;
+        done++;
+        ssize_t got;
+        if (inval[i]) {
+            got = pwrite((int)fd[i], zero, (size_t)page, hoff[i]);
+            if (got != page) { status[i] = fail(1, got); continue; }
+        }
+        got = pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
+        if (got != len[i]) { status[i] = fail(2, got); continue; }
+        uint64_t s = h((const void *)buf[i], (size_t)hashed);
+        sums[i] = s;
+        if (headers) {
+            char *hp = headers + i * page;
+            kvbm_disk_seal(hp, s, sum_at, used, h);
+            got = pwrite((int)fd[i], hp, (size_t)page, hoff[i]);
+            if (got != page) { status[i] = fail(3, got); continue; }
+        }
+        status[i] = 0;
+    }
+}
+
+int64_t kvbm_disk_read(int64_t n, int64_t *next, const int64_t *fd, const int64_t *buf,
+                       const int64_t *len, const int64_t *off, int64_t hashed, hash_fn h,
+                       uint64_t *sums, int64_t *status) {
+    int64_t done = 0;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+        if (i >= n) return done;
+        done++;
+        ssize_t got = pread((int)fd[i], (void *)buf[i], (size_t)len[i], off[i]);
+        if (got != len[i]) { status[i] = fail(2, got); sums[i] = got < 0 ? 0 : (uint64_t)got; continue; }
+        sums[i] = h((const void *)buf[i], (size_t)hashed);
+        status[i] = 0;
+    }
+}
+"""
+
+#: Stages a status names.
+INVALIDATE, DATA, HEADER = 1, 2, 3
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+@dataclass(frozen=True)
+class NativeIO:
+    """The compiled loops and the checksum function they call."""
+
+    write_fn: Any
+    read_fn: Any
+    seal_fn: Any
+    hash_ptr: int
+    sum_at: int
+
+
+def _checksum_offset() -> int:
+    """Where ``pack_header`` puts the data checksum (found, not assumed)."""
+    a, b = bytearray(HEADER_BYTES), bytearray(HEADER_BYTES)
+    h = BlockHeader(b"k" * 16, b"n" * 16, b"l" * 8, 4096, 0, 7, 3)
+    pack_header(memoryview(a), h)
+    pack_header(memoryview(b), BlockHeader(h.key, h.namespace, h.layout, h.length, 2**64 - 1,
+                                           h.seq, h.slot))
+    diff = [i for i in range(HEADER_USED - 8) if a[i] != b[i]]
+    if len(diff) != 8 or diff != list(range(diff[0], diff[0] + 8)):
+        raise RuntimeError("cannot find the checksum field of a block header")
+    return diff[0]
+
+
+def _build() -> NativeIO | None:
+    fn = _xxh.native_function()
+    if fn is None or sys.byteorder != "little":
+        return None
+    lib = _cc.build(SOURCE, "the disk tier's I/O loop", "Python I/O threads")
+    if lib is None:
+        return None
+    w, r, s = lib.kvbm_disk_write, lib.kvbm_disk_read, lib.kvbm_disk_seal
+    w.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P]
+    w.restype = _I
+    r.argtypes = [_I, _P, _P, _P, _P, _P, _I, _P, _P, _P]
+    r.restype = _I
+    s.argtypes = [_P, ctypes.c_uint64, _I, _I, _P]
+    s.restype = None
+    try:
+        sum_at = _checksum_offset()
+    except RuntimeError as e:
+        log.debug("kvbm disk: %s; using Python I/O threads", e)
+        return None
+    nio = NativeIO(w, r, s, fn, sum_at)
+    # The C seal must give pack_header's bytes exactly, or the Python loop is kept.
+    want = np.zeros(HEADER_BYTES, np.uint8)
+    got = np.zeros(HEADER_BYTES, np.uint8)
+    h = BlockHeader(bytes(range(16)), bytes(range(16, 32)), b"layout!!", 2 << 20,
+                    0x0123456789ABCDEF, 12345, 678)
+    pack_header(memoryview(want), h)
+    pack_header(memoryview(got), BlockHeader(h.key, h.namespace, h.layout, h.length, 0, h.seq,
+                                             h.slot))
+    nio.seal_fn(got.ctypes.data, h.checksum, sum_at, HEADER_USED - 8, fn)
+    if not np.array_equal(want, got):
+        log.debug("kvbm disk: the native header seal differs from pack_header; using Python")
+        return None
+    return nio
+
+
+_lock = threading.Lock()
+_loaded: list[NativeIO | None] = []
+
+
+def load() -> NativeIO | None:
+    """The compiled loops (built on first use, once per process), or None."""
+    with _lock:
+        if not _loaded:
+            _loaded.append(_build())
+        return _loaded[0]

@@ -50,7 +50,7 @@ _PUMP_AFTER_S = 0.002
 class _Step:
     """One pipelined step: a lease, its READ and the blocks it covers."""
 
-    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline")
+    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline", "off", "length")
 
     def __init__(self) -> None:
         self.idx: list[int] = []
@@ -62,6 +62,9 @@ class _Step:
         # Until when the lease surely pins the blocks (this side's monotonic clock);
         # None when the peer did not say its ttl.
         self.deadline: float | None = None
+        # A piece of one block (``verify_bytes`` under the block size): its byte range.
+        self.off = 0
+        self.length = 0  # 0: whole blocks
 
 
 class BlockReader:
@@ -86,6 +89,8 @@ class BlockReader:
         self._bounce_free: list[np.ndarray] = []
         self._step_blocks = max(1, cfg.pipeline_bytes // block_bytes)
         self._part_blocks = max(1, cfg.verify_bytes // block_bytes)
+        # READs of less than a block: each piece is hashed into its block's running xxh3.
+        self._piece_bytes = cfg.verify_bytes if cfg.verify_bytes < block_bytes else 0
         # Checksums of each READ run here while the next is read (xxhash releases the GIL).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{name}-verify")
 
@@ -112,6 +117,9 @@ class BlockReader:
         cur: _Step | None = None
         part: _Step | None = None
         bad: list[bytes] = []
+        # Running xxh3 of each block read in pieces (the verifier thread's alone); a
+        # block whose piece failed is None, so its last piece cannot pass it.
+        running: dict[int, Any] = {}
         sent_at: list[float] = []  # when each lease request was sent (replies come in order)
         by_lease = self.cfg.verify == "lease"
         try:
@@ -129,7 +137,7 @@ class BlockReader:
                         self._peers.send(peer, *releases, *msgs)
                         releases = []
                     cur = self._leased(peer, chunks[j], sent_at[j])
-                    for part in self._parts(cur):
+                    for part in self._parts(cur, dst):
                         self._post(peer, part, dst)
                         self._wait(peer, part)
                         self._release_handle(part)
@@ -145,7 +153,7 @@ class BlockReader:
                             self._accept(part, ok)
                         else:
                             verifying.append(self._verifier.submit(
-                                self._verify, peer, part, keys, dst, ok, bad, check
+                                self._verify, peer, part, keys, dst, ok, bad, check, running
                             ))
                     part = None
                     releases.append({"op": "release", "lease": cur.lease})
@@ -169,15 +177,31 @@ class BlockReader:
             for f in verifying:
                 f.result()
 
-    def _parts(self, s: _Step) -> list[_Step]:
+    def _parts(self, s: _Step, dst: Sequence[np.ndarray]) -> list[_Step]:
         """Split a leased step into READs of ``verify_bytes`` (they share its lease).
 
         Only for checksums, which want the bytes still cached; with ``verify: lease``
-        one READ per step does, and costs fewer posts."""
+        one READ per step does, and costs fewer posts. Under the block size, each block
+        is read in pieces (when every destination of the step is registered: a bounce
+        buffer holds whole blocks)."""
         k = self._part_blocks
-        if len(s.idx) <= k or self.cfg.verify != "checksum":
+        if self.cfg.verify != "checksum":
             return [s]
         remote: list[tuple[int, int, int]] = s.handle
+        pb, bb = self._piece_bytes, self.block_bytes
+        if pb and s.idx and all(self._local_addr(dst[i]) is not None for i in s.idx):
+            parts = []
+            for i, want, (raddr, _, dev) in zip(s.idx, s.sums, remote):
+                for off in range(0, bb, pb):
+                    p = _Step()
+                    p.idx, p.sums, p.handle = [i], [want], [(raddr + off, min(pb, bb - off), dev)]
+                    p.lease, p.deadline = s.lease, s.deadline
+                    p.off, p.length = off, min(pb, bb - off)
+                    parts.append(p)
+            s.handle = None
+            return parts
+        if len(s.idx) <= k:
+            return [s]
         parts = []
         for a in range(0, len(s.idx), k):
             p = _Step()
@@ -224,7 +248,11 @@ class BlockReader:
                 s.bounce.append((buf, dst[i]))
                 addr = int(buf.ctypes.data)
                 self.stats.bounce_blocks += 1
-            local.append((addr, self.block_bytes, 0))
+            if s.length:
+                assert not s.bounce, "pieces are read into registered memory only"
+                local.append((addr + s.off, s.length, 0))
+            else:
+                local.append((addr, self.block_bytes, 0))
         assert peer.agent is not None, "a peer is posted to only while live"
         try:
             with self._nixl_lock:
@@ -284,9 +312,15 @@ class BlockReader:
     def _verify(
         self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
         ok: list[bool], bad: list[bytes], check: bool = True,
+        running: dict[int, Any] | None = None,
     ) -> None:
         """Check each block that arrived against the peer's xxh3 (unless ``check`` is
-        off: the lease vouches for them); only matches are True."""
+        off: the lease vouches for them); only matches are True. A piece of a block
+        (``s.length``) goes into the block's running xxh3 in ``running``; the block is
+        checked at its last piece, and only if every piece arrived."""
+        if s.length:
+            self._verify_piece(peer, s, keys, dst, ok, bad, running)
+            return
         if not s.ok:
             self._free_bounce(s)
             return
@@ -311,6 +345,36 @@ class BlockReader:
             self.stats.blocks_read += 1
             self.stats.bytes_read += bb
         self._free_bounce(s)
+
+    def _verify_piece(
+        self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
+        ok: list[bool], bad: list[bytes], running: dict[int, Any] | None,
+    ) -> None:
+        assert running is not None and len(s.idx) == 1, "a piece is of one block"
+        i, want = s.idx[0], s.sums[0]
+        if s.off == 0:
+            running[i] = xxhash.xxh3_64()
+        h = running.get(i)
+        if h is None:
+            return  # an earlier piece of this block failed: it stays a miss
+        if not s.ok:
+            running[i] = None
+            return
+        h.update(dst[i].reshape(-1)[s.off : s.off + s.length])  # registered: uint8, contiguous
+        if s.off + s.length < self.block_bytes:
+            return
+        del running[i]
+        got = h.intdigest()
+        if got != want:
+            self.stats.checksum_failures += 1
+            log.warning("kvbm tier %r: block %s from peer %s failed its checksum "
+                        "(xxh3 %016x, peer said %016x); a miss",
+                        self.name, keys[i].hex(), peer.addr, got, want)
+            bad.append(keys[i])
+            return
+        ok[i] = True
+        self.stats.blocks_read += 1
+        self.stats.bytes_read += self.block_bytes
 
     def _cancel_or_drain(self, s: _Step) -> None:
         """Stop a timed-out READ before its buffers can be reused.

@@ -1,0 +1,143 @@
+"""The remote tier's reads in pieces of a block (``verify_bytes`` under the block size).
+
+Each block is READ in pieces and each piece hashed into the block's running xxh3 right
+after its READ (while the bytes are still in cache); the block is checked at its last
+piece. These tests pin down that the pieces land at the right offsets, that a change
+in any one piece makes the block a miss, and that a piece whose READ failed cannot let
+its block pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvbm[remote]'")
+pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
+import xxhash  # noqa: E402
+
+from kvbm import ContiguousBlocks, KvBlockManager  # noqa: E402
+from kvbm_tiers_remote._peers import RemoteStats  # noqa: E402
+from kvbm_tiers_remote._reader import BlockReader, _Step  # noqa: E402
+from kvbm_tiers_remote.config import RemoteTierConfig  # noqa: E402
+
+TINY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32"}
+PAGE = 16
+FAST = {"ucx_net_devices": "lo", "publish_interval_s": 0.05, "retry_after_s": 0.2,
+        "request_timeout_s": 2.0, "transfer_timeout_s": 5.0}
+
+
+def _config(remote: dict[str, Any]) -> dict[str, Any]:
+    return {"model": TINY, "page_size": PAGE,
+            "tiers": [{"type": "host", "num_blocks": 64}, {"type": "remote", **FAST, **remote}]}
+
+
+def _offload(mgr: KvBlockManager, n: int, seed: int) -> tuple[list[int], np.ndarray]:
+    tokens = [seed * 1_000_003 + i for i in range(n * PAGE)]
+    data = np.random.default_rng(seed).integers(0, 256, (n, mgr.block_bytes), dtype=np.uint8)
+    mgr.offload(mgr.hash_tokens(tokens), ContiguousBlocks(data, mgr.layout))
+    mgr.flush()
+    time.sleep(0.2)  # let the publisher write the served hashes
+    return tokens, data
+
+
+def _onboard(mgr: KvBlockManager, tokens: list[int], n: int) -> tuple[int, np.ndarray]:
+    out = np.zeros((n, mgr.block_bytes), dtype=np.uint8)
+    with mgr.match_prefix(tokens) as m:
+        assert list(m.tiers) == ["remote"] * n
+        res = mgr.onboard(m, ContiguousBlocks(out[: m.num_blocks], mgr.layout), promote=False)
+    return res.loaded, out
+
+
+def _pair(tmp_path: Path, piece: int) -> tuple[KvBlockManager, KvBlockManager]:
+    rdir = str(tmp_path / "rendezvous")
+    a = KvBlockManager.from_config(_config({"rendezvous_dir": rdir}))
+    b = KvBlockManager.from_config(_config({"rendezvous_dir": rdir, "verify_bytes": piece}))
+    assert a.block_bytes == 4096
+    return a, b
+
+
+@pytest.mark.parametrize("piece", [1024, 1536], ids=["4-equal-pieces", "last-piece-shorter"])
+def test_blocks_read_in_pieces_are_byte_exact(tmp_path: Path, piece: int) -> None:
+    a, b = _pair(tmp_path, piece)
+    try:
+        tokens, data = _offload(a, 5, 21)
+        loaded, out = _onboard(b, tokens, 5)
+        assert loaded == 5
+        assert np.array_equal(out, data)
+        assert b.chain[-1].tier.stats()["checksum_failures"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_block_whose_middle_piece_changed_after_its_lease_is_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = _pair(tmp_path, 1024)
+    try:
+        tokens, data = _offload(a, 3, 22)
+        host, server = a.chain[0], a.chain[-1].tier._server
+        slot = host.registry.lookup(a.hash_tokens(tokens)[1])
+        real = server._lease
+
+        def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+            reply = real(cid, keys, ttl)  # the sum is taken here, over the old bytes
+            host.tier.slots[slot][2 * 1024 + 5] ^= 0xFF  # the third of four pieces
+            return reply
+
+        monkeypatch.setattr(server, "_lease", lease_then_flip)
+        loaded, out = _onboard(b, tokens, 3)
+        assert loaded == 1  # the prefix stops at the bad block
+        assert np.array_equal(out[0], data[0])
+        assert b.chain[-1].tier.stats()["checksum_failures"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+BB = 4096
+
+
+def _reader(piece: int) -> BlockReader:
+    cfg = RemoteTierConfig(peers=["127.0.0.1:1"], verify_bytes=piece)
+    return BlockReader("t", cfg, None, threading.RLock(), BB, None, RemoteStats())  # type: ignore[arg-type]
+
+
+class _Peer:
+    addr = "127.0.0.1:1"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    piece=st.sampled_from([512, 1000, 1024, 3000]),
+    seed=st.integers(0, 2**32 - 1),
+    flip=st.one_of(st.none(), st.integers(0, BB - 1)),
+    failed=st.one_of(st.none(), st.integers(0, 7)),
+)
+def test_a_block_in_pieces_passes_only_when_every_piece_arrived_unchanged(
+    piece: int, seed: int, flip: int | None, failed: int | None
+) -> None:
+    data = np.random.default_rng(seed).integers(0, 256, BB, dtype=np.uint8)
+    want = xxhash.xxh3_64_intdigest(data)
+    got = data.copy()
+    if flip is not None:
+        got[flip] ^= 0x01
+    offs = list(range(0, BB, piece))
+    reader, ok, bad, running = _reader(piece), [False], [], {}  # type: ignore[var-annotated]
+    for n, off in enumerate(offs):
+        s = _Step()
+        s.idx, s.sums, s.off, s.length = [0], [want], off, min(piece, BB - off)
+        s.ok = n != failed
+        reader._verify(_Peer(), s, [b"k" * 16], [got], ok, bad, True, running)  # type: ignore[arg-type]
+    arrived = failed is None or failed >= len(offs)
+    assert ok == [flip is None and arrived]
+    assert reader.stats.checksum_failures == (1 if flip is not None and arrived else 0)
+    reader.close()

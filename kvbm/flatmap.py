@@ -61,10 +61,10 @@ class SlotKeys:
     The caller (the registry) knows which slots are in use.
     """
 
-    __slots__ = ("capacity", "stride", "bits", "_mask", "_ints", "_buf", "_index_np", "_index",
-                 "_keys_np", "_rec_np", "_steps")
+    __slots__ = ("capacity", "stride", "bits", "slot_mask", "_mask", "_tag_shift", "_tag_mask",
+                 "_ints", "_buf", "_index_np", "_index", "_keys_np", "_rec_np", "_steps")
 
-    def __init__(self, capacity: int, extra: int = 0) -> None:
+    def __init__(self, capacity: int, extra: int = 0, tag_bits: int | None = None) -> None:
         if not 0 < capacity < 2**31 - 1:
             raise ValueError(f"capacity: a table holds 1 to 2**31 - 2 slots, got {capacity}")
         if extra < 0 or extra % 4:
@@ -74,6 +74,17 @@ class SlotKeys:
         self.stride = KEY_BYTES + extra
         self.bits = max(3, (2 * capacity - 1).bit_length())
         self._mask = (1 << self.bits) - 1
+        # An index entry is a slot number, and in the bits above it that slot numbers
+        # leave free (7 at 10M slots, none at 2**30), a tag: the next bits of the key's
+        # hash after those of its home. ``find_prefix`` reads the record of an entry
+        # only when its tag is the key's: a wrong entry costs no random read of a key
+        # (1 in 2**tag bits still does, and the whole key is always compared).
+        # ``entry & slot_mask`` is the slot; an empty entry is -1. ``tag_bits`` caps the
+        # tag (tests: a tag of 1 bit makes collisions common).
+        self._tag_shift = max(1, (capacity - 1).bit_length())
+        self.slot_mask = (1 << self._tag_shift) - 1
+        spare = 31 - self._tag_shift
+        self._tag_mask = (1 << (spare if tag_bits is None else min(tag_bits, spare))) - 1
         self._ints: bool | None = None  # the kind of key, fixed by the first one added
         # An anonymous mapping rather than a bytearray: its slices are bytes (a third
         # faster to compare), its pages are touched only when a slot is first used, and
@@ -110,10 +121,10 @@ class SlotKeys:
 
     @property
     def probe(self) -> tuple[memoryview, int, mmap.mmap, int]:
-        """(index, mask, records, stride): what ``find`` reads, for a caller that writes
-        the probe out on its hot path. Key ``k`` (16 bytes) is in slot ``s`` when an entry
-        from ``hash(k) & mask`` on, before the first -1, is ``s`` with
-        ``buf[stride * s:stride * s + 16] == k``."""
+        """(index, mask, records, stride), with ``slot_mask``: what ``find`` reads, for a
+        caller that writes the probe out on its hot path. Key ``k`` (16 bytes) is in slot
+        ``s`` when an entry ``e`` from ``hash(k) & mask`` on, before the first -1, has
+        ``e & slot_mask == s`` and ``buf[stride * s:stride * s + 16] == k``."""
         return self._index, self._mask, self._buf, self.stride
 
     @property
@@ -161,27 +172,31 @@ class SlotKeys:
             key = kb
         # A bytes key of another length equals no stored key: no check needed here.
         index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
+        slot_mask = self.slot_mask
         i = hash(key) & mask
-        s = index[i]
-        while s >= 0:
+        e = index[i]
+        while e >= 0:
+            s = e & slot_mask
             o = s * stride
             if buf[o:o + 16] == key:
                 return s
             i = (i + 1) & mask
-            s = index[i]
+            e = index[i]
         return -1
 
     def find_canon(self, kb: bytes) -> int:
         """Slot of the key stored as ``kb`` (from ``canon``), or -1."""
         index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
+        slot_mask = self.slot_mask
         i = hash(kb) & mask
-        s = index[i]
-        while s >= 0:
+        e = index[i]
+        while e >= 0:
+            s = e & slot_mask
             o = s * stride
             if buf[o:o + 16] == kb:
                 return s
             i = (i + 1) & mask
-            s = index[i]
+            e = index[i]
         return -1
 
     def find_prefix(self, keys: Sequence[bytes]) -> np.ndarray:
@@ -196,26 +211,30 @@ class SlotKeys:
         # which keeps the low bits).
         steps = self._steps
         w = len(steps)
-        pos = np.fromiter(map(hash, keys), np.int64, n)[:, None] + steps
+        h = np.fromiter(map(hash, keys), np.int64, n)
+        pos = h[:, None] + steps
         pos &= self._mask
-        entries = self._index_np.take(pos)  # n x w slot numbers, -1 empty
-        # The records they name, gathered whole (a key and the caller's bytes of its
-        # slot share a cache line: the caller then finds those in the cache), and their
-        # keys compared as 16 bytes. An empty entry reads the last slot's record (index
-        # -1): ``entries >= 0`` rules it out.
-        same = (self._rec_np.take(entries)["k"]
-                == np.frombuffer(b"".join(keys), _KEY)[:, None])
-        same &= entries >= 0
-        at = np.flatnonzero(same)  # a key is indexed once at most: one entry a key at most
+        entries = self._index_np.take(pos)  # n x w entries, -1 empty
+        # The entries whose tag is the key's (an empty one, -1, has tag -1: never),
+        # then the records they name, gathered whole (a key and the caller's bytes of
+        # its slot share a cache line: the caller then finds those in the cache), and
+        # their keys compared as 16 bytes: a tag only rules entries out.
+        h >>= self.bits
+        h &= self._tag_mask
+        at = np.flatnonzero((entries >> self._tag_shift) == h[:, None])
         entries = entries.ravel()
-        found: np.ndarray = entries[at].astype(np.intp)
-        if len(found) == n:
+        cand = entries[at] & self.slot_mask
+        mine = at // w  # the key each candidate is for
+        same = (self._rec_np.take(cand)["k"]
+                == np.frombuffer(b"".join(keys), _KEY).take(mine))
+        found: np.ndarray = cand[same].astype(np.intp)
+        if len(found) == n:  # a key is indexed once at most: in order, one a key
             return found
         # The keys not found in their window: absent when the window holds an empty
         # entry, else further on in their cluster (the scalar probe). The run ends at
         # the first absent one.
         slots = np.full(n, -1, np.intp)
-        slots[at // w] = found
+        slots[mine[same]] = found
         for i in np.flatnonzero(slots < 0).tolist():
             if -1 in entries[i * w:(i + 1) * w].tolist():
                 return slots[:i]
@@ -236,10 +255,11 @@ class SlotKeys:
     def add(self, kb: bytes, slot: int) -> None:
         """Index ``slot`` under ``kb`` (from ``canon_to_add``); the caller checked it is absent."""
         index, mask = self._index, self._mask
-        i = hash(kb) & mask
+        h = hash(kb)
+        i = h & mask
         while index[i] >= 0:
             i = (i + 1) & mask
-        index[i] = slot
+        index[i] = slot | ((h >> self.bits) & self._tag_mask) << self._tag_shift
         o = slot * self.stride
         self._buf[o:o + 16] = kb
 
@@ -247,22 +267,25 @@ class SlotKeys:
         """Forget the index entry of ``slot`` (which must be indexed); ``kb``: its key
         as stored, when the caller has it at hand."""
         index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
+        slot_mask = self.slot_mask
         o = slot * stride
         i = hash(kb if kb is not None else buf[o:o + 16]) & mask
-        while index[i] != slot:
-            assert index[i] >= 0, f"slot {slot} is not in the index"
+        e = index[i]
+        while e & slot_mask != slot or e < 0:
+            assert e >= 0, f"slot {slot} is not in the index"
             i = (i + 1) & mask
+            e = index[i]
         # Shift back every later entry of the cluster whose home is not between the
         # hole and itself, so that no probe meets an empty entry before its key.
         j = i
         while True:
             j = (j + 1) & mask
-            s = index[j]
-            if s < 0:
+            e = index[j]
+            if e < 0:
                 break
-            o = s * stride
+            o = (e & slot_mask) * stride
             if (j - hash(buf[o:o + 16])) & mask >= (j - i) & mask:
-                index[i] = s
+                index[i] = e  # the entry moves with its tag
                 i = j
         index[i] = -1
 
@@ -272,7 +295,13 @@ class SlotKeys:
 
     def indexed_slots(self) -> np.ndarray:
         """The slots the index holds, in index order (a scan)."""
-        return self._index_np[self._index_np >= 0]
+        return self._index_np[self._index_np >= 0] & self.slot_mask
+
+    def tag_of(self, key: object) -> int:
+        """The tag an index entry of ``key`` carries (for tests)."""
+        kb = self.canon(key)
+        assert kb is not None
+        return (hash(kb) >> self.bits) & self._tag_mask
 
     def home_of(self, key: object) -> int:
         """The index entry where a lookup of ``key`` starts (for tests)."""

@@ -316,6 +316,7 @@ class BlockRegistry:
         state = self._state
         if key.__class__ is bytes and self._raw:
             index, mask, buf, stride = self._probe
+            slot_mask = self._keys.slot_mask
             # The blocks of a request are saved together, into consecutive slots off
             # the free stack, and matched in order: the slot after the last one pinned
             # is first tried, which costs no access to the index (one random memory
@@ -327,13 +328,14 @@ class BlockRegistry:
             if not (buf[o:o + 16] == key and state[slot] == _REGISTERED):
                 # SlotKeys.find written out: this runs for every block of every match.
                 i = hash(key) & mask
-                slot = index[i]
-                while slot >= 0:
+                e = index[i]
+                while e >= 0:
+                    slot = e & slot_mask
                     o = slot * stride
                     if buf[o:o + 16] == key:
                         break
                     i = (i + 1) & mask
-                    slot = index[i]
+                    e = index[i]
                 else:
                     return None
                 if state[slot] != _REGISTERED:

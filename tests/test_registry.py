@@ -433,7 +433,7 @@ class SlotKeysMachine(RuleBasedStateMachine):
         index, mask = self.keys._index_np, self.keys._mask
         for k, slot in self.model.items():
             i = self.keys.home_of(k)
-            while index[i] != slot:
+            while index[i] < 0 or index[i] & self.keys.slot_mask != slot:
                 assert index[i] >= 0, f"key {k.hex()} lies beyond an empty entry"
                 i = (i + 1) & mask
 

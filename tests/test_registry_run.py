@@ -33,7 +33,8 @@ def window_of(table: SlotKeys, k: bytes) -> list[int]:
 
 
 def position_of(table: SlotKeys, slot: int) -> int:
-    return int((table._index_np == slot).nonzero()[0][0])
+    index = table._index_np
+    return int(((index >= 0) & (index & table.slot_mask == slot)).nonzero()[0][0])
 
 
 @pytest.fixture(autouse=True, scope="module", params=["gather", "per-key"])
@@ -245,3 +246,46 @@ def test_writing_and_removing_a_key_leaves_every_slots_extra_bytes_alone() -> No
     assert state.tolist() == [-1, 1, 2, 127]
     assert [table.key_at(s) for s in range(4)] == [key(0), key(9), key(2), key(3)]
     assert table.find_prefix([key(0), key(9), key(2), key(3)]).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("tag_bits", [0, 1])
+def test_a_key_whose_tag_matches_a_stored_entry_in_its_window_is_still_compared_whole(
+        tag_bits: int) -> None:
+    # The index entry's tag only rules entries out. With a 1-bit tag (or none) half
+    # (or all) of the keys whose window holds a stored entry carry that entry's tag:
+    # each must still be a miss, by the compare of all 16 bytes.
+    table = SlotKeys(8, tag_bits=tag_bits)
+    stored = [key(i) for i in range(8)]
+    for s, k in enumerate(stored):
+        table.add(k, s)
+    index = table._index_np
+    colliding = []
+    for i in range(100, 5000):
+        k = key(i)
+        for p in window_of(table, k):
+            e = int(index[p])
+            if e >= 0 and e >> table._tag_shift == table.tag_of(k):
+                colliding.append(k)
+                break
+    assert len(colliding) > 100  # the test's premise: many tag collisions
+    for k in colliding:
+        assert table.find_prefix([k]).tolist() == []
+        assert table.find_prefix([*stored[:3], k, stored[3]]).tolist() == [0, 1, 2]
+        assert table.find_canon(k) == -1
+    assert table.find_prefix(stored).tolist() == list(range(8))
+
+
+def test_a_stored_key_is_found_whatever_the_tags_of_the_entries_before_it() -> None:
+    # A cluster of keys with one home: each lookup passes entries of other keys (with
+    # their tags) before its own, in the window and beyond it.
+    for tag_bits in (0, 1, None):
+        table = SlotKeys(16, tag_bits=tag_bits)
+        crowd = [k for k in (key(i) for i in range(20_000)) if table.home_of(k) == 5][:12]
+        for s, k in enumerate(crowd):
+            table.add(k, s)
+        assert table.find_prefix(crowd).tolist() == list(range(12))
+        assert [table.find_canon(k) for k in crowd] == list(range(12))
+        for s in (0, 5, 11):
+            table.remove(s)
+        left = [k for s, k in enumerate(crowd) if s not in (0, 5, 11)]
+        assert table.find_prefix(left).tolist() == [s for s in range(12) if s not in (0, 5, 11)]

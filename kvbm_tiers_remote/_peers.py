@@ -84,6 +84,8 @@ class RemoteStats:
     peer_drops: int = 0
     bounce_blocks: int = 0
     lease_overruns: int = 0
+    speculative_blocks: int = 0  # READ before their lease reply, from remembered addresses
+    speculative_misses: int = 0  # of those, not where the reply put them (READ again or lost)
 
 
 class PeerSet:

@@ -45,12 +45,16 @@ _MAX_REGIONS = 256
 _LEASE_WINDOW = 3
 #: A READ still running after this long asks the peer to progress its NIXL worker.
 _PUMP_AFTER_S = 0.002
+#: Peer slot addresses remembered from lease replies (for the speculative first READ);
+#: the memory is forgotten all at once when it grows past this many blocks.
+_ADDR_CACHE_MAX = 1 << 18
 
 
 class _Step:
     """One pipelined step: a lease, its READ and the blocks it covers."""
 
-    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline", "off", "length")
+    __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline", "off", "length",
+                 "addrs")
 
     def __init__(self) -> None:
         self.idx: list[int] = []
@@ -65,6 +69,7 @@ class _Step:
         # A piece of one block (``verify_bytes`` under the block size): its byte range.
         self.off = 0
         self.length = 0  # 0: whole blocks
+        self.addrs: list[int] = []  # a speculative READ's remote addresses
 
 
 class BlockReader:
@@ -93,6 +98,8 @@ class BlockReader:
         self._piece_bytes = cfg.verify_bytes if cfg.verify_bytes < block_bytes else 0
         # Checksums of each READ run here while the next is read (xxhash releases the GIL).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{name}-verify")
+        # (peer agent, key) -> the slot address its last lease reply gave.
+        self._addrs: dict[tuple[str, bytes], int] = {}
 
     def read_from(
         self, peer: Peer, idx: list[int], keys: Sequence[SequenceHash],
@@ -122,6 +129,7 @@ class BlockReader:
         running: dict[int, Any] = {}
         sent_at: list[float] = []  # when each lease request was sent (replies come in order)
         by_lease = self.cfg.verify == "lease"
+        spec: _Step | None = None
         try:
             with peer.lock:
                 # Leases ask for their steps up to the window ahead, releases wait for
@@ -136,7 +144,13 @@ class BlockReader:
                     if msgs:
                         self._peers.send(peer, *releases, *msgs)
                         releases = []
-                    cur = self._leased(peer, chunks[j], sent_at[j])
+                    if j == 0:
+                        spec = self._speculate(peer, chunks[0], keys, dst)
+                    cur = self._leased(peer, chunks[j], sent_at[j], keys)
+                    if j == 0 and spec is not None:
+                        part = spec
+                        verifying.extend(self._speculated(peer, spec, cur, keys, dst, ok, bad))
+                        part = None
                     for part in self._parts(cur, dst):
                         self._post(peer, part, dst)
                         self._wait(peer, part)
@@ -167,7 +181,7 @@ class BlockReader:
                     # (a slot rewritten under the same key): it recomputes them.
                     self._peers.send(peer, {"op": "suspect", "keys": bad})
         except PeerError as e:
-            for s in (part, cur):
+            for s in (part, cur, spec):
                 if s is not None:
                     self._abandon(s)
             # Leases granted but never received expire on the peer after their ttl,
@@ -211,10 +225,68 @@ class BlockReader:
         s.handle = None
         return parts
 
+    def _speculate(self, peer: Peer, chunk: list[int], keys: Sequence[SequenceHash],
+                   dst: Sequence[np.ndarray]) -> _Step | None:
+        """READ ``chunk`` from where the peer's last leases had it, while its lease request
+        is on its way (checksum mode only); None when any block's place is unknown.
+
+        The bytes are not trusted yet: ``_speculated`` keeps a block only if the lease
+        reply puts it at the same address and the bytes match the checksum the peer
+        took under the lease's pin (what every checksummed READ is held to). So a
+        slot rewritten before the pin is a miss, never data. Saves the lease round trip
+        on blocks read again (the round trip was 0.07-0.29 ms here, a 16 MiB batch's
+        copy 2.5 ms)."""
+        if (self.cfg.verify != "checksum" or not self.cfg.speculative_reads or not self._addrs
+                or peer.agent is None):
+            return None
+        agent = str(peer.agent)
+        remote = []
+        for i in chunk:
+            a = self._addrs.get((agent, bytes(keys[i])))
+            if a is None or self._local_addr(dst[i]) is None:
+                return None
+            remote.append((a, self.block_bytes, 0))
+        s = _Step()
+        s.idx, s.handle, s.addrs = list(chunk), remote, [r[0] for r in remote]
+        self._post(peer, s, dst)
+        self._wait(peer, s)
+        self._release_handle(s)
+        self.stats.speculative_blocks += len(s.idx)
+        return s
+
+    def _speculated(
+        self, peer: Peer, spec: _Step, cur: _Step, keys: Sequence[SequenceHash],
+        dst: Sequence[np.ndarray], ok: list[bool], bad: list[bytes],
+    ) -> list[Future[None]]:
+        """Hand the speculatively READ blocks the lease reply ``cur`` put at the same
+        address to the verifier (against the sums taken under the pin) and leave in
+        ``cur`` only the blocks still to READ (their address changed)."""
+        at = dict(zip(spec.idx, spec.addrs))
+        keep = _Step()
+        keep.ok, keep.lease, keep.deadline = spec.ok, cur.lease, cur.deadline
+        rest_idx: list[int] = []
+        rest_sums: list[int] = []
+        rest_remote: list[tuple[int, int, int]] = []
+        remote: list[tuple[int, int, int]] = cur.handle
+        for i, want, r in zip(cur.idx, cur.sums, remote):
+            if at.get(i) == r[0]:
+                keep.idx.append(i)
+                keep.sums.append(want)
+            else:
+                rest_idx.append(i)
+                rest_sums.append(want)
+                rest_remote.append(r)
+        cur.idx, cur.sums, cur.handle = rest_idx, rest_sums, rest_remote
+        self.stats.speculative_misses += len(spec.idx) - len(keep.idx)
+        if not keep.idx:
+            return []
+        return [self._verifier.submit(self._verify, peer, keep, keys, dst, ok, bad, True)]
+
     def _lease_msg(self, chunk: list[int], keys: Sequence[SequenceHash]) -> dict[str, Any]:
         return {"op": "lease", "keys": [keys[i] for i in chunk], "ttl": self.cfg.lease_timeout_s}
 
-    def _leased(self, peer: Peer, chunk: list[int], sent_at: float) -> _Step:
+    def _leased(self, peer: Peer, chunk: list[int], sent_at: float,
+                keys: Sequence[SequenceHash] = ()) -> _Step:
         """Receive the reply to the lease request for ``chunk`` sent at ``sent_at``."""
         reply = self._peers.recv(peer, "lease")
         s = _Step()
@@ -225,6 +297,9 @@ class BlockReader:
             # lasts at least until sent_at + ttl; the margin covers clock-rate skew.
             s.deadline = sent_at + ttl * 0.99 - 0.002
         remote: list[tuple[int, int, int]] = []
+        addrs, agent = self._addrs, str(peer.agent)
+        if len(addrs) > _ADDR_CACHE_MAX:
+            addrs.clear()
         for i, b in zip(chunk, reply["blocks"]):
             if b is None:
                 self.stats.lease_misses += 1
@@ -232,6 +307,7 @@ class BlockReader:
             s.idx.append(i)
             s.sums.append(int(b[1]))
             remote.append((int(b[0]), self.block_bytes, 0))
+            addrs[(agent, bytes(keys[i]))] = int(b[0])
         s.handle = remote  # the remote descriptors until _post turns them into a transfer
         return s
 

@@ -115,6 +115,12 @@ class RemoteTierConfig(TierConfig):
         "lease still pinned it (the peer cannot have rewritten it), without hashing: for "
         "links faster than one core hashes, at the cost of end-to-end corruption checks",
     )
+    speculative_reads: bool = Field(
+        True,
+        description="with 'verify: checksum', READ a batch's first blocks from the addresses "
+        "their last lease gave while the lease request is on its way; a block is kept only if "
+        "the reply puts it at the same address and its bytes match the sum taken under the pin",
+    )
     checksum_cache: bool = Field(
         True,
         description="serving side: remember each block's xxh3 from its first lease instead of "

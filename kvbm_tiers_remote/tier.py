@@ -418,6 +418,8 @@ class RemoteTier(Tier):
             "lease_misses": st.lease_misses, "checksum_failures": st.checksum_failures,
             "transfer_errors": st.transfer_errors, "peer_drops": st.peer_drops,
             "bounce_blocks": st.bounce_blocks, "lease_overruns": st.lease_overruns,
+            "speculative_blocks": st.speculative_blocks,
+            "speculative_misses": st.speculative_misses,
         }
         if self._server is not None:
             ss = self._server.stats

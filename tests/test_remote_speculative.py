@@ -1,0 +1,135 @@
+"""The remote tier's speculative first READ (``speculative_reads``, checksum mode).
+
+A batch's first blocks are READ from the addresses their last lease gave while the
+new lease request is on its way. A block is kept only if the reply puts it at the same
+address and its bytes match the sum the peer took under the pin; otherwise it is READ
+again under the lease, or is a miss, never stale data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvbm[remote]'")
+pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
+
+from kvbm import ContiguousBlocks, KvBlockManager  # noqa: E402
+
+TINY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32"}
+PAGE = 16
+FAST = {"ucx_net_devices": "lo", "publish_interval_s": 0.05, "retry_after_s": 0.2,
+        "request_timeout_s": 2.0, "transfer_timeout_s": 5.0}
+# 4 KiB blocks, READs of two blocks: the speculative first READ covers blocks 0 and 1.
+READER = {"verify_bytes": 2 * 4096}
+
+
+def _config(remote: dict[str, Any]) -> dict[str, Any]:
+    return {"model": TINY, "page_size": PAGE,
+            "tiers": [{"type": "host", "num_blocks": 64}, {"type": "remote", **FAST, **remote}]}
+
+
+def _offload(mgr: KvBlockManager, n: int, seed: int) -> tuple[list[int], np.ndarray]:
+    tokens = [seed * 1_000_003 + i for i in range(n * PAGE)]
+    data = np.random.default_rng(seed).integers(0, 256, (n, mgr.block_bytes), dtype=np.uint8)
+    mgr.offload(mgr.hash_tokens(tokens), ContiguousBlocks(data, mgr.layout))
+    mgr.flush()
+    time.sleep(0.2)  # let the publisher write the served hashes
+    return tokens, data
+
+
+def _onboard(mgr: KvBlockManager, tokens: list[int], n: int) -> tuple[int, np.ndarray]:
+    out = np.zeros((n, mgr.block_bytes), dtype=np.uint8)
+    with mgr.match_prefix(tokens) as m:
+        assert list(m.tiers) == ["remote"] * n
+        res = mgr.onboard(m, ContiguousBlocks(out[: m.num_blocks], mgr.layout), promote=False)
+    return res.loaded, out
+
+
+def _stats(mgr: KvBlockManager) -> dict[str, Any]:
+    return mgr.chain[-1].tier.stats()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Any:
+    rdir = str(tmp_path / "rendezvous")
+    a = KvBlockManager.from_config(_config({"rendezvous_dir": rdir, "checksum_cache": False}))
+    b = KvBlockManager.from_config(_config({"rendezvous_dir": rdir, **READER}))
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_blocks_read_again_are_read_before_their_lease_reply_byte_exact(pair: Any) -> None:
+    a, b = pair
+    tokens, data = _offload(a, 4, 31)
+    assert _onboard(b, tokens, 4)[0] == 4  # the first read learns the addresses
+    assert _stats(b)["speculative_blocks"] == 0
+    loaded, out = _onboard(b, tokens, 4)
+    assert loaded == 4
+    assert np.array_equal(out, data)
+    assert _stats(b)["speculative_blocks"] == 2
+    assert _stats(b)["speculative_misses"] == 0  # kept, not READ a second time
+    assert _stats(b)["checksum_failures"] == 0
+
+
+def test_block_the_reply_puts_elsewhere_is_read_again_under_the_lease(pair: Any) -> None:
+    a, b = pair
+    tokens, data = _offload(a, 4, 32)
+    assert _onboard(b, tokens, 4)[0] == 4
+    reader = b.chain[-1].tier._reader
+    keys = b.hash_tokens(tokens)
+    # Remember block 0 at block 3's slot: the speculative READ fetches the wrong bytes.
+    (k0,) = [k for k in reader._addrs if k[1] == bytes(keys[0])]
+    (k3,) = [k for k in reader._addrs if k[1] == bytes(keys[3])]
+    reader._addrs[k0] = reader._addrs[k3]
+    loaded, out = _onboard(b, tokens, 4)
+    assert loaded == 4
+    assert np.array_equal(out, data)
+    st = _stats(b)
+    assert st["speculative_misses"] == 1
+    assert st["checksum_failures"] == 0
+
+
+def test_slot_rewritten_after_the_speculative_read_and_before_the_pin_is_a_miss(
+    pair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    tokens, data = _offload(a, 4, 33)
+    assert _onboard(b, tokens, 4)[0] == 4
+    host, server = a.chain[0], a.chain[-1].tier._server
+    slot = host.registry.lookup(a.hash_tokens(tokens)[1])
+    real = server._lease
+
+    def rewrite_then_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+        time.sleep(0.5)  # the reader's speculative READ of the old bytes is done by now
+        host.tier.slots[slot] ^= 0xFF  # new bytes under the same key, before the pin
+        return real(cid, keys, ttl)  # the sum is taken over the new bytes
+
+    monkeypatch.setattr(server, "_lease", rewrite_then_lease)
+    loaded, out = _onboard(b, tokens, 4)
+    assert _stats(b)["speculative_blocks"] == 2
+    assert loaded == 1  # block 1 held the old bytes: a miss, and the prefix stops there
+    assert np.array_equal(out[0], data[0])
+    assert _stats(b)["checksum_failures"] == 1
+
+
+def test_speculative_reads_off_reads_only_after_the_lease_reply(tmp_path: Path) -> None:
+    rdir = str(tmp_path / "rendezvous")
+    a = KvBlockManager.from_config(_config({"rendezvous_dir": rdir}))
+    b = KvBlockManager.from_config(
+        _config({"rendezvous_dir": rdir, **READER, "speculative_reads": False}))
+    try:
+        tokens, data = _offload(a, 3, 34)
+        for _ in range(2):
+            loaded, out = _onboard(b, tokens, 3)
+            assert loaded == 3
+            assert np.array_equal(out, data)
+        assert _stats(b)["speculative_blocks"] == 0
+    finally:
+        a.close()
+        b.close()

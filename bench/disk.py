@@ -11,12 +11,18 @@ device memory: every block goes through a staging buffer, the copy of one part
 overlapping the write of the last). Each figure of a round is the best of two
 passes; every ratio is to fio's figure of the same round, shown as min/median/max
 over the rounds. ``dd oflag=direct`` / ``iflag=direct`` (bs=2M, one request in
-flight) is measured once beside them. Then the start-up index rebuild: the slot
+flight) is measured once beside them. The caller's memory of the tier and host-memory
+paths is measured on 4 KiB pages (``aligned_empty``: shared anonymous memory) and on
+2 MiB pages (private, advised ``MADV_HUGEPAGE``, as kvbm's host tier arena and staging
+buffers are): an O_DIRECT request pins its buffer page by page and the checksum walks
+it, so the pages matter; fio's few reused buffers are cheap either way (``--pages``).
+Then the start-up index rebuild: the slot
 headers of the written cache are scanned again by a fresh tier, in blocks/s, with
 the time that rate projects for a full 100 GB cache.
 
 Run: ``python bench/disk.py [--dir /tmp] [--gib 0.5] [--batch 64] [--threads 8]
-[--engine posix|nixl|both] [--repeats 3] [--rebuild-blocks 2048] [--json]``.
+[--engine posix|nixl|both] [--pages 4k|2m|both] [--repeats 3] [--rebuild-blocks 2048]
+[--json]``.
 """
 
 from __future__ import annotations
@@ -38,8 +44,11 @@ import numpy as np
 
 from kvbm import BlockLayout, ContiguousBlocks, KvBlockManager, ModelSpec, Namespace
 from kvbm.layout import aligned_empty
+from kvbm.staging import huge_page_arena
 from kvbm.tier import TierContext
 from kvbm_bench.limits import best_of, find_fio, fio_gbps
+from kvbm_tiers_disk import _native_io as native_io
+from kvbm_tiers_disk._xxh import implementation as checksum_implementation
 from kvbm_tiers_disk.config import DiskTierConfig
 from kvbm_tiers_disk.format import HEADER_BYTES
 from kvbm_tiers_disk.tier import DiskTier
@@ -48,6 +57,13 @@ from kvbm_tiers_disk.tier import DiskTier
 MODEL = {"name": "bench-llama-3-8b", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
          "dtype": "bfloat16"}
 PAGE = 16
+
+
+def caller_memory(like: np.ndarray, huge: bool) -> np.ndarray:
+    """A copy of ``like`` on 2 MiB pages (``huge``) or on 4 KiB pages, page-aligned."""
+    out = (huge_page_arena if huge else aligned_empty)(like.nbytes).reshape(like.shape)
+    out[:] = like
+    return out
 
 
 def dd_seconds(args: list[str]) -> float:
@@ -81,12 +97,14 @@ def tier_for(work: Path, n: int, threads: int, engine: str) -> DiskTier:
 class TierPath:
     """``DiskTier.write`` / ``read`` of the whole data in batches, straight from its rows."""
 
-    def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, engine: str) -> None:
+    def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, engine: str,
+                 huge: bool = False) -> None:
         n, bb = data.shape
         self.n, self.batch, self.data = n, batch, data
         self.keys = [i.to_bytes(16, "little") for i in range(n)]
-        self.src = [data[i] for i in range(n)]
-        self.out = aligned_empty(n * bb).reshape(n, bb)
+        src = caller_memory(data, huge)
+        self.src = [src[i] for i in range(n)]
+        self.out = caller_memory(np.zeros_like(data), huge)
         self.dst = [self.out[i] for i in range(n)]
         self.tier = tier_for(work, n, threads, engine)
         self.tier.recover()
@@ -133,16 +151,17 @@ class ManagerPath:
     """``KvBlockManager.offload`` / ``onboard`` with the chain ``[disk]``; new keys each
     pass (they evict the last pass's blocks and reuse their slots)."""
 
-    def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, staged: bool) -> None:
+    def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, staged: bool,
+                 huge: bool = False) -> None:
         n, _ = data.shape
         self.n, self.batch, self.data = n, batch, data
         cfg = {"model": MODEL, "page_size": PAGE, "tiers": [
             {"type": "disk", "num_blocks": n, "path": str(work), "admission": "all",
              "io_threads": threads}]}
         self.m = KvBlockManager.from_config(cfg)
-        self.out = aligned_empty(data.size).reshape(data.shape)
+        self.out = caller_memory(np.zeros_like(data), huge)
         wrap: Any = CopyOnly if staged else (lambda a: ContiguousBlocks(a, self.m.layout))
-        self.src, self.dst = wrap(data), wrap(self.out)
+        self.src, self.dst = wrap(caller_memory(data, huge)), wrap(self.out)
         self.passes = 0
         self.hashes: list[bytes] = []
 
@@ -206,6 +225,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="blocks per write/read call")
     ap.add_argument("--threads", type=int, default=8, help="disk tier io_threads")
     ap.add_argument("--engine", choices=["posix", "nixl", "both"], default="posix")
+    ap.add_argument("--pages", choices=["4k", "2m", "both"], default="both",
+                    help="page size of the caller's memory on the tier and host-memory paths")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (each: every path and fio)")
     ap.add_argument("--rebuild-blocks", type=int, default=2048,
                     help="2 MiB slots written, then scanned by a fresh tier (index rebuild)")
@@ -227,9 +248,14 @@ def main() -> None:
         data.tofile(src_file)  # dd's input, from memory (tmpfs), so only the disk side is timed
         dd_w, dd_r = dd_limits(base, src_file, nbytes, a.repeats)
         fio = find_fio()
-        for eng in engines:
-            paths[f"tier_{eng}"] = TierPath(base / f"tier-{eng}", data, a.batch, a.threads, eng)
-        paths["manager"] = ManagerPath(base / "manager", data, a.batch, a.threads, staged=False)
+        pages = ["4k", "2m"] if a.pages == "both" else [a.pages]
+        for pg in pages:
+            for eng in engines:
+                paths[f"tier_{eng}_{pg}"] = TierPath(base / f"tier-{eng}-{pg}", data, a.batch,
+                                                     a.threads, eng, huge=pg == "2m")
+        for pg in pages:
+            paths[f"manager_{pg}"] = ManagerPath(base / f"manager-{pg}", data, a.batch, a.threads,
+                                                 staged=False, huge=pg == "2m")
         paths["manager_staged"] = ManagerPath(base / "staged", data, a.batch, a.threads, staged=True)
         for p in paths.values():  # first pass into the fresh files, untimed
             p.write()
@@ -258,6 +284,8 @@ def main() -> None:
         res: dict[str, Any] = {
             "dir": a.dir, "block_bytes": bb, "blocks": n, "bytes_per_pass": nbytes,
             "batch": a.batch, "io_threads": a.threads, "rounds": a.repeats,
+            "checksum": checksum_implementation(),
+            "io_loop": "native" if native_io.load() is not None else "python",
             "dd_write_gbps": dd_w, "dd_read_gbps": dd_r, "limit": limit,
             "limit_write_gbps": lim_w, "limit_read_gbps": lim_r,
             "limit_write_rounds": lim["write"], "limit_read_rounds": lim["read"],
@@ -291,22 +319,24 @@ def main() -> None:
         return
     print(f"{n} blocks of {bb >> 20} MiB ({nbytes / 1e9:.2f} GB) on {a.dir}, batches of "
           f"{a.batch}, io_threads {a.threads}, {a.repeats} interleaved rounds (best of 2 passes "
-          f"each); load average {' '.join(f'{x:.1f}' for x in res['loadavg'])}")
+          f"each); load average {' '.join(f'{x:.1f}' for x in res['loadavg'])}; checksum "
+          f"{res['checksum']}, {res['io_loop']} I/O loop")
     print(f"  limit: {limit}; GB/s the best round's, x limit min/median/max over the rounds")
-    print(f"  {'path':34s} {'write GB/s':>10s} {'x limit':>16s} {'read GB/s':>10s} {'x limit':>16s}")
+    print(f"  {'path':42s} {'write GB/s':>10s} {'x limit':>16s} {'read GB/s':>10s} {'x limit':>16s}")
 
     def rng(r: dict[str, float]) -> str:
         return f"{r['min']:.2f}/{r['median']:.2f}/{r['max']:.2f}"
 
-    print(f"  {'limit (per round)':34s} {lim_w:10.2f} {'1':>16s} {lim_r:10.2f} {'1':>16s}")
-    print(f"  {'dd O_DIRECT bs=2M (1 request)':34s} {dd_w:10.2f} {dd_w / lim_w:16.2f} "
+    print(f"  {'limit (per round)':42s} {lim_w:10.2f} {'1':>16s} {lim_r:10.2f} {'1':>16s}")
+    print(f"  {'dd O_DIRECT bs=2M (1 request)':42s} {dd_w:10.2f} {dd_w / lim_w:16.2f} "
           f"{dd_r:10.2f} {dd_r / lim_r:16.2f}")
-    rows = [(f"DiskTier ({e})", f"tier_{e}") for e in engines] + [
-        ("KvBlockManager [disk], host memory", "manager"),
-        ("KvBlockManager [disk], staged", "manager_staged")]
+    pg_name = {"4k": "4 KiB pages", "2m": "2 MiB pages"}
+    rows = [(f"DiskTier ({e}), {pg_name[pg]}", f"tier_{e}_{pg}") for pg in pages for e in engines]
+    rows += [(f"KvBlockManager [disk], host, {pg_name[pg]}", f"manager_{pg}") for pg in pages]
+    rows += [("KvBlockManager [disk], staged", "manager_staged")]
     for name, k in rows:
         r = res[k]
-        print(f"  {name:34s} {r['write_gbps']:10.2f} {rng(r['write_ratio_range']):>16s} "
+        print(f"  {name:42s} {r['write_gbps']:10.2f} {rng(r['write_ratio_range']):>16s} "
               f"{r['read_gbps']:10.2f} {rng(r['read_ratio_range']):>16s}")
     print(f"  index rebuild: {rate:,.0f} blocks/s ({reb['blocks']} slots in "
           f"{reb['seconds'] * 1e3:.1f} ms); a full "

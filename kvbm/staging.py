@@ -3,15 +3,45 @@
 Lower tiers (disk with O_DIRECT, S3) read and write through staging buffers. Carving
 them from a few large anonymous mappings keeps them 4096-aligned and spares a page
 fault per block per transfer; buffers return to a free list after each transfer.
+
+The mappings are private, 2 MiB-aligned and advised for transparent huge pages (as
+the host tier's arena): an O_DIRECT request pins its buffer's pages one by one, and
+the copy into a buffer and the disk tier's checksum of it walk its pages, so 2 MiB
+pages take 512 times fewer pins and TLB entries. On this 2-vCPU VM, the disk tier read
+into 2 MiB pages at 0.96 of fio and into 4 KiB pages at 0.54 (median of 3 rounds,
+load 8.7). Where private mappings or ``madvise`` are missing, ``aligned_empty``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import threading
 
 import numpy as np
 
 from .layout import aligned_empty
+
+#: Huge-page size the arenas are aligned to (x86-64 and arm64's 4K-granule THP).
+HUGE_PAGE = 2 * 2**20
+
+
+def huge_page_arena(nbytes: int) -> np.ndarray:
+    """``nbytes`` of zeroed private anonymous memory, 2 MiB-aligned, advised
+    ``MADV_HUGEPAGE`` (a shared mapping, as ``aligned_empty``'s, lives in shmem, which
+    takes huge pages only where ``shmem_enabled`` allows, ``never`` by default).
+    Without ``MAP_PRIVATE`` or ``madvise`` (or THP off): 4 KiB pages, same bytes."""
+    private, anon = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    if private is None or anon is None:
+        return aligned_empty(nbytes)
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=private | anon)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            mm.madvise(advice)
+    whole = np.frombuffer(mm, dtype=np.uint8)
+    skip = -whole.ctypes.data % HUGE_PAGE
+    return whole[skip : skip + nbytes]
 
 
 class StagingPool:
@@ -40,7 +70,7 @@ class StagingPool:
             self._free.extend(bufs)
 
     def _grow(self, n: int) -> None:
-        arena = aligned_empty(n * self._stride)
+        arena = huge_page_arena(n * self._stride)
         arena[::4096] = 0  # fault the pages in here, not inside the first copy into them
         for i in range(n):
             self._free.append(arena[i * self._stride : i * self._stride + self.block_bytes])

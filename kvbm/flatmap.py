@@ -61,17 +61,20 @@ class SlotKeys:
     The caller (the registry) knows which slots are in use.
     """
 
-    __slots__ = ("capacity", "stride", "bits", "slot_mask", "_mask", "_tag_shift", "_tag_mask",
+    __slots__ = ("capacity", "stride", "_records", "bits", "slot_mask", "_mask", "_tag_shift", "_tag_mask",
                  "_ints", "_buf", "_index_np", "_index", "_keys_np", "_rec_np", "_steps")
 
-    def __init__(self, capacity: int, extra: int = 0, tag_bits: int | None = None) -> None:
+    def __init__(self, capacity: int, extra: int = 0, tag_bits: int | None = None,
+                 spare: int = 0) -> None:
         if not 0 < capacity < 2**31 - 1:
             raise ValueError(f"capacity: a table holds 1 to 2**31 - 2 slots, got {capacity}")
         if extra < 0 or extra % 4:
             raise ValueError(f"extra: bytes per slot after the key, a multiple of 4, got {extra}")
         self.capacity = capacity
-        # Each slot's record: its key, then ``extra`` bytes of the caller's (``field``).
+        # Each slot's record: its key, then ``extra`` bytes of the caller's (``field``),
+        # and ``spare`` records past the last slot that hold no key (the caller's).
         self.stride = KEY_BYTES + extra
+        self._records = capacity + spare
         self.bits = max(3, (2 * capacity - 1).bit_length())
         self._mask = (1 << self.bits) - 1
         # An index entry is a slot number, and in the bits above it that slot numbers
@@ -91,7 +94,7 @@ class SlotKeys:
         # it can sit on huge pages, where a random slot's key costs no TLB miss.
         # Private: mmap(-1, n) alone is MAP_SHARED, so that a forked process (an engine
         # worker) would write the keys of its copy of the registry into this one's.
-        self._buf = mmap.mmap(-1, self.stride * capacity,
+        self._buf = mmap.mmap(-1, self.stride * self._records,
                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._buf.madvise(mmap.MADV_HUGEPAGE)
@@ -101,17 +104,18 @@ class SlotKeys:
         # The same bytes as arrays, for find_prefix: the keys (a strided view), and the
         # whole records, contiguous, which numpy's ``take`` gathers without a copy (a
         # take from a strided array would first copy all of it).
-        self._keys_np: np.ndarray = np.ndarray((capacity,), _KEY, self._buf,
+        self._keys_np: np.ndarray = np.ndarray((self._records,), _KEY, self._buf,
                                                strides=(self.stride,))
         self._rec_np = np.frombuffer(self._buf, np.dtype(
             {"names": ["k"], "formats": [_KEY], "offsets": [0], "itemsize": self.stride}))
 
     def field(self, offset: int, dtype: type[np.generic]) -> np.ndarray:
-        """An array over the ``extra`` bytes of every slot's record, from ``offset`` on:
-        a value a slot that lies in the cache line of its key (zero at first)."""
+        """An array over the ``extra`` bytes of every record, from ``offset`` on: a value
+        a slot (and a spare record) that lies in the cache line of its key (zero at
+        first)."""
         size = np.dtype(dtype).itemsize
         assert offset >= 0 and offset + size <= self.stride - KEY_BYTES, (offset, dtype)
-        return np.ndarray((self.capacity,), dtype, self._buf, KEY_BYTES + offset,
+        return np.ndarray((self._records,), dtype, self._buf, KEY_BYTES + offset,
                           (self.stride,))
 
     @property

@@ -147,12 +147,17 @@ class LRUPolicy(EvictionPolicy):
 
     # -- by slot: the list operations are written out in each method, as a call costs
     # -- as much as the pointer updates themselves on the match path ------------------
-    def use_slots(self, capacity: int) -> bool:
+    def use_slots(self, capacity: int,
+                  links: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+        """``links``: (prev, next), two ``int32`` arrays of ``capacity + 1`` the registry
+        offers in its slot records (a lookup's cache line then holds them too)."""
         if len(self):
             raise ValueError(f"LRUPolicy: already holds {len(self)} blocks of another "
                              "registry; give each tier a policy of its own")
-        nxt = np.full(capacity + 1, -1, np.int32)
-        prev = np.full(capacity + 1, -1, np.int32)
+        if links is None:
+            links = (np.empty(capacity + 1, np.int32), np.empty(capacity + 1, np.int32))
+        prev, nxt = links
+        prev[:] = nxt[:] = -1
         nxt[capacity] = prev[capacity] = capacity  # the empty list: the sentinel alone
         self._prev, self._next = prev.data, nxt.data
         self._end = capacity

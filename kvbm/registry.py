@@ -29,6 +29,7 @@ again from this tier.
 from __future__ import annotations
 
 import enum
+import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -91,17 +92,19 @@ class BlockRegistry:
         self.capacity = capacity
         self.policy = policy
         self._events = events
-        # Each slot's record: its key, pin count (int32) and state (int8), 24 bytes, so
-        # that a lookup's one random cache line holds all three (see ``pin_run``).
-        self._keys = SlotKeys(capacity, extra=8)
+        # Each slot's record, 32 bytes: its key, pin count (int32), state (int8) and two
+        # int32 for a policy that keeps links by slot (the LRU's prev and next, with its
+        # sentinel in a spare record), so that a lookup's one random cache line holds
+        # all a match reads of the block (see ``pin_run``).
+        self._keys = SlotKeys(capacity, extra=16, spare=1)
         self._find = self._keys.find
         self._probe = self._keys.probe
         self._raw = True  # bytes keys go to the index as they are (not a table of ints)
         self._bytes = False  # the table holds bytes keys (known after the first one)
         # Strided views into the records: read them by fancy indexing, never ``take``
         # (which would copy the whole array first).
-        self._pins_np = self._keys.field(0, np.int32)
-        self._state_np = self._keys.field(4, np.int8)
+        self._pins_np = self._keys.field(0, np.int32)[:capacity]
+        self._state_np = self._keys.field(4, np.int8)[:capacity]
         self._state = self._state_np.data
         self._pins = self._pins_np.data
         # The free slots: a ring of capacity entries holding a stack whose bottom is
@@ -113,12 +116,20 @@ class BlockRegistry:
         # The slot after the last one pinned: where the next block of a match most
         # likely is (see ``pin``).
         self._guess = 0
-        self._by_slot = policy.use_slots(capacity)
+        # A policy whose use_slots takes ``links`` (the core's LRU) keeps them in the
+        # records; their lines then come with the keys' and need no prefetch.
+        self._links_in_records = "links" in inspect.signature(policy.use_slots).parameters
+        if self._links_in_records:
+            self._by_slot = policy.use_slots(  # type: ignore[call-arg]
+                capacity, links=(self._keys.field(8, np.int32), self._keys.field(12, np.int32)))
+        else:
+            self._by_slot = policy.use_slots(capacity)
         if self._by_slot:  # bound once: the match path makes one call per block
             self._pin_slot = policy.pin_slot
             self._touch_slot = policy.touch_slot
             self._unpin_slot = policy.unpin_slot
-            self._prefetch_slots = getattr(policy, "prefetch_slots", _no_prefetch)
+            self._prefetch_slots = (_no_prefetch if self._links_in_records
+                                    else getattr(policy, "prefetch_slots", _no_prefetch))
         # Registered blocks to drop once their last pin goes (their read failed): few,
         # and only while pinned.
         self._doomed: set[int] = set()
@@ -191,6 +202,8 @@ class BlockRegistry:
     def nbytes(self) -> int:
         """Bytes of the registry's arrays, with the policy's when it keeps them by slot."""
         own = self._keys.nbytes + self._ring_np.nbytes  # the records hold state and pins
+        if self._links_in_records:  # and the policy's links
+            return own
         return own + int(getattr(self.policy, "nbytes", 0))
 
     def registered(self) -> Iterator[tuple[SequenceHash, int]]:

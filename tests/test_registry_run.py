@@ -289,3 +289,36 @@ def test_a_stored_key_is_found_whatever_the_tags_of_the_entries_before_it() -> N
             table.remove(s)
         left = [k for s, k in enumerate(crowd) if s not in (0, 5, 11)]
         assert table.find_prefix(left).tolist() == [s for s in range(12) if s not in (0, 5, 11)]
+
+
+class _OwnLinksLRU(LRUPolicy):
+    """An LRU whose ``use_slots`` takes no ``links``: it keeps its own arrays."""
+
+    def use_slots(self, capacity: int) -> bool:  # type: ignore[override]
+        return super().use_slots(capacity)
+
+
+def test_an_lru_in_the_records_and_one_in_its_own_arrays_pin_and_evict_alike() -> None:
+    # The core LRU keeps its links in the registry's slot records (next to each key,
+    # pin count and state); a policy that does not take them keeps its own. Same
+    # matches, same pins, same victims, and no record field overwrites another.
+    regs = [BlockRegistry("t", 40, LRUPolicy(40)), BlockRegistry("t", 40, _OwnLinksLRU(40))]
+    assert regs[0]._links_in_records and not regs[1]._links_in_records
+    keys = [key(i) for i in range(60)]
+    for reg in regs:
+        for k in keys[:40]:
+            reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    runs = [keys[5:20], keys[30:38], keys[5:12], keys[0:3]]
+    got = [[reg.pin_run(r) for r in runs] for reg in regs]
+    assert got[0] == got[1] and [len(s) for s in got[0]] == [15, 8, 7, 3]
+    for reg in regs:
+        for slot in got[0][1] + got[0][2]:
+            reg.unpin(slot)
+    victims = [[reg.evict() for _ in range(20)] for reg in regs]
+    assert victims[0] == victims[1]
+    assert victims[0][:5] == [(keys[i], i) for i in (3, 4, 20, 21, 22)]
+    for reg in regs:
+        assert [reg.key_at(s) for s in range(40)] == [
+            None if (k, s) in victims[0] else k for s, k in enumerate(keys[:40])]
+        assert [reg.pins_at(s) for s in range(40)] == [
+            1 if s in got[0][0] + got[0][3] else 0 for s in range(40)]

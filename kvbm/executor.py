@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from .engine_blocks import _native
 from .engine_blocks._native import copy_pairs
 from .hashing import SequenceHash
-from .layout import BlockDestination, BlockLayout, BlockSource
+from .layout import BlockDestination, BlockLayout, BlockSource, ContiguousBlocks
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
 from .served import SlotMap
 from .staging import StagingPool
@@ -226,7 +227,16 @@ class Executor:
         """
         k = self._copy_threads
         n = len(idx)
-        if self._copy_pool is None or n < 2 * k:
+        if self._copy_pool is None or n < 2:
+            fn(idx, bufs)
+            return
+        if _shares(fn):
+            # One address table, the runs claimed in chunks by this thread and the
+            # helpers as they start (``_native.share``): no fixed halves to wait for.
+            with _native.share(self._copy_pool, k):
+                fn(idx, bufs)
+            return
+        if n < 2 * k:
             fn(idx, bufs)
             return
         step = -(-n // k)
@@ -605,4 +615,18 @@ def _copy_from(src: Sequence[np.ndarray]) -> Callable[[Sequence[int], Sequence[n
     def fn(idx: Sequence[int], dst: Sequence[np.ndarray]) -> None:
         copy_pairs(dst, [src[i] for i in idx])  # one native call, the GIL released
 
+    fn.native_shared = True  # type: ignore[attr-defined]
     return fn
+
+
+def _shares(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` copies through the native loop in one call (``copy_pairs`` or the
+    adapter's run plan), so ``_native.share`` splits it across the copy threads."""
+    if _native.copy_runs() is None:
+        return False
+    if getattr(fn, "native_shared", False):
+        return True
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, ContiguousBlocks):  # copy_out / copy_in: one copy_pairs call
+        return True
+    return bool(getattr(owner, "native_shared", False))

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvbm.config import is_generated_name
-from kvbm.engine_blocks._native import copy_pairs, copy_runs, copy_threads_worth
+from kvbm.engine_blocks._native import copy_pairs, copy_runs, copy_threads_worth, share
 from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
@@ -159,6 +159,12 @@ class HostTier(Tier):
         # GIL released), so a batch split across threads copies in parallel.
         if self._pool is None or len(pairs) < 2:
             copy_pairs([d for d, _ in pairs], [s for _, s in pairs])
+            return
+        if copy_runs() is not None:
+            # One address table, claimed in chunks by this thread and the pool's as
+            # they start (no fixed halves: a thread that waits for a core takes less).
+            with share(self._pool, self._threads):
+                copy_pairs([d for d, _ in pairs], [s for _, s in pairs])
             return
         k = self._threads
         chunks = [pairs[i::k] for i in range(k)]

@@ -21,12 +21,13 @@ so no file another user could replace is ever loaded.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -86,6 +87,28 @@ void kvbm_copy_runs(int64_t n, const int64_t *dst, const int64_t *src, int64_t l
     for (int64_t i = 0; i < n; i++)
         memcpy((void *)(intptr_t)dst[i], (const void *)(intptr_t)src[i], (size_t)len);
 }
+/* Runs [0, n) in chunks of `chunk`, claimed one at a time from ctl[0] by every thread
+ * that calls this with the same ctl (the caller and its helpers): a thread the
+ * scheduler delays takes fewer chunks instead of holding back a fixed half. Each
+ * finished chunk counts in ctl[1] (after its sfence: its bytes are in memory). With
+ * `wait`, returns once every chunk is done (only chunks some thread claimed are waited
+ * for: a helper that starts after the last claim takes nothing and returns). */
+#include <sched.h>
+void kvbm_copy_runs_shared(int64_t n, const int64_t *dst, const int64_t *src, int64_t len,
+                           int64_t chunk, int64_t *ctl, int64_t stream, int64_t wait) {
+    int64_t nch = (n + chunk - 1) / chunk;
+    for (;;) {
+        int64_t c = __atomic_fetch_add(&ctl[0], 1, __ATOMIC_RELAXED);
+        if (c >= nch) break;
+        int64_t a = c * chunk, m = n - a < chunk ? n - a : chunk;
+        if (stream) kvbm_stream_runs(m, dst + a, src + a, len);
+        else for (int64_t i = a; i < a + m; i++)
+            memcpy((void *)(intptr_t)dst[i], (const void *)(intptr_t)src[i], (size_t)len);
+        __atomic_fetch_add(&ctl[1], 1, __ATOMIC_RELEASE);
+    }
+    if (wait)
+        while (__atomic_load_n(&ctl[1], __ATOMIC_ACQUIRE) < nch) sched_yield();
+}
 #define ROWS(L) for (int64_t i = 0; i < n; i++) { \
         char *d = (char *)(intptr_t)dst[i]; const char *s = (const char *)(intptr_t)src[i]; \
         for (int64_t r = 0; r < rows; r++) memcpy(d + r * dst_stride, s + r * src_stride, L); }
@@ -118,6 +141,14 @@ _stream: RunCopy | None = None
 _rows: RowCopy | None = None
 _stream_min: ctypes.c_int64 | None = None
 _can_stream = False
+#: ``fn(n, dst_ptrs, src_ptrs, run_bytes, chunk, ctl, stream, wait)``: the runs in
+#: chunks claimed from a counter shared by every thread that calls it (``share``).
+_shared: Callable[[int, int, int, int, int, int, int, int], None] | None = None
+#: Bytes a thread claims at a time from a batch shared between copy threads: small
+#: enough that a thread the scheduler delays holds back little at the end, large
+#: enough that claiming (one atomic add) costs nothing.
+SHARE_CHUNK_BYTES = 2 * 2**20
+_par = threading.local()
 #: False turns the native loop off in this process (tests compare both paths).
 enabled = True
 #: A call of ``copy_runs`` that moves at least this many bytes in all uses streaming
@@ -141,6 +172,12 @@ def _build() -> tuple[RunCopy, RunCopy, RowCopy, ctypes.c_int64, bool] | None:
     rows.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     rows.restype = None
+    global _shared
+    shared = so.kvbm_copy_runs_shared
+    shared.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    shared.restype = None
+    _shared = shared
     smin = ctypes.c_int64.in_dll(so, "kvbm_stream_min")
     can = bool(so.kvbm_can_stream())
     smin.value = STREAM_MIN_BYTES if can else -1
@@ -222,6 +259,55 @@ def run_table(view: np.ndarray) -> tuple[int, np.ndarray]:
     return run, offs
 
 
+@contextlib.contextmanager
+def share(pool: ThreadPoolExecutor | None, threads: int) -> Iterator[None]:
+    """Within: native batch copies this thread makes (``run_copy``: the adapter's,
+    ``copy_pairs``) are shared with up to ``threads - 1`` helpers from ``pool``.
+
+    Not a fixed split: the runs are claimed in ``SHARE_CHUNK_BYTES`` chunks from one
+    counter by this thread and by each helper as it starts, so a helper that waits for
+    a core (another process holds it) takes less, or nothing, and this thread does
+    the rest; it waits only for chunks a helper has claimed, never for a helper to
+    start. One address table, one C call per thread: no Python per chunk.
+    """
+    prev = getattr(_par, "v", None)
+    _par.v = (pool, threads) if pool is not None and threads > 1 else None
+    try:
+        yield
+    finally:
+        _par.v = prev
+
+
+def run_copy(fn: RunCopy, n: int, dst: np.ndarray, src: np.ndarray, run: int) -> None:
+    """``fn(n, dst, src, run)`` on int64 address arrays (``copy_runs()``), shared with the
+    helpers of an enclosing ``share`` when the batch is at least two chunks."""
+    par = getattr(_par, "v", None)
+    shared = _shared
+    total = n * run
+    if par is None or shared is None or fn is not _fn or total < 2 * SHARE_CHUNK_BYTES:
+        fn(n, address(dst), address(src), run)
+        return
+    pool, k = par
+    chunk = max(1, SHARE_CHUNK_BYTES // run)
+    helpers = min(k - 1, -(-n // chunk) - 1)
+    smin = _stream_min.value if _stream_min is not None else -1
+    stream = int(0 <= smin <= total)
+    ctl = np.zeros(2, dtype=np.int64)
+    args = (n, address(dst), address(src), run, chunk, address(ctl), stream)
+
+    def helper(keep: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        # ``keep`` holds the counter and address tables alive: a helper that starts
+        # after the batch is done reads the counter, claims nothing and returns.
+        shared(*args, 0)
+
+    for _ in range(helpers):
+        try:
+            pool.submit(helper, (ctl, dst, src))
+        except RuntimeError:  # the pool is shut down (closing): this thread copies all
+            break
+    shared(*args, 1)
+
+
 def copy_pairs(dst: Sequence[np.ndarray], src: Sequence[np.ndarray]) -> None:
     """``np.copyto(dst[i], src[i])`` for C-contiguous buffers of one size, in one native call.
 
@@ -241,7 +327,7 @@ def copy_pairs(dst: Sequence[np.ndarray], src: Sequence[np.ndarray]) -> None:
         return
     dp = np.fromiter((address(d) for d in dst), dtype=np.int64, count=n)
     sp = np.fromiter((address(s) for s in src), dtype=np.int64, count=n)
-    fn(n, address(dp), address(sp), size)
+    run_copy(fn, n, dp, sp, size)
 
 
 _split_lock = threading.Lock()

@@ -403,6 +403,12 @@ class LayerSeparateBlocks:
         else:
             self._torch_in(idx, bufs, l0, l1)
 
+    @property
+    def native_shared(self) -> bool:
+        """Whether a batch copy is one native call (the executor shares it across its
+        copy threads with ``_native.share``, rather than splitting the batch)."""
+        return self._run_plan() is not None
+
     def _run_plan(self) -> _RunPlan | None:
         """The native plan for these CPU tensors; None where numpy copies."""
         return self._plan if _native.enabled else None
@@ -516,7 +522,7 @@ class _RunPlan:
         lay = np.arange(l0, l1, dtype=np.int64) * self.bpl
         host = (bp[:, None, None] + lay[None, :, None] + self.dst_off[None, None, :]).reshape(-1)
         dst, src = (host, eng) if out else (eng, host)
-        self.fn(len(dst), _native.address(dst), _native.address(src), self.run)
+        _native.run_copy(self.fn, len(dst), dst, src, self.run)
 
 
 def _storage_spans(tensors: Sequence[Any]) -> list[tuple[int, int]]:

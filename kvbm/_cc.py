@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 
 log = logging.getLogger("kvbm")
 
@@ -29,9 +30,12 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def build(source: str, what: str, fallback: str, flags: tuple[str, ...] = ("-O2",)) -> ctypes.CDLL | None:
-    """``source`` compiled into a shared library and loaded; None (logged at debug
-    level, naming ``what`` and the ``fallback`` used instead) when it cannot be."""
+def build(source: str, what: str, fallback: str, flags: tuple[str, ...] = ("-O2",),
+          loader: Callable[[str], ctypes.CDLL] = ctypes.CDLL) -> ctypes.CDLL | None:
+    """``source`` compiled into a shared library and loaded by ``loader`` (``ctypes.CDLL``
+    releases the GIL around each call, ``ctypes.PyDLL`` keeps it: for code that calls
+    the C API); None (logged at debug level, naming ``what`` and the ``fallback`` used
+    instead) when it cannot be."""
     cc = compiler()
     if cc is None:
         log.debug("kvbm: no C compiler found; %s uses %s", what, fallback)
@@ -52,7 +56,7 @@ def build(source: str, what: str, fallback: str, flags: tuple[str, ...] = ("-O2"
                       fallback)
             return None
         try:
-            return ctypes.CDLL(lib)  # mapped now: the file may go with the directory
+            return loader(lib)  # mapped now: the file may go with the directory
         except OSError as e:
             log.debug("kvbm: loading %s failed (%s); using %s", what, e, fallback)
             return None

@@ -6,6 +6,185 @@ unpin per hit, last first or in order) against a port of the Python policy, call
 call: every branch below names the Python method it mirrors. Keys are dense ids
 (0 .. n-1, in the order of the trace's sorted keys); ordered dicts are intrusive
 doubly linked lists over arrays, appended at their tail, popped at their head.
+/* ---------------------------------------------------------------- adaptive (lru, lirs) */
+typedef struct { i64 *pv, *nx; uint8_t *in; List l; } LR;  /* kvbm.policy.LRUPolicy by key */
+static int lr_alloc(LR *s, i64 nkeys) {
+    size_t n = (size_t)nkeys + 1;
+    memset(s, 0, sizeof *s);
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->in = calloc(n, 1);
+    l_init(&s->l);
+    return s->pv && s->nx && s->in ? 0 : -1;
+}
+static void lr_free(LR *s) { free(s->pv); free(s->nx); free(s->in); }
+static inline void lr_insert(LR *s, i64 k) { if (!s->in[k]) { l_push(&s->l, s->pv, s->nx, k); s->in[k] = 1; } }
+static inline void lr_touch(LR *s, i64 k) { if (s->in[k]) l_end(&s->l, s->pv, s->nx, k); }
+static inline void lr_pin(LR *s, i64 k) { if (s->in[k]) { l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; } }
+static inline void lr_unpin(LR *s, i64 k) {
+    if (s->in[k]) l_end(&s->l, s->pv, s->nx, k); else { l_push(&s->l, s->pv, s->nx, k); s->in[k] = 1; }
+}
+static inline i64 lr_victim(LR *s) {
+    if (!s->l.n) return -1;
+    i64 k = s->l.head; l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; return k;
+}
+
+typedef struct { int kind; LR lr; LI li; } CP;  /* a candidate: 0 lru, 1 lirs */
+static int cp_new(CP *p, int kind, i64 nkeys, i64 cap, i64 lir_max) {
+    p->kind = kind;
+    memset(&p->lr, 0, sizeof p->lr); memset(&p->li, 0, sizeof p->li);
+    return kind == 0 ? lr_alloc(&p->lr, nkeys) : li_alloc(&p->li, nkeys, cap, lir_max);
+}
+static void cp_free(CP *p) { if (p->kind == 0) lr_free(&p->lr); else li_free(&p->li); }
+static inline void cp_insert(CP *p, i64 k) { if (p->kind == 0) lr_insert(&p->lr, k); else li_insert(&p->li, k); }
+static inline void cp_touch(CP *p, i64 k) { if (p->kind == 0) lr_touch(&p->lr, k); else li_touch(&p->li, k); }
+static inline void cp_pin(CP *p, i64 k) { if (p->kind == 0) lr_pin(&p->lr, k); else li_pin(&p->li, k); }
+static inline void cp_unpin(CP *p, i64 k) { if (p->kind == 0) lr_unpin(&p->lr, k); else li_unpin(&p->li, k); }
+static inline i64 cp_victim(CP *p) { return p->kind == 0 ? lr_victim(&p->lr) : li_victim(&p->li); }
+
+/* CPython's own set for the pinned keys: _switch iterates it, and its order is the
+ * set's (hash table) order, so the loop keeps a real set through the C API. */
+typedef int (*set_fn)(void *, void *);
+typedef void *(*obj_fn)(void *);
+typedef long long (*ll_fn)(void *);
+typedef void (*ref_fn)(void *);
+enum { MAXC = 8 };
+typedef struct {
+    i64 nkeys, cap, lir_max, ncand, li, switches, sampled, period, scap;
+    int kinds[MAXC];
+    double margin, shits[MAXC];
+    CP lead, sh[MAXC];
+    uint8_t *sres[MAXC]; i64 scount[MAXC];
+    const i64 *sid, *uniq;
+    i64 *ring, rn, rpos, *order, *pins;
+    uint8_t *fres, *fseen;
+    void *pinned; void *const *objs;
+    set_fn set_add, set_discard; obj_fn get_iter, iter_next; ll_fn as_ll; ref_fn decref;
+    int err;
+} AD;
+
+static inline void ad_remember(AD *a, i64 k) {
+    a->ring[a->rpos] = k;
+    if (++a->rpos == a->cap) a->rpos = 0;
+    if (a->rn < a->cap) a->rn++;
+}
+static i64 ad_rank(AD *a, long long v) {  /* a key's dense id: its rank among the keys */
+    i64 lo = 0, hi = a->nkeys - 1;
+    while (lo < hi) { i64 m = (lo + hi) / 2; if (a->uniq[m] < v) lo = m + 1; else hi = m; }
+    return lo;
+}
+static void ad_switch(AD *a, int idx) {
+    CP nw;
+    if (cp_new(&nw, a->kinds[idx], a->nkeys, a->cap, a->lir_max) != 0) { cp_free(&nw); a->err = 1; return; }
+    i64 no = 0, np = 0, k;
+    while ((k = cp_victim(&a->lead)) >= 0) a->order[no++] = k;
+    for (i64 i = 0; i < no; i++) { cp_insert(&nw, a->order[i]); a->fres[a->order[i]] = 1; }
+    void *it = a->get_iter(a->pinned), *item;
+    if (!it) { a->err = 1; cp_free(&nw); return; }
+    while ((item = a->iter_next(it)) != NULL) {
+        long long v = a->as_ll(item);
+        a->decref(item);
+        k = ad_rank(a, v);
+        cp_insert(&nw, k); cp_pin(&nw, k);
+        a->fres[k] = 1; a->pins[np++] = k;
+    }
+    a->decref(it);
+    i64 start = a->rn < a->cap ? 0 : a->rpos;
+    for (i64 i = 0; i < a->rn; i++) {
+        i64 j = start + i; if (j >= a->cap) j -= a->cap;
+        k = a->ring[j];
+        if (a->fseen[k] && a->fres[k]) cp_touch(&nw, k);
+        a->fseen[k] = 1;
+    }
+    for (i64 i = 0; i < a->rn; i++) a->fseen[a->ring[i]] = 0;
+    for (i64 i = 0; i < no; i++) a->fres[a->order[i]] = 0;
+    for (i64 i = 0; i < np; i++) a->fres[a->pins[i]] = 0;
+    cp_free(&a->lead);
+    a->lead = nw; a->li = idx; a->switches++;
+}
+static void ad_decide(AD *a) {
+    double lead = a->shits[a->li];
+    i64 best = 0;
+    for (i64 i = 1; i < a->ncand; i++) {  /* max by (hits, is leader), first of equals */
+        double hb = a->shits[best], hi = a->shits[i];
+        if (hi > hb || (hi == hb && i == a->li && best != a->li)) best = i;
+    }
+    if (best != a->li && a->shits[best] > lead * (1 + a->margin)) ad_switch(a, (int)best);
+    for (i64 i = 0; i < a->ncand; i++) a->shits[i] /= 2;
+}
+static void ad_sample(AD *a, i64 k) {
+    i64 sk = a->sid[k];
+    for (i64 c = 0; c < a->ncand; c++) {
+        uint8_t *res = a->sres[c];
+        if (res[sk]) { a->shits[c] += 1; cp_touch(&a->sh[c], sk); continue; }
+        if (a->scount[c] >= a->scap) {
+            i64 v = cp_victim(&a->sh[c]);
+            if (v >= 0) { res[v] = 0; a->scount[c]--; }
+        }
+        res[sk] = 1; a->scount[c]++;
+        cp_insert(&a->sh[c], sk);
+    }
+    if (++a->sampled >= a->period) { a->sampled = 0; ad_decide(a); }
+}
+static inline void ad_insert(AD *a, i64 k) {
+    cp_insert(&a->lead, k); ad_remember(a, k);
+    if (a->sid[k] >= 0) ad_sample(a, k);
+}
+static inline void ad_touch(AD *a, i64 k) {
+    cp_touch(&a->lead, k); ad_remember(a, k);
+    if (a->sid[k] >= 0) ad_sample(a, k);
+}
+static inline void ad_pin(AD *a, i64 k) {
+    if (a->set_add(a->pinned, a->objs[k]) != 0) a->err = 1;
+    cp_pin(&a->lead, k);
+}
+static inline void ad_unpin(AD *a, i64 k) {
+    if (a->set_discard(a->pinned, a->objs[k]) < 0) a->err = 1;
+    cp_unpin(&a->lead, k);
+}
+static inline i64 ad_victim(AD *a) { return cp_victim(&a->lead); }
+
+/* params: cap, lir_max (leader), ncand, period, scap, lir_max (shadow), nsampled, then
+ * the candidates' kinds; sid: each key's shadow id (-1: not sampled); objs: each key's
+ * int object; api: PySet_Add, PySet_Discard, PyObject_GetIter, PyIter_Next,
+ * PyLong_AsLongLong, Py_DecRef. out: hits, evictions, switches, leader. Called with the
+ * GIL held (ctypes.PyDLL). */
+int kvbm_replay_adaptive(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                         int reverse, const i64 *params, double margin, const i64 *sid,
+                         const i64 *uniq, void *const *objs, void *pinned, void *const *api,
+                         i64 *out, i64 *vout) {
+    AD st, *a = &st;
+    memset(a, 0, sizeof st);
+    a->nkeys = nkeys; a->cap = params[0]; a->lir_max = params[1]; a->ncand = params[2];
+    a->period = params[3]; a->scap = params[4];
+    i64 sh_lir_max = params[5], nsampled = params[6];
+    if (a->ncand < 1 || a->ncand > MAXC) return -1;
+    for (i64 i = 0; i < a->ncand; i++) a->kinds[i] = (int)params[7 + i];
+    a->margin = margin; a->sid = sid; a->uniq = uniq; a->objs = objs; a->pinned = pinned;
+    a->set_add = (set_fn)api[0]; a->set_discard = (set_fn)api[1];
+    a->get_iter = (obj_fn)api[2]; a->iter_next = (obj_fn)api[3];
+    a->as_ll = (ll_fn)api[4]; a->decref = (ref_fn)api[5];
+    size_t n = (size_t)nkeys + 1;
+    a->ring = malloc(8 * (size_t)(a->cap + 1)); a->order = malloc(8 * n); a->pins = malloc(8 * n);
+    a->fres = calloc(n, 1); a->fseen = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    int ok = a->ring && a->order && a->pins && a->fres && a->fseen && cached;
+    int made = 0, lead_made = 0;
+    if (ok) { ok = cp_new(&a->lead, a->kinds[0], nkeys, a->cap, a->lir_max) == 0; lead_made = 1; }
+    for (; ok && made < a->ncand; made++) {
+        a->sres[made] = calloc((size_t)nsampled + 1, 1);
+        ok = cp_new(&a->sh[made], a->kinds[made], nsampled, a->scap, sh_lir_max) == 0 && a->sres[made];
+    }
+    int rc = -1;
+    if (ok) {
+        i64 hits = 0, evictions = 0;
+        REPLAY(ad, a)
+        out[2] = a->switches; out[3] = a->li;
+        rc = a->err ? -1 : 0;
+    }
+    if (lead_made) cp_free(&a->lead);
+    for (int i = 0; i < made; i++) { cp_free(&a->sh[i]); free(a->sres[i]); }
+    free(a->ring); free(a->order); free(a->pins); free(a->fres); free(a->fseen); free(cached);
+    return rc;
+}
 """
 
 SOURCE = r"""
@@ -35,8 +214,10 @@ static inline void l_end(List *l, i64 *pv, i64 *nx, i64 k) {
     l_del(l, pv, nx, k); l_push(l, pv, nx, k);
 }
 
-/* The replay loop of replay._replay_fast (priorities None), over a policy prefix P. */
+/* The replay loop of replay._replay_fast (priorities None), over a policy prefix P;
+ * vout (when given) receives every victim call's answer, -1 for none. */
 #define REPLAY(P, S)                                                              \
+    i64 ncalls = 0;                                                               \
     for (i64 r = 0; r < nreq; r++) {                                              \
         const i64 *ks = keys + off[r];                                            \
         i64 len = off[r + 1] - off[r], n = 0;                                     \
@@ -50,15 +231,17 @@ static inline void l_end(List *l, i64 *pv, i64 *nx, i64 k) {
             if (avail) avail--;                                                   \
             else {                                                                \
                 i64 v = P##_victim(S);                                            \
+                if (vout) vout[ncalls] = v;                                       \
+                ncalls++;                                                         \
                 if (v < 0) continue;                                              \
-                cached[v] = 0; if (vout) vout[evictions] = v; evictions++;        \
+                cached[v] = 0; evictions++;                                       \
             }                                                                     \
             cached[k] = 1; P##_insert(S, k);                                      \
         }                                                                         \
         if (reverse) { for (i64 i = n - 1; i >= 0; i--) P##_unpin(S, ks[i]); }    \
         else { for (i64 i = 0; i < n; i++) P##_unpin(S, ks[i]); }                 \
     }                                                                             \
-    out[0] = hits; out[1] = evictions;
+    out[0] = hits; out[1] = evictions; out[7] = ncalls;
 
 /* ---------------------------------------------------------------- W-TinyLFU */
 enum { W_ = 0, P_ = 1, Q_ = 2, C_ = 3 };
@@ -545,6 +728,185 @@ int kvbm_replay_lirs(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 a
         rc = 0;
     }
     li_free(s); free(cached);
+    return rc;
+}
+/* ---------------------------------------------------------------- adaptive (lru, lirs) */
+typedef struct { i64 *pv, *nx; uint8_t *in; List l; } LR;  /* kvbm.policy.LRUPolicy by key */
+static int lr_alloc(LR *s, i64 nkeys) {
+    size_t n = (size_t)nkeys + 1;
+    memset(s, 0, sizeof *s);
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->in = calloc(n, 1);
+    l_init(&s->l);
+    return s->pv && s->nx && s->in ? 0 : -1;
+}
+static void lr_free(LR *s) { free(s->pv); free(s->nx); free(s->in); }
+static inline void lr_insert(LR *s, i64 k) { if (!s->in[k]) { l_push(&s->l, s->pv, s->nx, k); s->in[k] = 1; } }
+static inline void lr_touch(LR *s, i64 k) { if (s->in[k]) l_end(&s->l, s->pv, s->nx, k); }
+static inline void lr_pin(LR *s, i64 k) { if (s->in[k]) { l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; } }
+static inline void lr_unpin(LR *s, i64 k) {
+    if (s->in[k]) l_end(&s->l, s->pv, s->nx, k); else { l_push(&s->l, s->pv, s->nx, k); s->in[k] = 1; }
+}
+static inline i64 lr_victim(LR *s) {
+    if (!s->l.n) return -1;
+    i64 k = s->l.head; l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; return k;
+}
+
+typedef struct { int kind; LR lr; LI li; } CP;  /* a candidate: 0 lru, 1 lirs */
+static int cp_new(CP *p, int kind, i64 nkeys, i64 cap, i64 lir_max) {
+    p->kind = kind;
+    memset(&p->lr, 0, sizeof p->lr); memset(&p->li, 0, sizeof p->li);
+    return kind == 0 ? lr_alloc(&p->lr, nkeys) : li_alloc(&p->li, nkeys, cap, lir_max);
+}
+static void cp_free(CP *p) { if (p->kind == 0) lr_free(&p->lr); else li_free(&p->li); }
+static inline void cp_insert(CP *p, i64 k) { if (p->kind == 0) lr_insert(&p->lr, k); else li_insert(&p->li, k); }
+static inline void cp_touch(CP *p, i64 k) { if (p->kind == 0) lr_touch(&p->lr, k); else li_touch(&p->li, k); }
+static inline void cp_pin(CP *p, i64 k) { if (p->kind == 0) lr_pin(&p->lr, k); else li_pin(&p->li, k); }
+static inline void cp_unpin(CP *p, i64 k) { if (p->kind == 0) lr_unpin(&p->lr, k); else li_unpin(&p->li, k); }
+static inline i64 cp_victim(CP *p) { return p->kind == 0 ? lr_victim(&p->lr) : li_victim(&p->li); }
+
+/* CPython's own set for the pinned keys: _switch iterates it, and its order is the
+ * set's (hash table) order, so the loop keeps a real set through the C API. */
+typedef int (*set_fn)(void *, void *);
+typedef void *(*obj_fn)(void *);
+typedef long long (*ll_fn)(void *);
+typedef void (*ref_fn)(void *);
+enum { MAXC = 8 };
+typedef struct {
+    i64 nkeys, cap, lir_max, ncand, li, switches, sampled, period, scap;
+    int kinds[MAXC];
+    double margin, shits[MAXC];
+    CP lead, sh[MAXC];
+    uint8_t *sres[MAXC]; i64 scount[MAXC];
+    const i64 *sid, *uniq;
+    i64 *ring, rn, rpos, *order, *pins;
+    uint8_t *fres, *fseen;
+    void *pinned; void *const *objs;
+    set_fn set_add, set_discard; obj_fn get_iter, iter_next; ll_fn as_ll; ref_fn decref;
+    int err;
+} AD;
+
+static inline void ad_remember(AD *a, i64 k) {
+    a->ring[a->rpos] = k;
+    if (++a->rpos == a->cap) a->rpos = 0;
+    if (a->rn < a->cap) a->rn++;
+}
+static i64 ad_rank(AD *a, long long v) {  /* a key's dense id: its rank among the keys */
+    i64 lo = 0, hi = a->nkeys - 1;
+    while (lo < hi) { i64 m = (lo + hi) / 2; if (a->uniq[m] < v) lo = m + 1; else hi = m; }
+    return lo;
+}
+static void ad_switch(AD *a, int idx) {
+    CP nw;
+    if (cp_new(&nw, a->kinds[idx], a->nkeys, a->cap, a->lir_max) != 0) { cp_free(&nw); a->err = 1; return; }
+    i64 no = 0, np = 0, k;
+    while ((k = cp_victim(&a->lead)) >= 0) a->order[no++] = k;
+    for (i64 i = 0; i < no; i++) { cp_insert(&nw, a->order[i]); a->fres[a->order[i]] = 1; }
+    void *it = a->get_iter(a->pinned), *item;
+    if (!it) { a->err = 1; cp_free(&nw); return; }
+    while ((item = a->iter_next(it)) != NULL) {
+        long long v = a->as_ll(item);
+        a->decref(item);
+        k = ad_rank(a, v);
+        cp_insert(&nw, k); cp_pin(&nw, k);
+        a->fres[k] = 1; a->pins[np++] = k;
+    }
+    a->decref(it);
+    i64 start = a->rn < a->cap ? 0 : a->rpos;
+    for (i64 i = 0; i < a->rn; i++) {
+        i64 j = start + i; if (j >= a->cap) j -= a->cap;
+        k = a->ring[j];
+        if (a->fseen[k] && a->fres[k]) cp_touch(&nw, k);
+        a->fseen[k] = 1;
+    }
+    for (i64 i = 0; i < a->rn; i++) a->fseen[a->ring[i]] = 0;
+    for (i64 i = 0; i < no; i++) a->fres[a->order[i]] = 0;
+    for (i64 i = 0; i < np; i++) a->fres[a->pins[i]] = 0;
+    cp_free(&a->lead);
+    a->lead = nw; a->li = idx; a->switches++;
+}
+static void ad_decide(AD *a) {
+    double lead = a->shits[a->li];
+    i64 best = 0;
+    for (i64 i = 1; i < a->ncand; i++) {  /* max by (hits, is leader), first of equals */
+        double hb = a->shits[best], hi = a->shits[i];
+        if (hi > hb || (hi == hb && i == a->li && best != a->li)) best = i;
+    }
+    if (best != a->li && a->shits[best] > lead * (1 + a->margin)) ad_switch(a, (int)best);
+    for (i64 i = 0; i < a->ncand; i++) a->shits[i] /= 2;
+}
+static void ad_sample(AD *a, i64 k) {
+    i64 sk = a->sid[k];
+    for (i64 c = 0; c < a->ncand; c++) {
+        uint8_t *res = a->sres[c];
+        if (res[sk]) { a->shits[c] += 1; cp_touch(&a->sh[c], sk); continue; }
+        if (a->scount[c] >= a->scap) {
+            i64 v = cp_victim(&a->sh[c]);
+            if (v >= 0) { res[v] = 0; a->scount[c]--; }
+        }
+        res[sk] = 1; a->scount[c]++;
+        cp_insert(&a->sh[c], sk);
+    }
+    if (++a->sampled >= a->period) { a->sampled = 0; ad_decide(a); }
+}
+static inline void ad_insert(AD *a, i64 k) {
+    cp_insert(&a->lead, k); ad_remember(a, k);
+    if (a->sid[k] >= 0) ad_sample(a, k);
+}
+static inline void ad_touch(AD *a, i64 k) {
+    cp_touch(&a->lead, k); ad_remember(a, k);
+    if (a->sid[k] >= 0) ad_sample(a, k);
+}
+static inline void ad_pin(AD *a, i64 k) {
+    if (a->set_add(a->pinned, a->objs[k]) != 0) a->err = 1;
+    cp_pin(&a->lead, k);
+}
+static inline void ad_unpin(AD *a, i64 k) {
+    if (a->set_discard(a->pinned, a->objs[k]) < 0) a->err = 1;
+    cp_unpin(&a->lead, k);
+}
+static inline i64 ad_victim(AD *a) { return cp_victim(&a->lead); }
+
+/* params: cap, lir_max (leader), ncand, period, scap, lir_max (shadow), nsampled, then
+ * the candidates' kinds; sid: each key's shadow id (-1: not sampled); objs: each key's
+ * int object; api: PySet_Add, PySet_Discard, PyObject_GetIter, PyIter_Next,
+ * PyLong_AsLongLong, Py_DecRef. out: hits, evictions, switches, leader. Called with the
+ * GIL held (ctypes.PyDLL). */
+int kvbm_replay_adaptive(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                         int reverse, const i64 *params, double margin, const i64 *sid,
+                         const i64 *uniq, void *const *objs, void *pinned, void *const *api,
+                         i64 *out, i64 *vout) {
+    AD st, *a = &st;
+    memset(a, 0, sizeof st);
+    a->nkeys = nkeys; a->cap = params[0]; a->lir_max = params[1]; a->ncand = params[2];
+    a->period = params[3]; a->scap = params[4];
+    i64 sh_lir_max = params[5], nsampled = params[6];
+    if (a->ncand < 1 || a->ncand > MAXC) return -1;
+    for (i64 i = 0; i < a->ncand; i++) a->kinds[i] = (int)params[7 + i];
+    a->margin = margin; a->sid = sid; a->uniq = uniq; a->objs = objs; a->pinned = pinned;
+    a->set_add = (set_fn)api[0]; a->set_discard = (set_fn)api[1];
+    a->get_iter = (obj_fn)api[2]; a->iter_next = (obj_fn)api[3];
+    a->as_ll = (ll_fn)api[4]; a->decref = (ref_fn)api[5];
+    size_t n = (size_t)nkeys + 1;
+    a->ring = malloc(8 * (size_t)(a->cap + 1)); a->order = malloc(8 * n); a->pins = malloc(8 * n);
+    a->fres = calloc(n, 1); a->fseen = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    int ok = a->ring && a->order && a->pins && a->fres && a->fseen && cached;
+    int made = 0, lead_made = 0;
+    if (ok) { ok = cp_new(&a->lead, a->kinds[0], nkeys, a->cap, a->lir_max) == 0; lead_made = 1; }
+    for (; ok && made < a->ncand; made++) {
+        a->sres[made] = calloc((size_t)nsampled + 1, 1);
+        ok = cp_new(&a->sh[made], a->kinds[made], nsampled, a->scap, sh_lir_max) == 0 && a->sres[made];
+    }
+    int rc = -1;
+    if (ok) {
+        i64 hits = 0, evictions = 0;
+        REPLAY(ad, a)
+        out[2] = a->switches; out[3] = a->li;
+        rc = a->err ? -1 : 0;
+    }
+    if (lead_made) cp_free(&a->lead);
+    for (int i = 0; i < made; i++) { cp_free(&a->sh[i]); free(a->sres[i]); }
+    free(a->ring); free(a->order); free(a->pins); free(a->fres); free(a->fseen); free(cached);
     return rc;
 }
 """

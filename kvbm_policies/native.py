@@ -49,13 +49,18 @@ def _load() -> ctypes.CDLL | None:
     if not _loaded:
         with _lock:
             if not _loaded:
-                lib = _cc.build(SOURCE, "the policy simulator's replay loops", "the Python loop")
+                # PyDLL: the GIL stays held (the adaptive loop calls CPython's set API).
+                lib = _cc.build(SOURCE, "the policy simulator's replay loops", "the Python loop",
+                                loader=ctypes.PyDLL)
                 if lib is not None:
                     lib.kvbm_replay_wtinylfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P, _P,
                                                          _P, _P]
                     lib.kvbm_replay_prefix.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
                     lib.kvbm_replay_lirs.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _P, _P]
-                    for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs):
+                    lib.kvbm_replay_adaptive.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P,
+                                                         ctypes.c_double, _P, _P, _P, _P, _P, _P, _P]
+                    for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs,
+                               lib.kvbm_replay_adaptive):
                         fn.restype = ctypes.c_int
                 _lib = lib
                 _loaded = True
@@ -69,6 +74,7 @@ def available() -> bool:
 
 def _fresh(policy: EvictionPolicy) -> str | None:
     """The loop for ``policy``: its exact class, and only before its first call."""
+    from .adaptive import AdaptivePolicy
     from .eviction import LIRSPolicy
     from .prefix import PrefixLRUPolicy
     from .tinylfu import WTinyLFUPolicy
@@ -81,6 +87,12 @@ def _fresh(policy: EvictionPolicy) -> str | None:
         return "prefix" if not policy._known and policy._clock == 0 else None  # type: ignore[attr-defined]
     if t is LIRSPolicy:
         return "lirs" if not policy._state else None  # type: ignore[attr-defined]
+    if t is AdaptivePolicy:
+        a: Any = policy
+        fresh = (a._sampled == 0 and not a._recent and a.switches == 0 and not a._pinned
+                 and len(a._leader) == 0 and all(not s.resident for s in a._shadows))
+        ok = set(a.candidates) <= {"lru", "lirs"} and len(a.candidates) <= 8
+        return "adaptive" if fresh and ok else None
     return None
 
 
@@ -93,11 +105,29 @@ def _ptr(a: np.ndarray) -> int:
     return int(a.ctypes.data)
 
 
+def _api() -> np.ndarray:
+    """The CPython functions the adaptive loop calls, as addresses."""
+    api = ctypes.pythonapi
+    names = ("PySet_Add", "PySet_Discard", "PyObject_GetIter", "PyIter_Next", "PyLong_AsLongLong",
+             "Py_DecRef")
+    return np.array([ctypes.cast(getattr(api, n), ctypes.c_void_p).value for n in names], np.uint64)
+
+
+def _lir_max(capacity: int) -> int:
+    from .eviction import LIRSPolicy
+
+    return int(LIRSPolicy(capacity)._lir_max)
+
+
 def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
-           victims: list[Any] | None = None) -> tuple[int, int] | None:
+           victims: list[Any] | None = None, stats: dict[str, Any] | None = None
+           ) -> tuple[int, int] | None:
     """``(hits, evictions)`` of ``trace`` replayed natively, or None when the policy or
     the trace has no native path (the caller then runs the Python loop). With
-    ``victims``, each victim's key is appended to it in order (for tests)."""
+    ``victims``, each victim call's answer is appended to it in order (a key, or None
+    when every block was pinned); with ``stats``, the
+    loop's end state that the policy would show is put in it (W-TinyLFU's
+    ``window_max``, the adaptive policy's ``switches`` and ``leader``), for tests."""
     if not enabled:
         return None
     kind = _fresh(policy)
@@ -137,8 +167,30 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
                            p.sketch.sample, p.sketch.width], np.int64)
         dparams = np.array([p._protected_ratio, p._step, p._prev_rate], np.float64)
         rc = lib.kvbm_replay_wtinylfu(*common, _ptr(pos), _ptr(params), _ptr(dparams), _ptr(out), vptr)
+        if stats is not None:
+            stats["window_max"] = int(out[2])
     elif kind == "prefix":
         rc = lib.kvbm_replay_prefix(*common, _ptr(out), vptr)
+    elif kind == "adaptive":
+        a: Any = policy
+        kinds = [0 if n == "lru" else 1 for n in a.candidates]
+        scap = a._shadows[0].capacity
+        with np.errstate(over="ignore"):
+            hs = uniq.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        sampled = ((hs >> np.uint64(40)) & np.uint64(a._mask)) == 0
+        sid = np.where(sampled, np.cumsum(sampled) - 1, -1).astype(np.int64)
+        nsampled = int(sampled.sum())
+        params = np.array([a.capacity, _lir_max(a.capacity), len(kinds), a.period, scap,
+                           _lir_max(scap), nsampled, *kinds], np.int64)
+        objs = uniq.tolist()  # the keys as ints, for the pinned set
+        obj_ptrs = np.fromiter(map(id, objs), np.uint64, nkeys)
+        pinned: set[int] = set()
+        api = _api()
+        rc = lib.kvbm_replay_adaptive(*common, _ptr(params), float(a.margin), _ptr(sid), _ptr(uniq),
+                                      _ptr(obj_ptrs), id(pinned), _ptr(api), _ptr(out), vptr)
+        if stats is not None:
+            stats["switches"], stats["leader"] = int(out[2]), a.candidates[int(out[3])]
+        del objs
     else:
         lirs: Any = policy
         rc = lib.kvbm_replay_lirs(*common, lirs.capacity, lirs._lir_max, _ptr(out), vptr)
@@ -146,5 +198,7 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
         return None  # out of memory in the loop: the Python loop
     hits, evictions = int(out[0]), int(out[1])
     if victims is not None and vout is not None:
-        victims.extend(uniq[vout[:evictions]].tolist())
+        got = vout[:int(out[7])]
+        keys = uniq[np.maximum(got, 0)].tolist()
+        victims.extend(None if v < 0 else k for v, k in zip(got.tolist(), keys))
     return hits, evictions

@@ -24,7 +24,7 @@ def test_adaptive_starts_with_its_first_candidate() -> None:
 
 def test_adaptive_switches_to_the_candidate_whose_shadow_hits_more() -> None:
     policy = AdaptivePolicy(80, period=20)
-    replay(_loop(100, 30), policy, 80)
+    replay(_loop(100, 30), policy, 80, engine="python")  # the policy itself, not the C loop
     assert policy.leader == "lirs" and policy.switches >= 1
 
 
@@ -38,7 +38,7 @@ def test_adaptive_after_the_switch_hits_like_the_better_candidate() -> None:
 def test_adaptive_keeps_its_leader_when_no_candidate_hits_more_by_the_margin() -> None:
     # A cache that holds everything: every candidate hits alike.
     policy = AdaptivePolicy(200, period=10)
-    replay(_loop(50, 20), policy, 200)
+    replay(_loop(50, 20), policy, 200, engine="python")
     assert policy.leader == "lru" and policy.switches == 0
 
 

@@ -13,13 +13,14 @@ from test_policies_victims import GOLDEN, VictimLog
 
 from kvbm import _cc
 from kvbm.policy import EvictionPolicy
-from kvbm_policies import LIRSPolicy, PrefixLRUPolicy, WTinyLFUPolicy, native
+from kvbm_policies import AdaptivePolicy, LIRSPolicy, PrefixLRUPolicy, WTinyLFUPolicy, native
 from kvbm_policies.families import make_workload
 from kvbm_policies.replay import replay
 from kvbm_policies.workloads import Trace
 
 NATIVE: dict[str, Callable[..., EvictionPolicy]] = {
     "lirs": LIRSPolicy, "wtinylfu": WTinyLFUPolicy, "prefix": PrefixLRUPolicy,
+    "adaptive": AdaptivePolicy,  # its default candidates, lru and lirs
 }
 
 needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler: no native loop")
@@ -70,6 +71,9 @@ OPTIONS = st.sampled_from([
     ("lirs", {}), ("lirs", {"hir_ratio": 0.3}),
     ("wtinylfu", {}), ("wtinylfu", {"window_ratio": 0.3, "protected_ratio": 0.5}),
     ("wtinylfu", {"adaptive": False}), ("prefix", {}),
+    # Sampling every key and deciding every few accesses: the leader switches often.
+    ("adaptive", {"rate": 1, "period": 2, "margin": 0.0}),
+    ("adaptive", {"candidates": "lirs,lru", "rate": 2, "period": 3, "margin": 0.0}),
 ])
 # Keys as tiers never see them (negative, past 2**62) but the simulator may: the
 # loops rank keys, and W-TinyLFU hashes them as 64-bit words.
@@ -89,6 +93,40 @@ def test_native_and_python_victims_are_identical_on_random_traces(
     py = _python_victims(trace, NATIVE[name](capacity, **options), capacity, release)
     nat = _native_victims(trace, NATIVE[name](capacity, **options), capacity, release)
     assert nat == py
+
+
+@needs_cc
+@pytest.mark.parametrize("frac", [8, 64])
+def test_adaptive_hands_its_pinned_blocks_to_a_new_leader_in_the_python_sets_order(frac: int) -> None:
+    # On tenants at 1/8 and 1/64 the leader switches with pinned blocks, and the order a
+    # new LIRS leader receives them in changes victims (a dict's insertion order instead
+    # of the set's gave other victims): the loop keeps a real CPython set for them.
+    trace = _trace("tenants")
+    cap = trace.working_set // frac
+    policy = AdaptivePolicy(cap)
+    py = _python_victims(trace, policy, cap)
+    stats: dict[str, Any] = {}
+    victims: list[Any] = []
+    got = native.replay(trace, AdaptivePolicy(cap), cap, True, victims, stats)
+    assert policy.switches >= 5
+    assert (got, victims) == ((py[0], py[1]), py[2])
+    assert (stats["switches"], stats["leader"]) == (policy.switches, policy.leader)
+
+
+@needs_cc
+def test_adaptive_with_a_candidate_that_has_no_loop_takes_the_python_loop() -> None:
+    assert native.replay(Trace("t", [[1, 2]]), AdaptivePolicy(4, candidates="lru,arc"), 4, True) is None
+
+
+@needs_cc
+def test_wtinylfu_loop_ends_with_the_window_the_policy_climbs_to() -> None:
+    trace = _trace("agentic")
+    cap = trace.working_set // 4
+    policy = WTinyLFUPolicy(cap)
+    replay(trace, policy, cap, engine="python")
+    stats: dict[str, Any] = {}
+    native.replay(trace, WTinyLFUPolicy(cap), cap, True, None, stats)
+    assert stats["window_max"] == policy.window_max != WTinyLFUPolicy(cap).window_max
 
 
 @needs_cc

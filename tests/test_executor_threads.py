@@ -1,5 +1,6 @@
 """Copy threads: an explicit ``copy_threads`` is taken as given; left at its default, a
-start-up measurement keeps only as many threads as copy faster than one."""
+start-up measurement (one thread against the shared copy) keeps the threads unless
+they copy slower than one."""
 
 from __future__ import annotations
 

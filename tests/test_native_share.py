@@ -105,7 +105,8 @@ def test_the_managers_copies_are_shared_across_its_copy_threads(
 
     monkeypatch.setattr(_native, "_shared", counting)
     with KvBlockManager.from_config({"model": MODEL, "page_size": 16, "copy_threads": 2,
-                                     "tiers": [{"type": "host", "num_blocks": 32}]}) as mgr:
+                                     "tiers": [{"type": "host", "num_blocks": 32,
+                                                "copy_threads": 2}]}) as mgr:
         n, bb = 16, mgr.layout.bytes_per_block
         src = np.random.default_rng(3).integers(0, 256, (n, bb), dtype=np.uint8)
         dst = np.zeros_like(src)

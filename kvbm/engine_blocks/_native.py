@@ -332,26 +332,30 @@ def copy_pairs(dst: Sequence[np.ndarray], src: Sequence[np.ndarray]) -> None:
 
 _split_lock = threading.Lock()
 _split_choice: dict[int, int] = {}
-#: Bytes each probe of ``copy_threads_worth`` copies, and the gain a split must show.
+#: Bytes each probe of ``copy_threads_worth`` copies, and the least speed-up (one
+#: thread's time over the shared copy's) that keeps the threads: 0.9, kept unless slower.
 _SPLIT_PROBE_BYTES = 16 * 2**20
-_SPLIT_GAIN = 1.15
+_SPLIT_GAIN = 0.9
 
 
 def copy_threads_worth(threads: int) -> int:
-    """How many of ``threads`` copy threads pay on this machine: ``threads`` or 1.
+    """How many of ``threads`` copy threads to use on this machine: ``threads`` or 1.
 
     Measured once per process and count, as a limit is: a streamed copy of 16 MiB
-    between touched buffers in one thread and split across ``threads``, three times
-    each, interleaved; the split is kept only if its best is 15 % faster than one
-    thread's best. Where one core already saturates the memory a VM is given, a
-    second thread only adds a hand-off and a wait for the slower half (and, when
-    another process holds the other core, waits for it). Without the native loop the
-    answer is ``threads`` (numpy's copies gain from threads as before).
+    between touched buffers in one thread and shared across ``threads`` (``share``:
+    chunks claimed from one counter), three times each, interleaved. The threads are
+    kept unless their best is more than 10 % slower than one thread's best. A shared
+    copy holds the caller back by at most the chunk a helper claimed, so a second
+    thread that waits for a core (another process holds it) costs little, and where
+    both cores are free it nearly doubles a copy (one core rarely saturates memory);
+    a fixed split, before, waited for its slower half and needed 15 % to be kept.
+    Without the native loop the answer is ``threads`` (numpy's copies gain from
+    threads as before).
     """
     if threads <= 1:
         return 1
-    fn = stream_runs()
-    if fn is None or not enabled:
+    fn = copy_runs()
+    if fn is None or stream_runs() is None:
         return threads
     with _split_lock:
         got = _split_choice.get(threads)
@@ -360,27 +364,25 @@ def copy_threads_worth(threads: int) -> int:
         n = _SPLIT_PROBE_BYTES
         src = np.ones(n, dtype=np.uint8)
         dst = np.ones(n, dtype=np.uint8)  # both touched: the probe times copies, not faults
-        step = -(-n // threads) // 64 * 64
-        parts = [(np.array([address(dst) + a], dtype=np.int64),
-                  np.array([address(src) + a], dtype=np.int64), min(step, n - a))
-                 for a in range(0, n, step)]
-        whole = (np.array([address(dst)], dtype=np.int64), np.array([address(src)], dtype=np.int64), n)
-
-        def one(p: tuple[np.ndarray, np.ndarray, int]) -> None:
-            fn(1, address(p[0]), address(p[1]), p[2])
-
+        run = 256 * 1024
+        k = n // run
+        sp = address(src) + np.arange(k, dtype=np.int64) * run
+        dp = address(dst) + np.arange(k, dtype=np.int64) * run
+        old = stream_min()
+        set_stream_min(0)  # both ways stream, as a batch of the manager's does
         single = split = float("inf")
-        with ThreadPoolExecutor(len(parts) - 1) as pool:
-            for _ in range(3):
-                t0 = time.perf_counter()
-                one(whole)
-                single = min(single, time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                futs = [pool.submit(one, p) for p in parts[1:]]
-                one(parts[0])
-                for f in futs:
-                    f.result()
-                split = min(split, time.perf_counter() - t0)
+        try:
+            with ThreadPoolExecutor(threads - 1) as pool:
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    run_copy(fn, k, dp, sp, run)
+                    single = min(single, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    with share(pool, threads):
+                        run_copy(fn, k, dp, sp, run)
+                    split = min(split, time.perf_counter() - t0)
+        finally:
+            set_stream_min(old)
         got = threads if single / split >= _SPLIT_GAIN else 1
         log.debug("kvbm: %d copy threads: 1 thread %.2f GB/s, %d threads %.2f GB/s: using %d",
                   threads, n / single / 1e9, threads, n / split / 1e9, got)

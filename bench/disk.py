@@ -16,13 +16,17 @@ paths is measured on 4 KiB pages (``aligned_empty``: shared anonymous memory) an
 2 MiB pages (private, advised ``MADV_HUGEPAGE``, as kvbm's host tier arena and staging
 buffers are): an O_DIRECT request pins its buffer page by page and the checksum walks
 it, so the pages matter; fio's few reused buffers are cheap either way (``--pages``).
+``--io-loop python`` (or ``both``) also measures the tier with its per-block Python loop
+instead of the native one (``kvbm_tiers_disk._native_io``), and ``--python-load`` keeps
+a pure-Python thread busy in this process during the rounds, as an engine's scheduler
+is: the Python loop's threads then wait for the GIL between requests.
 Then the start-up index rebuild: the slot
 headers of the written cache are scanned again by a fresh tier, in blocks/s, with
 the time that rate projects for a full 100 GB cache.
 
 Run: ``python bench/disk.py [--dir /tmp] [--gib 0.5] [--batch 64] [--threads 8]
-[--engine posix|nixl|both] [--pages 4k|2m|both] [--repeats 3] [--rebuild-blocks 2048]
-[--json]``.
+[--engine posix|nixl|both] [--pages 4k|2m|both] [--io-loop native|python|both]
+[--python-load] [--repeats 3] [--rebuild-blocks 2048] [--json]``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,7 +103,7 @@ class TierPath:
     """``DiskTier.write`` / ``read`` of the whole data in batches, straight from its rows."""
 
     def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, engine: str,
-                 huge: bool = False) -> None:
+                 huge: bool = False, native: bool = True) -> None:
         n, bb = data.shape
         self.n, self.batch, self.data = n, batch, data
         self.keys = [i.to_bytes(16, "little") for i in range(n)]
@@ -107,6 +112,8 @@ class TierPath:
         self.out = caller_memory(np.zeros_like(data), huge)
         self.dst = [self.out[i] for i in range(n)]
         self.tier = tier_for(work, n, threads, engine)
+        if not native:
+            self.tier._nio = None  # the per-block Python loop
         self.tier.recover()
 
     def write(self) -> None:
@@ -227,6 +234,10 @@ def main() -> None:
     ap.add_argument("--engine", choices=["posix", "nixl", "both"], default="posix")
     ap.add_argument("--pages", choices=["4k", "2m", "both"], default="both",
                     help="page size of the caller's memory on the tier and host-memory paths")
+    ap.add_argument("--io-loop", choices=["native", "python", "both"], default="native",
+                    help="the disk tier's I/O loop on the DiskTier rows")
+    ap.add_argument("--python-load", action="store_true",
+                    help="a pure-Python thread busy in this process during the rounds")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (each: every path and fio)")
     ap.add_argument("--rebuild-blocks", type=int, default=2048,
                     help="2 MiB slots written, then scanned by a fresh tier (index rebuild)")
@@ -249,10 +260,12 @@ def main() -> None:
         dd_w, dd_r = dd_limits(base, src_file, nbytes, a.repeats)
         fio = find_fio()
         pages = ["4k", "2m"] if a.pages == "both" else [a.pages]
-        for pg in pages:
-            for eng in engines:
-                paths[f"tier_{eng}_{pg}"] = TierPath(base / f"tier-{eng}-{pg}", data, a.batch,
-                                                     a.threads, eng, huge=pg == "2m")
+        loops = ["native", "python"] if a.io_loop == "both" else [a.io_loop]
+        tier_rows = [(eng, pg, lp) for pg in pages for eng in engines for lp in loops]
+        for eng, pg, lp in tier_rows:
+            paths[f"tier_{eng}_{pg}_{lp}"] = TierPath(base / f"tier-{eng}-{pg}-{lp}", data, a.batch,
+                                                      a.threads, eng, huge=pg == "2m",
+                                                      native=lp == "native")
         for pg in pages:
             paths[f"manager_{pg}"] = ManagerPath(base / f"manager-{pg}", data, a.batch, a.threads,
                                                  staged=False, huge=pg == "2m")
@@ -264,6 +277,15 @@ def main() -> None:
         lim: dict[str, list[float]] = {"write": [], "read": []}
         got: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": []} for k in paths}
         fio_failed = fio is None
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                sum(range(2000))
+
+        spinner = threading.Thread(target=spin, daemon=True) if a.python_load else None
+        if spinner is not None:
+            spinner.start()
         for _ in range(a.repeats):
             f = None if fio_failed else fio_gbps(str(base), a.threads, nbytes, 2, fio=fio)
             fio_failed = f is None
@@ -274,6 +296,9 @@ def main() -> None:
                 got[k]["write"].append(nbytes / best_of(p.write, 2) / 1e9)
                 got[k]["read"].append(nbytes / best_of(p.read, 2) / 1e9)
                 p.check()  # every byte of the last pass, outside the timing
+        stop.set()
+        if spinner is not None:
+            spinner.join()
         for p in paths.values():
             p.close()
         paths.clear()
@@ -285,7 +310,7 @@ def main() -> None:
             "dir": a.dir, "block_bytes": bb, "blocks": n, "bytes_per_pass": nbytes,
             "batch": a.batch, "io_threads": a.threads, "rounds": a.repeats,
             "checksum": checksum_implementation(),
-            "io_loop": "native" if native_io.load() is not None else "python",
+            "native_io_loop": native_io.load() is not None, "python_load": a.python_load,
             "dd_write_gbps": dd_w, "dd_read_gbps": dd_r, "limit": limit,
             "limit_write_gbps": lim_w, "limit_read_gbps": lim_r,
             "limit_write_rounds": lim["write"], "limit_read_rounds": lim["read"],
@@ -320,7 +345,9 @@ def main() -> None:
     print(f"{n} blocks of {bb >> 20} MiB ({nbytes / 1e9:.2f} GB) on {a.dir}, batches of "
           f"{a.batch}, io_threads {a.threads}, {a.repeats} interleaved rounds (best of 2 passes "
           f"each); load average {' '.join(f'{x:.1f}' for x in res['loadavg'])}; checksum "
-          f"{res['checksum']}, {res['io_loop']} I/O loop")
+          f"{res['checksum']}" + ("" if res["native_io_loop"] else "; no native I/O loop here "
+                                   "(no C compiler): every DiskTier row runs the Python loop")
+          + ("; a pure-Python thread busy in this process" if a.python_load else ""))
     print(f"  limit: {limit}; GB/s the best round's, x limit min/median/max over the rounds")
     print(f"  {'path':42s} {'write GB/s':>10s} {'x limit':>16s} {'read GB/s':>10s} {'x limit':>16s}")
 
@@ -331,7 +358,8 @@ def main() -> None:
     print(f"  {'dd O_DIRECT bs=2M (1 request)':42s} {dd_w:10.2f} {dd_w / lim_w:16.2f} "
           f"{dd_r:10.2f} {dd_r / lim_r:16.2f}")
     pg_name = {"4k": "4 KiB pages", "2m": "2 MiB pages"}
-    rows = [(f"DiskTier ({e}), {pg_name[pg]}", f"tier_{e}_{pg}") for pg in pages for e in engines]
+    rows = [(f"DiskTier ({e}), {pg_name[pg]}" + (f", {lp} loop" if len(loops) > 1 else ""),
+             f"tier_{e}_{pg}_{lp}") for e, pg, lp in tier_rows]
     rows += [(f"KvBlockManager [disk], host, {pg_name[pg]}", f"manager_{pg}") for pg in pages]
     rows += [("KvBlockManager [disk], staged", "manager_staged")]
     for name, k in rows:

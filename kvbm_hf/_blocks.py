@@ -125,6 +125,10 @@ class CacheBlockDestination:
     ``DynamicCache`` would copy them again on every forward (``torch.cat``).
     """
 
+    #: ``copy_in`` moves a whole batch in one native call (``_native.run_copy``): the
+    #: executor shares it between its copy threads rather than splitting the blocks.
+    native_shared = True
+
     def __init__(self, layout: BlockLayout, num_blocks: int, capacity: int,
                  device: Any = "cpu", room: torch.Tensor | None = None) -> None:
         m = layout.model
@@ -173,7 +177,11 @@ class CacheBlockDestination:
                        + blocks[:, None] * part)
             src_at = sp[:, None] + lk[None, :] * part
             d, s_ = room_at.reshape(-1), src_at.reshape(-1)
-            runs(len(d), _native.address(d), _native.address(s_), part)
+            shared = getattr(_native, "run_copy", None)
+            if shared is not None:  # split across the copy threads inside ``_native.share``
+                shared(runs, len(d), d, s_, part)
+            else:
+                runs(len(d), _native.address(d), _native.address(s_), part)
             return
         for b, s in zip(indices, src, strict=True):
             blk = torch.from_numpy(s).view(self._dtype).view(
@@ -184,3 +192,15 @@ class CacheBlockDestination:
     def kv_room(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s key and value room as ``[1, kv_heads, capacity, head_dim]`` views."""
         return self.room[layer, 0].transpose(1, 2), self.room[layer, 1].transpose(1, 2)
+
+    def kv_rooms(self, tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's ``kv_room`` (its first ``tokens`` tokens when given), in a few ops.
+
+        One transpose, one slice and ``layers + 1`` unbinds, where ``kv_room`` per layer
+        takes four ops and a slice two more: on the request path each torch call costs
+        tens of microseconds in caches the model's forward just filled.
+        """
+        t = self.room.transpose(3, 4)  # [layers, 2, 1, kv_heads, capacity, head_dim]
+        if tokens is not None:
+            t = t[:, :, :, :, :tokens]
+        return [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]

@@ -5,6 +5,13 @@ is copied into and the model then appends to. Allocating one per request costs a
 fault per 4 KiB on the first copy (a 128 MiB prefix: 32K faults, more than the copy);
 the pool keeps rooms, touched once, and hands a free one to the next request.
 
+A CPU room lies on transparent huge pages where the kernel gives them (2 MiB-aligned
+private anonymous memory advised ``MADV_HUGEPAGE``, then ``MADV_COLLAPSE`` where the
+kernel has it, each refused advice ignored): torch's own allocation sits on 4 KiB
+pages, where a load's thousands of 32 KiB runs copied in at about half the speed of
+the same runs into huge pages (the host tier's arena and a memcpy limit's numpy
+buffers are on huge pages). Without ``mmap`` flags or ``madvise``, ``torch.empty``.
+
 A room is free when nothing but the pool holds its memory: no cache's layers, no view
 a caller kept, no background offload reading it (its source holds views). That is
 read from the storage's use count, so a room is never handed out while anything can
@@ -19,11 +26,15 @@ back-to-back requests sharing a prefix load it instead of computing it again.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import mmap
 import threading
 import weakref
 from concurrent.futures import Future, wait
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvbm.engine_blocks import _native
@@ -37,6 +48,46 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 ROOM_STEP = 2048
 #: Free rooms kept per manager (and device); the largest are kept.
 MAX_FREE_ROOMS = 2
+
+
+_HUGE = 2 * 2**20
+#: ``madvise`` advice 25 (Linux 6.1+): collapse a range into huge pages now, whatever
+#: the THP ``defrag`` setting; older kernels refuse it (EINVAL), which is ignored.
+_MADV_COLLAPSE = getattr(mmap, "MADV_COLLAPSE", 25)
+#: False: rooms come from ``torch.empty`` (tests compare both).
+huge_rooms = True
+
+
+def host_room(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of ``shape`` on 2 MiB-aligned memory advised for huge pages, every
+    page touched; ``torch.empty`` (touched) where the platform has no such mapping."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    mm: mmap.mmap | None = None
+    if huge_rooms and nbytes and flags[0] is not None and flags[1] is not None \
+            and hasattr(mmap.mmap, "madvise"):
+        try:
+            mm = mmap.mmap(-1, nbytes + _HUGE, flags=flags[0] | flags[1])
+        except (OSError, ValueError):
+            mm = None
+    if mm is None:
+        room = torch.empty(shape, dtype=dtype)
+        room.view(-1).view(torch.uint8)[::4096].zero_()  # fault every page in now
+        return room
+    hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
+    # The tensor keeps ``mm`` alive (torch.frombuffer holds the buffer), and unmaps it
+    # when the last view of the room is gone.
+    whole = torch.frombuffer(mm, dtype=torch.uint8)
+    skip = -whole.data_ptr() % _HUGE
+    del whole
+    if hugepage is not None:
+        with contextlib.suppress(OSError):  # a kernel without THP: 4 KiB pages, same bytes
+            mm.madvise(hugepage)
+    flat = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=skip)
+    flat[::4096].zero_()  # fault every page in now (one 2 MiB page a fault, where given)
+    with contextlib.suppress(OSError, ValueError):  # already huge, or refused: as it is
+        mm.madvise(_MADV_COLLAPSE, skip, nbytes)
+    return flat.view(dtype).view(shape)
 
 
 def _uses(room: torch.Tensor) -> int:
@@ -60,6 +111,11 @@ class ConnectorState:
         self._lock = threading.Lock()
         self._rooms: list[torch.Tensor] = []
         self._pending: dict[SequenceHash, Future[Any]] = {}
+        # Offloads whose hashes are not listed yet: an event set once they are (or the
+        # offload is done), and their tokens up to the first block they store …
+        self._unlisted: dict[Future[Any], tuple[threading.Event, np.ndarray]] = {}
+        # … and the hashes each listed one stores.
+        self._listed: dict[Future[Any], list[SequenceHash]] = {}
         self.allocated = 0  # rooms made, for tests and stats
         _native.copy_runs()  # compile the copy loop now, not inside the first request
 
@@ -80,10 +136,10 @@ class ConnectorState:
                 if best is not None:
                     return best.view(best.shape)
                 cap = -(-tokens // ROOM_STEP) * ROOM_STEP
-                room = torch.empty((*shape[:3], cap, *shape[4:]), dtype=dtype, device=device)
-                if device.type == "cpu":
-                    # Fault every page in now, once for the room's whole life.
-                    room.view(-1).view(torch.uint8)[::4096].zero_()
+                full = (*shape[:3], cap, *shape[4:])
+                # Every page faulted in now, once for the room's whole life.
+                room = (host_room(full, dtype) if device.type == "cpu"
+                        else torch.empty(full, dtype=dtype, device=device))
                 self.allocated += 1
                 if _use_count is None:
                     return room
@@ -102,22 +158,50 @@ class ConnectorState:
         self._rooms = [r for r in self._rooms if id(r) not in drop]
 
     # -- offloads ------------------------------------------------------------------------
-    def started(self, hashes: list[SequenceHash], fut: Future[Any]) -> None:
-        """List ``hashes`` as being stored until ``fut`` finishes."""
+    def started(self, fut: Future[Any], tokens: np.ndarray, first: int, page: int) -> None:
+        """Track an offload of blocks ``first``.. of ``tokens`` until ``fut`` finishes.
+
+        Its block hashes are computed in the background and listed by ``listed``; until
+        then, a request whose tokens agree with ``tokens`` up to block ``first`` (the
+        only requests that can share a block with it) waits for the listing.
+        """
+        listing = threading.Event()
+        upto = (first + 1) * page
         with self._lock:
-            for h in hashes:
-                self._pending[h] = fut
+            self._unlisted[fut] = (listing, tokens[:upto])
 
         def done(_: Future[Any]) -> None:
             with self._lock:
-                for h in hashes:
+                self._unlisted.pop(fut, None)
+                for h in self._listed.pop(fut, ()):
                     if self._pending.get(h) is fut:
                         del self._pending[h]
+            listing.set()
 
         fut.add_done_callback(done)
 
-    def await_stores(self, hashes: list[SequenceHash], timeout: float | None = 60.0) -> None:
-        """Wait for offloads still storing any of ``hashes`` (a prefix about to be matched)."""
+    def listed(self, fut: Future[Any], hashes: list[SequenceHash]) -> None:
+        """List ``hashes`` as being stored by ``fut`` (a no-op once it finished)."""
+        with self._lock:
+            entry = self._unlisted.pop(fut, None)
+            if entry is None:  # finished already: nothing is being stored
+                return
+            self._listed[fut] = hashes
+            for h in hashes:
+                self._pending[h] = fut
+        entry[0].set()
+
+    def await_stores(self, tokens: np.ndarray, hashes: list[SequenceHash],
+                     timeout: float | None = 60.0) -> None:
+        """Wait for offloads still storing any of ``hashes``, the blocks of ``tokens`` (a
+        prefix about to be matched)."""
+        with self._lock:
+            unlisted = list(self._unlisted.values())
+        for listing, head in unlisted:
+            # Hashes chain from the first token: only a prompt that starts with an
+            # offload's tokens up to its first stored block can share a block with it.
+            if len(tokens) >= len(head) and np.array_equal(tokens[: len(head)], head):
+                listing.wait(timeout)
         with self._lock:
             futs = {id(f): f for h in hashes if (f := self._pending.get(h)) is not None}
         if futs:

@@ -129,12 +129,24 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._room: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def preload(self, keys_room: torch.Tensor, values_room: torch.Tensor, num_tokens: int) -> None:
-        """Hold ``num_tokens`` loaded tokens at the start of the given room tensors."""
-        self.lazy_initialization(keys_room, values_room)
+    def preload(self, keys_room: torch.Tensor, values_room: torch.Tensor,
+                keys: torch.Tensor | int, values: torch.Tensor | None = None) -> None:
+        """Hold loaded tokens at the start of the given room tensors.
+
+        ``keys``/``values`` are the loaded tokens' views of the rooms (their first
+        tokens), or ``keys`` is their count and the views are made here.
+        """
+        if isinstance(keys, int):
+            keys, values = keys_room[:, :, :keys], values_room[:, :, :keys]
+        if values is None or keys.data_ptr() != keys_room.data_ptr() \
+                or values.data_ptr() != values_room.data_ptr():
+            raise ValueError("preload: keys and values must be the first tokens of the rooms")
+        # What ``lazy_initialization`` sets, without its two throw-away empty tensors.
+        self.dtype, self.device = keys_room.dtype, keys_room.device
+        self.is_initialized = True
         self._room = (keys_room, values_room)
-        self.keys = keys_room[:, :, :num_tokens]
-        self.values = values_room[:, :, :num_tokens]
+        self.keys = keys
+        self.values = values
 
     def reserve(self, keys_room: torch.Tensor, values_room: torch.Tensor) -> None:
         """Write the first tokens the model computes at the start of the given room tensors."""
@@ -304,7 +316,7 @@ class KvbmCache(DynamicCache):
         hashes = self.manager.hash_tokens(row[: usable * self.page_size])
         t1 = time.perf_counter()
         # A request that just stored this prefix in the background: wait for it, then load.
-        self._state.await_stores(hashes)
+        self._state.await_stores(row, hashes)
         t2 = time.perf_counter()
         # Room for the whole prompt and ``headroom`` generated tokens, so neither the
         # prefill nor the first decode steps copy the loaded prefix again; a room of an
@@ -319,16 +331,20 @@ class KvbmCache(DynamicCache):
             t4 = time.perf_counter()
             res = self.manager.onboard(match, dest) if match.num_blocks else None
             t5 = time.perf_counter()
-        self.load_times = {"hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2, "room": t4 - t3,
-                           "onboard": t5 - t4}
+        t6 = time.perf_counter()
         loaded = res.loaded if res is not None else 0
+        rooms = dest.kv_rooms()
+        held = dest.kv_rooms(loaded * self.page_size) if loaded else rooms
         for li, layer in enumerate(self.layers):
             if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
                 raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
             if loaded:
-                layer.preload(*dest.kv_room(li), loaded * self.page_size)
+                layer.preload(*rooms[li], *held[li])
             else:
-                layer.reserve(*dest.kv_room(li))
+                layer.reserve(*rooms[li])
+        t7 = time.perf_counter()
+        self.load_times = {"hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2, "room": t4 - t3,
+                           "onboard": t5 - t4, "release": t6 - t5, "layers": t7 - t6}
         if loaded == 0:
             return 0
         self.loaded_tokens = loaded * self.page_size
@@ -362,43 +378,50 @@ class KvbmCache(DynamicCache):
         if row is None or not self.layers or not getattr(self.layers[0], "is_initialized", False):
             return _done(OffloadResult(), wait)
         layers = [(layer.keys, layer.values) for layer in self.layers]  # type: ignore[union-attr]
-        source = CacheBlockSource(layers, self.layout)  # type: ignore[arg-type]
-        n = min(len(row), source.num_tokens) // self.page_size
+        held = min(min(k.shape[-2], v.shape[-2]) for k, v in layers)  # type: ignore[union-attr]
+        n = min(len(row), held) // self.page_size
         start = self.offered_blocks
         if n <= start:
             return _done(OffloadResult(), wait)
         self.offered_blocks = n
 
-        hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
-
         if wait:
+            source = CacheBlockSource(layers, self.layout)  # type: ignore[arg-type]
+            hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
             return self.manager.offload(hashes, source, indices=range(start, n))
+        # On the request thread only what must be: the tokens copied (the caller may
+        # reuse its tensor), the layers' views taken, the offload listed as started. The
+        # hashing and the source's checks run on the I/O thread; until it has listed
+        # the hashes, a request that matches waits for that listing (``await_stores``).
         # The I/O thread's work item keeps its function (and what that refers to) until
         # after its future is done, so the function holds neither this cache nor the
-        # source: ``held`` is emptied before the result is set. Otherwise the room could
+        # source: ``held_kv`` is emptied before the result is set. Otherwise the room could
         # look busy to the next request, which would then allocate (and fault in) another.
-        # The future is the caller's own, listed as pending before the I/O thread can
-        # start: nothing is left for this thread to do (or to wait for the GIL to do)
-        # once the store runs.
-        held = [source]
-        manager = self.manager
-        del source
+        tokens = row[: n * self.page_size].copy()
+        held_kv = [layers]
+        del layers
+        manager, layout, state = self.manager, self.layout, self._state
         fut: Future[OffloadResult] = Future()
         fut.set_running_or_notify_cancel()
-        self._state.started(hashes, fut)
+        state.started(fut, tokens, start, self.page_size)
 
         def run() -> None:
             # Yield the GIL once before the store's Python work: the request thread that
             # handed this over gets back to its engine without waiting a switch interval.
             time.sleep(0)
-            src = held.pop()
+            kv: Any = held_kv.pop()
+            src: CacheBlockSource | None = None
             try:
+                hashes = manager.hash_tokens(tokens)[start:]
+                state.listed(fut, hashes)
+                src = CacheBlockSource(kv, layout)
+                kv = None
                 res = manager.offload(hashes, src, indices=range(start, n))
             except BaseException as e:
-                del src
+                kv = src = None  # the room is free before the future is done
                 fut.set_exception(e)
                 raise  # the executor logs a failed background transfer
-            del src
+            src = None
             fut.set_result(res)
 
         try:

@@ -523,3 +523,160 @@ def test_background_offload_that_fails_raises_from_its_future(model: Any, host_m
         t0 = time.monotonic()
         assert KvbmCache(host_manager, model).load_prefix(prompt) == 0
     assert time.monotonic() - t0 < 30
+
+
+# -- huge-page rooms, the few-op layer views, hashing in the background -----------------
+def _vm_flags(addr: int) -> set[str] | None:
+    """The ``VmFlags`` of the mapping holding ``addr`` (None without /proc/self/smaps)."""
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    inside = False
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return set(line.split()[1:])
+    return None
+
+
+def test_room_lies_on_2mib_aligned_memory_advised_for_huge_pages(model: Any,
+                                                                 host_manager: Any) -> None:
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    with torch.inference_mode():
+        cache = KvbmCache(host_manager, model)
+        prefill(model, tokens(5 * PAGE + 1, 50), cache, offload=False)
+        ptr = cache.layers[0].keys.data_ptr()
+    assert ptr % (2 * 2**20) == 0
+    flags = _vm_flags(ptr)
+    if flags is None:
+        pytest.skip("no /proc/self/smaps")
+    assert "hg" in flags  # MADV_HUGEPAGE given: the kernel backs it with 2 MiB pages
+
+
+def test_prefix_loaded_into_a_huge_page_room_is_every_layers_computed_kv(model: Any,
+                                                                        host_manager: Any) -> None:
+    from transformers import DynamicCache
+
+    prompt = tokens(9 * PAGE + 3, 51)
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(host_manager, model), offload_wait=True)
+        plain = DynamicCache()
+        model(prompt, past_key_values=plain)
+        cache = KvbmCache(host_manager, model)
+        n = cache.load_prefix(prompt)
+    assert n == 9 * PAGE
+    assert cache.layers[0].keys.data_ptr() % (2 * 2**20) == 0
+    for li, (ours, theirs) in enumerate(zip(cache.layers, plain.layers, strict=True)):
+        # Bytes, not closeness: both are the same model's K/V of the same tokens.
+        assert torch.equal(ours.keys, theirs.keys[:, :, :n]), f"layer {li} keys"
+        assert torch.equal(ours.values, theirs.values[:, :, :n]), f"layer {li} values"
+
+
+def test_room_falls_back_to_torch_memory_with_the_same_bytes(model: Any, host_manager: Any,
+                                                             monkeypatch: Any) -> None:
+    from kvbm_hf import _rooms
+
+    prompt = tokens(6 * PAGE + 1, 52)
+    got = []
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(host_manager, model), offload_wait=True)
+        for huge in (True, False):
+            monkeypatch.setattr(_rooms, "huge_rooms", huge)
+            host_manager_state = _rooms.state_of(host_manager)
+            host_manager_state._rooms.clear()  # the next request makes its room anew
+            cache = KvbmCache(host_manager, model)
+            assert cache.load_prefix(prompt) == 6 * PAGE
+            got.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+            aligned = cache.layers[0].keys.data_ptr() % (2 * 2**20) == 0
+            assert aligned == huge
+            del cache
+    for li, ((ka, va), (kb, vb)) in enumerate(zip(*got, strict=True)):
+        assert torch.equal(ka, kb) and torch.equal(va, vb), f"layer {li}"
+
+
+def _gate_submits(manager: Any, monkeypatch: Any) -> Any:
+    """Hold every background job the manager's executor is given until the gate opens."""
+    import threading
+
+    gate = threading.Event()
+    real = manager.executor.submit
+
+    def gated(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        def later() -> Any:
+            gate.wait(20)
+            return fn(*args, **kwargs)
+        return real(later)
+
+    monkeypatch.setattr(manager.executor, "submit", gated)
+    return gate
+
+
+def test_request_sharing_a_prefix_with_an_offload_not_yet_hashed_waits_and_loads_it(
+        model: Any, host_manager: Any, monkeypatch: Any) -> None:
+    import threading
+
+    prefix = tokens(8 * PAGE, 53)
+    first = torch.cat([prefix, tokens(3, 54)], dim=1)
+    with torch.inference_mode():
+        a = KvbmCache(host_manager, model)
+        prefill(model, first, a, offload=False)
+        kv_a = [(layer.keys[:, :, :8 * PAGE].clone(), layer.values[:, :, :8 * PAGE].clone())
+                for layer in a.layers]
+        gate = _gate_submits(host_manager, monkeypatch)
+        fut = a.offload_blocks(first, wait=False)  # not hashed yet: held before it starts
+        opener = threading.Timer(0.3, gate.set)
+        opener.start()
+        b = KvbmCache(host_manager, model)
+        n = b.load_prefix(torch.cat([prefix, tokens(5, 55)], dim=1))
+        opener.join()
+        assert fut.result(timeout=30).stored == 8
+    assert n == 8 * PAGE  # waited for the listing, then for the store
+    for li, layer in enumerate(b.layers):
+        assert torch.equal(layer.keys, kv_a[li][0]), f"layer {li} keys"
+        assert torch.equal(layer.values, kv_a[li][1]), f"layer {li} values"
+
+
+def test_request_sharing_nothing_does_not_wait_for_an_offload_not_yet_hashed(
+        model: Any, host_manager: Any, monkeypatch: Any) -> None:
+    import time
+
+    first = tokens(6 * PAGE + 1, 56)
+    with torch.inference_mode():
+        a = KvbmCache(host_manager, model)
+        prefill(model, first, a, offload=False)
+        gate = _gate_submits(host_manager, monkeypatch)
+        fut = a.offload_blocks(first, wait=False)
+        try:
+            t0 = time.monotonic()
+            n = KvbmCache(host_manager, model).load_prefix(tokens(6 * PAGE + 1, 57))
+            waited = time.monotonic() - t0
+        finally:
+            gate.set()
+        assert fut.result(timeout=30).stored == 6
+    assert n == 0
+    assert waited < 10  # the gate holds the offload for 20 s: it did not wait for it
+
+
+def test_background_offload_stores_the_tokens_as_they_were_handed_over(
+        model: Any, host_manager: Any, monkeypatch: Any) -> None:
+    prompt = tokens(5 * PAGE + 1, 58)
+    original = prompt.clone()
+    with torch.inference_mode():
+        a = KvbmCache(host_manager, model)
+        prefill(model, prompt, a, offload=False)
+        gate = _gate_submits(host_manager, monkeypatch)
+        fut = a.offload_blocks(prompt, wait=False)
+        prompt[0, 2] = (prompt[0, 2] + 1) % VOCAB  # the caller reuses its tensor at once
+        gate.set()
+        assert fut.result(timeout=30).stored == 5
+        # Stored under the tokens whose KV it is: the original prompt loads them, the
+        # changed one (whose KV differs from block 0 on) finds nothing.
+        assert KvbmCache(host_manager, model).load_prefix(prompt) == 0
+        assert KvbmCache(host_manager, model).load_prefix(original) == 5 * PAGE

@@ -219,19 +219,21 @@ class SlotKeys:
         pos = h[:, None] + steps
         pos &= self._mask
         entries = self._index_np.take(pos)  # n x w entries, -1 empty
-        # The entries whose tag is the key's (an empty one, -1, has tag -1: never),
-        # then the records they name, gathered whole (a key and the caller's bytes of
-        # its slot share a cache line: the caller then finds those in the cache), and
-        # their keys compared as 16 bytes: a tag only rules entries out.
-        h >>= self.bits
-        h &= self._tag_mask
-        at = np.flatnonzero((entries >> self._tag_shift) == h[:, None])
-        entries = entries.ravel()
-        cand = entries[at] & self.slot_mask
+        # Each entry xor the key's tag in the entry's tag bits: an entry whose tag is
+        # the key's leaves its slot number, any other (an empty one, -1, included) a
+        # number past ``slot_mask`` as unsigned. Then the records of those slots,
+        # gathered whole (a key and the caller's bytes of its slot share a cache line:
+        # the caller then finds those in the cache), and their keys compared as 16
+        # bytes: a tag only rules entries out.
+        h >>= self.bits - self._tag_shift
+        h &= self._tag_mask << self._tag_shift
+        x = entries ^ h[:, None]
+        at = np.flatnonzero(x.view(np.uint64) <= self.slot_mask)
+        cand = x.ravel()[at]
         mine = at // w  # the key each candidate is for
         same = (self._rec_np.take(cand)["k"]
                 == np.frombuffer(b"".join(keys), _KEY).take(mine))
-        found: np.ndarray = cand[same].astype(np.intp)
+        found: np.ndarray = cand[same]
         if len(found) == n:  # a key is indexed once at most: in order, one a key
             return found
         # The keys not found in their window: absent when the window holds an empty
@@ -240,7 +242,7 @@ class SlotKeys:
         slots = np.full(n, -1, np.intp)
         slots[mine[same]] = found
         for i in np.flatnonzero(slots < 0).tolist():
-            if -1 in entries[i * w:(i + 1) * w].tolist():
+            if -1 in entries[i].tolist():
                 return slots[:i]
             slot = self.find_canon(keys[i])
             if slot < 0:

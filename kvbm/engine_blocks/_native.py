@@ -425,7 +425,9 @@ def advise_huge_pages(spans: Sequence[tuple[int, int]]) -> tuple[int, str | None
     Each span's whole 2 MiB-aligned interior is advised ``MADV_HUGEPAGE`` (future
     faults, khugepaged) and collapsed now with ``MADV_COLLAPSE`` (Linux 6.1+: the
     kernel copies each 2 MiB range into one huge page; the bytes stay the same, the
-    addresses too). A copy that walks 32 KiB runs scattered over an engine's tensors
+    addresses too); the two huge pages at a span's ends, which it shares with its
+    allocator's neighbours, are collapsed too where the kernel agrees (best effort: a
+    refusal there is not reported). A copy that walks 32 KiB runs scattered over an engine's tensors
     then needs one TLB entry per 2 MiB, not per 4 KiB, and the prefetchers are not
     stopped at every 4 KiB boundary. Returns ``(bytes collapsed, why not)``: the
     reason is None when every range was collapsed, else the first refusal
@@ -451,6 +453,12 @@ def advise_huge_pages(spans: Sequence[tuple[int, int]]) -> tuple[int, str | None
                     break
             else:
                 done += hi - lo
+                # The huge pages the span only partly covers (an allocator's neighbours
+                # share them: same process, same bytes after): best effort, each alone.
+                for edge, part in ((lo - _HUGE_PAGE, lo - addr), (hi, addr + n - hi)):
+                    if part > 0 and all(f(edge, _HUGE_PAGE, a) == 0
+                                        for a in (MADV_HUGEPAGE, MADV_COLLAPSE)):
+                        done += part
     if why is not None and not _huge_warned:
         _huge_warned = True
         log.warning("kvbm: engine_huge_pages: %s; the engine's KV tensors stay on the pages "

@@ -7,9 +7,11 @@ carries:
    hit rate as a share of Belady's OPT (the ceiling) and its difference to LRU in
    points. Each family's parameters are printed beside it.
 2. Speed: block accesses replayed per CPU second, min/median/max of ``--repeats``
-   interleaved runs, through the fast engine (the registry's calls in a tight loop),
-   beside a FIFO policy (the least work a policy can do: the limit, as a ratio) and LRU
-   through the real ``BlockRegistry``, with the load average before and after.
+   interleaved runs, through the fast engine (the registry's calls in a tight loop; in
+   C for the policies ``kvbm_policies.native`` ports, each also shown through the
+   Python loop), beside a FIFO policy (the least work a policy can do: the limit, as a
+   ratio) and LRU through the real ``BlockRegistry``, with the load average before and
+   after.
 3. A chain, host at 1/16 and disk at 1/4 of the working set, write-through: prefix hit
    rate, each tier's share, blocks written to disk, for the eviction policies and disk
    admission filters named in ``CHAIN_RUNS``.
@@ -37,6 +39,7 @@ from typing import Any
 from kvbm.hashing import SequenceHash
 from kvbm.plugins import build_plugins
 from kvbm.policy import EvictionPolicy, LRUPolicy
+from kvbm_policies import native
 from kvbm_policies.chain import ChainTier, parse_named, simulate_chain
 from kvbm_policies.families import FAMILIES, make_workload
 from kvbm_policies.replay import belady, replay
@@ -274,6 +277,9 @@ def measure_speed(ts: list[Trace], names: list[str], repeats: int) -> dict[str, 
         cap = max(1, t.working_set // 4)
         makers: list[tuple[str, Any, str]] = [("fifo (floor)", FIFOPolicy, "fast")]
         makers += [(n, plugins.policies.get_kind("eviction", n).load(), "fast") for n in names]
+        # The policies the fast engine runs in C, through the Python loop as well.
+        makers += [(f"{n} (python loop)", cls, "python") for n, cls, _ in makers[1:]
+                   if native.supports(cls(cap))]
         makers.append(("lru via BlockRegistry", LRUPolicy, "registry"))
         samples: dict[str, list[float]] = {name: [] for name, _, _ in makers}
         load = [os.getloadavg()[0]]

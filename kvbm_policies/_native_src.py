@@ -909,4 +909,188 @@ int kvbm_replay_adaptive(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i
     free(a->ring); free(a->order); free(a->pins); free(a->fres); free(a->fseen); free(cached);
     return rc;
 }
+
+/* ---------------------------------------------------------------- ARC */
+enum { T1 = 0, T2 = 1, B1 = 2, B2 = 3 };
+typedef struct {
+    i64 *pv, *nx; int8_t *where, *pinned;  /* pinned: 0 no, 1 in T1, 2 in T2 */
+    List l[4]; i64 pinned_t1, npinned, c; double p;
+} ARC;
+static inline void arc_push(ARC *s, int w, i64 k) { l_push(&s->l[w], s->pv, s->nx, k); s->where[k] = (int8_t)w; }
+static inline void arc_del(ARC *s, i64 k) { l_del(&s->l[s->where[k]], s->pv, s->nx, k); s->where[k] = -1; }
+static inline void arc_trim(ARC *s) {  /* _trim_ghosts */
+    i64 n1 = s->l[T1].n + s->pinned_t1;
+    while (s->l[B1].n && n1 + s->l[B1].n > s->c) arc_del(s, s->l[B1].head);
+    i64 resident = s->l[T1].n + s->l[T2].n + s->npinned;
+    while (s->l[B2].n && resident + s->l[B1].n + s->l[B2].n > 2 * s->c) arc_del(s, s->l[B2].head);
+}
+static void arc_insert(ARC *s, i64 k) {
+    int w = s->where[k];
+    if (w == B1) {
+        double r = (double)s->l[B2].n / (double)s->l[B1].n, q = s->p + (r > 1.0 ? r : 1.0);
+        s->p = (double)s->c < q ? (double)s->c : q;
+        arc_del(s, k); arc_push(s, T2, k);
+    } else if (w == B2) {
+        double r = (double)s->l[B1].n / (double)s->l[B2].n, q = s->p - (r > 1.0 ? r : 1.0);
+        s->p = 0.0 > q ? 0.0 : q;
+        arc_del(s, k); arc_push(s, T2, k);
+    } else if (w != T1) {
+        arc_push(s, T1, k);
+    }
+    arc_trim(s);
+}
+static inline void arc_touch(ARC *s, i64 k) {
+    int pw = s->pinned[k];
+    if (pw) {
+        if (pw == 1) { s->pinned[k] = 2; s->pinned_t1--; }
+        return;
+    }
+    if (s->where[k] == T1) { arc_del(s, k); arc_push(s, T2, k); }
+    else if (s->where[k] == T2) l_end(&s->l[T2], s->pv, s->nx, k);
+}
+static inline void arc_pin(ARC *s, i64 k) {
+    if (s->where[k] == T1) { arc_del(s, k); s->pinned[k] = 1; s->pinned_t1++; s->npinned++; }
+    else if (s->where[k] == T2) { arc_del(s, k); s->pinned[k] = 2; s->npinned++; }
+}
+static inline void arc_unpin(ARC *s, i64 k) {
+    int pw = s->pinned[k];
+    if (!pw) { arc_insert(s, k); return; }
+    s->pinned[k] = 0; s->npinned--;
+    if (pw == 1) { s->pinned_t1--; arc_push(s, T1, k); }
+    else arc_push(s, T2, k);
+}
+static i64 arc_victim(ARC *s) {
+    i64 k;
+    if (s->l[T1].n && ((double)(s->l[T1].n + s->pinned_t1) > s->p || !s->l[T2].n)) {
+        k = s->l[T1].head; arc_del(s, k); arc_push(s, B1, k);
+    } else if (s->l[T2].n) {
+        k = s->l[T2].head; arc_del(s, k); arc_push(s, B2, k);
+    } else return -1;
+    arc_trim(s);
+    return k;
+}
+
+int kvbm_replay_arc(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                    int reverse, i64 cap, i64 *out, i64 *vout) {
+    ARC st, *s = &st;
+    memset(s, 0, sizeof st);
+    size_t n = (size_t)nkeys + 1;
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->where = malloc(n); s->pinned = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    int rc = -1;
+    if (s->pv && s->nx && s->where && s->pinned && cached) {
+        memset(s->where, -1, n);
+        for (int i = 0; i < 4; i++) l_init(&s->l[i]);
+        s->c = cap;
+        i64 hits = 0, evictions = 0;
+        REPLAY(arc, s)
+        rc = 0;
+    }
+    free(s->pv); free(s->nx); free(s->where); free(s->pinned); free(cached);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- S3-FIFO */
+enum { SM = 0, MA = 1, GH = 2 };
+typedef struct {
+    i64 *pv, *nx; int8_t *where, *freq, *pinned;  /* freq -1: unknown; pinned 1 small, 2 main */
+    List l[3]; i64 pinned_small, promote, small_target, cap;
+} S3;
+static inline void s3_push(S3 *s, int w, i64 k) { l_push(&s->l[w], s->pv, s->nx, k); s->where[k] = (int8_t)w; }
+static inline void s3_del(S3 *s, i64 k) { l_del(&s->l[s->where[k]], s->pv, s->nx, k); s->where[k] = -1; }
+static void s3_insert(S3 *s, i64 k) {
+    s->freq[k] = 0;
+    if (s->where[k] == GH) { s3_del(s, k); s3_push(s, MA, k); }  /* remembered: to main */
+    else if (s->where[k] != SM) s3_push(s, SM, k);
+}
+static inline void s3_touch(S3 *s, i64 k) { int f = s->freq[k]; if (f >= 0 && f < 3) s->freq[k] = (int8_t)(f + 1); }
+static inline void s3_pin(S3 *s, i64 k) {
+    if (s->where[k] == SM) { s3_del(s, k); s->pinned[k] = 1; s->pinned_small++; }
+    else if (s->where[k] == MA) { s3_del(s, k); s->pinned[k] = 2; }
+}
+static inline void s3_unpin(S3 *s, i64 k) {
+    int pw = s->pinned[k];
+    if (!pw) { if (s->freq[k] < 0) s3_insert(s, k); return; }
+    s->pinned[k] = 0;
+    if (pw == 2) { if (s->where[k] != MA) s3_push(s, MA, k); }
+    else { s->pinned_small--; if (s->where[k] != SM) s3_push(s, SM, k); }
+}
+static i64 s3_victim(S3 *s) {
+    while (s->l[SM].n || s->l[MA].n) {
+        i64 k;
+        if (s->l[SM].n && (s->l[SM].n + s->pinned_small >= s->small_target || !s->l[MA].n)) {
+            k = s->l[SM].head; s3_del(s, k);
+            if (s->freq[k] >= s->promote) { s3_push(s, MA, k); continue; }
+            s3_push(s, GH, k);
+            if (s->l[GH].n > s->cap) s3_del(s, s->l[GH].head);
+        } else {
+            k = s->l[MA].head;
+            int f = s->freq[k];
+            if (f > 0) { s->freq[k] = (int8_t)(f - 1); l_end(&s->l[MA], s->pv, s->nx, k); continue; }
+            s3_del(s, k);
+        }
+        s->freq[k] = -1;
+        return k;
+    }
+    return -1;
+}
+
+int kvbm_replay_s3fifo(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                       int reverse, i64 cap, i64 small_target, i64 promote, i64 *out, i64 *vout) {
+    S3 st, *s = &st;
+    memset(s, 0, sizeof st);
+    size_t n = (size_t)nkeys + 1;
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->where = malloc(n); s->freq = malloc(n);
+    s->pinned = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    int rc = -1;
+    if (s->pv && s->nx && s->where && s->freq && s->pinned && cached) {
+        memset(s->where, -1, n); memset(s->freq, -1, n);
+        for (int i = 0; i < 3; i++) l_init(&s->l[i]);
+        s->cap = cap; s->small_target = small_target; s->promote = promote;
+        i64 hits = 0, evictions = 0;
+        REPLAY(s3, s)
+        rc = 0;
+    }
+    free(s->pv); free(s->nx); free(s->where); free(s->freq); free(s->pinned); free(cached);
+    return rc;
+}
+
+/* ------------------------------------------- priority then LRU, every priority 0 */
+/* One level (the replay inserts at priority 0): the policy's heap of levels only ever
+ * holds 0, and a level emptied and made again is as empty as one kept. */
+typedef struct { i64 *pv, *nx; uint8_t *known, *in; List l; } PR;
+static inline void pr_drop(PR *s, i64 k) {
+    if (s->known[k] && s->in[k]) { l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; }
+}
+static inline void pr_add(PR *s, i64 k) {
+    if (s->in[k]) l_end(&s->l, s->pv, s->nx, k); else { l_push(&s->l, s->pv, s->nx, k); s->in[k] = 1; }
+}
+static inline void pr_insert(PR *s, i64 k) { pr_drop(s, k); s->known[k] = 1; pr_add(s, k); }
+static inline void pr_touch(PR *s, i64 k) { if (s->known[k] && s->in[k]) l_end(&s->l, s->pv, s->nx, k); }
+static inline void pr_pin(PR *s, i64 k) { pr_drop(s, k); }
+static inline void pr_unpin(PR *s, i64 k) { s->known[k] = 1; pr_add(s, k); }
+static inline i64 pr_victim(PR *s) {
+    if (!s->l.n) return -1;
+    i64 k = s->l.head; l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; s->known[k] = 0;
+    return k;
+}
+
+int kvbm_replay_priority(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                         int reverse, i64 *out, i64 *vout) {
+    PR st, *s = &st;
+    memset(s, 0, sizeof st);
+    size_t n = (size_t)nkeys + 1;
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->known = calloc(n, 1); s->in = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    int rc = -1;
+    if (s->pv && s->nx && s->known && s->in && cached) {
+        l_init(&s->l);
+        i64 hits = 0, evictions = 0;
+        REPLAY(pr, s)
+        rc = 0;
+    }
+    free(s->pv); free(s->nx); free(s->known); free(s->in); free(cached);
+    return rc;
+}
 """

@@ -59,8 +59,13 @@ def _load() -> ctypes.CDLL | None:
                     lib.kvbm_replay_lirs.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _P, _P]
                     lib.kvbm_replay_adaptive.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P,
                                                          ctypes.c_double, _P, _P, _P, _P, _P, _P, _P]
+                    lib.kvbm_replay_arc.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _P, _P]
+                    lib.kvbm_replay_s3fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I,
+                                                       _P, _P]
+                    lib.kvbm_replay_priority.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
                     for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs,
-                               lib.kvbm_replay_adaptive):
+                               lib.kvbm_replay_adaptive, lib.kvbm_replay_arc, lib.kvbm_replay_s3fifo,
+                               lib.kvbm_replay_priority):
                         fn.restype = ctypes.c_int
                 _lib = lib
                 _loaded = True
@@ -75,11 +80,19 @@ def available() -> bool:
 def _fresh(policy: EvictionPolicy) -> str | None:
     """The loop for ``policy``: its exact class, and only before its first call."""
     from .adaptive import AdaptivePolicy
-    from .eviction import LIRSPolicy
+    from .eviction import ARCPolicy, LIRSPolicy, PriorityLRUPolicy, S3FIFOPolicy
     from .prefix import PrefixLRUPolicy
     from .tinylfu import WTinyLFUPolicy
 
     t = type(policy)
+    q: Any = policy
+    if t is ARCPolicy:
+        fresh = not (q._t1 or q._t2 or q._b1 or q._b2 or q._pinned) and q._p == 0
+        return "arc" if fresh else None
+    if t is S3FIFOPolicy:
+        return "s3fifo" if not (q._freq or q._ghost or q._small or q._main) else None
+    if t is PriorityLRUPolicy:
+        return "priority" if not (q._prio or q._heap) else None
     if t is WTinyLFUPolicy:
         p: Any = policy
         return "wtinylfu" if not p._seg and p._hits == 0 and p._misses == 0 else None
@@ -171,6 +184,13 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
             stats["window_max"] = int(out[2])
     elif kind == "prefix":
         rc = lib.kvbm_replay_prefix(*common, _ptr(out), vptr)
+    elif kind == "arc":
+        rc = lib.kvbm_replay_arc(*common, policy.capacity, _ptr(out), vptr)
+    elif kind == "s3fifo":
+        q: Any = policy
+        rc = lib.kvbm_replay_s3fifo(*common, q.capacity, q._small_target, q._promote, _ptr(out), vptr)
+    elif kind == "priority":
+        rc = lib.kvbm_replay_priority(*common, _ptr(out), vptr)
     elif kind == "adaptive":
         a: Any = policy
         kinds = [0 if n == "lru" else 1 for n in a.candidates]

@@ -298,9 +298,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache size as a fraction of the working set when --capacity is not given")
     p.add_argument("--release", choices=("reverse", "forward"), default="reverse",
                    help="order a request's pins are dropped in (reverse: tail block first)")
-    p.add_argument("--engine", choices=("fast", "registry"), default="fast",
-                   help="fast: the policy calls in a tight loop; registry: through "
-                        "kvbm.registry.BlockRegistry (same results, slower)")
+    p.add_argument("--engine", choices=("fast", "python", "registry"), default="fast",
+                   help="fast: the policy calls in a tight loop (in C for wtinylfu, prefix, "
+                        "lirs and adaptive when a C compiler is at hand); python: that loop "
+                        "in Python always; registry: through kvbm.registry.BlockRegistry "
+                        "(same results, slower)")
     p.add_argument("--chain", default=None, metavar="SPEC",
                    help="simulate a write-through chain instead, e.g. host:1/16,disk:1/4,s3:1 "
                         "(sizes: fractions of the working set, or block counts)")

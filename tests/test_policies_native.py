@@ -13,7 +13,16 @@ from test_policies_victims import GOLDEN, VictimLog
 
 from kvbm import _cc
 from kvbm.policy import EvictionPolicy
-from kvbm_policies import AdaptivePolicy, LIRSPolicy, PrefixLRUPolicy, WTinyLFUPolicy, native
+from kvbm_policies import (
+    AdaptivePolicy,
+    ARCPolicy,
+    LIRSPolicy,
+    PrefixLRUPolicy,
+    PriorityLRUPolicy,
+    S3FIFOPolicy,
+    WTinyLFUPolicy,
+    native,
+)
 from kvbm_policies.families import make_workload
 from kvbm_policies.replay import replay
 from kvbm_policies.workloads import Trace
@@ -21,6 +30,7 @@ from kvbm_policies.workloads import Trace
 NATIVE: dict[str, Callable[..., EvictionPolicy]] = {
     "lirs": LIRSPolicy, "wtinylfu": WTinyLFUPolicy, "prefix": PrefixLRUPolicy,
     "adaptive": AdaptivePolicy,  # its default candidates, lru and lirs
+    "arc": ARCPolicy, "s3fifo": S3FIFOPolicy, "priority": PriorityLRUPolicy,
 }
 
 needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler: no native loop")
@@ -70,7 +80,8 @@ def test_both_paths_pick_the_pinned_victims(case: str, path: Callable[..., Any])
 OPTIONS = st.sampled_from([
     ("lirs", {}), ("lirs", {"hir_ratio": 0.3}),
     ("wtinylfu", {}), ("wtinylfu", {"window_ratio": 0.3, "protected_ratio": 0.5}),
-    ("wtinylfu", {"adaptive": False}), ("prefix", {}),
+    ("wtinylfu", {"adaptive": False}), ("prefix", {}), ("arc", {}), ("priority", {}),
+    ("s3fifo", {}), ("s3fifo", {"promote_at": 2, "small_ratio": 0.5}),
     # Sampling every key and deciding every few accesses: the leader switches often.
     ("adaptive", {"rate": 1, "period": 2, "margin": 0.0}),
     ("adaptive", {"candidates": "lirs,lru", "rate": 2, "period": 3, "margin": 0.0}),

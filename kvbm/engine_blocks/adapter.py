@@ -46,6 +46,12 @@ _U8 = np.dtype(np.uint8)
 #: Runs shorter than this are copied by numpy's strided loops: per run, the native
 #: path also reads 16 bytes of addresses.
 _NATIVE_MIN_RUN = 1024
+#: Copy a batch's runs in the order of their engine addresses (each layer's tensor
+#: walked upwards, K then V), not block by block: the engine side is the scattered
+#: one, and its reads (offload) stream ahead once they are monotonic. In the same
+#: run, interleaved (64 random blocks of 2 MiB, one thread, load 11): offload medians
+#: 138 -> 102 ms on 4 KiB pages, 73 -> 58 ms on 2 MiB pages; onboard unchanged.
+_ENGINE_ORDER = True
 
 
 class LayerSeparateBlocks:
@@ -521,6 +527,9 @@ class _RunPlan:
         eng = (layer_at[:, :, None] + self.offsets[ls][None, :, :]).reshape(-1)
         lay = np.arange(l0, l1, dtype=np.int64) * self.bpl
         host = (bp[:, None, None] + lay[None, :, None] + self.dst_off[None, None, :]).reshape(-1)
+        if _ENGINE_ORDER:  # any order moves the same bytes: pairs stay together
+            order = np.argsort(eng, kind="stable")
+            eng, host = eng[order], host[order]
         dst, src = (host, eng) if out else (eng, host)
         _native.run_copy(self.fn, len(dst), dst, src, self.run)
 

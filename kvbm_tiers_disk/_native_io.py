@@ -6,9 +6,13 @@ In Python each block is several GIL hand-offs: the thread takes the GIL back aft
 machine whose CPUs are shared (more runnable threads than cores) a thread that holds
 the GIL can be preempted, and then every other I/O thread that finished a request
 waits for it before it may issue its next one: the device sits idle behind the GIL.
-fio's threads never meet. Here each I/O thread makes one ``ctypes`` call per batch
-(the GIL released for all of it) and takes blocks from a shared counter until none
-is left; per block it does what the Python path does, in the same order:
+fio's threads never meet. Here a batch is one ``ctypes`` call (the GIL released for
+all of it): the calling thread and ``io_threads - 1`` threads started in C take blocks
+from a shared counter until none is left, so ``io_threads`` requests stay in flight
+(fio's ``numjobs``) and the GIL is taken back once per batch, not a few times per
+block. (Pool threads each making the call would each need the GIL to start and to
+return: with a busy Python thread in the process, up to a switch interval apiece.)
+Per block the loop does what the Python path does, in the same order:
 
 - write: invalidate the old header if it may be valid, write the data, checksum the
   bytes written (xxHash's own function, the one ``_xxh`` checked), put the checksum
@@ -44,6 +48,7 @@ log = logging.getLogger("kvbm.disk")
 SOURCE = r"""
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -104,6 +109,61 @@ int64_t kvbm_disk_read(int64_t n, int64_t *next, const int64_t *fd, const int64_
         status[i] = 0;
     }
 }
+
+/* The same loops on `threads` threads: the caller's and threads - 1 started here (fewer
+ * if the system refuses some: the shared counter still hands every block to one). */
+struct job {
+    int write;
+    int64_t n, *next;
+    const int64_t *fd, *buf, *len, *doff, *hoff, *inval;
+    int64_t hashed;
+    const char *zero;
+    char *headers;
+    int64_t page, sum_at, used;
+    hash_fn h;
+    uint64_t *sums;
+    int64_t *status;
+};
+
+static void *run_job(void *p) {
+    struct job *j = p;
+    if (j->write)
+        kvbm_disk_write(j->n, j->next, j->fd, j->buf, j->len, j->doff, j->hoff, j->inval,
+                        j->hashed, j->zero, j->headers, j->page, j->sum_at, j->used, j->h,
+                        j->sums, j->status);
+    else
+        kvbm_disk_read(j->n, j->next, j->fd, j->buf, j->len, j->doff, j->hashed, j->h,
+                       j->sums, j->status);
+    return NULL;
+}
+
+static int64_t run_threads(struct job *j, int64_t threads) {
+    pthread_t tid[256];
+    int64_t started = 0;
+    for (int64_t t = 1; t < threads && started < 256; t++)
+        if (pthread_create(&tid[started], NULL, run_job, j) == 0) started++;
+    run_job(j);
+    for (int64_t t = 0; t < started; t++) pthread_join(tid[t], NULL);
+    return started + 1;
+}
+
+int64_t kvbm_disk_write_mt(int64_t threads, int64_t n, int64_t *next, const int64_t *fd,
+                           const int64_t *buf, const int64_t *len, const int64_t *doff,
+                           const int64_t *hoff, const int64_t *inval, int64_t hashed,
+                           const char *zero, char *headers, int64_t page, int64_t sum_at,
+                           int64_t used, hash_fn h, uint64_t *sums, int64_t *status) {
+    struct job j = {1, n, next, fd, buf, len, doff, hoff, inval, hashed, zero, headers, page,
+                    sum_at, used, h, sums, status};
+    return run_threads(&j, threads);
+}
+
+int64_t kvbm_disk_read_mt(int64_t threads, int64_t n, int64_t *next, const int64_t *fd,
+                          const int64_t *buf, const int64_t *len, const int64_t *off,
+                          int64_t hashed, hash_fn h, uint64_t *sums, int64_t *status) {
+    struct job j = {0, n, next, fd, buf, len, off, NULL, NULL, hashed, NULL, NULL, 0, 0, 0, h,
+                    sums, status};
+    return run_threads(&j, threads);
+}
 """
 
 #: Stages a status names.
@@ -141,13 +201,14 @@ def _build() -> NativeIO | None:
     fn = _xxh.native_function()
     if fn is None or sys.byteorder != "little":
         return None
-    lib = _cc.build(SOURCE, "the disk tier's I/O loop", "Python I/O threads")
+    lib = _cc.build(SOURCE, "the disk tier's I/O loop", "Python I/O threads",
+                    flags=("-O2", "-pthread"))
     if lib is None:
         return None
-    w, r, s = lib.kvbm_disk_write, lib.kvbm_disk_read, lib.kvbm_disk_seal
-    w.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P]
+    w, r, s = lib.kvbm_disk_write_mt, lib.kvbm_disk_read_mt, lib.kvbm_disk_seal
+    w.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P]
     w.restype = _I
-    r.argtypes = [_I, _P, _P, _P, _P, _P, _I, _P, _P, _P]
+    r.argtypes = [_I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P]
     r.restype = _I
     s.argtypes = [_P, ctypes.c_uint64, _I, _I, _P]
     s.restype = None

@@ -432,15 +432,11 @@ class DiskTier(Tier):
             h = self._tls.headers = aligned_empty(max(n, 64) * HEADER_BYTES)
         return h
 
-    def _native_call(self, fn: Callable[[np.ndarray], object], n: int) -> None:
-        """``fn(counter)`` in ``min(io_threads, n)`` pool threads: each call takes
-        blocks from the shared counter until the batch is done."""
+    def _native_call(self, fn: Callable[[int, int], object], n: int) -> None:
+        """``fn(threads, counter address)``: one call, ``min(io_threads, n)`` threads
+        (this one and the rest started in C) taking blocks from the shared counter."""
         counter = np.zeros(1, np.int64)
-        k = min(self.cfg.io_threads, n)
-        if k <= 1:
-            fn(counter)
-        else:
-            list(self._pool.map(lambda _: fn(counter), range(k)))
+        fn(min(self.cfg.io_threads, n), counter.ctypes.data)
 
     def _native_write(
         self, idx: list[int], slots: Sequence[int], keys: Sequence[SequenceHash],
@@ -479,7 +475,7 @@ class DiskTier(Tier):
                 hoff.ctypes.data, inval.ctypes.data, self.block_bytes, _ZERO_PAGE.ctypes.data,
                 hp, HEADER_BYTES, nio.sum_at, HEADER_USED - 8, nio.hash_ptr,
                 out.ctypes.data, status.ctypes.data)
-        self._native_call(lambda c: nio.write_fn(m, c.ctypes.data, *args), m)
+        self._native_call(lambda k, c: nio.write_fn(k, m, c, *args), m)
         for j, i in enumerate(idx):
             slot, code = slots[i], int(status[j])
             st = where[j][0]
@@ -626,7 +622,7 @@ class DiskTier(Tier):
         status = np.full(m, -1, np.int64)
         args = (fd.ctypes.data, buf.ctypes.data, ln.ctypes.data, off.ctypes.data,
                 self.block_bytes, nio.hash_ptr, out.ctypes.data, status.ctypes.data)
-        self._native_call(lambda c: nio.read_fn(m, c.ctypes.data, *args), m)
+        self._native_call(lambda k, c: nio.read_fn(k, m, c, *args), m)
         for j, i in enumerate(todo):
             slot, code, path = slots[i], int(status[j]), where[j][0].path
             err = code & 0xFFFFFFFF

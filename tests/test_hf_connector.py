@@ -680,3 +680,37 @@ def test_background_offload_stores_the_tokens_as_they_were_handed_over(
         # changed one (whose KV differs from block 0 on) finds nothing.
         assert KvbmCache(host_manager, model).load_prefix(prompt) == 0
         assert KvbmCache(host_manager, model).load_prefix(original) == 5 * PAGE
+
+
+def test_copy_in_shared_between_copy_threads_lands_every_block_where_the_torch_path_does() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from kvbm.engine_blocks import _native
+    from kvbm.layout import BlockLayout, ModelSpec
+    from kvbm_hf._blocks import CacheBlockDestination
+
+    if not hasattr(_native, "share") or _native.copy_runs() is None:
+        pytest.skip("no native shared copy here")
+    layout = BlockLayout(ModelSpec(2, 8, 64, "float32"), 16)  # 128 KiB blocks
+    n = 64  # 8 MiB: several chunks, so a helper thread takes some
+    rng = np.random.default_rng(59)
+    src = [rng.integers(0, 256, layout.bytes_per_block, dtype=np.uint8) for _ in range(n)]
+    ids = list(rng.permutation(n))
+    got = []
+    for shared in (True, False):
+        dest = CacheBlockDestination(layout, n, capacity=n * 16 + 16)
+        dest.room.zero_()
+        if shared:
+            with ThreadPoolExecutor(1) as pool, _native.share(pool, 2):
+                dest.copy_in(ids, src)
+        else:
+            _native.enabled = False
+            try:
+                dest.copy_in(ids, src)
+            finally:
+                _native.enabled = True
+        got.append(dest.room.view(torch.uint8).clone())  # bytes: random bits hold NaNs
+    assert torch.equal(got[0], got[1])
+    assert bool(got[0].ne(0).any())  # blocks were written at all

@@ -1093,4 +1093,130 @@ int kvbm_replay_priority(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i
     free(s->pv); free(s->nx); free(s->known); free(s->in); free(cached);
     return rc;
 }
+
+/* ---------------------------------------------------------------- LFU with dynamic aging */
+/* Buckets by value in a hash map (a bucket, once made, keeps its record; ``live`` says
+ * whether the policy's dict holds it, which is when its value is in the heap). */
+typedef struct { i64 value; List l; int live; } BK;
+typedef struct {
+    i64 *pv, *nx, *kb, *count;  /* kb: the key's bucket while evictable, -1 otherwise */
+    BK *bk; i64 nbk, capbk;
+    i64 *slot; i64 mask;        /* value -> bucket index, open addressing, -1 empty */
+    i64 *heap; i64 hn, hcap;
+    i64 age; int oom;
+} LF;
+static inline uint64_t lf_mix(i64 v) { uint64_t h = (uint64_t)v * 0x9E3779B97F4A7C15ull; return h ^ (h >> 29); }
+static int lf_grow(LF *s) {
+    i64 nm = s->mask ? 2 * (s->mask + 1) - 1 : 1023;
+    i64 *ns = malloc(8 * (size_t)(nm + 1));
+    if (!ns) return -1;
+    memset(ns, -1, 8 * (size_t)(nm + 1));
+    for (i64 b = 0; b < s->nbk; b++) {
+        i64 i = (i64)(lf_mix(s->bk[b].value) & (uint64_t)nm);
+        while (ns[i] >= 0) i = (i + 1) & nm;
+        ns[i] = b;
+    }
+    free(s->slot); s->slot = ns; s->mask = nm;
+    return 0;
+}
+static i64 lf_bucket(LF *s, i64 v) {  /* the bucket record of value v, made if new */
+    if (!s->slot || 2 * (s->nbk + 1) > s->mask + 1) { if (lf_grow(s)) { s->oom = 1; return -1; } }
+    i64 i = (i64)(lf_mix(v) & (uint64_t)s->mask);
+    while (s->slot[i] >= 0) {
+        if (s->bk[s->slot[i]].value == v) return s->slot[i];
+        i = (i + 1) & s->mask;
+    }
+    if (s->nbk == s->capbk) {
+        i64 nc = s->capbk ? 2 * s->capbk : 1024;
+        BK *nb = realloc(s->bk, sizeof(BK) * (size_t)nc);
+        if (!nb) { s->oom = 1; return -1; }
+        s->bk = nb; s->capbk = nc;
+    }
+    BK *b = &s->bk[s->nbk];
+    b->value = v; l_init(&b->l); b->live = 0;
+    s->slot[i] = s->nbk;
+    return s->nbk++;
+}
+static void lf_hpush(LF *s, i64 v) {
+    if (s->hn == s->hcap) {
+        i64 nc = s->hcap ? 2 * s->hcap : 1024;
+        i64 *h = realloc(s->heap, 8 * (size_t)nc);
+        if (!h) { s->oom = 1; return; }
+        s->heap = h; s->hcap = nc;
+    }
+    i64 i = s->hn++;
+    while (i > 0) { i64 p = (i - 1) / 2; if (s->heap[p] <= v) break; s->heap[i] = s->heap[p]; i = p; }
+    s->heap[i] = v;
+}
+static void lf_hpop(LF *s) {
+    i64 e = s->heap[--s->hn], i = 0, n = s->hn;
+    for (;;) {
+        i64 c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && s->heap[c + 1] < s->heap[c]) c++;
+        if (s->heap[c] >= e) break;
+        s->heap[i] = s->heap[c]; i = c;
+    }
+    if (n) s->heap[i] = e;
+}
+static inline void lf_unplace(LF *s, i64 k) {  /* value.pop(key); del buckets[v][key] */
+    i64 b = s->kb[k];
+    if (b < 0) return;
+    l_del(&s->bk[b].l, s->pv, s->nx, k);
+    s->kb[k] = -1;
+}
+static inline void lf_place(LF *s, i64 k, i64 v) {
+    i64 b = lf_bucket(s, v);
+    if (b < 0) return;
+    if (!s->bk[b].live) { s->bk[b].live = 1; lf_hpush(s, v); }
+    l_push(&s->bk[b].l, s->pv, s->nx, k);
+    s->kb[k] = b;
+}
+static inline void lf_insert(LF *s, i64 k) { lf_unplace(s, k); s->count[k] = 1; lf_place(s, k, s->age + 1); }
+static inline void lf_touch(LF *s, i64 k) {
+    i64 c = s->count[k];
+    if (!c) return;
+    s->count[k] = c + 1;
+    if (s->kb[k] >= 0) { lf_unplace(s, k); lf_place(s, k, s->age + c + 1); }
+}
+static inline void lf_pin(LF *s, i64 k) { lf_unplace(s, k); }
+static inline void lf_unpin(LF *s, i64 k) {
+    i64 c = s->count[k];
+    if (!c) c = s->count[k] = 1;
+    lf_unplace(s, k);
+    lf_place(s, k, s->age + c);
+}
+static i64 lf_victim(LF *s) {
+    while (s->hn) {
+        i64 v = s->heap[0], b = lf_bucket(s, v);
+        if (b < 0) return -1;
+        if (s->bk[b].l.n) {
+            i64 k = s->bk[b].l.head;
+            l_del(&s->bk[b].l, s->pv, s->nx, k);
+            s->kb[k] = -1; s->count[k] = 0; s->age = v;
+            return k;
+        }
+        lf_hpop(s); s->bk[b].live = 0;  /* an emptied bucket: dropped */
+    }
+    return -1;
+}
+
+int kvbm_replay_lfu(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                    int reverse, i64 *out, i64 *vout) {
+    LF st, *s = &st;
+    memset(s, 0, sizeof st);
+    size_t n = (size_t)nkeys + 1;
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->kb = malloc(8 * n); s->count = calloc(n, 8);
+    uint8_t *cached = calloc(n, 1);
+    int rc = -1;
+    if (s->pv && s->nx && s->kb && s->count && cached) {
+        memset(s->kb, -1, 8 * n);
+        i64 hits = 0, evictions = 0;
+        REPLAY(lf, s)
+        rc = s->oom ? -1 : 0;
+    }
+    free(s->pv); free(s->nx); free(s->kb); free(s->count); free(cached);
+    free(s->bk); free(s->slot); free(s->heap);
+    return rc;
+}
 """

@@ -63,9 +63,10 @@ def _load() -> ctypes.CDLL | None:
                     lib.kvbm_replay_s3fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I,
                                                        _P, _P]
                     lib.kvbm_replay_priority.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+                    lib.kvbm_replay_lfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
                     for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs,
                                lib.kvbm_replay_adaptive, lib.kvbm_replay_arc, lib.kvbm_replay_s3fifo,
-                               lib.kvbm_replay_priority):
+                               lib.kvbm_replay_priority, lib.kvbm_replay_lfu):
                         fn.restype = ctypes.c_int
                 _lib = lib
                 _loaded = True
@@ -80,7 +81,7 @@ def available() -> bool:
 def _fresh(policy: EvictionPolicy) -> str | None:
     """The loop for ``policy``: its exact class, and only before its first call."""
     from .adaptive import AdaptivePolicy
-    from .eviction import ARCPolicy, LIRSPolicy, PriorityLRUPolicy, S3FIFOPolicy
+    from .eviction import ARCPolicy, LFUPolicy, LIRSPolicy, PriorityLRUPolicy, S3FIFOPolicy
     from .prefix import PrefixLRUPolicy
     from .tinylfu import WTinyLFUPolicy
 
@@ -91,6 +92,8 @@ def _fresh(policy: EvictionPolicy) -> str | None:
         return "arc" if fresh else None
     if t is S3FIFOPolicy:
         return "s3fifo" if not (q._freq or q._ghost or q._small or q._main) else None
+    if t is LFUPolicy:
+        return "lfu" if not (q._count or q._value or q._values) and q._age == 0 else None
     if t is PriorityLRUPolicy:
         return "priority" if not (q._prio or q._heap) else None
     if t is WTinyLFUPolicy:
@@ -191,6 +194,8 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
         rc = lib.kvbm_replay_s3fifo(*common, q.capacity, q._small_target, q._promote, _ptr(out), vptr)
     elif kind == "priority":
         rc = lib.kvbm_replay_priority(*common, _ptr(out), vptr)
+    elif kind == "lfu":
+        rc = lib.kvbm_replay_lfu(*common, _ptr(out), vptr)
     elif kind == "adaptive":
         a: Any = policy
         kinds = [0 if n == "lru" else 1 for n in a.candidates]

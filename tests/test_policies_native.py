@@ -16,6 +16,7 @@ from kvbm.policy import EvictionPolicy
 from kvbm_policies import (
     AdaptivePolicy,
     ARCPolicy,
+    LFUPolicy,
     LIRSPolicy,
     PrefixLRUPolicy,
     PriorityLRUPolicy,
@@ -30,7 +31,7 @@ from kvbm_policies.workloads import Trace
 NATIVE: dict[str, Callable[..., EvictionPolicy]] = {
     "lirs": LIRSPolicy, "wtinylfu": WTinyLFUPolicy, "prefix": PrefixLRUPolicy,
     "adaptive": AdaptivePolicy,  # its default candidates, lru and lirs
-    "arc": ARCPolicy, "s3fifo": S3FIFOPolicy, "priority": PriorityLRUPolicy,
+    "arc": ARCPolicy, "s3fifo": S3FIFOPolicy, "priority": PriorityLRUPolicy, "lfu": LFUPolicy,
 }
 
 needs_cc = pytest.mark.skipif(not native.available(), reason="no C compiler: no native loop")
@@ -80,7 +81,7 @@ def test_both_paths_pick_the_pinned_victims(case: str, path: Callable[..., Any])
 OPTIONS = st.sampled_from([
     ("lirs", {}), ("lirs", {"hir_ratio": 0.3}),
     ("wtinylfu", {}), ("wtinylfu", {"window_ratio": 0.3, "protected_ratio": 0.5}),
-    ("wtinylfu", {"adaptive": False}), ("prefix", {}), ("arc", {}), ("priority", {}),
+    ("wtinylfu", {"adaptive": False}), ("prefix", {}), ("arc", {}), ("priority", {}), ("lfu", {}),
     ("s3fifo", {}), ("s3fifo", {"promote_at": 2, "small_ratio": 0.5}),
     # Sampling every key and deciding every few accesses: the leader switches often.
     ("adaptive", {"rate": 1, "period": 2, "margin": 0.0}),

@@ -1219,4 +1219,36 @@ int kvbm_replay_lfu(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 av
     free(s->bk); free(s->slot); free(s->heap);
     return rc;
 }
+
+/* ------------------------------------------------- FIFO: the floor of the bench */
+/* bench/policies.py's FIFOPolicy: first in, first out, hits ignored, a pinned block out
+ * of the queue until released: the least work a policy can do in this loop. */
+typedef struct { i64 *pv, *nx; uint8_t *in; List l; } FF;
+static inline void ff_insert(FF *s, i64 k) { if (!s->in[k]) { l_push(&s->l, s->pv, s->nx, k); s->in[k] = 1; } }
+static inline void ff_touch(FF *s, i64 k) { (void)s; (void)k; }
+static inline void ff_pin(FF *s, i64 k) { if (s->in[k]) { l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0; } }
+static inline void ff_unpin(FF *s, i64 k) { ff_insert(s, k); }
+static inline i64 ff_victim(FF *s) {
+    if (!s->l.n) return -1;
+    i64 k = s->l.head; l_del(&s->l, s->pv, s->nx, k); s->in[k] = 0;
+    return k;
+}
+
+int kvbm_replay_fifo(i64 nkeys, i64 nreq, const i64 *off, const i64 *keys, i64 avail,
+                     int reverse, i64 *out, i64 *vout) {
+    FF st, *s = &st;
+    memset(s, 0, sizeof st);
+    size_t n = (size_t)nkeys + 1;
+    s->pv = malloc(8 * n); s->nx = malloc(8 * n); s->in = calloc(n, 1);
+    uint8_t *cached = calloc(n, 1);
+    int rc = -1;
+    if (s->pv && s->nx && s->in && cached) {
+        l_init(&s->l);
+        i64 hits = 0, evictions = 0;
+        REPLAY(ff, s)
+        rc = 0;
+    }
+    free(s->pv); free(s->nx); free(s->in); free(cached);
+    return rc;
+}
 """

@@ -1,20 +1,25 @@
-"""Native replay loops for the slowest policies: the simulator's whole trace in one C call.
+"""Native replay loops for the simulator: a whole trace in one C call.
 
 Python's per-access overhead (a method call and a few dict operations per pin, touch,
-insert, unpin and victim) holds W-TinyLFU, the prefix-aware LRU and LIRS under a
-million block accesses per CPU second. ``replay`` hands a trace to one of the loops
-here when the policy is exactly one of those classes, freshly built (nothing inserted
-yet), and the replay takes the common path (no priorities, no key repeated in a
-request): each loop is a call-for-call port of the policy and of
-``replay._replay_fast`` (``_native_src``), so hits, evictions and every victim are
-the same, which ``tests/test_policies_native.py`` checks against the Python path.
+insert, unpin and victim) held W-TinyLFU, the prefix-aware LRU, LIRS and the adaptive
+policy under a million block accesses per CPU second, and ARC, LFU, S3-FIFO and the
+priority order not far above. ``replay`` hands a trace to one of the loops here when
+the policy is exactly one of those classes (the adaptive policy: with the candidates
+lru and lirs), freshly built (nothing inserted yet), and the replay takes the common
+path (no priorities, no key repeated in a request). Each loop is a call-for-call port
+of the policy and of ``replay._replay_fast`` (``_native_src``), so hits, evictions and
+every victim are the same, which ``tests/test_policies_native.py`` checks against the
+Python path (the pinned victim digests, random traces). LRU and the learned policy
+keep the Python loop (LRU is already at the loop's floor).
 
 The policy object is left as it was built: the loop keeps its own state, in arrays
 indexed by each key's rank among the trace's distinct keys (numpy's ``unique``, inside
 the timed part). Keys must be ints that fit in 64 bits; any other trace takes the
-Python loop. The C source is compiled once per process by ``kvbm._cc`` (no compiler:
+Python loop. The C source is compiled once per process by ``kvbm._cc`` and loaded with
+``ctypes.PyDLL`` (the GIL stays held: the adaptive loop keeps its pinned blocks in a
+real CPython set, whose order a leader switch hands them over in). No compiler:
 ``available()`` is False and every replay takes the Python loop, with the same
-results). ``enabled = False`` turns the loops off (tests run both paths).
+results. ``enabled = False`` turns the loops off (tests run both paths).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from kvbm.policy import EvictionPolicy
 from ._native_src import SOURCE
 from .workloads import Trace
 
-__all__ = ["available", "enabled", "replay", "supports"]
+__all__ = ["available", "enabled", "replay", "replay_fifo", "supports"]
 
 #: False turns the native loops off in this process (tests compare both paths).
 enabled = True
@@ -64,9 +69,10 @@ def _load() -> ctypes.CDLL | None:
                                                        _P, _P]
                     lib.kvbm_replay_priority.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
                     lib.kvbm_replay_lfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+                    lib.kvbm_replay_fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
                     for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs,
                                lib.kvbm_replay_adaptive, lib.kvbm_replay_arc, lib.kvbm_replay_s3fifo,
-                               lib.kvbm_replay_priority, lib.kvbm_replay_lfu):
+                               lib.kvbm_replay_priority, lib.kvbm_replay_lfu, lib.kvbm_replay_fifo):
                         fn.restype = ctypes.c_int
                 _lib = lib
                 _loaded = True
@@ -135,7 +141,15 @@ def _lir_max(capacity: int) -> int:
     return int(LIRSPolicy(capacity)._lir_max)
 
 
-def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
+def replay_fifo(trace: Trace, capacity: int, reverse: bool,
+                victims: list[Any] | None = None) -> tuple[int, int] | None:
+    """``replay`` with the least work a policy can do (``bench/policies.py``'s FIFO:
+    first in, first out, hits ignored): the floor the bench sets the native loops
+    beside. None without the loops."""
+    return replay(trace, None, capacity, reverse, victims)
+
+
+def replay(trace: Trace, policy: EvictionPolicy | None, capacity: int, reverse: bool,
            victims: list[Any] | None = None, stats: dict[str, Any] | None = None
            ) -> tuple[int, int] | None:
     """``(hits, evictions)`` of ``trace`` replayed natively, or None when the policy or
@@ -146,7 +160,7 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
     ``window_max``, the adaptive policy's ``switches`` and ``leader``), for tests."""
     if not enabled:
         return None
-    kind = _fresh(policy)
+    kind = "fifo" if policy is None else _fresh(policy)
     if kind is None:
         return None
     lib = _load()
@@ -188,7 +202,8 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
     elif kind == "prefix":
         rc = lib.kvbm_replay_prefix(*common, _ptr(out), vptr)
     elif kind == "arc":
-        rc = lib.kvbm_replay_arc(*common, policy.capacity, _ptr(out), vptr)
+        arc: Any = policy
+        rc = lib.kvbm_replay_arc(*common, arc.capacity, _ptr(out), vptr)
     elif kind == "s3fifo":
         q: Any = policy
         rc = lib.kvbm_replay_s3fifo(*common, q.capacity, q._small_target, q._promote, _ptr(out), vptr)
@@ -196,6 +211,8 @@ def replay(trace: Trace, policy: EvictionPolicy, capacity: int, reverse: bool,
         rc = lib.kvbm_replay_priority(*common, _ptr(out), vptr)
     elif kind == "lfu":
         rc = lib.kvbm_replay_lfu(*common, _ptr(out), vptr)
+    elif kind == "fifo":
+        rc = lib.kvbm_replay_fifo(*common, _ptr(out), vptr)
     elif kind == "adaptive":
         a: Any = policy
         kinds = [0 if n == "lru" else 1 for n in a.candidates]

@@ -74,22 +74,28 @@ def unsupported_reason(model_or_config: Any) -> str | None:
     chunked), a recurrent state (Mamba, linear attention) or a compressed latent (MLA)
     hold something else, and reusing blocks for them would hand the model wrong KV.
     """
+    return kv_layers(model_or_config)[0]
+
+
+def kv_layers(model_or_config: Any) -> tuple[str | None, int]:
+    """``(unsupported_reason, layers)``: the layers a ``DynamicCache`` of this model holds
+    (its decoder's, less shared ones), counted where the reason is None, else 0."""
     full = config_of(model_or_config)
     if getattr(full, "is_encoder_decoder", False):
-        return "encoder-decoder models keep a cross-attention cache kvbm does not store"
+        return "encoder-decoder models keep a cross-attention cache kvbm does not store", 0
     cfg = text_config(full)
     if getattr(cfg, "kv_lora_rank", None) or getattr(cfg, "v_head_dim", None) not in (
         None, getattr(cfg, "head_dim", None),
     ):
-        return "latent attention (MLA) layers have keys and values of different sizes"
+        return "latent attention (MLA) layers have keys and values of different sizes", 0
     try:
         layer_types, _ = get_layer_types_and_kwargs(cfg)
     except Exception as e:  # an unusual config: say so rather than guess
-        return f"its layer types cannot be read ({e})"
+        return f"its layer types cannot be read ({e})", 0
     other = sorted({t for t in layer_types if t != "full_attention"})
     if other:
-        return f"it has {', '.join(other)} layers; kvbm stores full-attention KV only"
-    return None
+        return f"it has {', '.join(other)} layers; kvbm stores full-attention KV only", 0
+    return None, len(layer_types)
 
 
 def check_layout(spec: ModelSpec, layout: BlockLayout, what: str) -> None:

@@ -53,6 +53,7 @@ from ._model import (
     check_layout,
     check_vocab,
     config_of,
+    kv_layers,
     model_spec,
     text_config,
     unsupported_reason,
@@ -231,7 +232,17 @@ class KvbmCache(DynamicCache):
     def __init__(self, manager: KvBlockManager, model_or_config: Any, *,
                  tokenizer: Any = None, dtype: Any = None, headroom: int = 256) -> None:
         config = config_of(model_or_config)
-        super().__init__(config=config)
+        # The config is read once: the reason, and the layers a DynamicCache would hold.
+        self.reason, num_layers = kv_layers(config)
+        if self.reason is not None:
+            super().__init__(config=config)  # the model's own layer kinds, no reuse
+        else:
+            # Full attention everywhere, so every layer would be a plain DynamicLayer;
+            # ours behaves the same and can also start from loaded KV. (What
+            # ``DynamicCache(config=...)`` builds, without reading the config again.)
+            super().__init__()
+            self.layers = [KvbmLayer() for _ in range(num_layers)]
+            self.layer_class_to_replicate = None
         self.headroom = headroom
         self.manager = manager
         self.layout = manager.layout
@@ -240,16 +251,12 @@ class KvbmCache(DynamicCache):
         self.vocab_size = int(getattr(text, "vocab_size", 0) or getattr(config, "vocab_size", 0))
         if tokenizer is not None and self.vocab_size:
             check_vocab(tokenizer, self.vocab_size)
-        self.reason = unsupported_reason(config)
         self.spec: ModelSpec | None = None
         if self.reason is not None:
             _say_once(f"unsupported:{getattr(config, 'model_type', '?')}:{self.reason}",
                       "kvbm: %s is served without prefix reuse: %s",
                       type(config).__name__.removesuffix("Config") or "model", self.reason)
         else:
-            # Full attention everywhere (checked above), so every layer is a plain
-            # DynamicLayer; ours behaves the same and can also start from loaded KV.
-            self.layers = [KvbmLayer() for _ in self.layers]
             self.spec = model_spec(model_or_config, dtype=dtype)
             check_layout(self.spec, self.layout, type(config).__name__.removesuffix("Config"))
             if manager.settings.tp_size != 1:

@@ -47,7 +47,7 @@ _LEASE_WINDOW = 3
 _PUMP_AFTER_S = 0.002
 #: Peer slot addresses remembered from lease replies (for the speculative first READ);
 #: the memory is forgotten all at once when it grows past this many blocks.
-_ADDR_CACHE_MAX = 1 << 18
+_ADDR_CACHE_MAX = 1 << 16
 
 
 class _Step:

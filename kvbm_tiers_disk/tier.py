@@ -2,9 +2,13 @@
 
 Slots are striped across one file per configured directory (slot ``s`` lives in
 stripe ``s % n`` at local index ``s // n``), so several devices serve one batch.
-A batch is split across a pool of worker threads, each with one request in flight;
-``os.preadv``/``os.pwritev`` release the GIL, so the pool keeps ``io_threads``
-requests queued on the devices.
+A batch is split across ``io_threads`` threads, each with one request in flight. Blocks
+whose buffers go to the kernel as they are (page-aligned, or any contiguous buffer
+without O_DIRECT) take the native loop (``_native_io``: one ``ctypes`` call per batch,
+the threads started in C, the GIL released throughout); the others (bounce buffers),
+and every block where no C compiler is found, take the Python loop on the worker pool
+(``os.preadv``/``os.pwritev`` and the checksum release the GIL between its steps).
+Both keep the same write order and the same misses.
 
 The tier keeps an in-memory index (key and data checksum per slot), built from the
 slot headers at start (``recover``) and from its own writes after. A read returns

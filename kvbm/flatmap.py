@@ -61,7 +61,8 @@ class SlotKeys:
     The caller (the registry) knows which slots are in use.
     """
 
-    __slots__ = ("capacity", "stride", "_records", "bits", "slot_mask", "_mask", "_tag_shift", "_tag_mask",
+    __slots__ = ("capacity", "stride", "_records", "bits", "slot_mask", "_mask", "home_mask", "_tag_shift",
+                 "_tag_mask", "_wbits", "_buckets_np",
                  "_ints", "_buf", "_index_np", "_index", "_keys_np", "_rec_np", "_steps")
 
     def __init__(self, capacity: int, extra: int = 0, tag_bits: int | None = None,
@@ -99,7 +100,14 @@ class SlotKeys:
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self._buf.madvise(mmap.MADV_HUGEPAGE)
         self._index_np = np.full(1 << self.bits, -1, np.int32)
-        self._steps = _WINDOWS[4 if 8 * capacity <= 3 << self.bits else 8]
+        w = 4 if 8 * capacity <= 3 << self.bits else 8
+        self._steps = _WINDOWS[w]
+        # A key's home is the first entry of a bucket of w entries (16 or 32 bytes,
+        # aligned): find_prefix reads a key's window as one item that never straddles
+        # two cache lines. Probing goes on entry by entry past the bucket, as before.
+        self._wbits = w.bit_length() - 1
+        self.home_mask = self._mask & ~(w - 1)
+        self._buckets_np = self._index_np.view(np.dtype((np.void, 4 * w)))
         self._index = self._index_np.data
         # The same bytes as arrays, for find_prefix: the keys (a strided view), and the
         # whole records, contiguous, which numpy's ``take`` gathers without a copy (a
@@ -125,9 +133,10 @@ class SlotKeys:
 
     @property
     def probe(self) -> tuple[memoryview, int, mmap.mmap, int]:
-        """(index, mask, records, stride), with ``slot_mask``: what ``find`` reads, for a
+        """(index, mask, records, stride), with ``slot_mask`` and ``home_mask``: what
+        ``find`` reads, for a
         caller that writes the probe out on its hot path. Key ``k`` (16 bytes) is in slot
-        ``s`` when an entry ``e`` from ``hash(k) & mask`` on, before the first -1, has
+        ``s`` when an entry ``e`` from ``hash(k) & home_mask`` on, before the first -1, has
         ``e & slot_mask == s`` and ``buf[stride * s:stride * s + 16] == k``."""
         return self._index, self._mask, self._buf, self.stride
 
@@ -177,7 +186,7 @@ class SlotKeys:
         # A bytes key of another length equals no stored key: no check needed here.
         index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
         slot_mask = self.slot_mask
-        i = hash(key) & mask
+        i = hash(key) & self.home_mask
         e = index[i]
         while e >= 0:
             s = e & slot_mask
@@ -192,7 +201,7 @@ class SlotKeys:
         """Slot of the key stored as ``kb`` (from ``canon``), or -1."""
         index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
         slot_mask = self.slot_mask
-        i = hash(kb) & mask
+        i = hash(kb) & self.home_mask
         e = index[i]
         while e >= 0:
             s = e & slot_mask
@@ -213,12 +222,11 @@ class SlotKeys:
         n = len(keys)
         # Each key's home and the entries from it (a hash past 2**63 wraps,
         # which keeps the low bits).
-        steps = self._steps
-        w = len(steps)
+        w = len(self._steps)
         h = np.fromiter(map(hash, keys), np.int64, n)
-        pos = h[:, None] + steps
-        pos &= self._mask
-        entries = self._index_np.take(pos)  # n x w entries, -1 empty
+        home = h & self.home_mask
+        home >>= self._wbits
+        entries = self._buckets_np.take(home).view(np.int32).reshape(n, w)  # -1 empty
         # Each entry xor the key's tag in the entry's tag bits: an entry whose tag is
         # the key's leaves its slot number, any other (an empty one, -1, included) a
         # number past ``slot_mask`` as unsigned. Then the records of those slots,
@@ -262,7 +270,7 @@ class SlotKeys:
         """Index ``slot`` under ``kb`` (from ``canon_to_add``); the caller checked it is absent."""
         index, mask = self._index, self._mask
         h = hash(kb)
-        i = h & mask
+        i = h & self.home_mask
         while index[i] >= 0:
             i = (i + 1) & mask
         index[i] = slot | ((h >> self.bits) & self._tag_mask) << self._tag_shift
@@ -275,7 +283,8 @@ class SlotKeys:
         index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
         slot_mask = self.slot_mask
         o = slot * stride
-        i = hash(kb if kb is not None else buf[o:o + 16]) & mask
+        home_mask = self.home_mask
+        i = hash(kb if kb is not None else buf[o:o + 16]) & home_mask
         e = index[i]
         while e & slot_mask != slot or e < 0:
             assert e >= 0, f"slot {slot} is not in the index"
@@ -290,7 +299,7 @@ class SlotKeys:
             if e < 0:
                 break
             o = (e & slot_mask) * stride
-            if (j - hash(buf[o:o + 16])) & mask >= (j - i) & mask:
+            if (j - (hash(buf[o:o + 16]) & home_mask)) & mask >= (j - i) & mask:
                 index[i] = e  # the entry moves with its tag
                 i = j
         index[i] = -1
@@ -313,4 +322,4 @@ class SlotKeys:
         """The index entry where a lookup of ``key`` starts (for tests)."""
         kb = self.canon(key)
         assert kb is not None
-        return hash(kb) & self._mask
+        return hash(kb) & self.home_mask

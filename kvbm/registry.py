@@ -105,7 +105,9 @@ class BlockRegistry:
         # (which would copy the whole array first).
         self._pins_np = self._keys.field(0, np.int32)[:capacity]
         self._state_np = self._keys.field(4, np.int8)[:capacity]
-        self._state = self._state_np.data
+        # For scalar reads, the spare record's state too (FREE: it holds no block), so
+        # that ``pin``'s guess of the slot after the last one is never out of range.
+        self._state = self._keys.field(4, np.int8).data
         self._pins = self._pins_np.data
         # The free slots: a ring of capacity entries holding a stack whose bottom is
         # at ``_bottom``; slot 0 on top at first, as the tiers fill from the front.
@@ -329,7 +331,7 @@ class BlockRegistry:
         state = self._state
         if key.__class__ is bytes and self._raw:
             index, mask, buf, stride = self._probe
-            slot_mask = self._keys.slot_mask
+            slot_mask, home_mask = self._keys.slot_mask, self._keys.home_mask
             # The blocks of a request are saved together, into consecutive slots off
             # the free stack, and matched in order: the slot after the last one pinned
             # is first tried, which costs no access to the index (one random memory
@@ -340,7 +342,7 @@ class BlockRegistry:
             o = slot * stride
             if not (buf[o:o + 16] == key and state[slot] == _REGISTERED):
                 # SlotKeys.find written out: this runs for every block of every match.
-                i = hash(key) & mask
+                i = hash(key) & home_mask
                 e = index[i]
                 while e >= 0:
                     slot = e & slot_mask

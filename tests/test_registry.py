@@ -194,9 +194,9 @@ def crowded_keys(capacity: int, homes: list[int], per_home: int) -> list[Sequenc
     return [k for h in homes for k in picked[h]]
 
 
-# A tier of 5 slots has a 16-entry index: keys crowd onto its first and last entries,
-# so that clusters form and wrap around the end.
-EXACT_KEYS = crowded_keys(CAPACITY, [0, 15], 6)
+# A tier of 5 slots has a 16-entry index of 4-entry buckets: keys crowd onto its first
+# and last buckets, so that clusters form and wrap around the end.
+EXACT_KEYS = crowded_keys(CAPACITY, [0, 12], 6)
 
 
 class ExactRegistryMachine(RuleBasedStateMachine):
@@ -377,7 +377,7 @@ TestExactRegistryMachine.settings = settings(max_examples=200, stateful_step_cou
 
 
 INDEX_CAP = 24  # a 64-entry index
-INDEX_POOL = crowded_keys(INDEX_CAP, [0, 1, 31, 62, 63], 9)
+INDEX_POOL = crowded_keys(INDEX_CAP, [0, 4, 28, 56, 60], 9)  # bucket homes: multiples of 4
 INDEX_ABSENT = INDEX_POOL[8::9]  # one key per home, never added
 INDEX_ADDED = [k for k in INDEX_POOL if k not in INDEX_ABSENT]
 

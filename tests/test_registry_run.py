@@ -112,7 +112,7 @@ def test_a_key_further_from_its_home_than_the_window_is_found() -> None:
     crowd: list[bytes] = []
     i = 0
     while len(crowd) < 10:
-        if table.home_of(key(i)) == 30:  # wraps around the end of the 32-entry index
+        if table.home_of(key(i)) == 24:  # the last bucket: wraps round the 32-entry index
             crowd.append(key(i))
         i += 1
     for s, k in enumerate(crowd):
@@ -280,7 +280,7 @@ def test_a_stored_key_is_found_whatever_the_tags_of_the_entries_before_it() -> N
     # their tags) before its own, in the window and beyond it.
     for tag_bits in (0, 1, None):
         table = SlotKeys(16, tag_bits=tag_bits)
-        crowd = [k for k in (key(i) for i in range(20_000)) if table.home_of(k) == 5][:12]
+        crowd = [k for k in (key(i) for i in range(20_000)) if table.home_of(k) == 8][:12]
         for s, k in enumerate(crowd):
             table.add(k, s)
         assert table.find_prefix(crowd).tolist() == list(range(12))
@@ -322,3 +322,21 @@ def test_an_lru_in_the_records_and_one_in_its_own_arrays_pin_and_evict_alike() -
             None if (k, s) in victims[0] else k for s, k in enumerate(keys[:40])]
         assert [reg.pins_at(s) for s in range(40)] == [
             1 if s in got[0][0] + got[0][3] else 0 for s in range(40)]
+
+
+def test_a_pin_after_the_last_slot_with_an_all_zero_key_takes_the_index() -> None:
+    # After a pin of the last slot, the next pin first tries the slot after it: past
+    # the end, a record that holds no key (zero bytes). An all-zero key is a miss
+    # there, not an error and not a hit.
+    reg = new_registry(2)
+    zero, other = SequenceHash(bytes(16)), key(5)
+    reg.commit(reg.allocate(other))  # type: ignore[arg-type]
+    reg.commit(reg.allocate(zero))  # type: ignore[arg-type]
+    assert reg.pin(other) == 0 and reg.pin(zero) == 1
+    assert reg.pin(zero) == 1  # tried after slot 1 first
+    assert reg.remove(other) is False and reg.evict() is None
+    reg2 = new_registry(2)
+    reg2.commit(reg2.allocate(key(7)))  # type: ignore[arg-type]
+    reg2.commit(reg2.allocate(key(8)))  # type: ignore[arg-type]
+    assert reg2.pin(key(8)) == 1
+    assert reg2.pin(zero) is None

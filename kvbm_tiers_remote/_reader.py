@@ -100,6 +100,8 @@ class BlockReader:
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{name}-verify")
         # (peer agent, key) -> the slot address its last lease reply gave.
         self._addrs: dict[tuple[str, bytes], int] = {}
+        # The batch's last READ is checked on the reading thread (see read_from).
+        self._inline_last = True
 
     def read_from(
         self, peer: Peer, idx: list[int], keys: Sequence[SequenceHash],
@@ -151,7 +153,8 @@ class BlockReader:
                         part = spec
                         verifying.extend(self._speculated(peer, spec, cur, keys, dst, ok, bad))
                         part = None
-                    for part in self._parts(cur, dst):
+                    parts = self._parts(cur, dst)
+                    for n, part in enumerate(parts):
                         self._post(peer, part, dst)
                         self._wait(peer, part)
                         self._release_handle(part)
@@ -165,6 +168,15 @@ class BlockReader:
                             check = False
                         if not check and not part.bounce:
                             self._accept(part, ok)
+                        elif self._inline_last and j == len(chunks) - 1 and n == len(parts) - 1:
+                            # The batch's last READ: nothing left to overlap with, so
+                            # hash it here once the earlier parts are checked, rather
+                            # than wake the verifier (a wake-up is a scheduling wait
+                            # on a busy machine). In order: a piece's block may
+                            # have earlier pieces still queued.
+                            for f in verifying:
+                                f.result()
+                            self._verify(peer, part, keys, dst, ok, bad, check, running)
                         else:
                             verifying.append(self._verifier.submit(
                                 self._verify, peer, part, keys, dst, ok, bad, check, running

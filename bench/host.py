@@ -14,7 +14,9 @@ offloaded from, layer by layer with torch (0 mismatched or the bench fails).
 ``--paths native,memcpy,numpy`` runs the adapter's native batch copy (streaming
 stores for batches past ``_native.STREAM_MIN_BYTES``), the same loop with ``memcpy``
 only, and its numpy per-(block, layer) fallback in the same run, interleaved, for a
-before/after (contiguous blocks take the first two). The ``adapter, 1 thread`` rows
+before/after (contiguous blocks take the first two); ``huge`` adds the native loop
+on a copy of the engine's tensors moved onto 2 MiB pages (``engine_huge_pages``),
+verified as the others. The ``adapter, 1 thread`` rows
 time the adapter's copy alone (no manager, one thread) beside the best 1-thread copy
 of the same bytes.
 

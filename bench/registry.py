@@ -135,7 +135,7 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
     assert reg.num_used == n and reg.num_evictable == n
     if traced:
         # tracemalloc sees numpy's arrays but not the keys' anonymous mapping: add it.
-        mapped = len(reg._keys.probe[2]) if impl == "new" else 0
+        mapped = len(reg._keys.probe[4]) if impl == "new" else 0
         return {"impl": impl, "blocks": n,
                 "traced_bytes_per_block": (tracemalloc.get_traced_memory()[0] + mapped) / n}
 

@@ -62,7 +62,7 @@ class SlotKeys:
     """
 
     __slots__ = ("capacity", "stride", "_records", "bits", "slot_mask", "_mask", "home_mask", "_tag_shift",
-                 "_tag_mask", "_wbits", "_buckets_np",
+                 "_tag_mask", "_wbits", "_buckets_np", "_p",
                  "_ints", "_buf", "_index_np", "_index", "_keys_np", "_rec_np", "_steps")
 
     def __init__(self, capacity: int, extra: int = 0, tag_bits: int | None = None,
@@ -112,6 +112,9 @@ class SlotKeys:
         # The same bytes as arrays, for find_prefix: the keys (a strided view), and the
         # whole records, contiguous, which numpy's ``take`` gathers without a copy (a
         # take from a strided array would first copy all of it).
+        # What a scalar probe reads, bound as one tuple: one attribute load, not six.
+        self._p = (self._index, self.home_mask, self._mask, self.slot_mask, self._buf,
+                   self.stride)
         self._keys_np: np.ndarray = np.ndarray((self._records,), _KEY, self._buf,
                                                strides=(self.stride,))
         self._rec_np = np.frombuffer(self._buf, np.dtype(
@@ -132,13 +135,13 @@ class SlotKeys:
         return bool(self._ints)
 
     @property
-    def probe(self) -> tuple[memoryview, int, mmap.mmap, int]:
-        """(index, mask, records, stride), with ``slot_mask`` and ``home_mask``: what
-        ``find`` reads, for a
-        caller that writes the probe out on its hot path. Key ``k`` (16 bytes) is in slot
-        ``s`` when an entry ``e`` from ``hash(k) & home_mask`` on, before the first -1, has
-        ``e & slot_mask == s`` and ``buf[stride * s:stride * s + 16] == k``."""
-        return self._index, self._mask, self._buf, self.stride
+    def probe(self) -> tuple[memoryview, int, int, int, mmap.mmap, int]:
+        """(index, home_mask, mask, slot_mask, records, stride): what ``find`` reads, for
+        a caller that writes the probe out on its hot path. Key ``k`` (16 bytes) is in
+        slot ``s`` when an entry ``e`` from ``hash(k) & home_mask`` on (then ``+ 1 &
+        mask``), before the first -1, has ``e & slot_mask == s`` and
+        ``buf[stride * s:stride * s + 16] == k``."""
+        return self._p
 
     @property
     def nbytes(self) -> int:
@@ -184,9 +187,8 @@ class SlotKeys:
                 return -1
             key = kb
         # A bytes key of another length equals no stored key: no check needed here.
-        index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
-        slot_mask = self.slot_mask
-        i = hash(key) & self.home_mask
+        index, home_mask, mask, slot_mask, buf, stride = self._p
+        i = hash(key) & home_mask
         e = index[i]
         while e >= 0:
             s = e & slot_mask
@@ -199,9 +201,8 @@ class SlotKeys:
 
     def find_canon(self, kb: bytes) -> int:
         """Slot of the key stored as ``kb`` (from ``canon``), or -1."""
-        index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
-        slot_mask = self.slot_mask
-        i = hash(kb) & self.home_mask
+        index, home_mask, mask, slot_mask, buf, stride = self._p
+        i = hash(kb) & home_mask
         e = index[i]
         while e >= 0:
             s = e & slot_mask
@@ -211,6 +212,25 @@ class SlotKeys:
             i = (i + 1) & mask
             e = index[i]
         return -1
+
+    def find_each(self, keys: Sequence[bytes]) -> list[int]:
+        """``find_prefix`` one key at a time, in one call (a small table, in the cache)."""
+        index, home_mask, mask, slot_mask, buf, stride = self._p
+        out: list[int] = []
+        for kb in keys:
+            i = hash(kb) & home_mask
+            e = index[i]
+            while e >= 0:
+                s = e & slot_mask
+                o = s * stride
+                if buf[o:o + 16] == kb:
+                    break
+                i = (i + 1) & mask
+                e = index[i]
+            else:
+                return out
+            out.append(s)
+        return out
 
     def find_prefix(self, keys: Sequence[bytes]) -> np.ndarray:
         """Slots of the leading ``keys`` that are indexed, up to the first one that is not.
@@ -280,10 +300,8 @@ class SlotKeys:
     def remove(self, slot: int, kb: bytes | None = None) -> None:
         """Forget the index entry of ``slot`` (which must be indexed); ``kb``: its key
         as stored, when the caller has it at hand."""
-        index, mask, buf, stride = self._index, self._mask, self._buf, self.stride
-        slot_mask = self.slot_mask
+        index, home_mask, mask, slot_mask, buf, stride = self._p
         o = slot * stride
-        home_mask = self.home_mask
         i = hash(kb if kb is not None else buf[o:o + 16]) & home_mask
         e = index[i]
         while e & slot_mask != slot or e < 0:

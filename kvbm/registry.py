@@ -330,8 +330,7 @@ class BlockRegistry:
         """Pin a registered block (count a hit); return its slot, or None if absent."""
         state = self._state
         if key.__class__ is bytes and self._raw:
-            index, mask, buf, stride = self._probe
-            slot_mask, home_mask = self._keys.slot_mask, self._keys.home_mask
+            index, home_mask, mask, slot_mask, buf, stride = self._probe
             # The blocks of a request are saved together, into consecutive slots off
             # the free stack, and matched in order: the slot after the last one pinned
             # is first tried, which costs no access to the index (one random memory
@@ -380,14 +379,7 @@ class BlockRegistry:
         table = self._keys
         if table.capacity >= _GATHER_MIN_SLOTS:
             return table.find_prefix(keys)
-        find = table.find_canon
-        out: list[int] = []
-        for k in keys:
-            slot = find(k)
-            if slot < 0:
-                break
-            out.append(slot)
-        return np.array(out, dtype=np.intp)
+        return np.array(table.find_each(keys), dtype=np.intp)
 
     def pin_run(self, keys: Sequence[SequenceHash]) -> list[int]:
         """Pin the longest prefix of ``keys`` registered here; return its slots.
@@ -415,7 +407,7 @@ class BlockRegistry:
         if first < 0:
             return out
         o = (first + 1) * table.stride
-        if self._probe[2][o:o + 16] == keys[1]:
+        if self._probe[4][o:o + 16] == keys[1]:
             # Blocks saved together sit in consecutive slots: compare the run with the
             # slots from the first one's on (one contiguous read, no index), then look
             # up what follows. A slot counts only while in use: a free one keeps the
@@ -427,6 +419,16 @@ class BlockRegistry:
             found = np.arange(first, first + head, dtype=np.intp)
             if head < n:
                 found = np.concatenate((found, self._find_run(keys[head:])))
+        elif table.capacity < _GATHER_MIN_SLOTS:
+            # A small table (in the cache): one key at a time, each slot's state read as
+            # it is found, no numpy.
+            state_at = self._state
+            out = []
+            for slot in table.find_each(keys):
+                if state_at[slot] != _REGISTERED:  # one still being written ends the run
+                    break
+                out.append(slot)
+            return self._pin_found(out, keys)
         else:
             found = self._find_run(keys)
         # The state of the run (its pins with it: one record, in the cache since the
@@ -438,7 +440,10 @@ class BlockRegistry:
         run = len(state) - len(state.lstrip(_REGISTERED_BYTE))
         if run < len(state):  # one still being written ends the run
             found = found[:run]
-        out = found.tolist()
+        return self._pin_found(found.tolist(), keys)
+
+    def _pin_found(self, out: list[int], keys: list[SequenceHash]) -> list[int]:
+        """Pin the registered slots ``out`` of ``keys[:len(out)]``; return ``out``."""
         if not out:
             return out
         pins = self._pins

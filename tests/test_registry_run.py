@@ -28,7 +28,7 @@ def new_registry(capacity: int) -> BlockRegistry:
 
 def window_of(table: SlotKeys, k: bytes) -> list[int]:
     """The index positions ``find_prefix`` reads for ``k``."""
-    home, mask = table.home_of(k), table.probe[1]
+    home, mask = table.home_of(k), table.probe[2]
     return [(home + j) & mask for j in range(len(table._steps))]
 
 

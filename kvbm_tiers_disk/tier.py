@@ -123,6 +123,11 @@ class DiskTier(Tier):
         self._last_check = 0.0
         self._engine: Any = None
         self._nio = _native_io.load() if NATIVE_IO else None
+        # Threads the native loop may start beyond each caller's own, shared by every
+        # batch in flight (as the Python loop's pool of io_threads is): two batches at
+        # once must not run 2 x io_threads requests and checksums on the same CPUs.
+        self._spare_threads = config.io_threads - 1
+        self._spare_lock = threading.Lock()
         try:
             self._open_files()
             # In-memory index: what each slot holds (None: nothing servable) and its
@@ -436,11 +441,22 @@ class DiskTier(Tier):
             h = self._tls.headers = aligned_empty(max(n, 64) * HEADER_BYTES)
         return h
 
-    def _native_call(self, fn: Callable[[int, int], object], n: int) -> None:
-        """``fn(threads, counter address)``: one call, ``min(io_threads, n)`` threads
-        (this one and the rest started in C) taking blocks from the shared counter."""
-        counter = np.zeros(1, np.int64)
-        fn(min(self.cfg.io_threads, n), counter.ctypes.data)
+    def _native_call(self, fn: Callable[[int, int], object], n: int) -> int:
+        """``fn(threads, counter address)``: one call, this thread and up to
+        ``min(io_threads, n) - 1`` more started in C, taking blocks from the shared
+        counter. The extra threads come from the tier's spare count, so all batches in
+        flight together start at most ``io_threads - 1`` (a batch that finds none runs
+        on its caller's thread alone). Returns the threads used."""
+        with self._spare_lock:
+            extra = min(min(self.cfg.io_threads, n) - 1, self._spare_threads)
+            self._spare_threads -= extra
+        try:
+            counter = np.zeros(1, np.int64)
+            fn(extra + 1, counter.ctypes.data)
+        finally:
+            with self._spare_lock:
+                self._spare_threads += extra
+        return extra + 1
 
     def _native_write(
         self, idx: list[int], slots: Sequence[int], keys: Sequence[SequenceHash],

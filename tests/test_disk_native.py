@@ -209,3 +209,43 @@ def test_without_the_native_loop_the_tier_uses_its_python_loop(
         assert all(np.array_equal(a, b) for a, b in zip(src, dst, strict=True))
     finally:
         t.close()
+
+
+def test_batches_written_at_once_share_the_tiers_io_threads(tmp_path: Path) -> None:
+    """Two batches in flight start at most ``io_threads - 1`` loop threads between them
+    (the first takes them, the second runs on its caller alone), both land byte-exact,
+    and the threads are free again for the next batch."""
+    t = make_tier(tmp_path, n=12)
+    try:
+        assert t._nio is not None
+        real = t._nio.write_fn
+        threads: list[int] = []
+        first_in, release = threading.Event(), threading.Event()
+
+        def counting_write(k: int, *rest: Any) -> int:
+            threads.append(k)
+            if len(threads) == 1:
+                first_in.set()
+                release.wait(10)
+            return int(real(k, *rest))
+
+        t._nio = dataclasses.replace(t._nio, write_fn=counting_write)
+        src = blocks(t.block_bytes, 12, seed=11)
+        keys = [bytes([i + 1]) * 16 for i in range(12)]
+        out: list[list[bool]] = []
+        a = threading.Thread(target=lambda: out.append(t.write(list(range(4)), keys[:4], src[:4])))
+        a.start()
+        try:
+            assert first_in.wait(10)
+            assert t.write([4, 5, 6, 7], keys[4:8], src[4:8]) == [True] * 4
+        finally:
+            release.set()
+            a.join(10)
+        assert out == [[True] * 4]
+        assert t.write([8, 9, 10, 11], keys[8:], src[8:]) == [True] * 4
+        assert threads == [4, 1, 4], threads
+        dst = blocks(t.block_bytes, 12, seed=12)
+        assert t.read(list(range(12)), keys, dst) == [True] * 12
+        assert all(np.array_equal(x, y) for x, y in zip(src, dst, strict=True))
+    finally:
+        t.close()

@@ -10,7 +10,6 @@ its block pass.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +21,14 @@ from hypothesis import strategies as st
 pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvbm[remote]'")
 pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
 import xxhash  # noqa: E402
+from remote_pair import config as _config  # noqa: E402
+from remote_pair import offload as _offload  # noqa: E402
+from remote_pair import onboard as _onboard  # noqa: E402
 
-from kvbm import ContiguousBlocks, KvBlockManager  # noqa: E402
+from kvbm import KvBlockManager  # noqa: E402
 from kvbm_tiers_remote._peers import RemoteStats  # noqa: E402
 from kvbm_tiers_remote._reader import BlockReader, _Step  # noqa: E402
 from kvbm_tiers_remote.config import RemoteTierConfig  # noqa: E402
-
-TINY = {"name": "tiny", "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32"}
-PAGE = 16
-FAST = {"ucx_net_devices": "lo", "publish_interval_s": 0.05, "retry_after_s": 0.2,
-        "request_timeout_s": 2.0, "transfer_timeout_s": 5.0}
-
-
-def _config(remote: dict[str, Any]) -> dict[str, Any]:
-    return {"model": TINY, "page_size": PAGE,
-            "tiers": [{"type": "host", "num_blocks": 64}, {"type": "remote", **FAST, **remote}]}
-
-
-def _offload(mgr: KvBlockManager, n: int, seed: int) -> tuple[list[int], np.ndarray]:
-    tokens = [seed * 1_000_003 + i for i in range(n * PAGE)]
-    data = np.random.default_rng(seed).integers(0, 256, (n, mgr.block_bytes), dtype=np.uint8)
-    mgr.offload(mgr.hash_tokens(tokens), ContiguousBlocks(data, mgr.layout))
-    mgr.flush()
-    time.sleep(0.2)  # let the publisher write the served hashes
-    return tokens, data
-
-
-def _onboard(mgr: KvBlockManager, tokens: list[int], n: int) -> tuple[int, np.ndarray]:
-    out = np.zeros((n, mgr.block_bytes), dtype=np.uint8)
-    with mgr.match_prefix(tokens) as m:
-        assert list(m.tiers) == ["remote"] * n
-        res = mgr.onboard(m, ContiguousBlocks(out[: m.num_blocks], mgr.layout), promote=False)
-    return res.loaded, out
 
 
 def _pair(tmp_path: Path, piece: int) -> tuple[KvBlockManager, KvBlockManager]:

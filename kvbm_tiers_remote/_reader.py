@@ -420,11 +420,7 @@ class BlockReader:
             got = want
             if check:
                 got = xxhash.xxh3_64_intdigest(src if src is not None else d)  # type: ignore[arg-type]
-            if got != want:
-                self.stats.checksum_failures += 1
-                log.warning("kvbm tier %r: block %s from peer %s failed its checksum "
-                            "(xxh3 %016x, peer said %016x); a miss",
-                            self.name, keys[i].hex(), peer.addr, got, want)
+            if not self._sum_matches(peer, keys[i], got, want):
                 bad.append(keys[i])
                 continue
             if src is not None:
@@ -433,6 +429,17 @@ class BlockReader:
             self.stats.blocks_read += 1
             self.stats.bytes_read += bb
         self._free_bounce(s)
+
+    def _sum_matches(self, peer: Peer, key: SequenceHash, got: int, want: int) -> bool:
+        """Whether a block's bytes gave the checksum its peer took under the pin; a
+        failure is counted and logged (the caller makes the block a miss)."""
+        if got == want:
+            return True
+        self.stats.checksum_failures += 1
+        log.warning("kvbm tier %r: block %s from peer %s failed its checksum "
+                    "(xxh3 %016x, peer said %016x); a miss",
+                    self.name, key.hex(), peer.addr, got, want)
+        return False
 
     def _verify_piece(
         self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
@@ -453,11 +460,7 @@ class BlockReader:
             return
         del running[i]
         got = h.intdigest()
-        if got != want:
-            self.stats.checksum_failures += 1
-            log.warning("kvbm tier %r: block %s from peer %s failed its checksum "
-                        "(xxh3 %016x, peer said %016x); a miss",
-                        self.name, keys[i].hex(), peer.addr, got, want)
+        if not self._sum_matches(peer, keys[i], got, want):
             bad.append(keys[i])
             return
         ok[i] = True

@@ -1,7 +1,7 @@
 """Directories and slot files of the disk tier: safety checks, locking, space reservation.
 
 Everything here runs at start-up (or when a file vanished underneath a running tier);
-the data path lives in ``tier.py``.
+the data path lives in ``native_loop.py`` and ``pyloop.py``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One NIXL transfer carries a whole batch: DRAM descriptors for the buffers, FILE
 descriptors ``(offset, length, fd)`` for the slots. Slot headers stay on the posix
-path in ``tier.py`` (they are 4 KiB each and their order matters). NIXL's agent is
+path (``pyloop.py``) (they are 4 KiB each and their order matters). NIXL's agent is
 not thread-safe in its default sync mode, so transfers are serialized by a lock;
 the backend itself keeps the batch's requests in flight.
 """
@@ -17,10 +17,14 @@ from typing import Any
 import numpy as np
 
 from kvbm.errors import ConfigError
+from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
 
+from ._xxh import xxh3_64
+from .base import _ZERO_PAGE
 from .files import StripeFile
 from .format import PAGE, Geometry
+from .pyloop import PythonLoop
 
 
 class NixlEngine:
@@ -107,3 +111,61 @@ class NixlEngine:
 
     def close(self) -> None:
         self.agent = None
+
+
+class NixlPath(PythonLoop):
+    """The tier's write and read through a ``NixlEngine`` (``io_engine: nixl``)."""
+
+    def _engine_write(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], src: Sequence[np.ndarray]
+    ) -> list[bool]:
+        # Headers stay on the posix path (4 KiB each); NIXL moves the data in one transfer.
+        def invalidate(i: int) -> bool:
+            st, local = self._locate(slots[i])
+            self._keys[slots[i]] = None
+            if not self._hdr_live[slots[i]]:
+                return True
+            try:
+                os.pwritev(st.fd, [_ZERO_PAGE], self.geom.header_offset(local))
+            except OSError as e:
+                self._fault("write_errors", e, "header invalidation of slot %d failed", slots[i])
+                return False
+            self._hdr_live[slots[i]] = 0
+            return True
+
+        ok = self._run(invalidate, len(slots))
+        flat = [s.reshape(-1) for s in src]
+        moved = self._engine.transfer("WRITE", [self._locate(s) for s in slots], flat, self.geom, ok)
+        ok = [a and b for a, b in zip(ok, moved, strict=True)]
+        if not all(moved):
+            self._fault("write_errors", None, "NIXL write failed for %d blocks", moved.count(False))
+        sums = [xxh3_64(f) if g else None for f, g in zip(flat, ok, strict=True)]
+        if self.cfg.durable and any(ok):
+            return self._sync_then_headers(slots, keys, sums, ok)
+        res = self._run(
+            lambda i: ok[i] and self._write_header(slots[i], keys[i], sums[i] or 0), len(slots)
+        )
+        good = sum(res)
+        self._add(blocks_written=good, bytes_written=good * self.block_bytes)
+        return res
+
+    def _engine_read(
+        self, slots: Sequence[int], keys: Sequence[SequenceHash], dst: Sequence[np.ndarray]
+    ) -> list[bool]:
+        ok = [self._keys[s] == k for s, k in zip(slots, keys, strict=True)]
+        for g, s in zip(ok, slots, strict=True):
+            if not g:
+                self._fault("key_mismatches", None, "slot %d does not hold the requested block", s)
+        flat = [d.reshape(-1) for d in dst]
+        moved = self._engine.transfer("READ", [self._locate(s) for s in slots], flat, self.geom, ok)
+        out = []
+        for s, f, g, m in zip(slots, flat, ok, moved, strict=True):
+            if g and not m:
+                self._fault("read_errors", None, "NIXL read of slot %d failed", s)
+            good = g and m and xxh3_64(f) == self._sums[s]
+            if g and m and not good:
+                self._fault("checksum_failures", None, "slot %d failed its checksum", s)
+            out.append(good)
+        n = sum(out)
+        self._add(blocks_read=n, bytes_read=n * self.block_bytes)
+        return out

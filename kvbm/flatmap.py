@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _registry_native
+
 __all__ = ["KEY_BYTES", "SlotKeys"]
 
 KEY_BYTES = 16
@@ -63,7 +65,8 @@ class SlotKeys:
 
     __slots__ = ("capacity", "stride", "_records", "bits", "slot_mask", "_mask", "home_mask", "_tag_shift",
                  "_tag_mask", "_wbits", "_buckets_np", "_p",
-                 "_ints", "_buf", "_index_np", "_index", "_keys_np", "_rec_np", "_steps")
+                 "_ints", "_buf", "_index_np", "_index", "_keys_np", "_rec_np", "_steps",
+                 "_native", "_params", "_unlinked", "_at")
 
     def __init__(self, capacity: int, extra: int = 0, tag_bits: int | None = None,
                  spare: int = 0) -> None:
@@ -119,6 +122,31 @@ class SlotKeys:
                                                strides=(self.stride,))
         self._rec_np = np.frombuffer(self._buf, np.dtype(
             {"names": ["k"], "formats": [_KEY], "offsets": [0], "itemsize": self.stride}))
+        # The compiled lookup of a run (``kvbm._registry_native``) and the table's
+        # parameters it reads: the lookup's here, no state check and no pinning (the
+        # registry sets those of its own copy, ``native_params``).
+        self._native = _registry_native.load()
+        self._params = self.native_params()
+        self._unlinked = np.zeros(1, np.int64)
+        self._at = (int(self._params.ctypes.data), int(self._unlinked.ctypes.data))
+
+    def native_params(self, **more: int) -> np.ndarray:
+        """The ``int64`` parameters of ``kvbm._registry_native`` for this table: the
+        lookup's, then ``more`` by name (the rest: no state check, no pinning)."""
+        p = dict.fromkeys(_registry_native.PARAMS, 0)
+        p.update(index=self._index_np.ctypes.data, home_mask=self.home_mask, mask=self._mask,
+                 slot_mask=self.slot_mask, bits=self.bits, tag_shift=self._tag_shift,
+                 tag_mask=self._tag_mask, bucket=len(self._steps),
+                 records=self._rec_np.ctypes.data, stride=self.stride, state_off=-1)
+        for name, v in more.items():
+            assert name in p, name
+            p[name] = v
+        return np.array([p[name] for name in _registry_native.PARAMS], np.int64)
+
+    @property
+    def native(self) -> bool:
+        """Whether ``find_run`` uses the compiled lookup."""
+        return self._native is not None
 
     def field(self, offset: int, dtype: type[np.generic]) -> np.ndarray:
         """An array over the ``extra`` bytes of every record, from ``offset`` on: a value
@@ -231,6 +259,17 @@ class SlotKeys:
                 return out
             out.append(s)
         return out
+
+    def find_run(self, keys: list[bytes]) -> list[int]:
+        """``find_prefix(keys).tolist()``: with the compiled lookup when there is one
+        (its memory reads issued for all keys together), else ``find_prefix``."""
+        if self._native is not None and not self._ints:
+            out = self._native(keys, *self._at)
+            if out is not None:
+                return out
+        if not keys or self._ints:
+            return []
+        return self.find_prefix(keys).tolist()  # type: ignore[no-any-return]
 
     def find_prefix(self, keys: Sequence[bytes]) -> np.ndarray:
         """Slots of the leading ``keys`` that are indexed, up to the first one that is not.

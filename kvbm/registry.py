@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from . import _registry_native
 from .events import BlockEvent, EventBus, EventKind
 from .flatmap import KEY_BYTES, SlotKeys
 from .hashing import SequenceHash
-from .policy import EvictionPolicy
+from .policy import EvictionPolicy, LRUPolicy
 
 __all__ = ["BlockRegistry", "SlotState"]
 
@@ -126,6 +127,23 @@ class BlockRegistry:
                 capacity, links=(self._keys.field(8, np.int32), self._keys.field(12, np.int32)))
         else:
             self._by_slot = policy.use_slots(capacity)
+        # The compiled lookup of a run (``kvbm._registry_native``: its memory reads
+        # issued for all keys together), which also pins the run and takes it out of the
+        # LRU list when the policy is the core's LRU with its links in the records; None
+        # without a compiler (the numpy and Python paths below, the same results).
+        self._lru: LRUPolicy | None = None
+        self._native: tuple[_registry_native.RunFn, int, int] | None = None
+        fn = _registry_native.load()
+        if fn is not None:
+            if self._links_in_records and type(policy) is LRUPolicy:
+                self._lru = policy
+            self._native_params = self._keys.native_params(
+                state_off=KEY_BYTES + 4, registered=_REGISTERED, lru=int(self._lru is not None),
+                pins_off=KEY_BYTES, prev_off=KEY_BYTES + 8, next_off=KEY_BYTES + 12, end=capacity)
+            self._native_unlinked = np.zeros(1, np.int64)
+            self._unlinked = self._native_unlinked.data
+            self._native = (fn, int(self._native_params.ctypes.data),
+                            int(self._native_unlinked.ctypes.data))
         if self._by_slot:  # bound once: the match path makes one call per block
             self._pin_slot = policy.pin_slot
             self._touch_slot = policy.touch_slot
@@ -390,6 +408,19 @@ class BlockRegistry:
         (``SlotKeys.find_prefix``), or, for blocks saved together, are not needed
         (``SlotKeys.same_from``).
         """
+        native = self._native
+        if native is not None and self._raw:
+            if keys.__class__ is not list:
+                keys = list(keys)
+            fn, params, unlinked = native
+            got = fn(keys, params, unlinked)
+            if got is not None:
+                if self._lru is None:
+                    return self._pin_found(got, keys)
+                if got:  # pinned, and out of the LRU list, in the call
+                    self._lru._n -= self._unlinked[0]
+                    self._guess = got[-1] + 1
+                return got
         n = len(keys)
         out: list[int] = []
         if not (self._raw and n >= _RUN_MIN

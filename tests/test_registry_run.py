@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from kvbm import _registry_native
 from kvbm import registry as registry_mod
 from kvbm.chain import TierState
 from kvbm.config import TierConfig
@@ -37,14 +38,19 @@ def position_of(table: SlotKeys, slot: int) -> int:
     return int(((index >= 0) & (index & table.slot_mask == slot)).nonzero()[0][0])
 
 
-@pytest.fixture(autouse=True, scope="module", params=["gather", "per-key"])
+@pytest.fixture(autouse=True, scope="module", params=["native", "gather", "per-key"])
 def lookup(request: pytest.FixtureRequest) -> object:
-    """Every test here runs with both lookups of a run: numpy gathers (what a registry of
-    millions of slots takes) and one key at a time (a smaller one)."""
-    saved = registry_mod._GATHER_MIN_SLOTS
+    """Every test here runs with each lookup of a run: the compiled one
+    (``kvbm._registry_native``, when this machine can build it), and without it numpy
+    gathers (what a registry of millions of slots takes) and one key at a time (a
+    smaller one)."""
+    if request.param == "native" and _registry_native.load() is None:
+        pytest.skip("no C compiler or Python headers: the compiled lookup cannot be built")
+    saved = registry_mod._GATHER_MIN_SLOTS, _registry_native.enabled
     registry_mod._GATHER_MIN_SLOTS = 0 if request.param == "gather" else 1 << 62
+    _registry_native.enabled = request.param == "native"
     yield request.param
-    registry_mod._GATHER_MIN_SLOTS = saved
+    registry_mod._GATHER_MIN_SLOTS, _registry_native.enabled = saved
 
 
 def test_a_key_one_byte_off_a_stored_key_in_its_window_is_a_miss_at_each_byte() -> None:
@@ -64,7 +70,7 @@ def test_a_key_one_byte_off_a_stored_key_in_its_window_is_a_miss_at_each_byte() 
         near = [k for k in impostors if at in window_of(table, k)]
         assert near, f"no impostor at byte {byte} reads slot 7's entry"  # the test's premise
         for imp in near[:4]:
-            assert table.find_prefix([imp]).tolist() == []
+            assert table.find_run([imp]) == []
             assert reg.pin_run(stored[:7] + [imp]) == list(range(7))
             for s in range(7):
                 reg.unpin(s)
@@ -89,7 +95,7 @@ def test_an_empty_entry_never_reads_as_the_last_slots_stale_key() -> None:
         reg.unpin(s)
     assert reg.remove(last) and reg.key_at(7) is None
     assert table.key_at(7) == last  # its bytes stay in the slot
-    assert table.find_prefix([last]).tolist() == []
+    assert table.find_run([last]) == []
     assert reg.pin_run(stored + [last]) == list(range(7))
     assert reg.pin_run([last] + stored) == []
 
@@ -117,10 +123,10 @@ def test_a_key_further_from_its_home_than_the_window_is_found() -> None:
         i += 1
     for s, k in enumerate(crowd):
         table.add(k, s)
-    assert table.find_prefix(crowd).tolist() == list(range(10))
-    assert table.find_prefix(crowd[::-1]).tolist() == list(range(9, -1, -1))
+    assert table.find_run(crowd) == list(range(10))
+    assert table.find_run(crowd[::-1]) == list(range(9, -1, -1))
     table.remove(3)
-    assert table.find_prefix(crowd).tolist() == [0, 1, 2]
+    assert table.find_run(crowd) == [0, 1, 2]
 
 
 def test_a_free_slot_in_a_run_of_consecutive_slots_is_passed_over_for_the_index() -> None:
@@ -245,7 +251,7 @@ def test_writing_and_removing_a_key_leaves_every_slots_extra_bytes_alone() -> No
     assert pins.tolist() == [-1, 2**31 - 1, 7, -(2**31)]
     assert state.tolist() == [-1, 1, 2, 127]
     assert [table.key_at(s) for s in range(4)] == [key(0), key(9), key(2), key(3)]
-    assert table.find_prefix([key(0), key(9), key(2), key(3)]).tolist() == [0, 1, 2, 3]
+    assert table.find_run([key(0), key(9), key(2), key(3)]) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("tag_bits", [0, 1])
@@ -269,10 +275,10 @@ def test_a_key_whose_tag_matches_a_stored_entry_in_its_window_is_still_compared_
                 break
     assert len(colliding) > 100  # the test's premise: many tag collisions
     for k in colliding:
-        assert table.find_prefix([k]).tolist() == []
-        assert table.find_prefix([*stored[:3], k, stored[3]]).tolist() == [0, 1, 2]
+        assert table.find_run([k]) == []
+        assert table.find_run([*stored[:3], k, stored[3]]) == [0, 1, 2]
         assert table.find_canon(k) == -1
-    assert table.find_prefix(stored).tolist() == list(range(8))
+    assert table.find_run(stored) == list(range(8))
 
 
 def test_a_stored_key_is_found_whatever_the_tags_of_the_entries_before_it() -> None:
@@ -283,12 +289,12 @@ def test_a_stored_key_is_found_whatever_the_tags_of_the_entries_before_it() -> N
         crowd = [k for k in (key(i) for i in range(20_000)) if table.home_of(k) == 8][:12]
         for s, k in enumerate(crowd):
             table.add(k, s)
-        assert table.find_prefix(crowd).tolist() == list(range(12))
+        assert table.find_run(crowd) == list(range(12))
         assert [table.find_canon(k) for k in crowd] == list(range(12))
         for s in (0, 5, 11):
             table.remove(s)
         left = [k for s, k in enumerate(crowd) if s not in (0, 5, 11)]
-        assert table.find_prefix(left).tolist() == [s for s in range(12) if s not in (0, 5, 11)]
+        assert table.find_run(left) == [s for s in range(12) if s not in (0, 5, 11)]
 
 
 class _OwnLinksLRU(LRUPolicy):

@@ -1,0 +1,224 @@
+"""A prefix's lookups in one compiled call, their memory reads issued together.
+
+In a registry of ten million blocks the index and the slot records (~500 MB) lie far
+outside the caches: a key costs two random memory reads (its index bucket, then the
+record of the slot its entry names), and looked up one after another the 64 keys of a
+prefix cost 128 memory latencies. All the keys of a prefix are known before the
+lookup, so ``run`` issues those reads in passes, a chunk of keys at a time: the hash
+and bucket address of every key, each bucket prefetched; then every bucket read and
+the record of each entry whose tag is the key's prefetched; then the keys probed and
+compared in order (the lines now in the cache), up to the first miss. A chunk costs
+about two memory latencies, not two per key. With the registry's LRU in the records
+(``BlockRegistry``), the same call then pins the run and takes its blocks out of the
+LRU list, after prefetching each block's two list neighbours (a third round).
+
+The answer is the Python path's, key for key (``SlotKeys.find_canon``: whole 16-byte
+compares, the linear probe from the key's home to the first empty entry; an entry's
+tag only rules it out), and the registry's ``_pin_found`` with ``LRUPolicy``'s
+``pin_slot`` and ``touch_slot``, step for step. Tests run both paths on the same
+tables (``tests/test_registry_run.py``).
+
+The C source is compiled once per process by ``kvbm._cc`` (system compiler, private
+temporary directory, nothing cached on disk) against this interpreter's headers: it
+reads the keys' ``bytes`` and their cached ``hash`` through the C API, so it is loaded
+with ``ctypes.PyDLL`` and keeps the GIL. That is deliberate: a call takes a few
+microseconds, and handing the GIL round for it (as ``ctypes.CDLL`` does) lets a busy
+background thread (a tier's copies) take it for its whole switch interval before the
+match goes on. Without a compiler or the headers, ``load`` returns None and the
+registry keeps its numpy and Python paths, which give the same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sysconfig
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kvbm import _cc
+
+__all__ = ["P_COUNT", "PARAMS", "RunFn", "enabled", "load"]
+
+#: False: registries made from now on use the numpy and Python paths (tests compare both).
+enabled = True
+
+# The parameters of a table, one int64 each, in this order (``SlotKeys.native_params``
+# fills the lookup's, ``BlockRegistry`` the rest).
+PARAMS = ("index", "home_mask", "mask", "slot_mask", "bits", "tag_shift", "tag_mask",
+          "bucket", "records", "stride", "state_off", "registered", "lru", "pins_off",
+          "prev_off", "next_off", "end")
+P_COUNT = len(PARAMS)
+
+SOURCE = r"""
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { P_INDEX, P_HOME_MASK, P_MASK, P_SLOT_MASK, P_BITS, P_TAG_SHIFT, P_TAG_MASK,
+       P_BUCKET, P_RECORDS, P_STRIDE, P_STATE_OFF, P_REGISTERED, P_LRU, P_PINS_OFF,
+       P_PREV_OFF, P_NEXT_OFF, P_END };
+
+/* Keys looked up per round of passes: enough misses in flight to fill the core's
+ * line-fill buffers several times over, few enough for the stack. */
+#define CHUNK 64
+
+static inline int same16(const char *a, const char *b) {
+    uint64_t a0, a1, b0, b1;
+    memcpy(&a0, a, 8); memcpy(&a1, a + 8, 8);
+    memcpy(&b0, b, 8); memcpy(&b1, b + 8, 8);
+    return ((a0 ^ b0) | (a1 ^ b1)) == 0;
+}
+
+#define I32(rec, off) (*(int32_t *)((rec) + (off)))
+
+/* The slots of the longest prefix of ``keys`` (a list of 16-byte bytes) whose keys are
+ * indexed (and, with P_STATE_OFF >= 0, whose state is P_REGISTERED), as a new list;
+ * with P_LRU, each is also pinned and leaves the LRU list as LRUPolicy.pin_slot and
+ * touch_slot would do, and *unlinked counts the blocks taken out of the list. None when
+ * a key is not exactly a 16-byte bytes (the caller's Python path decides then). */
+PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
+    *unlinked = 0;
+    if (!PyList_CheckExact(keys)) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject **items = PySequence_Fast_ITEMS(keys);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyBytes_CheckExact(items[i]) || PyBytes_GET_SIZE(items[i]) != 16) Py_RETURN_NONE;
+    const int32_t *index = (const int32_t *)(intptr_t)p[P_INDEX];
+    const uint64_t home_mask = (uint64_t)p[P_HOME_MASK], mask = (uint64_t)p[P_MASK];
+    const int32_t slot_mask = (int32_t)p[P_SLOT_MASK];
+    const int bits = (int)p[P_BITS], tag_shift = (int)p[P_TAG_SHIFT];
+    const uint64_t tag_mask = (uint64_t)p[P_TAG_MASK];
+    const int64_t bucket = p[P_BUCKET];
+    char *recs = (char *)(intptr_t)p[P_RECORDS];
+    const int64_t stride = p[P_STRIDE], state_off = p[P_STATE_OFF];
+    const int8_t registered = (int8_t)p[P_REGISTERED];
+    const int lru = (int)p[P_LRU];
+    const int64_t pins_off = p[P_PINS_OFF], prev_off = p[P_PREV_OFF], next_off = p[P_NEXT_OFF];
+    const int32_t end = (int32_t)p[P_END];
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    uint64_t home[CHUNK];
+    int32_t tag[CHUNK], slot[CHUNK];
+    const char *kb[CHUNK];
+    int64_t unl = 0;
+    for (Py_ssize_t start = 0; start < n; start += CHUNK) {
+        int m = (int)(n - start < CHUNK ? n - start : CHUNK);
+        /* 1: every key's hash (cached in the bytes object) and home bucket, prefetched */
+        for (int i = 0; i < m; i++) {
+            PyObject *k = items[start + i];
+            uint64_t h = (uint64_t)PyObject_Hash(k);  /* never fails for bytes */
+            kb[i] = PyBytes_AS_STRING(k);
+            home[i] = h & home_mask;
+            tag[i] = (int32_t)((h >> bits) & tag_mask);
+            __builtin_prefetch(index + home[i], 0, 0);
+        }
+        /* 2: each bucket read; the record of each entry carrying the key's tag
+         * prefetched (for writing when the run is then pinned) */
+        for (int i = 0; i < m; i++) {
+            const int32_t *b = index + home[i];
+            for (int64_t j = 0; j < bucket; j++) {
+                int32_t e = b[j];
+                if (e < 0) break;
+                if ((e >> tag_shift) == tag[i])
+                    __builtin_prefetch(recs + (int64_t)(e & slot_mask) * stride, 1, 0);
+            }
+        }
+        /* 3: in order, the probe from each key's home to the first empty entry, whole
+         * keys compared; the run ends at the first key not found (or not registered) */
+        int found = 0;
+        for (; found < m; found++) {
+            uint64_t i = home[found];
+            int32_t e, s = -1;
+            while ((e = index[i]) >= 0) {
+                if ((e >> tag_shift) == tag[found]) {
+                    int32_t c = e & slot_mask;
+                    if (same16(recs + (int64_t)c * stride, kb[found])) { s = c; break; }
+                }
+                i = (i + 1) & mask;
+            }
+            if (s < 0) break;
+            if (state_off >= 0 && *(int8_t *)(recs + (int64_t)s * stride + state_off) != registered)
+                break;
+            slot[found] = s;
+        }
+        if (lru) {
+            /* 4: the list neighbours of the blocks that leave the list, prefetched */
+            for (int i = 0; i < found; i++) {
+                char *r = recs + (int64_t)slot[i] * stride;
+                int32_t nx = I32(r, next_off);
+                if (nx >= 0) {
+                    __builtin_prefetch(recs + (int64_t)nx * stride, 1, 0);
+                    __builtin_prefetch(recs + (int64_t)I32(r, prev_off) * stride, 1, 0);
+                }
+            }
+            /* 5: pin each block: LRUPolicy.pin_slot at its first pin, touch_slot after */
+            char *sentinel = recs + (int64_t)end * stride;
+            for (int i = 0; i < found; i++) {
+                int32_t s = slot[i];
+                char *r = recs + (int64_t)s * stride;
+                int32_t c = I32(r, pins_off);
+                I32(r, pins_off) = c + 1;
+                int32_t nx = I32(r, next_off);
+                if (nx < 0 || (c && nx == end)) continue;  /* not listed, or already last */
+                int32_t pv = I32(r, prev_off);
+                I32(recs + (int64_t)pv * stride, next_off) = nx;
+                I32(recs + (int64_t)nx * stride, prev_off) = pv;
+                if (c == 0) {  /* pin_slot: out of the list */
+                    I32(r, next_off) = -1;
+                    unl++;
+                } else {  /* touch_slot of a listed block: to the tail */
+                    int32_t tail = I32(sentinel, prev_off);
+                    I32(recs + (int64_t)tail * stride, next_off) = s;
+                    I32(r, prev_off) = tail;
+                    I32(r, next_off) = end;
+                    I32(sentinel, prev_off) = s;
+                }
+            }
+        }
+        for (int i = 0; i < found; i++) {
+            PyObject *v = PyLong_FromLong(slot[i]);
+            if (v == NULL || PyList_Append(out, v) < 0) {
+                Py_XDECREF(v);
+                Py_DECREF(out);
+                *unlinked = unl;
+                return NULL;
+            }
+            Py_DECREF(v);
+        }
+        if (found < m) break;
+    }
+    *unlinked = unl;
+    return out;
+}
+"""
+
+#: ``run(keys, params, unlinked)``: ``keys`` a list, ``params`` the address of the table's
+#: int64 parameters, ``unlinked`` that of one int64; a list of slots, or None.
+RunFn = Callable[[list[Any], int, int], "list[int] | None"]
+
+_lock = threading.Lock()
+_loaded = False
+_fn: RunFn | None = None
+
+
+def load() -> RunFn | None:
+    """The compiled lookup (compiled at the first call), or None when it cannot be built
+    or ``enabled`` is False."""
+    global _loaded, _fn
+    if not enabled:
+        return None
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                include = sysconfig.get_paths().get("include", "")
+                lib = _cc.build(SOURCE, "the registry's prefix lookup", "numpy and Python lookups",
+                                flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
+                if lib is not None:
+                    f = lib.kvbm_find_run
+                    f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
+                    f.restype = ctypes.py_object
+                    _fn = f
+                _loaded = True
+    return _fn

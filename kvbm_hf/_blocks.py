@@ -111,6 +111,20 @@ class CacheBlockSource:
                      h * d * isz, ss)
 
 
+def _addresses(bufs: Sequence[np.ndarray], nbytes: int) -> np.ndarray | None:
+    """The first byte's address of each buffer, or None unless every one is a
+    C-contiguous buffer of ``nbytes`` bytes. One pass, one ``__array_interface__`` a
+    buffer (its ``strides`` is None exactly for C-contiguous arrays): a load's 512
+    blocks took 0.6 ms here warm against 1 ms for two passes with ``flags``."""
+    out = []
+    for x in bufs:
+        ai = x.__array_interface__
+        if ai["strides"] is not None or x.nbytes != nbytes:
+            return None
+        out.append(ai["data"][0])
+    return np.array(out, dtype=np.int64)
+
+
 class CacheBlockDestination:
     """A ``BlockDestination`` that writes onboarded blocks where the model will read them.
 
@@ -160,18 +174,18 @@ class CacheBlockDestination:
         p = self.layout.page_size
         if len(indices) != len(src):
             raise LayoutError(f"src: expected {len(indices)} buffers, got {len(src)}")
-        for b in indices:
-            if not 0 <= b < self.num_blocks:
-                raise LayoutError(f"block index {b} is out of range [0, {self.num_blocks})")
+        blocks = np.asarray(indices, dtype=np.int64)
+        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
+            bad = next(int(b) for b in blocks if not 0 <= b < self.num_blocks)
+            raise LayoutError(f"block index {bad} is out of range [0, {self.num_blocks})")
         runs = _native.copy_runs()
-        if runs is not None and indices and self.room.device.type == "cpu" and all(
-                x.nbytes == self.layout.bytes_per_block and x.flags.c_contiguous for x in src):
+        sp = _addresses(src, self.layout.bytes_per_block) \
+            if runs is not None and indices and self.room.device.type == "cpu" else None
+        if runs is not None and sp is not None:
             # Block b's layer l K (or V) is one contiguous run in both: one native call
             # moves every block's 2 × layers runs, the GIL released.
             part = p * m.num_kv_heads * m.head_dim * m.itemsize
             cap = self.room.shape[3]
-            blocks = np.asarray(indices, dtype=np.int64)
-            sp = np.fromiter((_native.address(x) for x in src), dtype=np.int64, count=len(src))
             lk = np.arange(2 * m.num_layers, dtype=np.int64)  # (layer, K|V) in order
             room_at = (self.room.data_ptr() + lk[None, :] * (cap * part // p)
                        + blocks[:, None] * part)
@@ -192,6 +206,17 @@ class CacheBlockDestination:
     def kv_room(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s key and value room as ``[1, kv_heads, capacity, head_dim]`` views."""
         return self.room[layer, 0].transpose(1, 2), self.room[layer, 1].transpose(1, 2)
+
+    def kv_views(self, tokens: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                             list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``(kv_rooms(), kv_rooms(tokens))`` from one transpose (the second empty when
+        ``tokens`` is 0)."""
+        t = self.room.transpose(3, 4)  # [layers, 2, 1, kv_heads, capacity, head_dim]
+        rooms = [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
+        if not tokens:
+            return rooms, []
+        t = t[:, :, :, :, :tokens]
+        return rooms, [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
 
     def kv_rooms(self, tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's ``kv_room`` (its first ``tokens`` tokens when given), in a few ops.

@@ -52,10 +52,8 @@ from ._blocks import CacheBlockDestination, CacheBlockSource
 from ._model import (
     check_layout,
     check_vocab,
-    config_of,
-    kv_layers,
+    config_facts,
     model_spec,
-    text_config,
     unsupported_reason,
 )
 from ._rooms import state_of
@@ -142,12 +140,16 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         if values is None or keys.data_ptr() != keys_room.data_ptr() \
                 or values.data_ptr() != values_room.data_ptr():
             raise ValueError("preload: keys and values must be the first tokens of the rooms")
+        self._hold((keys_room, values_room), (keys, values))
+
+    def _hold(self, room: tuple[torch.Tensor, torch.Tensor],
+              held: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """``preload`` without its checks: ``held`` are the first tokens of ``room``."""
         # What ``lazy_initialization`` sets, without its two throw-away empty tensors.
-        self.dtype, self.device = keys_room.dtype, keys_room.device
+        self.dtype, self.device = room[0].dtype, room[0].device
         self.is_initialized = True
-        self._room = (keys_room, values_room)
-        self.keys = keys
-        self.values = values
+        self._room = room
+        self.keys, self.values = held
 
     def reserve(self, keys_room: torch.Tensor, values_room: torch.Tensor) -> None:
         """Write the first tokens the model computes at the start of the given room tensors."""
@@ -195,9 +197,22 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 # -- the cache ------------------------------------------------------------------------
 
 
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 def _token_row(input_ids: Any) -> tuple[np.ndarray | None, int]:
     """The single sequence of ``input_ids`` as int64 numpy, and the batch size."""
     if isinstance(input_ids, torch.Tensor):
+        if input_ids.is_cpu and input_ids.layout == torch.strided \
+                and input_ids.dtype in _INT_DTYPES and 1 <= input_ids.ndim <= 2:
+            # The common case without torch calls (each costs tens of microseconds in
+            # the caches a forward just filled): the same memory as numpy.
+            arr = input_ids.numpy()
+            if arr.ndim == 2:
+                if arr.shape[0] != 1:
+                    return None, int(arr.shape[0])
+                arr = arr[0]
+            return arr.astype(np.int64, copy=False), 1
         t = input_ids.detach()
         if t.dim() == 1:
             t = t.unsqueeze(0)
@@ -231,9 +246,11 @@ class KvbmCache(DynamicCache):
 
     def __init__(self, manager: KvBlockManager, model_or_config: Any, *,
                  tokenizer: Any = None, dtype: Any = None, headroom: int = 256) -> None:
-        config = config_of(model_or_config)
-        # The config is read once: the reason, and the layers a DynamicCache would hold.
-        self.reason, num_layers = kv_layers(config)
+        # The config is read once per model (``config_facts``): the reason, the layers
+        # a DynamicCache would hold, the vocabulary and the KV shape.
+        facts = config_facts(model_or_config)
+        config = facts.config
+        self.reason, num_layers = facts.reason, facts.num_layers
         if self.reason is not None:
             super().__init__(config=config)  # the model's own layer kinds, no reuse
         else:
@@ -247,18 +264,17 @@ class KvbmCache(DynamicCache):
         self.manager = manager
         self.layout = manager.layout
         self.page_size = manager.page_size
-        text = text_config(config)
-        self.vocab_size = int(getattr(text, "vocab_size", 0) or getattr(config, "vocab_size", 0))
+        self.vocab_size = facts.vocab_size
         if tokenizer is not None and self.vocab_size:
             check_vocab(tokenizer, self.vocab_size)
         self.spec: ModelSpec | None = None
         if self.reason is not None:
             _say_once(f"unsupported:{getattr(config, 'model_type', '?')}:{self.reason}",
                       "kvbm: %s is served without prefix reuse: %s",
-                      type(config).__name__.removesuffix("Config") or "model", self.reason)
+                      facts.kind or "model", self.reason)
         else:
-            self.spec = model_spec(model_or_config, dtype=dtype)
-            check_layout(self.spec, self.layout, type(config).__name__.removesuffix("Config"))
+            self.spec = facts.spec(model_or_config, dtype)
+            check_layout(self.spec, self.layout, facts.kind)
             if manager.settings.tp_size != 1:
                 raise LayoutError(
                     f"tp_size: kvbm's manager is set for {manager.settings.tp_size} tensor-parallel "
@@ -340,13 +356,14 @@ class KvbmCache(DynamicCache):
             t5 = time.perf_counter()
         t6 = time.perf_counter()
         loaded = res.loaded if res is not None else 0
-        rooms = dest.kv_rooms()
-        held = dest.kv_rooms(loaded * self.page_size) if loaded else rooms
+        # The layers' views of the room: the room's and the loaded tokens', from one
+        # transpose; made here, they need none of ``preload``'s checks.
+        rooms, held = dest.kv_views(loaded * self.page_size)
         for li, layer in enumerate(self.layers):
             if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
                 raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
             if loaded:
-                layer.preload(*rooms[li], *held[li])
+                layer._hold(rooms[li], held[li])
             else:
                 layer.reserve(*rooms[li])
         t7 = time.perf_counter()

@@ -62,6 +62,23 @@ def test_streamed_runs_are_memcpy_byte_for_byte_at_any_alignment(
     assert np.array_equal(dst, _expected(src, n, run, gap, dst_shift, src_shift))
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 9),
+       run=st.one_of(st.sampled_from([32767, 32768, 32769, 65536 + 63, 65536 + 64, 3 * 32768 + 1]),
+                     st.integers(32700, 100_000)),
+       dst_shift=st.integers(0, 127), src_shift=st.integers(0, 127), seed=st.integers(0, 99))
+def test_streamed_runs_cut_into_pieces_and_copied_four_at_a_time_are_memcpy_byte_for_byte(
+        n: int, run: int, dst_shift: int, src_shift: int, seed: int) -> None:
+    # The loop copies four pieces of at most 32 KiB at once (a run longer than that is
+    # cut), a piece's head, lines and tail each its own: every count of runs around a
+    # multiple of four, every length around a piece's edge, any alignment.
+    stream = _native.stream_runs()
+    assert stream is not None
+    src, dst, s, d = _runs(n, run, 9, dst_shift, src_shift, seed)
+    stream(n, _native.address(d), _native.address(s), run)
+    assert np.array_equal(dst, _expected(src, n, run, 9, dst_shift, src_shift))
+
+
 def test_copy_runs_streams_from_the_threshold_and_gives_the_same_bytes() -> None:
     fn = _native.copy_runs()
     assert fn is not None

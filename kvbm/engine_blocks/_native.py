@@ -45,32 +45,77 @@ _SOURCE = r"""
  * without first reading each destination line into the cache (the read-for-ownership
  * that plain stores pay), so a copy moves 2 bytes of traffic per byte, not 3. glibc's
  * memcpy streams only past a threshold of most of the last-level cache, which a
- * 32 KiB run never reaches. Destination aligned to 64 bytes, source read unaligned. */
-#define STREAM_BODY(LOAD, STORE, T, W)                                          \
-    size_t head = (64 - ((uintptr_t)d & 63)) & 63;                              \
-    if (head > len) head = len;                                                 \
-    memcpy(d, s, head); d += head; s += head; len -= head;                      \
-    size_t lines = len / 64;                                                    \
-    for (size_t i = 0; i < lines; i++, d += 64, s += 64)                        \
-        for (int k = 0; k < 64; k += W) STORE((T *)(d + k), LOAD((const T *)(s + k))); \
-    memcpy(d, s, len - lines * 64);
-static void stream_sse2(char *d, const char *s, size_t len) {
-    STREAM_BODY(_mm_loadu_si128, _mm_stream_si128, __m128i, 16)
+ * 32 KiB run never reaches. Destination aligned to 64 bytes, source read unaligned.
+ *
+ * Four streams at once: the runs are cut into pieces of at most KVBM_PIECE bytes and
+ * four pieces are copied together, one 64-byte line of each in turn, so four reads
+ * are in flight where one run's would be one (the hardware prefetcher stops at each
+ * 4 KiB page of a scattered run; with four streams the misses overlap). A long run
+ * (the bench limit's single call) is cut the same way, so the limit copies as fast.
+ * At idle, one thread, 4,096 runs of 32 KiB (C microbenchmark): engine on 4 KiB pages
+ * 5.2 -> 7.6 GB/s, on 2 MiB pages 8.8 -> 11.8, one 128 MiB run 10.4 -> 12.7. */
+#define KVBM_PIECE ((size_t)32768)
+#define KVBM_WAYS 4
+typedef struct { char *d; const char *s; size_t n; } kvbm_piece;
+#define STREAM_WAYS(NAME, TGT, LOAD, STORE, T, W)                               \
+TGT static void NAME(kvbm_piece *p, int ways) {                                 \
+    size_t lines[KVBM_WAYS], m = (size_t)-1;                                    \
+    for (int j = 0; j < ways; j++) {                                            \
+        size_t head = (64 - ((uintptr_t)p[j].d & 63)) & 63;                     \
+        if (head > p[j].n) head = p[j].n;                                       \
+        memcpy(p[j].d, p[j].s, head);                                           \
+        p[j].d += head; p[j].s += head; p[j].n -= head;                         \
+        lines[j] = p[j].n / 64;                                                 \
+        if (lines[j] < m) m = lines[j];                                         \
+    }                                                                           \
+    if (ways == KVBM_WAYS) {                                                    \
+        char *d0 = p[0].d, *d1 = p[1].d, *d2 = p[2].d, *d3 = p[3].d;           \
+        const char *s0 = p[0].s, *s1 = p[1].s, *s2 = p[2].s, *s3 = p[3].s;     \
+        for (size_t i = 0; i < m * 64; i += 64) {                               \
+            T v0[64 / W], v1[64 / W], v2[64 / W], v3[64 / W];                   \
+            for (int k = 0; k < 64 / W; k++) {                                  \
+                v0[k] = LOAD((const T *)(s0 + i + k * W));                      \
+                v1[k] = LOAD((const T *)(s1 + i + k * W));                      \
+                v2[k] = LOAD((const T *)(s2 + i + k * W));                      \
+                v3[k] = LOAD((const T *)(s3 + i + k * W));                      \
+            }                                                                   \
+            /* each line's stores together: a write-combining buffer fills whole */ \
+            for (int k = 0; k < 64 / W; k++) STORE((T *)(d0 + i + k * W), v0[k]); \
+            for (int k = 0; k < 64 / W; k++) STORE((T *)(d1 + i + k * W), v1[k]); \
+            for (int k = 0; k < 64 / W; k++) STORE((T *)(d2 + i + k * W), v2[k]); \
+            for (int k = 0; k < 64 / W; k++) STORE((T *)(d3 + i + k * W), v3[k]); \
+        }                                                                       \
+    } else m = 0;                                                               \
+    for (int j = 0; j < ways; j++) {                                            \
+        char *d = p[j].d + m * 64; const char *s = p[j].s + m * 64;             \
+        for (size_t i = m; i < lines[j]; i++, d += 64, s += 64)                 \
+            for (int k = 0; k < 64; k += W) STORE((T *)(d + k), LOAD((const T *)(s + k))); \
+        memcpy(d, s, p[j].n - lines[j] * 64);                                   \
+    }                                                                           \
 }
-__attribute__((target("avx2")))
-static void stream_avx2(char *d, const char *s, size_t len) {
-    STREAM_BODY(_mm256_loadu_si256, _mm256_stream_si256, __m256i, 32)
-}
+STREAM_WAYS(stream_sse2, , _mm_loadu_si128, _mm_stream_si128, __m128i, 16)
+STREAM_WAYS(stream_avx2, __attribute__((target("avx2"))), _mm256_loadu_si256,
+            _mm256_stream_si256, __m256i, 32)
 int kvbm_can_stream(void) { return 1; }
 #else
 int kvbm_can_stream(void) { return 0; }
 #endif
+/* Streams runs [0, n) (each `len` bytes), four pieces of at most KVBM_PIECE at a time. */
 void kvbm_stream_runs(int64_t n, const int64_t *dst, const int64_t *src, int64_t len) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    void (*f)(char *, const char *, size_t) =
-        __builtin_cpu_supports("avx2") ? stream_avx2 : stream_sse2;
-    for (int64_t i = 0; i < n; i++)
-        f((char *)(intptr_t)dst[i], (const char *)(intptr_t)src[i], (size_t)len);
+    void (*f)(kvbm_piece *, int) = __builtin_cpu_supports("avx2") ? stream_avx2 : stream_sse2;
+    kvbm_piece p[KVBM_WAYS];
+    int k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        char *d = (char *)(intptr_t)dst[i];
+        const char *s = (const char *)(intptr_t)src[i];
+        for (size_t o = 0; o < (size_t)len; o += KVBM_PIECE) {
+            size_t left = (size_t)len - o;
+            p[k].d = d + o; p[k].s = s + o; p[k].n = left < KVBM_PIECE ? left : KVBM_PIECE;
+            if (++k == KVBM_WAYS) { f(p, k); k = 0; }
+        }
+    }
+    if (k) f(p, k);
     _mm_sfence(); /* the streamed lines are in memory before this returns */
 #else
     for (int64_t i = 0; i < n; i++)

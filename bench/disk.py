@@ -1,23 +1,31 @@
 """Disk tier write/read GB/s for batches of 2 MiB blocks, beside fio and ``dd`` with O_DIRECT.
 
-On one directory, in ``--repeats`` rounds, each round measuring every path and the
-limit one after another (interleaved, so a change of load hits all of them alike):
-fio (the limit: O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads``, psync,
-as the tier's threads issue pwrite/pread; ``make fio`` installs it), ``DiskTier``
-directly, and ``KvBlockManager`` offload / onboard with the chain ``[disk]``, twice:
-from plain host memory (``ContiguousBlocks``: the tier writes the caller's blocks and
-reads into them, no staging copy) and from a source without views (as an engine's
-device memory: every block goes through a staging buffer, the copy of one part
-overlapping the write of the last). Each figure of a round is the best of two
-passes; every ratio is to fio's figure of the same round, shown as min/median/max
-over the rounds. ``dd oflag=direct`` / ``iflag=direct`` (bs=2M, one request in
+On one directory, in ``--repeats`` rounds, each figure of each path is paired with fio
+measured right around it: fio, the path, the path again, fio again (ABBA, so a load that
+rises or falls over the pair hits both sides alike); the path's figure is the better of
+its two passes, fio's the better of its two runs, and the pair's ratio is one sample;
+the table shows each path's ratios as min/median/max over the rounds. fio is the limit:
+O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads`` (``psync``, iodepth 1:
+one request in flight per job, as each tier thread has one), on files laid out once
+before the rounds in the same directory, so fio overwrites allocated blocks as the tier
+does its slots (``make fio`` installs it). The ratio of fio's two runs in each pair
+(``fio ÷ fio``) shows how much the figures move by themselves within a pair.
+Paths: ``DiskTier`` directly, and ``KvBlockManager`` offload / onboard with the chain
+``[disk]``, from plain host memory (``ContiguousBlocks``: the tier writes the caller's
+blocks and reads into them, no staging copy) and from a source without views (as an
+engine's device memory: every block goes through a staging buffer, the copy of one part
+overlapping the write of the last). Every byte of every path is checked after each
+pair, outside the timing. ``dd oflag=direct`` / ``iflag=direct`` (bs=2M, one request in
 flight) is measured once beside them. The caller's memory of the tier and host-memory
 paths is measured on 4 KiB pages (``aligned_empty``: shared anonymous memory) and on
 2 MiB pages (private, advised ``MADV_HUGEPAGE``, as kvbm's host tier arena and staging
 buffers are): an O_DIRECT request pins its buffer page by page and the checksum walks
-it, so the pages matter; fio's few reused buffers are cheap either way (``--pages``).
+it, so the pages matter; fio's few reused buffers are cheap either way (``--pages``;
+``--paths`` picks the rows).
 ``--io-loop python`` (or ``both``) also measures the tier with its per-block Python loop
-instead of the native one (``kvbm_tiers_disk._native_io``), and ``--python-load`` keeps
+instead of the native one (``kvbm_tiers_disk._native_io``), ``--io-loop native-sync`` the
+native loop with pread/pwrite instead of the kernel's AIO (each block's checksum then
+after its transfer, not during it; a comma-separated list measures several), and ``--python-load`` keeps
 a pure-Python thread busy in this process during the rounds, as an engine's scheduler
 is: the Python loop's threads then wait for the GIL between requests.
 Then the start-up index rebuild: the slot
@@ -25,8 +33,9 @@ headers of the written cache are scanned again by a fresh tier, in blocks/s, wit
 the time that rate projects for a full 100 GB cache.
 
 Run: ``python bench/disk.py [--dir /tmp] [--gib 0.5] [--batch 64] [--threads 8]
-[--engine posix|nixl|both] [--pages 4k|2m|both] [--io-loop native|python|both]
-[--python-load] [--repeats 3] [--rebuild-blocks 2048] [--json]``.
+[--engine posix|nixl|both] [--pages 4k|2m|both] [--paths tier,manager,staged]
+[--io-loop native|native-sync|python|both|LIST] [--python-load] [--repeats 5] [--rebuild-blocks 2048]
+[--json]``.
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from kvbm import BlockLayout, ContiguousBlocks, KvBlockManager, ModelSpec, Names
 from kvbm.layout import aligned_empty
 from kvbm.staging import huge_page_arena
 from kvbm.tier import TierContext
-from kvbm_bench.limits import best_of, find_fio, fio_gbps
+from kvbm_bench.limits import BLOCK, best_of, find_fio
 from kvbm_tiers_disk import _native_io as native_io
 from kvbm_tiers_disk._xxh import implementation as checksum_implementation
 from kvbm_tiers_disk.config import DiskTierConfig
@@ -91,6 +100,32 @@ def dd_limits(work: Path, src: Path, nbytes: int, repeats: int) -> tuple[float, 
     return nbytes / w / 1e9, nbytes / r / 1e9
 
 
+class FioLimit:
+    """fio on files laid out once in ``work``: one run writes or reads them all (O_DIRECT,
+    2 MiB requests, ``jobs`` jobs of ``psync``: one request in flight per job), GB/s from
+    fio's own report. The arguments are ``kvbm_bench.limits.fio_gbps``'s."""
+
+    def __init__(self, fio: str, work: Path, jobs: int, nbytes: int) -> None:
+        self.fio, self.work, self.jobs = fio, work, max(1, jobs)
+        self.per_job = max(BLOCK, nbytes // self.jobs // BLOCK * BLOCK)
+        work.mkdir()
+        self.run("write")  # lay the files out, untimed
+
+    def run(self, rw: str) -> float:
+        r = subprocess.run(
+            [self.fio, "--name=kvbm-limit", f"--directory={self.work}", f"--rw={rw}",
+             f"--bs={BLOCK}", f"--size={self.per_job}", f"--numjobs={self.jobs}", "--direct=1",
+             "--ioengine=psync", "--group_reporting", "--output-format=json", "--thread"],
+            capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"fio failed: {(r.stderr or r.stdout).strip()}")
+        out = r.stdout[r.stdout.index("{"):]  # fio may print notes before its JSON
+        bw = float(json.loads(out)["jobs"][0][rw]["bw_bytes"])
+        if bw <= 0:
+            raise RuntimeError("fio reported no bandwidth")
+        return bw / 1e9
+
+
 def tier_for(work: Path, n: int, threads: int, engine: str) -> DiskTier:
     layout = BlockLayout(ModelSpec(**MODEL), PAGE)
     ns = Namespace(MODEL["name"], layout.digest)
@@ -103,7 +138,7 @@ class TierPath:
     """``DiskTier.write`` / ``read`` of the whole data in batches, straight from its rows."""
 
     def __init__(self, work: Path, data: np.ndarray, batch: int, threads: int, engine: str,
-                 huge: bool = False, native: bool = True) -> None:
+                 huge: bool = False, native: bool = True, aio: bool = True) -> None:
         n, bb = data.shape
         self.n, self.batch, self.data = n, batch, data
         self.keys = [i.to_bytes(16, "little") for i in range(n)]
@@ -112,6 +147,7 @@ class TierPath:
         self.out = caller_memory(np.zeros_like(data), huge)
         self.dst = [self.out[i] for i in range(n)]
         self.tier = tier_for(work, n, threads, engine)
+        self.tier._aio = aio
         if not native:
             self.tier._nio = None  # the per-block Python loop
         self.tier.recover()
@@ -234,11 +270,15 @@ def main() -> None:
     ap.add_argument("--engine", choices=["posix", "nixl", "both"], default="posix")
     ap.add_argument("--pages", choices=["4k", "2m", "both"], default="both",
                     help="page size of the caller's memory on the tier and host-memory paths")
-    ap.add_argument("--io-loop", choices=["native", "python", "both"], default="native",
-                    help="the disk tier's I/O loop on the DiskTier rows")
+    ap.add_argument("--paths", default="tier,manager,staged",
+                    help="rows measured, comma-separated: tier, manager (host memory), staged")
+    ap.add_argument("--io-loop", default="native",
+                    help="the disk tier's I/O loop on the DiskTier rows: native, native-sync "
+                         "(no AIO), python, both (native,python), or a comma-separated list")
     ap.add_argument("--python-load", action="store_true",
                     help="a pure-Python thread busy in this process during the rounds")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds (each: every path and fio)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds (each: every path, each figure paired with fio around it)")
     ap.add_argument("--rebuild-blocks", type=int, default=2048,
                     help="2 MiB slots written, then scanned by a fresh tier (index rebuild)")
     ap.add_argument("--json", action="store_true")
@@ -259,42 +299,65 @@ def main() -> None:
         data.tofile(src_file)  # dd's input, from memory (tmpfs), so only the disk side is timed
         dd_w, dd_r = dd_limits(base, src_file, nbytes, a.repeats)
         fio = find_fio()
+        want = set(a.paths.split(","))
+        if not want <= {"tier", "manager", "staged"}:
+            raise SystemExit(f"--paths {a.paths!r}: name rows from tier, manager, staged "
+                             "(comma-separated), e.g. --paths tier")
         pages = ["4k", "2m"] if a.pages == "both" else [a.pages]
-        loops = ["native", "python"] if a.io_loop == "both" else [a.io_loop]
-        tier_rows = [(eng, pg, lp) for pg in pages for eng in engines for lp in loops]
+        loops = ["native", "python"] if a.io_loop == "both" else a.io_loop.split(",")
+        if not set(loops) <= {"native", "native-sync", "python"}:
+            raise SystemExit(f"--io-loop {a.io_loop!r}: name loops from native, native-sync, "
+                             "python (comma-separated), e.g. --io-loop native,native-sync")
+        tier_rows = [(eng, pg, lp) for pg in pages for eng in engines for lp in loops
+                     if "tier" in want]
         for eng, pg, lp in tier_rows:
             paths[f"tier_{eng}_{pg}_{lp}"] = TierPath(base / f"tier-{eng}-{pg}-{lp}", data, a.batch,
                                                       a.threads, eng, huge=pg == "2m",
-                                                      native=lp == "native")
-        for pg in pages:
-            paths[f"manager_{pg}"] = ManagerPath(base / f"manager-{pg}", data, a.batch, a.threads,
-                                                 staged=False, huge=pg == "2m")
-        paths["manager_staged"] = ManagerPath(base / "staged", data, a.batch, a.threads, staged=True)
+                                                      native=lp != "python",
+                                                      aio=lp == "native")
+        if "manager" in want:
+            for pg in pages:
+                paths[f"manager_{pg}"] = ManagerPath(base / f"manager-{pg}", data, a.batch,
+                                                     a.threads, staged=False, huge=pg == "2m")
+        if "staged" in want:
+            paths["manager_staged"] = ManagerPath(base / "staged", data, a.batch, a.threads,
+                                                  staged=True)
         for p in paths.values():  # first pass into the fresh files, untimed
             p.write()
             p.read()
             p.check()
-        lim: dict[str, list[float]] = {"write": [], "read": []}
-        got: dict[str, dict[str, list[float]]] = {k: {"write": [], "read": []} for k in paths}
-        fio_failed = fio is None
+        limiter: FioLimit | None = None
+        why_dd = "no fio: run `make fio`"
+        if fio is not None:
+            try:
+                limiter = FioLimit(fio, base / "fio", a.threads, nbytes)
+            except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+                why_dd = f"fio failed here: {e}"
         stop = threading.Event()
 
         def spin() -> None:
             while not stop.is_set():
                 sum(range(2000))
 
+        def limit_once(rw: str) -> float:
+            # Without fio the limit is dd's (measured once, above), and the table says so.
+            if limiter is None:
+                return dd_w if rw == "write" else dd_r
+            return limiter.run(rw)
+
+        # got[path][rw]: (path GB/s, fio GB/s, fio first / fio second) per round
+        got: dict[str, dict[str, list[tuple[float, float, float]]]] = {
+            k: {"write": [], "read": []} for k in paths}
         spinner = threading.Thread(target=spin, daemon=True) if a.python_load else None
         if spinner is not None:
             spinner.start()
         for _ in range(a.repeats):
-            f = None if fio_failed else fio_gbps(str(base), a.threads, nbytes, 2, fio=fio)
-            fio_failed = f is None
-            # Without fio the limit is dd's, and the table says so.
-            lim["write"].append(f[0] if f else dd_w)
-            lim["read"].append(f[1] if f else dd_r)
             for k, p in paths.items():
-                got[k]["write"].append(nbytes / best_of(p.write, 2) / 1e9)
-                got[k]["read"].append(nbytes / best_of(p.read, 2) / 1e9)
+                for rw, fn in (("write", p.write), ("read", p.read)):
+                    f1 = limit_once(rw)
+                    g = nbytes / best_of(fn, 2) / 1e9
+                    f2 = limit_once(rw)
+                    got[k][rw].append((g, max(f1, f2), f1 / f2))
                 p.check()  # every byte of the last pass, outside the timing
         stop.set()
         if spinner is not None:
@@ -302,10 +365,12 @@ def main() -> None:
         for p in paths.values():
             p.close()
         paths.clear()
-        limit = (f"fio O_DIRECT bs=2M numjobs={a.threads}" if not fio_failed else
-                 "dd O_DIRECT bs=2M (no fio: run `make fio`)" if fio is None else
-                 "dd O_DIRECT bs=2M (fio failed here)")
-        lim_w, lim_r = max(lim["write"]), max(lim["read"])
+        limit = (f"fio O_DIRECT bs=2M numjobs={a.threads} psync" if limiter is not None
+                 else f"dd O_DIRECT bs=2M ({why_dd})")
+        fio_all = {rw: [x[1] for g in got.values() for x in g[rw]] for rw in ("write", "read")}
+        self_all = {rw: [x[2] for g in got.values() for x in g[rw]] for rw in ("write", "read")}
+        lim_w = statistics.median(fio_all["write"]) if fio_all["write"] else dd_w
+        lim_r = statistics.median(fio_all["read"]) if fio_all["read"] else dd_r
         res: dict[str, Any] = {
             "dir": a.dir, "block_bytes": bb, "blocks": n, "bytes_per_pass": nbytes,
             "batch": a.batch, "io_threads": a.threads, "rounds": a.repeats,
@@ -313,19 +378,23 @@ def main() -> None:
             "native_io_loop": native_io.load() is not None, "python_load": a.python_load,
             "dd_write_gbps": dd_w, "dd_read_gbps": dd_r, "limit": limit,
             "limit_write_gbps": lim_w, "limit_read_gbps": lim_r,
-            "limit_write_rounds": lim["write"], "limit_read_rounds": lim["read"],
-            "fio_write_gbps": None if fio_failed else lim_w,
-            "fio_read_gbps": None if fio_failed else lim_r,
+            "limit_write_pairs": fio_all["write"], "limit_read_pairs": fio_all["read"],
+            "fio_write_gbps": lim_w if limiter is not None else None,
+            "fio_read_gbps": lim_r if limiter is not None else None,
+            "fio_self_write_range": summary(self_all["write"]) if self_all["write"] else None,
+            "fio_self_read_range": summary(self_all["read"]) if self_all["read"] else None,
         }
         for k, g in got.items():
-            wr = [x / y for x, y in zip(g["write"], lim["write"], strict=True)]
-            rr = [x / y for x, y in zip(g["read"], lim["read"], strict=True)]
-            res[k] = {"write_gbps": max(g["write"]), "read_gbps": max(g["read"]),
-                      "write_rounds": g["write"], "read_rounds": g["read"],
+            wr = [x / y for x, y, _ in g["write"]]
+            rr = [x / y for x, y, _ in g["read"]]
+            res[k] = {"write_gbps": statistics.median(x[0] for x in g["write"]),
+                      "read_gbps": statistics.median(x[0] for x in g["read"]),
+                      "write_rounds": [x[0] for x in g["write"]],
+                      "read_rounds": [x[0] for x in g["read"]],
                       "write_ratio": statistics.median(wr), "read_ratio": statistics.median(rr),
                       "write_ratio_range": summary(wr), "read_ratio_range": summary(rr),
-                      "write_ratio_vs_dd": max(g["write"]) / dd_w,
-                      "read_ratio_vs_dd": max(g["read"]) / dd_r}
+                      "write_ratio_vs_dd": statistics.median(x[0] for x in g["write"]) / dd_w,
+                      "read_ratio_vs_dd": statistics.median(x[0] for x in g["read"]) / dd_r}
         reb = bench_rebuild(base / "rebuild", a.rebuild_blocks, a.threads, a.repeats)
         rate = reb["blocks_per_s"]
         res["rebuild"] = reb
@@ -343,28 +412,33 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         return
     print(f"{n} blocks of {bb >> 20} MiB ({nbytes / 1e9:.2f} GB) on {a.dir}, batches of "
-          f"{a.batch}, io_threads {a.threads}, {a.repeats} interleaved rounds (best of 2 passes "
+          f"{a.batch}, io_threads {a.threads}, {a.repeats} rounds (best of 2 passes "
           f"each); load average {' '.join(f'{x:.1f}' for x in res['loadavg'])}; checksum "
           f"{res['checksum']}" + ("" if res["native_io_loop"] else "; no native I/O loop here "
                                    "(no C compiler): every DiskTier row runs the Python loop")
           + ("; a pure-Python thread busy in this process" if a.python_load else ""))
-    print(f"  limit: {limit}; GB/s the best round's, x limit min/median/max over the rounds")
-    print(f"  {'path':42s} {'write GB/s':>10s} {'x limit':>16s} {'read GB/s':>10s} {'x limit':>16s}")
+    print(f"  limit: {limit}, measured around each figure (fio, path, path, fio); GB/s the "
+          "median over the rounds, x limit min/median/max of the rounds' pair ratios")
+    print(f"  {'path':48s} {'write GB/s':>10s} {'x limit':>16s} {'read GB/s':>10s} {'x limit':>16s}")
 
     def rng(r: dict[str, float]) -> str:
         return f"{r['min']:.2f}/{r['median']:.2f}/{r['max']:.2f}"
 
-    print(f"  {'limit (per round)':42s} {lim_w:10.2f} {'1':>16s} {lim_r:10.2f} {'1':>16s}")
-    print(f"  {'dd O_DIRECT bs=2M (1 request)':42s} {dd_w:10.2f} {dd_w / lim_w:16.2f} "
+    print(f"  {'limit (median of its pairs)':48s} {lim_w:10.2f} {'1':>16s} {lim_r:10.2f} {'1':>16s}")
+    if res["fio_self_write_range"] is not None:
+        print(f"  {'fio ÷ fio (its two runs in a pair: noise)':48s} {'':10s} "
+              f"{rng(res['fio_self_write_range']):>16s} {'':10s} {rng(res['fio_self_read_range']):>16s}")
+    print(f"  {'dd O_DIRECT bs=2M (1 request)':48s} {dd_w:10.2f} {dd_w / lim_w:16.2f} "
           f"{dd_r:10.2f} {dd_r / lim_r:16.2f}")
     pg_name = {"4k": "4 KiB pages", "2m": "2 MiB pages"}
     rows = [(f"DiskTier ({e}), {pg_name[pg]}" + (f", {lp} loop" if len(loops) > 1 else ""),
              f"tier_{e}_{pg}_{lp}") for e, pg, lp in tier_rows]
-    rows += [(f"KvBlockManager [disk], host, {pg_name[pg]}", f"manager_{pg}") for pg in pages]
-    rows += [("KvBlockManager [disk], staged", "manager_staged")]
+    rows += [(f"KvBlockManager [disk], host, {pg_name[pg]}", f"manager_{pg}") for pg in pages
+             if "manager" in want]
+    rows += [("KvBlockManager [disk], staged", "manager_staged")] if "staged" in want else []
     for name, k in rows:
         r = res[k]
-        print(f"  {name:42s} {r['write_gbps']:10.2f} {rng(r['write_ratio_range']):>16s} "
+        print(f"  {name:48s} {r['write_gbps']:10.2f} {rng(r['write_ratio_range']):>16s} "
               f"{r['read_gbps']:10.2f} {rng(r['read_ratio_range']):>16s}")
     print(f"  index rebuild: {rate:,.0f} blocks/s ({reb['blocks']} slots in "
           f"{reb['seconds'] * 1e3:.1f} ms); a full "

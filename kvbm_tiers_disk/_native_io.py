@@ -51,7 +51,14 @@ SOURCE = r"""
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__has_include)
+#if __has_include(<linux/aio_abi.h>) && defined(SYS_io_setup)
+#include <linux/aio_abi.h>
+#define KVBM_AIO 1
+#endif
+#endif
 
 typedef uint64_t (*hash_fn)(const void *, size_t);
 
@@ -66,24 +73,133 @@ void kvbm_disk_seal(char *hp, uint64_t sum, int64_t sum_at, int64_t used, hash_f
     memcpy(hp + used, &hs, 8);
 }
 
+/* One request of this thread in flight at a time, through the kernel's AIO (the
+ * thread's own context): submitted, then the thread checksums while the device moves
+ * the bytes, then waits. Without AIO (or when a submit is refused) the same request
+ * is made with pread/pwrite, and the checksum comes after it. */
+struct aio {
+#ifdef KVBM_AIO
+    aio_context_t ctx;
+    struct iocb cb;
+#endif
+    int on;
+};
+
+/* Contexts are kept for the process's life and handed from batch to batch: making
+ * one is cheap, but io_destroy waits for an RCU grace period (about 30 ms here), which
+ * per thread and batch cost more than the overlap gained. A context goes back to the
+ * pool only with nothing in flight (every request reaped). */
+#ifdef KVBM_AIO
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static aio_context_t pool[256];
+static int pooled;
+#endif
+
+static void aio_open(struct aio *a, int64_t want) {
+    a->on = 0;
+#ifdef KVBM_AIO
+    if (!want) return;
+    a->ctx = 0;
+    pthread_mutex_lock(&pool_lock);
+    if (pooled) { a->ctx = pool[--pooled]; a->on = 1; }
+    pthread_mutex_unlock(&pool_lock);
+    if (!a->on && syscall(SYS_io_setup, 2, &a->ctx) == 0) a->on = 1;
+#else
+    (void)want;
+#endif
+}
+
+/* After a request that could not be reaped: io_destroy waits for it, so its buffer is
+ * the caller's again; the thread goes on without AIO. */
+static void aio_drop(struct aio *a) {
+#ifdef KVBM_AIO
+    if (a->on) syscall(SYS_io_destroy, a->ctx);
+#endif
+    a->on = 0;
+}
+
+static void aio_close(struct aio *a) {
+#ifdef KVBM_AIO
+    if (a->on) {
+        pthread_mutex_lock(&pool_lock);
+        int kept = pooled < 256;
+        if (kept) pool[pooled++] = a->ctx;
+        pthread_mutex_unlock(&pool_lock);
+        if (!kept) syscall(SYS_io_destroy, a->ctx);
+    }
+#endif
+    a->on = 0;
+}
+
+/* 1: submitted (finish with aio_wait); 0: not (do it synchronously) */
+static int aio_start(struct aio *a, int write, int64_t fd, int64_t buf, int64_t len, int64_t off) {
+#ifdef KVBM_AIO
+    if (!a->on) return 0;
+    memset(&a->cb, 0, sizeof a->cb);
+    a->cb.aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+    a->cb.aio_fildes = (uint32_t)fd;
+    a->cb.aio_buf = (uint64_t)buf;
+    a->cb.aio_nbytes = (uint64_t)len;
+    a->cb.aio_offset = off;
+    struct iocb *list[1] = {&a->cb};
+    return syscall(SYS_io_submit, a->ctx, 1, list) == 1;
+#else
+    (void)a; (void)write; (void)fd; (void)buf; (void)len; (void)off;
+    return 0;
+#endif
+}
+
+/* The submitted request's result, as pread/pwrite's (bytes, or -1 with errno set). */
+static ssize_t aio_wait(struct aio *a) {
+#ifdef KVBM_AIO
+    struct io_event ev;
+    for (;;) {
+        long r = syscall(SYS_io_getevents, a->ctx, 1, 1, &ev, NULL);
+        if (r == 1) break;
+        if (r < 0 && errno == EINTR) continue;
+        int e = r < 0 ? errno : EIO;
+        aio_drop(a);
+        errno = e;
+        return -1;
+    }
+    if (ev.res < 0) { errno = (int)-ev.res; return -1; }
+    return (ssize_t)ev.res;
+#else
+    (void)a;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
 int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64_t *buf,
                         const int64_t *len, const int64_t *doff, const int64_t *hoff,
                         const int64_t *inval, int64_t hashed, const char *zero,
                         char *headers, int64_t page, int64_t sum_at, int64_t used,
-                        hash_fn h, uint64_t *sums, int64_t *status) {
-    int64_t done = 0;
+                        hash_fn h, uint64_t *sums, int64_t *status, int64_t use_aio,
+                        int64_t *async_done) {
+    int64_t done = 0, async = 0;
+    struct aio a;
+    aio_open(&a, use_aio);
     for (;;) {
         int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-        if (i >= n) return done;
+        if (i >= n) break;
         done++;
         ssize_t got;
         if (inval[i]) {
             got = pwrite((int)fd[i], zero, (size_t)page, hoff[i]);
             if (got != page) { status[i] = fail(1, got); continue; }
         }
-        got = pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
+        uint64_t s;
+        if (aio_start(&a, 1, fd[i], buf[i], len[i], doff[i])) {
+            /* the bytes handed to the kernel, checksummed while it writes them */
+            s = h((const void *)buf[i], (size_t)hashed);
+            got = aio_wait(&a);
+            async++;
+        } else {
+            got = pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
+            s = got == len[i] ? h((const void *)buf[i], (size_t)hashed) : 0;
+        }
         if (got != len[i]) { status[i] = fail(2, got); continue; }
-        uint64_t s = h((const void *)buf[i], (size_t)hashed);
         sums[i] = s;
         if (headers) {
             char *hp = headers + i * page;
@@ -93,21 +209,45 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
         }
         status[i] = 0;
     }
+    aio_close(&a);
+    __atomic_fetch_add(async_done, async, __ATOMIC_RELAXED);
+    return done;
 }
 
+static void read_done(int64_t i, ssize_t got, const int64_t *buf, const int64_t *len,
+                      int64_t hashed, hash_fn h, uint64_t *sums, int64_t *status) {
+    if (got != len[i]) { status[i] = fail(2, got); sums[i] = got < 0 ? 0 : (uint64_t)got; return; }
+    sums[i] = h((const void *)buf[i], (size_t)hashed);
+    status[i] = 0;
+}
+
+/* With AIO a thread keeps its next block's read in flight while it checksums the one
+ * that just arrived: block j is submitted as soon as block i is back, then i hashed. */
 int64_t kvbm_disk_read(int64_t n, int64_t *next, const int64_t *fd, const int64_t *buf,
                        const int64_t *len, const int64_t *off, int64_t hashed, hash_fn h,
-                       uint64_t *sums, int64_t *status) {
-    int64_t done = 0;
-    for (;;) {
-        int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-        if (i >= n) return done;
+                       uint64_t *sums, int64_t *status, int64_t use_aio, int64_t *async_done) {
+    int64_t done = 0, async = 0;
+    struct aio a;
+    aio_open(&a, use_aio);
+    int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+    int out = i < n && aio_start(&a, 0, fd[i], buf[i], len[i], off[i]); /* i in flight */
+    while (i < n) {
         done++;
-        ssize_t got = pread((int)fd[i], (void *)buf[i], (size_t)len[i], off[i]);
-        if (got != len[i]) { status[i] = fail(2, got); sums[i] = got < 0 ? 0 : (uint64_t)got; continue; }
-        sums[i] = h((const void *)buf[i], (size_t)hashed);
-        status[i] = 0;
+        int64_t j = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+        ssize_t got;
+        if (out) {
+            got = aio_wait(&a);
+            async++;
+        } else {
+            got = pread((int)fd[i], (void *)buf[i], (size_t)len[i], off[i]);
+        }
+        out = j < n && aio_start(&a, 0, fd[j], buf[j], len[j], off[j]);
+        read_done(i, got, buf, len, hashed, h, sums, status);
+        i = j;
     }
+    aio_close(&a);
+    __atomic_fetch_add(async_done, async, __ATOMIC_RELAXED);
+    return done;
 }
 
 /* The same loops on `threads` threads: the caller's and threads - 1 started here (fewer
@@ -122,7 +262,7 @@ struct job {
     int64_t page, sum_at, used;
     hash_fn h;
     uint64_t *sums;
-    int64_t *status;
+    int64_t *status, use_aio, *async_done;
 };
 
 static void *run_job(void *p) {
@@ -130,10 +270,10 @@ static void *run_job(void *p) {
     if (j->write)
         kvbm_disk_write(j->n, j->next, j->fd, j->buf, j->len, j->doff, j->hoff, j->inval,
                         j->hashed, j->zero, j->headers, j->page, j->sum_at, j->used, j->h,
-                        j->sums, j->status);
+                        j->sums, j->status, j->use_aio, j->async_done);
     else
         kvbm_disk_read(j->n, j->next, j->fd, j->buf, j->len, j->doff, j->hashed, j->h,
-                       j->sums, j->status);
+                       j->sums, j->status, j->use_aio, j->async_done);
     return NULL;
 }
 
@@ -147,24 +287,32 @@ static int64_t run_threads(struct job *j, int64_t threads) {
     return started + 1;
 }
 
+/* next[0]: the shared block counter; next[1]: blocks moved through AIO (out) */
 int64_t kvbm_disk_write_mt(int64_t threads, int64_t n, int64_t *next, const int64_t *fd,
                            const int64_t *buf, const int64_t *len, const int64_t *doff,
                            const int64_t *hoff, const int64_t *inval, int64_t hashed,
                            const char *zero, char *headers, int64_t page, int64_t sum_at,
-                           int64_t used, hash_fn h, uint64_t *sums, int64_t *status) {
+                           int64_t used, hash_fn h, uint64_t *sums, int64_t *status,
+                           int64_t use_aio) {
     struct job j = {1, n, next, fd, buf, len, doff, hoff, inval, hashed, zero, headers, page,
-                    sum_at, used, h, sums, status};
+                    sum_at, used, h, sums, status, use_aio, next + 1};
     return run_threads(&j, threads);
 }
 
 int64_t kvbm_disk_read_mt(int64_t threads, int64_t n, int64_t *next, const int64_t *fd,
                           const int64_t *buf, const int64_t *len, const int64_t *off,
-                          int64_t hashed, hash_fn h, uint64_t *sums, int64_t *status) {
+                          int64_t hashed, hash_fn h, uint64_t *sums, int64_t *status,
+                          int64_t use_aio) {
     struct job j = {0, n, next, fd, buf, len, off, NULL, NULL, hashed, NULL, NULL, 0, 0, 0, h,
-                    sums, status};
+                    sums, status, use_aio, next + 1};
     return run_threads(&j, threads);
 }
 """
+
+#: Whether new tiers' native loops move data through the kernel's AIO (Linux; each
+#: thread keeps its one request in flight while it checksums); off, or where the
+#: kernel refuses a context or a request, the loop uses pread/pwrite.
+AIO = True
 
 #: Stages a status names.
 INVALIDATE, DATA, HEADER = 1, 2, 3
@@ -206,9 +354,9 @@ def _build() -> NativeIO | None:
     if lib is None:
         return None
     w, r, s = lib.kvbm_disk_write_mt, lib.kvbm_disk_read_mt, lib.kvbm_disk_seal
-    w.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P]
+    w.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I]
     w.restype = _I
-    r.argtypes = [_I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P]
+    r.argtypes = [_I, _I, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I]
     r.restype = _I
     s.argtypes = [_P, ctypes.c_uint64, _I, _I, _P]
     s.restype = None

@@ -35,7 +35,7 @@ _COUNTERS = (
     "blocks_written", "blocks_read", "bytes_written", "bytes_read",
     "write_errors", "read_errors", "enospc", "eio",
     "checksum_failures", "key_mismatches", "short_reads",
-    "files_recreated", "files_truncated",
+    "files_recreated", "files_truncated", "async_requests",
 )
 _ZERO_PAGE = aligned_empty(HEADER_BYTES)
 #: Whether tiers use the native per-block loop (``_native_io``) where it builds. Tests
@@ -72,6 +72,7 @@ class TierBase(Tier):
     _last_check: float
     _engine: Any
     _nio: _native_io.NativeIO | None
+    _aio: bool
     _spare_threads: int
     _spare_lock: threading.Lock
     _keys: list[bytes | None]

@@ -46,13 +46,16 @@ class NativeLoop(TierBase):
         ``min(io_threads, n) - 1`` more started in C, taking blocks from the shared
         counter. The extra threads come from the tier's spare count, so all batches in
         flight together start at most ``io_threads - 1`` (a batch that finds none runs
-        on its caller's thread alone). Returns the threads used."""
+        on its caller's thread alone). The loop counts the blocks it moved through the
+        kernel's AIO (their checksum overlapped with their own transfer) into
+        ``async_requests``. Returns the threads used."""
         with self._spare_lock:
             extra = min(min(self.cfg.io_threads, n) - 1, self._spare_threads)
             self._spare_threads -= extra
         try:
-            counter = np.zeros(1, np.int64)
+            counter = np.zeros(2, np.int64)  # the shared block counter; blocks moved by AIO
             fn(extra + 1, counter.ctypes.data)
+            self._add(async_requests=int(counter[1]))
         finally:
             with self._spare_lock:
                 self._spare_threads += extra
@@ -94,7 +97,7 @@ class NativeLoop(TierBase):
         args = (fd.ctypes.data, buf.ctypes.data, ln.ctypes.data, doff.ctypes.data,
                 hoff.ctypes.data, inval.ctypes.data, self.block_bytes, _ZERO_PAGE.ctypes.data,
                 hp, HEADER_BYTES, nio.sum_at, HEADER_USED - 8, nio.hash_ptr,
-                out.ctypes.data, status.ctypes.data)
+                out.ctypes.data, status.ctypes.data, int(self._aio))
         self._native_call(lambda k, c: nio.write_fn(k, m, c, *args), m)
         for j, i in enumerate(idx):
             slot, code = slots[i], int(status[j])
@@ -154,7 +157,8 @@ class NativeLoop(TierBase):
         out = np.zeros(m, np.uint64)
         status = np.full(m, -1, np.int64)
         args = (fd.ctypes.data, buf.ctypes.data, ln.ctypes.data, off.ctypes.data,
-                self.block_bytes, nio.hash_ptr, out.ctypes.data, status.ctypes.data)
+                self.block_bytes, nio.hash_ptr, out.ctypes.data, status.ctypes.data,
+                int(self._aio))
         self._native_call(lambda k, c: nio.read_fn(k, m, c, *args), m)
         for j, i in enumerate(todo):
             slot, code, path = slots[i], int(status[j]), where[j][0].path

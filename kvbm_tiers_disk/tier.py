@@ -103,6 +103,9 @@ class DiskTier(Recovery, NativeLoop, NixlPath):
         self._last_check = 0.0
         self._engine: Any = None
         self._nio = _native_io.load() if NATIVE_IO else None
+        # The native loop's requests through the kernel's AIO (each block's checksum
+        # while its own transfer is in flight); False: pread/pwrite, then the checksum.
+        self._aio = _native_io.AIO
         # Threads the native loop may start beyond each caller's own, shared by every
         # batch in flight (as the Python loop's pool of io_threads is): two batches at
         # once must not run 2 x io_threads requests and checksums on the same CPUs.

@@ -143,7 +143,7 @@ class ConfigFacts:
     """
 
     __slots__ = ("config", "reason", "num_layers", "vocab_size", "kv_heads", "head_dim",
-                 "name", "kind")
+                 "name", "kind", "_dtype_of", "_device_of")
 
     def __init__(self, model_or_config: Any) -> None:
         config = config_of(model_or_config)
@@ -158,10 +158,34 @@ class ConfigFacts:
             s = model_spec(model_or_config, dtype="float32")  # the dtype is read per use
             self.num_layers, self.kv_heads, self.head_dim, self.name = (
                 s.num_layers, s.num_kv_heads, s.head_dim, s.name)
+        # transformers' ``model.dtype`` and ``model.device`` walk the module tree to the
+        # first (floating-point) parameter on every read: the parameters they found are
+        # kept (weakly) and read instead. ``model.to()``/``half()`` change a parameter in
+        # place (``param.data``), so its dtype and device stay the model's.
+        self._dtype_of: weakref.ref[torch.Tensor] | None = None
+        self._device_of: weakref.ref[torch.Tensor] | None = None
+        if isinstance(model_or_config, torch.nn.Module):
+            first = next(iter(model_or_config.parameters()), None)
+            flt = next((p for p in model_or_config.parameters() if p.is_floating_point()), None)
+            if first is not None and getattr(model_or_config, "device", None) == first.device:
+                self._device_of = weakref.ref(first)
+            if flt is not None and getattr(model_or_config, "dtype", None) == flt.dtype:
+                self._dtype_of = weakref.ref(flt)
+
+    def device(self, model_or_config: Any) -> Any:
+        """``model.device`` (None for a config or a model without one)."""
+        p = self._device_of() if self._device_of is not None else None
+        if p is not None:
+            return p.device
+        if isinstance(model_or_config, PretrainedConfig):
+            return None
+        return getattr(model_or_config, "device", None)
 
     def spec(self, model_or_config: Any, dtype: Any = None) -> ModelSpec:
         """``model_spec(model_or_config, dtype)`` from the facts read once."""
-        dt = _dtype_name(dtype) if dtype is not None else _model_dtype(model_or_config)
+        p = self._dtype_of() if self._dtype_of is not None else None
+        dt = (_dtype_name(dtype) if dtype is not None else _dtype_name(p.dtype) if p is not None
+              else _model_dtype(model_or_config))
         return ModelSpec(num_layers=self.num_layers, num_kv_heads=self.kv_heads,
                          head_dim=self.head_dim, dtype=dt, outer_dim=2, name=self.name)
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PretrainedConfig
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvbm.errors import LayoutError, TokenError
@@ -282,13 +282,13 @@ class KvbmCache(DynamicCache):
                     "tp_size: 1 (the default)"
                 )
         # Loaded KV goes where the model computes: a model's own device, else the CPU.
-        dev = None if isinstance(model_or_config, PretrainedConfig) else getattr(
-            model_or_config, "device", None)
+        dev = facts.device(model_or_config)
         self.device = dev if isinstance(dev, torch.device) else torch.device("cpu")
         self.loaded_tokens = 0
         self.offered_blocks = 0
-        #: Seconds of the last ``load_prefix``'s steps: ``hash``, ``wait`` (for stores of
-        #: these blocks still running), ``match``, ``room``, ``onboard`` (the copy).
+        #: Seconds of the last ``load_prefix``'s steps: ``tokens`` (reading the ids),
+        #: ``hash``, ``wait`` (for stores of these blocks still running), ``match``,
+        #: ``room``, ``onboard`` (the copy), ``release`` (the match's pins), ``layers``.
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
 
@@ -323,6 +323,7 @@ class KvbmCache(DynamicCache):
         cache that already holds KV (a conversation continued in the same cache) is left
         as it is. ``load_times`` holds the seconds of each step.
         """
+        ts = time.perf_counter()
         have = self.get_seq_length()
         if have:
             return have
@@ -367,7 +368,7 @@ class KvbmCache(DynamicCache):
             else:
                 layer.reserve(*rooms[li])
         t7 = time.perf_counter()
-        self.load_times = {"hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2, "room": t4 - t3,
+        self.load_times = {"tokens": t0 - ts, "hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2, "room": t4 - t3,
                            "onboard": t5 - t4, "release": t6 - t5, "layers": t7 - t6}
         if loaded == 0:
             return 0

@@ -80,6 +80,10 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
         shared = False
         medium = "host"
 
+    if impl == "py":  # the new registry without its compiled lookup (the numpy/Python paths)
+        from kvbm import _registry_native
+        _registry_native.enabled = False
+
     def make(n: int) -> Any:
         if impl == "old":
             from registry_old import OldBlockRegistry, OldLRUPolicy
@@ -197,7 +201,8 @@ def _mmm(xs: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,1000000,10000000")
-    ap.add_argument("--impl", default="old,new", help="old, new or both (old,new)")
+    ap.add_argument("--impl", default="old,new",
+                    help="comma-separated: old, new, py (new without its compiled lookup)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--samples", type=int, default=2000, help="matches timed per size")
     ap.add_argument("--json", action="store_true")

@@ -47,7 +47,7 @@ enabled = True
 # fills the lookup's, ``BlockRegistry`` the rest).
 PARAMS = ("index", "home_mask", "mask", "slot_mask", "bits", "tag_shift", "tag_mask",
           "bucket", "records", "stride", "state_off", "registered", "lru", "pins_off",
-          "prev_off", "next_off", "end")
+          "prev_off", "next_off", "end", "capacity")
 P_COUNT = len(PARAMS)
 
 SOURCE = r"""
@@ -58,7 +58,7 @@ SOURCE = r"""
 
 enum { P_INDEX, P_HOME_MASK, P_MASK, P_SLOT_MASK, P_BITS, P_TAG_SHIFT, P_TAG_MASK,
        P_BUCKET, P_RECORDS, P_STRIDE, P_STATE_OFF, P_REGISTERED, P_LRU, P_PINS_OFF,
-       P_PREV_OFF, P_NEXT_OFF, P_END };
+       P_PREV_OFF, P_NEXT_OFF, P_END, P_CAPACITY };
 
 /* Keys looked up per round of passes: enough misses in flight to fill the core's
  * line-fill buffers several times over, few enough for the stack. */
@@ -97,51 +97,73 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     const int lru = (int)p[P_LRU];
     const int64_t pins_off = p[P_PINS_OFF], prev_off = p[P_PREV_OFF], next_off = p[P_NEXT_OFF];
     const int32_t end = (int32_t)p[P_END];
+    const int64_t capacity = p[P_CAPACITY];
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     uint64_t home[CHUNK];
     int32_t tag[CHUNK], slot[CHUNK];
     const char *kb[CHUNK];
     int64_t unl = 0;
-    for (Py_ssize_t start = 0; start < n; start += CHUNK) {
-        int m = (int)(n - start < CHUNK ? n - start : CHUNK);
-        /* 1: every key's hash (cached in the bytes object) and home bucket, prefetched */
-        for (int i = 0; i < m; i++) {
-            PyObject *k = items[start + i];
-            uint64_t h = (uint64_t)PyObject_Hash(k);  /* never fails for bytes */
-            kb[i] = PyBytes_AS_STRING(k);
-            home[i] = h & home_mask;
-            tag[i] = (int32_t)((h >> bits) & tag_mask);
-            __builtin_prefetch(index + home[i], 0, 0);
-        }
-        /* 2: each bucket read; the record of each entry carrying the key's tag
-         * prefetched (for writing when the run is then pinned) */
-        for (int i = 0; i < m; i++) {
-            const int32_t *b = index + home[i];
-            for (int64_t j = 0; j < bucket; j++) {
-                int32_t e = b[j];
-                if (e < 0) break;
-                if ((e >> tag_shift) == tag[i])
-                    __builtin_prefetch(recs + (int64_t)(e & slot_mask) * stride, 1, 0);
+    int32_t prev = -1;  /* the slot of the last key found */
+    for (Py_ssize_t start = 0; start < n;) {
+        int m = (int)(n - start < CHUNK ? n - start : CHUNK), found = 0, ended = 0;
+        /* Blocks saved together sit in consecutive slots: while the slot after the last
+         * one found holds the next key and is registered, that is the key's slot (a
+         * registered slot's key is indexed there), with no index read. Only with the
+         * state at hand: a free slot keeps the key it last held. */
+        if (state_off >= 0 && prev >= 0) {
+            for (; found < m && prev + 1 < capacity; found++) {
+                const char *r = recs + (int64_t)(prev + 1) * stride;
+                if (!same16(r, PyBytes_AS_STRING(items[start + found]))
+                        || *(const int8_t *)(r + state_off) != registered)
+                    break;
+                slot[found] = ++prev;
             }
         }
-        /* 3: in order, the probe from each key's home to the first empty entry, whole
-         * keys compared; the run ends at the first key not found (or not registered) */
-        int found = 0;
-        for (; found < m; found++) {
-            uint64_t i = home[found];
-            int32_t e, s = -1;
-            while ((e = index[i]) >= 0) {
-                if ((e >> tag_shift) == tag[found]) {
-                    int32_t c = e & slot_mask;
-                    if (same16(recs + (int64_t)c * stride, kb[found])) { s = c; break; }
+        if (found == 0) {
+            /* The index, for a chunk of keys at once; the first key of the run alone
+             * (its next may be in the slot after its own: then no bucket is read). */
+            if (state_off >= 0 && prev < 0) m = 1;
+            /* 1: every key's hash (cached in the bytes object) and home bucket, prefetched */
+            for (int i = 0; i < m; i++) {
+                PyObject *k = items[start + i];
+                uint64_t h = (uint64_t)PyObject_Hash(k);  /* never fails for bytes */
+                kb[i] = PyBytes_AS_STRING(k);
+                home[i] = h & home_mask;
+                tag[i] = (int32_t)((h >> bits) & tag_mask);
+                __builtin_prefetch(index + home[i], 0, 3);
+            }
+            /* 2: each bucket read; the record of each entry carrying the key's tag
+             * prefetched (for writing: the run is then pinned) */
+            for (int i = 0; i < m; i++) {
+                const int32_t *b = index + home[i];
+                for (int64_t j = 0; j < bucket; j++) {
+                    int32_t e = b[j];
+                    if (e < 0) break;
+                    if ((e >> tag_shift) == tag[i])
+                        __builtin_prefetch(recs + (int64_t)(e & slot_mask) * stride, 1, 3);
                 }
-                i = (i + 1) & mask;
             }
-            if (s < 0) break;
-            if (state_off >= 0 && *(int8_t *)(recs + (int64_t)s * stride + state_off) != registered)
-                break;
-            slot[found] = s;
+            /* 3: in order, the probe from each key's home to the first empty entry,
+             * whole keys compared; the run ends at the first key not found (or not
+             * registered) */
+            for (; found < m; found++) {
+                uint64_t i = home[found];
+                int32_t e, s = -1;
+                while ((e = index[i]) >= 0) {
+                    if ((e >> tag_shift) == tag[found]) {
+                        int32_t c = e & slot_mask;
+                        if (same16(recs + (int64_t)c * stride, kb[found])) { s = c; break; }
+                    }
+                    i = (i + 1) & mask;
+                }
+                if (s < 0 || (state_off >= 0
+                              && *(int8_t *)(recs + (int64_t)s * stride + state_off) != registered))
+                    break;
+                slot[found] = s;
+            }
+            ended = found < m;
+            if (found) prev = slot[found - 1];
         }
         if (lru) {
             /* 4: the list neighbours of the blocks that leave the list, prefetched */
@@ -187,7 +209,8 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
             }
             Py_DECREF(v);
         }
-        if (found < m) break;
+        start += found;
+        if (ended) break;
     }
     *unlinked = unl;
     return out;

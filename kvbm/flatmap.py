@@ -137,7 +137,8 @@ class SlotKeys:
         p.update(index=self._index_np.ctypes.data, home_mask=self.home_mask, mask=self._mask,
                  slot_mask=self.slot_mask, bits=self.bits, tag_shift=self._tag_shift,
                  tag_mask=self._tag_mask, bucket=len(self._steps),
-                 records=self._rec_np.ctypes.data, stride=self.stride, state_off=-1)
+                 records=self._rec_np.ctypes.data, stride=self.stride, state_off=-1,
+                 capacity=self.capacity)
         for name, v in more.items():
             assert name in p, name
             p[name] = v

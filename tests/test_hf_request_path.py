@@ -107,7 +107,7 @@ def test_addresses_refuse_strided_or_wrong_sized_buffers() -> None:
     got = _addresses(rows, 64)
     assert got is not None
     assert [int(a) for a in got] == [arena.ctypes.data + 64 * i for i in range(4)]
-    assert _addresses([arena[:, 0].copy(), arena[0, ::2]], 4) is None  # strided second
+    assert _addresses([arena[1, :32], arena[0, ::2]], 32) is None  # 32 bytes, strided second
     assert _addresses(rows, 32) is None
 
 

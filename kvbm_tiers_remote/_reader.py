@@ -54,7 +54,7 @@ class _Step:
     """One pipelined step: a lease, its READ and the blocks it covers."""
 
     __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline", "off", "length",
-                 "addrs")
+                 "addrs", "got", "digests")
 
     def __init__(self) -> None:
         self.idx: list[int] = []
@@ -70,6 +70,10 @@ class _Step:
         self.off = 0
         self.length = 0  # 0: whole blocks
         self.addrs: list[int] = []  # a speculative READ's remote addresses
+        # A speculative READ's xxh3 per block, taken as each part arrived (before the
+        # lease reply says what they must be), and the hashing still running.
+        self.got: dict[int, int] = {}
+        self.digests: list[Future[None]] = []
 
 
 class BlockReader:
@@ -118,8 +122,14 @@ class BlockReader:
         still in the last-level cache. Hashing a whole step afterwards read them back
         from DRAM, and on a machine with few memory channels that slowed the copy
         beside it by a fifth (measured: see docs/benchmarks/remote.md).
+
+        When every block of the first step has a remembered address (``_speculate``),
+        the first step is a whole ``pipeline_bytes`` step, READ part by part before its
+        lease reply is awaited, each part hashed on the worker while the next is read;
+        the reply is then only compared against.
         """
-        first = min(len(idx), self._part_blocks)
+        spec_ok = self._can_speculate(peer, idx[: self._step_blocks], keys, dst)
+        first = min(len(idx), self._step_blocks if spec_ok else self._part_blocks)
         chunks = [idx[:first]]
         chunks += [idx[i : i + self._step_blocks] for i in range(first, len(idx), self._step_blocks)]
         verifying: list[Future[None]] = []
@@ -138,6 +148,7 @@ class BlockReader:
                 # the next write: a 2-step batch costs the peer two reads, not four.
                 releases: list[dict[str, Any]] = []
                 for j in range(len(chunks)):
+                    last_chunk = j == len(chunks) - 1
                     msgs: list[dict[str, Any]] = []
                     now = time.monotonic()
                     while len(sent_at) < len(chunks) and len(sent_at) - j <= _LEASE_WINDOW:
@@ -146,15 +157,23 @@ class BlockReader:
                     if msgs:
                         self._peers.send(peer, *releases, *msgs)
                         releases = []
-                    if j == 0:
-                        spec = self._speculate(peer, chunks[0], keys, dst)
+                    if j == 0 and spec_ok:
+                        spec = self._speculate(peer, chunks[0], keys, dst, last_chunk)
                     cur = self._leased(peer, chunks[j], sent_at[j], keys)
                     if j == 0 and spec is not None:
-                        part = spec
-                        verifying.extend(self._speculated(peer, spec, cur, keys, dst, ok, bad))
-                        part = None
+                        self._speculated(peer, spec, cur, keys, ok, bad)
+                        spec = None
                     parts = self._parts(cur, dst)
+                    if last_chunk and not parts[-1].idx:
+                        # Nothing left to READ (every block came speculatively): the
+                        # peer may unpin now.
+                        releases.append({"op": "release", "lease": cur.lease})
+                        self._peers.send(peer, *releases)
+                        releases = []
+                        cur = None
                     for n, part in enumerate(parts):
+                        if not part.idx:
+                            continue
                         self._post(peer, part, dst)
                         self._wait(peer, part)
                         self._release_handle(part)
@@ -168,21 +187,28 @@ class BlockReader:
                             check = False
                         if not check and not part.bounce:
                             self._accept(part, ok)
-                        elif self._inline_last and j == len(chunks) - 1 and n == len(parts) - 1:
-                            # The batch's last READ: nothing left to overlap with, so
-                            # hash it here once the earlier parts are checked, rather
-                            # than wake the verifier (a wake-up is a scheduling wait
-                            # on a busy machine). In order: a piece's block may
-                            # have earlier pieces still queued.
+                        elif self._inline_last and last_chunk and n == len(parts) - 1:
+                            # The batch's last READ: nothing left to overlap with. Its
+                            # lease is released first (the READs are done), then it is
+                            # hashed here and on the verifier at once, half each, rather
+                            # than all on the verifier (a wake-up is a scheduling wait
+                            # on a busy machine). In order: a piece's block may have
+                            # earlier pieces still queued.
+                            assert cur is not None
+                            releases.append({"op": "release", "lease": cur.lease})
+                            self._peers.send(peer, *releases)
+                            releases = []
+                            cur = None
                             for f in verifying:
                                 f.result()
-                            self._verify(peer, part, keys, dst, ok, bad, check, running)
+                            self._verify_split(peer, part, keys, dst, ok, bad, check, running)
                         else:
                             verifying.append(self._verifier.submit(
                                 self._verify, peer, part, keys, dst, ok, bad, check, running
                             ))
                     part = None
-                    releases.append({"op": "release", "lease": cur.lease})
+                    if cur is not None:
+                        releases.append({"op": "release", "lease": cur.lease})
                     cur = None
                 if releases:
                     self._peers.send(peer, *releases)
@@ -202,6 +228,9 @@ class BlockReader:
         finally:
             for f in verifying:
                 f.result()
+            if spec is not None:
+                for f in spec.digests:
+                    f.result()
 
     def _parts(self, s: _Step, dst: Sequence[np.ndarray]) -> list[_Step]:
         """Split a leased step into READs of ``verify_bytes`` (they share its lease).
@@ -237,62 +266,121 @@ class BlockReader:
         s.handle = None
         return parts
 
+    def _can_speculate(self, peer: Peer, chunk: list[int], keys: Sequence[SequenceHash],
+                       dst: Sequence[np.ndarray]) -> bool:
+        """Whether ``chunk`` can be READ before its lease reply: checksum mode with
+        ``speculative_reads``, every block's address remembered from an earlier lease
+        of this peer, every destination registered."""
+        if (self.cfg.verify != "checksum" or not self.cfg.speculative_reads or not self._addrs
+                or peer.agent is None or not chunk):
+            return False
+        agent = str(peer.agent)
+        return all((agent, bytes(keys[i])) in self._addrs and self._local_addr(dst[i]) is not None
+                   for i in chunk)
+
     def _speculate(self, peer: Peer, chunk: list[int], keys: Sequence[SequenceHash],
-                   dst: Sequence[np.ndarray]) -> _Step | None:
+                   dst: Sequence[np.ndarray], final: bool) -> _Step:
         """READ ``chunk`` from where the peer's last leases had it, while its lease request
-        is on its way (checksum mode only); None when any block's place is unknown.
+        is on its way (``_can_speculate`` said every place is known), in READs of
+        ``verify_bytes``, each hashed on the verifier while the next is read; the last
+        one, when ``final`` (nothing else to READ in this batch), half here, half there.
 
         The bytes are not trusted yet: ``_speculated`` keeps a block only if the lease
         reply puts it at the same address and the bytes match the checksum the peer
-        took under the lease's pin (what every checksummed READ is held to). So a
-        slot rewritten before the pin is a miss, never data. Saves the lease round trip
+        took under the pin (what every checksummed READ is held to). So a slot
+        rewritten before the pin is a miss, never data. Saves the lease round trip
         on blocks read again (the round trip was 0.07-0.29 ms here, a 16 MiB batch's
-        copy 2.5 ms)."""
-        if (self.cfg.verify != "checksum" or not self.cfg.speculative_reads or not self._addrs
-                or peer.agent is None):
-            return None
-        agent = str(peer.agent)
-        remote = []
-        for i in chunk:
-            a = self._addrs.get((agent, bytes(keys[i])))
-            if a is None or self._local_addr(dst[i]) is None:
-                return None
-            remote.append((a, self.block_bytes, 0))
+        copy 2.5 ms), and for a batch of one step the wait for its reply."""
+        agent, bb = str(peer.agent), self.block_bytes
         s = _Step()
-        s.idx, s.handle, s.addrs = list(chunk), remote, [r[0] for r in remote]
-        self._post(peer, s, dst)
-        self._wait(peer, s)
-        self._release_handle(s)
-        self.stats.speculative_blocks += len(s.idx)
+        s.idx = list(chunk)
+        s.addrs = [self._addrs[(agent, bytes(keys[i]))] for i in chunk]
+        at = dict(zip(s.idx, s.addrs))
+        k = self._part_blocks
+        runs = [s.idx[a : a + k] for a in range(0, len(s.idx), k)]
+        for n, blocks in enumerate(runs):
+            p = _Step()
+            p.idx, p.handle = blocks, [(at[i], bb, 0) for i in blocks]
+            try:
+                self._post(peer, p, dst)
+                self._wait(peer, p)
+            except PeerError:
+                self._abandon(p)
+                for f in s.digests:
+                    f.result()
+                raise
+            self._release_handle(p)
+            self.stats.speculative_blocks += len(blocks)
+            if final and n == len(runs) - 1 and len(blocks) > 1:
+                half = len(blocks) // 2
+                s.digests.append(self._verifier.submit(self._digest, blocks[:half], dst, s.got))
+                self._digest(blocks[half:], dst, s.got)
+            else:
+                s.digests.append(self._verifier.submit(self._digest, blocks, dst, s.got))
         return s
+
+    @staticmethod
+    def _digest(blocks: list[int], dst: Sequence[np.ndarray], got: dict[int, int]) -> None:
+        """xxh3 of each of ``blocks`` as it lies in ``dst`` (registered: whole blocks)."""
+        for i in blocks:
+            got[i] = xxhash.xxh3_64_intdigest(dst[i])  # type: ignore[arg-type]
 
     def _speculated(
         self, peer: Peer, spec: _Step, cur: _Step, keys: Sequence[SequenceHash],
-        dst: Sequence[np.ndarray], ok: list[bool], bad: list[bytes],
-    ) -> list[Future[None]]:
-        """Hand the speculatively READ blocks the lease reply ``cur`` put at the same
-        address to the verifier (against the sums taken under the pin) and leave in
-        ``cur`` only the blocks still to READ (their address changed)."""
+        ok: list[bool], bad: list[bytes],
+    ) -> None:
+        """Keep the speculatively READ blocks the lease reply ``cur`` put at the same
+        address whose bytes gave the sum taken under the pin; leave in ``cur`` only the
+        blocks still to READ (their address changed)."""
+        for f in spec.digests:
+            f.result()
+        spec.digests = []
         at = dict(zip(spec.idx, spec.addrs))
-        keep = _Step()
-        keep.ok, keep.lease, keep.deadline = spec.ok, cur.lease, cur.deadline
         rest_idx: list[int] = []
         rest_sums: list[int] = []
         rest_remote: list[tuple[int, int, int]] = []
         remote: list[tuple[int, int, int]] = cur.handle
+        kept = 0
         for i, want, r in zip(cur.idx, cur.sums, remote):
-            if at.get(i) == r[0]:
-                keep.idx.append(i)
-                keep.sums.append(want)
-            else:
+            if at.get(i) != r[0]:
                 rest_idx.append(i)
                 rest_sums.append(want)
                 rest_remote.append(r)
+                continue
+            kept += 1
+            if not self._sum_matches(peer, keys[i], spec.got[i], want):
+                bad.append(keys[i])
+                continue
+            ok[i] = True
+            self.stats.blocks_read += 1
+            self.stats.bytes_read += self.block_bytes
         cur.idx, cur.sums, cur.handle = rest_idx, rest_sums, rest_remote
-        self.stats.speculative_misses += len(spec.idx) - len(keep.idx)
-        if not keep.idx:
-            return []
-        return [self._verifier.submit(self._verify, peer, keep, keys, dst, ok, bad, True)]
+        self.stats.speculative_misses += len(spec.idx) - kept
+
+    def _verify_split(
+        self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
+        ok: list[bool], bad: list[bytes], check: bool, running: dict[int, Any],
+    ) -> None:
+        """``_verify`` for the batch's last READ, its hashing split between this thread
+        and the (then idle) verifier: whole registered blocks only, the sums compared
+        here once both halves are done."""
+        if s.length or s.bounce or not check or not s.ok or len(s.idx) < 2:
+            self._verify(peer, s, keys, dst, ok, bad, check, running)
+            return
+        got: dict[int, int] = {}
+        half = len(s.idx) // 2
+        f = self._verifier.submit(self._digest, s.idx[:half], dst, got)
+        try:
+            self._digest(s.idx[half:], dst, got)
+        finally:
+            f.result()
+        for i, want in zip(s.idx, s.sums):
+            if not self._sum_matches(peer, keys[i], got[i], want):
+                bad.append(keys[i])
+                continue
+            ok[i] = True
+            self.stats.blocks_read += 1
+            self.stats.bytes_read += self.block_bytes
 
     def _lease_msg(self, chunk: list[int], keys: Sequence[SequenceHash]) -> dict[str, Any]:
         return {"op": "lease", "keys": [keys[i] for i in chunk], "ttl": self.cfg.lease_timeout_s}

@@ -117,9 +117,10 @@ class RemoteTierConfig(TierConfig):
     )
     speculative_reads: bool = Field(
         True,
-        description="with 'verify: checksum', READ a batch's first blocks from the addresses "
-        "their last lease gave while the lease request is on its way; a block is kept only if "
-        "the reply puts it at the same address and its bytes match the sum taken under the pin",
+        description="with 'verify: checksum', READ a batch's first step (pipeline_bytes) from "
+        "the addresses its blocks' last lease gave while the lease request is on its way; a block "
+        "is kept only if the reply puts it at the same address and its bytes match the sum taken "
+        "under the pin",
     )
     checksum_cache: bool = Field(
         True,

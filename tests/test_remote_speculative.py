@@ -24,7 +24,7 @@ from remote_pair import onboard as _onboard  # noqa: E402
 
 from kvbm import KvBlockManager  # noqa: E402
 
-# 4 KiB blocks, READs of two blocks: the speculative first READ covers blocks 0 and 1.
+# 4 KiB blocks, READs of two blocks: the speculative READ covers the whole first step (all 4).
 READER = {"verify_bytes": 2 * 4096}
 
 
@@ -50,7 +50,7 @@ def test_blocks_read_again_are_read_before_their_lease_reply_byte_exact(pair: An
     loaded, out = _onboard(b, tokens, 4)
     assert loaded == 4
     assert np.array_equal(out, data)
-    assert _stats(b)["speculative_blocks"] == 2
+    assert _stats(b)["speculative_blocks"] == 4
     assert _stats(b)["speculative_misses"] == 0  # kept, not READ a second time
     assert _stats(b)["checksum_failures"] == 0
 
@@ -73,14 +73,17 @@ def test_block_the_reply_puts_elsewhere_is_read_again_under_the_lease(pair: Any)
     assert st["checksum_failures"] == 0
 
 
+# Block 1: in the first READ (hashed on the verifier); 2 and 3: the last READ, whose
+# hashing is split (2 on the verifier, 3 on the reading thread).
+@pytest.mark.parametrize("bad", [1, 2, 3], ids=["first-read", "last-read-verifier", "last-read-inline"])
 def test_slot_rewritten_after_the_speculative_read_and_before_the_pin_is_a_miss(
-    pair: Any, monkeypatch: pytest.MonkeyPatch
+    pair: Any, monkeypatch: pytest.MonkeyPatch, bad: int
 ) -> None:
     a, b = pair
     tokens, data = _offload(a, 4, 33)
     assert _onboard(b, tokens, 4)[0] == 4
     host, server = a.chain[0], a.chain[-1].tier._server
-    slot = host.registry.lookup(a.hash_tokens(tokens)[1])
+    slot = host.registry.lookup(a.hash_tokens(tokens)[bad])
     real = server._lease
 
     def rewrite_then_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
@@ -90,9 +93,9 @@ def test_slot_rewritten_after_the_speculative_read_and_before_the_pin_is_a_miss(
 
     monkeypatch.setattr(server, "_lease", rewrite_then_lease)
     loaded, out = _onboard(b, tokens, 4)
-    assert _stats(b)["speculative_blocks"] == 2
-    assert loaded == 1  # block 1 held the old bytes: a miss, and the prefix stops there
-    assert np.array_equal(out[0], data[0])
+    assert _stats(b)["speculative_blocks"] == 4
+    assert loaded == bad  # the block held the old bytes: a miss, and the prefix stops there
+    assert np.array_equal(out[:bad], data[:bad])
     assert _stats(b)["checksum_failures"] == 1
 
 
@@ -108,6 +111,37 @@ def test_speculative_reads_off_reads_only_after_the_lease_reply(tmp_path: Path) 
             assert loaded == 3
             assert np.array_equal(out, data)
         assert _stats(b)["speculative_blocks"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("bad", [0, 3], ids=["verifier-half", "inline-half"])
+def test_block_changed_after_its_lease_in_either_half_of_the_last_read_is_a_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: int
+) -> None:
+    # One READ of 4 blocks, not speculative: the batch's last READ, whose hashing is
+    # split between the verifier (blocks 0-1) and the reading thread (blocks 2-3).
+    rdir = str(tmp_path / "rendezvous")
+    a = KvBlockManager.from_config(_config({"rendezvous_dir": rdir, "checksum_cache": False}))
+    b = KvBlockManager.from_config(_config(
+        {"rendezvous_dir": rdir, "verify_bytes": 4 * 4096, "speculative_reads": False}))
+    try:
+        tokens, data = _offload(a, 4, 35)
+        host, server = a.chain[0], a.chain[-1].tier._server
+        slot = host.registry.lookup(a.hash_tokens(tokens)[bad])
+        real = server._lease
+
+        def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+            reply = real(cid, keys, ttl)  # the sum is taken here, over the old bytes
+            host.tier.slots[slot][100] ^= 0xFF
+            return reply
+
+        monkeypatch.setattr(server, "_lease", lease_then_flip)
+        loaded, out = _onboard(b, tokens, 4)
+        assert loaded == bad
+        assert np.array_equal(out[:bad], data[:bad])
+        assert _stats(b)["checksum_failures"] == 1
     finally:
         a.close()
         b.close()

@@ -81,10 +81,17 @@ static inline int same16(const char *a, const char *b) {
 PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     *unlinked = 0;
     if (!PyList_CheckExact(keys)) Py_RETURN_NONE;
+    /* The one allocation that may run the garbage collector (and so Python code) comes
+     * first: from here on nothing but this call touches the keys or the records. */
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(keys);
     PyObject **items = PySequence_Fast_ITEMS(keys);
     for (Py_ssize_t i = 0; i < n; i++)
-        if (!PyBytes_CheckExact(items[i]) || PyBytes_GET_SIZE(items[i]) != 16) Py_RETURN_NONE;
+        if (!PyBytes_CheckExact(items[i]) || PyBytes_GET_SIZE(items[i]) != 16) {
+            Py_DECREF(out);
+            Py_RETURN_NONE;
+        }
     const int32_t *index = (const int32_t *)(intptr_t)p[P_INDEX];
     const uint64_t home_mask = (uint64_t)p[P_HOME_MASK], mask = (uint64_t)p[P_MASK];
     const int32_t slot_mask = (int32_t)p[P_SLOT_MASK];
@@ -98,8 +105,6 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     const int64_t pins_off = p[P_PINS_OFF], prev_off = p[P_PREV_OFF], next_off = p[P_NEXT_OFF];
     const int32_t end = (int32_t)p[P_END];
     const int64_t capacity = p[P_CAPACITY];
-    PyObject *out = PyList_New(0);
-    if (out == NULL) return NULL;
     uint64_t home[CHUNK];
     int32_t tag[CHUNK], slot[CHUNK];
     const char *kb[CHUNK];

@@ -14,10 +14,14 @@ hundreds: a 24-byte record a slot holding its key, pin count (``int32``) and sta
 way; any other policy is handed keys, as before.
 
 A match pins a prefix's blocks with one ``pin_run``: blocks saved together are read
-from consecutive slots with no index lookup, the others are looked up together by numpy
-gathers (``SlotKeys.find_prefix``, whose gather of the keys' records brings their state
-and pins too), and their policy entries are read together before the per-block loop, so that in a tier of millions of blocks the run's
-random memory accesses overlap instead of following one another.
+from consecutive slots with no index lookup, the others are looked up together, so that
+in a tier of millions of blocks the run's random memory accesses overlap instead of
+following one another. Where a C compiler is at hand that is one compiled call
+(``kvbm._registry_native``: every key's index bucket, then every record, fetched in
+passes), which with the core's LRU also pins the run and unlinks it from the LRU list;
+without one, numpy gathers (``SlotKeys.find_prefix``, whose gather of the keys' records
+brings their state and pins too) or, in a small table, one key at a time, with the same
+results.
 
 A slot whose write failed goes to the *bottom* of the free stack (``abort(failed=True)``):
 it is retried only after every healthy free slot was used, so one dead slot (a
@@ -405,8 +409,8 @@ class BlockRegistry:
         What ``pin`` per key up to the first None does, with the lookups of the whole
         run made at once: in a registry of millions of blocks each lookup is a random
         memory access, and these then overlap instead of following one another
-        (``SlotKeys.find_prefix``), or, for blocks saved together, are not needed
-        (``SlotKeys.same_from``).
+        (``kvbm._registry_native``, else ``SlotKeys.find_prefix``), or, for blocks saved
+        together, are not needed (the slot after the last one found is tried first).
         """
         native = self._native
         if native is not None and self._raw:

@@ -305,7 +305,8 @@ class KvbmCache(DynamicCache):
             _say_once("batch", "kvbm: %s with a batch of %d sequences runs without prefix reuse; "
                       "kvbm's transformers cache serves one sequence per cache", what, batch)
             return None
-        if row.size and self.vocab_size and (row.min() < 0 or row.max() >= self.vocab_size):
+        # One reduction: seen as unsigned, a negative id is larger than any vocabulary.
+        if row.size and self.vocab_size and int(row.view(np.uint64).max()) >= self.vocab_size:
             raise TokenError(
                 f"input_ids: ids must lie in [0, {self.vocab_size}) for this model, got min "
                 f"{int(row.min())} and max {int(row.max())}; was it tokenized with another "

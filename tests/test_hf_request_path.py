@@ -120,3 +120,12 @@ def test_copy_in_of_a_block_index_out_of_range_names_it() -> None:
     src = [np.zeros(layout.bytes_per_block, dtype=np.uint8) for _ in range(2)]
     with pytest.raises(LayoutError, match=r"block index 3 is out of range \[0, 3\)"):
         dest.copy_in([0, 3], src)
+
+
+def test_negative_token_id_is_refused_naming_it(model: Any, manager: Any) -> None:
+    from kvbm import TokenError
+
+    prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    prompt[0, 4] = -3  # seen as unsigned by the range check: larger than any vocabulary
+    with pytest.raises(TokenError, match=r"ids must lie in \[0, 256\) .* got min -3 and max"):
+        KvbmCache(manager, model).load_prefix(prompt)

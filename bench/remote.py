@@ -200,6 +200,11 @@ def run(batches: list[int], reps: int, extra: dict[str, Any]) -> dict[str, Any]:
         mgr.close()
         return {"block_bytes": bb, "reps": reps, "rows": rows,
                 "checksum_failures": stats["checksum_failures"],
+                # How often the speculative READ hit: blocks READ before their lease
+                # reply, and of those the ones the reply put elsewhere (READ again).
+                "blocks_read": stats["blocks_read"],
+                "speculative_blocks": stats["speculative_blocks"],
+                "speculative_misses": stats["speculative_misses"],
                 "bounce_blocks": stats["bounce_blocks"], "load_avg_1m": os.getloadavg()[0],
                 "cpus": os.cpu_count(), "options": extra}
     finally:
@@ -253,6 +258,9 @@ def main() -> None:
               f"{r['tier_over_serial']:>12.2f} {r['raw_cores']:>10.2f}/{r['tier_cores']:.2f} "
               f"{r['raw_dest_gbps']:>14.2f} {r['onboard_over_raw_dest']:>17.2f} "
               f"{r['tier_best_over_raw_best']:>14.2f} {r['onboard_best_over_raw_dest_best']:>22.2f}")
+    print(f"blocks read by the tier {out['blocks_read']}, of them READ before their lease reply "
+          f"{out['speculative_blocks']} (placed elsewhere by the reply: {out['speculative_misses']}); "
+          f"checksum failures {out['checksum_failures']}")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,17 @@ In a registry of ten million blocks the index and the slot records (~500 MB) lie
 outside the caches: a key costs two random memory reads (its index bucket, then the
 record of the slot its entry names), and looked up one after another the 64 keys of a
 prefix cost 128 memory latencies. All the keys of a prefix are known before the
-lookup, so ``run`` issues those reads in passes, a chunk of keys at a time: the hash
-and bucket address of every key, each bucket prefetched; then every bucket read and
-the record of each entry whose tag is the key's prefetched; then the keys probed and
-compared in order (the lines now in the cache), up to the first miss. A chunk costs
-about two memory latencies, not two per key. With the registry's LRU in the records
+lookup, so ``kvbm_find_run`` issues those reads in passes, up to 64 keys at a time:
+the hash and bucket address of every key, each bucket prefetched; then every bucket
+read and the record of each entry whose tag is the key's prefetched; then the keys
+probed and compared in order (the lines now in the cache), up to the first miss. With
+the registry's state at hand, blocks saved together cost no index read: the first key
+is looked up alone, and while the slot after the last one found is registered and
+holds the next key, that is its slot. With the registry's LRU in the records
 (``BlockRegistry``), the same call then pins the run and takes its blocks out of the
 LRU list, after prefetching each block's two list neighbours (a third round).
+(Measured on the helper VM, out-of-order execution already overlaps most of the
+probes; what is left is the cost of each random line: docs/benchmarks/registry.md.)
 
 The answer is the Python path's, key for key (``SlotKeys.find_canon``: whole 16-byte
 compares, the linear probe from the key's home to the first empty entry; an entry's

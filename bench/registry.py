@@ -16,7 +16,9 @@ registry and its policy hold counts, the keys included. Beside it, its limit: th
 16 bytes of the key itself. ``traced`` is the same from ``tracemalloc`` (plus the
 keys' anonymous mapping, which it does not see), in a run of its own (up to 1M blocks,
 where tracing is cheap enough). ``old`` is the registry before issue 14
-(``bench/registry_old.py``: a dict, per-slot lists and an ordered dict).
+(``bench/registry_old.py``: a dict, per-slot lists and an ordered dict); ``py`` is
+``new`` without its compiled lookup of a run (``kvbm._registry_native``), as on a
+machine with no C compiler: its numpy and Python paths.
 
 Two slot orders (``--fill``): ``request``, each prefix's blocks saved together into
 consecutive slots (how a tier fills: a request's blocks come off the free stack in a
@@ -31,7 +33,7 @@ the cold p50 over that one, both measured in one loop under the same load (on a
 shared machine, processes run a minute apart meet different loads; the unpaired
 ``p50 ÷ p50@10000`` divides figures of two such processes).
 
-Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new]
+Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new,py]
 [--fill request,interleaved] [--runs 3] [--samples 2000] [--json]``. Runs interleave the implementations and
 sizes; the table gives min/median/max over runs.
 """

@@ -20,6 +20,14 @@ Per block the loop does what the Python path does, in the same order:
   write it. A block whose data write failed or came back short gets no header.
 - read: read the data, checksum it. Python compares the checksum with the index's.
 
+The data requests go through the kernel's AIO (``AIO``; one context per thread, kept
+in a process-wide pool): a thread submits a block's data write and checksums the same
+bytes while the device takes them, then reaps the write and only then writes the
+header; reading, it submits its next block as soon as the last one is back and
+checksums that one while the next is in flight. Each thread still has one data
+request in flight at a time (fio's ``psync`` jobs), but no longer none while it
+hashes. Where AIO is missing or refused, a request is a plain ``pread``/``pwrite``.
+
 Every outcome comes back per block (the stage that failed and its errno), and Python
 updates the index and the counters exactly as on its own path. The source is
 compiled once per process with the system's C compiler (``kvbm._cc``); without one,

@@ -101,6 +101,7 @@ struct aio {
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static aio_context_t pool[256];
 static int pooled;
+static pid_t pool_pid; /* a forked child's contexts are not its own: it starts afresh */
 #endif
 
 static void aio_open(struct aio *a, int64_t want) {
@@ -109,6 +110,7 @@ static void aio_open(struct aio *a, int64_t want) {
     if (!want) return;
     a->ctx = 0;
     pthread_mutex_lock(&pool_lock);
+    if (pool_pid != getpid()) { pooled = 0; pool_pid = getpid(); }
     if (pooled) { a->ctx = pool[--pooled]; a->on = 1; }
     pthread_mutex_unlock(&pool_lock);
     if (!a->on && syscall(SYS_io_setup, 2, &a->ctx) == 0) a->on = 1;
@@ -130,7 +132,7 @@ static void aio_close(struct aio *a) {
 #ifdef KVBM_AIO
     if (a->on) {
         pthread_mutex_lock(&pool_lock);
-        int kept = pooled < 256;
+        int kept = pooled < 256 && pool_pid == getpid();
         if (kept) pool[pooled++] = a->ctx;
         pthread_mutex_unlock(&pool_lock);
         if (!kept) syscall(SYS_io_destroy, a->ctx);

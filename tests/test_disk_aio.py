@@ -143,3 +143,33 @@ def test_a_refused_data_write_leaves_no_header_and_the_slot_a_miss(tmp_path: Pat
         assert t.read([0], [b"z" * 16], blocks(t.block_bytes, 1, seed=8)) == [False]
     finally:
         t.close()
+
+
+def test_a_forked_child_moves_its_blocks_through_its_own_aio_contexts(tmp_path: Path) -> None:
+    """The loop keeps AIO contexts for the process's life; a child forked after the
+    parent used some must not reuse the parent's (they are not the child's: every
+    submit would be refused and the child would run without AIO)."""
+    parent = make_tier(tmp_path / "parent", True, threads=2)
+    try:
+        src = blocks(parent.block_bytes, 8, seed=10)
+        keys = [bytes([i + 1]) * 16 for i in range(8)]
+        assert parent.write(list(range(8)), keys, src) == [True] * 8
+        assert parent.stats()["async_requests"] == 8  # the pool now holds contexts
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 only if every block went through AIO
+            code = 1
+            try:
+                child = make_tier(tmp_path / "child", True, threads=2)
+                ok = child.write(list(range(8)), keys, src)
+                dst = blocks(child.block_bytes, 8, seed=11)
+                got = child.read(list(range(8)), keys, dst)
+                same = all(np.array_equal(a, b) for a, b in zip(src, dst, strict=True))
+                if ok == got == [True] * 8 and same and child.stats()["async_requests"] == 16:
+                    code = 0
+                child.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        parent.close()

@@ -224,9 +224,10 @@ def main() -> None:
     ap.add_argument("--no-checksum-cache", action="store_true",
                     help="the peer hashes every block on every lease")
     ap.add_argument("--pipeline-mib", type=int, default=256, help="bytes per leased step (MiB)")
-    ap.add_argument("--verify-mib", type=float, default=4,
+    ap.add_argument("--verify-mib", type=float, default=None,
                     help="bytes per READ inside a step, each verified while the next is read "
-                    "(MiB; under the block size, e.g. 0.5, each block is read in pieces)")
+                    "(MiB; default: the tier's verify_bytes; under the block size, e.g. 0.5, "
+                    "each block is read in pieces)")
     ap.add_argument("--verify", choices=["checksum", "lease"], default="checksum",
                     help="the reader's trust in the bytes: xxh3 of every block, or the lease")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -238,9 +239,11 @@ def main() -> None:
     import logging
 
     logging.getLogger("nixl").setLevel(logging.WARNING)
-    extra = {"progress_thread": a.progress_thread, "pipeline_bytes": a.pipeline_mib << 20,
-             "verify_bytes": int(a.verify_mib * (1 << 20)), "verify": a.verify,
-             "checksum_cache": not a.no_checksum_cache}
+    extra: dict[str, Any] = {"progress_thread": a.progress_thread,
+                             "pipeline_bytes": a.pipeline_mib << 20, "verify": a.verify,
+                             "checksum_cache": not a.no_checksum_cache}
+    if a.verify_mib is not None:
+        extra["verify_bytes"] = int(a.verify_mib * (1 << 20))
     out = run([int(x) for x in a.batches.split(",")], a.reps, extra)
     if a.json:
         print(json.dumps(out))

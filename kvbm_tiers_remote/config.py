@@ -103,10 +103,11 @@ class RemoteTierConfig(TierConfig):
         "fewer, larger steps cost the peer fewer requests",
     )
     verify_bytes: int = Field(
-        4 << 20,
+        8 << 20,
         gt=0,
         description="bytes per READ inside a step; each is checksummed while the next is read, "
-        "so keep it well under the last-level cache (the bytes are hashed while still cached)",
+        "so keep it well under the last-level cache (the bytes are hashed while still cached); "
+        "each READ also costs NIXL's per-transfer set-up (4 MiB READs: a tenth of the copy)",
     )
     verify: Literal["checksum", "lease"] = Field(
         "checksum",

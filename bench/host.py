@@ -20,7 +20,12 @@ verified as the others. The ``adapter, 1 thread`` rows
 time the adapter's copy alone (no manager, one thread) beside the best 1-thread copy
 of the same bytes.
 
-Run: ``python bench/host.py [--batch 64] [--batches 4] [--repeats 3] [--json]``.
+``--limit cold`` starts every limit copy and every timed figure from memory rather
+than the cache (``kvbm_bench.limits.ColdPairs``: limit copies on a ring twice the
+last-level cache, twice the cache read elsewhere before each figure); the default,
+``warm``, times the limit's copies back to back on two buffers, as before.
+
+Run: ``python bench/host.py [--batch 64] [--batches 4] [--repeats 3] [--limit warm|cold] [--json]``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 from kvbm.engine_blocks import _native, engine_blocks
 from kvbm.layout import ContiguousBlocks
 from kvbm.manager import KvBlockManager
-from kvbm_bench.limits import copy_limits
+from kvbm_bench.limits import ColdPairs, copy_limits
 
 MODEL = {"name": "llama-3-8b-like", "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
          "dtype": "bfloat16"}
@@ -76,6 +81,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     contig_src = rng.integers(0, 256, (n, bb), dtype=np.uint8)
     contig_dst = np.zeros_like(contig_src)
     lim_bufs = (np.ones(n * bb, dtype=np.uint8), np.ones(n * bb, dtype=np.uint8))
+    # Warm (the default): the limit's four copies back to back on two buffers (the
+    # cache's speed where a batch fits in it), the figure as the loop leaves the cache.
+    # Cold: each limit copy on its own pair of a ring twice the cache, and the cache
+    # flushed (clean) before each timed figure, so figure and limit start from memory.
+    ring = ColdPairs(n * bb) if args.limit == "cold" else None
+
+    def cold_start() -> None:
+        if ring is not None:
+            ring.flush()
     pool = ThreadPoolExecutor(max(1, lim_threads - 1))
     native_ok = _native.copy_runs() is not None
     stream_at = _native.stream_min()
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def limit(threads: int) -> tuple[float, float]:
         """(best, best memcpy) seconds of copying the batch's bytes, right now."""
-        got = copy_limits(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], threads, pool)
+        got = copy_limits(lim_bufs[0][: n * bb], lim_bufs[1][: n * bb], threads, pool, ring)
         return min(got.values()), min(v for k, v in got.items() if k.startswith("memcpy"))
     rows: dict[str, list[dict[str, float]]] = {}
     verified = mismatched = 0
@@ -109,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         label = f"{shape}[{path}]"
                         a = acc.setdefault(label, [0.0] * 6)
                         lim, lim_mc = limit(lim_threads)
+                        cold_start()
                         if shape == "engine":
                             t0 = time.perf_counter()
                             stored = mgr.offload(hashes, engine, indices=src_ids).stored
@@ -116,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         else:
                             contig_src[:, :16] = np.frombuffer(b"".join(hashes),
                                                                dtype=np.uint8).reshape(n, 16)
+                            cold_start()
                             t0 = time.perf_counter()
                             stored = mgr.offload(hashes, ContiguousBlocks(contig_src, layout)).stored
                             t_off = time.perf_counter() - t0
@@ -129,6 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         lim, lim_mc = limit(lim_threads)
                         with mgr.match_prefix(hashes) as match:
                             assert match.num_blocks == n
+                            cold_start()
                             t0 = time.perf_counter()
                             if shape == "engine":
                                 loaded = mgr.onboard(match, engine, indices=dst_ids).loaded
@@ -160,12 +177,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(args.batches):
                     ids = rng.permutation(nb)[:n].tolist()
                     lim, lim_mc = limit(1)
+                    cold_start()
                     t0 = time.perf_counter()
                     engine.copy_out(ids, views)
                     a[0] += lim
                     a[1] += time.perf_counter() - t0
                     a[4] += lim_mc
                     lim, lim_mc = limit(1)
+                    cold_start()
                     t0 = time.perf_counter()
                     engine.copy_in(ids, views)
                     a[2] += lim
@@ -187,7 +206,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mgr.close()
     return {"batch_blocks": n, "block_bytes": bb, "batches": args.batches, "repeats": args.repeats,
             "threads": mgr.executor._copy_threads, "native_loop": native_ok, "rows": rows,
-            "huge_page_bytes": huge_bytes,
+            "huge_page_bytes": huge_bytes, "limit_mode": args.limit,
+            "cache_ring_bytes": 0 if ring is None else ring.ring.nbytes,
             "verified_blocks": verified, "mismatched_blocks": mismatched,
             "loadavg": list(os.getloadavg())}
 
@@ -205,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(the native loop without them), numpy (default these three); huge: "
                         "native on a copy of the engine's tensors moved onto 2 MiB pages "
                         "(engine_huge_pages)")
+    p.add_argument("--limit", choices=("warm", "cold"), default="warm",
+                   help="warm (default, as before): the limit's copies back to back on two "
+                        "buffers, the figure as the loop leaves the cache; cold: every limit "
+                        "copy on its own pair of a ring twice the last-level cache, and twice "
+                        "the cache read elsewhere before each timed figure, so both start "
+                        "from memory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     res = run(args)
@@ -230,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(x['memcpy_gbps'] for x in rs):6.2f}  "
                   f"{q[0]:.2f} / {statistics.median(q):.2f} / {q[-1]:.2f}")
         print("limit: the fastest copy of the same bytes (memcpy or streaming stores, 1 or N "
-              "threads), timed before each batch; memcpy: the fastest memcpy alone")
+              "threads), timed before each batch; memcpy: the fastest memcpy alone; "
+              + ("cold: limit copies on a ring of "
+                 f"{res['cache_ring_bytes'] / 2**20:.0f} MiB, cache flushed before each "
+                 "figure" if res["limit_mode"] == "cold" else "warm: limit copies back to back"))
         print(f"verified {res['verified_blocks']} blocks, {res['mismatched_blocks']} mismatched")
     return 1 if res["mismatched_blocks"] else 0
 

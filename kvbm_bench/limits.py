@@ -95,24 +95,89 @@ def stream_copy(dst: np.ndarray, src: np.ndarray, threads: int,
     return time.perf_counter() - t0
 
 
+def llc_bytes() -> int:
+    """Bytes of this CPU's largest cache (sysfs), 32 MiB where it cannot be read."""
+    best = 0
+    for p in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            txt = p.read_text().strip().upper()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1:], 1)
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best or 32 * 2**20
+
+
+class ColdPairs:
+    """Buffers for limit copies that start from memory, not from the cache, as a
+    path's own copy of KV the engine wrote long before does.
+
+    Copying the same two buffers back to back times the last-level cache once they
+    fit in it (this VM reports 480 MiB of L3: a 2-thread streamed copy of 128 MiB ran
+    at 21.5 GB/s warm against 15.1 GB/s after 1 GiB written elsewhere, medians of 8,
+    load 0.8). So each limit copy takes the next two slices of a touched ring of at
+    least twice the cache; a slice comes round again only after more bytes than the
+    cache holds have passed through it. ``flush`` reads as much as the cache twice over
+    (a buffer of its own) to start a path's timed copy from the same cold cache."""
+
+    def __init__(self, nbytes: int, cache_bytes: int | None = None) -> None:
+        self.nbytes = max(1, int(nbytes))
+        cache = llc_bytes() if cache_bytes is None else cache_bytes
+        k = max(4, -(-2 * cache // self.nbytes))
+        k += k % 2
+        self.ring = np.ones(k * self.nbytes, dtype=np.uint8)  # touched: no faults timed
+        # Flushed through its own buffer: written over, the ring's slices would be
+        # the freshest lines in the cache for the limit copy that follows.
+        self._wipe = np.ones(2 * cache, dtype=np.uint8)
+        self._k = k
+        self._i = 0
+        self._sink = 0
+
+    def take(self, like: np.ndarray) -> np.ndarray:
+        """The next cold slice, shaped as ``like`` (uint8 bytes of it)."""
+        nb = like.nbytes
+        if nb > self.nbytes:
+            raise ValueError(f"ColdPairs: a copy of {nb} bytes is larger than the ring's "
+                             f"slices ({self.nbytes}); make the ring with nbytes={nb}")
+        out = self.ring[self._i * self.nbytes : self._i * self.nbytes + nb]
+        self._i = (self._i + 1) % self._k
+        shape = like.view(np.uint8).shape if like.dtype != np.uint8 else like.shape
+        return out.reshape(shape)
+
+    def flush(self) -> None:
+        """Read twice the cache's bytes elsewhere: what was cached is gone, and the lines
+        that replace it are clean (written lines would cost the timed copy their write-back)."""
+        self._sink = int(self._wipe.view(np.uint64).max())
+
+
 def copy_limits(dst: np.ndarray, src: np.ndarray, threads: int,
-                pool: ThreadPoolExecutor | None) -> dict[str, float]:
-    """Seconds of each way to copy the same bytes, back to back: ``memcpy`` (numpy's
-    copy) and streaming stores, each with 1 and with ``threads`` threads."""
-    out = {"memcpy 1": split_copy(dst, src, 1, None), "stream 1": stream_copy(dst, src, 1, None)}
+                pool: ThreadPoolExecutor | None, cold: ColdPairs | None = None) -> dict[str, float]:
+    """Seconds of each way to copy the same bytes: ``memcpy`` (numpy's copy) and
+    streaming stores, each with 1 and with ``threads`` threads. Back to back on
+    ``dst``/``src``, or with ``cold`` each on the next cold pair of the same size
+    (``ColdPairs``): the bytes come from memory, not from the cache."""
+    def bufs() -> tuple[np.ndarray, np.ndarray]:
+        if cold is None:
+            return dst, src
+        s = cold.take(src)
+        return cold.take(dst).reshape(s.shape), s
+
+    out = {"memcpy 1": split_copy(*bufs(), 1, None), "stream 1": stream_copy(*bufs(), 1, None)}
     if threads > 1:
-        out[f"memcpy {threads}"] = split_copy(dst, src, threads, pool)
-        out[f"stream {threads}"] = stream_copy(dst, src, threads, pool)
+        out[f"memcpy {threads}"] = split_copy(*bufs(), threads, pool)
+        out[f"stream {threads}"] = stream_copy(*bufs(), threads, pool)
     return out
 
 
-def best_copy(dst: np.ndarray, src: np.ndarray, threads: int, pool: ThreadPoolExecutor | None) -> float:
+def best_copy(dst: np.ndarray, src: np.ndarray, threads: int, pool: ThreadPoolExecutor | None,
+              cold: ColdPairs | None = None) -> float:
     """The fastest copy of the same bytes this machine has, 1 or ``threads`` threads,
-    ``memcpy`` or streaming stores, back to back (seconds): the memory limit of a path
-    that copies these bytes. (glibc's memcpy streams only for single copies of most of
-    the last-level cache; kvbm's copy loop streams its batches, so a limit of memcpy
-    alone would sit below what kvbm itself reaches.)"""
-    return min(copy_limits(dst, src, threads, pool).values())
+    ``memcpy`` or streaming stores (seconds): the memory limit of a path that copies
+    these bytes; from cold buffers with ``cold`` (``copy_limits``). (glibc's memcpy
+    streams only for single copies of most of the last-level cache; kvbm's copy loop
+    streams its batches, so a limit of memcpy alone would sit below what kvbm itself
+    reaches.)"""
+    return min(copy_limits(dst, src, threads, pool, cold).values())
 
 
 @dataclass

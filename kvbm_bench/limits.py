@@ -159,8 +159,7 @@ def copy_limits(dst: np.ndarray, src: np.ndarray, threads: int,
     def bufs() -> tuple[np.ndarray, np.ndarray]:
         if cold is None:
             return dst, src
-        s = cold.take(src)
-        return cold.take(dst).reshape(s.shape), s
+        return cold.take(dst), cold.take(src)
 
     out = {"memcpy 1": split_copy(*bufs(), 1, None), "stream 1": stream_copy(*bufs(), 1, None)}
     if threads > 1:

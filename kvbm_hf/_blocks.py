@@ -125,6 +125,11 @@ def _addresses(bufs: Sequence[np.ndarray], nbytes: int) -> np.ndarray | None:
     return np.array(out, dtype=np.int64)
 
 
+def _layer_pairs(t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(K, V)]`` per layer of a ``[layers, 2, ...]`` tensor."""
+    return [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
+
+
 class CacheBlockDestination:
     """A ``BlockDestination`` that writes onboarded blocks where the model will read them.
 
@@ -209,23 +214,12 @@ class CacheBlockDestination:
 
     def kv_views(self, tokens: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
                                              list[tuple[torch.Tensor, torch.Tensor]]]:
-        """``(kv_rooms(), kv_rooms(tokens))`` from one transpose (the second empty when
-        ``tokens`` is 0)."""
-        t = self.room.transpose(3, 4)  # [layers, 2, 1, kv_heads, capacity, head_dim]
-        rooms = [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
-        if not tokens:
-            return rooms, []
-        t = t[:, :, :, :, :tokens]
-        return rooms, [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
+        """Every layer's ``kv_room``, and the views of its first ``tokens`` tokens (empty
+        when ``tokens`` is 0), from one transpose.
 
-    def kv_rooms(self, tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's ``kv_room`` (its first ``tokens`` tokens when given), in a few ops.
-
-        One transpose, one slice and ``layers + 1`` unbinds, where ``kv_room`` per layer
-        takes four ops and a slice two more: on the request path each torch call costs
-        tens of microseconds in caches the model's forward just filled.
+        One transpose, one slice and ``layers + 1`` unbinds each, where ``kv_room`` per
+        layer takes four ops and a slice two more: on the request path each torch call
+        costs tens of microseconds in caches the model's forward just filled.
         """
         t = self.room.transpose(3, 4)  # [layers, 2, 1, kv_heads, capacity, head_dim]
-        if tokens is not None:
-            t = t[:, :, :, :, :tokens]
-        return [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
+        return _layer_pairs(t), (_layer_pairs(t[:, :, :, :, :tokens]) if tokens else [])

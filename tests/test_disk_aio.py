@@ -7,51 +7,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import xxhash
+from disk_aligned import blocks, on_disk
+from disk_aligned import make_tier as aligned_tier
 
-from kvbm import BlockLayout, ModelSpec, Namespace
-from kvbm.layout import aligned_empty
-from kvbm.tier import TierContext
 from kvbm_tiers_disk import _native_io
-from kvbm_tiers_disk.config import DiskTierConfig
-from kvbm_tiers_disk.format import HEADER_BYTES, unpack_header
 from kvbm_tiers_disk.tier import DiskTier
-
-from conftest import PAGE, SMALL_MODEL
-
-# 2 x 2 x 4 x 128 x float32 = 8192 bytes: page-aligned blocks, the native loop's.
-ALIGNED_MODEL = {**SMALL_MODEL, "head_dim": 64}
 
 pytestmark = pytest.mark.skipif(_native_io.load() is None, reason="no C compiler: no native loop")
 
 
 def make_tier(path: Path, aio: bool, n: int = 8, threads: int = 1) -> DiskTier:
-    layout = BlockLayout(ModelSpec(**ALIGNED_MODEL), PAGE)
-    ns = Namespace(ALIGNED_MODEL["name"], layout.digest)
-    cfg = DiskTierConfig(type="disk", name="disk", path=str(path), num_blocks=n, io_threads=threads)
-    t = DiskTier(cfg, TierContext("disk", ns, layout, n))
+    t = aligned_tier(path, n, io_threads=threads)
     t._aio = aio
-    t.recover()
     return t
-
-
-def blocks(bb: int, n: int, seed: int) -> list[np.ndarray]:
-    arena = aligned_empty(n * bb).reshape(n, bb)
-    arena[:] = np.random.default_rng(seed).integers(0, 256, arena.shape, dtype=np.uint8)
-    return [arena[i] for i in range(n)]
-
-
-def on_disk(t: DiskTier, slot: int) -> tuple[Any, bytes]:
-    """The slot's header (None if invalid) and its data bytes, read from the file."""
-    st, local = t._locate(slot)
-    with open(st.path, "rb") as f:
-        f.seek(t.geom.header_offset(local))
-        h = unpack_header(memoryview(f.read(HEADER_BYTES)))
-        return h, f.read(t.block_bytes)
 
 
 @pytest.mark.parametrize("aio", [True, False], ids=["aio", "pread-pwrite"])

@@ -15,43 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 import xxhash
+from disk_aligned import blocks, make_tier, on_disk
 
-from kvbm import BlockLayout, ModelSpec, Namespace
-from kvbm.layout import aligned_empty
-from kvbm.tier import TierContext
 from kvbm_tiers_disk import _native_io
 from kvbm_tiers_disk import tier as tier_module
-from kvbm_tiers_disk.config import DiskTierConfig
-from kvbm_tiers_disk.format import HEADER_BYTES, unpack_header
-
-from conftest import PAGE, SMALL_MODEL
-
-# 2 x 2 x 4 x 128 x float32 = 8192 bytes: page-aligned blocks, the native loop's.
-ALIGNED_MODEL = {**SMALL_MODEL, "head_dim": 64}
 
 pytestmark = pytest.mark.skipif(_native_io.load() is None, reason="no C compiler: no native loop")
 
 
-def make_tier(path: Path, n: int = 8, **keys: Any) -> tier_module.DiskTier:
-    layout = BlockLayout(ModelSpec(**ALIGNED_MODEL), PAGE)
-    ns = Namespace(ALIGNED_MODEL["name"], layout.digest)
-    cfg = DiskTierConfig(type="disk", name="disk", path=str(path), num_blocks=n, io_threads=4, **keys)
-    t = tier_module.DiskTier(cfg, TierContext("disk", ns, layout, n))
-    t.recover()
-    return t
-
-
-def blocks(bb: int, n: int, seed: int) -> list[np.ndarray]:
-    arena = aligned_empty(n * bb).reshape(n, bb)
-    arena[:] = np.random.default_rng(seed).integers(0, 256, arena.shape, dtype=np.uint8)
-    return [arena[i] for i in range(n)]
-
-
 def header_on_disk(t: tier_module.DiskTier, slot: int) -> Any:
-    st, local = t._locate(slot)
-    with open(st.path, "rb") as f:
-        f.seek(t.geom.header_offset(local))
-        return unpack_header(memoryview(f.read(HEADER_BYTES)))
+    return on_disk(t, slot)[0]
 
 
 def test_aligned_blocks_go_through_the_native_loop_and_read_back_byte_exact(tmp_path: Path) -> None:

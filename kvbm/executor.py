@@ -17,6 +17,7 @@ into a slot after the planner has settled it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ import numpy as np
 
 from .engine_blocks import _native
 from .engine_blocks._native import copy_pairs
+from .errors import LayoutError
 from .hashing import SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource, ContiguousBlocks
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
@@ -216,6 +218,20 @@ class Executor:
     def _views(self, t: int, slots: Sequence[int]) -> list[np.ndarray] | None:
         return self.tiers[t].views(slots) if slots else []
 
+    def _rows(self, t: int) -> np.ndarray | None:
+        """Tier ``t``'s slots as rows of one array (``HostTier.slot_rows``), or None."""
+        rows = getattr(self.tiers[t], "slot_rows", None)
+        return rows() if callable(rows) else None
+
+    def _copy_rows(self, fn: Callable[[Sequence[int], np.ndarray, Sequence[int]], None],
+                   idx: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
+        """``fn(idx, rows, at)`` (one native call), shared across the copy threads."""
+        if self._copy_pool is not None and len(idx) > 1:
+            with _native.share(self._copy_pool, self._copy_threads):
+                fn(idx, rows, at)
+        else:
+            fn(idx, rows, at)
+
     def split_copy(self, fn: Callable[[Sequence[int], Sequence[np.ndarray]], None],
                    idx: Sequence[int], bufs: Sequence[np.ndarray]) -> None:
         """Run ``fn(idx, bufs)`` split across the copy threads for large batches.
@@ -264,8 +280,13 @@ class Executor:
         slots = [op.slots[i] for i in todo]
         src = [op.src[i] for i in todo]
         failed = set(refused)
-        views = self._views(op.tier, slots)
-        if views is not None:
+        rows = self._rows(op.tier)
+        fast = _rows_fn(source, out=True) if rows is not None else None
+        views = None if fast is not None else self._views(op.tier, slots)
+        if fast is not None:
+            assert rows is not None
+            self._copy_rows(fast, src, rows, slots)
+        elif views is not None:
             self.split_copy(source.copy_out, src, views)
         else:
             keys = [SequenceHash(op.keys[i]) for i in todo]
@@ -447,6 +468,21 @@ class Executor:
         for t, members in sorted(groups.items()):
             t0 = time.perf_counter()
             slots = [op.slots[i] for i in members]
+            rows = self._rows(t) if copy_now else None
+            fast = _rows_fn(dest, out=False) if rows is not None else None
+            if fast is not None and op.promote_op and any(
+                    op.promote_slots[i] >= 0 for i in members):
+                fast = None  # blocks promoted from here need their buffers after the copy
+            if fast is not None:
+                # A memory tier's rows straight into the engine, by row number: nothing
+                # to read first, no view per block.
+                assert rows is not None
+                self._copy_rows(fast, [op.dst[i] for i in members], rows, slots)
+                for i in members:
+                    out[i] = _COPIED
+                self.count(f"onboard:{self.tiers[t].name}", len(members),
+                           time.perf_counter() - t0)
+                continue
             views = self._views(t, slots)
             direct = None
             if views is not None:
@@ -603,6 +639,51 @@ class _Direct:
 
     def __init__(self, buf: np.ndarray) -> None:
         self.buf = buf
+
+
+#: A block copied into the destination from a tier's rows (``_rows_fn``): no buffer
+#: of it is kept (never promoted: those blocks take the path with views).
+_COPIED = _Direct(np.empty(0, dtype=np.uint8))
+
+
+def _rows_fn(engine: Any, out: bool) -> Callable[[Sequence[int], np.ndarray, Sequence[int]],
+                                                 None] | None:
+    """``fn(indices, rows, at)`` copying engine block ``indices[i]`` to (``out``) or from
+    row ``at[i]`` of a tier's rows in one native call: the adapter's ``copy_out_rows`` /
+    ``copy_in_rows``, or ``ContiguousBlocks``' rows; None where the engine offers no such
+    copy (or there is no native loop): the caller copies through views."""
+    if _native.copy_runs() is None:
+        return None
+    if isinstance(engine, ContiguousBlocks):
+        return functools.partial(_contiguous_rows, engine, out)
+    if not getattr(engine, "native_shared", False):
+        return None
+    fn = getattr(engine, "copy_out_rows" if out else "copy_in_rows", None)
+    return fn if callable(fn) else None
+
+
+def _contiguous_rows(blocks: ContiguousBlocks, out: bool, indices: Sequence[int],
+                     rows: np.ndarray, at: Sequence[int]) -> None:
+    """``ContiguousBlocks.copy_out`` / ``copy_in`` into or from rows ``at`` of ``rows``."""
+    arr = blocks.array
+    idx = np.asarray(indices, dtype=np.int64)
+    r = np.asarray(at, dtype=np.int64)
+    n = len(arr)
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        bad = next(i for i in idx.tolist() if not 0 <= i < n)
+        raise LayoutError(f"block index {bad} is out of range [0, {n})")
+    if (rows.shape[1] != arr.shape[1] or not arr.flags.c_contiguous
+            or not rows.flags.c_contiguous or not (rows if out else arr).flags.writeable):
+        views = [rows[i] for i in r.tolist()]
+        if out:
+            blocks.copy_out(indices, views)
+        else:
+            blocks.copy_in(indices, views)
+        return
+    if out:
+        _native.copy_rows_at(rows, r, arr, idx)
+    else:
+        _native.copy_rows_at(arr, idx, rows, r)
 
 
 def _raw(s: Any) -> np.ndarray:

@@ -150,6 +150,12 @@ class HostTier(Tier):
         """The whole arena, ``[num_slots, block_bytes]``: a remote tier may serve it to peers."""
         return self.slots
 
+    def slot_rows(self) -> np.ndarray:
+        """The arena as ``[num_slots, block_bytes]``, slot ``s`` in row ``s`` (``views``'
+        rows): the executor copies a batch between engine blocks and slots by row number,
+        with no view per block."""
+        return self.slots
+
     def views(self, slots: Sequence[int]) -> list[np.ndarray]:
         s = self.slots
         return [s[i] for i in slots]

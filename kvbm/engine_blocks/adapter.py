@@ -370,6 +370,63 @@ class LayerSeparateBlocks:
         bufs = self._buffers(src, len(idx), writable=False, what="src")
         self._in(idx, bufs, 0, self.num_layers)
 
+    def copy_out_rows(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
+        """Copy block ``indices[i]`` into row ``at[i]`` of ``rows``: a C-contiguous uint8
+        array ``[slots, bytes_per_block]`` (a host tier's arena). ``copy_out`` into
+        ``rows[at[i]]``, with the buffers' addresses computed from the row numbers (no
+        Python per block)."""
+        b, r = self._rows_args(indices, rows, at, writable=True, unique=False)
+        self._rows_copy(b, rows, r, out=True)
+
+    def copy_in_rows(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
+        """Copy row ``at[i]`` of ``rows`` (as in ``copy_out_rows``) into block ``indices[i]``."""
+        b, r = self._rows_args(indices, rows, at, writable=False, unique=True)
+        self._rows_copy(b, rows, r, out=False)
+
+    def _rows_copy(self, b: np.ndarray, rows: np.ndarray, r: np.ndarray, out: bool) -> None:
+        if not len(b):
+            return
+        plan = self._run_plan()
+        if plan is None:
+            idx, bufs = b.tolist(), [rows[i] for i in r.tolist()]
+            (self._out if out else self._in)(idx, bufs, 0, self.num_layers)
+            return
+        bp = r * rows.strides[0]
+        bp += _native.address(rows)
+        plan.copy_at(b, bp, 0, self.num_layers, out)
+
+    def _rows_args(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int],
+                   writable: bool, unique: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Block ids and row numbers as int64 arrays, checked as ``copy_out`` checks its
+        arguments (vectorised; the same errors, from the same checks, where one fails)."""
+        bb = self._bytes_per_block
+        if (not isinstance(rows, np.ndarray) or rows.dtype != _U8 or rows.ndim != 2
+                or rows.shape[1] != bb or not rows.flags.c_contiguous):
+            raise LayoutError(
+                f"rows: expected a C-contiguous uint8 array [slots, {bb}] (blocks of layout "
+                f"{self.layout.digest}), got {getattr(rows, 'dtype', type(rows).__name__)} "
+                f"{list(getattr(rows, 'shape', []))}")
+        if writable and not rows.flags.writeable:
+            raise LayoutError("rows: expected a writable array, got a read-only one")
+        r = np.asarray(at, dtype=np.int64)
+        b = np.asarray(indices)
+        n = len(b)
+        if r.shape != (n,):
+            raise LayoutError(f"rows: expected {n} row numbers (one per block id), got "
+                              f"{len(r)}")
+        if n and (int(r.min()) < 0 or int(r.max()) >= rows.shape[0]):
+            bad = next(x for x in r.tolist() if not 0 <= x < rows.shape[0])
+            raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
+        if (b.ndim != 1 or b.dtype.kind not in "iu"
+                or (n and (int(b.min()) < 0 or int(b.max()) >= self.num_blocks))):
+            b = np.asarray(self._indices(indices, unique), dtype=np.int64)  # raises here
+        b = b.astype(np.int64, copy=False)
+        if unique and n > 1:
+            srt = np.sort(b)
+            if (srt[1:] == srt[:-1]).any():
+                self._indices(b.tolist(), unique=True)  # raises, naming the repeated id
+        return b, r
+
     def copy_layer_out(self, layer: int | str, indices: Sequence[int],
                        dst: Sequence[np.ndarray]) -> None:
         """Copy layer ``layer`` (index or name) of block ``indices[i]`` into its slice of the
@@ -483,27 +540,46 @@ class _RunPlan:
     """Where every contiguous run of a (block, layer) slice lies, for one native call a batch.
 
     Layer ``l`` of block ``b`` starts at ``base[l] + b * stride[l]`` in the engine's
-    memory; its runs at ``offsets[l]`` from there, each ``run`` bytes, and at
-    ``l * bytes_per_layer + k * run`` in kvbm's contiguous block buffer.
+    memory; its runs at ``eoff[l]`` from there (ascending), each ``run`` bytes, and at
+    ``l * bytes_per_layer + hoff[l]`` in kvbm's contiguous block buffer. ``layers``
+    lists the layers by address. The tables of a batch are built by one native call
+    (``_native.block_table``) in the engine's address order, from the block ids and the
+    buffers' addresses: no Python per block or run.
     """
 
-    __slots__ = ("base", "bpl", "dst_off", "fn", "keep", "offsets", "run", "stride")
+    __slots__ = ("at", "bpl", "fn", "keep", "layer_major", "layers", "nl", "num_runs", "run",
+                 "table")
 
-    def __init__(self, fn: _native.RunCopy, run: int, base: np.ndarray, stride: np.ndarray,
-                 offsets: np.ndarray, bytes_per_layer: int, keep: list[np.ndarray]) -> None:
+    def __init__(self, fn: _native.RunCopy, table: _native.BlockTable, run: int,
+                 base: np.ndarray, stride: np.ndarray, offsets: np.ndarray,
+                 bytes_per_layer: int, keep: list[np.ndarray]) -> None:
         self.fn = fn
+        self.table = table
         self.run = run
-        self.base = base
-        self.stride = stride
-        self.offsets = offsets
         self.bpl = bytes_per_layer
-        self.dst_off = np.arange(offsets.shape[1], dtype=np.int64) * run
-        self.keep = keep  # the views whose memory the addresses point into
+        self.nl = len(base)
+        self.num_runs = offsets.shape[1]
+        order = np.argsort(offsets, axis=1, kind="stable")
+        eoff = np.ascontiguousarray(np.take_along_axis(offsets, order, axis=1), dtype=np.int64)
+        hoff = np.ascontiguousarray(order * run, dtype=np.int64)
+        self.layers = np.argsort(base, kind="stable").astype(np.int64)
+        nb = max(1, int(keep[0].shape[0]))
+        lo = base + eoff[:, 0]
+        hi = base + (nb - 1) * stride + eoff[:, -1] + run
+        srt = self.layers
+        # Layer-major only where each layer's tensor is a region of its own (per-layer
+        # tensors): walking layer by layer is then walking memory upwards.
+        self.layer_major = bool((stride > 0).all() and (hi[srt][:-1] <= lo[srt][1:]).all())
+        base = np.ascontiguousarray(base, dtype=np.int64)
+        stride = np.ascontiguousarray(stride, dtype=np.int64)
+        self.keep = [*keep, base, stride, eoff, hoff, self.layers]  # memory the addresses name
+        self.at = tuple(_native.address(x) for x in (base, stride, eoff, hoff))
 
     @classmethod
     def build(cls, layers: list[np.ndarray], bytes_per_layer: int) -> _RunPlan | None:
         fn = _native.copy_runs()
-        if fn is None or not layers or layers[0].shape[0] == 0:
+        table = _native.block_table()
+        if fn is None or table is None or not layers or layers[0].shape[0] == 0:
             return None
         tables = [_native.run_table(t[0]) for t in layers]
         run = tables[0][0]
@@ -515,23 +591,36 @@ class _RunPlan:
         base = np.array([_native.address(t) for t in layers], dtype=np.int64)
         stride = np.array([t.strides[0] for t in layers], dtype=np.int64)
         offsets = np.stack([o for _, o in tables])
-        return cls(fn, run, base, stride, offsets, bytes_per_layer, list(layers))
+        return cls(fn, table, run, base, stride, offsets, bytes_per_layer, list(layers))
 
     def copy(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int, out: bool) -> None:
         """Engine blocks ``idx`` (layers ``[l0, l1)``) to ``bufs`` (``out``) or back."""
         n = len(idx)
-        b = np.asarray(idx, dtype=np.int64)
         bp = np.fromiter((_native.address(x) for x in bufs), dtype=np.int64, count=n)
-        ls = slice(l0, l1)
-        layer_at = self.base[ls][None, :] + b[:, None] * self.stride[ls][None, :]  # [n, nl]
-        eng = (layer_at[:, :, None] + self.offsets[ls][None, :, :]).reshape(-1)
-        lay = np.arange(l0, l1, dtype=np.int64) * self.bpl
-        host = (bp[:, None, None] + lay[None, :, None] + self.dst_off[None, None, :]).reshape(-1)
-        if _ENGINE_ORDER:  # any order moves the same bytes: pairs stay together
-            order = np.argsort(eng, kind="stable")
-            eng, host = eng[order], host[order]
+        self.copy_at(np.asarray(idx, dtype=np.int64), bp, l0, l1, out)
+
+    def copy_at(self, blocks: np.ndarray, bp: np.ndarray, l0: int, l1: int, out: bool) -> None:
+        """Engine blocks ``blocks`` (int64, checked) to the whole-block buffers at addresses
+        ``bp`` (``out``) or back, layers ``[l0, l1)``."""
+        n = len(blocks)
+        if _ENGINE_ORDER:  # any order moves the same bytes: each block keeps its buffer
+            order = np.argsort(blocks, kind="stable")
+            blocks, bp = blocks[order], bp[order]
+            layer_major = self.layer_major
+        else:
+            blocks = np.ascontiguousarray(blocks, dtype=np.int64)
+            layer_major = False
+        layers = self.layers if l1 - l0 == self.nl else np.arange(l0, l1, dtype=np.int64)
+        m = n * len(layers) * self.num_runs
+        eng = np.empty(m, dtype=np.int64)
+        host = np.empty(m, dtype=np.int64)
+        base, stride, eoff, hoff = self.at
+        address = _native.address
+        self.table(n, address(blocks), address(bp), len(layers), address(layers), base, stride,
+                   self.num_runs, eoff, hoff, self.bpl, int(layer_major), address(eng),
+                   address(host))
         dst, src = (host, eng) if out else (eng, host)
-        _native.run_copy(self.fn, len(dst), dst, src, self.run)
+        _native.run_copy(self.fn, m, dst, src, self.run)
 
 
 def _storage_spans(tensors: Sequence[Any]) -> list[tuple[int, int]]:

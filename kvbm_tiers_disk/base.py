@@ -35,7 +35,7 @@ _COUNTERS = (
     "blocks_written", "blocks_read", "bytes_written", "bytes_read",
     "write_errors", "read_errors", "enospc", "eio",
     "checksum_failures", "key_mismatches", "short_reads",
-    "files_recreated", "files_truncated", "async_requests",
+    "files_recreated", "files_truncated", "async_requests", "fresh_writes",
 )
 _ZERO_PAGE = aligned_empty(HEADER_BYTES)
 #: Whether tiers use the native per-block loop (``_native_io``) where it builds. Tests
@@ -78,6 +78,7 @@ class TierBase(Tier):
     _keys: list[bytes | None]
     _sums: list[int]
     _hdr_live: bytearray
+    _fresh: bytearray
     _pool: ThreadPoolExecutor
 
     # -- buffers and counters ------------------------------------------------

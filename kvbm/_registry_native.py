@@ -11,16 +11,18 @@ probed and compared in order (the lines now in the cache), up to the first miss.
 the registry's state at hand, blocks saved together cost no index read: the first key
 is looked up alone, and while the slot after the last one found is registered and
 holds the next key, that is its slot. With the registry's LRU in the records
-(``BlockRegistry``), the same call then pins the run and takes its blocks out of the
-LRU list, after prefetching each block's two list neighbours (a third round).
+(``BlockRegistry``), the same call then pins the run: a block's first pin takes it
+out of the evictable count but leaves it in place in the LRU list, so that no list
+neighbour's line is read or written on a match (the registry finishes the unlink
+lazily: at the block's last unpin, or when the list hands it as a victim).
 (Measured on the helper VM, out-of-order execution already overlaps most of the
 probes; what is left is the cost of each random line: docs/benchmarks/registry.md.)
 
 The answer is the Python path's, key for key (``SlotKeys.find_canon``: whole 16-byte
 compares, the linear probe from the key's home to the first empty entry; an entry's
-tag only rules it out), and the registry's ``_pin_found`` with ``LRUPolicy``'s
-``pin_slot`` and ``touch_slot``, step for step. Tests run both paths on the same
-tables (``tests/test_registry_run.py``).
+tag only rules it out), and the pins, evictable count and eviction order are those of
+the registry's ``_pin_found`` with ``LRUPolicy``'s eager ``pin_slot``. Tests run both
+paths on the same tables (``tests/test_registry_run.py``, the registry machine).
 
 The C source is compiled once per process by ``kvbm._cc`` (system compiler, private
 temporary directory, nothing cached on disk) against this interpreter's headers: it
@@ -79,8 +81,8 @@ static inline int same16(const char *a, const char *b) {
 
 /* The slots of the longest prefix of ``keys`` (a list of 16-byte bytes) whose keys are
  * indexed (and, with P_STATE_OFF >= 0, whose state is P_REGISTERED), as a new list;
- * with P_LRU, each is also pinned and leaves the LRU list as LRUPolicy.pin_slot and
- * touch_slot would do, and *unlinked counts the blocks taken out of the list. None when
+ * with P_LRU, each is also pinned, and *unlinked counts the blocks that left the
+ * evictable set (first pins; they stay in the LRU list, see BlockRegistry). None when
  * a key is not exactly a 16-byte bytes (the caller's Python path decides then). */
 PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     *unlinked = 0;
@@ -106,8 +108,8 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     const int64_t stride = p[P_STRIDE], state_off = p[P_STATE_OFF];
     const int8_t registered = (int8_t)p[P_REGISTERED];
     const int lru = (int)p[P_LRU];
-    const int64_t pins_off = p[P_PINS_OFF], prev_off = p[P_PREV_OFF], next_off = p[P_NEXT_OFF];
-    const int32_t end = (int32_t)p[P_END];
+    /* P_PREV_OFF and P_END: the list's other link and sentinel, not touched here */
+    const int64_t pins_off = p[P_PINS_OFF], next_off = p[P_NEXT_OFF];
     const int64_t capacity = p[P_CAPACITY];
     uint64_t home[CHUNK];
     int32_t tag[CHUNK], slot[CHUNK];
@@ -175,37 +177,17 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
             if (found) prev = slot[found - 1];
         }
         if (lru) {
-            /* 4: the list neighbours of the blocks that leave the list, prefetched */
+            /* 4: pin each block. A block's first pin takes it out of the evictable set
+             * but leaves it where it is in the LRU list (its neighbours' lines are not
+             * touched): the registry skips a pinned block the list hands it as victim
+             * (then out of the list) and moves a listed one to the tail at its last
+             * unpin, so the order of the evictable blocks is the eager unlink's. A
+             * later pin of a pinned block changes nothing (its place is set at unpin). */
             for (int i = 0; i < found; i++) {
                 char *r = recs + (int64_t)slot[i] * stride;
-                int32_t nx = I32(r, next_off);
-                if (nx >= 0) {
-                    __builtin_prefetch(recs + (int64_t)nx * stride, 1, 0);
-                    __builtin_prefetch(recs + (int64_t)I32(r, prev_off) * stride, 1, 0);
-                }
-            }
-            /* 5: pin each block: LRUPolicy.pin_slot at its first pin, touch_slot after */
-            char *sentinel = recs + (int64_t)end * stride;
-            for (int i = 0; i < found; i++) {
-                int32_t s = slot[i];
-                char *r = recs + (int64_t)s * stride;
                 int32_t c = I32(r, pins_off);
                 I32(r, pins_off) = c + 1;
-                int32_t nx = I32(r, next_off);
-                if (nx < 0 || (c && nx == end)) continue;  /* not listed, or already last */
-                int32_t pv = I32(r, prev_off);
-                I32(recs + (int64_t)pv * stride, next_off) = nx;
-                I32(recs + (int64_t)nx * stride, prev_off) = pv;
-                if (c == 0) {  /* pin_slot: out of the list */
-                    I32(r, next_off) = -1;
-                    unl++;
-                } else {  /* touch_slot of a listed block: to the tail */
-                    int32_t tail = I32(sentinel, prev_off);
-                    I32(recs + (int64_t)tail * stride, next_off) = s;
-                    I32(r, prev_off) = tail;
-                    I32(r, next_off) = end;
-                    I32(sentinel, prev_off) = s;
-                }
+                if (c == 0 && I32(r, next_off) >= 0) unl++;
             }
         }
         for (int i = 0; i < found; i++) {

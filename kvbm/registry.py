@@ -18,7 +18,8 @@ from consecutive slots with no index lookup, the others are looked up together, 
 in a tier of millions of blocks the run's random memory accesses overlap instead of
 following one another. Where a C compiler is at hand that is one compiled call
 (``kvbm._registry_native``: every key's index bucket, then every record, fetched in
-passes), which with the core's LRU also pins the run and unlinks it from the LRU list;
+passes), which with the core's LRU also pins the run (in place in the LRU list: the
+unlink is finished at the last unpin or when eviction meets the block);
 without one, numpy gathers (``SlotKeys.find_prefix``, whose gather of the keys' records
 brings their state and pins too) or, in a small table, one key at a time, with the same
 results.
@@ -148,6 +149,13 @@ class BlockRegistry:
             self._unlinked = self._native_unlinked.data
             self._native = (fn, int(self._native_params.ctypes.data),
                             int(self._native_unlinked.ctypes.data))
+        # With the compiled lookup and the core LRU, a block's first pin leaves it in the
+        # LRU list (its neighbours' lines untouched on a match; only the evictable count
+        # drops): a listed block at its last unpin is moved to the tail (its count back),
+        # one the list hands as victim while pinned is passed over (out of the list
+        # now), so that the evictable blocks leave in the order an eager unlink gives.
+        self._lru_next = (self._keys.field(12, np.int32).data if self._lru is not None
+                          else memoryview(b""))
         if self._by_slot:  # bound once: the match path makes one call per block
             self._pin_slot = policy.pin_slot
             self._touch_slot = policy.touch_slot
@@ -421,7 +429,7 @@ class BlockRegistry:
             if got is not None:
                 if self._lru is None:
                     return self._pin_found(got, keys)
-                if got:  # pinned, and out of the LRU list, in the call
+                if got:  # pinned in the call, and out of the evictable count
                     self._lru._n -= self._unlinked[0]
                     self._guess = got[-1] + 1
                 return got
@@ -510,6 +518,8 @@ class BlockRegistry:
         pins[slot] = n - 1
         if n == 1:
             if self._by_slot:
+                if self._lru is not None and self._lru_next[slot] >= 0:
+                    self._lru._n += 1  # pinned in place (pin_run): evictable again
                 self._unpin_slot(slot)
             else:
                 self.policy.unpin(self._keys.key_at(slot))
@@ -549,6 +559,12 @@ class BlockRegistry:
         """Evict one block chosen by the policy; return its (hash, former slot)."""
         if self._by_slot:
             slot = self.policy.victim_slot()
+            if self._lru is not None:
+                while slot >= 0 and self._pins[slot]:
+                    # Pinned in place by pin_run, not counted: now out of the list, as
+                    # an eager unlink would have left it.
+                    self._lru._n += 1
+                    slot = self.policy.victim_slot()
             if slot < 0:
                 return None
             key = self._keys.key_at(slot)

@@ -346,3 +346,38 @@ def test_a_pin_after_the_last_slot_with_an_all_zero_key_takes_the_index() -> Non
     reg2.commit(reg2.allocate(key(8)))  # type: ignore[arg-type]
     assert reg2.pin(key(8)) == 1
     assert reg2.pin(zero) is None
+
+
+def test_a_block_pinned_by_a_run_and_released_is_evicted_after_every_block_not_matched() -> None:
+    # The compiled pin leaves a block in its place in the LRU list; its release must
+    # still make it the most recent, and the count of evictable blocks must follow.
+    reg = new_registry(12)
+    keys = [key(i) for i in range(12)]
+    for k in keys:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    got = reg.pin_run(keys[2:6])
+    assert got == [2, 3, 4, 5] and reg.num_evictable == 8
+    for s in (4, 2, 5, 3):
+        reg.unpin(s)
+    assert reg.num_evictable == 12
+    victims = [reg.evict() for _ in range(12)]
+    assert [s for _, s in victims] == [0, 1, 6, 7, 8, 9, 10, 11, 4, 2, 5, 3]
+    assert reg.num_evictable == 0 and reg.evict() is None
+
+
+def test_a_pinned_block_at_the_head_of_the_lru_is_passed_over_by_eviction() -> None:
+    # The oldest blocks are matched and held: eviction takes the next ones, and once
+    # released the held ones come last, in the order they were released.
+    reg = new_registry(6)
+    keys = [key(i) for i in range(6)]
+    for k in keys:
+        reg.commit(reg.allocate(k))  # type: ignore[arg-type]
+    assert reg.pin_run(keys[:2]) == [0, 1] and reg.pin_run(keys[:1]) == [0]
+    assert [reg.evict() for _ in range(2)] == [(keys[2], 2), (keys[3], 3)]
+    assert reg.num_evictable == 2
+    reg.unpin(1)
+    reg.unpin(0)
+    assert reg.num_evictable == 3  # slot 0 still holds one pin
+    reg.unpin(0)
+    assert [s for _, s in (reg.evict() for _ in range(4))] == [4, 5, 1, 0]
+    assert reg.evict() is None

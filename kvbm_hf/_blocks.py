@@ -167,6 +167,18 @@ class CacheBlockDestination:
         #: ``[layers, 2, 1, capacity, kv_heads, head_dim]``, token-major.
         self.room = room
 
+    @classmethod
+    def pooled(cls, layout: BlockLayout, num_blocks: int, room: torch.Tensor) -> CacheBlockDestination:
+        """A destination over ``room``, a pool's room made for ``layout`` and at least
+        ``num_blocks`` blocks long: ``__init__`` without its checks of the room (each a
+        torch call on the request path)."""
+        self = cls.__new__(cls)
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self._dtype = room.dtype
+        self.room = room
+        return self
+
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
         """Write kvbm blocks ``src`` into the room as blocks ``indices`` of the prefix."""
         # The manager may call from its copy threads, where the caller's inference mode
@@ -179,34 +191,75 @@ class CacheBlockDestination:
         p = self.layout.page_size
         if len(indices) != len(src):
             raise LayoutError(f"src: expected {len(indices)} buffers, got {len(src)}")
-        blocks = np.asarray(indices, dtype=np.int64)
-        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
-            bad = next(int(b) for b in blocks if not 0 <= b < self.num_blocks)
-            raise LayoutError(f"block index {bad} is out of range [0, {self.num_blocks})")
+        blocks = self._blocks(indices)
         runs = _native.copy_runs()
         sp = _addresses(src, self.layout.bytes_per_block) \
             if runs is not None and indices and self.room.device.type == "cpu" else None
         if runs is not None and sp is not None:
-            # Block b's layer l K (or V) is one contiguous run in both: one native call
-            # moves every block's 2 × layers runs, the GIL released.
-            part = p * m.num_kv_heads * m.head_dim * m.itemsize
-            cap = self.room.shape[3]
-            lk = np.arange(2 * m.num_layers, dtype=np.int64)  # (layer, K|V) in order
-            room_at = (self.room.data_ptr() + lk[None, :] * (cap * part // p)
-                       + blocks[:, None] * part)
-            src_at = sp[:, None] + lk[None, :] * part
-            d, s_ = room_at.reshape(-1), src_at.reshape(-1)
-            shared = getattr(_native, "run_copy", None)
-            if shared is not None:  # split across the copy threads inside ``_native.share``
-                shared(runs, len(d), d, s_, part)
-            else:
-                runs(len(d), _native.address(d), _native.address(s_), part)
+            self._native_in(runs, blocks, sp)
             return
         for b, s in zip(indices, src, strict=True):
             blk = torch.from_numpy(s).view(self._dtype).view(
                 m.num_layers, 2, p, m.num_kv_heads, m.head_dim
             )
             self.room[:, :, 0, b * p : (b + 1) * p].copy_(blk)
+
+    def copy_in_rows(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
+        """Write row ``at[i]`` of ``rows`` (a tier's slots, ``[slots, bytes_per_block]``
+        uint8, C-contiguous) into the room as block ``indices[i]`` of the prefix.
+
+        ``copy_in`` without a view per block: each block's address is the rows' base plus
+        its row number times the row stride (one numpy expression), so a load of 512
+        blocks makes no Python call per block (the executor's path for a memory tier).
+        """
+        bb = self.layout.bytes_per_block
+        if (not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2
+                or rows.shape[1] != bb or not rows.flags.c_contiguous):
+            raise LayoutError(f"rows: expected a C-contiguous uint8 array [slots, {bb}], got "
+                              f"{getattr(rows, 'dtype', type(rows).__name__)} "
+                              f"{list(getattr(rows, 'shape', []))}")
+        r = np.asarray(at, dtype=np.int64)
+        if r.shape != (len(indices),):
+            raise LayoutError(f"rows: expected {len(indices)} row numbers (one per block), "
+                              f"got {len(r)}")
+        if r.size and (r.min() < 0 or r.max() >= rows.shape[0]):
+            bad = next(int(x) for x in r if not 0 <= x < rows.shape[0])
+            raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
+        runs = _native.copy_runs()
+        if runs is None or not r.size or self.room.device.type != "cpu":
+            self.copy_in(indices, [rows[i] for i in r.tolist()])
+            return
+        with torch.inference_mode():
+            blocks = self._blocks(indices)
+            self._native_in(runs, blocks, r * rows.strides[0] + _native.address(rows))
+
+    def _blocks(self, indices: Sequence[int]) -> np.ndarray:
+        """``indices`` as int64, each checked to lie within the room's blocks."""
+        blocks = np.asarray(indices, dtype=np.int64)
+        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
+            bad = next(int(b) for b in blocks if not 0 <= b < self.num_blocks)
+            raise LayoutError(f"block index {bad} is out of range [0, {self.num_blocks})")
+        return blocks
+
+    def _native_in(self, runs: _native.RunCopy, blocks: np.ndarray, sp: np.ndarray) -> None:
+        """Blocks ``blocks`` from the kvbm blocks at addresses ``sp``, in one native call.
+
+        Block b's layer l K (or V) is one contiguous run in both: one call moves every
+        block's 2 × layers runs, the GIL released, shared with the copy threads inside
+        ``_native.share``.
+        """
+        m = self.layout.model
+        token = m.num_kv_heads * m.head_dim * m.itemsize  # one token's K (or V) of a layer
+        part = self.layout.page_size * token
+        lk = np.arange(2 * m.num_layers, dtype=np.int64)  # (layer, K|V) in order
+        d = ((lk * (self.room.shape[3] * token) + self.room.data_ptr())[None, :]
+             + (blocks * part)[:, None]).reshape(-1)
+        s_ = (lk[None, :] * part + sp[:, None]).reshape(-1)
+        shared = getattr(_native, "run_copy", None)
+        if shared is not None:
+            shared(runs, len(d), d, s_, part)
+        else:
+            runs(len(d), _native.address(d), _native.address(s_), part)
 
     def kv_room(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s key and value room as ``[1, kv_heads, capacity, head_dim]`` views."""

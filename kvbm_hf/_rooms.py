@@ -90,17 +90,29 @@ def host_room(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return flat.view(dtype).view(shape)
 
 
-def _uses(room: torch.Tensor) -> int:
-    assert _use_count is not None
-    return int(_use_count(room.untyped_storage()._cdata))
+class _Room:
+    """A pooled room and what the pool reads of it, kept as Python values: on the
+    request path each torch attribute read costs tens of microseconds cold."""
 
+    __slots__ = ("cap", "cdata", "key", "nbytes", "tensor", "uses")
 
-def _free(room: torch.Tensor) -> bool:
-    if _use_count is None:
-        return False
-    # As many references as when the pool made it (its own tensor, and the storage
-    # object this call makes): no cache, view or offload holds it.
-    return _uses(room) == getattr(room, "_kvbm_uses", -1)
+    def __init__(self, tensor: torch.Tensor, key: tuple[Any, ...]) -> None:
+        self.tensor = tensor
+        self.key = key
+        self.cap = int(tensor.shape[3])
+        self.nbytes = tensor.numel() * tensor.element_size()
+        #: The storage's address (stable for the room's life: the pool's tensor holds
+        #: it), and its use count with nothing but the pool holding the room.
+        self.cdata = int(tensor.untyped_storage()._cdata)
+        self.uses = self.count()
+
+    def count(self) -> int:
+        assert _use_count is not None
+        return int(_use_count(self.cdata))
+
+    def free(self) -> bool:
+        """No cache, view or offload holds the room: the pool may hand it out."""
+        return self.count() == self.uses
 
 
 class ConnectorState:
@@ -109,7 +121,7 @@ class ConnectorState:
     def __init__(self, manager: KvBlockManager) -> None:
         self._manager = weakref.ref(manager)
         self._lock = threading.Lock()
-        self._rooms: list[torch.Tensor] = []
+        self._rooms: list[_Room] = []
         self._pending: dict[SequenceHash, Future[Any]] = {}
         # Offloads whose hashes are not listed yet: an event set once they are (or the
         # offload is done), and their tokens up to the first block they store …
@@ -123,18 +135,18 @@ class ConnectorState:
     def room(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
              tokens: int) -> torch.Tensor:
         """A free room of at least ``tokens`` tokens (dim 3), its other dims ``shape``'s."""
+        key = (device, dtype, shape[:3], shape[4:])
         with self._lock:
-            best: torch.Tensor | None = None
+            best: _Room | None = None
             for r in self._rooms:
-                if (r.device == device and r.dtype == dtype and r.shape[3] >= tokens
-                        and r.shape[:3] == shape[:3] and r.shape[4:] == shape[4:] and _free(r)
-                        and (best is None or r.shape[3] < best.shape[3])):
+                if (r.key == key and r.cap >= tokens and (best is None or r.cap < best.cap)
+                        and r.free()):
                     best = r
             # A view, made under the lock: the caller's hold counts from here on, so no
             # other request can take the same room before the caller's cache holds it.
             with torch.inference_mode(False):
                 if best is not None:
-                    return best.view(best.shape)
+                    return best.tensor.view(best.tensor.shape)
                 cap = -(-tokens // ROOM_STEP) * ROOM_STEP
                 full = (*shape[:3], cap, *shape[4:])
                 # Every page faulted in now, once for the room's whole life.
@@ -143,17 +155,16 @@ class ConnectorState:
                 self.allocated += 1
                 if _use_count is None:
                     return room
-                room._kvbm_uses = _uses(room)  # type: ignore[attr-defined]
-                self._rooms.append(room)
+                self._rooms.append(_Room(room, key))
                 mine = room.view(room.shape)
                 self._trim()
                 return mine
 
     def _trim(self) -> None:
-        free = [r for r in self._rooms if _free(r)]
+        free = [r for r in self._rooms if r.free()]
         if len(free) <= MAX_FREE_ROOMS:
             return
-        free.sort(key=lambda r: r.numel())
+        free.sort(key=lambda r: r.nbytes)
         drop = {id(r) for r in free[: len(free) - MAX_FREE_ROOMS]}
         self._rooms = [r for r in self._rooms if id(r) not in drop]
 

@@ -47,6 +47,7 @@ from transformers.cache_utils import DynamicLayer
 from kvbm.errors import LayoutError, TokenError
 from kvbm.layout import ModelSpec
 from kvbm.manager import KvBlockManager, OffloadResult
+from kvbm.match import Match
 
 from ._blocks import CacheBlockDestination, CacheBlockSource
 from ._model import (
@@ -288,7 +289,8 @@ class KvbmCache(DynamicCache):
         self.offered_blocks = 0
         #: Seconds of the last ``load_prefix``'s steps: ``tokens`` (reading the ids),
         #: ``hash``, ``wait`` (for stores of these blocks still running), ``match``,
-        #: ``room``, ``onboard`` (the copy), ``release`` (the match's pins), ``layers``.
+        #: ``room``, ``layers`` (the layers' views of the room), ``onboard`` (the copy),
+        #: ``release`` (handing the match's pins to an I/O thread).
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
 
@@ -350,27 +352,32 @@ class KvbmCache(DynamicCache):
         # ``torch.cat`` would fault in fresh ones), its blocks leave it as one run each,
         # and the request that computes a prefix leaves its room to those that load it.
         capacity = len(row) + max(self.headroom, 0)
-        with self.manager.match_prefix(hashes) as match:
+        match = self.manager.match_prefix(hashes)
+        try:
             t3 = time.perf_counter()
-            dest = self._destination(max(match.num_blocks, 1), capacity)
+            want = match.num_blocks
+            dest = self._destination(max(want, 1), capacity)
             t4 = time.perf_counter()
-            res = self.manager.onboard(match, dest) if match.num_blocks else None
+            # The layers' views of the room before the copy (they are views of it, the
+            # copy only fills them): after a copy of this size each further step costs
+            # more (its code and data were evicted from the caches by the copy).
+            self._hold_layers(dest, want * self.page_size)
             t5 = time.perf_counter()
-        t6 = time.perf_counter()
-        loaded = res.loaded if res is not None else 0
-        # The layers' views of the room: the room's and the loaded tokens', from one
-        # transpose; made here, they need none of ``preload``'s checks.
-        rooms, held = dest.kv_views(loaded * self.page_size)
-        for li, layer in enumerate(self.layers):
-            if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
-                raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
-            if loaded:
-                layer._hold(rooms[li], held[li])
-            else:
-                layer.reserve(*rooms[li])
+            try:
+                res = self.manager.onboard(match, dest) if want else None
+            except BaseException:
+                self._hold_layers(dest, 0)  # nothing loaded: the room, empty
+                raise
+            t6 = time.perf_counter()
+        finally:
+            self._release(match)
         t7 = time.perf_counter()
-        self.load_times = {"tokens": t0 - ts, "hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2, "room": t4 - t3,
-                           "onboard": t5 - t4, "release": t6 - t5, "layers": t7 - t6}
+        loaded = res.loaded if res is not None else 0
+        if loaded != want:  # a block failed its read: the prefix ends before it
+            self._hold_layers(dest, loaded * self.page_size)
+        self.load_times = {"tokens": t0 - ts, "hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2,
+                           "room": t4 - t3, "layers": t5 - t4, "onboard": t6 - t5,
+                           "release": t7 - t6}
         if loaded == 0:
             return 0
         self.loaded_tokens = loaded * self.page_size
@@ -379,13 +386,44 @@ class KvbmCache(DynamicCache):
         self.offered_blocks = loaded
         return self.loaded_tokens
 
+    def _hold_layers(self, dest: CacheBlockDestination, tokens: int) -> None:
+        """Each layer starts from the room's first ``tokens`` tokens (none: room reserved).
+
+        The room's and the held tokens' views come from one transpose; made here, they
+        need none of ``preload``'s checks.
+        """
+        rooms, held = dest.kv_views(tokens)
+        for li, layer in enumerate(self.layers):
+            if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
+                raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
+            if tokens:
+                layer._hold(rooms[li], held[li])
+            else:
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+                layer.reserve(*rooms[li])
+
+    def _release(self, match: Match) -> None:
+        """Drop ``match``'s pins, on an I/O thread when it holds blocks (``flush`` waits).
+
+        The blocks were copied already: a pin held a little longer only delays their
+        eviction, and the request path does not pay the unpinning (a Python step per
+        block, after a copy that evicted its code from the caches).
+        """
+        if match.num_blocks:
+            try:
+                self.manager.executor.submit(match.release)
+                return
+            except RuntimeError:  # the I/O threads are shut down (closing): here
+                pass
+        match.release()
+
     def _destination(self, num_blocks: int, capacity: int) -> CacheBlockDestination:
         """Where ``num_blocks`` loaded blocks go: a room of ``capacity`` tokens from the pool."""
         m = self.layout.model
         room = self._state.room((m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim),
                                 getattr(torch, m.dtype), self.device, capacity)
-        return CacheBlockDestination(self.layout, num_blocks, capacity=capacity,
-                                     device=self.device, room=room)
+        return CacheBlockDestination.pooled(self.layout, num_blocks, room)
 
     def offload_blocks(
         self, input_ids: Any, *, wait: bool = True

@@ -1,0 +1,166 @@
+"""A loaded prefix through the connector's short load path gives what the long way gives.
+
+The load path's shortcuts: the tier's rows copied by row number (``copy_in_rows``, no
+view per block), the layers' views of the room taken before the copy, the match's
+pins handed to an I/O thread, the pool's rooms taken without their checks. Each test
+fails where a shortcut answered differently: other bytes, a prefix longer than the
+blocks loaded, pins never given back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import numpy as np  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from kvbm import LayoutError  # noqa: E402
+from kvbm.connectors.hf import KvbmCache, manager_for_model, prefill  # noqa: E402
+from kvbm.layout import BlockLayout, ModelSpec  # noqa: E402
+from kvbm.manager import OnboardResult  # noqa: E402
+from kvbm_hf._blocks import CacheBlockDestination  # noqa: E402
+
+PAGE = 4
+VOCAB = 256
+
+
+@pytest.fixture
+def model() -> Any:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def manager(model: Any) -> Any:
+    with manager_for_model(model, tiers=[{"type": "host", "num_blocks": 64}], page_size=PAGE,
+                           name="tiny-llama-load-path") as mgr:
+        yield mgr
+
+
+def _prompt(n: int, seed: int) -> Any:
+    return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("capacity", [6 * PAGE, 6 * PAGE + 3])  # a room not a whole block long
+def test_copy_in_rows_lands_the_bytes_copy_in_lands_from_views(capacity: int) -> None:
+    layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 256, (9, layout.bytes_per_block), dtype=np.uint8)
+    ids, at = [4, 0, 2, 5], [7, 1, 8, 0]
+    got = []
+    for by_rows in (True, False):
+        dest = CacheBlockDestination(layout, 6, capacity=capacity)
+        dest.room.view(torch.uint8).zero_()
+        if by_rows:
+            dest.copy_in_rows(ids, rows, at)
+        else:
+            dest.copy_in(ids, [rows[i] for i in at])
+        got.append(dest.room.view(torch.uint8).clone())  # bytes: random bits hold NaNs
+    assert torch.equal(got[0], got[1])
+    # Block 2 (row 8), layer 1, V, token 3: at its place in the token-major room.
+    blk = torch.from_numpy(rows[8]).view(torch.float32).view(2, 2, PAGE, 2, 8)
+    assert torch.equal(got[0].view(torch.float32).view(2, 2, 1, capacity, 2, 8)[1, 1, 0, 2 * PAGE + 3],
+                       blk[1, 1, 3])
+
+
+def test_copy_in_rows_refuses_a_row_out_of_range_and_rows_of_another_block_size() -> None:
+    layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
+    dest = CacheBlockDestination(layout, 3, capacity=4 * PAGE)
+    rows = np.zeros((4, layout.bytes_per_block), dtype=np.uint8)
+    with pytest.raises(LayoutError, match=r"row 4 is out of range \[0, 4\) of rows"):
+        dest.copy_in_rows([0, 1], rows, [1, 4])
+    with pytest.raises(LayoutError, match=r"block index 3 is out of range \[0, 3\)"):
+        dest.copy_in_rows([0, 3], rows, [1, 2])
+    with pytest.raises(LayoutError, match=rf"C-contiguous uint8 array \[slots, {layout.bytes_per_block}\]"):
+        dest.copy_in_rows([0], np.zeros((4, 64), dtype=np.uint8), [0])
+
+
+def test_prefix_loaded_by_rows_gives_the_plain_models_logprobs(model: Any, manager: Any) -> None:
+    import kvbm_hf._blocks as blocks
+
+    calls: list[int] = []
+    real = blocks.CacheBlockDestination.copy_in_rows
+
+    def spy(self: Any, indices: Any, rows: Any, at: Any) -> None:
+        calls.append(len(indices))
+        real(self, indices, rows, at)
+
+    prompt = _prompt(10 * PAGE + 3, 5)
+    with torch.inference_mode():
+        plain = model(prompt).logits.log_softmax(-1)
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+        blocks.CacheBlockDestination.copy_in_rows = spy  # type: ignore[method-assign]
+        try:
+            cache = KvbmCache(manager, model)
+            out = prefill(model, prompt, cache, offload=False)
+        finally:
+            blocks.CacheBlockDestination.copy_in_rows = real  # type: ignore[method-assign]
+    n = cache.loaded_tokens
+    assert n == 10 * PAGE
+    if not calls:
+        pytest.skip("this executor copies a memory tier's blocks through views (no rows path)")
+    assert calls == [10]
+    torch.testing.assert_close(out.logits.log_softmax(-1), plain[:, n:], rtol=0, atol=1e-5)
+
+
+def test_pins_of_a_load_are_given_back_once_the_manager_is_flushed(model: Any,
+                                                                    manager: Any) -> None:
+    prompt = _prompt(6 * PAGE + 1, 6)
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+        cache = KvbmCache(manager, model)
+        assert cache.load_prefix(prompt) == 6 * PAGE
+    assert manager.flush(10)
+    st = manager.stats()
+    assert st["pinned_blocks"] == 0 and st["leaked_pins"] == 0
+
+
+def test_blocks_that_failed_to_load_are_not_part_of_the_layers_prefix(
+        model: Any, manager: Any, monkeypatch: Any) -> None:
+    prompt = _prompt(8 * PAGE + 1, 7)
+    with torch.inference_mode():
+        plain = model(prompt).logits.log_softmax(-1)
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+        real = manager.onboard
+
+        def five_of_eight(match: Any, dest: Any, *a: Any, **k: Any) -> OnboardResult:
+            res = real(match, dest, *a, **k)
+            assert res.loaded == 8
+            return OnboardResult(loaded=5, failed=[5])  # as if block 5 failed its read
+
+        monkeypatch.setattr(manager, "onboard", five_of_eight)
+        cache = KvbmCache(manager, model)
+        assert cache.load_prefix(prompt) == 5 * PAGE
+        # The layers were given 8 blocks before the copy; they hold 5 now.
+        assert cache.get_seq_length() == 5 * PAGE
+        assert all(layer.keys.shape[-2] == 5 * PAGE for layer in cache.layers)
+        out = model(prompt[:, 5 * PAGE:], past_key_values=cache)
+    torch.testing.assert_close(out.logits.log_softmax(-1), plain[:, 5 * PAGE:], rtol=0, atol=1e-5)
+
+
+def test_load_that_raises_leaves_the_cache_empty_and_usable(model: Any, manager: Any,
+                                                            monkeypatch: Any) -> None:
+    prompt = _prompt(6 * PAGE + 1, 8)
+    with torch.inference_mode():
+        plain = model(prompt).logits.log_softmax(-1)
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+
+        def broken(match: Any, dest: Any, *a: Any, **k: Any) -> OnboardResult:
+            raise OSError("tier gone")
+
+        monkeypatch.setattr(manager, "onboard", broken)
+        cache = KvbmCache(manager, model)
+        with pytest.raises(OSError, match="tier gone"):
+            cache.load_prefix(prompt)
+        assert cache.get_seq_length() == 0  # not the 6 blocks the layers were given first
+        out = model(prompt, past_key_values=cache)  # the whole prompt, computed
+    torch.testing.assert_close(out.logits.log_softmax(-1), plain, rtol=0, atol=1e-5)
+    assert manager.flush(10) and manager.stats()["pinned_blocks"] == 0

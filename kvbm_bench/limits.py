@@ -236,6 +236,31 @@ def find_fio() -> str | None:
     return shutil.which("fio")
 
 
+def fio_run(fio: str, work: str, rw: str, jobs: int, per_job: int, name: str = "kvbm-limit") -> float:
+    """GB/s of one fio run in ``work``: ``rw`` (write or read) of ``jobs`` files of
+    ``per_job`` bytes named ``name``, O_DIRECT, 2 MiB blocks, ``psync`` (one request in
+    flight per job, as each tier thread has one). A write into files fio has not seen
+    creates them first (preallocated, as the tier's slot files); again, it overwrites
+    them. Raises RuntimeError (or OSError, ValueError) where fio fails."""
+    r = subprocess.run(
+        [fio, f"--name={name}", f"--directory={work}", f"--rw={rw}", f"--bs={BLOCK}",
+         f"--size={per_job}", f"--numjobs={max(1, jobs)}", "--direct=1", "--ioengine=psync",
+         "--group_reporting", "--output-format=json", "--thread"],
+        capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip() or r.stdout.strip())
+    out = r.stdout[r.stdout.index("{"):]  # fio may print notes before its JSON
+    bw = float(json.loads(out)["jobs"][0]["write" if rw == "write" else "read"]["bw_bytes"])
+    if bw <= 0:
+        raise RuntimeError("fio reported no bandwidth")
+    return bw / 1e9
+
+
+def fio_per_job(nbytes: int, jobs: int) -> int:
+    """Bytes per fio job for ``nbytes`` in all: whole 2 MiB blocks, at least one."""
+    return max(BLOCK, nbytes // max(1, jobs) // BLOCK * BLOCK)
+
+
 def fio_gbps(directory: str, threads: int, nbytes: int = 512 * 2**20, repeats: int = 2,
              fio: str | None = None) -> tuple[float, float] | None:
     """(write, read) GB/s of fio in ``directory``: O_DIRECT, 2 MiB blocks, ``threads``
@@ -245,27 +270,12 @@ def fio_gbps(directory: str, threads: int, nbytes: int = 512 * 2**20, repeats: i
     if fio is None:
         return None
     jobs = max(1, threads)
-    per_job = max(BLOCK, nbytes // jobs // BLOCK * BLOCK)
+    per_job = fio_per_job(nbytes, jobs)
     work = tempfile.mkdtemp(prefix="kvbm-fio-", dir=directory)
     name = f"kvbm-limit-{uuid.uuid4().hex[:8]}"
-
-    def run(rw: str) -> float:
-        r = subprocess.run(
-            [fio, f"--name={name}", f"--directory={work}", f"--rw={rw}", f"--bs={BLOCK}",
-             f"--size={per_job}", f"--numjobs={jobs}", "--direct=1", "--ioengine=psync",
-             "--group_reporting", "--output-format=json", "--thread"],
-            capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(r.stderr.strip() or r.stdout.strip())
-        out = r.stdout[r.stdout.index("{"):]  # fio may print notes before its JSON
-        bw = float(json.loads(out)["jobs"][0]["write" if rw == "write" else "read"]["bw_bytes"])
-        if bw <= 0:
-            raise RuntimeError("fio reported no bandwidth")
-        return bw / 1e9
-
     try:
-        w = max(run("write") for _ in range(repeats))
-        rd = max(run("read") for _ in range(repeats))
+        w = max(fio_run(fio, work, "write", jobs, per_job, name) for _ in range(repeats))
+        rd = max(fio_run(fio, work, "read", jobs, per_job, name) for _ in range(repeats))
     except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
         return None
     finally:

@@ -42,13 +42,16 @@ def write_results(report: dict[str, Any], out: Path) -> list[str]:
     names = sorted(report["paths"])
     gbps = [report["paths"][n]["gbps"] for n in names]
     lim = [report["paths"][n].get("limit_gbps") or 0.0 for n in names]
+    # A disk path's ratio is the median of its pairs with fio, not its GB/s over the limit.
+    ratio = [report["paths"][n].get("ratio") for n in names]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], gbps, width=0.4, label="kvbm")
     ax.bar([x + 0.2 for x in xs], lim, width=0.4, label="limit (same run)")
-    for x, g, li in zip(xs, gbps, lim):
+    for x, g, li, r in zip(xs, gbps, lim, ratio):
         if li:
-            ax.annotate(f"{g / li:.2f}x", (x - 0.2, g), ha="center", va="bottom", fontsize=8)
+            r = r if r is not None else g / li
+            ax.annotate(f"{r:.2f}x", (x - 0.2, g), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("GB/s")
     ax.set_title(f"kvbm bench: {' -> '.join(report['chain'])}")

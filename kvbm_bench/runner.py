@@ -6,7 +6,9 @@ layer-separate views; without torch, as numpy arrays of the same bytes
 (``engine_np``). Each block's content is a pattern derived from its sequence hash, so
 every onboarded block is checked byte for byte against what was offloaded. A second
 phase moves contiguous whole blocks in batches through the first tier. Last, every
-tier's own limit is measured (``limits``): memory copy, fio and dd, raw boto3.
+tier's own limit is measured (``limits``): memory copy, dd, raw boto3; fio on a disk
+tier is sampled between parts of the workload instead, each part's disk figures paired
+with the samples right around it (``diskpair``).
 Every phase reports progress with an ETA (``progress``).
 """
 
@@ -28,6 +30,7 @@ from kvbm.layout import ContiguousBlocks, aligned_empty
 from kvbm.manager import KvBlockManager
 
 from .config import BenchOptions, default_settings
+from .diskpair import SEGMENTS, DiskPairs
 from .limits import (
     best_copy,
     dd_direct_gbps,
@@ -155,15 +158,20 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> BenchRepo
         kinds = {name: tier_kind(t, c) for name, (t, c) in tiers.items()}
         bar.estimate("workload", opts.duration)
         bar.estimate("contiguous", 2 * opts.raw_blocks * mgr.block_bytes / 0.5e9)
-        bar.estimate("limits", 2 + sum({"disk": 8, "s3": 4}.get(k, 0) for k in kinds.values()))
+        fio = find_fio()
+        disks = {name: (d, int(getattr(c, "io_threads", 1) or 1)) for name, (_, c) in tiers.items()
+                 if kinds[name] == "disk" and (d := _first_dir(c)) is not None}
+        pairs = DiskPairs(fio, disks, opts.limit_bytes, mgr.block_bytes) if fio and disks else None
+        bar.estimate("limits", 2 + sum({"disk": 4 if pairs else 8, "s3": 4}.get(k, 0)
+                                       for k in kinds.values()))
         try:
-            _workload_phase(mgr, opts, report, torch, bar)
+            _workload_phase(mgr, opts, report, torch, bar, pairs)
         finally:
             mgr.close()
         first_kind = kinds[mgr.chain[0].name]
         _contiguous_phase(settings, opts, report, bar, first_kind)
-        _limits_phase(report, tiers, kinds, settings.copy_threads, bar, opts.limit_bytes)
-        _attach_limits(report, kinds)
+        _limits_phase(report, tiers, kinds, settings.copy_threads, bar, opts.limit_bytes, pairs)
+        _attach_limits(report, kinds, pairs)
         bar.done()
         return report
     finally:
@@ -172,8 +180,9 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> BenchRepo
 
 
 def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds: dict[str, str],
-                  threads: int, bar: Progress, nbytes: int) -> None:
-    """Each tier's own limit, measured now, in this run (one progress step each)."""
+                  threads: int, bar: Progress, nbytes: int, pairs: DiskPairs | None = None) -> None:
+    """Each tier's own limit, measured now, in this run (one progress step each); a disk
+    tier's fio from its samples between the workload's parts where ``pairs`` has them."""
     steps = 1 + sum({"disk": 2, "s3": 1}.get(k, 0) for k in kinds.values())
     bar.phase("limits", steps, text=f"memory copy, 1 and {threads} threads")
     mc = memcpy_best(min(256 * 2**20, nbytes), threads=threads)
@@ -182,6 +191,8 @@ def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds:
     report.limits["memcpy_threads"] = float(mc.threads)
     bar.step("memory copy measured")
     fio = find_fio()
+    sampled = pairs.limits() if pairs is not None else {}
+    report.limits.update(sampled)
     for name, (_, cfg) in tiers.items():
         kind = kinds[name]
         if kind == "disk":
@@ -189,11 +200,15 @@ def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds:
             assert d is not None
             jobs = int(getattr(cfg, "io_threads", 1) or 1)
             bar.text = f"fio on {name} ({jobs} jobs)"
-            got = fio_gbps(d, jobs, nbytes, fio=fio) if fio else None
+            got = None
+            if f"fio_write:{name}" in sampled:
+                pass  # sampled around the workload's parts
+            elif fio:
+                got = fio_gbps(d, jobs, nbytes, fio=fio)
             if got is not None:
                 report.limits[f"fio_write:{name}"], report.limits[f"fio_read:{name}"] = got
                 report.limits[f"fio_jobs:{name}"] = float(jobs)
-            else:
+            elif f"fio_write:{name}" not in sampled:
                 report.limit_notes[name] = ("no fio (run `make fio`): dd is the limit" if fio is None
                                             else "fio failed in this directory: dd is the limit")
             bar.step(f"dd on {name}")
@@ -215,8 +230,20 @@ def _limits_phase(report: BenchReport, tiers: dict[str, tuple[str, Any]], kinds:
                                           if not nixl_importable() else "no limit: not measured")
 
 
+def _fio_boundary(mgr: KvBlockManager, pairs: DiskPairs, bar: Progress) -> float:
+    """Flush the cascade, then sample fio on each disk tier (``DiskPairs.boundary``);
+    returns the seconds fio took (kept off the workload's clock; the flush is not)."""
+    bar.text = "flushing writes to the lower tiers"
+    mgr.flush()
+    bar.text = "fio on the disk tiers, between parts of the workload"
+    t0 = time.perf_counter()
+    st = mgr.stats()
+    pairs.boundary(st["paths"], st["tiers"])
+    return time.perf_counter() - t0
+
+
 def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport, torch: Any,
-                    bar: Progress) -> None:
+                    bar: Progress, pairs: DiskPairs | None = None) -> None:
     layout = mgr.layout
     m = layout.model
     bb = layout.bytes_per_block
@@ -242,6 +269,12 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     want = np.empty(bb, dtype=np.uint8)
     got = [np.empty(bb, dtype=np.uint8) for _ in range(max_blocks)]
     bar.phase("workload", len(turns), deadline_s=opts.duration)
+    # fio samples on the disk tiers before the first turn, between SEGMENTS parts and
+    # after the last (``diskpair``): their seconds are not the workload's.
+    part = max(1, -(-len(turns) // SEGMENTS))
+    if pairs is not None:
+        _fio_boundary(mgr, pairs, bar)
+    paused = 0.0
     t_start = time.perf_counter()
     samples: list[float] = []
     threads = mgr.settings.copy_threads
@@ -251,8 +284,10 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     remote = {rt.name: rt.tier for rt in mgr.chain if str(rt.config.type) == "remote"}
     remote_keys: dict[str, list[bytes]] = {name: [] for name in remote}
     for k, turn in enumerate(turns):
-        if time.perf_counter() - t_start > opts.duration:
+        if time.perf_counter() - t_start - paused > opts.duration:
             break
+        if pairs is not None and k and k % part == 0:
+            paused += _fio_boundary(mgr, pairs, bar)
         if k % 8 == 0:
             # Memory bandwidth here moves with the VM's neighbours: sample the limit
             # (the better of 1 and N threads) through the run and take the median.
@@ -291,7 +326,9 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
         bar.step(f"user {turn.user} round {turn.round} hit {n}/{len(hashes)}")
     bar.text = "flushing writes to the lower tiers"
     mgr.flush()
-    report.seconds = time.perf_counter() - t_start
+    report.seconds = time.perf_counter() - t_start - paused
+    if pairs is not None:
+        _fio_boundary(mgr, pairs, bar)
     probe_pool.shutdown()
     for name, tier in remote.items():
         # The remote tier's limit needs its live peer and the manager: measured here.
@@ -416,9 +453,11 @@ def _first_dir(config: Any) -> str | None:
     return str(path) if path else None
 
 
-def _attach_limits(report: BenchReport, kinds: dict[str, str]) -> None:
-    """Each path's own limit: fio (dd beside) for a tier on a local directory, raw boto3
-    for S3, none for remote (said so), the best memory copy otherwise."""
+def _attach_limits(report: BenchReport, kinds: dict[str, str], pairs: DiskPairs | None = None) -> None:
+    """Each path's own limit: fio (dd beside) for a tier on a local directory (paired
+    around the workload's parts where ``pairs`` has pairs for the path: its ratio is
+    their median), raw boto3 for S3, none for remote (said so), the best memory copy
+    otherwise."""
     lim = report.limits
     threads = int(lim.get("memcpy_threads", 1))
     for name, p in report.paths.items():
@@ -433,9 +472,15 @@ def _attach_limits(report: BenchReport, kinds: dict[str, str]) -> None:
         value, what = 0.0, "no limit"
         if kind == "disk":
             dd = lim.get(f"dd_{rw}:{tier}", 0.0)
+            jobs = int(lim.get(f"fio_jobs:{tier}", 1))
+            if pairs is not None and pairs.attach(name, p, rw, jobs):
+                p["dd_gbps"] = dd
+                p["limit"] += f" (dd {dd:.2f})"
+                continue
             if lim.get(f"fio_{rw}:{tier}"):
-                jobs = int(lim[f"fio_jobs:{tier}"])
                 value, what = lim[f"fio_{rw}:{tier}"], f"fio {rw} O_DIRECT 2MiB x{jobs} jobs"
+                if f"fio_samples:{tier}" in lim:
+                    what += " (median of the samples: no part gave a pair)"
                 p["dd_gbps"] = dd
                 what += f" (dd {dd:.2f})"
             elif dd:

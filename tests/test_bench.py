@@ -175,11 +175,22 @@ def test_disk_paths_are_measured_against_fio_with_the_tiers_threads_and_dd_besid
     if limits.find_fio() is None:
         pytest.skip("no fio here (make fio)")
     report = json.loads((disk_run["dir"] / "report.json").read_text())
+    lim = report["limits"]
+    # fio before the first turn, between the 4 parts of the 4 turns and after the last.
+    assert lim["fio_samples:disk"] == 5 and lim["fio_jobs:disk"] == 2
+    assert lim["fio_write_fresh:disk"] > 0 and lim["fio_write:disk"] > 0 and lim["fio_read:disk"] > 0
     for name, rw in (("offload:disk", "write"), ("onboard:disk", "read")):
         p = report["paths"][name]
-        assert p["limit"].startswith(f"fio {rw} O_DIRECT 2MiB x2 jobs (dd "), p
-        assert p["limit_gbps"] == report["limits"][f"fio_{rw}:disk"]
+        k = len(p["pair_ratios"])
+        assert p["limit"].startswith(f"fio {rw} O_DIRECT 2MiB x2 jobs paired around {k} parts"), p
+        assert 1 <= k <= 4
+        assert p["ratio"] == pytest.approx(float(np.median(p["pair_ratios"])))
+        assert p["pair_ratios"] == pytest.approx(
+            [g / li for g, li in zip(p["pair_gbps"], p["pair_limits_gbps"], strict=True)])
         assert p["dd_gbps"] == report["limits"][f"dd_{rw}:disk"] > 0
+        assert p["limit"].endswith(f"(dd {p['dd_gbps']:.2f})")
+    # A new tier writes only into never-written space: the write limit is fio's first write.
+    assert report["paths"]["offload:disk"]["fresh_fraction"] == 1.0
 
 
 def test_without_fio_the_disk_limit_is_dd_and_the_table_says_so(

@@ -22,8 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ import xxhash
 from kvbm.hashing import SequenceHash
 from kvbm.layout import aligned_empty
 
+from ._lanes import CopyLanes, Lane
 from ._peers import Peer, PeerError, PeerSet, RemoteStats
 from ._speculate import SpeculativeReads
 from ._step import _Step
@@ -57,12 +57,13 @@ class BlockReader(SpeculativeReads):
 
     ``agent`` and ``nixl_lock`` are the tier's NIXL agent and the lock every use of it
     takes; ``peers`` carries the requests and drops a peer that fails; ``stats`` is
-    the tier's counters, bumped here.
+    the tier's counters, bumped here; ``make_agent(k)`` makes the NIXL agent of copy
+    lane ``k`` (``read_threads`` > 1; without it the calling thread READs alone).
     """
 
     def __init__(self, name: str, cfg: RemoteTierConfig, agent: Any,
                  nixl_lock: threading.RLock, block_bytes: int, peers: PeerSet,
-                 stats: RemoteStats) -> None:
+                 stats: RemoteStats, make_agent: Callable[[int], Any] | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self._agent = agent
@@ -76,12 +77,11 @@ class BlockReader(SpeculativeReads):
         self._part_blocks = max(1, cfg.verify_bytes // block_bytes)
         # READs of less than a block: each piece is hashed into its block's running xxh3.
         self._piece_bytes = cfg.verify_bytes if cfg.verify_bytes < block_bytes else 0
-        # Checksums of each READ run here while the next is read (xxhash releases the GIL).
-        self._verifier = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-{name}-verify")
+        # The threads that READ (and hash) one batch at once, each with its own agent.
+        self._lanes = CopyLanes(name, cfg.read_threads, agent, nixl_lock, make_agent)
+        self._pump_lock = threading.Lock()  # lanes ask the peer to progress one at a time
         # (peer agent, key) -> the slot address its last lease reply gave.
         self._addrs: dict[tuple[str, bytes], int] = {}
-        # The batch's last READ is checked on the reading thread (see read_from).
-        self._inline_last = True
 
     def read_from(
         self, peer: Peer, idx: list[int], keys: Sequence[SequenceHash],
@@ -89,32 +89,29 @@ class BlockReader(SpeculativeReads):
     ) -> None:
         """Read ``idx`` from ``peer`` in pipelined steps.
 
-        The first step is one READ long, so the copying starts after one short lease;
-        the rest go ``pipeline_bytes`` at a time with up to ``_LEASE_WINDOW`` lease
-        requests in flight, so the peer pins the next steps while this side copies
-        (a release travels with the next lease request, in one write). Inside a step
-        the READs go ``verify_bytes`` at a time and each part is checksummed on the
-        worker thread while the next part is read: the bytes are hashed while they are
-        still in the last-level cache. Hashing a whole step afterwards read them back
-        from DRAM, and on a machine with few memory channels that slowed the copy
-        beside it by a fifth (measured: see docs/benchmarks/remote.md).
+        The first step is one READ per lane long, so the copying starts after one short
+        lease; the rest go ``pipeline_bytes`` at a time with up to ``_LEASE_WINDOW``
+        lease requests in flight, so the peer pins the next steps while this side
+        copies (a release travels with the next lease request, in one write). Inside a
+        step the READs go ``verify_bytes`` at a time, spread over the copy lanes
+        (``read_threads``, see ``_lanes``): each lane READs a part and hashes it right
+        after, while the bytes are still in the last-level cache and the other lanes
+        copy. Hashing a whole step afterwards read them back from DRAM, and on a
+        machine with few memory channels that slowed the copy beside it by a fifth
+        (measured: see docs/benchmarks/remote.md).
 
         When every block of the first step has a remembered address (``_speculate``),
-        the first step is a whole ``pipeline_bytes`` step, READ part by part before its
-        lease reply is awaited, each part hashed on the worker while the next is read;
-        the reply is then only compared against.
+        the first step is a whole ``pipeline_bytes`` step, READ and hashed before its
+        lease reply is awaited; the reply is then only compared against.
         """
+        lanes = self._lanes.for_peer(peer)
         spec_ok = self._can_speculate(peer, idx[: self._step_blocks], keys, dst)
-        first = min(len(idx), self._step_blocks if spec_ok else self._part_blocks)
+        first = min(len(idx), self._step_blocks if spec_ok else self._part_blocks * len(lanes))
         chunks = [idx[:first]]
         chunks += [idx[i : i + self._step_blocks] for i in range(first, len(idx), self._step_blocks)]
-        verifying: list[Future[None]] = []
         cur: _Step | None = None
-        part: _Step | None = None
+        parts: list[_Step] = []
         bad: list[bytes] = []
-        # Running xxh3 of each block read in pieces (the verifier thread's alone); a
-        # block whose piece failed is None, so its last piece cannot pass it.
-        running: dict[int, Any] = {}
         sent_at: list[float] = []  # when each lease request was sent (replies come in order)
         by_lease = self.cfg.verify == "lease"
         spec: _Step | None = None
@@ -124,7 +121,6 @@ class BlockReader(SpeculativeReads):
                 # the next write: a 2-step batch costs the peer two reads, not four.
                 releases: list[dict[str, Any]] = []
                 for j in range(len(chunks)):
-                    last_chunk = j == len(chunks) - 1
                     msgs: list[dict[str, Any]] = []
                     now = time.monotonic()
                     while len(sent_at) < len(chunks) and len(sent_at) - j <= _LEASE_WINDOW:
@@ -134,94 +130,58 @@ class BlockReader(SpeculativeReads):
                         self._peers.send(peer, *releases, *msgs)
                         releases = []
                     if j == 0 and spec_ok:
-                        spec = self._speculate(peer, chunks[0], keys, dst, last_chunk)
+                        spec = self._speculate(peer, lanes, chunks[0], keys, dst)
                     cur = self._leased(peer, chunks[j], sent_at[j], keys)
                     if j == 0 and spec is not None:
                         self._speculated(peer, spec, cur, keys, ok, bad)
                         spec = None
-                    parts = self._parts(cur, dst)
-                    if last_chunk and not parts[-1].idx:
-                        # Nothing left to READ (every block came speculatively): the
-                        # peer may unpin now.
-                        releases.append({"op": "release", "lease": cur.lease})
+                    # verify: lease trusts a READ that ends inside its lease (a peer that
+                    # says no ttl gets checksums instead).
+                    trust = by_lease and cur.deadline is not None
+                    parts = self._parts(cur, dst, len(lanes))
+                    if parts:
+                        for p in parts:
+                            p.trust = trust
+                            self._locals(p, dst)
+                        self._copy(peer, lanes, parts, dst, hash_=not trust)
+                    # The READs are done: the peer may unpin (with the next write).
+                    releases.append({"op": "release", "lease": cur.lease})
+                    cur = None
+                    if j == len(chunks) - 1:
                         self._peers.send(peer, *releases)
                         releases = []
-                        cur = None
-                    for n, part in enumerate(parts):
-                        if not part.idx:
-                            continue
-                        self._post(peer, part, dst)
-                        self._wait(peer, part)
-                        self._release_handle(part)
-                        check = True
-                        if by_lease and part.deadline is not None:
-                            if time.monotonic() > part.deadline:
-                                # The lease may have lapsed mid-READ: the peer may have
-                                # reused the slots, so these bytes are not trusted.
-                                self.stats.lease_overruns += len(part.idx)
-                                part.ok = False
-                            check = False
-                        if not check and not part.bounce:
-                            self._accept(part, ok)
-                        elif self._inline_last and last_chunk and n == len(parts) - 1:
-                            # The batch's last READ: nothing left to overlap with. Its
-                            # lease is released first (the READs are done), then it is
-                            # hashed here and on the verifier at once, half each, rather
-                            # than all on the verifier (a wake-up is a scheduling wait
-                            # on a busy machine). In order: a piece's block may have
-                            # earlier pieces still queued.
-                            assert cur is not None
-                            releases.append({"op": "release", "lease": cur.lease})
-                            self._peers.send(peer, *releases)
-                            releases = []
-                            cur = None
-                            for f in verifying:
-                                f.result()
-                            self._verify_split(peer, part, keys, dst, ok, bad, check, running)
-                        else:
-                            verifying.append(self._verifier.submit(
-                                self._verify, peer, part, keys, dst, ok, bad, check, running
-                            ))
-                    part = None
-                    if cur is not None:
-                        releases.append({"op": "release", "lease": cur.lease})
-                    cur = None
-                if releases:
-                    self._peers.send(peer, *releases)
-                for f in verifying:
-                    f.result()
+                    self._settle(peer, parts, keys, dst, ok, bad)
+                    parts = []
                 if bad:
                     # The peer's remembered checksums for these blocks may be stale
                     # (a slot rewritten under the same key): it recomputes them.
                     self._peers.send(peer, {"op": "suspect", "keys": bad})
         except PeerError as e:
-            for s in (part, cur, spec):
+            for s in (*parts, cur, spec):
                 if s is not None:
-                    self._abandon(s)
+                    self._free_bounce(s)
+            self._lanes.forget(peer)
             # Leases granted but never received expire on the peer after their ttl,
             # or at once when the connection closes (dropping the peer closes it).
             self._peers.drop(peer, str(e))
-        finally:
-            for f in verifying:
-                f.result()
-            if spec is not None:
-                for f in spec.digests:
-                    f.result()
 
-    def _parts(self, s: _Step, dst: Sequence[np.ndarray]) -> list[_Step]:
+    def _parts(self, s: _Step, dst: Sequence[np.ndarray], lanes: int) -> list[_Step]:
         """Split a leased step into READs of ``verify_bytes`` (they share its lease).
 
-        Only for checksums, which want the bytes still cached; with ``verify: lease``
-        one READ per step does, and costs fewer posts. Under the block size, each block
-        is read in pieces (when every destination of the step is registered: a bounce
-        buffer holds whole blocks)."""
+        With ``verify: lease`` nothing is hashed, so a step is split only to give each
+        lane a share. Under the block size, each block is read in pieces (when every
+        destination of the step is registered: a bounce buffer holds whole blocks)."""
+        if not s.idx:
+            return []
         k = self._part_blocks
         if self.cfg.verify != "checksum":
-            return [s]
+            k = -(-len(s.idx) // lanes)
         remote: list[tuple[int, int, int]] = s.handle
+        s.handle = None
         pb, bb = self._piece_bytes, self.block_bytes
-        if pb and s.idx and all(self._local_addr(dst[i]) is not None for i in s.idx):
-            parts = []
+        parts = []
+        if pb and self.cfg.verify == "checksum" and all(
+                self._local_addr(dst[i]) is not None for i in s.idx):
             for i, want, (raddr, _, dev) in zip(s.idx, s.sums, remote):
                 for off in range(0, bb, pb):
                     p = _Step()
@@ -229,43 +189,104 @@ class BlockReader(SpeculativeReads):
                     p.lease, p.deadline = s.lease, s.deadline
                     p.off, p.length = off, min(pb, bb - off)
                     parts.append(p)
-            s.handle = None
             return parts
-        if len(s.idx) <= k:
-            return [s]
-        parts = []
         for a in range(0, len(s.idx), k):
             p = _Step()
             p.idx, p.sums, p.handle = s.idx[a : a + k], s.sums[a : a + k], remote[a : a + k]
             p.lease, p.deadline = s.lease, s.deadline
             parts.append(p)
-        s.handle = None
         return parts
 
-    def _verify_split(
-        self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
-        ok: list[bool], bad: list[bytes], check: bool, running: dict[int, Any],
-    ) -> None:
-        """``_verify`` for the batch's last READ, its hashing split between this thread
-        and the (then idle) verifier: whole registered blocks only, the sums compared
-        here once both halves are done."""
-        if s.length or s.bounce or not check or not s.ok or len(s.idx) < 2:
-            self._verify(peer, s, keys, dst, ok, bad, check, running)
-            return
-        got: dict[int, int] = {}
-        half = len(s.idx) // 2
-        f = self._verifier.submit(self._digest, s.idx[:half], dst, got)
+    def _copy(self, peer: Peer, lanes: Sequence[Lane], parts: list[_Step],
+              dst: Sequence[np.ndarray], hash_: bool) -> None:
+        """READ ``parts`` on the lanes, each hashed (``hash_``) by the lane that READ it
+        right after its READ. A block read in pieces is one unit, so its pieces are
+        READ and hashed in order by one lane."""
+        units: list[list[_Step]] = []
+        for p in parts:
+            if p.length and p.off and units:
+                units[-1].append(p)
+            else:
+                units.append([p])
+
+        def work(lane: Lane, unit: list[_Step]) -> None:
+            for p in unit:
+                self._read(lane, peer, p)
+            if hash_:
+                self._hash_unit(unit, dst)
+
+        self._lanes.run(lanes, units, work)
+
+    def _read(self, lane: Lane, peer: Peer, s: _Step) -> None:
+        """One part's READ on ``lane``, start to end (its handle released)."""
         try:
-            self._digest(s.idx[half:], dst, got)
-        finally:
-            f.result()
-        for i, want in zip(s.idx, s.sums):
-            if not self._sum_matches(peer, keys[i], got[i], want):
-                bad.append(keys[i])
+            self._post(peer, s, lane)
+            self._wait(peer, s, lane)
+        except BaseException:
+            self._release_handle(s, lane)
+            raise
+        s.done_at = time.monotonic()
+        self._release_handle(s, lane)
+
+    def _hash_unit(self, unit: Sequence[_Step], dst: Sequence[np.ndarray]) -> None:
+        """xxh3 of each block the parts of ``unit`` READ, into each part's ``got``
+        (from its bounce buffer where it has one). A block in pieces gets its sum on its
+        last piece's ``got``, and only if every piece arrived (``ok``), in order."""
+        h: Any = None
+        for s in unit:
+            if s.length:
+                i = s.idx[0]
+                if s.off == 0:
+                    h = xxhash.xxh3_64()
+                if h is None:
+                    continue  # an earlier piece of this block failed: it stays a miss
+                if not s.ok:
+                    h = None
+                    continue
+                h.update(dst[i].reshape(-1)[s.off : s.off + s.length])  # registered: uint8
+                if s.off + s.length >= self.block_bytes:
+                    s.got[i] = h.intdigest()
+                    h = None
                 continue
-            ok[i] = True
-            self.stats.blocks_read += 1
-            self.stats.bytes_read += self.block_bytes
+            if not s.ok:
+                continue
+            bounce = {id(d): b for b, d in s.bounce}
+            for i in s.idx:
+                src = bounce.get(id(dst[i]))
+                s.got[i] = xxhash.xxh3_64_intdigest(src if src is not None else dst[i])  # type: ignore[arg-type]
+
+    def _settle(
+        self, peer: Peer, parts: Sequence[_Step], keys: Sequence[SequenceHash],
+        dst: Sequence[np.ndarray], ok: list[bool], bad: list[bytes],
+    ) -> None:
+        """Mark the blocks of READ parts that passed: with checksums, those whose xxh3
+        matches the peer's; with ``trust`` (verify: lease), those whose READ ended
+        inside the lease. Only they are True; bounced blocks are copied out here."""
+        bb = self.block_bytes
+        for s in parts:
+            bounce = {id(d): b for b, d in s.bounce}
+            if s.ok and s.trust and s.deadline is not None and s.done_at > s.deadline:
+                # The lease may have lapsed mid-READ: the peer may have reused the
+                # slots, so these bytes are not trusted.
+                self.stats.lease_overruns += len(s.idx)
+                s.ok = False
+            for i, want in zip(s.idx, s.sums):
+                if not s.ok or (s.length and s.off + s.length < bb):
+                    continue  # failed, or not a block's last piece
+                if not s.trust:
+                    got = s.got.get(i)
+                    if got is None:
+                        continue  # a piece of it did not arrive
+                    if not self._sum_matches(peer, keys[i], got, want):
+                        bad.append(keys[i])
+                        continue
+                src = bounce.get(id(dst[i]))
+                if src is not None:
+                    np.copyto(dst[i], src)
+                ok[i] = True
+                self.stats.blocks_read += 1
+                self.stats.bytes_read += bb
+            self._free_bounce(s)
 
     def _lease_msg(self, chunk: list[int], keys: Sequence[SequenceHash]) -> dict[str, Any]:
         return {"op": "lease", "keys": [keys[i] for i in chunk], "ttl": self.cfg.lease_timeout_s}
@@ -296,12 +317,10 @@ class BlockReader(SpeculativeReads):
         s.handle = remote  # the remote descriptors until _post turns them into a transfer
         return s
 
-    def _post(self, peer: Peer, s: _Step, dst: Sequence[np.ndarray]) -> _Step:
-        remote: list[tuple[int, int, int]] = s.handle
-        s.handle = None
-        if not s.idx:
-            return s
-        local: list[tuple[int, int, int]] = []
+    def _locals(self, s: _Step, dst: Sequence[np.ndarray]) -> None:
+        """The local descriptors of ``s`` (on the calling thread, before any lane READs:
+        registering a region or taking a bounce buffer is not done on the lanes)."""
+        s.local = []
         for i in s.idx:
             addr = self._local_addr(dst[i])
             if addr is None:
@@ -311,27 +330,29 @@ class BlockReader(SpeculativeReads):
                 self.stats.bounce_blocks += 1
             if s.length:
                 assert not s.bounce, "pieces are read into registered memory only"
-                local.append((addr + s.off, s.length, 0))
+                s.local.append((addr + s.off, s.length, 0))
             else:
-                local.append((addr, self.block_bytes, 0))
+                s.local.append((addr, self.block_bytes, 0))
+
+    def _post(self, peer: Peer, s: _Step, lane: Lane) -> None:
+        remote: list[tuple[int, int, int]] = s.handle
+        s.handle = None
         assert peer.agent is not None, "a peer is posted to only while live"
+        agent = lane.agent
         try:
-            with self._nixl_lock:
-                ldesc = self._agent.get_xfer_descs(local, "DRAM")
-                rdesc = self._agent.get_xfer_descs(remote, "DRAM")
-                s.handle = self._agent.initialize_xfer("READ", ldesc, rdesc, peer.agent)
-                state = self._agent.transfer(s.handle)
+            with lane.lock:
+                ldesc = agent.get_xfer_descs(s.local, "DRAM")
+                rdesc = agent.get_xfer_descs(remote, "DRAM")
+                s.handle = agent.initialize_xfer("READ", ldesc, rdesc, peer.agent)
+                state = agent.transfer(s.handle)
         except Exception as e:
             self.stats.transfer_errors += 1
-            self._abandon(s)
             raise PeerError(f"peer {peer.addr}: NIXL READ could not start ({e})") from None
         if state == "ERR":
             self.stats.transfer_errors += 1
-            self._abandon(s)
             raise PeerError(f"peer {peer.addr}: NIXL READ failed at post")
-        return s
 
-    def _wait(self, peer: Peer, s: _Step) -> None:
+    def _wait(self, peer: Peer, s: _Step, lane: Lane) -> None:
         if s.handle is None:
             return
         start = time.monotonic()
@@ -339,8 +360,8 @@ class BlockReader(SpeculativeReads):
         asked = False
         while True:
             try:
-                with self._nixl_lock:
-                    state = self._agent.check_xfer_state(s.handle)
+                with lane.lock:
+                    state = lane.agent.check_xfer_state(s.handle)
             except Exception as e:
                 state = f"ERR ({e})"
             if state == "DONE":
@@ -351,57 +372,18 @@ class BlockReader(SpeculativeReads):
                 raise PeerError(f"NIXL READ failed: {state}")
             if time.monotonic() > deadline:
                 self.stats.transfer_errors += 1
-                self._cancel_or_drain(s)
+                self._cancel_or_drain(s, lane)
                 raise PeerError(f"NIXL READ still running after {self.cfg.transfer_timeout_s}s")
             if not asked and time.monotonic() - start > _PUMP_AFTER_S:
                 # Not done at once: the transport may need the peer to progress too
                 # (the peer's poller runs after our hello and when asked, not always).
+                # The calling thread holds the peer's lock while the lanes READ; the
+                # lanes' pumps take turns on its socket.
                 asked = True
-                self._peers.send(peer, {"op": "pump"})
+                with self._pump_lock:
+                    self._peers.send(peer, {"op": "pump"})
             if self.cfg.progress_thread:
                 time.sleep(0.0001)  # NIXL's thread progresses the transfer
-
-    def _accept(self, s: _Step, ok: list[bool]) -> None:
-        """Mark the blocks of a completed READ as read (the lease vouches for them)."""
-        if not s.ok:
-            return
-        for i in s.idx:
-            ok[i] = True
-        self.stats.blocks_read += len(s.idx)
-        self.stats.bytes_read += len(s.idx) * self.block_bytes
-
-    def _verify(
-        self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
-        ok: list[bool], bad: list[bytes], check: bool = True,
-        running: dict[int, Any] | None = None,
-    ) -> None:
-        """Check each block that arrived against the peer's xxh3 (unless ``check`` is
-        off: the lease vouches for them); only matches are True. A piece of a block
-        (``s.length``) goes into the block's running xxh3 in ``running``; the block is
-        checked at its last piece, and only if every piece arrived."""
-        if s.length:
-            self._verify_piece(peer, s, keys, dst, ok, bad, running)
-            return
-        if not s.ok:
-            self._free_bounce(s)
-            return
-        bounce = {id(d): b for b, d in s.bounce}
-        bb = self.block_bytes
-        for i, want in zip(s.idx, s.sums):
-            d = dst[i]
-            src = bounce.get(id(d))
-            got = want
-            if check:
-                got = xxhash.xxh3_64_intdigest(src if src is not None else d)  # type: ignore[arg-type]
-            if not self._sum_matches(peer, keys[i], got, want):
-                bad.append(keys[i])
-                continue
-            if src is not None:
-                np.copyto(d, src)
-            ok[i] = True
-            self.stats.blocks_read += 1
-            self.stats.bytes_read += bb
-        self._free_bounce(s)
 
     def _sum_matches(self, peer: Peer, key: SequenceHash, got: int, want: int) -> bool:
         """Whether a block's bytes gave the checksum its peer took under the pin; a
@@ -414,33 +396,7 @@ class BlockReader(SpeculativeReads):
                     self.name, key.hex(), peer.addr, got, want)
         return False
 
-    def _verify_piece(
-        self, peer: Peer, s: _Step, keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
-        ok: list[bool], bad: list[bytes], running: dict[int, Any] | None,
-    ) -> None:
-        assert running is not None and len(s.idx) == 1, "a piece is of one block"
-        i, want = s.idx[0], s.sums[0]
-        if s.off == 0:
-            running[i] = xxhash.xxh3_64()
-        h = running.get(i)
-        if h is None:
-            return  # an earlier piece of this block failed: it stays a miss
-        if not s.ok:
-            running[i] = None
-            return
-        h.update(dst[i].reshape(-1)[s.off : s.off + s.length])  # registered: uint8, contiguous
-        if s.off + s.length < self.block_bytes:
-            return
-        del running[i]
-        got = h.intdigest()
-        if not self._sum_matches(peer, keys[i], got, want):
-            bad.append(keys[i])
-            return
-        ok[i] = True
-        self.stats.blocks_read += 1
-        self.stats.bytes_read += self.block_bytes
-
-    def _cancel_or_drain(self, s: _Step) -> None:
+    def _cancel_or_drain(self, s: _Step, lane: Lane) -> None:
         """Stop a timed-out READ before its buffers can be reused.
 
         A READ that NIXL cannot cancel may still write into its destination later;
@@ -451,45 +407,41 @@ class BlockReader(SpeculativeReads):
         h, s.handle = s.handle, None
         if h is None or isinstance(h, list):
             return
-        err = self._release_xfer(h)
+        err = self._release_xfer(h, lane)
         if err is None:
             return
         log.warning("kvbm tier %r: a timed-out NIXL READ cannot be cancelled (%s); "
                     "waiting for it to end before its buffers are reused", self.name, err)
         while True:
-            with self._nixl_lock:
+            with lane.lock:
                 try:
-                    state = self._agent.check_xfer_state(h)
+                    state = lane.agent.check_xfer_state(h)
                 except Exception:
                     state = "ERR"
             if state != "PROC":
                 break
             time.sleep(0.001)
-        with self._nixl_lock, contextlib.suppress(Exception):
-            self._agent.release_xfer_handle(h)
-
-    def _abandon(self, s: _Step) -> None:
-        self._release_handle(s)
-        self._free_bounce(s)
+        with lane.lock, contextlib.suppress(Exception):
+            lane.agent.release_xfer_handle(h)
 
     def _free_bounce(self, s: _Step) -> None:
         """Give a step's bounce buffers back for the next READ."""
         self._bounce_free.extend(b for b, _ in s.bounce)
         s.bounce = []
 
-    def _release_handle(self, s: _Step) -> None:
+    def _release_handle(self, s: _Step, lane: Lane) -> None:
         h, s.handle = s.handle, None
         if h is None or isinstance(h, list):
             return
-        err = self._release_xfer(h)
+        err = self._release_xfer(h, lane)
         if err is not None:  # a transfer that cannot be cancelled stays with NIXL
             log.debug("kvbm remote: releasing a transfer handle failed (%s)", err)
 
-    def _release_xfer(self, h: Any) -> Exception | None:
+    def _release_xfer(self, h: Any, lane: Lane) -> Exception | None:
         """Release a NIXL transfer handle; the error when NIXL refused (still running)."""
-        with self._nixl_lock:
+        with lane.lock:
             try:
-                self._agent.release_xfer_handle(h)
+                lane.agent.release_xfer_handle(h)
             except Exception as e:
                 return e
         return None
@@ -518,6 +470,11 @@ class BlockReader(SpeculativeReads):
             return None
         # Keep ``root`` alive: NIXL holds its address until deregistered at close.
         self._regions[raddr] = (int(root.nbytes), root, reg)
+        try:
+            self._lanes.register(raddr, int(root.nbytes))
+        except Exception as e:
+            log.debug("kvbm remote: registering %d bytes with a read lane failed (%s)", root.nbytes, e)
+            return None
         return addr
 
     def _bounce(self) -> np.ndarray:
@@ -527,14 +484,15 @@ class BlockReader(SpeculativeReads):
         with self._nixl_lock:
             reg = self._agent.register_memory([(int(buf.ctypes.data), buf.nbytes, 0, "")], "DRAM")
         self._regions[int(buf.ctypes.data)] = (buf.nbytes, buf, reg)
+        self._lanes.register(int(buf.ctypes.data), buf.nbytes)
         return buf
 
     def close(self) -> None:
-        """Deregister every local region and bounce buffer; stop the verifier thread."""
+        """Deregister every local region and bounce buffer; stop the copy lanes."""
+        self._lanes.close()
         with self._nixl_lock:
             for _, _, reg in self._regions.values():
                 with contextlib.suppress(Exception):
                     self._agent.deregister_memory(reg)
             self._regions.clear()
         self._bounce_free.clear()
-        self._verifier.shutdown(wait=False)

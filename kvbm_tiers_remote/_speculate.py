@@ -3,22 +3,21 @@ last leases had them while their lease request is on its way, kept only if the r
 puts them at the same address and their bytes give the checksum taken under the pin.
 
 ``SpeculativeReads`` is a part of ``_reader.BlockReader``, split out by idea: it uses
-the reader's configuration, counters, verifier thread, address memory and its
-``_post``/``_wait``/``_abandon``/``_release_handle``/``_local_addr``/``_sum_matches``.
+the reader's configuration, counters, address memory and its ``_locals``/``_copy``
+(READs on the copy lanes, each part hashed by its lane)/``_local_addr``/``_sum_matches``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xxhash
 
 from kvbm.hashing import SequenceHash
 
-from ._peers import Peer, PeerError, RemoteStats
+from ._lanes import Lane
+from ._peers import Peer, RemoteStats
 from ._step import _Step
 from .config import RemoteTierConfig
 
@@ -36,7 +35,6 @@ class SpeculativeReads(_Base):
     stats: RemoteStats
     _addrs: dict[tuple[str, bytes], int]
     _part_blocks: int
-    _verifier: ThreadPoolExecutor
 
     def _can_speculate(self, peer: Peer, chunk: list[int], keys: Sequence[SequenceHash],
                        dst: Sequence[np.ndarray]) -> bool:
@@ -50,12 +48,11 @@ class SpeculativeReads(_Base):
         return all((agent, bytes(keys[i])) in self._addrs and self._local_addr(dst[i]) is not None
                    for i in chunk)
 
-    def _speculate(self, peer: Peer, chunk: list[int], keys: Sequence[SequenceHash],
-                   dst: Sequence[np.ndarray], final: bool) -> _Step:
+    def _speculate(self, peer: Peer, lanes: Sequence[Lane], chunk: list[int],
+                   keys: Sequence[SequenceHash], dst: Sequence[np.ndarray]) -> _Step:
         """READ ``chunk`` from where the peer's last leases had it, while its lease request
         is on its way (``_can_speculate`` said every place is known), in READs of
-        ``verify_bytes``, each hashed on the verifier while the next is read; the last
-        one, when ``final`` (nothing else to READ in this batch), half here, half there.
+        ``verify_bytes`` spread over the copy lanes, each hashed by its lane right after.
 
         The bytes are not trusted yet: ``_speculated`` keeps a block only if the lease
         reply puts it at the same address and the bytes match the checksum the peer
@@ -69,33 +66,18 @@ class SpeculativeReads(_Base):
         s.addrs = [self._addrs[(agent, bytes(keys[i]))] for i in chunk]
         at = dict(zip(s.idx, s.addrs))
         k = self._part_blocks
-        runs = [s.idx[a : a + k] for a in range(0, len(s.idx), k)]
-        for n, blocks in enumerate(runs):
+        parts = []
+        for a in range(0, len(s.idx), k):
             p = _Step()
-            p.idx, p.handle = blocks, [(at[i], bb, 0) for i in blocks]
-            try:
-                self._post(peer, p, dst)
-                self._wait(peer, p)
-            except PeerError:
-                self._abandon(p)
-                for f in s.digests:
-                    f.result()
-                raise
-            self._release_handle(p)
-            self.stats.speculative_blocks += len(blocks)
-            if final and n == len(runs) - 1 and len(blocks) > 1:
-                half = len(blocks) // 2
-                s.digests.append(self._verifier.submit(self._digest, blocks[:half], dst, s.got))
-                self._digest(blocks[half:], dst, s.got)
-            else:
-                s.digests.append(self._verifier.submit(self._digest, blocks, dst, s.got))
+            p.idx = s.idx[a : a + k]
+            p.handle = [(at[i], bb, 0) for i in p.idx]
+            self._locals(p, dst)
+            parts.append(p)
+        self._copy(peer, lanes, parts, dst, hash_=True)
+        for p in parts:
+            s.got.update(p.got)
+        self.stats.speculative_blocks += len(s.idx)
         return s
-
-    @staticmethod
-    def _digest(blocks: list[int], dst: Sequence[np.ndarray], got: dict[int, int]) -> None:
-        """xxh3 of each of ``blocks`` as it lies in ``dst`` (registered: whole blocks)."""
-        for i in blocks:
-            got[i] = xxhash.xxh3_64_intdigest(dst[i])  # type: ignore[arg-type]
 
     def _speculated(
         self, peer: Peer, spec: _Step, cur: _Step, keys: Sequence[SequenceHash],
@@ -104,9 +86,6 @@ class SpeculativeReads(_Base):
         """Keep the speculatively READ blocks the lease reply ``cur`` put at the same
         address whose bytes gave the sum taken under the pin; leave in ``cur`` only the
         blocks still to READ (their address changed)."""
-        for f in spec.digests:
-            f.result()
-        spec.digests = []
         at = dict(zip(spec.idx, spec.addrs))
         rest_idx: list[int] = []
         rest_sums: list[int] = []

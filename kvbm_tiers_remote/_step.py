@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ class _Step:
     """One pipelined step: a lease, its READ and the blocks it covers."""
 
     __slots__ = ("idx", "lease", "sums", "handle", "bounce", "ok", "deadline", "off", "length",
-                 "addrs", "got", "digests")
+                 "addrs", "got", "local", "done_at", "trust")
 
     def __init__(self) -> None:
         self.idx: list[int] = []
@@ -28,7 +27,9 @@ class _Step:
         self.off = 0
         self.length = 0  # 0: whole blocks
         self.addrs: list[int] = []  # a speculative READ's remote addresses
-        # A speculative READ's xxh3 per block, taken as each part arrived (before the
-        # lease reply says what they must be), and the hashing still running.
+        # Each block's xxh3, taken by the lane that READ it right after its READ (for a
+        # speculative READ: before the lease reply says what it must be).
         self.got: dict[int, int] = {}
-        self.digests: list[Future[None]] = []
+        self.local: list[tuple[int, int, int]] = []  # the local descriptors (see _locals)
+        self.done_at = 0.0  # when its READ ended (this side's monotonic clock)
+        self.trust = False  # verify: lease, with a ttl: the lease vouches, nothing is hashed

@@ -105,9 +105,17 @@ class RemoteTierConfig(TierConfig):
     verify_bytes: int = Field(
         8 << 20,
         gt=0,
-        description="bytes per READ inside a step; each is checksummed while the next is read, "
-        "so keep it well under the last-level cache (the bytes are hashed while still cached); "
+        description="bytes per READ inside a step; the thread that READ a part hashes it "
+        "right after, so keep it well under the last-level cache (the bytes are hashed while still cached); "
         "each READ also costs NIXL's per-transfer set-up (4 MiB READs: a tenth of the copy)",
+    )
+    read_threads: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="threads that READ one batch, each with its own NIXL agent (one agent "
+        "runs one transfer at a time) and each hashing what it READ while the others copy; "
+        "1: the calling thread READs and hashes every part itself",
     )
     verify: Literal["checksum", "lease"] = Field(
         "checksum",

@@ -212,8 +212,15 @@ class RemoteTier(Tier):
                                  self.identity, self._rdv, self.stats_r)
         self._where: OrderedDict[bytes, str] = OrderedDict()
         self._where_lock = threading.Lock()
+        def make_agent(k: int) -> Any:
+            """Copy lane ``k``'s own NIXL agent (one agent runs one transfer at a time)."""
+            lane = nixl_agent(f"{agent_name}-r{k}",
+                              nixl_agent_config(enable_prog_thread=False, backends=[]))
+            lane.create_backend("UCX", opts)
+            return lane
+
         self._reader = BlockReader(self.name, config, self._agent, self._nixl_lock,
-                                   self.block_bytes, self._peer_set, self.stats_r)
+                                   self.block_bytes, self._peer_set, self.stats_r, make_agent)
         self._server: BlockServer | None = None
         self._served_reg: Any = None
         self._publisher: threading.Thread | None = None

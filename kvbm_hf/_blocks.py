@@ -130,6 +130,17 @@ def _layer_pairs(t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
 
 
+#: A room seen as ``[layers, 2, 1, kv_heads, capacity, head_dim]``, and each layer's key
+#: and value room as ``[1, kv_heads, capacity, head_dim]`` views of it.
+RoomViews = tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def room_views(room: torch.Tensor) -> RoomViews:
+    """``room``'s ``RoomViews`` (a pool makes them once per room: ``CacheBlockDestination.pooled``)."""
+    t = room.transpose(3, 4)
+    return t, _layer_pairs(t)
+
+
 class CacheBlockDestination:
     """A ``BlockDestination`` that writes onboarded blocks where the model will read them.
 
@@ -155,7 +166,7 @@ class CacheBlockDestination:
             raise ValueError(f"capacity {capacity} tokens is less than {num_blocks} blocks")
         self.layout = layout
         self.num_blocks = num_blocks
-        self._dtype = getattr(torch, m.dtype)
+        self._dtype = self.dtype = getattr(torch, m.dtype)
         shape = (m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim)
         if room is None:
             room = torch.empty(shape, dtype=self._dtype, device=device)
@@ -167,16 +178,21 @@ class CacheBlockDestination:
         #: ``[layers, 2, 1, capacity, kv_heads, head_dim]``, token-major.
         self.room = room
 
+        self._views: RoomViews | None = None
+
     @classmethod
-    def pooled(cls, layout: BlockLayout, num_blocks: int, room: torch.Tensor) -> CacheBlockDestination:
+    def pooled(cls, layout: BlockLayout, num_blocks: int, room: torch.Tensor,
+               views: RoomViews | None = None) -> CacheBlockDestination:
         """A destination over ``room``, a pool's room made for ``layout`` and at least
         ``num_blocks`` blocks long: ``__init__`` without its checks of the room (each a
-        torch call on the request path)."""
+        torch call on the request path). ``views``, the room's ``room_views`` the pool
+        made once, spare ``kv_views`` making them again."""
         self = cls.__new__(cls)
         self.layout = layout
         self.num_blocks = num_blocks
-        self._dtype = room.dtype
+        self._dtype = self.dtype = getattr(torch, layout.model.dtype)
         self.room = room
+        self._views = views
         return self
 
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
@@ -274,5 +290,5 @@ class CacheBlockDestination:
         layer takes four ops and a slice two more: on the request path each torch call
         costs tens of microseconds in caches the model's forward just filled.
         """
-        t = self.room.transpose(3, 4)  # [layers, 2, 1, kv_heads, capacity, head_dim]
-        return _layer_pairs(t), (_layer_pairs(t[:, :, :, :, :tokens]) if tokens else [])
+        t, rooms = self._views if self._views is not None else room_views(self.room)
+        return rooms, (_layer_pairs(t[:, :, :, :, :tokens]) if tokens else [])

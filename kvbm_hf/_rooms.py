@@ -41,6 +41,8 @@ from kvbm.engine_blocks import _native
 from kvbm.hashing import SequenceHash
 from kvbm.manager import KvBlockManager
 
+from ._blocks import RoomViews, room_views
+
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 #: Rooms are this many tokens long at least, and a multiple of it, so prompts of
@@ -48,6 +50,8 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 ROOM_STEP = 2048
 #: Free rooms kept per manager (and device); the largest are kept.
 MAX_FREE_ROOMS = 2
+#: Token rows whose block hashes are kept per manager for the next rows that share them.
+MAX_HASHED_ROWS = 4
 
 
 _HUGE = 2 * 2**20
@@ -94,13 +98,16 @@ class _Room:
     """A pooled room and what the pool reads of it, kept as Python values: on the
     request path each torch attribute read costs tens of microseconds cold."""
 
-    __slots__ = ("cap", "cdata", "key", "nbytes", "tensor", "uses")
+    __slots__ = ("cap", "cdata", "key", "nbytes", "tensor", "uses", "views")
 
     def __init__(self, tensor: torch.Tensor, key: tuple[Any, ...]) -> None:
         self.tensor = tensor
         self.key = key
         self.cap = int(tensor.shape[3])
         self.nbytes = tensor.numel() * tensor.element_size()
+        #: The layers' views of the room, made once (counted in ``uses`` below: a cache
+        #: that uses them holds a view of its own as well, ``KvbmCache``'s room hold).
+        self.views = room_views(tensor)
         #: The storage's address (stable for the room's life: the pool's tensor holds
         #: it), and its use count with nothing but the pool holding the room.
         self.cdata = int(tensor.untyped_storage()._cdata)
@@ -129,12 +136,18 @@ class ConnectorState:
         # … and the hashes each listed one stores.
         self._listed: dict[Future[Any], list[SequenceHash]] = {}
         self.allocated = 0  # rooms made, for tests and stats
+        # Recent token rows and their block hashes (``block_hashes``), most recent first.
+        self._hashed: list[tuple[np.ndarray, list[SequenceHash]]] = []
         _native.copy_runs()  # compile the copy loop now, not inside the first request
 
     # -- rooms ---------------------------------------------------------------------------
     def room(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-             tokens: int) -> torch.Tensor:
-        """A free room of at least ``tokens`` tokens (dim 3), its other dims ``shape``'s."""
+             tokens: int) -> tuple[torch.Tensor, RoomViews | None]:
+        """A free room of at least ``tokens`` tokens (dim 3), its other dims ``shape``'s,
+        and its layers' views (``room_views``; None where the pool keeps no rooms).
+
+        The room is a view of its own: the caller holds it while it uses the room (the
+        layers' views are the pool's, shared by every request the room serves)."""
         key = (device, dtype, shape[:3], shape[4:])
         with self._lock:
             best: _Room | None = None
@@ -146,7 +159,7 @@ class ConnectorState:
             # other request can take the same room before the caller's cache holds it.
             with torch.inference_mode(False):
                 if best is not None:
-                    return best.tensor.view(best.tensor.shape)
+                    return best.tensor.view(best.tensor.shape), best.views
                 cap = -(-tokens // ROOM_STEP) * ROOM_STEP
                 full = (*shape[:3], cap, *shape[4:])
                 # Every page faulted in now, once for the room's whole life.
@@ -154,11 +167,12 @@ class ConnectorState:
                         else torch.empty(full, dtype=dtype, device=device))
                 self.allocated += 1
                 if _use_count is None:
-                    return room
-                self._rooms.append(_Room(room, key))
+                    return room, None
+                made = _Room(room, key)
+                self._rooms.append(made)
                 mine = room.view(room.shape)
                 self._trim()
-                return mine
+                return mine, made.views
 
     def _trim(self) -> None:
         free = [r for r in self._rooms if r.free()]
@@ -167,6 +181,42 @@ class ConnectorState:
         free.sort(key=lambda r: r.nbytes)
         drop = {id(r) for r in free[: len(free) - MAX_FREE_ROOMS]}
         self._rooms = [r for r in self._rooms if id(r) not in drop]
+
+    # -- block hashes --------------------------------------------------------------------
+    def block_hashes(self, manager: KvBlockManager, row: np.ndarray, n: int) -> list[SequenceHash]:
+        """The hashes of the first ``n`` blocks of ``row`` (``manager.hash_tokens``'s).
+
+        A block's hash depends only on the tokens up to its end (and the manager's
+        namespace), so the hashes of a recent row (a load's or an offload's) are
+        reused for as many whole blocks as ``row`` starts with the same tokens; only the
+        rest is hashed, chained from the last one reused. Requests that share a long
+        prefix (a document, the history of a conversation) then compare tokens (one
+        numpy pass) instead of hashing every block again.
+        """
+        p = manager.page_size
+        m = n * p
+        with self._lock:
+            known = list(self._hashed)
+        best: list[SequenceHash] = []
+        source: tuple[np.ndarray, list[SequenceHash]] | None = None
+        for entry in known:
+            toks, hs = entry
+            k = min(len(hs), n)
+            if k <= len(best) or toks[0] != row[0]:
+                continue
+            neq = np.flatnonzero(toks[: k * p] != row[: k * p])
+            k = min(k, int(neq[0]) // p) if neq.size else k
+            if k > len(best):
+                best, source = hs[:k], entry
+        k = len(best)
+        if k >= n:
+            return best[:n]
+        hashes = best + manager.hasher.hash_tokens(row[k * p : m], parent=best[-1] if k else None)
+        with self._lock:
+            # Most recent first; the row this one extends is dropped (this one answers for it).
+            rest = [e for e in self._hashed if e is not source or len(e[1]) > k]
+            self._hashed = [(row[:m].copy(), hashes), *rest][:MAX_HASHED_ROWS]
+        return hashes
 
     # -- offloads ------------------------------------------------------------------------
     def started(self, fut: Future[Any], tokens: np.ndarray, first: int, page: int) -> None:

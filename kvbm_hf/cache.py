@@ -144,10 +144,13 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self._hold((keys_room, values_room), (keys, values))
 
     def _hold(self, room: tuple[torch.Tensor, torch.Tensor],
-              held: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """``preload`` without its checks: ``held`` are the first tokens of ``room``."""
+              held: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype | None = None,
+              device: torch.device | None = None) -> None:
+        """``preload`` without its checks: ``held`` are the first tokens of ``room``
+        (whose dtype and device are ``dtype`` and ``device`` when given)."""
         # What ``lazy_initialization`` sets, without its two throw-away empty tensors.
-        self.dtype, self.device = room[0].dtype, room[0].device
+        self.dtype = room[0].dtype if dtype is None else dtype
+        self.device = room[0].device if device is None else device
         self.is_initialized = True
         self._room = room
         self.keys, self.values = held
@@ -293,6 +296,7 @@ class KvbmCache(DynamicCache):
         #: ``release`` (handing the match's pins to an I/O thread).
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
+        self._room_hold: torch.Tensor | None = None
 
     @property
     def reuse_enabled(self) -> bool:
@@ -340,7 +344,7 @@ class KvbmCache(DynamicCache):
                       self.page_size + 1, level=logging.INFO)
             return 0
         t0 = time.perf_counter()
-        hashes = self.manager.hash_tokens(row[: usable * self.page_size])
+        hashes = self._state.block_hashes(self.manager, row, usable)
         t1 = time.perf_counter()
         # A request that just stored this prefix in the background: wait for it, then load.
         self._state.await_stores(row, hashes)
@@ -393,11 +397,12 @@ class KvbmCache(DynamicCache):
         need none of ``preload``'s checks.
         """
         rooms, held = dest.kv_views(tokens)
+        dtype, device = dest.dtype, self.device  # the pool made the room so
         for li, layer in enumerate(self.layers):
             if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
                 raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
             if tokens:
-                layer._hold(rooms[li], held[li])
+                layer._hold(rooms[li], held[li], dtype, device)
             else:
                 layer.keys = layer.values = None
                 layer.is_initialized = False
@@ -421,9 +426,13 @@ class KvbmCache(DynamicCache):
     def _destination(self, num_blocks: int, capacity: int) -> CacheBlockDestination:
         """Where ``num_blocks`` loaded blocks go: a room of ``capacity`` tokens from the pool."""
         m = self.layout.model
-        room = self._state.room((m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim),
-                                getattr(torch, m.dtype), self.device, capacity)
-        return CacheBlockDestination.pooled(self.layout, num_blocks, room)
+        room, views = self._state.room((m.num_layers, 2, 1, capacity, m.num_kv_heads,
+                                        m.head_dim), getattr(torch, m.dtype), self.device,
+                                       capacity)
+        # Held while this cache lives: the layers' room views are the pool's (shared),
+        # so this view is what keeps the room from the next request meanwhile.
+        self._room_hold = room
+        return CacheBlockDestination.pooled(self.layout, num_blocks, room, views)
 
     def offload_blocks(
         self, input_ids: Any, *, wait: bool = True
@@ -451,7 +460,7 @@ class KvbmCache(DynamicCache):
 
         if wait:
             source = CacheBlockSource(layers, self.layout)  # type: ignore[arg-type]
-            hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
+            hashes = self._state.block_hashes(self.manager, row, n)[start:]
             return self.manager.offload(hashes, source, indices=range(start, n))
         # On the request thread only what must be: the tokens copied (the caller may
         # reuse its tensor), the layers' views taken, the offload listed as started. The
@@ -476,7 +485,7 @@ class KvbmCache(DynamicCache):
             kv: Any = held_kv.pop()
             src: CacheBlockSource | None = None
             try:
-                hashes = manager.hash_tokens(tokens)[start:]
+                hashes = state.block_hashes(manager, tokens, n)[start:]
                 state.listed(fut, hashes)
                 src = CacheBlockSource(kv, layout)
                 kv = None
@@ -498,6 +507,7 @@ class KvbmCache(DynamicCache):
     def reset(self) -> None:
         """Drop the cached KV and start a new request in this cache."""
         super().reset()  # type: ignore[no-untyped-call]
+        self._room_hold = None  # the layers dropped their rooms (``KvbmLayer.reset``)
         self.loaded_tokens = 0
         self.offered_blocks = 0
 

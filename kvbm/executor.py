@@ -307,25 +307,16 @@ class Executor:
 
     def save_async(self, op: SaveOp, source: BlockSource) -> Future[frozenset[int]]:
         """``save`` on a copy thread (the caller plans the next part meanwhile); the
-        future holds the failed positions or the source's error. Until the copy thread
-        starts it, ``cancel()`` takes it back (True: it will never run), so a caller
-        whose copy thread waits for a core runs the part itself instead of waiting.
-        Where no copy thread exists it has run by the time this returns."""
-        fut: Future[frozenset[int]] = Future()
-
-        def run() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return  # taken back by the caller
-            try:
-                fut.set_result(self.save(op, source))
-            except BaseException as e:
-                fut.set_exception(e)
-
+        future holds the failed positions or the source's error. Where no copy thread
+        exists it has run by the time this returns."""
         if self._copy_pool is None:
-            run()
-        else:
-            self._copy_pool.submit(run)
-        return fut
+            done: Future[frozenset[int]] = Future()
+            try:
+                done.set_result(self.save(op, source))
+            except BaseException as e:
+                done.set_exception(e)
+            return done
+        return self._copy_pool.submit(self.save, op, source)
 
     def _staged_write(self, t: int, slots: list[int], keys: list[SequenceHash], src: list[int],
                       source: BlockSource) -> list[bool]:

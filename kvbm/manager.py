@@ -33,7 +33,7 @@ from .events import EventBus
 from .executor import Executor, PathStats
 from .hashing import BlockHasher, Namespace, SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
-from .plan import Plan, Report, SaveOp
+from .plan import Plan, Report
 from .planner import Match, Planner, TierState
 from .plugins import Plugins, build_plugins
 
@@ -236,7 +236,7 @@ class KvBlockManager:
         if (n < _SPLIT_MIN or lead * self.block_bytes < _LEAD_MIN_BYTES
                 or not self.executor.overlaps(0, source)):
             lead = n
-        leading: list[tuple[SaveOp, Future[frozenset[int]]]] = []
+        leading: list[tuple[int, Future[frozenset[int]]]] = []
         try:
             for a, b in ((0, lead), (lead, n)) if lead < n else ((0, n),):
                 sr = self.planner.plan_save(hashes[a:b], indices[a:b],
@@ -248,21 +248,19 @@ class KvBlockManager:
                 self._run_discards(sr.plan)
                 for op in sr.plan.saves:
                     if b < n:
-                        leading.append((op, self.executor.save_async(op, source)))
+                        leading.append((op.op_id, self.executor.save_async(op, source)))
                     else:
                         report[op.op_id] = self.executor.save(op, source)
         except BaseException:
-            # The caller's source is at fault: once no part can still be writing (taken
-            # back before it started, or finished), free every reserved slot, then raise.
-            wait([f for _, f in leading if not f.cancel()])
+            # The caller's source is at fault: once no part can still be writing, free
+            # every reserved slot, then raise.
+            wait([f for _, f in leading])
             self._settle_failed(plan)
             raise
         err: BaseException | None = None
-        for op, fut in leading:
+        for op_id, fut in leading:
             try:
-                # Not started yet (its copy thread waits for a core): copied here.
-                report[op.op_id] = (self.executor.save(op, source) if fut.cancel()
-                                    else fut.result())
+                report[op_id] = fut.result()
             except BaseException as e:
                 err = err or e
         if err is not None:

@@ -38,17 +38,13 @@ def mgr(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 class _Source:
     """Contiguous blocks copied by row number, calling ``hook(first, part)`` before each
-    part's copy (``first``: whether it is the part on the copy thread). With ``ordered``
-    the part on this thread starts only once the copy thread started its own (else the
-    caller may take that part back and copy it itself)."""
+    part's copy (``first``: whether it is the part on the copy thread)."""
 
     native_shared = True
 
-    def __init__(self, blocks: ContiguousBlocks, hook: Any = None, ordered: bool = True) -> None:
+    def __init__(self, blocks: ContiguousBlocks, hook: Any = None) -> None:
         self.blocks = blocks
         self.hook = hook
-        self.ordered = ordered
-        self.first_started = threading.Event()
         self.parts: list[tuple[bool, int]] = []
 
     def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
@@ -56,10 +52,6 @@ class _Source:
 
     def copy_out_rows(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
         first = threading.current_thread() is not threading.main_thread()
-        if first:
-            self.first_started.set()
-        elif self.ordered:
-            assert self.first_started.wait(10)
         self.parts.append((first, len(indices)))
         if self.hook is not None:
             self.hook(first, list(indices))
@@ -132,23 +124,3 @@ def test_a_source_error_in_either_part_frees_every_slot_after_both_parts_finishe
     assert finished == [True]  # the good part had finished when the error came out
     assert reg.num_free == reg.capacity
     assert all(reg.lookup(h) is None for h in hashes)
-
-
-def test_a_first_part_the_copy_thread_has_not_started_is_copied_by_the_caller(
-        mgr: KvBlockManager) -> None:
-    """The copy thread is busy (another process holds its core): the caller takes the
-    first part back and copies it itself instead of waiting."""
-    busy = threading.Event()
-    mgr.executor._copy_pool.submit(busy.wait, 10)  # occupies the only copy thread
-    threading.Timer(5, busy.set).start()  # without the take-back the offload waits for this
-    try:
-        hashes, src = _data(mgr, 5)
-        source = _Source(ContiguousBlocks(src, mgr.layout), ordered=False)
-        assert mgr.offload(hashes, source).stored == N
-        assert sorted(source.parts) == [(False, 4), (False, N - 4)]
-    finally:
-        busy.set()
-    dst = np.zeros_like(src)
-    with mgr.match_prefix(hashes) as m:
-        assert mgr.onboard(m, ContiguousBlocks(dst, mgr.layout)).loaded == N
-    assert np.array_equal(dst, src)

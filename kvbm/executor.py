@@ -297,27 +297,6 @@ class Executor:
                    time.perf_counter() - t0, len(failed))
         return frozenset(failed)
 
-    def overlaps(self, t: int, source: BlockSource) -> bool:
-        """Whether ``save_async`` of ``source``'s blocks into tier ``t`` overlaps the
-        caller: a copy thread to run it on, and one native call by row number (a memory
-        tier's rows, a source in host memory whose copies hold no state between calls,
-        ``_rows_fn``), so two parts may copy at once."""
-        return (self._copy_pool is not None and self._rows(t) is not None
-                and _rows_fn(source, out=True) is not None)
-
-    def save_async(self, op: SaveOp, source: BlockSource) -> Future[frozenset[int]]:
-        """``save`` on a copy thread (the caller plans the next part meanwhile); the
-        future holds the failed positions or the source's error. Where no copy thread
-        exists it has run by the time this returns."""
-        if self._copy_pool is None:
-            done: Future[frozenset[int]] = Future()
-            try:
-                done.set_result(self.save(op, source))
-            except BaseException as e:
-                done.set_exception(e)
-            return done
-        return self._copy_pool.submit(self.save, op, source)
-
     def _staged_write(self, t: int, slots: list[int], keys: list[SequenceHash], src: list[int],
                       source: BlockSource) -> list[bool]:
         """Engine blocks into a tier that stores through ``write``, pipelined.

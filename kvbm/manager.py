@@ -20,7 +20,6 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -221,51 +220,18 @@ class KvBlockManager:
                 if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p <= 100:
                     raise KvbmError(f"offload: priorities[{k}] is {type(p).__name__} {p!r:.40}, "
                                     "not an integer from 0 to 100")
-        hashes, indices = list(hashes), list(indices)
-        prios = list(priorities) if priorities is not None else None
-        n = len(hashes)
-        res = OffloadResult()
-        plan = Plan()
+        sr = self.planner.plan_save(list(hashes), list(indices), priorities)
+        res = OffloadResult(present=sr.present, rejected=sr.rejected, not_saved=sr.not_saved)
+        plan = sr.plan
+        self._run_discards(plan)
         report: Report = {}
-        # A large batch into a memory tier is planned in two parts: the first part's
-        # copy starts on a copy thread (the GIL released) while this thread plans the
-        # rest, so most of the planning (the registry's allocations and evictions, about
-        # 5 us a block) runs under the copy instead of before it. No block is matchable
-        # before ``_follow`` below, after every part's copy finished.
-        lead = -(-n // _LEAD_PARTS)
-        if (n < _SPLIT_MIN or lead * self.block_bytes < _LEAD_MIN_BYTES
-                or not self.executor.overlaps(0, source)):
-            lead = n
-        leading: list[tuple[int, Future[frozenset[int]]]] = []
         try:
-            for a, b in ((0, lead), (lead, n)) if lead < n else ((0, n),):
-                sr = self.planner.plan_save(hashes[a:b], indices[a:b],
-                                            prios[a:b] if prios is not None else None)
-                res.present += sr.present
-                res.rejected += sr.rejected
-                res.not_saved += sr.not_saved
-                plan.extend(sr.plan)
-                self._run_discards(sr.plan)
-                for op in sr.plan.saves:
-                    if b < n:
-                        leading.append((op.op_id, self.executor.save_async(op, source)))
-                    else:
-                        report[op.op_id] = self.executor.save(op, source)
+            for op in plan.saves:
+                report[op.op_id] = self.executor.save(op, source)
         except BaseException:
-            # The caller's source is at fault: once no part can still be writing, free
-            # every reserved slot, then raise.
-            wait([f for _, f in leading])
+            # The caller's source is at fault: free every reserved slot, then raise.
             self._settle_failed(plan)
             raise
-        err: BaseException | None = None
-        for op_id, fut in leading:
-            try:
-                report[op_id] = fut.result()
-            except BaseException as e:
-                err = err or e
-        if err is not None:
-            self._settle_failed(plan)
-            raise err
         for op in plan.saves:
             res.stored += len(op.slots) - len(report[op.op_id])
             res.failed += len(report[op.op_id])
@@ -407,14 +373,6 @@ class KvBlockManager:
 
 
 _T = TypeVar("_T")
-
-#: An offload of at least ``_SPLIT_MIN`` blocks into a memory tier is planned in two
-#: parts, the first ``1 / _LEAD_PARTS`` of the blocks copied while the rest is planned.
-_SPLIT_MIN = 16
-_LEAD_PARTS = 8
-#: ... and only where that first part is at least this many bytes: a smaller copy is
-#: over before the hand-off to the copy thread has paid for itself.
-_LEAD_MIN_BYTES = 4 * 2**20
 
 _ENGINE_HINT = "pass ContiguousBlocks, LayerSeparateBlocks or kvbm.engine_blocks(...)"
 

@@ -142,12 +142,16 @@ class ConnectorState:
 
     # -- rooms ---------------------------------------------------------------------------
     def room(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-             tokens: int) -> tuple[torch.Tensor, RoomViews | None]:
-        """A free room of at least ``tokens`` tokens (dim 3), its other dims ``shape``'s,
-        and its layers' views (``room_views``; None where the pool keeps no rooms).
+             tokens: int) -> tuple[torch.Tensor, RoomViews | None, object]:
+        """A free room of at least ``tokens`` tokens (dim 3), its other dims ``shape``'s;
+        its layers' views (``room_views``; None where the pool keeps no rooms); and a
+        hold on it, which the caller keeps while it uses the room.
 
-        The room is a view of its own: the caller holds it while it uses the room (the
-        layers' views are the pool's, shared by every request the room serves)."""
+        The room and its views are the pool's, shared by every request the room
+        serves: the hold (an alias of the room, never used but to hold it) is what
+        marks it busy (it adds one to the storage's use count; a Python storage object
+        would not: torch keeps that one alive from the storage, not the other way round).
+        """
         key = (device, dtype, shape[:3], shape[4:])
         with self._lock:
             best: _Room | None = None
@@ -155,24 +159,24 @@ class ConnectorState:
                 if (r.key == key and r.cap >= tokens and (best is None or r.cap < best.cap)
                         and r.free()):
                     best = r
-            # A view, made under the lock: the caller's hold counts from here on, so no
-            # other request can take the same room before the caller's cache holds it.
-            with torch.inference_mode(False):
-                if best is not None:
-                    return best.tensor.view(best.tensor.shape), best.views
-                cap = -(-tokens // ROOM_STEP) * ROOM_STEP
-                full = (*shape[:3], cap, *shape[4:])
+            # The hold, taken under the lock: it counts from here on, so no other
+            # request can take the same room before the caller's cache holds it.
+            if best is not None:
+                return best.tensor, best.views, best.tensor.detach()
+            cap = -(-tokens // ROOM_STEP) * ROOM_STEP
+            full = (*shape[:3], cap, *shape[4:])
+            with torch.inference_mode(False):  # a normal tensor, whatever the caller's mode
                 # Every page faulted in now, once for the room's whole life.
                 room = (host_room(full, dtype) if device.type == "cpu"
                         else torch.empty(full, dtype=dtype, device=device))
                 self.allocated += 1
                 if _use_count is None:
-                    return room, None
+                    return room, None, room
                 made = _Room(room, key)
-                self._rooms.append(made)
-                mine = room.view(room.shape)
-                self._trim()
-                return mine, made.views
+            self._rooms.append(made)
+            hold = room.detach()
+            self._trim()
+            return room, made.views, hold
 
     def _trim(self) -> None:
         free = [r for r in self._rooms if r.free()]

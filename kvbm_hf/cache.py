@@ -296,7 +296,7 @@ class KvbmCache(DynamicCache):
         #: ``release`` (handing the match's pins to an I/O thread).
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
-        self._room_hold: torch.Tensor | None = None
+        self._room_hold: object = None
 
     @property
     def reuse_enabled(self) -> bool:
@@ -426,12 +426,12 @@ class KvbmCache(DynamicCache):
     def _destination(self, num_blocks: int, capacity: int) -> CacheBlockDestination:
         """Where ``num_blocks`` loaded blocks go: a room of ``capacity`` tokens from the pool."""
         m = self.layout.model
-        room, views = self._state.room((m.num_layers, 2, 1, capacity, m.num_kv_heads,
-                                        m.head_dim), getattr(torch, m.dtype), self.device,
-                                       capacity)
-        # Held while this cache lives: the layers' room views are the pool's (shared),
-        # so this view is what keeps the room from the next request meanwhile.
-        self._room_hold = room
+        room, views, hold = self._state.room((m.num_layers, 2, 1, capacity, m.num_kv_heads,
+                                              m.head_dim), getattr(torch, m.dtype),
+                                             self.device, capacity)
+        # Held while this cache lives: the room and the layers' room views are the
+        # pool's (shared), so this is what keeps the room from the next request meanwhile.
+        self._room_hold = hold
         return CacheBlockDestination.pooled(self.layout, num_blocks, room, views)
 
     def offload_blocks(

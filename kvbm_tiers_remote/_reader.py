@@ -173,7 +173,7 @@ class BlockReader(SpeculativeReads):
         destination of the step is registered: a bounce buffer holds whole blocks)."""
         if not s.idx:
             return []
-        k = self._part_blocks
+        k = self._part_size(len(s.idx), lanes)
         if self.cfg.verify != "checksum":
             k = -(-len(s.idx) // lanes)
         remote: list[tuple[int, int, int]] = s.handle
@@ -196,6 +196,14 @@ class BlockReader(SpeculativeReads):
             p.lease, p.deadline = s.lease, s.deadline
             parts.append(p)
         return parts
+
+    def _part_size(self, n: int, lanes: int) -> int:
+        """Blocks per READ in a step of ``n`` blocks: ``verify_bytes``, but with more than
+        one lane at least two parts per lane, so that a lane whose thread wakes late
+        leaves its share to the others (lanes take the next part when free)."""
+        if lanes == 1:
+            return self._part_blocks
+        return min(self._part_blocks, max(1, -(-n // (2 * lanes))))
 
     def _copy(self, peer: Peer, lanes: Sequence[Lane], parts: list[_Step],
               dst: Sequence[np.ndarray], hash_: bool) -> None:

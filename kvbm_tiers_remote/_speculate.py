@@ -34,7 +34,6 @@ class SpeculativeReads(_Base):
     block_bytes: int
     stats: RemoteStats
     _addrs: dict[tuple[str, bytes], int]
-    _part_blocks: int
 
     def _can_speculate(self, peer: Peer, chunk: list[int], keys: Sequence[SequenceHash],
                        dst: Sequence[np.ndarray]) -> bool:
@@ -65,7 +64,7 @@ class SpeculativeReads(_Base):
         s.idx = list(chunk)
         s.addrs = [self._addrs[(agent, bytes(keys[i]))] for i in chunk]
         at = dict(zip(s.idx, s.addrs))
-        k = self._part_blocks
+        k = self._part_size(len(s.idx), len(lanes))
         parts = []
         for a in range(0, len(s.idx), k):
             p = _Step()

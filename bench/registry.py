@@ -33,8 +33,13 @@ the cold p50 over that one, both measured in one loop under the same load (on a
 shared machine, processes run a minute apart meet different loads; the unpaired
 ``p50 ÷ p50@10000`` divides figures of two such processes).
 
+``--floor`` measures instead what the worst order's ratio could be on this machine: C
+loops of 64 random reads (one line a key; today's index-then-record layout; one
+dependent read after another) in tables of a 10K and a 10M registry's size, the 10M
+extra added to the fixed cost of a 10K match measured in the same run.
+
 Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new,py]
-[--fill request,interleaved] [--runs 3] [--samples 2000] [--json]``. Runs interleave the implementations and
+[--fill request,interleaved] [--runs 3] [--samples 2000] [--json] [--floor]``. Runs interleave the implementations and
 sizes; the table gives min/median/max over runs.
 """
 
@@ -200,6 +205,237 @@ def _mmm(xs: list[float]) -> str:
     return f"{min(xs):.3g}/{statistics.median(xs):.3g}/{max(xs):.3g}"
 
 
+# -- the physical floor of the ratio (--floor) ----------------------------------------------
+# What random memory reads alone cost on this machine, without Python: 64 lookups of
+# random stored keys (the keys of one prefix in the worst order) in a table of a 10K and
+# of a 10M registry's size. Modes: 0, one random cache line per key, all prefetched (a
+# layout where the probe, compare and pin need one line); 1, today's layout
+# (``kvbm.flatmap``/``kvbm._registry_native``: an int32 index of 4-entry buckets with
+# tags over 2n entries, then a 32-byte record per slot; the same passes: buckets, tagged
+# records, then probe, compare and pin); 2, one dependent read after another (64 lines,
+# each naming the next: a memory latency each, nothing overlapped).
+FLOOR_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+static uint64_t rs;
+static uint64_t rnd(void) { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
+static uint64_t mix(uint64_t x) { x ^= x >> 31; x *= 0x9E3779B97F4A7C15ull; x ^= x >> 29; return x; }
+static int cmpu(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+/* Anonymous memory on 2 MiB pages where the kernel allows, as the registry's arrays. */
+static void *big(size_t n) {
+    void *p = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    madvise(p, n, MADV_HUGEPAGE);
+    memset(p, 0, n);
+    return p;
+}
+#define K 64
+typedef struct { uint64_t k0, k1; int32_t pins; int8_t state, pad[3]; int32_t prev, next; } rec_t;
+
+/* The median ns of `iters` rounds of 64 lookups (mode above) in a table for n blocks;
+ * -1 when the memory cannot be had. */
+double kvbm_floor(int mode, int64_t n, int iters, uint64_t seed) {
+    rs = seed | 1;
+    uint64_t *t = malloc(sizeof(uint64_t) * (size_t)iters);
+    uint64_t *qa = malloc(sizeof(uint64_t) * 2 * K * (size_t)iters);  /* the keys asked, in order */
+    volatile uint64_t sink = 0;
+    double r = -1;
+    if (t == NULL || qa == NULL)
+        goto out;
+    if (mode == 0 || mode == 2) {
+        size_t lines = (size_t)n * 48 / 64;  /* about a registry's bytes a block */
+        uint64_t *b = big(lines * 64);
+        if (b == NULL)
+            goto out;
+        for (size_t i = 0; i < lines; i++)
+            b[i * 8] = rnd() % lines;  /* each line names another (mode 2's chain) */
+        for (size_t i = 0; i < (size_t)K * iters; i++)
+            qa[i] = rnd() % lines;
+        for (int it = 0; it < iters; it++) {
+            const uint64_t *q = qa + (size_t)it * K;
+            uint64_t s = 0, t0 = now_ns();
+            if (mode == 0) {
+                for (int i = 0; i < K; i++)
+                    __builtin_prefetch(b + q[i] * 8, 0, 3);
+                for (int i = 0; i < K; i++)
+                    s += b[q[i] * 8];
+            } else {
+                uint64_t j = q[0];
+                for (int i = 0; i < K; i++)
+                    j = b[j * 8];
+                s = j;
+            }
+            t[it] = now_ns() - t0;
+            sink += s;
+        }
+        munmap(b, lines * 64);
+    } else {
+        int bits = 3, tag_shift = 1;
+        while ((1ll << bits) < 2 * n) bits++;
+        while ((1ll << tag_shift) < n) tag_shift++;
+        uint64_t size = 1ull << bits, mask = size - 1, home_mask = mask & ~3ull;
+        int32_t slot_mask = (1 << tag_shift) - 1;
+        uint64_t tag_mask = (1ull << (31 - tag_shift)) - 1;
+        int32_t *index = big(size * 4);
+        rec_t *recs = big((size_t)n * sizeof(rec_t));
+        if (index == NULL || recs == NULL)
+            goto out;
+        memset(index, 0xff, size * 4);
+        for (int64_t s = 0; s < n; s++) {
+            recs[s].k0 = rnd();
+            recs[s].k1 = rnd();
+            recs[s].state = 2;
+            uint64_t h = mix(recs[s].k0 ^ recs[s].k1), i = h & home_mask;
+            while (index[i] >= 0)
+                i = (i + 1) & mask;
+            index[i] = (int32_t)(s | (int64_t)((h >> bits) & tag_mask) << tag_shift);
+        }
+        for (size_t i = 0; i < (size_t)K * iters; i++) {
+            int64_t s = (int64_t)(rnd() % (uint64_t)n);
+            qa[2 * i] = recs[s].k0;
+            qa[2 * i + 1] = recs[s].k1;
+        }
+        for (int it = 0; it < iters; it++) {
+            const uint64_t *q = qa + (size_t)it * 2 * K;
+            uint64_t home[K];
+            int32_t tag[K], slot[K];
+            int found = 0;
+            uint64_t t0 = now_ns();
+            for (int i = 0; i < K; i++) {
+                uint64_t h = mix(q[2 * i] ^ q[2 * i + 1]);
+                home[i] = h & home_mask;
+                tag[i] = (int32_t)((h >> bits) & tag_mask);
+                __builtin_prefetch(index + home[i], 0, 3);
+            }
+            for (int i = 0; i < K; i++)
+                for (int j = 0; j < 4; j++) {
+                    int32_t e = index[home[i] + j];
+                    if (e < 0)
+                        break;
+                    if ((e >> tag_shift) == tag[i])
+                        __builtin_prefetch(recs + (e & slot_mask), 1, 3);
+                }
+            for (; found < K; found++) {
+                uint64_t i = home[found];
+                int32_t e, s = -1;
+                while ((e = index[i]) >= 0) {
+                    if ((e >> tag_shift) == tag[found]) {
+                        rec_t *c = recs + (e & slot_mask);
+                        if (c->k0 == q[2 * found] && c->k1 == q[2 * found + 1]) {
+                            s = e & slot_mask;
+                            break;
+                        }
+                    }
+                    i = (i + 1) & mask;
+                }
+                if (s < 0 || recs[s].state != 2)
+                    break;
+                slot[found] = s;
+            }
+            for (int i = 0; i < found; i++)
+                recs[slot[i]].pins++;
+            t[it] = now_ns() - t0;
+            for (int i = 0; i < found; i++)
+                recs[slot[i]].pins--;
+            sink += (uint64_t)found;
+        }
+        munmap(index, size * 4);
+        munmap(recs, (size_t)n * sizeof(rec_t));
+    }
+    qsort(t, (size_t)iters, sizeof(uint64_t), cmpu);
+    r = (double)t[iters / 2];
+out:
+    free(t);
+    free(qa);
+    (void)sink;
+    return r;
+}
+"""
+
+
+def _floor(runs: int, samples: int) -> None:
+    """The physical floor of ``÷ 10K paired`` in the worst order on this machine: what
+    64 random reads cost at a 10M registry's size over a 10K one's (C, no Python), added
+    to the fixed cost of a 10K match (``Planner.match`` p50, measured in the same run)."""
+    import ctypes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from kvbm import _cc
+    from kvbm.chain import TierState
+    from kvbm.config import TierConfig
+    from kvbm.planner import Planner
+    from kvbm.policy import AdmitAll, LRUPolicy
+    from kvbm.registry import BlockRegistry
+
+    lib = _cc.build(FLOOR_SOURCE, "the floor benchmark", "nothing")
+    if lib is None:
+        sys.exit("--floor needs a C compiler (cc or gcc, or $CC)")
+    f = lib.kvbm_floor
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64]
+    f.restype = ctypes.c_double
+
+    class _Tier:
+        shared = False
+        medium = "host"
+
+    ref = BlockRegistry("bench", REF, LRUPolicy(REF))
+    prefixes = REF // PREFIX
+    for i in (p * PREFIX + b for b in range(PREFIX) for p in range(prefixes)):
+        ref.commit(ref.allocate(_key(i)))  # type: ignore[arg-type]
+    planner = Planner([TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=REF),  # type: ignore[arg-type]
+                                 ref, AdmitAll())], page_size=16)
+    big = 10_000_000
+    rows: dict[str, list[float]] = {}
+    rng = random.Random(0)
+    for run in range(runs):
+        ts = []
+        for _ in range(samples):
+            p = rng.randrange(prefixes)
+            keys = [_key(i) for i in range(p * PREFIX, (p + 1) * PREFIX)]
+            t0 = time.perf_counter()
+            m = planner.match(keys)
+            t1 = time.perf_counter()
+            m.release()
+            ts.append(t1 - t0)
+        ts.sort()
+        rows.setdefault("fixed", []).append(ts[len(ts) // 2] * 1e6)
+        for mode, name in ((0, "one line"), (1, "today's layout"), (2, "dependent")):
+            for n, size in ((REF, "10K"), (big, "10M")):
+                if mode == 2 and n == REF:
+                    continue
+                rows.setdefault(f"{name} {size}", []).append(f(mode, n, 20000, run + 1) / 1e3)
+        print(f"  run {run}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
+              + f" us, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+    fixed = rows["fixed"]
+    print(f"the floor of the worst order's ratio (64-key match, 10M ÷ 10K blocks); "
+          f"min/median/max of {runs} runs; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"  fixed cost: Planner.match p50 of a 10K registry (interleaved) {_mmm(fixed)} us")
+    for name in ("one line", "today's layout"):
+        small, large = rows[f"{name} 10K"], rows[f"{name} 10M"]
+        extra = [b - s for s, b in zip(small, large)]
+        floor = [(x + e) / x for x, e in zip(fixed, extra)]
+        print(f"  {name:15s}: 64 lookups 10K {_mmm(small)} us, 10M {_mmm(large)} us, "
+              f"10M extra {_mmm(extra)} us -> floor ratio (fixed + extra) / fixed {_mmm(floor)}")
+    dep = rows["dependent 10M"]
+    two = [b - s for s, b in zip(rows["today's layout 10K"], rows["today's layout 10M"])]
+    print(f"  one dependent random line at 10M: {_mmm([d / PREFIX * 1e3 for d in dep])} ns; "
+          f"today's two lines a key as if each waited for the last: {_mmm([d * 2 for d in dep])} us, "
+          f"of which the passes still pay (10M extra ÷ that) {_mmm([e / (2 * d) for e, d in zip(two, dep)])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,1000000,10000000")
@@ -211,10 +447,17 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true",
+                    help="measure the physical floor of the worst order's ratio instead "
+                         "(C loops of random reads at 10K and 10M blocks' sizes, beside "
+                         "the fixed cost of a 10K match)")
     ap.add_argument("--fill", default="request,interleaved",
                     help="slot order of each prefix's blocks: request (saved together), "
                          "interleaved (every prefix's block b, then b + 1: the worst case)")
     a = ap.parse_args()
+    if a.floor:
+        _floor(a.runs, a.samples)
+        return
     if a.child:
         print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed, a.traced,
                                 a.fill)))

@@ -130,15 +130,29 @@ def _layer_pairs(t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(kv[0], kv[1]) for kv in (layer.unbind(0) for layer in t.unbind(0))]
 
 
-#: A room seen as ``[layers, 2, 1, kv_heads, capacity, head_dim]``, and each layer's key
-#: and value room as ``[1, kv_heads, capacity, head_dim]`` views of it.
-RoomViews = tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]
+class RoomViews:
+    """What a load reads of a room, made once per pooled room (``room_views``).
+
+    ``t``: the room seen as ``[layers, 2, 1, kv_heads, capacity, head_dim]``; ``pairs``:
+    each layer's key and value room as ``[1, kv_heads, capacity, head_dim]`` views of
+    it; ``at``: the address of token 0 of each (layer, K|V) in order, the room's part
+    of every load's address table; ``lk``: 0 .. 2 × layers - 1. Python values and
+    views, so a request reads no torch attribute of the room.
+    """
+
+    __slots__ = ("at", "lk", "pairs", "t")
+
+    def __init__(self, room: torch.Tensor) -> None:
+        self.t = room.transpose(3, 4)
+        self.pairs = _layer_pairs(self.t)
+        token = room.shape[4] * room.shape[5] * room.element_size()  # one token's K (or V)
+        self.lk = np.arange(2 * room.shape[0], dtype=np.int64)
+        self.at = self.lk * (room.shape[3] * token) + room.data_ptr()
 
 
 def room_views(room: torch.Tensor) -> RoomViews:
     """``room``'s ``RoomViews`` (a pool makes them once per room: ``CacheBlockDestination.pooled``)."""
-    t = room.transpose(3, 4)
-    return t, _layer_pairs(t)
+    return RoomViews(room)
 
 
 class CacheBlockDestination:
@@ -238,21 +252,22 @@ class CacheBlockDestination:
         if r.shape != (len(indices),):
             raise LayoutError(f"rows: expected {len(indices)} row numbers (one per block), "
                               f"got {len(r)}")
-        if r.size and (r.min() < 0 or r.max() >= rows.shape[0]):
+        # One reduction each: seen as unsigned, a negative number is past any end.
+        if r.size and int(r.view(np.uint64).max()) >= rows.shape[0]:
             bad = next(int(x) for x in r if not 0 <= x < rows.shape[0])
             raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
         runs = _native.copy_runs()
         if runs is None or not r.size or self.room.device.type != "cpu":
             self.copy_in(indices, [rows[i] for i in r.tolist()])
             return
-        with torch.inference_mode():
-            blocks = self._blocks(indices)
-            self._native_in(runs, blocks, r * rows.strides[0] + _native.address(rows))
+        sp = r * rows.strides[0]  # a new array: ``at`` may be the caller's
+        sp += _native.address(rows)
+        self._native_in(runs, self._blocks(indices), sp)
 
     def _blocks(self, indices: Sequence[int]) -> np.ndarray:
         """``indices`` as int64, each checked to lie within the room's blocks."""
         blocks = np.asarray(indices, dtype=np.int64)
-        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
+        if blocks.size and int(blocks.view(np.uint64).max()) >= self.num_blocks:
             bad = next(int(b) for b in blocks if not 0 <= b < self.num_blocks)
             raise LayoutError(f"block index {bad} is out of range [0, {self.num_blocks})")
         return blocks
@@ -262,15 +277,13 @@ class CacheBlockDestination:
 
         Block b's layer l K (or V) is one contiguous run in both: one call moves every
         block's 2 × layers runs, the GIL released, shared with the copy threads inside
-        ``_native.share``.
+        ``_native.share``. The room's side of the address table is the pool's
+        (``RoomViews.at``): per load, one outer sum each way.
         """
-        m = self.layout.model
-        token = m.num_kv_heads * m.head_dim * m.itemsize  # one token's K (or V) of a layer
-        part = self.layout.page_size * token
-        lk = np.arange(2 * m.num_layers, dtype=np.int64)  # (layer, K|V) in order
-        d = ((lk * (self.room.shape[3] * token) + self.room.data_ptr())[None, :]
-             + (blocks * part)[:, None]).reshape(-1)
-        s_ = (lk[None, :] * part + sp[:, None]).reshape(-1)
+        v = self._views if self._views is not None else room_views(self.room)
+        part = self.layout.bytes_per_block // len(v.lk)  # one layer's K (or V) of a block
+        d = np.add.outer(blocks * part, v.at).ravel()
+        s_ = np.add.outer(sp, v.lk * part).ravel()
         shared = getattr(_native, "run_copy", None)
         if shared is not None:
             shared(runs, len(d), d, s_, part)
@@ -290,5 +303,5 @@ class CacheBlockDestination:
         layer takes four ops and a slice two more: on the request path each torch call
         costs tens of microseconds in caches the model's forward just filled.
         """
-        t, rooms = self._views if self._views is not None else room_views(self.room)
-        return rooms, (_layer_pairs(t[:, :, :, :, :tokens]) if tokens else [])
+        v = self._views if self._views is not None else room_views(self.room)
+        return v.pairs, (_layer_pairs(v.t[:, :, :, :, :tokens]) if tokens else [])

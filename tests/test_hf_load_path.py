@@ -71,6 +71,17 @@ def test_copy_in_rows_lands_the_bytes_copy_in_lands_from_views(capacity: int) ->
                        blk[1, 1, 3])
 
 
+def test_copy_in_rows_leaves_the_callers_index_arrays_as_they_were() -> None:
+    layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
+    rows = np.ones((6, layout.bytes_per_block), dtype=np.uint8)
+    ids, at = np.array([2, 0], dtype=np.int64), np.array([5, 3], dtype=np.int64)
+    dest = CacheBlockDestination(layout, 3, capacity=3 * PAGE)
+    dest.copy_in_rows(ids, rows, at)  # int64 arrays: numpy hands them through uncopied
+    assert ids.tolist() == [2, 0] and at.tolist() == [5, 3]
+    room = dest.room.view(torch.uint8)
+    assert bool(room[:, :, :, :PAGE].eq(1).all()) and bool(room[:, :, :, 2 * PAGE:].eq(1).all())
+
+
 def test_copy_in_rows_refuses_a_row_out_of_range_and_rows_of_another_block_size() -> None:
     layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
     dest = CacheBlockDestination(layout, 3, capacity=4 * PAGE)

@@ -109,7 +109,7 @@ class CopyLanes:
             return out
         for lane in self._extras():
             assert lane.remotes is not None
-            if lane.remotes.get(agent) is not peer.metadata:
+            if lane.remotes.get(agent) != peer.metadata:  # (a record re-read: same bytes)
                 try:
                     with lane.lock:
                         if agent in lane.remotes:

@@ -117,6 +117,44 @@ def test_a_refused_data_write_leaves_no_header_and_the_slot_a_miss(tmp_path: Pat
         t.close()
 
 
+@pytest.mark.parametrize("aio", [True, False], ids=["aio", "pread-pwrite"])
+def test_a_data_write_cut_short_leaves_no_header_and_the_next_blocks_headers_are_theirs(
+    tmp_path: Path, aio: bool,
+) -> None:
+    """RLIMIT_FSIZE cuts slot 2's data write short (with AIO its completion reports fewer
+    bytes) and refuses slot 3's: with AIO the thread has submitted the next block's data
+    before it writes (or, here, withholds) a block's header."""
+    import resource
+    import signal
+
+    t = make_tier(tmp_path, aio, n=4, threads=1)
+    src = blocks(t.block_bytes, 4, seed=9)
+    st, local = t._locate(2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (t.geom.data_offset(local) + t.block_bytes // 2, hard))
+        try:
+            ok = t.write([0, 1, 2, 3], [bytes([k]) * 16 for k in range(4)], src)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert ok == [True, True, False, False]
+        assert t.stats()["write_errors"] == 2
+        # With AIO slot 2's short write and slot 3's refusal came back as completions.
+        assert t.stats()["async_requests"] == (4 if aio else 0)
+        for s in (0, 1):
+            h, data = on_disk(t, s)
+            assert h is not None and h.key == bytes([s]) * 16 and h.slot == s
+            assert h.checksum == xxhash.xxh3_64_intdigest(data) and data == src[s].tobytes()
+        assert on_disk(t, 2)[0] is None and on_disk(t, 3)[0] is None
+        out = blocks(t.block_bytes, 4, seed=10)
+        assert t.read([0, 1, 2, 3], [bytes([k]) * 16 for k in range(4)], out) == [True, True, False, False]
+        assert out[0].tobytes() == src[0].tobytes() and out[1].tobytes() == src[1].tobytes()
+    finally:
+        signal.signal(signal.SIGXFSZ, old)
+        t.close()
+
+
 def test_a_forked_child_moves_its_blocks_through_its_own_aio_contexts(tmp_path: Path) -> None:
     """The loop keeps AIO contexts for the process's life; a child forked after the
     parent used some must not reuse the parent's (they are not the child's: every

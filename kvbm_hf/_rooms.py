@@ -50,8 +50,6 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 ROOM_STEP = 2048
 #: Free rooms kept per manager (and device); the largest are kept.
 MAX_FREE_ROOMS = 2
-#: Token rows whose block hashes are kept per manager for the next rows that share them.
-MAX_HASHED_ROWS = 4
 
 
 _HUGE = 2 * 2**20
@@ -136,8 +134,6 @@ class ConnectorState:
         # … and the hashes each listed one stores.
         self._listed: dict[Future[Any], list[SequenceHash]] = {}
         self.allocated = 0  # rooms made, for tests and stats
-        # Recent token rows and their block hashes (``block_hashes``), most recent first.
-        self._hashed: list[tuple[np.ndarray, list[SequenceHash]]] = []
         _native.copy_runs()  # compile the copy loop now, not inside the first request
 
     # -- rooms ---------------------------------------------------------------------------
@@ -185,42 +181,6 @@ class ConnectorState:
         free.sort(key=lambda r: r.nbytes)
         drop = {id(r) for r in free[: len(free) - MAX_FREE_ROOMS]}
         self._rooms = [r for r in self._rooms if id(r) not in drop]
-
-    # -- block hashes --------------------------------------------------------------------
-    def block_hashes(self, manager: KvBlockManager, row: np.ndarray, n: int) -> list[SequenceHash]:
-        """The hashes of the first ``n`` blocks of ``row`` (``manager.hash_tokens``'s).
-
-        A block's hash depends only on the tokens up to its end (and the manager's
-        namespace), so the hashes of a recent row (a load's or an offload's) are
-        reused for as many whole blocks as ``row`` starts with the same tokens; only the
-        rest is hashed, chained from the last one reused. Requests that share a long
-        prefix (a document, the history of a conversation) then compare tokens (one
-        numpy pass) instead of hashing every block again.
-        """
-        p = manager.page_size
-        m = n * p
-        with self._lock:
-            known = list(self._hashed)
-        best: list[SequenceHash] = []
-        source: tuple[np.ndarray, list[SequenceHash]] | None = None
-        for entry in known:
-            toks, hs = entry
-            k = min(len(hs), n)
-            if k <= len(best) or toks[0] != row[0]:
-                continue
-            neq = np.flatnonzero(toks[: k * p] != row[: k * p])
-            k = min(k, int(neq[0]) // p) if neq.size else k
-            if k > len(best):
-                best, source = hs[:k], entry
-        k = len(best)
-        if k >= n:
-            return best[:n]
-        hashes = best + manager.hasher.hash_tokens(row[k * p : m], parent=best[-1] if k else None)
-        with self._lock:
-            # Most recent first; the row this one extends is dropped (this one answers for it).
-            rest = [e for e in self._hashed if e is not source or len(e[1]) > k]
-            self._hashed = [(row[:m].copy(), hashes), *rest][:MAX_HASHED_ROWS]
-        return hashes
 
     # -- offloads ------------------------------------------------------------------------
     def started(self, fut: Future[Any], tokens: np.ndarray, first: int, page: int) -> None:

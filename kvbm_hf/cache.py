@@ -344,7 +344,7 @@ class KvbmCache(DynamicCache):
                       self.page_size + 1, level=logging.INFO)
             return 0
         t0 = time.perf_counter()
-        hashes = self._state.block_hashes(self.manager, row, usable)
+        hashes = self.manager.hash_tokens(row[: usable * self.page_size])
         t1 = time.perf_counter()
         # A request that just stored this prefix in the background: wait for it, then load.
         self._state.await_stores(row, hashes)
@@ -460,7 +460,7 @@ class KvbmCache(DynamicCache):
 
         if wait:
             source = CacheBlockSource(layers, self.layout)  # type: ignore[arg-type]
-            hashes = self._state.block_hashes(self.manager, row, n)[start:]
+            hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
             return self.manager.offload(hashes, source, indices=range(start, n))
         # On the request thread only what must be: the tokens copied (the caller may
         # reuse its tensor), the layers' views taken, the offload listed as started. The
@@ -485,7 +485,7 @@ class KvbmCache(DynamicCache):
             kv: Any = held_kv.pop()
             src: CacheBlockSource | None = None
             try:
-                hashes = state.block_hashes(manager, tokens, n)[start:]
+                hashes = manager.hash_tokens(tokens)[start:]
                 state.listed(fut, hashes)
                 src = CacheBlockSource(kv, layout)
                 kv = None

@@ -177,52 +177,6 @@ def test_load_that_raises_leaves_the_cache_empty_and_usable(model: Any, manager:
     assert manager.flush(10) and manager.stats()["pinned_blocks"] == 0
 
 
-def test_block_hashes_reused_from_recent_rows_are_the_hashers_own(manager: Any) -> None:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from kvbm_hf._rooms import ConnectorState
-
-    state = ConnectorState(manager)
-
-    # Rows over a 3-token alphabet: they share prefixes often, and diverge inside a
-    # block as often as at a block's edge.
-    @settings(max_examples=150, deadline=None)
-    @given(st.lists(st.lists(st.integers(0, 2), min_size=PAGE, max_size=12 * PAGE),
-                    min_size=1, max_size=6), st.data())
-    def check(rows: list[list[int]], data: Any) -> None:
-        for r in rows:
-            row = np.asarray(r, dtype=np.int64)
-            n = data.draw(st.integers(1, len(row) // PAGE))
-            assert state.block_hashes(manager, row, n) == manager.hash_tokens(row[: n * PAGE])
-
-    check()
-
-
-def test_a_request_sharing_a_prefix_hashes_only_the_blocks_after_it(model: Any, manager: Any,
-                                                                    monkeypatch: Any) -> None:
-    from kvbm.hashing import BlockHasher
-
-    hashed: list[int] = []
-    real = BlockHasher.hash_tokens
-
-    def counting(self: Any, tokens: Any, parent: Any = None) -> Any:
-        out = real(self, tokens, parent)
-        hashed.append(len(out))
-        return out
-
-    monkeypatch.setattr(BlockHasher, "hash_tokens", counting)
-    doc = _prompt(10 * PAGE, 9)
-    with torch.inference_mode():
-        first = torch.cat([doc, _prompt(2 * PAGE + 1, 10)], dim=1)
-        prefill(model, first, KvbmCache(manager, model), offload_wait=True)
-        hashed.clear()
-        q = torch.cat([doc, _prompt(PAGE + 2, 11)], dim=1)  # diverges at block 10
-        cache = KvbmCache(manager, model)
-        assert cache.load_prefix(q) == 10 * PAGE
-    assert hashed == [1]  # block 10 only: blocks 0-9 are the first request's
-
-
 @pytest.mark.parametrize("stored", [False, True])  # the room reserved / holding a prefix
 def test_room_of_a_live_cache_is_not_handed_to_the_next_request(model: Any, manager: Any,
                                                                stored: bool) -> None:

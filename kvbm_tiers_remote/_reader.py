@@ -2,11 +2,13 @@
 
 Per peer and in pipelined steps of ``pipeline_bytes``, ``BlockReader.read_from``
 leases the blocks (the peer pins them and reports each block's address and xxh3),
-posts one NIXL READ straight from the peer's arena into the destination buffers,
-verifies each block's xxh3, and releases the lease. While step *i* transfers, step
-*i+1* is leased and step *i-1* verified, so the control plane and checksums hide
-behind the transfer. With ``verify: lease`` a block whose READ ended while its lease
-still pinned it is trusted without hashing.
+READs them straight from the peer's arena into the destination buffers in parts of
+``verify_bytes`` spread over ``read_threads`` copy lanes (``_lanes``: a thread and a
+NIXL agent each; the lane that READ a part hashes it right after, while the others
+copy), compares each block's xxh3 and releases the lease. While a step is copied the
+next ones are already leased, so the control plane hides behind the transfer. With
+``verify: lease`` a block whose READ ended while its lease still pinned it is trusted
+without hashing.
 
 A block the peer lost, a checksum mismatch, a transfer error or timeout is a failed
 block (``False``), never data; a peer that fails is dropped from the peer set.

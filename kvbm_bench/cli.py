@@ -25,7 +25,8 @@ def command(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
                    help="'hf' runs a real transformers model, 'vllm' a real vLLM engine "
                         "(time to first token)")
     p.add_argument("--limit-mib", type=int, default=512,
-                   help="MiB that fio and dd move for each disk limit (default 512)")
+                   help="MiB that each fio run and dd move for a disk limit (default 512; "
+                        "fio runs 3 times at each of the 5 samples around the workload's parts)")
     p.add_argument("--out", default=None,
                    help="results folder: report.json, paths.csv and PNG plots (default: "
                         "bench-out/kvbm-bench-<UTC time> in the current directory)")

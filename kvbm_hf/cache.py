@@ -297,6 +297,8 @@ class KvbmCache(DynamicCache):
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
         self._room_hold: object = None
+        #: The tensor ``load_prefix`` read, its version then, and the row it checked.
+        self._checked: tuple[torch.Tensor, int, np.ndarray] | None = None
 
     @property
     def reuse_enabled(self) -> bool:
@@ -337,6 +339,10 @@ class KvbmCache(DynamicCache):
         row = self._tokens(input_ids, "load_prefix")
         if row is None:
             return 0
+        if isinstance(input_ids, torch.Tensor):
+            # ``offload_blocks`` of the same tensor, not changed in place since (its
+            # version counter), reuses this checked row (``prefill`` passes the same).
+            self._checked = (input_ids, input_ids._version, row)
         usable = (len(row) - 1) // self.page_size
         if usable <= 0:
             _say_once("short", "kvbm: prompts shorter than %d tokens (one block plus the last "
@@ -447,7 +453,11 @@ class KvbmCache(DynamicCache):
         not handed to another request before it finishes, and a request whose prompt
         starts with these blocks waits for it before matching.
         """
-        row = self._tokens(input_ids, "offload")
+        ck = self._checked
+        if ck is not None and ck[0] is input_ids and ck[1] == input_ids._version:
+            row: np.ndarray | None = ck[2]
+        else:
+            row = self._tokens(input_ids, "offload")
         if row is None or not self.layers or not getattr(self.layers[0], "is_initialized", False):
             return _done(OffloadResult(), wait)
         layers = [(layer.keys, layer.values) for layer in self.layers]  # type: ignore[union-attr]
@@ -508,6 +518,7 @@ class KvbmCache(DynamicCache):
         """Drop the cached KV and start a new request in this cache."""
         super().reset()  # type: ignore[no-untyped-call]
         self._room_hold = None  # the layers dropped their rooms (``KvbmLayer.reset``)
+        self._checked = None
         self.loaded_tokens = 0
         self.offered_blocks = 0
 

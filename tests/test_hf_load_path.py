@@ -198,3 +198,17 @@ def test_room_of_a_live_cache_is_not_handed_to_the_next_request(model: Any, mana
     from kvbm_hf._rooms import state_of
 
     assert state_of(manager).allocated == 2  # a's and b's; c took one of them
+
+
+def test_offload_of_the_loaded_tensor_changed_in_place_is_checked_again(model: Any,
+                                                                        manager: Any) -> None:
+    from kvbm import TokenError
+
+    prompt = _prompt(3 * PAGE + 1, 13)
+    with torch.inference_mode():
+        cache = KvbmCache(manager, model)
+        out = prefill(model, prompt, cache, offload=False)  # load_prefix read and checked it
+        assert out.logits.shape[1] == prompt.shape[1]
+        prompt[0, 2] = VOCAB + 7  # changed in place: its version moved on
+        with pytest.raises(TokenError, match=r"\[0, 256\).*max 263"):
+            cache.offload_blocks(prompt, wait=False)

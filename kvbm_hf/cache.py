@@ -339,9 +339,10 @@ class KvbmCache(DynamicCache):
         row = self._tokens(input_ids, "load_prefix")
         if row is None:
             return 0
-        if isinstance(input_ids, torch.Tensor):
+        if isinstance(input_ids, torch.Tensor) and not input_ids.is_inference():
             # ``offload_blocks`` of the same tensor, not changed in place since (its
             # version counter), reuses this checked row (``prefill`` passes the same).
+            # Inference tensors count no versions: they are read and checked again.
             self._checked = (input_ids, input_ids._version, row)
         usable = (len(row) - 1) // self.page_size
         if usable <= 0:

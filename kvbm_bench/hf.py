@@ -385,10 +385,10 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 "setup": statistics.median(r["setup"] for r in hits),
                 "loads": [r["load"] for r in hits], "limit_copies": [r["limit_copy"] for r in hits],
                 "rooms_made": [r["rooms_made"] for r in hits],
-                # Where a load's time went (medians): hash, wait, match, room, onboard.
+                # Where a load's time went (medians), in the load's order.
                 "load_steps": {k: statistics.median(r["load_steps"].get(k, 0.0) for r in hits)
-                               for k in ("tokens", "hash", "wait", "match", "room", "onboard",
-                                         "release", "layers")},
+                               for k in ("tokens", "hash", "wait", "match", "room", "layers",
+                                         "onboard", "release")},
                 "limit_variants": variants, "limit_variant": best_variant,
                 "load_ratio_best_of_four_median": statistics.median(old_ratios),
                 "onboard_ratios": [copy_limit / r["load_steps"]["onboard"] for r in hits
@@ -456,8 +456,8 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                     (o + (r - t)) / p * 100.0 for o, r, t, p in zip(own, nk_req, nk_t, np_t)),
                 "rooms_made": made,
                 "load_steps": {k: statistics.median(x.get(k, 0.0) for x in steps)
-                               for k in ("tokens", "hash", "wait", "match", "room", "release",
-                                         "layers")},
+                               for k in ("tokens", "hash", "wait", "match", "room", "layers",
+                                         "release")},
                 "offload_background": statistics.median(bg),
                 "offload_background_pct": statistics.median(bg) / statistics.median(np_t) * 100.0,
             }

@@ -3,9 +3,10 @@
 A batch of engine-shaped blocks is thousands of separate runs (one per block, layer
 and K/V half, 32 KiB each for a Llama-8B-like model): one ``np.copyto`` per run costs
 about a fifth of the copy in call overhead, and the threads that split a batch then
-queue for the GIL between calls. Here the runs' addresses are computed with numpy in
-a few vectorised operations and one C call (``ctypes`` releases the GIL for it) copies
-them all, so threads that split a batch copy in parallel without meeting again.
+queue for the GIL between calls. Here the runs' addresses are written by one C call
+(``block_table``; rows of one array from their numbers, ``copy_rows_at``) and one C
+call (``ctypes`` releases the GIL for it) copies them all, so threads that split a
+batch copy in parallel without meeting again.
 
 A call that moves ``STREAM_MIN_BYTES`` or more in all writes with streaming
 (non-temporal) stores on x86-64: past the caches, plain stores first read every

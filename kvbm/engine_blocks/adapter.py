@@ -9,9 +9,11 @@ scatters it back (``copy_in``), or does either for one layer's slice of the buff
 loads layer by layer needs.
 
 On CPU tensors a batch is one native call (``_native``): the address of every
-contiguous run of every (block, layer) slice is computed with a few vectorised numpy
-operations, and one C loop copies them all with the GIL released, so no Python call
-is made per block and layer, and threads that split a batch never contend. Without
+contiguous run of every (block, layer) slice is written by one C call from the block
+ids and the buffers' addresses (``_native.block_table``; a host tier's rows are given
+as one array and row numbers, ``copy_out_rows`` / ``copy_in_rows``), and one C loop
+copies them all with the GIL released, so no Python call is made per block and layer,
+and threads that split a batch never contend. Without
 a C compiler, or for runs under ``_NATIVE_MIN_RUN`` bytes, the copies are
 ``np.copyto`` calls on byte views of the same memory (about 1 µs a call against
 about 5 µs for torch's dispatch; one call copies a strided slice). On another device (CUDA with no plugin installed for it) they are

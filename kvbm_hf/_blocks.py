@@ -169,8 +169,9 @@ class CacheBlockDestination:
     ``DynamicCache`` would copy them again on every forward (``torch.cat``).
     """
 
-    #: ``copy_in`` moves a whole batch in one native call (``_native.run_copy``): the
-    #: executor shares it between its copy threads rather than splitting the blocks.
+    #: ``copy_in`` (and ``copy_in_rows``, the executor's path from a memory tier's rows)
+    #: moves a whole batch in one native call (``_native.run_copy``): the executor
+    #: shares it between its copy threads rather than splitting the blocks.
     native_shared = True
 
     def __init__(self, layout: BlockLayout, num_blocks: int, capacity: int,

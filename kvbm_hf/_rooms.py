@@ -220,6 +220,10 @@ class ConnectorState:
                      timeout: float | None = 60.0) -> None:
         """Wait for offloads still storing any of ``hashes``, the blocks of ``tokens`` (a
         prefix about to be matched)."""
+        if not self._unlisted and not self._pending:
+            # Nothing is being stored (read without the lock: an offload started after
+            # this read is one this request did not wait for either way).
+            return
         with self._lock:
             unlisted = list(self._unlisted.values())
         for listing, head in unlisted:

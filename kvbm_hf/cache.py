@@ -330,7 +330,9 @@ class KvbmCache(DynamicCache):
         block before its last token, or when reuse is off for this model; a prompt with
         complete blocks that matched nothing is still computed into a pooled room. A
         cache that already holds KV (a conversation continued in the same cache) is left
-        as it is. ``load_times`` holds the seconds of each step.
+        as it is. ``load_times`` holds the seconds of each step. The match's pins are
+        given back on one of the manager's I/O threads once the copy is done
+        (``manager.flush()`` waits for that too).
         """
         ts = time.perf_counter()
         have = self.get_seq_length()

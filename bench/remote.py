@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def run(batches: list[int], reps: int, extra: dict[str, Any]) -> dict[str, Any]:
             child.wait(timeout=15)
         except subprocess.TimeoutExpired:
             child.kill()
+        shutil.rmtree(rdir, ignore_errors=True)  # the peers' records
 
 
 def main() -> None:

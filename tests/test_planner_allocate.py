@@ -1,4 +1,4 @@
-"""The planner's batch allocation (``kvbm.planner.allocate_run``, one compiled call a
+"""The planner's batch allocation (``kvbm._allocate_native.allocate_run``, one compiled call a
 batch) does exactly what ``BlockRegistry.allocate`` called key by key does: the same
 slots, evictions (pinned blocks passed over), free stack, counts and index."""
 
@@ -8,13 +8,13 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from kvbm import planner as planner_mod
+from kvbm import _allocate_native as alloc_mod
+from kvbm._allocate_native import allocate_run
 from kvbm.hashing import SequenceHash
-from kvbm.planner import allocate_run
 from kvbm.policy import LRUPolicy
 from kvbm.registry import BlockRegistry, SlotState
 
-if planner_mod._alloc_fn() is None:  # pragma: no cover - no compiler or Python headers
+if alloc_mod._alloc_fn() is None:  # pragma: no cover - no compiler or Python headers
     pytest.skip("the batch allocation is not built here", allow_module_level=True)
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger("kvbm.remote")
 
 #: What a peer record must hold to be used (see ``RemoteTier._publish``).
 _RECORD_KEYS = frozenset({"addr", "epoch", "metadata"})
+#: How long a caller waits for another thread's first listing of the rendezvous.
+_FIRST_LISTING_WAIT_S = 30.0
 
 
 class PeerError(Exception):
@@ -116,6 +118,9 @@ class PeerSet:
         self._scan_gate = threading.Lock()
         self._scan_queued = False
         self._scanned = False
+        # Set once the first listing ended: a caller that comes while it runs waits for
+        # it (the peers it finds) instead of going on with none.
+        self._first_listed = threading.Event()
         self._peers: dict[str, Peer] = {f"addr:{a}": Peer(f"addr:{a}", a) for a in cfg.peers}
         self._peers_lock = threading.Lock()
         self._last_scan = 0.0
@@ -145,6 +150,9 @@ class PeerSet:
             return
         now = time.monotonic()
         if not force and now - self._last_scan < self.cfg.publish_interval_s / 2:
+            if not self._first_listed.is_set():
+                # Another thread's first listing is running: nothing is known before it.
+                self._first_listed.wait(_FIRST_LISTING_WAIT_S)
             return
         self._last_scan = now
         if self._scanner is not None and self._scanned and not force:
@@ -157,7 +165,10 @@ class PeerSet:
             except RuntimeError:  # the tier is closing
                 self._scan_queued = False
             return
-        self._scan(rdv)
+        try:
+            self._scan(rdv)
+        finally:
+            self._first_listed.set()
 
     def _scan_queued_once(self, rdv: Rendezvous) -> None:
         try:

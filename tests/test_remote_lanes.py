@@ -256,3 +256,43 @@ def test_lanes_run_every_unit_once_and_raise_the_first_failure_after_all_stop() 
         assert running == [5]  # every other unit begun had ended when run raised
     finally:
         lanes.close()
+
+
+def test_a_read_that_comes_while_another_threads_first_listing_runs_waits_for_its_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two threads read at once from a tier that has not listed the rendezvous yet: the
+    # one that does not run the listing must wait for its peers, not read from none.
+    rdir = str(tmp_path / "rendezvous")
+    a = KvBlockManager.from_config(_config({"rendezvous_dir": rdir}))
+    # Listings at most every 1 s: the second thread comes inside the first one's.
+    b = KvBlockManager.from_config(_config({"rendezvous_dir": rdir, "publish_interval_s": 2.0}))
+    try:
+        tokens, data = _offload(a, 4, 46)
+        tier = b.chain[-1].tier
+        rdv = tier._peer_set._rdv
+        real_listing = rdv.listing
+
+        def slow_listing() -> Any:
+            time.sleep(0.3)  # the second thread arrives while this runs
+            return real_listing()
+
+        monkeypatch.setattr(rdv, "listing", slow_listing)
+        keys = b.hash_tokens(tokens)
+        outs = [np.zeros_like(data) for _ in range(2)]
+        got: list[list[bool]] = [[], []]
+
+        def reader(k: int) -> None:
+            got[k] = tier.read(list(range(len(keys))), keys, list(outs[k]))
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(30)
+        assert got == [[True] * 4, [True] * 4]
+        assert all(np.array_equal(o, data) for o in outs)
+    finally:
+        a.close()
+        b.close()

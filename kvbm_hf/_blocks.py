@@ -243,20 +243,7 @@ class CacheBlockDestination:
         its row number times the row stride (one numpy expression), so a load of 512
         blocks makes no Python call per block (the executor's path for a memory tier).
         """
-        bb = self.layout.bytes_per_block
-        if (not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2
-                or rows.shape[1] != bb or not rows.flags.c_contiguous):
-            raise LayoutError(f"rows: expected a C-contiguous uint8 array [slots, {bb}], got "
-                              f"{getattr(rows, 'dtype', type(rows).__name__)} "
-                              f"{list(getattr(rows, 'shape', []))}")
-        r = np.asarray(at, dtype=np.int64)
-        if r.shape != (len(indices),):
-            raise LayoutError(f"rows: expected {len(indices)} row numbers (one per block), "
-                              f"got {len(r)}")
-        # One reduction each: seen as unsigned, a negative number is past any end.
-        if r.size and int(r.view(np.uint64).max()) >= rows.shape[0]:
-            bad = next(int(x) for x in r if not 0 <= x < rows.shape[0])
-            raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
+        r = _native.row_numbers(rows, at, len(indices), self.layout.bytes_per_block)
         runs = _native.copy_runs()
         if runs is None or not r.size or self.room.device.type != "cpu":
             self.copy_in(indices, [rows[i] for i in r.tolist()])

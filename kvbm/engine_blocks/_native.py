@@ -30,10 +30,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
 from kvbm import _cc
+from kvbm.errors import LayoutError
 
 log = logging.getLogger("kvbm")
 
@@ -335,6 +337,29 @@ def block_table() -> BlockTable | None:
         return None
     _load()
     return _table
+
+
+def row_numbers(rows: Any, at: Sequence[int], n: int, row_bytes: int, *,
+                writable: bool = False, what: str = "") -> np.ndarray:
+    """``at`` as int64 row numbers of ``rows``, checked for a copy by row number: ``rows``
+    a C-contiguous uint8 array ``[slots, row_bytes]`` (a tier's arena; writable when
+    ``writable``), ``n`` numbers, each a row of it. A ``LayoutError`` naming the value
+    otherwise (``what``: what the rows hold, for its message)."""
+    if (not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2
+            or rows.shape[1] != row_bytes or not rows.flags.c_contiguous):
+        raise LayoutError(
+            f"rows: expected a C-contiguous uint8 array [slots, {row_bytes}]{what}, got "
+            f"{getattr(rows, 'dtype', type(rows).__name__)} {list(getattr(rows, 'shape', []))}")
+    if writable and not rows.flags.writeable:
+        raise LayoutError("rows: expected a writable array, got a read-only one")
+    r = np.asarray(at, dtype=np.int64)
+    if r.shape != (n,):
+        raise LayoutError(f"rows: expected {n} row numbers (one per block), got {len(r)}")
+    # One reduction: seen as unsigned, a negative number is past any end.
+    if n and int(r.view(np.uint64).max()) >= rows.shape[0]:
+        bad = next(int(x) for x in r if not 0 <= x < rows.shape[0])
+        raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
+    return r
 
 
 def copy_rows_at(dst: np.ndarray, dst_at: np.ndarray, src: np.ndarray,

@@ -401,24 +401,10 @@ class LayerSeparateBlocks:
                    writable: bool, unique: bool) -> tuple[np.ndarray, np.ndarray]:
         """Block ids and row numbers as int64 arrays, checked as ``copy_out`` checks its
         arguments (vectorised; the same errors, from the same checks, where one fails)."""
-        bb = self._bytes_per_block
-        if (not isinstance(rows, np.ndarray) or rows.dtype != _U8 or rows.ndim != 2
-                or rows.shape[1] != bb or not rows.flags.c_contiguous):
-            raise LayoutError(
-                f"rows: expected a C-contiguous uint8 array [slots, {bb}] (blocks of layout "
-                f"{self.layout.digest}), got {getattr(rows, 'dtype', type(rows).__name__)} "
-                f"{list(getattr(rows, 'shape', []))}")
-        if writable and not rows.flags.writeable:
-            raise LayoutError("rows: expected a writable array, got a read-only one")
-        r = np.asarray(at, dtype=np.int64)
         b = np.asarray(indices)
         n = len(b)
-        if r.shape != (n,):
-            raise LayoutError(f"rows: expected {n} row numbers (one per block id), got "
-                              f"{len(r)}")
-        if n and (int(r.min()) < 0 or int(r.max()) >= rows.shape[0]):
-            bad = next(x for x in r.tolist() if not 0 <= x < rows.shape[0])
-            raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
+        r = _native.row_numbers(rows, at, n, self._bytes_per_block, writable=writable,
+                                what=f" (blocks of layout {self.layout.digest})")
         if (b.ndim != 1 or b.dtype.kind not in "iu"
                 or (n and (int(b.min()) < 0 or int(b.max()) >= self.num_blocks))):
             b = np.asarray(self._indices(indices, unique), dtype=np.int64)  # raises here

@@ -211,9 +211,8 @@ class Executor:
         return self.tiers[t].views(slots) if slots else []
 
     def _rows(self, t: int) -> np.ndarray | None:
-        """Tier ``t``'s slots as rows of one array (``HostTier.slot_rows``), or None."""
-        rows = getattr(self.tiers[t], "slot_rows", None)
-        return rows() if callable(rows) else None
+        """Tier ``t``'s slots as rows of one array (``Tier.slot_rows``), or None."""
+        return self.tiers[t].slot_rows()
 
     def _copy_rows(self, fn: Callable[[Sequence[int], np.ndarray, Sequence[int]], None],
                    idx: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:

@@ -10,8 +10,9 @@ not match as a failed read, never as data.
 What the core must know about a tier is declared on its class, never guessed from
 its type name: ``medium`` (where its blocks live, for events and metrics),
 ``shared`` (other instances write blocks into it), ``serves_peers`` (it exposes an
-upper tier's arena to other instances), ``peer_arena()`` (its slots are plain memory that
-peers may read), ``config_for_rank`` (storage that must differ per tensor-parallel
+upper tier's arena to other instances), ``slot_rows()`` (its slots are rows of one array
+in memory), ``peer_arena()`` (its slots are plain memory that peers may read),
+``config_for_rank`` (storage that must differ per tensor-parallel
 rank), ``check_chain`` (where in a chain it may stand) and ``default_admission``.
 """
 
@@ -103,6 +104,15 @@ class Tier(abc.ABC):
 
         When a tier offers views, the executor copies engine blocks straight into them
         (and out of them), sparing a staging copy.
+        """
+        return None
+
+    def slot_rows(self) -> np.ndarray | None:
+        """All slots as one C-contiguous ``[num_slots, block_bytes]`` uint8 array, slot
+        ``s`` in row ``s`` (the rows ``views`` returns), for memory tiers, else None.
+
+        When a tier offers rows, the executor copies a batch between engine blocks and
+        its slots by row number, in one native call with no view per block.
         """
         return None
 

@@ -151,9 +151,7 @@ class HostTier(Tier):
         return self.slots
 
     def slot_rows(self) -> np.ndarray:
-        """The arena as ``[num_slots, block_bytes]``, slot ``s`` in row ``s`` (``views``'
-        rows): the executor copies a batch between engine blocks and slots by row number,
-        with no view per block."""
+        """The arena: the executor copies a batch to and from its rows by row number."""
         return self.slots
 
     def views(self, slots: Sequence[int]) -> list[np.ndarray]:

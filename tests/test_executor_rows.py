@@ -58,7 +58,7 @@ def test_engine_blocks_land_in_the_slots_the_registry_names(mgr: KvBlockManager)
     hashes = mgr.hash_tokens(np.arange(6 * PAGE, dtype=np.uint32))
     ids = [9, 2, 7, 0, 11, 4]
     assert mgr.offload(hashes, engine, indices=ids).stored == 6
-    rows = mgr.chain[0].tier.slot_rows()  # type: ignore[attr-defined]
+    rows = mgr.chain[0].tier.slot_rows()
     for h, b in zip(hashes, ids):
         want = np.concatenate([t[:, b].numpy().reshape(-1) for t in kv])
         assert np.array_equal(rows[_slot_of(mgr, h)], want), b
@@ -81,7 +81,7 @@ def test_contiguous_blocks_go_to_their_slots_and_back(mgr: KvBlockManager) -> No
     src = rng.integers(0, 256, (4, bb), dtype=np.uint8)
     hashes = mgr.hash_tokens(np.arange(4 * PAGE, dtype=np.uint32) + 99)
     mgr.offload(hashes, ContiguousBlocks(src, mgr.layout), indices=[3, 1, 0, 2])
-    rows = mgr.chain[0].tier.slot_rows()  # type: ignore[attr-defined]
+    rows = mgr.chain[0].tier.slot_rows()
     for h, i in zip(hashes, [3, 1, 0, 2]):
         assert np.array_equal(rows[_slot_of(mgr, h)], src[i])
     dst = np.zeros((6, bb), dtype=np.uint8)

@@ -12,6 +12,8 @@ from kvbm.engine_blocks import _native
 from kvbm.errors import LayoutError
 from kvbm.layout import BlockLayout
 
+from ._fill import SYNC_LAYERS, LayerFill
+
 
 class CacheBlockSource:
     """A ``BlockSource`` over per-layer ``[1, kv_heads, seq, head_dim]`` key/value tensors.
@@ -194,6 +196,10 @@ class CacheBlockDestination:
         self.room = room
 
         self._views: RoomViews | None = None
+        #: Copy the tier's rows (``copy_in_rows``) layer by layer: the first
+        #: ``SYNC_LAYERS`` now, the others left for ``take_fill`` (a ``LayerFill``).
+        self.layered = False
+        self._later: LayerFill | None = None
 
     @classmethod
     def pooled(cls, layout: BlockLayout, num_blocks: int, room: torch.Tensor,
@@ -208,6 +214,8 @@ class CacheBlockDestination:
         self._dtype = self.dtype = getattr(torch, layout.model.dtype)
         self.room = room
         self._views = views
+        self.layered = False
+        self._later = None
         return self
 
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
@@ -250,7 +258,34 @@ class CacheBlockDestination:
             return
         sp = r * rows.strides[0]  # a new array: ``at`` may be the caller's
         sp += _native.address(rows)
+        if self.layered and self._later is None:
+            # The rows stay where they are while the match's pins are held (the fill
+            # gives them back): their copy can run after this call returns.
+            self._layered_in(runs, self._blocks(indices), sp)
+            return
         self._native_in(runs, self._blocks(indices), sp)
+
+    def _layered_in(self, runs: _native.RunCopy, blocks: np.ndarray, sp: np.ndarray) -> None:
+        """``_native_in`` in layer order: layers ``< SYNC_LAYERS`` now, shared with the
+        copy threads of the caller's ``share``; the rest kept as a ``LayerFill``."""
+        v = self._views if self._views is not None else room_views(self.room)
+        part = self.layout.bytes_per_block // len(v.lk)
+        # [layer × K|V, block]: a layer's runs are two consecutive rows of the table.
+        d = np.add.outer(v.at, blocks * part)
+        s_ = np.add.outer(v.lk * part, sp)
+        first = min(SYNC_LAYERS, self.layout.model.num_layers)
+        n = 2 * first * len(blocks)
+        _native.run_copy(runs, n, d[: 2 * first].ravel(), s_[: 2 * first].ravel(), part)
+        jobs = [(d[2 * li: 2 * li + 2].ravel(), s_[2 * li: 2 * li + 2].ravel())
+                for li in range(first, self.layout.model.num_layers)]
+        if jobs:
+            self._later = LayerFill(first, self.layout.model.num_layers, runs, part, jobs,
+                                    getattr(_native._par, "v", None))
+
+    def take_fill(self) -> LayerFill | None:
+        """The layers ``copy_in_rows`` left to copy (None when it copied all), once."""
+        fill, self._later = self._later, None
+        return fill
 
     def _blocks(self, indices: Sequence[int]) -> np.ndarray:
         """``indices`` as int64, each checked to lie within the room's blocks."""

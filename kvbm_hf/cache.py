@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from kvbm.errors import LayoutError, TokenError
 from kvbm.layout import ModelSpec
@@ -50,6 +49,8 @@ from kvbm.manager import KvBlockManager, OffloadResult
 from kvbm.match import Match
 
 from ._blocks import CacheBlockDestination, CacheBlockSource
+from ._fill import LayerFill
+from ._layer import KvbmLayer
 from ._model import (
     check_layout,
     check_vocab,
@@ -113,89 +114,6 @@ def manager_for_model(
     if tiers is not None:
         cfg["tiers"] = tiers
     return KvBlockManager.from_config(cfg)
-
-
-class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """A ``DynamicLayer`` that can start from loaded KV and append into reserved room.
-
-    After ``preload`` the layer's keys and values are the first ``n`` tokens of a
-    longer tensor (after ``reserve``, none yet); ``update`` writes new tokens after
-    them in place instead of concatenating, while they fit. Anything else (no room left, a reordered or resized
-    batch, autograd) falls back to ``DynamicLayer``'s concatenation, which drops the room.
-    Tokens already handed out are never written, so earlier views stay valid.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-        self._room: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def preload(self, keys_room: torch.Tensor, values_room: torch.Tensor,
-                keys: torch.Tensor | int, values: torch.Tensor | None = None) -> None:
-        """Hold loaded tokens at the start of the given room tensors.
-
-        ``keys``/``values`` are the loaded tokens' views of the rooms (their first
-        tokens), or ``keys`` is their count and the views are made here.
-        """
-        if isinstance(keys, int):
-            keys, values = keys_room[:, :, :keys], values_room[:, :, :keys]
-        if values is None or keys.data_ptr() != keys_room.data_ptr() \
-                or values.data_ptr() != values_room.data_ptr():
-            raise ValueError("preload: keys and values must be the first tokens of the rooms")
-        self._hold((keys_room, values_room), (keys, values))
-
-    def _hold(self, room: tuple[torch.Tensor, torch.Tensor],
-              held: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype | None = None,
-              device: torch.device | None = None) -> None:
-        """``preload`` without its checks: ``held`` are the first tokens of ``room``
-        (whose dtype and device are ``dtype`` and ``device`` when given)."""
-        # What ``lazy_initialization`` sets, without its two throw-away empty tensors.
-        self.dtype = room[0].dtype if dtype is None else dtype
-        self.device = room[0].device if device is None else device
-        self.is_initialized = True
-        self._room = room
-        self.keys, self.values = held
-
-    def reserve(self, keys_room: torch.Tensor, values_room: torch.Tensor) -> None:
-        """Write the first tokens the model computes at the start of the given room tensors."""
-        self._room = (keys_room, values_room)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens' KV in place while the room holds them, else concatenate."""
-        room = self._room
-        if room is not None:
-            rk, rv = room
-            if not self.is_initialized:  # reserved: nothing written yet
-                self.lazy_initialization(key_states, value_states)
-                cur, at_start = 0, True
-            elif self.keys is not None and self.values is not None:
-                cur = self.keys.shape[-2]
-                # Still a prefix of the room (crop keeps it; batch reorders copy it away).
-                at_start = (self.keys.data_ptr() == rk.data_ptr()
-                            and self.values.data_ptr() == rv.data_ptr())
-            else:
-                cur, at_start = 0, False
-            end = cur + key_states.shape[-2]
-            if (
-                at_start
-                and end <= rk.shape[-2]
-                and key_states.shape[0] == rk.shape[0]
-                and key_states.dtype == rk.dtype and key_states.device == rk.device
-                and not key_states.requires_grad
-                and (torch.is_inference_mode_enabled() or not torch.is_inference(rk))
-            ):
-                rk[:, :, cur:end].copy_(key_states)
-                rv[:, :, cur:end].copy_(value_states)
-                self.keys = rk[:, :, :end]
-                self.values = rv[:, :, :end]
-                return self.keys, self.values
-            self._room = None
-        return super().update(key_states, value_states, *args, **kwargs)
-
-    def reset(self) -> None:
-        """Forget the KV and the room."""
-        self._room = None
-        super().reset()
 
 
 # -- the cache ------------------------------------------------------------------------
@@ -293,10 +211,16 @@ class KvbmCache(DynamicCache):
         #: Seconds of the last ``load_prefix``'s steps: ``tokens`` (reading the ids),
         #: ``hash``, ``wait`` (for stores of these blocks still running), ``match``,
         #: ``room``, ``layers`` (the layers' views of the room), ``onboard`` (the copy),
-        #: ``release`` (handing the match's pins to an I/O thread).
+        #: ``release`` (handing the match's pins to an I/O thread, or the other layers'
+        #: copy to one, which gives the pins back after the last layer).
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
         self._room_hold: object = None
+        #: Fill a CPU room layer by layer while the model computes (``kvbm_hf._fill``);
+        #: False: every layer is copied before ``load_prefix`` returns.
+        self.layered = True
+        #: The last load's layers still being copied (``wait_loaded``), or None.
+        self.fill: LayerFill | None = None
         #: The tensor ``load_prefix`` read, its version then, and the row it checked.
         self._checked: tuple[torch.Tensor, int, np.ndarray] | None = None
 
@@ -366,6 +290,7 @@ class KvbmCache(DynamicCache):
         # and the request that computes a prefix leaves its room to those that load it.
         capacity = len(row) + max(self.headroom, 0)
         match = self.manager.match_prefix(hashes)
+        fill: LayerFill | None = None
         try:
             t3 = time.perf_counter()
             want = match.num_blocks
@@ -376,16 +301,36 @@ class KvbmCache(DynamicCache):
             # more (its code and data were evicted from the caches by the copy).
             self._hold_layers(dest, want * self.page_size)
             t5 = time.perf_counter()
+            # A CPU room is filled layer by layer: the tier's rows of layers after the
+            # first are copied on an I/O thread while the model computes (``_fill``).
+            dest.layered = self.layered and self.device.type == "cpu"
             try:
                 res = self.manager.onboard(match, dest) if want else None
             except BaseException:
+                dest.take_fill()  # not started: dropped with the room's KV
                 self._hold_layers(dest, 0)  # nothing loaded: the room, empty
                 raise
+            fill = dest.take_fill()
             t6 = time.perf_counter()
         finally:
-            self._release(match)
-        t7 = time.perf_counter()
+            if fill is None:
+                self._release(match)
         loaded = res.loaded if res is not None else 0
+        self.fill = fill
+        if fill is not None:
+            # The pins go back once the last layer is copied; the room stays held (an
+            # alias) until then, whoever drops this cache first.
+            fill.then(match.release)
+            fill.hold(self._room_hold)
+            if loaded != want:  # a block failed: copy now, then end the prefix before it
+                fill.run()
+            else:
+                for li in range(fill.first, len(self.layers)):
+                    layer = self.layers[li]
+                    if isinstance(layer, KvbmLayer):  # always (``_hold_layers`` checked)
+                        layer._fill = (fill, li)
+                self._start(fill)
+        t7 = time.perf_counter()
         if loaded != want:  # a block failed its read: the prefix ends before it
             self._hold_layers(dest, loaded * self.page_size)
         self.load_times = {"tokens": t0 - ts, "hash": t1 - t0, "wait": t2 - t1, "match": t3 - t2,
@@ -416,6 +361,20 @@ class KvbmCache(DynamicCache):
                 layer.keys = layer.values = None
                 layer.is_initialized = False
                 layer.reserve(*rooms[li])
+
+    def _start(self, fill: LayerFill) -> None:
+        """Run ``fill`` on one of the manager's I/O threads (here when they are shut down)."""
+        try:
+            self.manager.executor.submit(fill.run)
+        except RuntimeError:  # closing: copy every layer now
+            fill.run()
+
+    def wait_loaded(self) -> None:
+        """Return once every layer of the loaded prefix is in place (a no-op when the
+        load copied them all before ``load_prefix`` returned); the model's reads of a
+        layer wait for that layer on their own."""
+        if self.fill is not None:
+            self.fill.wait_all()
 
     def _release(self, match: Match) -> None:
         """Drop ``match``'s pins, on an I/O thread when it holds blocks (``flush`` waits).
@@ -520,6 +479,7 @@ class KvbmCache(DynamicCache):
     def reset(self) -> None:
         """Drop the cached KV and start a new request in this cache."""
         super().reset()  # type: ignore[no-untyped-call]
+        self.fill = None
         self._room_hold = None  # the layers dropped their rooms (``KvbmLayer.reset``)
         self._checked = None
         self.loaded_tokens = 0

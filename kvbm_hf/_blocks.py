@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,8 @@ from kvbm.engine_blocks import _native
 from kvbm.errors import LayoutError
 from kvbm.layout import BlockLayout
 
-from ._fill import SYNC_LAYERS, LayerFill
+from . import _fill
+from ._fill import LayerFill
 
 
 class CacheBlockSource:
@@ -200,6 +201,7 @@ class CacheBlockDestination:
         #: ``SYNC_LAYERS`` now, the others left for ``take_fill`` (a ``LayerFill``).
         self.layered = False
         self._later: LayerFill | None = None
+        self._fill_with: tuple[Callable[[], None], Any, Callable[[LayerFill], None]] | None = None
 
     @classmethod
     def pooled(cls, layout: BlockLayout, num_blocks: int, room: torch.Tensor,
@@ -216,6 +218,7 @@ class CacheBlockDestination:
         self._views = views
         self.layered = False
         self._later = None
+        self._fill_with = None
         return self
 
     def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
@@ -273,14 +276,30 @@ class CacheBlockDestination:
         # [layer × K|V, block]: a layer's runs are two consecutive rows of the table.
         d = np.add.outer(v.at, blocks * part)
         s_ = np.add.outer(v.lk * part, sp)
-        first = min(SYNC_LAYERS, self.layout.model.num_layers)
+        first = min(_fill.SYNC_LAYERS, self.layout.model.num_layers)
         n = 2 * first * len(blocks)
         _native.run_copy(runs, n, d[: 2 * first].ravel(), s_[: 2 * first].ravel(), part)
         jobs = [(d[2 * li: 2 * li + 2].ravel(), s_[2 * li: 2 * li + 2].ravel())
                 for li in range(first, self.layout.model.num_layers)]
-        if jobs:
-            self._later = LayerFill(first, self.layout.model.num_layers, runs, part, jobs,
-                                    getattr(_native._par, "v", None))
+        if not jobs:
+            return
+        fill = LayerFill(first, self.layout.model.num_layers, runs, part, jobs,
+                         getattr(_native._par, "v", None))
+        self._later = fill
+        if self._fill_with is not None:
+            # Started here, so the other layers copy while the executor and the
+            # manager finish this load's bookkeeping.
+            then, hold, start = self._fill_with
+            fill.then(then)
+            fill.hold(hold)
+            start(fill)
+
+    def fill_with(self, then: Callable[[], None], hold: Any,
+                  start: Callable[[LayerFill], None]) -> None:
+        """A layered copy's fill runs ``then`` after its last layer (before marking it
+        done), keeps ``hold`` until it is over, and is started by ``start(fill)`` as
+        soon as its first layers are copied (else it waits for ``take_fill``'s caller)."""
+        self._fill_with = (then, hold, start)
 
     def take_fill(self) -> LayerFill | None:
         """The layers ``copy_in_rows`` left to copy (None when it copied all), once."""

@@ -37,8 +37,9 @@ class LayerFill:
     ``jobs[i]`` is ``(dst, src)``: int64 address tables of layer ``first + i``'s runs of
     ``part`` bytes each. ``run`` copies them (shared with the copy threads of ``share``,
     the executor's, when given), marking each layer done; ``wait(layer)`` blocks until
-    that layer is. ``done_at``: ``time.perf_counter()`` when the last layer landed;
-    ``waited``: seconds callers spent in ``wait``.
+    that layer is. ``done_at``: ``time.perf_counter()`` when the fill was over (pins back);
+    ``copied_at``: when its bytes were (before the pins went back); ``waited``: seconds
+    callers spent in ``wait``.
     """
 
     def __init__(self, first: int, num_layers: int, runs: _native.RunCopy, part: int,
@@ -55,6 +56,8 @@ class LayerFill:
         self._hold: list[Any] = []
         self.error: BaseException | None = None
         self.done_at = 0.0
+        #: ``time.perf_counter()`` when the last layer's bytes were copied (before the pins).
+        self.copied_at = 0.0
         self.waited = 0.0
         #: Layers in place so far (the first ``first`` were copied before the fill).
         self.landed = first
@@ -85,6 +88,7 @@ class LayerFill:
                     self.landed = self.first + i + 1
                     if i + 1 < len(self._events):
                         self._events[i].set()
+                self.copied_at = time.perf_counter()
             finally:
                 if ctx is not None:
                     ctx.__exit__(None, None, None)
@@ -117,6 +121,16 @@ class LayerFill:
                 f"kvbm: copying layer {layer} of the loaded prefix failed ({self.error!r}); "
                 "its KV is not in place, so this cache cannot be used (run the request again)"
             ) from self.error
+
+    @property
+    def started(self) -> bool:
+        """``run`` was called (it may still be copying)."""
+        return self._started
+
+    def join(self) -> None:
+        """Return once the fill is over, its copies failed or not (nothing raised)."""
+        if self._events:
+            self._events[-1].wait()
 
     def wait_all(self) -> None:
         """Return once every layer is in place (and the pins are back)."""

@@ -303,11 +303,19 @@ class KvbmCache(DynamicCache):
             t5 = time.perf_counter()
             # A CPU room is filled layer by layer: the tier's rows of layers after the
             # first are copied on an I/O thread while the model computes (``_fill``).
-            dest.layered = self.layered and self.device.type == "cpu"
+            if self.layered and self.device.type == "cpu":
+                # The pins go back once the last layer is copied; the room stays held
+                # (an alias) until then, whoever drops this cache first.
+                dest.layered = True
+                dest.fill_with(match.release, self._room_hold, self._start)
             try:
                 res = self.manager.onboard(match, dest) if want else None
             except BaseException:
-                dest.take_fill()  # not started: dropped with the room's KV
+                fill = dest.take_fill()
+                if fill is not None:  # it gives the pins back once over
+                    if not fill.started:
+                        self._start(fill)
+                    fill.join()
                 self._hold_layers(dest, 0)  # nothing loaded: the room, empty
                 raise
             fill = dest.take_fill()
@@ -318,18 +326,12 @@ class KvbmCache(DynamicCache):
         loaded = res.loaded if res is not None else 0
         self.fill = fill
         if fill is not None:
-            # The pins go back once the last layer is copied; the room stays held (an
-            # alias) until then, whoever drops this cache first.
-            fill.then(match.release)
-            fill.hold(self._room_hold)
-            if loaded != want:  # a block failed: copy now, then end the prefix before it
-                fill.run()
-            else:
-                for li in range(fill.first, len(self.layers)):
-                    layer = self.layers[li]
-                    if isinstance(layer, KvbmLayer):  # always (``_hold_layers`` checked)
-                        layer._fill = (fill, li)
-                self._start(fill)
+            if loaded != want:  # a block failed: every layer copied before the prefix ends
+                fill.join()
+            for li in range(fill.first, len(self.layers)):
+                layer = self.layers[li]
+                if isinstance(layer, KvbmLayer):  # always (``_hold_layers`` checked)
+                    layer._fill = (fill, li)
         t7 = time.perf_counter()
         if loaded != want:  # a block failed its read: the prefix ends before it
             self._hold_layers(dest, loaded * self.page_size)

@@ -182,7 +182,8 @@ def measure(kind: str, layout: BlockLayout, n: int, dev: torch.device, repeats: 
     return res
 
 
-def crossover(dev: torch.device, nbytes: int, repeats: int) -> list[dict[str, Any]]:
+def crossover(dev: torch.device, nbytes: int, repeats: int,
+              max_copies: int = 0) -> list[dict[str, Any]]:
     """gather vs per_block for vLLM layers as the run (page × 8 heads × 128 × 2 B) grows."""
     rows = []
     for page in (1, 4, 16, 64):
@@ -191,10 +192,37 @@ def crossover(dev: torch.device, nbytes: int, repeats: int) -> list[dict[str, An
         plain = plain_copy(n * layout.bytes_per_block, dev)
         row: dict[str, Any] = {"run_bytes": page * 8 * 128 * 2, "blocks": n}
         for strategy in ("gather", "per_block"):
+            copies = n * layout.model.num_layers * 2
+            if strategy == "per_block" and max_copies and copies > max_copies:
+                row[strategy] = None  # too many launches to time in a short run
+                continue
             r = measure("vllm", layout, n, dev, repeats, strategy, plain, bidir=False)
             row[strategy] = {"d2h_ratio": r["d2h"]["ratio"], "h2d_ratio": r["h2d"]["ratio"]}
         rows.append(row)
     return rows
+
+
+COLS = (("d2h", "D2H"), ("h2d", "H2D"), ("h2d_layerwise", "H2D layerwise"), ("bidir", "both ways"))
+
+
+def header(results: dict[str, Any], label: str, dev: torch.device) -> None:
+    """The table's head, printed before the first case so a cut-short run still says something."""
+    n, bb, total = results["blocks"], results["block_bytes"], results["batch_bytes"]
+    print(f"kvbm_tiers_gpu transfers on {label}: {n} blocks of {bb / 2**20:.0f} MiB per batch "
+          f"({total / 2**20:.0f} MiB); median of {results['repeats']} rounds, each timing the "
+          f"limit then the case; copy backend {results['copy_backend']}")
+    if dev.type != "cuda":
+        print("  ** CPU tensors: the 'device' is host memory; GPU figures are pending a CUDA machine **")
+    lim = "one torch copy, pinned host <-> device" if dev.type == "cuda" else "one torch copy, host -> host"
+    print(f"  limit = {lim}, same bytes, same rounds")
+    print(f"  {'case':30s}" + "".join(f" {h:>22s}" for _, h in COLS))
+    print(f"  {'':30s}" + " {:>22s}".format("GB/s / limit = ratio") * len(COLS), flush=True)
+
+
+def row(case: str, r: dict[str, dict[str, float]]) -> None:
+    cells = "".join(f" {r[k]['gbps']:7.2f}/{r[k]['limit_gbps']:6.2f} ={r[k]['ratio']:5.2f}"
+                    for k, _ in COLS)
+    print(f"  {case:30s}{cells}", flush=True)
 
 
 def main() -> None:
@@ -209,7 +237,13 @@ def main() -> None:
                          "region waits for a descheduled core, which swamps the copy)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numpy", "cupy"],
                     help="copy backend of the per-block copies")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--max-copies", type=int, default=None,
+                    help="skip per_block where a batch needs more copies than this (default "
+                         "20000 on CUDA, where each copy is a launch of a few microseconds: "
+                         "vLLM 0.33's 256-byte runs are a million copies a batch; 0: no limit)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    ap.add_argument("--json-out", default=None,
+                    help="also write the JSON to this file after every case")
     a = ap.parse_args()
     global BACKEND
     BACKEND = a.backend
@@ -221,52 +255,68 @@ def main() -> None:
         torch.set_num_threads(a.threads or 1)
     label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU tensors (no CUDA)"
     n = a.blocks or (128 if dev.type == "cuda" else 64)
+    if a.max_copies is None:
+        a.max_copies = 20000 if dev.type == "cuda" else 0
     layout = BlockLayout(LLAMA3_8B, 16)
     total = n * layout.bytes_per_block
     plain = plain_copy(total, dev)
     results: dict[str, Any] = {
         "device": str(dev), "device_name": label, "blocks": n,
         "block_bytes": layout.bytes_per_block, "batch_bytes": total, "repeats": a.repeats,
-        "copy_backend": a.backend,
-        "torch_threads": torch.get_num_threads(), "cases": {},
+        "copy_backend": a.backend, "max_copies": a.max_copies,
+        "torch_threads": torch.get_num_threads(), "cases": {}, "skipped": {},
     }
+    show = not a.json
+    if show:
+        header(results, label, dev)
+
+    def save() -> None:
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump(results, f, indent=2)
+
+    m = layout.model
+    run_bytes = {"pool": layout.bytes_per_block, "vllm": layout.page_size * m.inner_dim * 2,
+                 "bhnc": m.head_dim * 2}
     for kind, name in (("pool", "2MiB blocks"), ("vllm", "vLLM layers"),
                        ("bhnc", "vLLM 0.33 layers")):
-        for strategy in ("gather", "per_block"):
-            results["cases"][f"{name} / {strategy}"] = measure(
-                kind, layout, n, dev, a.repeats, strategy, plain)
+        copies = n * layout.bytes_per_block // run_bytes[kind]
+        for strategy in ("auto", "gather", "per_block"):
+            case = f"{name} / {strategy}"
+            if strategy == "per_block" and a.max_copies and copies > a.max_copies:
+                why = (f"{copies} copies of {run_bytes[kind]} B per batch (> --max-copies "
+                       f"{a.max_copies}); auto gathers runs this small")
+                results["skipped"][case] = why
+                save()
+                if show:
+                    print(f"  {case:30s} skipped: {why}", flush=True)
+                continue
+            results["cases"][case] = r = measure(kind, layout, n, dev, a.repeats, strategy, plain)
+            save()
+            if show:
+                row(case, r)
     if not a.no_sweep:
-        results["sweep"] = crossover(dev, 8 * 2**20 if dev.type == "cpu" else 64 * 2**20, a.repeats)
+        results["sweep"] = crossover(dev, 8 * 2**20 if dev.type == "cpu" else 64 * 2**20,
+                                     a.repeats, a.max_copies)
+        save()
     if dev.type != "cuda":
         results["note"] = "CPU tensors: GPU figures pending a CUDA machine"
+    save()
     if a.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"kvbm_tiers_gpu transfers on {label}: {n} blocks of "
-          f"{layout.bytes_per_block / 2**20:.0f} MiB per batch ({total / 2**20:.0f} MiB); "
-          f"median of {a.repeats} rounds, each timing the limit then the case; "
-          f"copy backend {a.backend}")
-    if dev.type != "cuda":
-        print("  ** CPU tensors: the 'device' is host memory; GPU figures are pending a CUDA machine **")
-    lim = "one torch copy, pinned host <-> device" if dev.type == "cuda" else "one torch copy, host -> host"
-    print(f"  limit = {lim}, same bytes, same rounds")
-    cols = (("d2h", "D2H"), ("h2d", "H2D"), ("h2d_layerwise", "H2D layerwise"), ("bidir", "both ways"))
-    print(f"  {'case':30s}" + "".join(f" {h:>22s}" for _, h in cols))
-    print(f"  {'':30s}" + " {:>22s}".format("GB/s / limit = ratio") * len(cols))
-    for case, r in results["cases"].items():
-        cells = "".join(
-            f" {r[k]['gbps']:7.2f}/{r[k]['limit_gbps']:6.2f} ={r[k]['ratio']:5.2f}" for k, _ in cols
-        )
-        print(f"  {case:30s}{cells}")
     if "sweep" in results:
         print("  run-size sweep, vLLM layers (8 layers, 8 heads, hd 128), ratio to the limit:")
         print(f"  {'run bytes':>10s} {'gather D2H/H2D':>16s} {'per_block D2H/H2D':>18s}  faster")
-        for row in results["sweep"]:
-            g, p = row["gather"], row["per_block"]
+        for r in results["sweep"]:
+            g, p = r["gather"], r["per_block"]
+            if p is None:
+                print(f"  {r['run_bytes']:10d} {g['d2h_ratio']:7.2f}/{g['h2d_ratio']:<8.2f}"
+                      f" {'skipped':>18s}  gather")
+                continue
             faster = "gather" if g["d2h_ratio"] + g["h2d_ratio"] > p["d2h_ratio"] + p["h2d_ratio"] else "per_block"
-            print(f"  {row['run_bytes']:10d} {g['d2h_ratio']:7.2f}/{g['h2d_ratio']:<8.2f}"
+            print(f"  {r['run_bytes']:10d} {g['d2h_ratio']:7.2f}/{g['h2d_ratio']:<8.2f}"
                   f" {p['d2h_ratio']:9.2f}/{p['h2d_ratio']:<8.2f}  {faster}")
-
 
 if __name__ == "__main__":
     main()

@@ -25,32 +25,17 @@ nproc | tee -a "$OUT/gpu.txt"
 
 # 1. Tests: every gpu-marked test, and the whole of the files that hold them, so the
 #    CPU-side tests of the same modules also run with a CUDA device present.
-timeout 300 $PY -m pytest -q -p no:cacheprovider -x -rs \
+timeout 300 $PY -m pytest -v -p no:cacheprovider -x -rs \
   tests/test_gpu_cuda.py tests/test_gpu_tier.py tests/test_host_tier.py \
   tests/test_engine_blocks_huge.py tests/test_hf_connector.py 2>&1 | tee "$OUT/tests.log" | tail -25
 echo "tests rc=${PIPESTATUS[0]}"
 
-# 2. Transfers beside one torch copy of the same bytes (pinned host <-> device).
+# 2. Transfers beside one torch copy of the same bytes (pinned host <-> device). Each
+#    case's row is printed (and its JSON rewritten) as it finishes, so a run cut short by
+#    its timeout still reports what it measured.
 if [ "${1:-}" = quick ]; then args=(--repeats 5 --no-sweep); else args=(--repeats 7); fi
-timeout 240 $PY bench/gpu.py "${args[@]}" --json > "$OUT/gpu.json" 2> "$OUT/gpu.err"
-echo "bench rc=$?"
-timeout 120 $PY bench/gpu.py --repeats 5 --no-sweep --backend cupy --json > "$OUT/gpu_cupy.json" 2> "$OUT/gpu_cupy.err"
-echo "bench cupy rc=$?"
-$PY - "$OUT" <<'EOF'
-import json, sys
-out = sys.argv[1]
-for name in ("gpu.json", "gpu_cupy.json"):
-    try:
-        r = json.load(open(f"{out}/{name}"))
-    except Exception as e:  # noqa: BLE001
-        print(name, "unreadable:", e)
-        continue
-    print(f"{name}: {r['device_name']}, {r['blocks']} blocks x {r['block_bytes'] >> 20} MiB, backend {r['copy_backend']}")
-    for case, c in r["cases"].items():
-        print(f"  {case:28s}" + "".join(
-            f" {k}={v['gbps']:.1f}/{v['limit_gbps']:.1f}={v['ratio']:.2f}" for k, v in c.items()))
-    for row in r.get("sweep", []):
-        print(f"  sweep run {row['run_bytes']:7d} B gather {row['gather']['d2h_ratio']:.2f}/"
-              f"{row['gather']['h2d_ratio']:.2f} per_block {row['per_block']['d2h_ratio']:.2f}/"
-              f"{row['per_block']['h2d_ratio']:.2f}")
-EOF
+timeout 200 $PY bench/gpu.py "${args[@]}" --json-out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+echo "bench rc=${PIPESTATUS[0]}"
+timeout 100 $PY bench/gpu.py --repeats 5 --no-sweep --backend cupy --json-out "$OUT/gpu_cupy.json" \
+  2>&1 | tee "$OUT/bench_cupy.log"
+echo "bench cupy rc=${PIPESTATUS[0]}"

@@ -33,7 +33,7 @@ from .hashing import SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
 from .served import SlotMap
-from .staging import StagingPool
+from .staging import InSlot, StagingPool, read_into_promotion
 from .tier import Tier
 
 log = logging.getLogger("kvbm")
@@ -457,6 +457,10 @@ class Executor:
         for i, t in enumerate(op.tiers):
             groups.setdefault(t, []).append(i)
         for t, members in sorted(groups.items()):
+            if copy_now and op.promote_op:  # promoted blocks read into their slots (staging.py)
+                members = read_into_promotion(self, op, t, members, dest, out)
+                if not members:
+                    continue
             t0 = time.perf_counter()
             slots = [op.slots[i] for i in members]
             rows = self._rows(t) if copy_now else None
@@ -544,7 +548,7 @@ class Executor:
         slots = [op.promote_slots[i] for i in pos]
         failed = {k for k, i in enumerate(pos) if i in bad}
         failed |= self._claim(t, slots)
-        todo = [k for k in range(len(pos)) if k not in failed]
+        todo = [k for k in range(len(pos)) if k not in failed and not isinstance(src[pos[k]], InSlot)]
         bufs = [_raw(src[pos[k]]) for k in todo]
         try:
             views = self._views(t, [slots[k] for k in todo])

@@ -17,10 +17,18 @@ from __future__ import annotations
 import contextlib
 import mmap
 import threading
+import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._copy_fns import _Direct, _rows_fn
+from .hashing import SequenceHash
 from .layout import aligned_empty
+
+if TYPE_CHECKING:
+    from .executor import Executor
+    from .plan import LoadOp
 
 #: Huge-page size the arenas are aligned to (x86-64 and arm64's 4K-granule THP).
 HUGE_PAGE = 2 * 2**20
@@ -75,3 +83,98 @@ class StagingPool:
         for i in range(n):
             self._free.append(arena[i * self._stride : i * self._stride + self.block_bytes])
         self.allocated += n
+
+
+# -- reads of a lower tier straight into their promotion slots ----------------------------
+class InSlot(_Direct):
+    """A block read straight into its promotion slot of the upper tier's memory: the
+    promotion has nothing left to copy (``Executor._promote`` commits it in place)."""
+
+    __slots__ = ()
+
+
+def _parts(n: int, min_blocks: int, most: int = 4) -> list[tuple[int, int]]:
+    """``[a, b)`` bounds of up to ``most`` parts of ``n`` blocks, each of at least
+    ``min_blocks`` (one part where ``min_blocks`` is 0 or ``n`` is small)."""
+    k = max(1, min(most, n // min_blocks)) if min_blocks > 0 else 1
+    return [(j * n // k, (j + 1) * n // k) for j in range(k)]  # sizes n // k or one more
+
+
+def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], dest: Any,
+                        out: list[Any]) -> list[int]:
+    """Read tier ``t``'s blocks of ``op`` that are promoted into a memory tier straight
+    into their promotion slots (the upper tier's rows), then copy them from there into
+    ``dest``; returns the positions of ``members`` left to the caller's path.
+
+    This spares a staging buffer per block and the promotion's own copy (the bytes are
+    already in the slot: ``InSlot``). Where tier ``t`` offers ``onboard_part_blocks`` (the
+    disk tier), the read is split into parts read one after the other on a thread of
+    its own while this thread copies the previous part into ``dest``. A block whose read
+    fails stays None in ``out`` (a miss; its slot's bytes are never served: the
+    promotion reports it failed and the planner frees the slot). Every part's read has
+    finished before this returns or raises, so nothing writes into a slot after the
+    planner has settled it.
+    """
+    p = op.promote_tier
+    rows = ex._rows(p) if p != t else None
+    if rows is None or ex._rows(t) is not None:
+        return members
+    mine = [i for i in members if op.promote_slots[i] >= 0]
+    refused = ex._claim(p, [op.promote_slots[i] for i in mine]) if mine else set()
+    mine = [i for k, i in enumerate(mine) if k not in refused]
+    if not mine:
+        return members
+    t0 = time.perf_counter()
+    taken = set(mine)
+    tier = ex.tiers[t]
+    parts = [mine[a:b] for a, b in _parts(len(mine), int(getattr(tier, "onboard_part_blocks", 0)))]
+    done: list[list[bool] | BaseException | None] = [None] * len(parts)
+    ready = [threading.Event() for _ in parts]
+
+    def read(k: int) -> None:
+        part = parts[k]
+        try:
+            done[k] = ex._read(t, [op.slots[i] for i in part], [SequenceHash(op.keys[i]) for i in part],
+                               [rows[op.promote_slots[i]] for i in part])
+        except BaseException as e:  # _read turns a tier's errors into False; anything else
+            done[k] = e
+        finally:
+            ready[k].set()
+
+    def read_all() -> None:
+        for k in range(len(parts)):
+            read(k)
+
+    reader = None
+    if len(parts) > 1:
+        reader = threading.Thread(target=read_all, name="kvbm-promote-read", daemon=True)
+        reader.start()
+    else:
+        read(0)
+    fast = _rows_fn(dest, out=False)
+    good_n = failed_n = 0
+    try:
+        for k, part in enumerate(parts):
+            ready[k].wait()
+            ok = done[k]
+            if isinstance(ok, BaseException):
+                raise ok
+            assert ok is not None
+            good = [i for i, g in zip(part, ok, strict=True) if g]
+            failed_n += len(part) - len(good)
+            good_n += len(good)
+            if not good:
+                continue
+            at = [op.promote_slots[i] for i in good]
+            for i, s in zip(good, at, strict=True):
+                out[i] = InSlot(rows[s])
+            idx = [op.dst[i] for i in good]
+            if fast is not None:
+                ex._copy_rows(fast, idx, rows, at)
+            else:
+                ex.split_copy(dest.copy_in, idx, [rows[s] for s in at])
+    finally:
+        if reader is not None:
+            reader.join()
+    ex.count(f"onboard:{tier.name}", good_n, time.perf_counter() - t0, failed_n)
+    return [i for i in members if i not in taken]

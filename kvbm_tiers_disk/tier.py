@@ -68,6 +68,10 @@ class DiskTier(Recovery, NativeLoop, NixlPath):
     medium: ClassVar[str] = "DISK"
     #: Dynamo's frequency filter: only blocks offered at least twice reach the disk.
     default_admission: ClassVar[str] = "frequency"
+    #: An onboard read into promotion slots (``kvbm.staging.read_into_promotion``) is
+    #: split into parts of at least this many blocks: the copy of one part into the
+    #: engine overlaps the read of the next (8 threads keep a part's requests in flight).
+    onboard_part_blocks: ClassVar[int] = 32
 
     @classmethod
     def config_for_rank(cls, config: TierConfig, rank: int, tp_size: int) -> TierConfig:

@@ -27,6 +27,14 @@ two blocks of a prefix are near (as in a random placement: every lookup of a mat
 random access to each array): the worst case for ``pin_run``, which reads a run saved
 together from consecutive slots and looks the rest up through the index.
 
+What is timed (``--entry``): ``manager`` (the default), ``KvBlockManager.match_prefix`` of a
+real manager whose one host tier holds the registry (the smallest model: 4 bytes a block,
+its arena never touched), which is what a user calls (its checks of the hashes, then
+``Planner.match``); the registry is filled through its own calls (the blocks' bytes are
+not the subject), and B/block is then the registry's arrays (``nbytes``, within 0.2 % of
+its RSS growth), since the manager's own memory also grows with the tier; ``planner``,
+``Planner.match`` alone, B/block from the RSS. ``old`` has no manager: always ``planner``.
+
 Each process also holds the same registry at 10K blocks (``REF``, filled in the same
 order) and matches a random prefix of it after each cold match: ``÷ 10K paired`` is
 the cold p50 over that one, both measured in one loop under the same load (on a
@@ -39,7 +47,7 @@ dependent read after another) in tables of a 10K and a 10M registry's size, the 
 extra added to the fixed cost of a 10K match measured in the same run.
 
 Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new,py]
-[--fill request,interleaved] [--runs 3] [--samples 2000] [--json] [--floor]``. Runs interleave the implementations and
+[--fill request,interleaved] [--entry manager|planner] [--runs 3] [--samples 2000] [--json] [--floor]``. Runs interleave the implementations and
 sizes; the table gives min/median/max over runs.
 """
 
@@ -62,8 +70,15 @@ from typing import Any
 import xxhash
 
 PREFIX = 64  # blocks per prefix, matched at once
+# --floor's cold rows: 4 KiB pages (one line each) touched between two rounds, about what
+# the benchmark's loop does between two 10M matches (~100 us of Python: a 10K match and
+# its release, a hot match, the keys), which leaves the lookup's page walks to memory
+COLD = 16384
 REF = 10_000  # the small registry each size is also compared with in its own process
 CHUNK = 1 << 16
+# --entry manager: the smallest model, so that a host tier of 10M blocks costs 40 MB
+TINY_MODEL = {"name": "bench", "num_layers": 1, "num_kv_heads": 1, "head_dim": 1,
+              "dtype": "float16"}
 
 
 def _rss() -> int:
@@ -75,13 +90,20 @@ def _key(i: int) -> bytes:
     return xxhash.xxh3_128_digest(i.to_bytes(8, "little"))
 
 
-def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) -> dict[str, Any]:
+def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str,
+           entry: str = "planner") -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from kvbm.chain import TierState
     from kvbm.config import TierConfig
+    from kvbm.manager import KvBlockManager
     from kvbm.planner import Planner
     from kvbm.policy import AdmitAll, LRUPolicy
     from kvbm.registry import BlockRegistry
+
+    managers: dict[int, Any] = {}  # --entry manager: each registry's manager
+    if entry == "manager":  # the plugins and their imports loaded before rss0
+        KvBlockManager.from_config({"model": TINY_MODEL, "page_size": 1, "tiers": [
+            {"type": "host", "num_blocks": 64}]}).close()
 
     class _Tier:  # what the planner asks of a tier's class on the match path
         shared = False
@@ -106,6 +128,11 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
 
             OldBlockRegistry.pin_run = pin_run
             return OldBlockRegistry("bench", n, OldLRUPolicy(n))
+        if entry == "manager":  # the registry of a real manager's one host tier
+            mgr = KvBlockManager.from_config({"model": TINY_MODEL, "page_size": 1, "tiers": [
+                {"type": "host", "num_blocks": n, "touch": False}]})
+            managers[id(mgr.planner.tiers[0].registry)] = mgr
+            return mgr.planner.tiers[0].registry
         return BlockRegistry("bench", n, LRUPolicy(n))
 
     def fill_up(reg: Any, n: int) -> None:
@@ -143,6 +170,8 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
     fill_s = time.perf_counter() - t0
     gc.collect()
     rss1 = _rss()
+    if managers:  # the manager's own memory grows with the tier too: count the registry's
+        rss1 = rss0 + reg.nbytes  # arrays (within 0.2 % of its RSS growth, --entry planner)
     assert reg.num_used == n and reg.num_evictable == n
     if traced:
         # tracemalloc sees numpy's arrays but not the keys' anonymous mapping: add it.
@@ -155,8 +184,12 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
                        AdmitAll())
         return Planner([ts], page_size=16)
 
-    planner = planner_of(reg, n)
-    ref_planner = planner_of(ref, REF)
+    # What the timed loop calls: the manager's match_prefix (what a user calls: its checks
+    # of the hashes, then Planner.match), or Planner.match alone (--entry planner; old).
+    if entry == "manager":
+        match, ref_match = (managers[id(reg)].match_prefix, managers[id(ref)].match_prefix)
+    else:
+        match, ref_match = planner_of(reg, n).match, planner_of(ref, REF).match
     rng = random.Random(seed)
     hot = [_key(i) for i in range(0, PREFIX)]
     cold_t: list[float] = []
@@ -167,20 +200,20 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
         p = rng.randrange(prefixes)
         keys = [_key(i) for i in range(p * PREFIX, (p + 1) * PREFIX)]
         t0 = perf()
-        m = planner.match(keys)
+        m = match(keys)
         t1 = perf()
         m.release()
         assert m.num_blocks == PREFIX
         cold_t.append(t1 - t0)
         t0 = perf()
-        m = planner.match(hot)
+        m = match(hot)
         t1 = perf()
         m.release()
         hot_t.append(t1 - t0)
         p = rng.randrange(REF // PREFIX)
         keys = [_key(i) for i in range(p * PREFIX, (p + 1) * PREFIX)]
         t0 = perf()
-        m = ref_planner.match(keys)
+        m = ref_match(keys)
         t1 = perf()
         m.release()
         assert m.num_blocks == PREFIX
@@ -188,8 +221,10 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str) 
     cold_t.sort()
     hot_t.sort()
     ref_t.sort()
+    for mgr in managers.values():
+        mgr.close()
     return {
-        "impl": impl, "blocks": n, "fill": fill,
+        "impl": impl, "blocks": n, "fill": fill, "entry": entry,
         "rss_bytes_per_block": (rss1 - rss0) / n,
         "array_bytes_per_block": getattr(reg, "nbytes", 0) / n or None,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -245,9 +280,22 @@ static void *big(size_t n) {
 #define K 64
 typedef struct { uint64_t k0, k1; int32_t pins; int8_t state, pad[3]; int32_t prev, next; } rec_t;
 
+/* Before each round with `cold` > 0: one line in each of `cold` random 4 KiB pages of a
+ * 256 MiB buffer read and written (outside the timed part), as a server's other work
+ * between two matches leaves the caches and the TLB. */
+static char *junk;
+static void thrash(int cold) {
+    if (cold <= 0)
+        return;
+    if (junk == NULL && (junk = big((size_t)1 << 28)) == NULL)
+        return;
+    for (int i = 0; i < cold; i++)
+        junk[(rnd() % (1u << 16)) << 12] += 1;
+}
+
 /* The median ns of `iters` rounds of 64 lookups (mode above) in a table for n blocks;
  * -1 when the memory cannot be had. */
-double kvbm_floor(int mode, int64_t n, int iters, uint64_t seed) {
+double kvbm_floor(int mode, int64_t n, int iters, uint64_t seed, int cold) {
     rs = seed | 1;
     uint64_t *t = malloc(sizeof(uint64_t) * (size_t)iters);
     uint64_t *qa = malloc(sizeof(uint64_t) * 2 * K * (size_t)iters);  /* the keys asked, in order */
@@ -266,6 +314,7 @@ double kvbm_floor(int mode, int64_t n, int iters, uint64_t seed) {
             qa[i] = rnd() % lines;
         for (int it = 0; it < iters; it++) {
             const uint64_t *q = qa + (size_t)it * K;
+            thrash(cold);
             uint64_t s = 0, t0 = now_ns();
             if (mode == 0) {
                 for (int i = 0; i < K; i++)
@@ -313,6 +362,7 @@ double kvbm_floor(int mode, int64_t n, int iters, uint64_t seed) {
             uint64_t home[K];
             int32_t tag[K], slot[K];
             int found = 0;
+            thrash(cold);
             uint64_t t0 = now_ns();
             for (int i = 0; i < K; i++) {
                 uint64_t h = mix(q[2 * i] ^ q[2 * i + 1]);
@@ -366,16 +416,17 @@ out:
 """
 
 
-def _floor(runs: int, samples: int) -> None:
+def _floor(runs: int, samples: int, entry: str) -> None:
     """The physical floor of ``÷ 10K paired`` in the worst order on this machine: what
     64 random reads cost at a 10M registry's size over a 10K one's (C, no Python), added
-    to the fixed cost of a 10K match (``Planner.match`` p50, measured in the same run)."""
+    to the fixed cost of a 10K match (``--entry``'s call, p50, measured in the same run)."""
     import ctypes
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from kvbm import _cc
     from kvbm.chain import TierState
     from kvbm.config import TierConfig
+    from kvbm.manager import KvBlockManager
     from kvbm.planner import Planner
     from kvbm.policy import AdmitAll, LRUPolicy
     from kvbm.registry import BlockRegistry
@@ -384,19 +435,26 @@ def _floor(runs: int, samples: int) -> None:
     if lib is None:
         sys.exit("--floor needs a C compiler (cc or gcc, or $CC)")
     f = lib.kvbm_floor
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64]
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
     f.restype = ctypes.c_double
 
     class _Tier:
         shared = False
         medium = "host"
 
-    ref = BlockRegistry("bench", REF, LRUPolicy(REF))
+    mgr = None
+    if entry == "manager":
+        mgr = KvBlockManager.from_config({"model": TINY_MODEL, "page_size": 1, "tiers": [
+            {"type": "host", "num_blocks": REF, "touch": False}]})
+        ref = mgr.planner.tiers[0].registry
+        match = mgr.match_prefix
+    else:
+        ref = BlockRegistry("bench", REF, LRUPolicy(REF))
+        match = Planner([TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=REF),  # type: ignore[arg-type]
+                                   ref, AdmitAll())], page_size=16).match
     prefixes = REF // PREFIX
     for i in (p * PREFIX + b for b in range(PREFIX) for p in range(prefixes)):
         ref.commit(ref.allocate(_key(i)))  # type: ignore[arg-type]
-    planner = Planner([TierState("bench", 0, _Tier, TierConfig(type="host", num_blocks=REF),  # type: ignore[arg-type]
-                                 ref, AdmitAll())], page_size=16)
     big = 10_000_000
     rows: dict[str, list[float]] = {}
     rng = random.Random(0)
@@ -406,7 +464,7 @@ def _floor(runs: int, samples: int) -> None:
             p = rng.randrange(prefixes)
             keys = [_key(i) for i in range(p * PREFIX, (p + 1) * PREFIX)]
             t0 = time.perf_counter()
-            m = planner.match(keys)
+            m = match(keys)
             t1 = time.perf_counter()
             m.release()
             ts.append(t1 - t0)
@@ -416,18 +474,25 @@ def _floor(runs: int, samples: int) -> None:
             for n, size in ((REF, "10K"), (big, "10M")):
                 if mode == 2 and n == REF:
                     continue
-                rows.setdefault(f"{name} {size}", []).append(f(mode, n, 20000, run + 1) / 1e3)
+                rows.setdefault(f"{name} {size}", []).append(f(mode, n, 20000, run + 1, 0) / 1e3)
+                if mode < 2:  # the same after other work (COLD pages touched) each round
+                    rows.setdefault(f"{name} cold {size}", []).append(
+                        f(mode, n, 4000, run + 1, COLD) / 1e3)
         print(f"  run {run}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
               + f" us, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     fixed = rows["fixed"]
     print(f"the floor of the worst order's ratio (64-key match, 10M ÷ 10K blocks); "
           f"min/median/max of {runs} runs; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"  fixed cost: Planner.match p50 of a 10K registry (interleaved) {_mmm(fixed)} us")
-    for name in ("one line", "today's layout"):
+    if mgr is not None:
+        mgr.close()
+    what = "KvBlockManager.match_prefix" if mgr is not None else "Planner.match"
+    print(f"  fixed cost: {what} p50 of a 10K registry (interleaved) {_mmm(fixed)} us; "
+          f"cold: {COLD} random 4 KiB pages touched before each round")
+    for name in ("one line", "today's layout", "one line cold", "today's layout cold"):
         small, large = rows[f"{name} 10K"], rows[f"{name} 10M"]
         extra = [b - s for s, b in zip(small, large)]
         floor = [(x + e) / x for x, e in zip(fixed, extra)]
-        print(f"  {name:15s}: 64 lookups 10K {_mmm(small)} us, 10M {_mmm(large)} us, "
+        print(f"  {name:20s}: 64 lookups 10K {_mmm(small)} us, 10M {_mmm(large)} us, "
               f"10M extra {_mmm(extra)} us -> floor ratio (fixed + extra) / fixed {_mmm(floor)}")
     dep = rows["dependent 10M"]
     two = [b - s for s, b in zip(rows["today's layout 10K"], rows["today's layout 10M"])]
@@ -451,16 +516,19 @@ def main() -> None:
                     help="measure the physical floor of the worst order's ratio instead "
                          "(C loops of random reads at 10K and 10M blocks' sizes, beside "
                          "the fixed cost of a 10K match)")
+    ap.add_argument("--entry", default="manager", choices=("manager", "planner"),
+                    help="what is timed: KvBlockManager.match_prefix (what a user calls) or "
+                         "Planner.match alone (always for old, which has no manager)")
     ap.add_argument("--fill", default="request,interleaved",
                     help="slot order of each prefix's blocks: request (saved together), "
                          "interleaved (every prefix's block b, then b + 1: the worst case)")
     a = ap.parse_args()
     if a.floor:
-        _floor(a.runs, a.samples)
+        _floor(a.runs, a.samples, a.entry)
         return
     if a.child:
         print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed, a.traced,
-                                a.fill)))
+                                a.fill, "planner" if a.child[0] == "old" else a.entry)))
         return
     sizes = [int(s) for s in a.sizes.split(",")]
     impls = a.impl.split(",")
@@ -481,7 +549,7 @@ def main() -> None:
                 for impl in (impls if run % 2 == 0 else impls[::-1]):
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", impl, str(n), "--samples",
-                         str(a.samples), "--seed", str(run), "--fill", fill],
+                         str(a.samples), "--seed", str(run), "--fill", fill, "--entry", a.entry],
                         check=True, capture_output=True, text=True).stdout
                     r = json.loads(out.strip().splitlines()[-1])
                     r["run"] = run
@@ -499,9 +567,10 @@ def main() -> None:
             {"impl": i, "blocks": n, "traced_bytes_per_block": v} for (i, n), v in traced.items()],
             "loadavg": load}, indent=2))
         return
-    print(f"block registry + LRU, {PREFIX}-block prefix matches (Planner.match); min/median/max "
+    what = "KvBlockManager.match_prefix; old: Planner.match" if a.entry == "manager" else "Planner.match"
+    print(f"block registry + LRU, {PREFIX}-block prefix matches ({what}); min/median/max "
           f"of {a.runs} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{'impl':4s} {'fill':11s} {'blocks':>10s} | {'B/block (rss)':>16s} {'÷ 16 B key':>14s} "
+    print(f"{'impl':4s} {'fill':11s} {'blocks':>10s} | {'B/block (' + ('arrays' if a.entry == 'manager' else 'rss') + ')':>16s} {'÷ 16 B key':>14s} "
           f"{'traced':>7s} | {'match p50 us':>16s} {'p99 us':>18s} {'cold/hot':>14s} "
           f"{'p50 ÷ p50@' + str(sizes[0]):>16s} {'÷ 10K paired':>14s} | {'peak MiB':>8s}")
     for impl in impls:

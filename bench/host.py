@@ -11,11 +11,15 @@ moves from one moment to the next, so figure and limit alternate). The ratio to 
 fastest ``memcpy`` alone is shown beside it. Every onboarded block is compared with the block it was
 offloaded from, layer by layer with torch (0 mismatched or the bench fails).
 
+The engine's tensors are registered with the manager's ``engine_huge_pages``
+(``--huge-pages``; default ``auto``: moved onto 2 MiB pages on a background thread,
+which the bench waits for before timing and reports).
 ``--paths native,memcpy,numpy`` runs the adapter's native batch copy (streaming
 stores for batches past ``_native.STREAM_MIN_BYTES``), the same loop with ``memcpy``
 only, and its numpy per-(block, layer) fallback in the same run, interleaved, for a
-before/after (contiguous blocks take the first two); ``huge`` adds the native loop
-on a copy of the engine's tensors moved onto 2 MiB pages (``engine_huge_pages``),
+before/after (contiguous blocks take the first two); ``small`` adds the native loop
+on a copy of the engine's tensors left on 4 KiB pages (``engine_huge_pages`` off),
+``huge`` one moved onto 2 MiB pages before registration returns (``on``), each
 verified as the others. The ``adapter, 1 thread`` rows
 time the adapter's copy alone (no manager, one thread) beside the best 1-thread copy
 of the same bytes.
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     nb = 2 * n  # offload from the first half of the engine, onboard into the second
     host: dict[str, Any] = {"type": "host", "num_blocks": n * args.batches}
     cfg: dict[str, Any] = {"model": MODEL, "page_size": 16, "tiers": [host]}
+    if args.huge_pages:
+        cfg["engine_huge_pages"] = args.huge_pages
     if args.threads:  # else the defaults: as many copy threads as pay here (measured)
         cfg["copy_threads"] = host["copy_threads"] = args.threads
     mgr = KvBlockManager.from_config(cfg)
@@ -68,15 +74,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv = [torch.randint(0, 256, (2, nb, 16, m.num_kv_heads, m.head_dim * 2), generator=g,
                         dtype=torch.uint8).view(torch.bfloat16) for _ in range(m.num_layers)]
     kv_u8 = [t.view(torch.uint8) for t in kv]  # compared as bytes: random bf16 has NaNs
-    engine: Any = engine_blocks(kv, layout, plugins=mgr.plugins)
+    engine: Any = engine_blocks(kv, layout, plugins=mgr.plugins,
+                                huge_pages=mgr.settings.engine_huge_pages)
+    bg_s = None
+    if engine.huge_pages is not None:  # 'auto': the move runs in the background; wait
+        engine.huge_pages.wait()
+        bg_s = engine.huge_pages.seconds
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     engines: dict[str, tuple[Any, list[Any]]] = {"": (engine, kv_u8)}
     huge_bytes = 0
-    if "huge" in paths:  # the same tensors' bytes in a copy moved onto 2 MiB pages
-        kv_h = [t.clone() for t in kv]
-        eh: Any = engine_blocks(kv_h, layout, plugins=mgr.plugins, huge_pages=True)
-        huge_bytes = eh.huge_page_bytes
-        engines["huge"] = (eh, [t.view(torch.uint8) for t in kv_h])
+    for extra, mode in (("huge", True), ("small", False)):
+        if extra in paths:  # the same tensors' bytes in a copy on 2 MiB / 4 KiB pages
+            kv_x = [t.clone() for t in kv]
+            ex: Any = engine_blocks(kv_x, layout, plugins=mgr.plugins, huge_pages=mode)
+            huge_bytes = max(huge_bytes, ex.huge_page_bytes)
+            engines[extra] = (ex, [t.view(torch.uint8) for t in kv_x])
     rng = np.random.default_rng(1)
     contig_src = rng.integers(0, 256, (n, bb), dtype=np.uint8)
     contig_dst = np.zeros_like(contig_src)
@@ -96,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def set_path(path: str) -> None:
         _native.enabled = path != "numpy"
-        _native.set_stream_min(stream_at if path in ("native", "huge") else None)
+        _native.set_stream_min(stream_at if path in ("native", "huge", "small") else None)
 
     def limit(threads: int) -> tuple[float, float]:
         """(best, best memcpy) seconds of copying the batch's bytes, right now."""
@@ -111,9 +123,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.batches):
                 for shape in ("engine", "contiguous"):
                     for path in (paths if shape == "engine" else
-                                 [p for p in paths if p not in ("numpy", "huge")] or ["native"]):
+                                 [p for p in paths if p not in ("numpy", "huge", "small")]
+                                 or ["native"]):
                         set_path(path)
-                        engine, kv_u8 = engines["huge" if path == "huge" else ""]
+                        engine, kv_u8 = engines[path if path in ("huge", "small") else ""]
                         serial += 1
                         tokens = rng.integers(0, 32000, n * 16, dtype=np.uint32)
                         tokens[0] = serial  # fresh hashes every batch
@@ -172,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             views = list(lim_bufs[0][: n * bb].reshape(n, bb))
             for path in paths:
                 set_path(path)
-                engine = engines["huge" if path == "huge" else ""][0]
+                engine = engines[path if path in ("huge", "small") else ""][0]
                 a = acc.setdefault(f"engine[{path}] adapter, 1 thread", [0.0] * 6)
                 for _ in range(args.batches):
                     ids = rng.permutation(nb)[:n].tolist()
@@ -207,6 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_blocks": n, "block_bytes": bb, "batches": args.batches, "repeats": args.repeats,
             "threads": mgr.executor._copy_threads, "native_loop": native_ok, "rows": rows,
             "huge_page_bytes": huge_bytes, "limit_mode": args.limit,
+            "engine_huge_pages": str(mgr.settings.engine_huge_pages),
+            "engine_huge_page_bytes": engine.huge_page_bytes, "engine_huge_pages_s": bg_s,
             "cache_ring_bytes": 0 if ring is None else ring.ring.nbytes,
             "verified_blocks": verified, "mismatched_blocks": mismatched,
             "loadavg": list(os.getloadavg())}
@@ -224,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="copy paths, interleaved: native (streaming stores past 4 MiB), memcpy "
                         "(the native loop without them), numpy (default these three); huge: "
                         "native on a copy of the engine's tensors moved onto 2 MiB pages "
-                        "(engine_huge_pages)")
+                        "(engine_huge_pages on); small: one left on 4 KiB pages (off)")
+    p.add_argument("--huge-pages", choices=("auto", "on", "off"), default=None,
+                   help="engine_huge_pages for the engine's tensors (default: the setting's, "
+                        "auto; the bench waits for the background move before timing)")
     p.add_argument("--limit", choices=("warm", "cold"), default="warm",
                    help="warm (default, as before): the limit's copies back to back on two "
                         "buffers, the figure as the loop leaves the cache; cold: every limit "
@@ -242,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
               f"batches x {res['repeats']} repeats, {res['threads']} copy threads, native loop "
               f"{'built' if res['native_loop'] else 'NOT available (numpy)'}; load "
               + " ".join(f"{x:.2f}" for x in res["loadavg"]))
+        bg = res["engine_huge_pages_s"]
+        print(f"engine_huge_pages={res['engine_huge_pages']}: "
+              f"{res['engine_huge_page_bytes'] / 2**20:.0f} MiB of the engine's tensors on 2 MiB "
+              "pages" + (f" (moved in the background in {bg:.1f} s)" if bg is not None else ""))
         if "huge" in args.paths:
-            print(f"engine_huge_pages: {res['huge_page_bytes'] / 2**20:.0f} MiB of the engine "
+            print(f"engine[huge]: {res['huge_page_bytes'] / 2**20:.0f} MiB of the engine "
                   "copy's tensors on 2 MiB pages")
         print(f"{'path':42} {'GB/s':>6} {'limit':>6}  ratio min / med / max  "
               f"{'memcpy':>6}  ratio to memcpy")

@@ -340,10 +340,12 @@ class KvbmSettings(BaseSettings):
     io_threads: int = Field(4, gt=0, le=1024, description="worker threads for lower-tier copies")
     copy_threads: int = Field(
         2, gt=0, le=256, description="threads one batch's memory copies are split across")
-    engine_huge_pages: bool = Field(
-        False, description="move the engine's CPU KV tensors onto 2 MiB pages when they are "
-        "registered (MADV_HUGEPAGE + MADV_COLLAPSE, Linux 6.1+; the bytes stay in place): "
-        "scattered block copies run faster; where the kernel refuses, logged once, 4 KiB pages")
+    engine_huge_pages: Literal["auto"] | bool = Field(
+        "auto", description="move the engine's CPU KV tensors onto 2 MiB pages (MADV_HUGEPAGE + "
+        "MADV_COLLAPSE, Linux 6.1+; the bytes stay in place): scattered block copies run "
+        "faster. auto: on a background thread after registration (copies before it ends run "
+        "on the pages they find); on: before registration returns; off: never. Where the "
+        "kernel refuses, logged once, 4 KiB pages")
     probe_timeout_s: float = Field(
         0.5, gt=0, le=60, description="longest a match waits for shared tiers (S3, peers) to say "
         "which blocks other instances wrote; a later answer counts as misses")

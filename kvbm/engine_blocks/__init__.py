@@ -90,9 +90,11 @@ def engine_blocks(
     plugin registered as ``accelerated_layout_name(device)``, or ``LayerSeparateBlocks``
     when no installed plugin offers one. ``plugins`` defaults to ``build_plugins()``;
     ``options`` (``block_dim``, ``form``, ``kv_layout``, ``device``, or the plugin's
-    own keys) pass through. ``huge_pages=True`` (the ``engine_huge_pages`` setting)
-    moves CPU tensors onto 2 MiB pages in place (``_native.advise_huge_pages``); it is
-    ignored for tensors on a device.
+    own keys) pass through. ``huge_pages`` (the ``engine_huge_pages`` setting, whose
+    default is 'auto'; here the default is off) moves CPU tensors onto 2 MiB pages in
+    place: 'auto' on a background thread (``_huge.HugePages``, the adapter's
+    ``huge_pages``), True / 'on' before this returns (``_native.advise_huge_pages``); it
+    is ignored for tensors on a device.
     """
     device_type = _device_type(kv_caches)
     factory: Any = LayerSeparateBlocks

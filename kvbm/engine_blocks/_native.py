@@ -540,7 +540,7 @@ def copy_threads_worth(threads: int) -> int:
         return got
 
 
-# -- huge pages for an engine's tensors (opt-in: ``engine_huge_pages``) ----------------
+# -- huge pages for an engine's tensors (``engine_huge_pages`` on; 'auto': ``_huge``) ---
 
 #: Linux ``madvise`` advice values (asm-generic, the same on x86-64 and arm64).
 MADV_HUGEPAGE = 14

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import LayoutError
 from ..layout import BlockLayout
-from . import _native
+from . import _huge, _native
 from ._forms import (
     EngineViews,
     KvLayout,
@@ -211,7 +211,7 @@ class LayerSeparateBlocks:
         heads × hd]``): ``device`` 'auto' (cuda when present, else cpu), 'cpu', 'cuda:N'."""
         return cls._build(allocate_pool(layout, num_blocks, device), layout, **options)
 
-    def _init(self, views: EngineViews, layout: BlockLayout, *, huge_pages: bool = False) -> None:
+    def _init(self, views: EngineViews, layout: BlockLayout, *, huge_pages: Any = False) -> None:
         torch = import_torch()
         m = layout.model
         self._torch = torch
@@ -245,16 +245,33 @@ class LayerSeparateBlocks:
             if views.stacked is not None:
                 self._np_stacked = views.stacked.view(u8).numpy()
             self._np_block_shape = (*self._host_shape[:-1], inner[-1] * m.itemsize)
-        #: ``huge_pages=True`` (the ``engine_huge_pages`` setting): bytes of the engine's
-        #: CPU tensors moved onto 2 MiB pages, and why not all (None: all could be).
-        self.huge_page_bytes = 0
-        self.huge_pages_refused: str | None = None
-        if huge_pages and self.device.type == "cpu":
-            self.huge_page_bytes, self.huge_pages_refused = _native.advise_huge_pages(
-                _storage_spans(views.layers))
+        #: ``huge_pages`` (``engine_huge_pages``): 'auto' moves the CPU tensors onto 2 MiB
+        #: pages on a background thread (``_huge.HugePages``), True / 'on' before this
+        #: returns, False / 'off' not at all.
+        self.huge_pages: _huge.HugePages | None = None
+        self._huge_sync: tuple[int, str | None] = (0, None)
+        mode = _huge.mode_of(huge_pages)
+        if mode != "off" and self.device.type == "cpu":
+            spans = _storage_spans(views.layers)
+            if mode == "on":
+                self._huge_sync = _native.advise_huge_pages(spans)
+            else:
+                self.huge_pages = _huge.HugePages(spans, keep=views.layers)
         # Built here (the loop is compiled once per process), not on the first copy.
         self._plan: _RunPlan | None = (_RunPlan.build(self._np_layers, self._bytes_per_layer)
                                        if self._np_layers is not None else None)
+
+    @property
+    def huge_page_bytes(self) -> int:
+        """Bytes of the engine's tensors moved onto 2 MiB pages so far."""
+        h = self.huge_pages
+        return self._huge_sync[0] if h is None else h.done_bytes
+
+    @property
+    def huge_pages_refused(self) -> str | None:
+        """Why the kernel refused 2 MiB pages (None: it did not)."""
+        h = self.huge_pages
+        return self._huge_sync[1] if h is None else h.refused
 
     # -- introspection -----------------------------------------------------------------
     def layer_index(self, name: str) -> int:
@@ -439,7 +456,9 @@ class LayerSeparateBlocks:
             self._torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        """Release what the adapter holds besides the engine's tensors (nothing here)."""
+        """Stop a background move onto 2 MiB pages (after its call under way)."""
+        if self.huge_pages is not None:
+            self.huge_pages.stop()
 
     # -- the copy loops (validated arguments; layers [l0, l1)) ----------------------------
     def _out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:

@@ -281,7 +281,7 @@ def main() -> None:
     for kind, name in (("pool", "2MiB blocks"), ("vllm", "vLLM layers"),
                        ("bhnc", "vLLM 0.33 layers")):
         copies = n * layout.bytes_per_block // run_bytes[kind]
-        for strategy in ("auto", "gather", "per_block"):
+        for strategy in ("auto", "gather", "direct", "per_block"):
             case = f"{name} / {strategy}"
             if strategy == "per_block" and a.max_copies and copies > a.max_copies:
                 why = (f"{copies} copies of {run_bytes[kind]} B per batch (> --max-copies "

@@ -10,7 +10,9 @@ its constructors and checks and adds what a device needs:
 * two transfer strategies (``TransferConfig.strategy``): ``per_block``, one copy per
   contiguous run straight between engine tensor and host buffer, and ``gather``
   (``_gather``), an ``index_select`` per layer into a device buffer, one copy through
-  pinned staging, and a host-side scatter, two staging buffers in turn;
+  pinned staging, and a host-side scatter, two staging buffers in turn; and
+  ``direct`` (``_direct``), the same gather in the host buffers' order and one copy
+  per block straight to or from its host buffer, with no host-side copy;
 * copy backends for the per-block copies: torch, numpy byte views on CPU (the core's
   loops), CuPy's ``cudaMemcpyAsync`` on CUDA;
 * layer-wise onboard (``onboard_layerwise``) on a worker thread behind a handle whose
@@ -32,7 +34,7 @@ from kvbm.engine_blocks import EngineViews, KvLayout, LayerSeparateBlocks, run_d
 from kvbm.errors import ConfigError, LayoutError
 from kvbm.layout import BlockLayout
 
-from . import _gather
+from . import _direct, _gather
 from ._device import StagingPair, Stream
 from .config import TransferConfig
 from .layerwise import LayerSignal, LayerwiseOnboard, onboard_layerwise
@@ -68,6 +70,7 @@ class DeviceBlocks(LayerSeparateBlocks):
         self._out_staging = StagingPair(self.device, half)
         self._in_staging = StagingPair(self.device, half)
         self._copier: Any = None
+        self._direct_buf: Any = None  # the direct strategy's device buffer, made at first use
         backend = self.transfer.copy_backend
         if backend == "auto":
             backend = "torch" if self.on_cuda else "numpy"
@@ -85,7 +88,7 @@ class DeviceBlocks(LayerSeparateBlocks):
         self._worker_lock = threading.Lock()
 
     # -- introspection -------------------------------------------------------------------
-    def strategy(self, layerwise: bool = False) -> Literal["gather", "per_block"]:
+    def strategy(self, layerwise: bool = False) -> Literal["gather", "direct", "per_block"]:
         """The strategy a transfer uses: the configured one, or by run size for ``auto``."""
         s = self.transfer.strategy
         if s != "auto":
@@ -108,8 +111,11 @@ class DeviceBlocks(LayerSeparateBlocks):
     def _out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
         if not idx:
             return
-        if self.strategy(layerwise=l1 - l0 < self.num_layers) == "gather":
+        st = self.strategy(layerwise=l1 - l0 < self.num_layers)
+        if st == "gather":
             _gather.out_gather(self, idx, bufs, l0, l1)
+        elif st == "direct" and self._pool is None:
+            _direct.out_direct(self, idx, bufs, l0, l1)
         elif self.copy_backend == "numpy":
             self._np_out(idx, bufs, l0, l1)
         else:
@@ -176,7 +182,15 @@ class DeviceBlocks(LayerSeparateBlocks):
             if signal is not None:
                 signal(l0, l1, 0)
             return
-        if self.strategy(layerwise or l1 - l0 < self.num_layers) == "gather":
+        st = self.strategy(layerwise or l1 - l0 < self.num_layers)
+        if st == "direct" and self._pool is None and not layerwise:
+            _direct.in_direct(self, idx, bufs, l0, l1)
+            if signal is not None:
+                signal(l0, l1, n)
+            return
+        if st == "direct" and layerwise:
+            st = "gather"  # a copy per layer is what a layer-wise onboard is for
+        if st == "gather":
             _gather.in_gather(self, idx, bufs, l0, l1, layerwise, signal)
         elif self.copy_backend == "numpy":
             if not layerwise:
@@ -251,6 +265,7 @@ class DeviceBlocks(LayerSeparateBlocks):
             w, self._worker = self._worker, None
         if w is not None:
             w.shutdown(wait=True)
+        self._direct_buf = None
 
 
 def register_kv_caches(

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from kvbm.config import TierConfig
 from kvbm.errors import ConfigError
 
-Strategy = Literal["auto", "gather", "per_block"]
+Strategy = Literal["auto", "gather", "direct", "per_block"]
 CopyBackend = Literal["auto", "torch", "numpy", "cupy"]
 
 #: ``auto`` gathers through staging when one contiguous run of a block in engine memory
@@ -34,7 +34,11 @@ class TransferConfig:
 
     ``strategy``: ``gather`` stages a batch's per-layer slices in one contiguous
     (pinned) buffer and moves it with one copy per batch (per layer when onboarding
-    layer by layer); ``per_block`` issues one copy per block and contiguous run;
+    layer by layer), the host scattering it into the block buffers; ``direct``
+    gathers on the device in the host buffers' order and copies each block (or run of
+    adjacent blocks) straight to or from its host buffer, with no host-side copy
+    (layer-wise onboard gathers; a contiguous pool copies per block); ``per_block``
+    issues one copy per block and contiguous run;
     ``auto`` picks ``gather`` when the run is smaller than ``gather_below_bytes``.
     ``staging_bytes`` bounds the staging buffers; larger batches go in chunks.
     ``copy_backend`` issues the per-block copies: ``torch`` (``Tensor.copy_``), ``numpy``
@@ -49,10 +53,10 @@ class TransferConfig:
     copy_backend: CopyBackend = "auto"
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("auto", "gather", "per_block"):
+        if self.strategy not in ("auto", "gather", "direct", "per_block"):
             raise ConfigError(
                 f"transfer strategy: value {self.strategy!r} is not one of 'auto', 'gather', "
-                "'per_block'"
+                "'direct', 'per_block'"
             )
         if self.copy_backend not in ("auto", "torch", "numpy", "cupy"):
             raise ConfigError(
@@ -86,7 +90,7 @@ class GpuTierConfig(TierConfig):
     device: str = Field(
         "auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'"
     )
-    strategy: Strategy = Field("auto", description="gather, per_block, or auto by run size")
+    strategy: Strategy = Field("auto", description="gather, direct, per_block, or auto by run size")
     gather_below_bytes: int | None = Field(
         None, ge=0, description="auto gathers runs smaller than this; default per device"
     )

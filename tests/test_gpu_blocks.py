@@ -25,6 +25,8 @@ TRANSFERS = {
     f"{st}-{be}": TransferConfig(strategy=st, copy_backend=be)  # type: ignore[arg-type]
     for st in ("gather", "per_block") for be in ("torch", "numpy")
 }
+# direct's copies are torch's on every device (the backend picks per_block's copies only).
+TRANSFERS["direct"] = TransferConfig(strategy="direct")
 
 
 def reference(outer: int = 2, heads: int = HEADS, nb: int = NB, seed: int = 0) -> torch.Tensor:
@@ -212,6 +214,39 @@ def test_gather_splits_a_batch_larger_than_its_staging() -> None:
     back = register_kv_caches(vllm_kv_first(torch.zeros_like(ref)), LAYOUT, transfer=cfg)
     back.copy_in(range(10), dst)
     assert torch.equal(logical(back)[:10], ref[:10])
+
+
+def test_direct_splits_a_batch_larger_than_its_device_buffer() -> None:
+    ref = reference()
+    # A device buffer of 3 blocks' bytes: a batch of 10 runs in 4 pieces through it.
+    cfg = TransferConfig(strategy="direct", staging_bytes=3 * LAYOUT.bytes_per_block)
+    ids = [9, 2, 11, 0, 7, 3, 10, 5, 1, 6]
+    src = register_kv_caches(vllm_kv_first(ref), LAYOUT, transfer=cfg)
+    dst = host_bufs(10)
+    src.copy_out(ids, dst)
+    assert all(np.array_equal(d, block_bytes(ref, b)) for b, d in zip(ids, dst))
+    back = register_kv_caches(vllm_kv_first(torch.zeros_like(ref)), LAYOUT, transfer=cfg)
+    back.copy_in(ids, dst)
+    assert torch.equal(logical(back)[ids], ref[ids])
+
+
+@pytest.mark.parametrize("order", ["adjacent", "shuffled"])
+def test_direct_copies_adjacent_arena_slots_as_one_and_each_byte_lands(order: str) -> None:
+    ref = reference()
+    bb = LAYOUT.bytes_per_block
+    arena = np.full((12, bb), 0xAB, dtype=np.uint8)
+    slots = [2, 3, 4, 5, 9, 10] if order == "adjacent" else [5, 2, 10, 3, 9, 4]
+    ids = [8, 1, 11, 4, 6, 10]
+    cfg = TransferConfig(strategy="direct")
+    register_kv_caches(vllm_kv_first(ref), LAYOUT, transfer=cfg).copy_out(
+        ids, [arena[s] for s in slots])
+    for s, b in zip(slots, ids):
+        assert np.array_equal(arena[s], block_bytes(ref, b)), (s, b)
+    untouched = [s for s in range(12) if s not in slots]
+    assert (arena[untouched] == 0xAB).all()
+    back = register_kv_caches(vllm_kv_first(torch.zeros_like(ref)), LAYOUT, transfer=cfg)
+    back.copy_in(ids, [arena[s] for s in slots])
+    assert torch.equal(logical(back)[ids], ref[ids])
 
 
 def test_mla_tensors_roundtrip_through_host_buffers() -> None:

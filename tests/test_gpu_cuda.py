@@ -42,7 +42,7 @@ def pinned_bufs(n: int) -> list[np.ndarray]:
     return list(t.numpy())
 
 
-@pytest.mark.parametrize("strategy", ["gather", "per_block"])
+@pytest.mark.parametrize("strategy", ["gather", "direct", "per_block"])
 def test_cuda_copy_out_and_in_roundtrip(strategy: str) -> None:
     ref = reference()
     cfg = TransferConfig(strategy=strategy)  # type: ignore[arg-type]
@@ -70,7 +70,7 @@ def test_cuda_offload_sees_the_compute_streams_writes() -> None:
     assert bool((first == 1.0).all())
 
 
-@pytest.mark.parametrize("strategy", ["gather", "per_block"])
+@pytest.mark.parametrize("strategy", ["gather", "direct", "per_block"])
 def test_cuda_layerwise_waits_order_compute_after_each_layer(strategy: str) -> None:
     ref = reference()
     dst = register_kv_caches(vllm(torch.zeros_like(ref)), LAYOUT,
@@ -119,7 +119,7 @@ def test_cuda_vllm_033_tensors_roundtrip_with_kernel_blocks() -> None:
     # vLLM 0.33's logical [blocks*ratio, heads, tokens, K|V] per layer.
     kv = {f"l{li}": ref[:, li].reshape(NB, 2, ratio, n, HEADS, HD).permute(0, 2, 4, 3, 1, 5)
           .contiguous().reshape(NB * ratio, HEADS, n, 2 * HD).cuda() for li in range(L)}
-    for strategy in ("gather", "per_block"):
+    for strategy in ("gather", "direct", "per_block"):
         cfg = TransferConfig(strategy=strategy)  # type: ignore[arg-type]
         src = register_kv_caches(kv, LAYOUT, num_blocks=NB, transfer=cfg)
         bufs = pinned_bufs(3)

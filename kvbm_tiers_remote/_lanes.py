@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -28,6 +30,11 @@ from ._peers import Peer
 log = logging.getLogger("kvbm.remote")
 
 T = TypeVar("T")
+
+#: A lane with no unit left to start, waiting for another lane's READ to end (its
+#: hashes to share), yields at once for this long, then naps ``_NAP_S`` at a time.
+_SPIN_S = 50e-6
+_NAP_S = 50e-6
 
 
 class Lane:
@@ -135,28 +142,77 @@ class CopyLanes:
                 with lane.lock, contextlib.suppress(Exception):
                     lane.agent.remove_remote_agent(agent)
 
-    def run(self, lanes: Sequence[Lane], units: Sequence[T], work: Callable[[Lane, T], None]) -> None:
+    def run(self, lanes: Sequence[Lane], units: Sequence[T],
+            work: Callable[[Lane, T], Iterable[Callable[[], None]] | None],
+            before: Callable[[], None] | None = None,
+            after: Callable[[], None] | None = None) -> None:
         """``work(lane, unit)`` for every unit, each unit on one lane: the calling thread
         runs ``lanes[0]``, the pool the others; a lane takes the next unit when it is
-        free. The first exception stops every lane from taking more units and is raised
-        once all of them have stopped (no READ is left running)."""
+        free. ``work`` may return tasks that finish its unit (a READ's hashes): the lane
+        runs them right after, and a lane with no unit left to start takes the ones
+        still waiting (from the other end), until every unit has ended, so the last
+        READ's hashes are shared instead of one lane waiting on the other.
+
+        ``before`` runs on the calling thread once the other lanes have been handed
+        their share (they wake meanwhile), ``after`` once no unit is left for it to
+        start (while the others end theirs). The first exception stops every lane from
+        taking more units and is raised once all of them have stopped (no READ is left
+        running)."""
         it = iter(units)  # next() on a list iterator is atomic under the GIL
         failed: list[BaseException] = []
+        tail: deque[Callable[[], None]] = deque()  # finishing tasks not yet begun
+        busy = [0]  # units begun and not yet ended (their tasks not yet in ``tail``)
+        count = threading.Lock()
 
-        def loop(lane: Lane) -> None:
+        def drain(pop: Callable[[], Callable[[], None]]) -> None:
+            while not failed:
+                try:
+                    task = pop()
+                except IndexError:
+                    return
+                try:
+                    task()
+                except BaseException as e:  # noqa: BLE001 - raised on the calling thread
+                    failed.append(e)
+
+        def loop(lane: Lane, last: Callable[[], None] | None) -> None:
             for u in it:
                 if failed:
                     return
+                with count:
+                    busy[0] += 1
                 try:
-                    work(lane, u)
+                    tail.extend(work(lane, u) or ())
                 except BaseException as e:  # noqa: BLE001 - raised on the calling thread
                     failed.append(e)
                     return
+                finally:
+                    with count:
+                        busy[0] -= 1
+                drain(tail.pop)  # this unit's tasks: the bytes are still in the cache
+            if last is not None and not failed:
+                try:
+                    last()
+                except BaseException as e:  # noqa: BLE001 - raised on the calling thread
+                    failed.append(e)
+                    return
+            # No unit left to start: share the tasks of the units still running.
+            spin_until = time.monotonic() + _SPIN_S
+            while not failed:
+                drain(tail.popleft)
+                if busy[0] == 0 and not tail:
+                    return
+                # Another lane's READ is running: its hashes come within a READ's time.
+                time.sleep(0 if time.monotonic() < spin_until else _NAP_S)
 
         pool = self._pool
-        futs = [pool.submit(loop, lane) for lane in lanes[1 : len(units)]] if pool else []
+        futs = [pool.submit(loop, lane, None) for lane in lanes[1 : len(units)]] if pool else []
         try:
-            loop(lanes[0])
+            if before is not None:
+                before()
+            loop(lanes[0], after)
+        except BaseException as e:  # noqa: BLE001 - raised once every lane has stopped
+            failed.append(e)
         finally:
             for f in futs:
                 if not f.cancel():  # a lane that never started has nothing to wait for

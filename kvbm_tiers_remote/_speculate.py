@@ -9,7 +9,7 @@ the reader's configuration, counters, address memory and its ``_locals``/``_copy
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,7 +48,9 @@ class SpeculativeReads(_Base):
                    for i in chunk)
 
     def _speculate(self, peer: Peer, lanes: Sequence[Lane], chunk: list[int],
-                   keys: Sequence[SequenceHash], dst: Sequence[np.ndarray]) -> _Step:
+                   keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
+                   before: Callable[[], None] | None = None,
+                   after: Callable[[], None] | None = None) -> _Step:
         """READ ``chunk`` from where the peer's last leases had it, while its lease request
         is on its way (``_can_speculate`` said every place is known), in READs of
         ``verify_bytes`` spread over the copy lanes, each hashed by its lane right after.
@@ -72,7 +74,7 @@ class SpeculativeReads(_Base):
             p.handle = [(at[i], bb, 0) for i in p.idx]
             self._locals(p, dst)
             parts.append(p)
-        self._copy(peer, lanes, parts, dst, hash_=True)
+        self._copy(peer, lanes, parts, dst, hash_=True, before=before, after=after)
         for p in parts:
             s.got.update(p.got)
         self.stats.speculative_blocks += len(s.idx)

@@ -72,20 +72,17 @@ def _alternate_lanes(monkeypatch: pytest.MonkeyPatch) -> dict[int, str]:
     """Hand out each step's parts in turn between a lane's thread and the calling one;
     returns which thread hashed each block (block index -> 'calling' or 'other')."""
     hashed_by: dict[int, str] = {}
-    real_run, real_hash = CopyLanes.run, BlockReader._hash_unit
+    real_run, real_block = CopyLanes.run, BlockReader._hash_block
 
-    def run(self: CopyLanes, lanes: Any, units: Any, work: Any) -> None:
-        real_run(self, lanes, _Alternating(list(units)) if len(units) > 1 else units, work)
+    def run(self: CopyLanes, lanes: Any, units: Any, work: Any, *args: Any) -> None:
+        real_run(self, lanes, _Alternating(list(units)) if len(units) > 1 else units, work, *args)
 
-    def record_hash(self: BlockReader, unit: Any, dst: Any) -> None:
-        who = "other" if _on_a_lane_thread() else "calling"
-        for s in unit:
-            for i in s.idx:
-                hashed_by[i] = who
-        real_hash(self, unit, dst)
+    def record_block(self: BlockReader, s: Any, i: int, dst: Any) -> None:
+        hashed_by[i] = "other" if _on_a_lane_thread() else "calling"
+        real_block(self, s, i, dst)
 
     monkeypatch.setattr(CopyLanes, "run", run)
-    monkeypatch.setattr(BlockReader, "_hash_unit", record_hash)
+    monkeypatch.setattr(BlockReader, "_hash_block", record_block)
     return hashed_by
 
 

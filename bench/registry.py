@@ -281,14 +281,21 @@ static void *big(size_t n) {
 typedef struct { uint64_t k0, k1; int32_t pins; int8_t state, pad[3]; int32_t prev, next; } rec_t;
 
 /* Before each round with `cold` > 0: one line in each of `cold` random 4 KiB pages of a
- * 256 MiB buffer read and written (outside the timed part), as a server's other work
- * between two matches leaves the caches and the TLB. */
+ * 256 MiB buffer on 4 KiB pages (as the interpreter's heap), read and written outside the
+ * timed part, as a server's other work between two matches leaves the caches and TLB. */
 static char *junk;
 static void thrash(int cold) {
     if (cold <= 0)
         return;
-    if (junk == NULL && (junk = big((size_t)1 << 28)) == NULL)
-        return;
+    if (junk == NULL) {
+        void *p = mmap(0, (size_t)1 << 28, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return;
+        madvise(p, (size_t)1 << 28, MADV_NOHUGEPAGE);
+        memset(p, 1, (size_t)1 << 28);
+        junk = p;
+    }
     for (int i = 0; i < cold; i++)
         junk[(rnd() % (1u << 16)) << 12] += 1;
 }

@@ -457,8 +457,8 @@ class Executor:
         for i, t in enumerate(op.tiers):
             groups.setdefault(t, []).append(i)
         for t, members in sorted(groups.items()):
-            if copy_now and op.promote_op:  # promoted blocks read into their slots (staging.py)
-                members = read_into_promotion(self, op, t, members, dest, out)
+            if op.promote_op:  # promoted blocks read into their slots (staging.py)
+                members = read_into_promotion(self, op, t, members, dest, out, copy_now)
                 if not members:
                     continue
             t0 = time.perf_counter()

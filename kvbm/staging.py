@@ -101,10 +101,12 @@ def _parts(n: int, min_blocks: int, most: int = 4) -> list[tuple[int, int]]:
 
 
 def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], dest: Any,
-                        out: list[Any]) -> list[int]:
+                        out: list[Any], copy_now: bool = True) -> list[int]:
     """Read tier ``t``'s blocks of ``op`` that are promoted into a memory tier straight
-    into their promotion slots (the upper tier's rows), then copy them from there into
-    ``dest``; returns the positions of ``members`` left to the caller's path.
+    into their promotion slots (the upper tier's rows), then (``copy_now``) copy them
+    from there into ``dest``; returns the positions of ``members`` left to the caller's
+    path. Without ``copy_now`` (a layer-wise load) the caller copies each layer from
+    the slots, and counts the path's time.
 
     This spares a staging buffer per block and the promotion's own copy (the bytes are
     already in the slot: ``InSlot``). Where tier ``t`` offers ``onboard_part_blocks`` (the
@@ -127,7 +129,8 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
     t0 = time.perf_counter()
     taken = set(mine)
     tier = ex.tiers[t]
-    parts = [mine[a:b] for a, b in _parts(len(mine), int(getattr(tier, "onboard_part_blocks", 0)))]
+    least = int(getattr(tier, "onboard_part_blocks", 0)) if copy_now else 0
+    parts = [mine[a:b] for a, b in _parts(len(mine), least)]
     done: list[list[bool] | BaseException | None] = [None] * len(parts)
     ready = [threading.Event() for _ in parts]
 
@@ -163,11 +166,11 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
             good = [i for i, g in zip(part, ok, strict=True) if g]
             failed_n += len(part) - len(good)
             good_n += len(good)
-            if not good:
-                continue
             at = [op.promote_slots[i] for i in good]
             for i, s in zip(good, at, strict=True):
                 out[i] = InSlot(rows[s])
+            if not good or not copy_now:
+                continue
             idx = [op.dst[i] for i in good]
             if fast is not None:
                 ex._copy_rows(fast, idx, rows, at)
@@ -176,5 +179,6 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
     finally:
         if reader is not None:
             reader.join()
-    ex.count(f"onboard:{tier.name}", good_n, time.perf_counter() - t0, failed_n)
+    if copy_now:
+        ex.count(f"onboard:{tier.name}", good_n, time.perf_counter() - t0, failed_n)
     return [i for i in members if i not in taken]

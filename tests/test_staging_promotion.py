@@ -97,6 +97,28 @@ def test_blocks_from_disk_reach_the_engine_and_the_host_tier_byte_exact_without_
         assert np.array_equal(engine_bytes(eng2, 6), data), "the promoted slots hold the bytes"
 
 
+def test_a_layer_wise_load_from_disk_reads_into_the_slots_and_copies_each_layer_from_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with make(tmp_path) as mgr:
+        hashes, data = on_disk_only(mgr, 6)
+        ex = mgr.executor
+        real = ex.load
+        layers: list[int] = []
+        monkeypatch.setattr(ex, "load", lambda ops, dest, on_layer=None: real(
+            ops, dest, on_layer=layers.append))
+        eng = new_engine("torch", mgr, 6)
+        res, tiers = onboard(mgr, hashes, eng)
+        assert tiers == ["disk"] * 6 and res.loaded == 6
+        assert layers == list(range(mgr.layout.model.num_layers))
+        assert np.array_equal(engine_bytes(eng, 6), data)
+        assert ex.staging.allocated == 0, "read into the promotion slots, not staging"
+        monkeypatch.setattr(ex, "load", real)
+        eng2 = new_engine("torch", mgr, 6)
+        res, tiers = onboard(mgr, hashes, eng2)
+        assert tiers == ["host"] * 6, "promoted"
+        assert np.array_equal(engine_bytes(eng2, 6), data), "the promoted slots hold the bytes"
+
+
 def test_a_corrupt_block_read_into_its_slot_is_a_miss_the_host_tier_never_serves(
         tmp_path: Path) -> None:
     from test_disk_faults import flip_byte

@@ -31,9 +31,10 @@ What is timed (``--entry``): ``manager`` (the default), ``KvBlockManager.match_p
 real manager whose one host tier holds the registry (the smallest model: 4 bytes a block,
 its arena never touched), which is what a user calls (its checks of the hashes, then
 ``Planner.match``); the registry is filled through its own calls (the blocks' bytes are
-not the subject), and B/block is then the registry's arrays (``nbytes``, within 0.2 % of
-its RSS growth), since the manager's own memory also grows with the tier; ``planner``,
-``Planner.match`` alone, B/block from the RSS. ``old`` has no manager: always ``planner``.
+not the subject), and B/block is then the registry's arrays (``nbytes``: at 1M and 10M
+blocks within 0.3 % of its RSS growth; at 10K above it, pages never touched), since the
+manager's own memory also grows with the tier; ``planner``, ``Planner.match`` alone,
+B/block from the RSS. ``old`` has no manager: always ``planner``.
 
 Each process also holds the same registry at 10K blocks (``REF``, filled in the same
 order) and matches a random prefix of it after each cold match: ``÷ 10K paired`` is
@@ -171,7 +172,7 @@ def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str,
     gc.collect()
     rss1 = _rss()
     if managers:  # the manager's own memory grows with the tier too: count the registry's
-        rss1 = rss0 + reg.nbytes  # arrays (within 0.2 % of its RSS growth, --entry planner)
+        rss1 = rss0 + reg.nbytes  # arrays (at 1M+ within 0.3 % of its RSS growth)
     assert reg.num_used == n and reg.num_evictable == n
     if traced:
         # tracemalloc sees numpy's arrays but not the keys' anonymous mapping: add it.

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv_u8 = [t.view(torch.uint8) for t in kv]  # compared as bytes: random bf16 has NaNs
     engine: Any = engine_blocks(kv, layout, plugins=mgr.plugins,
                                 huge_pages=mgr.settings.engine_huge_pages)
+    main_engine = engine
     bg_s = None
     if engine.huge_pages is not None:  # 'auto': the move runs in the background; wait
         engine.huge_pages.wait()
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threads": mgr.executor._copy_threads, "native_loop": native_ok, "rows": rows,
             "huge_page_bytes": huge_bytes, "limit_mode": args.limit,
             "engine_huge_pages": str(mgr.settings.engine_huge_pages),
-            "engine_huge_page_bytes": engine.huge_page_bytes, "engine_huge_pages_s": bg_s,
+            "engine_huge_page_bytes": main_engine.huge_page_bytes, "engine_huge_pages_s": bg_s,
             "cache_ring_bytes": 0 if ring is None else ring.ring.nbytes,
             "verified_blocks": verified, "mismatched_blocks": mismatched,
             "loadavg": list(os.getloadavg())}

@@ -27,9 +27,10 @@ from kvbm import KvBlockManager  # noqa: E402
 from kvbm_tiers_remote._lanes import CopyLanes  # noqa: E402
 from kvbm_tiers_remote._reader import BlockReader  # noqa: E402
 
-# 4 KiB blocks, 8 a batch, READs of up to 4 blocks: with two lanes a step is cut into
-# 4 parts of 2 blocks (two parts per lane), so each READ leaves two hashes.
-READER = {"verify_bytes": 4 * 4096, "checksum_cache": False}
+# 4 KiB blocks, 8 a batch, READs of 2 blocks: with two lanes the 8 blocks are READ in
+# parts [0, 1], [2, 3], [4, 5], [6, 7] (speculative: one step; otherwise a first step
+# of 4 blocks, then the rest), so each READ leaves two hashes.
+READER = {"verify_bytes": 2 * 4096, "checksum_cache": False}
 BAD = 2  # the first block of the part [2, 3]
 
 

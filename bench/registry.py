@@ -545,7 +545,7 @@ def main() -> None:
     for n in (n for n in sizes if n <= 1_000_000):
         for impl in impls:
             out = subprocess.run([sys.executable, __file__, "--child", impl, str(n), "--traced",
-                                  "--fill", "request"],
+                                  "--fill", "request", "--entry", "planner"],  # the registry alone
                                  check=True, capture_output=True, text=True).stdout
             traced[(impl, n)] = json.loads(out.strip().splitlines()[-1])["traced_bytes_per_block"]
     fills = a.fill.split(",")

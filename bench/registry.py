@@ -45,7 +45,9 @@ shared machine, processes run a minute apart meet different loads; the unpaired
 ``--floor`` measures instead what the worst order's ratio could be on this machine: C
 loops of 64 random reads (one line a key; today's index-then-record layout; one
 dependent read after another) in tables of a 10K and a 10M registry's size, the 10M
-extra added to the fixed cost of a 10K match measured in the same run.
+extra added to the fixed cost of a 10K match measured in the same run; each also
+``cold``, after other work touched 16,384 random 4 KiB pages before each round (as the
+benchmark's loop and any server run between two lookups: TLB and caches displaced).
 
 Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new,py]
 [--fill request,interleaved] [--entry manager|planner] [--runs 3] [--samples 2000] [--json] [--floor]``. Runs interleave the implementations and

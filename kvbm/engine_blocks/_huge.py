@@ -3,7 +3,7 @@
 A copy that gathers an engine's 32 KiB runs from 4 KiB pages takes a TLB miss (and, on
 memory the last copy swept from the cache, a page walk that misses too) every 4 KiB and
 stops the prefetchers at each page: the sixth pass of ``docs/benchmarks/host.md`` found
-the C copy of one engine-shaped 64-block offload 1.6x longer on 4 KiB pages than on
+the C copy of one engine-shaped 64-block batch 1.6-1.7x longer on 4 KiB pages than on
 2 MiB pages, the biggest part of the engine gap. ``MADV_COLLAPSE`` (Linux 6.1+) copies
 each 2 MiB range into one huge page, keeping the bytes and the addresses, but at
 0.3-1 GB/s: 4 GiB took 3.8-13.6 s here, too long to hold up an engine's start.

@@ -59,8 +59,9 @@ class HfBenchOptions:
     plot: str | None = "kvbm-bench-hf.png"
     threads: int | None = None
     copy_threads: int | None = None
-    #: Load a CPU room layer by layer while the model computes (``KvbmCache.layered``).
-    layered: bool = True
+    #: Load a CPU room layer by layer while the model computes (``KvbmCache.layered``;
+    #: None: its default, where a CPU is left beside torch's threads).
+    layered: bool | None = None
     seed: int = 0
 
 
@@ -110,9 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="host tier size when no --config is given")
     g.add_argument("--hf-plot", default=d.plot, help="PNG to write ('' for none)")
     g.add_argument("--hf-threads", type=int, default=None, help="torch threads (default: torch's)")
-    g.add_argument("--hf-load", choices=("layered", "serial"), default="layered",
-                   help="layered: a prefix's later layers are copied while the model computes "
-                        "(the default); serial: every layer before the model starts")
+    g.add_argument("--hf-load", choices=("auto", "layered", "serial"), default="auto",
+                   help="layered: a prefix's later layers are copied while the model computes; "
+                        "serial: every layer before the model starts; auto (default): kvbm's "
+                        "choice, layered where a CPU is left beside torch's threads")
     g.add_argument("--hf-copy-threads", type=int, default=None,
                    help="kvbm copy_threads (default: kvbm's, which keeps a second thread only "
                         "where a probe at start-up finds it pays)")
@@ -143,7 +145,7 @@ def options_from_args(args: argparse.Namespace) -> HfBenchOptions:
         plot=getattr(args, "hf_plot", d.plot) or None,
         threads=getattr(args, "hf_threads", None),
         copy_threads=getattr(args, "hf_copy_threads", None),
-        layered=getattr(args, "hf_load", "layered") != "serial",
+        layered={"layered": True, "serial": False}.get(getattr(args, "hf_load", "auto") or "auto"),
     )
 
 
@@ -288,6 +290,13 @@ class _Bench:
         return time.perf_counter() - t0
 
 
+def _layered(opts: HfBenchOptions) -> bool:
+    """Whether this run's CPU loads go layer by layer (kvbm's choice unless set)."""
+    from kvbm_hf.cache import spare_cpu
+
+    return spare_cpu() if opts.layered is None else opts.layered
+
+
 def _pct(a: float, b: float) -> float:
     return (a / b - 1.0) * 100.0 if b > 0 else float("nan")
 
@@ -312,7 +321,7 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                        f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}; "
                        f"kvbm copy threads {getattr(b.manager.executor, '_copy_threads', '?')}"
                        f"{'' if opts.copy_threads else ' (its default, probed at start-up)'}; "
-                       f"{'layered' if opts.layered else 'serial'} loads")
+                       f"{'layered' if _layered(opts) else 'serial'} loads")
     p = b.model.num_parameters()
     rep.model = {"layers": opts.layers, "hidden": opts.hidden, "heads": opts.heads,
                  "kv_heads": opts.kv_heads, "vocab": opts.vocab, "params": p, "dtype": "float32",

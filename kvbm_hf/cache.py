@@ -34,6 +34,7 @@ whose vocabulary the model's embedding cannot hold, is an error at construction.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -166,6 +167,13 @@ class KvbmCache(DynamicCache):
     get a plain ``DynamicCache`` that never loads or stores, said once in the log.
     """
 
+    #: Fill a CPU room layer by layer while the model computes (``kvbm_hf._fill``): True,
+    #: False (every layer copied before ``load_prefix`` returns), or None: where this
+    #: process may run on more CPUs than torch's threads (``spare_cpu``). The copy runs
+    #: on the CPUs; overlapped with a forward that keeps every CPU busy it only takes
+    #: the forward's time (measured: docs/benchmarks/hf.md, round 7).
+    layered: bool | None = None
+
     def __init__(self, manager: KvBlockManager, model_or_config: Any, *,
                  tokenizer: Any = None, dtype: Any = None, headroom: int = 256) -> None:
         # The config is read once per model (``config_facts``): the reason, the layers
@@ -216,9 +224,6 @@ class KvbmCache(DynamicCache):
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
         self._room_hold: object = None
-        #: Fill a CPU room layer by layer while the model computes (``kvbm_hf._fill``);
-        #: False: every layer is copied before ``load_prefix`` returns.
-        self.layered = True
         #: The last load's layers still being copied (``wait_loaded``), or None.
         self.fill: LayerFill | None = None
         #: The tensor ``load_prefix`` read, its version then, and the row it checked.
@@ -303,7 +308,8 @@ class KvbmCache(DynamicCache):
             t5 = time.perf_counter()
             # A CPU room is filled layer by layer: the tier's rows of layers after the
             # first are copied on an I/O thread while the model computes (``_fill``).
-            if self.layered and self.device.type == "cpu":
+            layered = self.layered if self.layered is not None else spare_cpu()
+            if layered and self.device.type == "cpu":
                 # The pins go back once the last layer is copied; the room stays held
                 # (an alias) until then, whoever drops this cache first.
                 dest.layered = True
@@ -486,6 +492,15 @@ class KvbmCache(DynamicCache):
         self._checked = None
         self.loaded_tokens = 0
         self.offered_blocks = 0
+
+
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def spare_cpu() -> bool:
+    """This process may run on more CPUs than torch's intra-op threads use: a load's
+    later layers can be copied there while the model computes."""
+    return torch.get_num_threads() < _CPUS
 
 
 def _done(res: OffloadResult, wait: bool) -> OffloadResult | Future[OffloadResult]:

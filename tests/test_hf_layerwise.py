@@ -31,6 +31,12 @@ if _native.copy_runs() is None:  # pragma: no cover - a machine without a C comp
     pytest.skip("no native copy loop: the load copies views, whole", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def layered(monkeypatch: Any) -> None:
+    """Layer by layer whatever the CPUs (kvbm's default: only beside a spare CPU)."""
+    monkeypatch.setattr(KvbmCache, "layered", True)
+
+
 @pytest.fixture
 def model() -> Any:
     torch.manual_seed(0)
@@ -201,3 +207,25 @@ def test_a_failed_layer_copy_fails_the_forward_instead_of_reading_the_room(
             model(prompt[:, 6 * PAGE:], past_key_values=cache)
     assert manager.flush(10)
     assert manager.stats()["pinned_blocks"] == 0
+
+
+@pytest.mark.parametrize("threads", ["all", "one"])
+def test_load_goes_layer_by_layer_by_default_only_beside_a_cpu_torch_leaves(
+        model: Any, manager: Any, monkeypatch: Any, threads: str) -> None:
+    import kvbm_hf.cache as cache_mod
+
+    monkeypatch.setattr(KvbmCache, "layered", None)
+    monkeypatch.setattr(cache_mod, "_CPUS", 2)
+    prompt = _prompt(6 * PAGE + 1, 7)
+    _store_and_poison(model, manager, prompt)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == "all" else 1)
+    try:
+        with torch.inference_mode():
+            cache = KvbmCache(manager, model)
+            assert cache.load_prefix(prompt) == 6 * PAGE
+            assert (cache.fill is not None) == (threads == "one")
+            cache.wait_loaded()
+    finally:
+        torch.set_num_threads(before)
+    assert manager.flush(10)

@@ -376,13 +376,10 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 f"offload {cold['offload']:.3f}s")
             b.manager.flush()
             hits: list[dict[str, Any]] = []
-            # The copy limit, timed right before each hit: every way to copy the prefix's
+            # The copy limit, timed right before each load: every way to copy the prefix's
             # bytes between two touched buffers (memcpy and streaming stores, 1 and N
-            # threads), one sample of each per hit, as the load has one sample per hit.
-            # The limit is then the best variant's median over the hits, against the
-            # loads' median over the same hits: the same number of samples, interleaved.
-            # (Before, each hit's limit was the best of its four single copies: a
-            # minimum of four noisy samples against one, which flattered the limit.)
+            # threads), one sample of each; the limit is the best variant's median over
+            # the hits, against the loads' median (as many samples, interleaved).
             pbytes = (opts.prefix_tokens // opts.page_size) * b.block_bytes
             lim_src = np.ones(pbytes, dtype=np.uint8)
             lim_dst = np.ones(pbytes, dtype=np.uint8)
@@ -394,9 +391,7 @@ def run(opts: HfBenchOptions, out: Any = None) -> HfBenchReport:
                 if hits:
                     del hits[-1]["cache"]  # that request is over: its room goes back to the pool
                 # The load alone (every layer in place, no forward beside it) right after
-                # the limit's copies, against them; then the same for the request (its
-                # later layers copied while the model computes), so each follows the same
-                # copies as the loads of earlier rounds did.
+                # limit copies, then the request right after its own (as in earlier rounds).
                 lims_load = copy_limits(lim_dst, lim_src, nthreads, lim_pool)
                 lo_t, lo_ret, lo_n = b.load_only(q)
                 b.manager.flush()  # its pins back, off the request's time

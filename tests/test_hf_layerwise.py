@@ -8,6 +8,7 @@ rooms are poisoned with NaN first, so a read that did not wait shows in the logp
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -55,10 +56,13 @@ def manager(model: Any) -> Any:
 
 class _SlowCopies:
     """``_native`` as the fill sees it, with copy number ``slow`` (1-based) delayed by
-    ``delay`` seconds, or every copy raising with ``broken``."""
+    ``delay`` seconds (or until ``gate`` is set, 10 s at most), or every copy raising
+    with ``broken``."""
 
-    def __init__(self, slow: int = 1, delay: float = 0.4, broken: bool = False) -> None:
+    def __init__(self, slow: int = 1, delay: float = 0.4, broken: bool = False,
+                 gate: threading.Event | None = None) -> None:
         self.slow, self.delay, self.broken, self.calls = slow, delay, broken, 0
+        self.gate = gate
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_native, name)
@@ -68,7 +72,10 @@ class _SlowCopies:
         if self.broken:
             raise OSError("copy engine gone")
         if self.calls == self.slow:
-            time.sleep(self.delay)
+            if self.gate is not None:
+                self.gate.wait(10)
+            else:
+                time.sleep(self.delay)
         _native.run_copy(fn, n, dst, src, run)
 
 
@@ -124,18 +131,39 @@ def test_model_waits_for_a_layer_still_copying_and_gives_the_recompute_logprobs(
         assert manager.flush(10)
         return out, cache.fill
 
+    # Layer ``slow``'s copy (copy number ``slow``: layer 0 is not the fill's) starts only
+    # once the model asks for that layer, however fast or slow this machine is.
+    real_wait = fill_mod.LayerFill.wait
+
     # Negative control: without the wait the model reads the poisoned room.
-    monkeypatch.setattr(fill_mod, "_native", _SlowCopies(slow=slow, delay=0.4))
+    gate = threading.Event()
+    monkeypatch.setattr(fill_mod, "_native", _SlowCopies(slow=slow, gate=gate))
     with monkeypatch.context() as m:
         m.setattr(fill_mod.LayerFill, "wait", lambda self, layer: None)
-        bad, _ = run()
+        with torch.inference_mode():
+            cache = KvbmCache(manager, model)
+            assert cache.load_prefix(prompt) == n
+            bad = model(prompt[:, n:], past_key_values=cache).logits.log_softmax(-1)
+        gate.set()
+        assert manager.flush(10)
     assert not torch.allclose(bad, plain[:, n:], atol=1e-3)
     with torch.no_grad():
         for r in state_of(manager)._rooms:
             r.tensor.fill_(float("nan"))
-    monkeypatch.setattr(fill_mod, "_native", _SlowCopies(slow=slow, delay=0.4))
+
+    gate = threading.Event()
+    asked: list[int] = []
+
+    def wait(self: Any, layer: int) -> None:
+        if layer == slow and not self.done:
+            asked.append(layer)
+            gate.set()  # the model reached the layer before its copy began
+        real_wait(self, layer)
+
+    monkeypatch.setattr(fill_mod, "_native", _SlowCopies(slow=slow, gate=gate))
+    monkeypatch.setattr(fill_mod.LayerFill, "wait", wait)
     out, fill = run()
-    assert fill is not None and fill.waited > 0.1  # the model did reach the late layer
+    assert asked == [slow] and fill is not None and fill.waited > 0
     torch.testing.assert_close(out, plain[:, n:], rtol=0, atol=1e-5)
 
 

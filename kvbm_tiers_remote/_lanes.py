@@ -6,7 +6,9 @@ thread that posts it. So the reader copies with ``read_threads`` lanes, each a
 thread with its own agent: the calling thread with the tier's agent, the others
 with agents made on the first read. Each lane READs a part and hashes it itself
 right after (xxh3 releases the GIL), while the other lanes copy: no queue between a
-READ and its hash, and a batch's copy runs on as many cores as there are lanes.
+READ and its hash, and a batch's copy runs on as many cores as there are lanes. A
+lane with no part left to READ takes the hashes still waiting from the others' last
+READs, so the batch ends when the last READ's hashes do, shared.
 
 Every agent call takes its lane's lock; the tier's agent keeps the tier's lock (the
 server and the peer set use it too). Every local region the reader registers is
@@ -144,7 +146,6 @@ class CopyLanes:
 
     def run(self, lanes: Sequence[Lane], units: Sequence[T],
             work: Callable[[Lane, T], Iterable[Callable[[], None]] | None],
-            before: Callable[[], None] | None = None,
             after: Callable[[], None] | None = None) -> None:
         """``work(lane, unit)`` for every unit, each unit on one lane: the calling thread
         runs ``lanes[0]``, the pool the others; a lane takes the next unit when it is
@@ -153,9 +154,8 @@ class CopyLanes:
         still waiting (from the other end), until every unit has ended, so the last
         READ's hashes are shared instead of one lane waiting on the other.
 
-        ``before`` runs on the calling thread once the other lanes have been handed
-        their share (they wake meanwhile), ``after`` once no unit is left for it to
-        start (while the others end theirs). The first exception stops every lane from
+        ``after`` runs on the calling thread once no unit is left for it to start
+        (while the others end theirs). The first exception stops every lane from
         taking more units and is raised once all of them have stopped (no READ is left
         running)."""
         it = iter(units)  # next() on a list iterator is atomic under the GIL
@@ -208,8 +208,6 @@ class CopyLanes:
         pool = self._pool
         futs = [pool.submit(loop, lane, None) for lane in lanes[1 : len(units)]] if pool else []
         try:
-            if before is not None:
-                before()
             loop(lanes[0], after)
         except BaseException as e:  # noqa: BLE001 - raised once every lane has stopped
             failed.append(e)

@@ -5,7 +5,7 @@ leases the blocks (the peer pins them and reports each block's address and xxh3)
 READs them straight from the peer's arena into the destination buffers in parts of
 ``verify_bytes`` spread over ``read_threads`` copy lanes (``_lanes``: a thread and a
 NIXL agent each; the lane that READ a part hashes it right after, while the others
-copy), compares each block's xxh3 and releases the lease. While a step is copied the
+copy, and a lane with nothing left to READ shares the last READs' hashes), compares each block's xxh3 and releases the lease. While a step is copied the
 next ones are already leased, so the control plane hides behind the transfer. With
 ``verify: lease`` a block whose READ ended while its lease still pinned it is trusted
 without hashing.
@@ -231,11 +231,10 @@ class BlockReader(SpeculativeReads):
 
     def _copy(self, peer: Peer, lanes: Sequence[Lane], parts: list[_Step],
               dst: Sequence[np.ndarray], hash_: bool,
-              before: Callable[[], None] | None = None,
               after: Callable[[], None] | None = None) -> None:
         """READ ``parts`` on the lanes, each block hashed (``hash_``) right after its
         part's READ, by its lane or by a lane with nothing left to READ (see
-        ``CopyLanes.run``, which also says when ``before``/``after`` run). A block read
+        ``CopyLanes.run``, which also says when ``after`` runs). A block read
         in pieces is one unit, so its pieces are READ and hashed in order by one lane."""
         units: list[list[_Step]] = []
         for p in parts:
@@ -253,7 +252,7 @@ class BlockReader(SpeculativeReads):
                 return [lambda: self._hash_unit(unit, dst)]
             return [functools.partial(self._hash_block, p, i, dst) for p in unit for i in p.idx]
 
-        self._lanes.run(lanes, units, work, before, after)
+        self._lanes.run(lanes, units, work, after)
 
     def _read(self, lane: Lane, peer: Peer, s: _Step) -> None:
         """One part's READ on ``lane``, start to end (its handle released)."""

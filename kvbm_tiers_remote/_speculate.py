@@ -49,7 +49,6 @@ class SpeculativeReads(_Base):
 
     def _speculate(self, peer: Peer, lanes: Sequence[Lane], chunk: list[int],
                    keys: Sequence[SequenceHash], dst: Sequence[np.ndarray],
-                   before: Callable[[], None] | None = None,
                    after: Callable[[], None] | None = None) -> _Step:
         """READ ``chunk`` from where the peer's last leases had it, while its lease request
         is on its way (``_can_speculate`` said every place is known), in READs of
@@ -74,7 +73,7 @@ class SpeculativeReads(_Base):
             p.handle = [(at[i], bb, 0) for i in p.idx]
             self._locals(p, dst)
             parts.append(p)
-        self._copy(peer, lanes, parts, dst, hash_=True, before=before, after=after)
+        self._copy(peer, lanes, parts, dst, hash_=True, after=after)
         for p in parts:
             s.got.update(p.got)
         self.stats.speculative_blocks += len(s.idx)

@@ -36,3 +36,41 @@ def onboard(mgr: KvBlockManager, tokens: list[int], n: int) -> tuple[int, np.nda
         assert list(m.tiers) == ["remote"] * n
         res = mgr.onboard(m, ContiguousBlocks(out[: m.num_blocks], mgr.layout), promote=False)
     return res.loaded, out
+
+
+def _peer_slot(peer: KvBlockManager, tokens: list[int], index: int) -> tuple[Any, Any, bytes, int]:
+    host, server = peer.chain[0], peer.chain[-1].tier._server
+    key = peer.hash_tokens(tokens)[index]
+    return host, server, bytes(key), host.registry.lookup(key)
+
+
+def flip_after_lease(monkeypatch: Any, peer: KvBlockManager, tokens: list[int], index: int,
+                     at: int = 100) -> None:
+    """``peer`` flips byte ``at`` of block ``index`` of ``tokens`` right after each lease
+    that names it: the lease's sum is taken over the old bytes, the READ sees the new."""
+    host, server, key, slot = _peer_slot(peer, tokens, index)
+    real = server._lease
+
+    def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+        reply = real(cid, keys, ttl)
+        if any(bytes(k) == key for k in keys):
+            host.tier.slots[slot][at] ^= 0xFF
+        return reply
+
+    monkeypatch.setattr(server, "_lease", lease_then_flip)
+
+
+def rewrite_before_lease(monkeypatch: Any, peer: KvBlockManager, tokens: list[int],
+                         index: int, wait_s: float) -> None:
+    """``peer`` waits ``wait_s`` (a reader's speculative READ of the old bytes ends
+    meanwhile), then writes new bytes into block ``index``'s slot under the same key,
+    then leases: the sum is taken over the new bytes."""
+    host, server, _, slot = _peer_slot(peer, tokens, index)
+    real = server._lease
+
+    def rewrite_then_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
+        time.sleep(wait_s)
+        host.tier.slots[slot] ^= 0xFF
+        return real(cid, keys, ttl)
+
+    monkeypatch.setattr(server, "_lease", rewrite_then_lease)

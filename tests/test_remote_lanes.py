@@ -21,6 +21,7 @@ pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvb
 pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
 
 from remote_pair import config as _config  # noqa: E402
+from remote_pair import flip_after_lease, rewrite_before_lease  # noqa: E402
 from remote_pair import offload as _offload  # noqa: E402
 from remote_pair import onboard as _onboard  # noqa: E402
 
@@ -96,18 +97,7 @@ def test_block_changed_after_its_lease_is_a_miss_whichever_lane_hashed_it(
                                             "speculative_reads": False}))
     try:
         tokens, data = _offload(a, 4, 41)
-        host, server = a.chain[0], a.chain[-1].tier._server
-        key = a.hash_tokens(tokens)[bad]
-        slot = host.registry.lookup(key)
-        real = server._lease
-
-        def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-            reply = real(cid, keys, ttl)  # the sum is taken here, over the old bytes
-            if any(bytes(k) == bytes(key) for k in keys):
-                host.tier.slots[slot][100] ^= 0xFF  # changed after the pin's sum
-            return reply
-
-        monkeypatch.setattr(server, "_lease", lease_then_flip)
+        flip_after_lease(monkeypatch, a, tokens, bad)
         hashed_by = _alternate_lanes(monkeypatch)
         before = _stats(b)["checksum_failures"]
         loaded, out = _onboard(b, tokens, 4)
@@ -131,16 +121,7 @@ def test_slot_rewritten_before_the_pin_is_a_miss_whichever_lane_read_it_speculat
     try:
         tokens, data = _offload(a, 4, 42)
         assert _onboard(b, tokens, 4)[0] == 4  # learns the addresses
-        host, server = a.chain[0], a.chain[-1].tier._server
-        slot = host.registry.lookup(a.hash_tokens(tokens)[bad])
-        real = server._lease
-
-        def rewrite_then_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-            time.sleep(0.5)  # the reader's speculative READs of the old bytes are done
-            host.tier.slots[slot] ^= 0xFF  # new bytes under the same key, before the pin
-            return real(cid, keys, ttl)  # the sum is taken over the new bytes
-
-        monkeypatch.setattr(server, "_lease", rewrite_then_lease)
+        rewrite_before_lease(monkeypatch, a, tokens, bad, wait_s=0.5)
         hashed_by = _alternate_lanes(monkeypatch)
         loaded, out = _onboard(b, tokens, 4)
         assert _stats(b)["speculative_blocks"] == 4

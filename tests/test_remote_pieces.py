@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvb
 pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
 import xxhash  # noqa: E402
 from remote_pair import config as _config  # noqa: E402
+from remote_pair import flip_after_lease  # noqa: E402
 from remote_pair import offload as _offload  # noqa: E402
 from remote_pair import onboard as _onboard  # noqa: E402
 
@@ -59,18 +59,7 @@ def test_block_whose_middle_piece_changed_after_its_lease_is_a_miss(
     a, b = _pair(tmp_path, 1024)
     try:
         tokens, data = _offload(a, 3, 22)
-        host, server = a.chain[0], a.chain[-1].tier._server
-        key = a.hash_tokens(tokens)[1]
-        slot = host.registry.lookup(key)
-        real = server._lease
-
-        def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-            reply = real(cid, keys, ttl)  # the sum is taken here, over the old bytes
-            if any(bytes(k) == bytes(key) for k in keys):  # once, whatever the steps
-                host.tier.slots[slot][2 * 1024 + 5] ^= 0xFF  # the third of four pieces
-            return reply
-
-        monkeypatch.setattr(server, "_lease", lease_then_flip)
+        flip_after_lease(monkeypatch, a, tokens, 1, at=2 * 1024 + 5)  # the third of four pieces
         loaded, out = _onboard(b, tokens, 3)
         assert loaded == 1  # the prefix stops at the bad block
         assert np.array_equal(out[0], data[0])

@@ -8,7 +8,6 @@ again under the lease, or is a miss, never stale data.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvb
 pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
 
 from remote_pair import config as _config  # noqa: E402
+from remote_pair import flip_after_lease, rewrite_before_lease  # noqa: E402
 from remote_pair import offload as _offload  # noqa: E402
 from remote_pair import onboard as _onboard  # noqa: E402
 
@@ -82,16 +82,7 @@ def test_slot_rewritten_after_the_speculative_read_and_before_the_pin_is_a_miss(
     a, b = pair
     tokens, data = _offload(a, 4, 33)
     assert _onboard(b, tokens, 4)[0] == 4
-    host, server = a.chain[0], a.chain[-1].tier._server
-    slot = host.registry.lookup(a.hash_tokens(tokens)[bad])
-    real = server._lease
-
-    def rewrite_then_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-        time.sleep(0.5)  # the reader's speculative READ of the old bytes is done by now
-        host.tier.slots[slot] ^= 0xFF  # new bytes under the same key, before the pin
-        return real(cid, keys, ttl)  # the sum is taken over the new bytes
-
-    monkeypatch.setattr(server, "_lease", rewrite_then_lease)
+    rewrite_before_lease(monkeypatch, a, tokens, bad, wait_s=0.5)
     loaded, out = _onboard(b, tokens, 4)
     assert _stats(b)["speculative_blocks"] == 4
     assert loaded == bad  # the block held the old bytes: a miss, and the prefix stops there
@@ -128,16 +119,7 @@ def test_block_changed_after_its_lease_in_either_half_of_the_last_read_is_a_miss
         {"rendezvous_dir": rdir, "verify_bytes": 4 * 4096, "speculative_reads": False}))
     try:
         tokens, data = _offload(a, 4, 35)
-        host, server = a.chain[0], a.chain[-1].tier._server
-        slot = host.registry.lookup(a.hash_tokens(tokens)[bad])
-        real = server._lease
-
-        def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-            reply = real(cid, keys, ttl)  # the sum is taken here, over the old bytes
-            host.tier.slots[slot][100] ^= 0xFF
-            return reply
-
-        monkeypatch.setattr(server, "_lease", lease_then_flip)
+        flip_after_lease(monkeypatch, a, tokens, bad)
         loaded, out = _onboard(b, tokens, 4)
         assert loaded == bad
         assert np.array_equal(out[:bad], data[:bad])

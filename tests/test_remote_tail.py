@@ -20,6 +20,7 @@ pytest.importorskip("nixl._api", reason="nixl is not installed: pip install 'kvb
 pytest.importorskip("msgpack", reason="msgpack is not installed: pip install 'kvbm[remote]'")
 
 from remote_pair import config as _config  # noqa: E402
+from remote_pair import flip_after_lease, rewrite_before_lease  # noqa: E402
 from remote_pair import offload as _offload  # noqa: E402
 from remote_pair import onboard as _onboard  # noqa: E402
 
@@ -76,18 +77,7 @@ def test_block_changed_after_its_lease_is_a_miss_when_another_lane_hashed_it(
                                             "speculative_reads": False}))
     try:
         tokens, data = _offload(a, 8, 51)
-        host, server = a.chain[0], a.chain[-1].tier._server
-        key = a.hash_tokens(tokens)[BAD]
-        slot = host.registry.lookup(key)
-        real = server._lease
-
-        def lease_then_flip(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-            reply = real(cid, keys, ttl)  # the sum is taken here, over the old bytes
-            if any(bytes(k) == bytes(key) for k in keys):
-                host.tier.slots[slot][100] ^= 0xFF  # changed after the pin's sum
-            return reply
-
-        monkeypatch.setattr(server, "_lease", lease_then_flip)
+        flip_after_lease(monkeypatch, a, tokens, BAD)
         who = _steal_hash_of(BAD, monkeypatch)
         loaded, out = _onboard(b, tokens, 8)
         assert who["hashed"] != who["read"]  # the lane that did not READ it hashed it
@@ -108,16 +98,7 @@ def test_slot_rewritten_before_the_pin_is_a_miss_when_another_lane_hashed_its_sp
     try:
         tokens, data = _offload(a, 8, 52)
         assert _onboard(b, tokens, 8)[0] == 8  # learns the addresses
-        host, server = a.chain[0], a.chain[-1].tier._server
-        slot = host.registry.lookup(a.hash_tokens(tokens)[BAD])
-        real = server._lease
-
-        def rewrite_then_lease(cid: int, keys: list[bytes], ttl: float) -> dict[str, Any]:
-            time.sleep(0.3)  # the reader's speculative READs of the old bytes are done
-            host.tier.slots[slot] ^= 0xFF  # new bytes under the same key, before the pin
-            return real(cid, keys, ttl)  # the sum is taken over the new bytes
-
-        monkeypatch.setattr(server, "_lease", rewrite_then_lease)
+        rewrite_before_lease(monkeypatch, a, tokens, BAD, wait_s=0.3)
         who = _steal_hash_of(BAD, monkeypatch)
         before = b.chain[-1].tier.stats()["speculative_blocks"]
         loaded, out = _onboard(b, tokens, 8)

@@ -109,7 +109,7 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
     the slots, and counts the path's time.
 
     This spares a staging buffer per block and the promotion's own copy (the bytes are
-    already in the slot: ``InSlot``). Where tier ``t`` offers ``onboard_part_blocks`` (the
+    already in the slot: ``InSlot``). Where tier ``t`` sets ``Tier.onboard_part_blocks`` (the
     disk tier), the read is split into parts read one after the other on a thread of
     its own while this thread copies the previous part into ``dest``. A block whose read
     fails stays None in ``out`` (a miss; its slot's bytes are never served: the
@@ -129,7 +129,7 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
     t0 = time.perf_counter()
     taken = set(mine)
     tier = ex.tiers[t]
-    least = int(getattr(tier, "onboard_part_blocks", 0)) if copy_now else 0
+    least = tier.onboard_part_blocks if copy_now else 0
     parts = [mine[a:b] for a, b in _parts(len(mine), least)]
     done: list[list[bool] | BaseException | None] = [None] * len(parts)
     ready = [threading.Event() for _ in parts]

@@ -72,6 +72,11 @@ class Tier(abc.ABC):
     serves_peers: ClassVar[bool] = False
     #: The admission filter used when the config names none (None: admit all).
     default_admission: ClassVar[str | None] = None
+    #: An onboard that reads this tier's blocks straight into their promotion slots
+    #: (``kvbm.staging.read_into_promotion``) splits into parts of at least this many
+    #: blocks, the copy of one part into the engine overlapping the read of the next;
+    #: 0 reads them as one part.
+    onboard_part_blocks: ClassVar[int] = 0
 
     def __init__(self, config: TierConfig, ctx: TierContext) -> None:
         self.config = config

@@ -44,7 +44,7 @@ from typing import Any
 
 from kvbm import _cc
 
-__all__ = ["P_COUNT", "PARAMS", "RunFn", "enabled", "load"]
+__all__ = ["P_COUNT", "PARAMS", "RunFn", "all_keys", "enabled", "load"]
 
 #: False: registries made from now on use the numpy and Python paths (tests compare both).
 enabled = True
@@ -206,6 +206,18 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     *unlinked = unl;
     return out;
 }
+
+/* Whether every item of ``keys`` (a list) is exactly a bytes of 16 bytes: the manager's
+ * check of a match's hashes in one pass (1, else 0: the caller's Python check then
+ * decides, and names the first bad item). */
+int kvbm_all_keys(PyObject *keys) {
+    if (!PyList_CheckExact(keys)) return 0;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject **items = PySequence_Fast_ITEMS(keys);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyBytes_CheckExact(items[i]) || PyBytes_GET_SIZE(items[i]) != 16) return 0;
+    return 1;
+}
 """
 
 #: ``run(keys, params, unlinked)``: ``keys`` a list, ``params`` the address of the table's
@@ -215,12 +227,13 @@ RunFn = Callable[[list[Any], int, int], "list[int] | None"]
 _lock = threading.Lock()
 _loaded = False
 _fn: RunFn | None = None
+_all: Callable[[list[Any]], int] | None = None
 
 
 def load() -> RunFn | None:
     """The compiled lookup (compiled at the first call), or None when it cannot be built
     or ``enabled`` is False."""
-    global _loaded, _fn
+    global _loaded, _fn, _all
     if not enabled:
         return None
     if not _loaded:
@@ -233,6 +246,19 @@ def load() -> RunFn | None:
                     f = lib.kvbm_find_run
                     f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
                     f.restype = ctypes.py_object
-                    _fn = f
+                    c = lib.kvbm_all_keys
+                    c.argtypes = [ctypes.py_object]
+                    c.restype = ctypes.c_int
+                    _fn, _all = f, c
                 _loaded = True
     return _fn
+
+
+def all_keys(keys: list[Any]) -> bool:
+    """True when every item of ``keys`` is exactly a 16-byte ``bytes`` (one compiled
+    pass, ~0.3 µs for 64 keys against ~3 µs for a Python loop); False when one may not
+    be, or without the compiled code: the caller's own check then decides (and names
+    the bad item). Never True for a list that check would refuse."""
+    if _all is None:
+        load()
+    return _all is not None and bool(_all(keys))

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from . import _registry_native
 from .chain import ChainLink, build_tiers, resolve_chain, tier_states
 from .config import KvbmSettings, load_settings
 from .errors import KvbmError, LayoutError, TokenError
@@ -177,8 +178,8 @@ class KvBlockManager:
         self._check_open()
         hashes = self._as_hashes(tokens_or_hashes)
         if hashes and isinstance(tokens_or_hashes, (list, tuple)) and isinstance(
-                tokens_or_hashes[0], bytes):
-            _check_hashes("match_prefix", hashes, fix="")
+                tokens_or_hashes[0], bytes) and not _registry_native.all_keys(hashes):
+            _check_hashes("match_prefix", hashes, fix="")  # names the bad item
         match = self.planner.match(hashes)
         rest = hashes[match.num_blocks:]
         if rest:

@@ -132,3 +132,38 @@ def test_the_equivalence_check_catches_a_compiled_lookup_that_trusts_the_tag() -
     wrong = [k for k in absent if fn([k], params.ctypes.data, unlinked.ctypes.data) != []]
     assert wrong  # the broken lookup takes absent keys for stored ones
     assert [table.find_run([k]) for k in wrong] == [[]] * len(wrong)
+
+
+class _Bytes(bytes):
+    """A bytes subclass: the manager's Python check decides about it, not the C one."""
+
+
+_BAD = st.one_of(
+    st.binary(max_size=15), st.binary(min_size=17, max_size=32),
+    st.binary(min_size=16, max_size=16).map(bytearray),
+    st.binary(min_size=16, max_size=16).map(_Bytes), st.integers(), st.text(max_size=16),
+    st.none())
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(good=st.lists(st.binary(min_size=16, max_size=16), max_size=70),
+       bad=st.lists(st.tuples(st.integers(0, 70), _BAD), max_size=2))
+def test_the_compiled_hash_check_passes_a_list_only_of_exact_16_byte_bytes(
+        good: list[bytes], bad: list[tuple[int, object]]) -> None:
+    # The manager skips its Python check of a match's hashes when this says True: it
+    # must never pass an item that check would refuse (nor a subclass it cannot judge).
+    items: list[object] = list(good)
+    for at, item in bad:
+        items.insert(at, item)
+    assert _registry_native.all_keys(items) == (not bad)
+    assert _registry_native.all_keys(tuple(items)) is False  # the manager passes a list
+
+
+def test_without_the_compiled_code_the_hash_check_leaves_the_decision_to_python(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cc, "compiler", lambda: None)
+    monkeypatch.setattr(_registry_native, "_loaded", False)
+    monkeypatch.setattr(_registry_native, "_fn", None)
+    monkeypatch.setattr(_registry_native, "_all", None)
+    assert _registry_native.all_keys([key(1), key(2)]) is False

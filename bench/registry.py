@@ -47,7 +47,10 @@ loops of 64 random reads (one line a key; today's index-then-record layout; one
 dependent read after another) in tables of a 10K and a 10M registry's size, the 10M
 extra added to the fixed cost of a 10K match measured in the same run; each also
 ``cold``, after other work touched 16,384 random 4 KiB pages before each round (as the
-benchmark's loop and any server run between two lookups: TLB and caches displaced).
+benchmark's loop and any server run between two lookups: TLB and caches displaced),
+and the cold rows again with the tables on 4 KiB pages (``4KiB``: what huge pages save).
+``--py-check``: the manager checks the hashes in Python, as before ``210433e`` (an A/B).
+The table's ``− 10K paired`` is the extra itself (10M p50 minus the paired 10K p50, µs).
 
 Run: ``python bench/registry.py [--sizes 10000,1000000,10000000] [--impl old,new,py]
 [--fill request,interleaved] [--entry manager|planner] [--runs 3] [--samples 2000] [--json] [--floor]``. Runs interleave the implementations and
@@ -94,8 +97,11 @@ def _key(i: int) -> bytes:
 
 
 def _child(impl: str, n: int, samples: int, seed: int, traced: bool, fill: str,
-           entry: str = "planner") -> dict[str, Any]:
+           entry: str = "planner", py_check: bool = False) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if py_check:  # --py-check: the manager's Python check of the hashes (before 210433e)
+        from kvbm import _registry_native as rn
+        rn.all_keys = lambda keys: False
     from kvbm.chain import TierState
     from kvbm.config import TierConfig
     from kvbm.manager import KvBlockManager
@@ -271,12 +277,14 @@ static int cmpu(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
 }
-/* Anonymous memory on 2 MiB pages where the kernel allows, as the registry's arrays. */
+/* Anonymous memory on 2 MiB pages where the kernel allows, as the registry's arrays
+ * (on 4 KiB pages with `small`: modes 10 and 11, what huge pages save). */
+static int small;
 static void *big(size_t n) {
     void *p = mmap(0, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return NULL;
-    madvise(p, n, MADV_HUGEPAGE);
+    madvise(p, n, small ? MADV_NOHUGEPAGE : MADV_HUGEPAGE);
     memset(p, 0, n);
     return p;
 }
@@ -307,6 +315,8 @@ static void thrash(int cold) {
  * -1 when the memory cannot be had. */
 double kvbm_floor(int mode, int64_t n, int iters, uint64_t seed, int cold) {
     rs = seed | 1;
+    small = mode >= 10;
+    mode %= 10;
     uint64_t *t = malloc(sizeof(uint64_t) * (size_t)iters);
     uint64_t *qa = malloc(sizeof(uint64_t) * 2 * K * (size_t)iters);  /* the keys asked, in order */
     volatile uint64_t sink = 0;
@@ -480,12 +490,15 @@ def _floor(runs: int, samples: int, entry: str) -> None:
             ts.append(t1 - t0)
         ts.sort()
         rows.setdefault("fixed", []).append(ts[len(ts) // 2] * 1e6)
-        for mode, name in ((0, "one line"), (1, "today's layout"), (2, "dependent")):
+        for mode, name in ((0, "one line"), (1, "today's layout"), (2, "dependent"),
+                           (10, "one line 4KiB"), (11, "today's 4KiB")):
             for n, size in ((REF, "10K"), (big, "10M")):
                 if mode == 2 and n == REF:
                     continue
-                rows.setdefault(f"{name} {size}", []).append(f(mode, n, 20000, run + 1, 0) / 1e3)
-                if mode < 2:  # the same after other work (COLD pages touched) each round
+                if mode < 10:
+                    rows.setdefault(f"{name} {size}", []).append(
+                        f(mode, n, 20000, run + 1, 0) / 1e3)
+                if mode != 2:  # the same after other work (COLD pages touched) each round
                     rows.setdefault(f"{name} cold {size}", []).append(
                         f(mode, n, 4000, run + 1, COLD) / 1e3)
         print(f"  run {run}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
@@ -498,7 +511,8 @@ def _floor(runs: int, samples: int, entry: str) -> None:
     what = "KvBlockManager.match_prefix" if mgr is not None else "Planner.match"
     print(f"  fixed cost: {what} p50 of a 10K registry (interleaved) {_mmm(fixed)} us; "
           f"cold: {COLD} random 4 KiB pages touched before each round")
-    for name in ("one line", "today's layout", "one line cold", "today's layout cold"):
+    for name in ("one line", "today's layout", "one line cold", "today's layout cold",
+                 "one line 4KiB cold", "today's 4KiB cold"):
         small, large = rows[f"{name} 10K"], rows[f"{name} 10M"]
         extra = [b - s for s, b in zip(small, large)]
         floor = [(x + e) / x for x, e in zip(fixed, extra)]
@@ -532,13 +546,17 @@ def main() -> None:
     ap.add_argument("--fill", default="request,interleaved",
                     help="slot order of each prefix's blocks: request (saved together), "
                          "interleaved (every prefix's block b, then b + 1: the worst case)")
+    ap.add_argument("--py-check", action="store_true",
+                    help="the manager checks a match's hashes in Python (as before 210433e), "
+                         "not in one compiled pass: an A/B of that change")
     a = ap.parse_args()
     if a.floor:
         _floor(a.runs, a.samples, a.entry)
         return
     if a.child:
-        print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed, a.traced,
-                                a.fill, "planner" if a.child[0] == "old" else a.entry)))
+        print(json.dumps(_child(a.child[0], int(a.child[1]), a.samples, a.seed,
+                                a.traced, a.fill, "planner" if a.child[0] == "old" else a.entry,
+                                a.py_check)))
         return
     sizes = [int(s) for s in a.sizes.split(",")]
     impls = a.impl.split(",")
@@ -559,7 +577,8 @@ def main() -> None:
                 for impl in (impls if run % 2 == 0 else impls[::-1]):
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", impl, str(n), "--samples",
-                         str(a.samples), "--seed", str(run), "--fill", fill, "--entry", a.entry],
+                         str(a.samples), "--seed", str(run), "--fill", fill, "--entry", a.entry,
+                         *(["--py-check"] if a.py_check else [])],
                         check=True, capture_output=True, text=True).stdout
                     r = json.loads(out.strip().splitlines()[-1])
                     r["run"] = run
@@ -582,7 +601,8 @@ def main() -> None:
           f"of {a.runs} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{'impl':4s} {'fill':11s} {'blocks':>10s} | {'B/block (' + ('arrays' if a.entry == 'manager' else 'rss') + ')':>16s} {'÷ 16 B key':>14s} "
           f"{'traced':>7s} | {'match p50 us':>16s} {'p99 us':>18s} {'cold/hot':>14s} "
-          f"{'p50 ÷ p50@' + str(sizes[0]):>16s} {'÷ 10K paired':>14s} | {'peak MiB':>8s}")
+          f"{'p50 ÷ p50@' + str(sizes[0]):>16s} {'÷ 10K paired':>14s} {'− 10K paired us':>16s} | "
+          f"{'peak MiB':>8s}")
     for impl in impls:
         for fill in fills:
             def of(n: int, impl: str = impl, fill: str = fill) -> list[dict[str, Any]]:
@@ -602,7 +622,8 @@ def main() -> None:
                       f"{_mmm([r['match_p99_us'] for r in rs]):>18s} "
                       f"{_mmm([r['match_p50_us'] / r['hot_p50_us'] for r in rs]):>14s} "
                       f"{(_mmm(ratio) if ratio else '-'):>16s} "
-                      f"{_mmm([r['match_p50_us'] / r['ref_p50_us'] for r in rs]):>14s} | "
+                      f"{_mmm([r['match_p50_us'] / r['ref_p50_us'] for r in rs]):>14s} "
+                      f"{_mmm([r['match_p50_us'] - r['ref_p50_us'] for r in rs]):>16s} | "
                       f"{max(r['peak_rss_mib'] for r in rs):8.0f}")
 
 

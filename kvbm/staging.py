@@ -182,3 +182,116 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
     if copy_now:
         ex.count(f"onboard:{tier.name}", good_n, time.perf_counter() - t0, failed_n)
     return [i for i in members if i not in taken]
+
+
+class _Queued:
+    """One cascade copy's blocks waiting in a ``CascadeBatch``."""
+
+    __slots__ = ("slots", "keys", "bufs", "since", "taken", "result", "idle")
+
+    def __init__(self, slots: list[int], keys: list[SequenceHash], bufs: list[np.ndarray]) -> None:
+        self.slots, self.keys, self.bufs = slots, keys, bufs
+        self.since = time.perf_counter()
+        self.taken = False
+        self.result: list[bool] | None = None
+        self.idle = 0.0
+
+
+class CascadeBatch:
+    """Small cascade writes into a lower tier gathered into one ``write`` call.
+
+    Demotions (host -> disk) arrive one offload's blocks at a time (18-63 blocks in
+    ``kvbm bench``); each ``write`` call pays a ramp-up and a tail where fewer than
+    ``io_threads`` requests are in flight. A copy of fewer than ``min_blocks`` waits
+    here (on its own I/O thread; its source slots stay pinned in the upper tier,
+    which keeps serving them) until the queued copies reach ``min_blocks``, or
+    ``max_waiters`` copies wait (the I/O threads must not all block), or the oldest
+    waited ``max_wait_s``, or a flush is under way: then the thread that sees it
+    writes them all in one call and hands each copy its flags. A failed write (the
+    executor's ``_write``: all False on a raise) fails each copy's blocks: skipped.
+
+    ``idle`` per copy is its time in the queue less its share (by blocks) of the
+    write: the executor counts the path's seconds without it, so a batch's write
+    time is counted once, as when the copies wrote one after the other.
+    """
+
+    def __init__(self, min_blocks: int = 64, max_wait_s: float = 1.0, max_waiters: int = 3) -> None:
+        self.min_blocks = min_blocks
+        self.max_wait_s = max_wait_s
+        self.max_waiters = max(1, max_waiters)
+        self._cond = threading.Condition()
+        self._queues: dict[int, list[_Queued]] = {}
+        self._flushing = 0
+        #: Coalesced ``write`` calls and the copies they carried (for accounting).
+        self.batches = 0
+        self.copies = 0
+
+    @contextlib.contextmanager
+    def flushing(self) -> Any:
+        """While inside, every queued copy is written at once (``Executor.flush``)."""
+        with self._cond:
+            self._flushing += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._flushing -= 1
+
+    def queued(self) -> int:
+        """Blocks waiting for a gathered write now."""
+        with self._cond:
+            return sum(len(e.slots) for q in self._queues.values() for e in q)
+
+    def _ready(self, q: list[_Queued]) -> bool:
+        return bool(q) and (self._flushing > 0 or len(q) >= self.max_waiters
+                            or sum(len(e.slots) for e in q) >= self.min_blocks
+                            or time.perf_counter() - q[0].since >= self.max_wait_s)
+
+    def write(self, ex: Executor, t: int, slots: list[int], keys: list[SequenceHash],
+              bufs: list[np.ndarray]) -> tuple[list[bool], float]:
+        """``ex._write(t, ...)``, gathered with other small copies into tier ``t``;
+        returns the flags and the seconds this copy only waited (see the class)."""
+        if len(slots) >= self.min_blocks or self.max_wait_s <= 0 or not slots:
+            return ex._write(t, slots, keys, bufs), 0.0
+        me = _Queued(slots, keys, bufs)
+        with self._cond:
+            q = self._queues.setdefault(t, [])
+            q.append(me)
+            while not me.taken and not self._ready(q):
+                self._cond.wait(max(1e-3, self.max_wait_s - (time.perf_counter() - q[0].since)))
+            if me.taken:  # another thread writes the batch this copy is in
+                while me.result is None:
+                    self._cond.wait()
+                return me.result, me.idle
+            batch = q[:]
+            q.clear()
+            for e in batch:
+                e.taken = True
+        t0 = time.perf_counter()
+        ok: list[bool] = []
+        try:
+            ok = ex._write(t, [s for e in batch for s in e.slots], [k for e in batch for k in e.keys],
+                           [b for e in batch for b in e.bufs])
+        except Exception:  # _write answers failures as flags; anything else fails them too
+            ok = []
+        finally:  # the copies waiting on this batch get their flags whatever happened
+            self._settle(batch, ok, t0)
+        assert me.result is not None
+        return me.result, me.idle
+
+    def _settle(self, batch: list[_Queued], ok: list[bool], t0: float) -> None:
+        t1 = time.perf_counter()
+        total = sum(len(e.slots) for e in batch)
+        if len(ok) != total:
+            ok = [False] * total
+        with self._cond:
+            a = 0
+            for e in batch:
+                n = len(e.slots)
+                e.result = ok[a:a + n]
+                e.idle = max(0.0, (t1 - e.since) - (t1 - t0) * n / total)
+                a += n
+            self.batches += 1
+            self.copies += len(batch)
+            self._cond.notify_all()

@@ -49,7 +49,7 @@ from kvbm.layout import ModelSpec
 from kvbm.manager import KvBlockManager, OffloadResult
 from kvbm.match import Match
 
-from ._blocks import CacheBlockDestination, CacheBlockSource
+from ._blocks import CacheBlockDestination, CacheBlockSource, umax
 from ._fill import LayerFill
 from ._layer import KvbmLayer
 from ._model import (
@@ -243,7 +243,7 @@ class KvbmCache(DynamicCache):
                       "kvbm's transformers cache serves one sequence per cache", what, batch)
             return None
         # One reduction: seen as unsigned, a negative id is larger than any vocabulary.
-        if row.size and self.vocab_size and int(row.view(np.uint64).max()) >= self.vocab_size:
+        if row.size and self.vocab_size and umax(row) >= self.vocab_size:
             raise TokenError(
                 f"input_ids: ids must lie in [0, {self.vocab_size}) for this model, got min "
                 f"{int(row.min())} and max {int(row.max())}; was it tokenized with another "

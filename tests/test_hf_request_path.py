@@ -16,6 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import numpy as np  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvbm import LayoutError  # noqa: E402
@@ -129,3 +131,13 @@ def test_negative_token_id_is_refused_naming_it(model: Any, manager: Any) -> Non
     prompt[0, 4] = -3  # seen as unsigned by the range check: larger than any vocabulary
     with pytest.raises(TokenError, match=r"ids must lie in \[0, 256\) .* got min -3 and max"):
         KvbmCache(manager, model).load_prefix(prompt)
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=64))
+@settings(max_examples=200, deadline=None)
+def test_range_check_maximum_is_the_largest_id_seen_unsigned(ids: list[int]) -> None:
+    # ``umax`` (argmax, one C call) stands for ``view(uint64).max()`` in the token-id and
+    # block-index range checks: a negative id must come out larger than any bound.
+    from kvbm_hf._blocks import umax
+
+    assert umax(np.array(ids, dtype=np.int64)) == max(x % 2**64 for x in ids)

@@ -454,11 +454,12 @@ class KvbmCache(DynamicCache):
         held_kv = [layers]
         del layers
         manager, layout, state = self.manager, self.layout, self._state
-        fut: Future[OffloadResult] = Future()
-        fut.set_running_or_notify_cancel()
-        state.started(fut, tokens, start, self.page_size)
+        # The job's own future is the one returned (no second Future), and the listing's
+        # latch is a lock: each Python object built here costs more right after a forward.
+        key = object()
+        state.started(key, tokens, start, self.page_size)
 
-        def run() -> None:
+        def run() -> OffloadResult:
             # Yield the GIL once before the store's Python work: the request thread that
             # handed this over gets back to its engine without waiting a switch interval.
             time.sleep(0)
@@ -466,23 +467,21 @@ class KvbmCache(DynamicCache):
             src: CacheBlockSource | None = None
             try:
                 hashes = manager.hash_tokens(tokens)[start:]
-                state.listed(fut, hashes)
+                state.listed(key, hashes)
                 src = CacheBlockSource(kv, layout)
                 kv = None
                 res = manager.offload(hashes, src, indices=range(start, n))
-            except BaseException as e:
+            except BaseException:
                 kv = src = None  # the room is free before the future is done
-                fut.set_exception(e)
-                raise  # the executor logs a failed background transfer
+                raise  # the future raises it; the executor logs a failed background transfer
             src = None
-            fut.set_result(res)
+            return res
 
         try:
-            manager.executor.submit(run)
-        except BaseException as e:  # a closed manager: no store, and no one left waiting
-            fut.set_exception(e)
+            return state.run_job(key, lambda: manager.executor.submit(run))
+        except BaseException:  # a closed manager: no store, and no one left waiting
+            state.finished(key)
             raise
-        return fut
 
     def reset(self) -> None:
         """Drop the cached KV and start a new request in this cache."""

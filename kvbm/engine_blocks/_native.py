@@ -193,6 +193,15 @@ void kvbm_block_table(int64_t n, const int64_t *blk, const int64_t *buf, int64_t
             }
         }
 }
+/* 0 when all b[i] in [0, nb) (with `seen`, nb zero bytes: none twice) and r[i] in [0, nr). */
+int64_t kvbm_check_ids(int64_t n, const int64_t *b, int64_t nb, const int64_t *r, int64_t nr,
+                       unsigned char *seen) {
+    for (int64_t i = 0; i < n; i++) {
+        if ((uint64_t)b[i] >= (uint64_t)nb || (uint64_t)r[i] >= (uint64_t)nr) return 1;
+        if (seen) { if (seen[b[i]]) return 1; seen[b[i]] = 1; }
+    }
+    return 0;
+}
 #define ROWS(L) for (int64_t i = 0; i < n; i++) { \
         char *d = (char *)(intptr_t)dst[i]; const char *s = (const char *)(intptr_t)src[i]; \
         for (int64_t r = 0; r < rows; r++) memcpy(d + r * dst_stride, s + r * src_stride, L); }
@@ -233,6 +242,7 @@ _table: BlockTable | None = None
 #: ``fn(n, dst_ptrs, src_ptrs, run_bytes, chunk, ctl, stream, wait)``: the runs in
 #: chunks claimed from a counter shared by every thread that calls it (``share``).
 _shared: Callable[[int, int, int, int, int, int, int, int], None] | None = None
+_check: Callable[[int, int, int, int, int, int | None], int] | None = None  # kvbm_check_ids
 #: Bytes a thread claims at a time from a batch shared between copy threads: small
 #: enough that a thread the scheduler delays holds back little at the end, large
 #: enough that claiming (one atomic add) costs nothing.
@@ -261,7 +271,7 @@ def _build() -> tuple[RunCopy, RunCopy, RowCopy, ctypes.c_int64, bool] | None:
     rows.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     rows.restype = None
-    global _shared, _table
+    global _shared, _table, _check
     table = so.kvbm_block_table
     table.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -274,6 +284,10 @@ def _build() -> tuple[RunCopy, RunCopy, RowCopy, ctypes.c_int64, bool] | None:
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     shared.restype = None
     _shared = shared
+    _check = check = so.kvbm_check_ids
+    check.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                      ctypes.c_int64, ctypes.c_void_p]
+    check.restype = ctypes.c_int64
     smin = ctypes.c_int64.in_dll(so, "kvbm_stream_min")
     can = bool(so.kvbm_can_stream())
     smin.value = STREAM_MIN_BYTES if can else -1
@@ -359,6 +373,28 @@ def row_numbers(rows: Any, at: Sequence[int], n: int, row_bytes: int, *,
     if n and int(r.view(np.uint64).max()) >= rows.shape[0]:
         bad = next(int(x) for x in r if not 0 <= x < rows.shape[0])
         raise LayoutError(f"row {bad} is out of range [0, {rows.shape[0]}) of rows")
+    return r
+
+
+def checked_rows(blocks: np.ndarray, num_blocks: int, rows: Any, at: Sequence[int],
+                 row_bytes: int, writable: bool, unique: bool) -> np.ndarray | None:
+    """``at`` as int64 rows of ``rows`` (checked as ``row_numbers``) and ``blocks`` in
+    ``[0, num_blocks)`` (none twice with ``unique``) by one C call, not a numpy call per
+    check (each cache misses after a copy's sweep); None if any is off: the caller's
+    checks then name it."""
+    if (_check is None or not enabled or blocks.dtype != np.int64 or blocks.ndim != 1
+            or not blocks.flags.c_contiguous or not isinstance(rows, np.ndarray)
+            or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != row_bytes
+            or not rows.flags.c_contiguous or (writable and not rows.flags.writeable)):
+        return None
+    r = np.asarray(at, dtype=np.int64)
+    n = len(blocks)
+    if r.shape != (n,) or not r.flags.c_contiguous:
+        return None
+    seen = np.zeros(num_blocks, dtype=np.uint8) if unique and n > 1 else None
+    if _check(n, address(blocks), num_blocks, address(r), rows.shape[0],
+              None if seen is None else address(seen)):
+        return None
     return r
 
 
@@ -491,16 +527,12 @@ _SPLIT_GAIN = 0.9
 def copy_threads_worth(threads: int) -> int:
     """How many of ``threads`` copy threads to use on this machine: ``threads`` or 1.
 
-    Measured once per process and count, as a limit is: a streamed copy of 16 MiB
-    between touched buffers in one thread and shared across ``threads`` (``share``:
-    chunks claimed from one counter), three times each, interleaved. The threads are
-    kept unless their best is more than 10 % slower than one thread's best. A shared
-    copy holds the caller back by at most the chunk a helper claimed, so a second
-    thread that waits for a core (another process holds it) costs little, and where
-    both cores are free it nearly doubles a copy (one core rarely saturates memory);
-    a fixed split, before, waited for its slower half and needed 15 % to be kept.
-    Without the native loop the answer is ``threads`` (numpy's copies gain from
-    threads as before).
+    Measured once per process and count: a streamed 16 MiB copy between touched
+    buffers in one thread and shared across ``threads`` (``share``), three times each,
+    interleaved; the threads are kept unless their best is over 10 % slower. A shared
+    copy holds the caller back by at most a helper's chunk, so a helper waiting for a
+    core costs little, and with both cores free it nearly doubles a copy. Without the
+    native loop: ``threads`` (numpy's copies gain from threads).
     """
     if threads <= 1:
         return 1

@@ -420,6 +420,10 @@ class LayerSeparateBlocks:
         arguments (vectorised; the same errors, from the same checks, where one fails)."""
         b = np.asarray(indices)
         n = len(b)
+        r = _native.checked_rows(b, self.num_blocks, rows, at, self._bytes_per_block,
+                                 writable, unique)  # one C call; else numpy, naming the value
+        if r is not None:
+            return b, r
         r = _native.row_numbers(rows, at, n, self._bytes_per_block, writable=writable,
                                 what=f" (blocks of layout {self.layout.digest})")
         if (b.ndim != 1 or b.dtype.kind not in "iu"

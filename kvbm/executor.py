@@ -33,7 +33,7 @@ from .hashing import SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
 from .served import SlotMap
-from .staging import CascadeBatch, InSlot, StagingPool, read_into_promotion
+from .staging import InSlot, StagingPool, read_into_promotion
 from .tier import Tier
 
 log = logging.getLogger("kvbm")
@@ -79,9 +79,6 @@ class Executor:
         # the disk never waits at a part's boundary (each part has slots of its own; the
         # tier spreads a part over its own I/O threads).
         self._writer = ThreadPoolExecutor(2, thread_name_prefix=f"{name}-write")
-        # Small cascade writes gathered into one (staging.CascadeBatch); a copy waits
-        # on its I/O thread, so at most io_threads - 1 of them wait at once.
-        self.cascade = CascadeBatch(max_waiters=max(1, io_threads - 1))
         # Probes of shared tiers run here so that a caller waits at most
         # probe_timeout_s; a hung server fills these threads and later probes then
         # count as misses at once instead of queueing behind it.
@@ -169,10 +166,6 @@ class Executor:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the background work (and what it submits in turn); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cascade.flushing():  # queued cascade writes go now
-            return self._wait_all(deadline)
-
-    def _wait_all(self, deadline: float | None) -> bool:
         while True:
             with self._lock:
                 pending = set(self._inflight)
@@ -344,7 +337,6 @@ class Executor:
     def copy(self, op: CopyOp) -> frozenset[int]:
         """Copy blocks from one tier to another (the cascade)."""
         t0 = time.perf_counter()
-        idle = 0.0  # seconds queued for a gathered write: not the path's
         n = len(op.keys)
         keys = [SequenceHash(k) for k in op.keys]
         failed = self._claim(op.dst_tier, op.dst_slots)
@@ -361,8 +353,8 @@ class Executor:
             if dst is not None:
                 self.split_copy(_copy_from([src[i] for i in todo]), range(len(todo)), dst)
             else:
-                ok, idle = self.cascade.write(self, op.dst_tier, [op.dst_slots[i] for i in todo],
-                                              [keys[i] for i in todo], [src[i] for i in todo])
+                ok = self._write(op.dst_tier, [op.dst_slots[i] for i in todo],
+                                 [keys[i] for i in todo], [src[i] for i in todo])
                 failed.update(i for i, g in zip(todo, ok) if not g)
         except Exception as e:
             self.warn("copy", "kvbm: copy %r -> %r failed (%s); blocks skipped",
@@ -373,7 +365,7 @@ class Executor:
                 self.staging.release(bufs)
         self._commit(op.dst_tier, op.dst_slots, op.keys, failed)
         self.count(f"offload:{self.tiers[op.dst_tier].name}", n - len(failed),
-                   time.perf_counter() - t0 - idle, len(failed))
+                   time.perf_counter() - t0, len(failed))
         return frozenset(failed)
 
     def probe(self, op: ProbeOp, timeout: float | None = None) -> int:

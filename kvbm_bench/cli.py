@@ -32,6 +32,10 @@ def command(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
                         "bench-out/kvbm-bench-<UTC time> in the current directory)")
     p.add_argument("--no-out", action="store_true", help="write no results folder")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--local", choices=["s3", "remote"], default=None,
+                   help="run host + that tier with its server started here on 127.0.0.1: a fresh "
+                        "moto server (s3) or a serving NIXL peer process holding the workload's "
+                        "blocks (remote); see kvbm_bench/local.py")
     from . import hf, vllm_bench
 
     hf.add_arguments(p)
@@ -61,7 +65,14 @@ def run(args: argparse.Namespace) -> int:
     if opts.progress:
         print(f"kvbm bench: {len(PHASES)} phases ({', '.join(PHASES)}); the workload stops after "
               f"{opts.duration:g} s at most", file=sys.stderr, flush=True)
-    report = run_bench(opts, bar)
+    if args.local:
+        from .local import local_chain
+
+        with local_chain(args.local, opts) as path:
+            opts.config = path
+            report = run_bench(opts, bar)
+    else:
+        report = run_bench(opts, bar)
     data = report.to_json()
     if args.json:
         print(json.dumps(data, indent=2))

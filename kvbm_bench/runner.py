@@ -43,6 +43,8 @@ from .limits import (
     split_copy,
 )
 from .progress import Progress
+from .s3pair import PathClock
+from .s3pair import add_rows as add_s3_rows
 from .workload import multi_turn_workload
 
 PHASES = ["setup", "workload", "contiguous", "limits"]
@@ -156,6 +158,8 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> BenchRepo
                              block_bytes=mgr.block_bytes)
         tiers = {rt.name: (str(rt.config.type), rt.config) for rt in mgr.chain}
         kinds = {name: tier_kind(t, c) for name, (t, c) in tiers.items()}
+        s3_tiers = [name for name, k in kinds.items() if k == "s3"]
+        clock = PathClock(mgr.executor, s3_tiers) if s3_tiers else None
         bar.estimate("workload", opts.duration)
         bar.estimate("contiguous", 2 * opts.raw_blocks * mgr.block_bytes / 0.5e9)
         fio = find_fio()
@@ -171,6 +175,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> BenchRepo
         first_kind = kinds[mgr.chain[0].name]
         _contiguous_phase(settings, opts, report, bar, first_kind)
         _limits_phase(report, tiers, kinds, settings.copy_threads, bar, opts.limit_bytes, pairs)
+        add_s3_rows(report, clock, s3_tiers)  # both ways on one server (s3pair)
         _attach_limits(report, kinds, pairs)
         bar.done()
         return report

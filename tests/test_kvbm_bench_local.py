@@ -50,6 +50,18 @@ def test_local_s3_prints_both_s3_rows_beside_raw_boto3_with_every_block_verified
     assert (r.verified_blocks, r.mismatched_blocks) == (r.matched_blocks, 0)
 
 
+def test_local_s3_adds_the_one_server_row_against_raw_put_and_get_at_their_rates() -> None:
+    _needs("s3")
+    r = _bench("s3")
+    off, on, lim = r.paths["offload:s3"], r.paths["onboard:s3"], r.limits
+    both = r.paths["offload+onboard:s3[one server]"]
+    assert both["bytes"] == off["bytes"] + on["bytes"]
+    raw_s = off["bytes"] / lim["boto3_put:s3"] / 1e9 + on["bytes"] / lim["boto3_get:s3"] / 1e9
+    assert both["ratio"] == pytest.approx(raw_s / both["seconds"])
+    # Busy time is a union: never more than the two paths' summed seconds.
+    assert 0 < both["seconds"] <= off["seconds"] + on["seconds"] + 0.05
+
+
 def test_local_s3_bytes_changed_after_the_tiers_read_are_counted_mismatched(monkeypatch: Any) -> None:
     """Negative control of the check above: the same run with the S3 tier's reads
     altered after its own checksum check reports mismatched blocks."""

@@ -42,6 +42,7 @@ from .limits import (
     s3_raw_gbps,
     split_copy,
 )
+from .mempair import MemPairs
 from .progress import Progress
 from .s3pair import PathClock
 from .s3pair import add_rows as add_s3_rows
@@ -90,6 +91,8 @@ class BenchReport:
     engine: str = "torch"
     block_bytes: int = 0
     seconds: float = 0.0
+    #: The memory paths' figures paired with the limit samples around them (``mempair``).
+    mem_pairs: MemPairs = field(default_factory=MemPairs)
 
     @property
     def hit_rate(self) -> float:
@@ -298,6 +301,7 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
             # (the better of 1 and N threads) through the run and take the median.
             secs = best_copy(probe_dst, probe_src, threads, probe_pool)
             samples.append(probe_src.nbytes / secs / 1e9)
+            report.mem_pairs.sample(samples[-1], mgr.executor.stats()["paths"])
         hashes = mgr.hash_tokens(turn.tokens)
         t0 = time.perf_counter()
         match = mgr.match_prefix(hashes)
@@ -329,6 +333,9 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
         # ones the first tier holds are not copied again, only re-offered below.
         mgr.offload(hashes, engine, indices=list(range(len(hashes))))
         bar.step(f"user {turn.user} round {turn.round} hit {n}/{len(hashes)}")
+    # The last window's limit sample, after its turns (its figures are paired with it).
+    samples.append(probe_src.nbytes / best_copy(probe_dst, probe_src, threads, probe_pool) / 1e9)
+    report.mem_pairs.sample(samples[-1], mgr.executor.stats()["paths"])
     bar.text = "flushing writes to the lower tiers"
     mgr.flush()
     report.seconds = time.perf_counter() - t_start - paused
@@ -504,10 +511,13 @@ def _attach_limits(report: BenchReport, kinds: dict[str, str], pairs: DiskPairs 
                 what = ("no limit (a remote tier reads only)" if write else
                         f"no limit ({report.limit_notes.get(tier, 'not measured')})")
         else:
-            # A memory path: the median of the best-of-1/N copies of 64 MiB sampled
-            # through the workload, beside it.
+            # A memory path: the best-of-1/N copies of 64 MiB sampled through the
+            # workload, each window's figure paired with the samples around it
+            # (``mempair``); without pairs, their median.
             value = lim.get("memcpy_gbps", 0.0)
             what = f"memcpy best of 1/{threads} threads or streamed"
+            if report.mem_pairs.attach(name, p, what):
+                continue
         p["limit_gbps"], p["limit"] = value, what
         p["ratio"] = p["gbps"] / value if value else None
 

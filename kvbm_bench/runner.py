@@ -44,6 +44,7 @@ from .limits import (
 )
 from .mempair import MemPairs
 from .progress import Progress
+from .remotepair import read_then_copy_gbps
 from .s3pair import PathClock
 from .s3pair import add_rows as add_s3_rows
 from .workload import multi_turn_workload
@@ -351,6 +352,8 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
         bufs = [aligned_empty(bb) for _ in remote_keys[name]]
         try:
             report.limits[f"nixl_read:{name}"] = remote_raw_read_gbps(tier, remote_keys[name], bufs)
+            report.limits[f"nixl_read_copy:{name}"] = read_then_copy_gbps(  # (remotepair)
+                report.limits[f"nixl_read:{name}"], engine, bufs, max_blocks)
         except Exception as e:  # the tier's own figure stands; its limit is unknown
             report.limit_notes[name] = f"no limit: raw NIXL READ failed: {type(e).__name__}: {str(e)[:80]}"
     report.limits["memcpy_gbps"] = float(np.median(samples)) if samples else 0.0
@@ -507,6 +510,10 @@ def _attach_limits(report: BenchReport, kinds: dict[str, str], pairs: DiskPairs 
         elif kind == "remote":
             if not write and lim.get(f"nixl_read:{tier}"):
                 value, what = lim[f"nixl_read:{tier}"], "raw NIXL READ, same peer"
+                if lim.get(f"nixl_read_copy:{tier}"):
+                    rc = lim[f"nixl_read_copy:{tier}"]
+                    p["read_copy_gbps"] = rc
+                    what += f" (then the engine copy: {rc:.2f}, ratio {p['gbps'] / rc:.2f})"
             else:
                 what = ("no limit (a remote tier reads only)" if write else
                         f"no limit ({report.limit_notes.get(tier, 'not measured')})")

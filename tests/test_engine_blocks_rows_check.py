@@ -74,3 +74,14 @@ def test_row_copies_take_the_one_call_check_and_stay_byte_exact(
     want = torch.zeros_like(ref)
     want[1], want[3], want[2] = ref[4], ref[0], ref[5]
     assert eb.same_tensors(tensors, eb.FORMS[form][1](want))
+
+
+def test_checked_rows_builds_the_loop_itself_in_a_fresh_process() -> None:
+    """Its first call in a process (no copy before it) checks in C, not by falling back."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\nfrom kvbm.engine_blocks import _native\n"
+            "r = _native.checked_rows(np.array([3, 1], np.int64), 4, np.zeros((2, 8), np.uint8),"
+            " [1, 0], 8, writable=True, unique=True)\nassert r is not None and _native._check\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -382,6 +382,7 @@ def checked_rows(blocks: np.ndarray, num_blocks: int, rows: Any, at: Sequence[in
     ``[0, num_blocks)`` (none twice with ``unique``) by one C call, not a numpy call per
     check (each cache misses after a copy's sweep); None if any is off: the caller's
     checks then name it."""
+    _load()
     if (_check is None or not enabled or blocks.dtype != np.int64 or blocks.ndim != 1
             or not blocks.flags.c_contiguous or not isinstance(rows, np.ndarray)
             or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != row_bytes

@@ -181,7 +181,22 @@ def _start_peer(opts: BenchOptions, model: dict[str, Any], page_size: int, work:
         _stop(proc)
         raise RuntimeError(f"kvbm bench --local remote: the peer exited before serving (last line: {last or 'none'})")
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    _nixl_log_to_stderr()
     return _remote_tier(rdir), proc
+
+
+def _nixl_log_to_stderr() -> None:
+    """NIXL logs its INFO lines to stdout: moved to stderr, so ``--json`` prints one
+    JSON object on stdout."""
+    import logging
+
+    try:
+        import nixl._api  # noqa: F401  (configures the "nixl" logger)
+    except ImportError:
+        return
+    for h in logging.getLogger("nixl").handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
+            h.setStream(sys.stderr)
 
 
 def serve(spec: dict[str, Any]) -> None:

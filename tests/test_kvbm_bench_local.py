@@ -108,3 +108,21 @@ def test_local_an_unknown_kind_is_refused_naming_it_and_the_choices() -> None:
     with pytest.raises(ValueError, match=r"--local 'gcs'.*use --local s3 or --local remote"), \
             local_chain("gcs", _opts()):
         pass
+
+
+def test_local_remote_json_is_one_object_on_stdout_with_nixls_lines_on_stderr() -> None:
+    """NIXL logs INFO lines to stdout; ``--json`` must still print one JSON object
+    there (without the fix, json.loads fails on 'Initialized NIXL agent' lines)."""
+    _needs("remote")
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "kvbm.cli", "bench", "--local", "remote", "--json", "--no-out",
+         "--no-progress", "--users", "1", "--rounds", "2", "--system-tokens", "64",
+         "--raw-blocks", "8", "--limit-mib", "4", "--duration", "20"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    assert data["paths"]["onboard:remote"]["limit_gbps"] > 0

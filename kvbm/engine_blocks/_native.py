@@ -528,12 +528,11 @@ _SPLIT_GAIN = 0.9
 def copy_threads_worth(threads: int) -> int:
     """How many of ``threads`` copy threads to use on this machine: ``threads`` or 1.
 
-    Measured once per process and count: a streamed 16 MiB copy between touched
-    buffers in one thread and shared across ``threads`` (``share``), three times each,
-    interleaved; the threads are kept unless their best is over 10 % slower. A shared
-    copy holds the caller back by at most a helper's chunk, so a helper waiting for a
-    core costs little, and with both cores free it nearly doubles a copy. Without the
-    native loop: ``threads`` (numpy's copies gain from threads).
+    Measured once per process and count: a streamed 16 MiB copy between touched buffers
+    in one thread and shared (``share``), interleaved; the threads are kept unless their
+    best is over 10 % slower after each of up to three rounds of three. A helper that
+    waits for a core holds the caller back by at most one chunk; with both cores free
+    it nearly doubles a copy. Without the native loop: ``threads``.
     """
     if threads <= 1:
         return 1
@@ -556,7 +555,9 @@ def copy_threads_worth(threads: int) -> int:
         single = split = float("inf")
         try:
             with ThreadPoolExecutor(threads - 1) as pool:
-                for _ in range(3):
+                for i in range(9):  # up to 3 rounds of 3: one busy moment must not decide
+                    if i in (3, 6) and single / split >= _SPLIT_GAIN:
+                        break
                     t0 = time.perf_counter()
                     run_copy(fn, k, dp, sp, run)
                     single = min(single, time.perf_counter() - t0)

@@ -204,6 +204,7 @@ def serve(spec: dict[str, Any]) -> None:
     READY, serve until stdin closes."""
     import numpy as np
 
+    from kvbm.hashing import SequenceHash
     from kvbm.layout import ContiguousBlocks
     from kvbm.manager import KvBlockManager
 
@@ -223,7 +224,7 @@ def serve(spec: dict[str, Any]) -> None:
             part = keys[i : i + batch]
             for j, h in enumerate(part):
                 pattern(h, buf[j])
-            mgr.offload(part, ContiguousBlocks(buf[: len(part)], mgr.layout))
+            mgr.offload([SequenceHash(h) for h in part], ContiguousBlocks(buf[: len(part)], mgr.layout))
             mgr.flush()
         time.sleep(0.5)  # a few publish intervals: the served hashes are in the rendezvous
         print("READY", flush=True)

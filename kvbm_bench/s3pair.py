@@ -15,10 +15,10 @@ loops would take for the same bytes, put and get each at its own measured rate
 (``put_bytes / raw_put + get_bytes / raw_get``). A ratio of 1 means the tier kept the
 server moving as fast as raw boto3 does, one direction at a time.
 
-The intervals also show a second gap in the offload row alone: two cascade copies
-running at once each count their full time, so the path's summed seconds exceed the
-time it was busy (8.9 s summed against 8.1 s busy in that run); the row here uses the
-union, so nothing is counted twice.
+Two cascade copies running at once share their time: the executor counts a path's
+seconds as the union of its transfers' intervals (``PathStats``; before that, 8.9 s
+summed against 8.1 s busy in that run), and this row takes the union across both
+paths, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ from typing import Any
 class PathClock:
     """The interval of each transfer on the paths of ``tiers``. An onboard's is
     (end - seconds, end) as the executor counts it. A cascade copy's is its whole call
-    (``Executor.copy``): its counted seconds leave out the time it queued for a
-    gathered write, during which another copy's call uploads its blocks, so those
-    intervals would miss uploads and flatter. An offload with no copy call (the S3
-    tier first in the chain) falls back to the counted interval."""
+    (``Executor.copy``), set-up included. An offload with no copy call (the S3 tier
+    first in the chain) falls back to the counted interval."""
 
     def __init__(self, executor: Any, tiers: list[str]) -> None:
         self.paths = {f"{op}:{t}" for t in tiers for op in ("offload", "onboard")}

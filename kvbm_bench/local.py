@@ -45,6 +45,11 @@ def _free_port() -> int:
 
 
 def _moto_server(port: int, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:
+        raise RuntimeError("kvbm bench --local s3: moto is not installed (it runs the local "
+                           "S3 server); fix: pip install 'moto[server]' (or kvbm[test])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -126,3 +126,15 @@ def test_local_remote_json_is_one_object_on_stdout_with_nixls_lines_on_stderr() 
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(r.stdout)
     assert data["paths"]["onboard:remote"]["limit_gbps"] > 0
+
+
+def test_local_s3_without_moto_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from kvbm_bench import local
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "moto" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"moto is not installed.*pip install 'moto\[server\]'"):
+        local._moto_server(1)

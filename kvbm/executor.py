@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from ._copy_fns import _COPIED, _copy_from, _Direct, _raw, _rows_fn, _shares, _v
 from .engine_blocks import _native
 from .hashing import SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
+from .pathstats import PathStats
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
 from .served import SlotMap
 from .staging import InSlot, StagingPool, read_into_promotion
@@ -43,51 +43,6 @@ log = logging.getLogger("kvbm")
 #: first copy (which nothing overlaps) and the last write (likewise) short.
 _PIPELINE_PARTS = 8
 _PIPELINE_MIN = 4
-
-
-#: Busy segments a path remembers; a transfer reaching back past the oldest counts
-#: that stretch again (busy time over- never under-counted: the rate can only read low).
-_BUSY_SEGMENTS = 64
-
-
-@dataclass
-class PathStats:
-    """Blocks, bytes and seconds moved along one transfer path (``offload:host`` …).
-
-    ``seconds`` is the time the path was busy: the union of its transfers' intervals,
-    so two cascade copies into one disk that run at once count their shared time
-    once, and ``gbps`` is the path's throughput, comparable with fio's or raw boto3's
-    aggregate over several jobs. ``call_seconds`` sums each transfer's own duration.
-    """
-
-    blocks: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    failures: int = 0
-    call_seconds: float = 0.0
-    _segs: list[tuple[float, float]] = field(default_factory=list, repr=False)
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-    def add(self, start: float, end: float) -> float:
-        """Count one transfer over ``[start, end]`` (ends arrive in order: each is
-        counted when it finishes); returns the busy seconds it added."""
-        if end <= start:
-            return 0.0
-        self.call_seconds += end - start
-        segs, lo, hi, covered = self._segs, start, end, 0.0
-        while segs and segs[-1][1] > start:
-            s, e = segs.pop()
-            covered += max(0.0, min(e, end) - max(s, start))
-            lo, hi = min(lo, s), max(hi, e)
-        segs.append((lo, hi))
-        if len(segs) > _BUSY_SEGMENTS:
-            del segs[0]
-        added = (end - start) - covered
-        self.seconds += added
-        return added
 
 
 class Executor:

@@ -30,9 +30,10 @@ from .chain import ChainLink, build_tiers, resolve_chain, tier_states
 from .config import KvbmSettings, load_settings
 from .errors import KvbmError, LayoutError, TokenError
 from .events import EventBus
-from .executor import Executor, PathStats
+from .executor import Executor
 from .hashing import BlockHasher, Namespace, SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
+from .pathstats import PathStats
 from .plan import Plan, Report
 from .planner import Match, Planner, TierState
 from .plugins import Plugins, build_plugins

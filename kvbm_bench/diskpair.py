@@ -69,15 +69,27 @@ def fio_sample(fio: str, directory: str, jobs: int, nbytes: int) -> FioSample | 
 
 @dataclass
 class Pair:
-    """One part's figure of a path and the fio limit around it."""
+    """One part's (or window's) figure of a path and the limit around it."""
 
     gbps: float
     limit_gbps: float
-    fresh_fraction: float
+    fresh_fraction: float = 0.0
 
     @property
     def ratio(self) -> float:
-        return self.gbps / self.limit_gbps if self.limit_gbps else 0.0
+        return self.gbps / self.limit_gbps if self.limit_gbps > 0 else 0.0
+
+
+def put_pairs(p: dict[str, Any], pairs: list[Pair]) -> list[float]:
+    """Set a path's row ``p`` from its pairs: the limit and ratio (medians) and each
+    pair's figures; returns the pairs' ratios (``diskpair``, ``mempair``)."""
+    ratios = [x.ratio for x in pairs]
+    p["limit_gbps"] = statistics.median(x.limit_gbps for x in pairs)
+    p["ratio"] = statistics.median(ratios)
+    p["pair_ratios"] = ratios
+    p["pair_gbps"] = [x.gbps for x in pairs]
+    p["pair_limits_gbps"] = [x.limit_gbps for x in pairs]
+    return ratios
 
 
 @dataclass
@@ -152,12 +164,7 @@ class DiskPairs:
         pairs = self.pairs.get(path)
         if not pairs:
             return False
-        ratios = [x.ratio for x in pairs]
-        p["limit_gbps"] = statistics.median(x.limit_gbps for x in pairs)
-        p["ratio"] = statistics.median(ratios)
-        p["pair_ratios"] = ratios
-        p["pair_gbps"] = [x.gbps for x in pairs]
-        p["pair_limits_gbps"] = [x.limit_gbps for x in pairs]
+        ratios = put_pairs(p, pairs)
         what = (f"fio {rw} O_DIRECT 2MiB x{jobs} jobs paired around {len(pairs)} parts "
                 f"(median; pairs {min(ratios):.2f}-{max(ratios):.2f})")
         if rw == "write":

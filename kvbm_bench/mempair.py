@@ -14,24 +14,12 @@ path moved fewer than ``MIN_BLOCKS`` blocks gives no pair.
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass
 from typing import Any
+
+from .diskpair import Pair, put_pairs
 
 #: Fewer blocks than this in a window give no pair (a figure of a few blocks is noise).
 MIN_BLOCKS = 8
-
-
-@dataclass
-class Pair:
-    """One window of one path: its GB/s there and the limit around it."""
-
-    gbps: float
-    limit_gbps: float
-
-    @property
-    def ratio(self) -> float:
-        return self.gbps / self.limit_gbps if self.limit_gbps > 0 else 0.0
 
 
 class MemPairs:
@@ -59,12 +47,7 @@ class MemPairs:
         pairs = self.pairs.get(path)
         if not pairs:
             return False
-        ratios = [x.ratio for x in pairs]
-        p["limit_gbps"] = statistics.median(x.limit_gbps for x in pairs)
-        p["ratio"] = statistics.median(ratios)
-        p["pair_ratios"] = ratios
-        p["pair_gbps"] = [x.gbps for x in pairs]
-        p["pair_limits_gbps"] = [x.limit_gbps for x in pairs]
+        ratios = put_pairs(p, pairs)
         p["limit"] = (f"{what}, paired around {len(pairs)} windows (median; pairs "
                       f"{min(ratios):.2f}-{max(ratios):.2f})")
         return True

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvbm import KvBlockManager
-from kvbm.executor import PathStats
+from kvbm.pathstats import PathStats
 
 from conftest import PAGE, SMALL_MODEL
 

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ._allocate_native import _alloc_fn, allocate_run
 from .chain import TierState
@@ -335,25 +335,37 @@ class Planner:
         ``present``), else every one is absent."""
         ts = self.tiers[t]
         reg = ts.registry
-        slots: list[int] = []
-        took: list[int] = []
+        n = len(hashes)
+        # ``idx`` ascends without repeats, so a whole batch is ``range(n)`` in order.
+        keys = list(hashes) if len(idx) == n else [hashes[i] for i in idx]
+        got = allocate_run(reg, keys)
         full: list[int] = []
-        for i, slot in zip(idx, allocate_run(reg, [hashes[i] for i in idx])):
-            if slot is None:
-                if held_unknown and hashes[i] in reg:
-                    res.present += 1
-                    continue
-                full.append(i)
-            else:
-                slots.append(slot)
-                took.append(i)
+        if None not in got:  # every block got a slot (the common case): no pass per block
+            slots = cast(list[int], got)
+            took = idx
+        else:
+            slots, took = [], []
+            kept: list[SequenceHash] = []
+            for i, k, slot in zip(idx, keys, got):
+                if slot is None:
+                    if held_unknown and k in reg:
+                        res.present += 1
+                        continue
+                    full.append(i)
+                else:
+                    slots.append(slot)
+                    took.append(i)
+                    kept.append(k)
+            keys = kept
         self._collect_evicted(t)
         if took:
-            op = SaveOp(self._next_id(), t, slots, [bytes(hashes[i]) for i in took],
-                        [src[i] for i in took],
-                        [owners[i] for i in took] if owners is not None else [])
-            self._pending[op.op_id] = _Pending("write", t, slots, [hashes[i] for i in took],
-                                               [prios[i] for i in took])
+            whole = len(took) == n  # then ``took`` is ``range(n)``
+            op = SaveOp(self._next_id(), t, slots, list(map(bytes, keys)),
+                        list(src) if whole else [src[i] for i in took],
+                        ([] if owners is None else list(owners) if whole
+                         else [owners[i] for i in took]))
+            self._pending[op.op_id] = _Pending("write", t, slots, keys,
+                                               prios if whole else [prios[i] for i in took])
             res.plan.saves.append(op)
             if t > 0:
                 ts.overflow_in += len(took)

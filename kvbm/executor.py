@@ -33,7 +33,7 @@ from .layout import BlockDestination, BlockLayout, BlockSource
 from .pathstats import PathStats
 from .plan import CopyOp, DiscardOp, LoadOp, Plan, ProbeOp, Report, SaveOp
 from .served import SlotMap
-from .staging import InSlot, StagingPool, read_into_promotion
+from .staging import InSlot, StagingPool, read_into_promotion, read_staged_parts
 from .tier import Tier
 
 log = logging.getLogger("kvbm")
@@ -477,6 +477,8 @@ class Executor:
                     # Plain engine memory: the tier reads straight into it, sparing a
                     # staging copy. A failed block's bytes there are not part of the prefix.
                     bufs = direct
+                elif copy_now and read_staged_parts(self, op, t, members, dest, out, t0):
+                    continue  # read in parts, each copied while the next is read
                 else:
                     bufs = self.staging.acquire(len(members))
                     held.extend(bufs)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._copy_fns import _Direct, _rows_fn
+from ._copy_fns import _COPIED, _Direct, _rows_fn
 from .hashing import SequenceHash
 from .layout import aligned_empty
 
@@ -182,3 +182,65 @@ def read_into_promotion(ex: Executor, op: LoadOp, t: int, members: list[int], de
     if copy_now:
         ex.count(f"onboard:{tier.name}", good_n, time.perf_counter() - t0, failed_n)
     return [i for i in members if i not in taken]
+
+
+# -- staged reads in parts, overlapped with the copy into the engine -----------------------
+def read_staged_parts(ex: Executor, op: LoadOp, t: int, members: list[int], dest: Any,
+                      out: list[Any], t0: float) -> bool:
+    """Read tier ``t``'s blocks ``members`` of ``op`` (none of them promoted) through
+    staging buffers in parts, part ``k+1`` read on a thread of its own while this thread
+    copies part ``k`` into ``dest``; False (nothing done) where the tier sets no
+    ``Tier.onboard_part_blocks``, the batch makes one part, or a block is promoted (its
+    buffer must outlive the copy). Each part's buffers go back to the pool once copied,
+    so the pool holds the parts in flight, not the whole batch.
+
+    A block whose read fails (or whose part's read raised ``Exception``, which ``_read``
+    turns into failures) stays None in ``out``: a miss. Copied blocks are ``_COPIED``.
+    Every part's read has finished before this returns or raises, and every buffer is
+    released once, so nothing writes into a buffer after it is back in the pool.
+    """
+    spans = _parts(len(members), ex.tiers[t].onboard_part_blocks)
+    if len(spans) < 2 or (op.promote_op and any(op.promote_slots[i] >= 0 for i in members)):
+        return False
+    parts = [members[a:b] for a, b in spans]
+    bufs: list[list[np.ndarray] | None] = [None] * len(parts)
+    done: list[list[bool] | BaseException | None] = [None] * len(parts)
+    ready = [threading.Event() for _ in parts]
+
+    def read_all() -> None:
+        for k, part in enumerate(parts):
+            try:
+                b = bufs[k] = ex.staging.acquire(len(part))
+                done[k] = ex._read(t, [op.slots[i] for i in part],
+                                   [SequenceHash(op.keys[i]) for i in part], b)
+            except BaseException as e:  # _read turns a tier's errors into False
+                done[k] = e
+            finally:
+                ready[k].set()
+
+    reader = threading.Thread(target=read_all, name="kvbm-staged-read", daemon=True)
+    reader.start()
+    good_n = failed_n = 0
+    try:
+        for k, part in enumerate(parts):
+            ready[k].wait()
+            ok, b = done[k], bufs[k]
+            if isinstance(ok, BaseException):
+                raise ok
+            assert ok is not None and b is not None
+            good = [j for j, g in enumerate(ok) if g]
+            failed_n += len(part) - len(good)
+            good_n += len(good)
+            if good:
+                ex.split_copy(dest.copy_in, [op.dst[part[j]] for j in good], [b[j] for j in good])
+            for j in good:
+                out[part[j]] = _COPIED
+            bufs[k] = None
+            ex.staging.release(b)
+    finally:
+        reader.join()
+        for left in bufs:
+            if left is not None:
+                ex.staging.release(left)
+    ex.count(f"onboard:{ex.tiers[t].name}", good_n, time.perf_counter() - t0, failed_n)
+    return True

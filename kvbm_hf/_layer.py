@@ -30,6 +30,15 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     _fill: tuple[LayerFill, int] | None = None
     _k: torch.Tensor | None = None
     _v: torch.Tensor | None = None
+    #: Held tokens not yet viewed (``_hold_room``): the key and value rooms and the
+    #: count; ``keys`` and ``values`` are their first tokens, made on first read. The
+    #: model's first ``update`` reads neither: it appends after them and views the
+    #: whole run once, so a load makes no per-layer view on the request path.
+    _lazy: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    #: What keeps a pooled room busy while this layer may still read or write it (the
+    #: cache's hold, an alias counted in the storage's use count): the room's views
+    #: are the pool's, shared, and count for nothing.
+    _keep: object = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
@@ -41,15 +50,26 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
             f[0].wait(f[1])
             self._fill = None
 
+    def _view(self) -> None:
+        """Make the held tokens' views (``_lazy``) now."""
+        lz = self._lazy
+        if lz is not None:
+            self._lazy = None
+            self._k, self._v = lz[0][:, :, : lz[2]], lz[1][:, :, : lz[2]]
+
     @property
     def keys(self) -> torch.Tensor | None:
         """This layer's keys, once its loaded KV is in place."""
         if self._fill is not None:
             self._await_fill()
+        if self._lazy is not None:
+            self._view()
         return self._k
 
     @keys.setter
     def keys(self, t: torch.Tensor | None) -> None:
+        if self._lazy is not None:  # ``values`` stays the held tokens' until set
+            self._view()
         self._k = t
 
     @property
@@ -57,14 +77,21 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         """This layer's values, once its loaded KV is in place."""
         if self._fill is not None:
             self._await_fill()
+        if self._lazy is not None:
+            self._view()
         return self._v
 
     @values.setter
     def values(self, t: torch.Tensor | None) -> None:
+        if self._lazy is not None:
+            self._view()
         self._v = t
 
     def get_seq_length(self) -> int:
         """The tokens held (their count needs no wait for their copy)."""
+        lz = self._lazy
+        if lz is not None:
+            return lz[2] if self.is_initialized else 0
         k = self._k
         if not self.is_initialized or k is None or k.numel() == 0:
             return 0
@@ -94,7 +121,20 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self.device = room[0].device if device is None else device
         self.is_initialized = True
         self._room = room
+        self._lazy = None
         self.keys, self.values = held
+
+    def _hold_room(self, room: tuple[torch.Tensor, torch.Tensor], tokens: int,
+                   dtype: torch.dtype, device: torch.device, keep: object) -> None:
+        """``_hold`` of the first ``tokens`` (> 0) tokens of ``room`` (whose dtype and
+        device are ``dtype`` and ``device``), their views made when first read; ``keep``
+        (``_keep``) held meanwhile."""
+        self._keep = keep
+        self.dtype, self.device = dtype, device
+        self.is_initialized = True
+        self._room = room
+        self._k = self._v = None
+        self._lazy = (room[0], room[1], tokens)
 
     def reserve(self, keys_room: torch.Tensor, values_room: torch.Tensor) -> None:
         """Write the first tokens the model computes at the start of the given room tensors."""
@@ -106,7 +146,12 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         room = self._room
         if room is not None:
             rk, rv = room
-            if not self.is_initialized:  # reserved: nothing written yet
+            lz = self._lazy
+            if lz is not None and lz[0] is rk:  # the held tokens, not viewed yet
+                if self._fill is not None:  # the returned views are read at once
+                    self._await_fill()
+                cur, at_start = lz[2], True
+            elif not self.is_initialized:  # reserved: nothing written yet
                 self.lazy_initialization(key_states, value_states)
                 cur, at_start = 0, True
             elif self.keys is not None and self.values is not None:
@@ -127,9 +172,9 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
             ):
                 rk[:, :, cur:end].copy_(key_states)
                 rv[:, :, cur:end].copy_(value_states)
-                self.keys = rk[:, :, :end]
-                self.values = rv[:, :, :end]
-                return self.keys, self.values
+                self._lazy = None
+                k, v = self._k, self._v = rk[:, :, :end], rv[:, :, :end]
+                return k, v
             self._room = None
         return super().update(key_states, value_states, *args, **kwargs)
 
@@ -137,4 +182,6 @@ class KvbmLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         """Forget the KV and the room (a load still copying finishes on its own)."""
         self._room = None
         self._fill = None
+        self._lazy = None
+        self._keep = None
         super().reset()

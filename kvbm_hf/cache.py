@@ -120,17 +120,18 @@ def manager_for_model(
 # -- the cache ------------------------------------------------------------------------
 
 
-_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
-
-
 def _token_row(input_ids: Any) -> tuple[np.ndarray | None, int]:
     """The single sequence of ``input_ids`` as int64 numpy, and the batch size."""
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.is_cpu and input_ids.layout == torch.strided \
-                and input_ids.dtype in _INT_DTYPES and 1 <= input_ids.ndim <= 2:
-            # The common case without torch calls (each costs tens of microseconds in
-            # the caches a forward just filled): the same memory as numpy.
+        # The common case with one torch call (each costs tens of microseconds in the
+        # caches a forward just filled): the same memory as numpy, no copy. ``numpy()``
+        # itself refuses what has no such view (a CUDA, meta or sparse tensor, one that
+        # requires grad, bfloat16): those, and float or bool ids, take the checks below.
+        try:
             arr = input_ids.numpy()
+        except (TypeError, RuntimeError):
+            arr = None
+        if arr is not None and arr.dtype.kind in "iu" and 1 <= arr.ndim <= 2:
             if arr.ndim == 2:
                 if arr.shape[0] != 1:
                     return None, int(arr.shape[0])
@@ -251,6 +252,14 @@ class KvbmCache(DynamicCache):
             )
         return row
 
+    def _u32(self, row: np.ndarray) -> np.ndarray:
+        """``row`` (checked by ``_tokens``) as the hasher's u32 ids: where the ids were
+        checked against a vocabulary (below 2**32), the hasher's own range check (two
+        numpy reductions, cold after a forward) has nothing left to refuse."""
+        if self.vocab_size and self.vocab_size <= 2**32:
+            return row.astype(np.uint32)
+        return row
+
     def load_prefix(self, input_ids: Any) -> int:
         """Onboard the longest cached prefix of ``input_ids``; return the tokens now cached.
 
@@ -282,7 +291,7 @@ class KvbmCache(DynamicCache):
                       self.page_size + 1, level=logging.INFO)
             return 0
         t0 = time.perf_counter()
-        hashes = self.manager.hash_tokens(row[: usable * self.page_size])
+        hashes = self.manager.hash_tokens(self._u32(row[: usable * self.page_size]))
         t1 = time.perf_counter()
         # A request that just stored this prefix in the background: wait for it, then load.
         self._state.await_stores(row, hashes)
@@ -355,20 +364,22 @@ class KvbmCache(DynamicCache):
     def _hold_layers(self, dest: CacheBlockDestination, tokens: int) -> None:
         """Each layer starts from the room's first ``tokens`` tokens (none: room reserved).
 
-        The room's and the held tokens' views come from one transpose; made here, they
-        need none of ``preload``'s checks.
+        The room's views are the pool's (``RoomViews``); the held tokens' views are made
+        by each layer when first read (the model's first ``update`` needs none): on the
+        request path each torch call costs tens of microseconds in cold caches.
         """
-        rooms, held = dest.kv_views(tokens)
+        rooms, _ = dest.kv_views(0)
         dtype, device = dest.dtype, self.device  # the pool made the room so
         for li, layer in enumerate(self.layers):
             if not isinstance(layer, KvbmLayer):  # pragma: no cover - guarded in __init__
                 raise LayoutError(f"cache layer {li}: {type(layer).__name__} cannot take loaded KV")
             if tokens:
-                layer._hold(rooms[li], held[li], dtype, device)
+                layer._hold_room(rooms[li], tokens, dtype, device, self._room_hold)
             else:
                 layer.keys = layer.values = None
                 layer.is_initialized = False
                 layer.reserve(*rooms[li])
+                layer._keep = self._room_hold
 
     def _start(self, fill: LayerFill) -> None:
         """Run ``fill`` on one of the manager's I/O threads (here when they are shut down)."""
@@ -440,7 +451,7 @@ class KvbmCache(DynamicCache):
 
         if wait:
             source = CacheBlockSource(layers, self.layout)  # type: ignore[arg-type]
-            hashes = self.manager.hash_tokens(row[: n * self.page_size])[start:]
+            hashes = self.manager.hash_tokens(self._u32(row[: n * self.page_size]))[start:]
             return self.manager.offload(hashes, source, indices=range(start, n))
         # On the request thread only what must be: the tokens copied (the caller may
         # reuse its tensor), the layers' views taken, the offload listed as started. The
@@ -451,6 +462,7 @@ class KvbmCache(DynamicCache):
         # source: ``held_kv`` is emptied before the result is set. Otherwise the room could
         # look busy to the next request, which would then allocate (and fault in) another.
         tokens = row[: n * self.page_size].copy()
+        ids = self._u32(tokens)  # a copy already where converted
         held_kv = [layers]
         del layers
         manager, layout, state = self.manager, self.layout, self._state
@@ -466,7 +478,7 @@ class KvbmCache(DynamicCache):
             kv: Any = held_kv.pop()
             src: CacheBlockSource | None = None
             try:
-                hashes = manager.hash_tokens(tokens)[start:]
+                hashes = manager.hash_tokens(ids)[start:]
                 state.listed(key, hashes)
                 src = CacheBlockSource(kv, layout)
                 kv = None

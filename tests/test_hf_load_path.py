@@ -212,3 +212,75 @@ def test_offload_of_the_loaded_tensor_changed_in_place_is_checked_again(model: A
         prompt[0, 2] = VOCAB + 7  # changed in place: its version moved on
         with pytest.raises(TokenError, match=r"\[0, 256\).*max 263"):
             cache.offload_blocks(prompt, wait=False)
+
+
+@pytest.mark.parametrize("stored", [False, True])  # the room reserved / holding a prefix
+def test_layer_kept_after_its_cache_keeps_the_room_from_the_next_request(model: Any,
+                                                                         manager: Any,
+                                                                         stored: bool) -> None:
+    # A layer's views of the room are the pool's (shared) or not made yet (the held
+    # tokens are viewed when first read): what keeps the room busy is the hold each
+    # layer keeps (``KvbmLayer._keep``), so a layer outliving its cache still reads
+    # its own bytes.
+    prompt, other = _prompt(6 * PAGE + 1, 21), _prompt(6 * PAGE + 1, 22)
+    with torch.inference_mode():
+        if stored:
+            first = KvbmCache(manager, model)
+            prefill(model, prompt, first, offload_wait=True)
+            want = first.layers[0].keys[:, :, : 6 * PAGE].clone()
+            del first
+        a = KvbmCache(manager, model)
+        assert a.load_prefix(prompt) == (6 * PAGE if stored else 0)
+        layer = a.layers[0]
+        del a
+        b = KvbmCache(manager, model)
+        prefill(model, other, b, offload=False)  # computed into b's room
+        room = layer._room
+        assert room is not None and room[0].data_ptr() != b.layers[0]._room[0].data_ptr()
+        if stored:
+            assert torch.equal(layer.keys, want)
+
+
+def test_held_tokens_are_the_rooms_first_tokens_when_read(model: Any, manager: Any) -> None:
+    prompt = _prompt(5 * PAGE + 1, 23)
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+        cache = KvbmCache(manager, model)
+        n = cache.load_prefix(prompt)
+        assert n == 5 * PAGE and cache.get_seq_length() == n  # counted before any view
+        for layer in cache.layers:
+            room = layer._room
+            assert room is not None
+            k, v = layer.keys, layer.values
+            assert k.shape[-2] == v.shape[-2] == n
+            assert k.data_ptr() == room[0].data_ptr() and v.data_ptr() == room[1].data_ptr()
+            assert torch.equal(k, room[0][:, :, :n]) and torch.equal(v, room[1][:, :, :n])
+
+
+def test_inference_tensor_ids_are_read_again_at_offload(model: Any, manager: Any) -> None:
+    # An inference tensor counts no versions (reading ``_version`` raises): its row is
+    # not kept, so ids changed in place after the load are checked again.
+    from kvbm import TokenError
+
+    with torch.inference_mode():
+        prompt = _prompt(3 * PAGE + 1, 24)
+        cache = KvbmCache(manager, model)
+        prefill(model, prompt, cache, offload=False)
+        assert cache._checked is None
+        prompt[0, 1] = VOCAB + 9
+        with pytest.raises(TokenError, match=r"\[0, 256\).*max 265"):
+            cache.offload_blocks(prompt)
+
+
+def test_blocks_stored_through_the_cache_match_the_managers_hash_of_a_list(model: Any,
+                                                                        manager: Any) -> None:
+    # The connector hashes its checked ids as u32 itself; the manager's hash of the
+    # same ids given as a Python list must name the same blocks.
+    prompt = _prompt(4 * PAGE + 1, 25)
+    with torch.inference_mode():
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+    m = manager.match_prefix(prompt[0].tolist())
+    try:
+        assert m.num_blocks == 4
+    finally:
+        m.release()

@@ -73,7 +73,8 @@ class Tier(abc.ABC):
     #: The admission filter used when the config names none (None: admit all).
     default_admission: ClassVar[str | None] = None
     #: An onboard that reads this tier's blocks straight into their promotion slots
-    #: (``kvbm.staging.read_into_promotion``) splits into parts of at least this many
+    #: (``kvbm.staging.read_into_promotion``), or through staging buffers into an engine
+    #: without views (``read_staged_parts``), splits into parts of at least this many
     #: blocks, the copy of one part into the engine overlapping the read of the next;
     #: 0 reads them as one part.
     onboard_part_blocks: ClassVar[int] = 0

@@ -45,11 +45,6 @@ def _free_port() -> int:
 
 
 def _moto_server(port: int, timeout: float = 30.0) -> subprocess.Popen[bytes]:
-    import importlib.util
-
-    if importlib.util.find_spec("moto") is None:
-        raise RuntimeError("kvbm bench --local s3: moto is not installed (it runs the local "
-                           "S3 server); fix: pip install 'moto[server]' (or kvbm[test])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -142,8 +137,8 @@ def _start_s3() -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
     import importlib.util
 
     if importlib.util.find_spec("moto") is None:
-        raise RuntimeError("kvbm bench --local s3: moto is not installed; "
-                           "pip install 'moto[server]' (or kvbm[test]) or pass --config with your S3 tier")
+        raise RuntimeError("kvbm bench --local s3: moto is not installed (it runs the local S3 "
+                           "server); fix: pip install 'kvbm[s3,test]', or pass --config with your S3 tier")
     port = _free_port()
     proc = _moto_server(port)
     bucket = f"kvbm-bench-{uuid.uuid4().hex[:12]}"

@@ -136,5 +136,5 @@ def test_local_s3_without_moto_says_what_to_install(monkeypatch: pytest.MonkeyPa
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "moto" else real(name, *a))
-    with pytest.raises(RuntimeError, match=r"moto is not installed.*pip install 'moto\[server\]'"):
-        local._moto_server(1)
+    with pytest.raises(RuntimeError, match=r"moto is not installed.*pip install 'kvbm\[s3,test\]'"):
+        local._start_s3()

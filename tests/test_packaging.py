@@ -42,6 +42,7 @@ HINTED_MODULES: dict[str, tuple[str, ...]] = {
     "vllm": ("torch", "vllm"),
     "metrics": ("prometheus_client", "zmq", "msgpack"),
     "plot": ("matplotlib",),
+    "test": ("moto",),  # kvbm bench --local s3 runs moto's server
 }
 #: Distributions of modules that may not be installed here (the rest are looked up).
 KNOWN_DISTS = {"tensorrt_llm": "tensorrt-llm", "zmq": "pyzmq", "sglang": "sglang"}

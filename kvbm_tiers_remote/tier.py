@@ -81,11 +81,9 @@ class RemoteTier(Tier):
     shared: ClassVar[bool] = True
     serves_peers: ClassVar[bool] = True
     default_admission: ClassVar[str] = "read_only"
-    #: An onboard reads in parts of at least this many blocks (into promotion slots or
-    #: staging buffers, ``kvbm.staging``), each copied into the engine while the next is
-    #: READ; `kvbm bench --local remote` 2026-11-30 05:42-05:50: 3 of 3 interleaved
-    #: pairs faster than one part, by 1-13 % (docs/benchmarks/remote.md, ninth round).
-    onboard_part_blocks: ClassVar[int] = 8
+    #: One part (the base's 0): reads in parts of 8 gained nothing in `kvbm bench
+    #: --local remote` on 2 vCPUs, where the READ + hash lanes already hold every core
+    #: (docs/benchmarks/remote.md, ninth round); worth trying again with more cores.
     #: Keys of ``stats()`` that only grow: exported as counters (kvbm_tier_stat_total).
     counter_stats: ClassVar[frozenset[str]] = frozenset({
         "blocks_read", "bytes_read", "lease_misses", "transfer_errors", "peer_drops",

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_staging_promotion import _RaisingEngine  # an engine whose copy_in raises
 
 from kvbm import KvBlockManager
 from kvbm.errors import LayoutError
@@ -119,11 +120,6 @@ def test_each_staging_buffer_goes_back_to_the_pool_once(tmp_path: Path,
             mgr.onboard(m, NumpyEngineBlocks(mgr.layout, N), indices=list(range(N)))
         free = [b.ctypes.data for b in pool._free]
         assert len(free) == len(set(free)) == pool.allocated, "a buffer was released twice or kept"
-
-
-class _RaisingEngine(NumpyEngineBlocks):
-    def copy_in(self, indices: Sequence[int], src: Sequence[np.ndarray]) -> None:
-        raise LayoutError("a bad engine block")
 
 
 def test_an_engine_error_propagates_only_after_every_part_was_read(

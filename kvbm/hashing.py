@@ -24,6 +24,7 @@ from typing import Any, Literal, NewType, cast
 import numpy as np
 import xxhash
 
+from . import _hash_native
 from .errors import TokenError
 
 SequenceHash = NewType("SequenceHash", bytes)
@@ -107,6 +108,22 @@ def _token_bytes(tokens: Any) -> bytes:
 _U32_ARRAY_OK = array.array("I").itemsize == 4
 
 
+#: Chains this long or longer are hashed by the compiled chain (when it loaded); a
+#: shorter one by the Python loop, cheaper than a ``ctypes`` call for a block or two.
+NATIVE_MIN_BLOCKS = 4
+_chain: _hash_native.ChainFn | None = None
+
+
+def _load_chain() -> _hash_native.ChainFn | None:
+    """The compiled chain (``kvbm._hash_native``), loaded at the first xxh3 hash; None
+    (the Python loop below) without it, or while ``_hash_native.enabled`` is False."""
+    global _chain
+    fn = _hash_native.load()
+    if fn is not None:
+        _chain = fn
+    return fn
+
+
 class BlockHasher:
     """Computes the chained sequence hashes of prompts under one namespace."""
 
@@ -142,6 +159,10 @@ class BlockHasher:
         out: list[bytes] = []
         append = out.append
         if self.algorithm == "xxh3_128":
+            chain = (_chain if _chain is not None else _load_chain()) \
+                if n >= NATIVE_MIN_BLOCKS and _hash_native.enabled else None
+            if chain is not None and type(prev) is bytes and len(prev) == 16:
+                return cast(list[SequenceHash], chain(raw, n, step, prev))
             digest = xxhash.xxh3_128_digest
             for i in range(n):
                 prev = digest(prev + raw[i * step : (i + 1) * step])

@@ -53,36 +53,100 @@ def huge_page_arena(nbytes: int) -> np.ndarray:
 
 
 class StagingPool:
-    """A thread-safe free list of ``block_bytes`` aligned buffers that grows on demand."""
+    """A thread-safe free list of ``block_bytes`` aligned buffers that grows on demand,
+    a chunk ahead of its use.
 
-    def __init__(self, block_bytes: int, chunk_blocks: int = 32) -> None:
+    Growing means mapping and touching fresh pages (about 1 ms a MiB here: the kernel
+    zeroes them), which a transfer should not wait for. So after an ``acquire`` leaves
+    fewer than ``chunk_blocks`` buffers spare, a short-lived background thread maps and
+    touches enough to bring the spare back to one chunk, while the caller goes on.
+    An ``acquire`` that finds too few free waits for a grow in flight, then grows on its
+    own path what is still missing (as before ``ahead``; the first ``acquire`` always
+    does, so a pool that is never used stays empty).
+
+    Memory is bounded: ``allocated`` never exceeds the most buffers ever in use at once
+    (``peak_in_use``) plus ``chunk_blocks`` (one chunk, 64 MiB of 2 MiB blocks). Buffers are never given
+    back to the system before the pool goes (as before): a transfer's peak stays mapped.
+    A background grow that fails (no memory, no thread) turns ``ahead`` off: the pool
+    then grows on the caller's path only, as it did before it grew ahead.
+    """
+
+    def __init__(self, block_bytes: int, chunk_blocks: int = 32, ahead: bool = True) -> None:
         self.block_bytes = block_bytes
         # Each buffer starts on a 4096 boundary so that O_DIRECT accepts it.
         self._stride = -(-block_bytes // 4096) * 4096
-        self._chunk_blocks = chunk_blocks
+        self._chunk_blocks = max(1, chunk_blocks)
         self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
+        self.ahead = ahead
+        self._growing = False  # a background grow in flight
         self.allocated = 0
+        self.grown_on_path = 0  # blocks mapped inside ``acquire`` (its caller waited)
+        self.grown_ahead = 0  # blocks mapped by the background grower
+        self.peak_in_use = 0  # the most buffers out at once
 
     def acquire(self, n: int) -> list[np.ndarray]:
         """``n`` buffers of ``block_bytes`` each; give them back with ``release``."""
         with self._lock:
+            while len(self._free) < n and self._growing:
+                self._lock.wait()  # the chunk being touched may cover it
             if len(self._free) < n:
-                self._grow(max(n - len(self._free), self._chunk_blocks))
+                bufs = self._new(max(n - len(self._free), self._chunk_blocks))
+                self._free.extend(bufs)
+                self.allocated += len(bufs)
+                self.grown_on_path += len(bufs)
             out = self._free[-n:] if n else []
             del self._free[len(self._free) - n :]
-            return out
+            self.peak_in_use = max(self.peak_in_use, self.allocated - len(self._free))
+            want = self._chunk_blocks - len(self._free)
+            start = n > 0 and self.ahead and not self._growing and want > 0
+            if start:
+                self._growing = True
+        if start:
+            self._start_ahead(want)
+        return out
 
     def release(self, bufs: list[np.ndarray]) -> None:
         with self._lock:
             self._free.extend(bufs)
 
-    def _grow(self, n: int) -> None:
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for a background grow in flight; False if one is still running."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._growing, timeout)
+
+    def _start_ahead(self, want: int) -> None:
+        try:
+            threading.Thread(target=self._grow_ahead, args=(want,), name="kvbm-staging-grow",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: grow on the path from now on
+            self._ahead_done(None)
+
+    def _grow_ahead(self, want: int) -> None:
+        bufs: list[np.ndarray] | None = None
+        try:
+            bufs = self._new(want)  # outside the lock: acquires and releases go on
+        except Exception:  # MemoryError, OSError from mmap: the path grows, as before
+            bufs = None
+        finally:
+            self._ahead_done(bufs)
+
+    def _ahead_done(self, bufs: list[np.ndarray] | None) -> None:
+        with self._lock:
+            if bufs is None:
+                self.ahead = False
+            else:
+                self._free.extend(bufs)
+                self.allocated += len(bufs)
+                self.grown_ahead += len(bufs)
+            self._growing = False
+            self._lock.notify_all()
+
+    def _new(self, n: int) -> list[np.ndarray]:
+        """``n`` fresh buffers, their pages faulted in here, not inside the first copy."""
         arena = huge_page_arena(n * self._stride)
-        arena[::4096] = 0  # fault the pages in here, not inside the first copy into them
-        for i in range(n):
-            self._free.append(arena[i * self._stride : i * self._stride + self.block_bytes])
-        self.allocated += n
+        arena[::4096] = 0
+        return [arena[i * self._stride : i * self._stride + self.block_bytes] for i in range(n)]
 
 
 # -- reads of a lower tier straight into their promotion slots ----------------------------

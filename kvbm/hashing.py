@@ -142,6 +142,8 @@ class BlockHasher:
         # The namespace is the parent of the first block: blocks of two namespaces
         # never share a key, even for identical tokens.
         self._seed = namespace.digest
+        if algorithm == "xxh3_128" and _chain is None:
+            _load_chain()  # compiled now (~0.1 s, once a process), not in a first request
 
     def hash_tokens(
         self, tokens: Any, parent: SequenceHash | None = None

@@ -54,6 +54,8 @@ class Executor:
         self.layout = layout
         self.block_bytes = layout.bytes_per_block
         self.staging = StagingPool(self.block_bytes)
+        if any(type(t).views is Tier.views for t in self.tiers):  # moves blocks through staging
+            self.staging.prime()
         self.probe_timeout_s = probe_timeout_s
         self._copy_threads = max(1, copy_threads)
         self._copy_pool = (ThreadPoolExecutor(self._copy_threads - 1,

@@ -61,8 +61,8 @@ class StagingPool:
     fewer than ``chunk_blocks`` buffers spare, a short-lived background thread maps and
     touches enough to bring the spare back to one chunk, while the caller goes on.
     An ``acquire`` that finds too few free waits for a grow in flight, then grows on its
-    own path what is still missing (as before ``ahead``; the first ``acquire`` always
-    does, so a pool that is never used stays empty).
+    own path what is still missing. ``prime`` grows the first chunk so (the executor
+    calls it where a tier has no views); a pool neither primed nor used stays empty.
 
     Memory is bounded: ``allocated`` never exceeds the most buffers ever in use at once
     (``peak_in_use``) plus ``chunk_blocks`` (one chunk, 64 MiB of 2 MiB blocks). Buffers are never given
@@ -90,8 +90,9 @@ class StagingPool:
         with self._lock:
             while len(self._free) < n and self._growing:
                 self._lock.wait()  # the chunk being touched may cover it
-            if len(self._free) < n:
-                bufs = self._new(max(n - len(self._free), self._chunk_blocks))
+            if len(self._free) < n:  # only the shortfall where a chunk follows behind
+                short = n - len(self._free)
+                bufs = self._new(short if self.ahead else max(short, self._chunk_blocks))
                 self._free.extend(bufs)
                 self.allocated += len(bufs)
                 self.grown_on_path += len(bufs)
@@ -109,6 +110,17 @@ class StagingPool:
     def release(self, bufs: list[np.ndarray]) -> None:
         with self._lock:
             self._free.extend(bufs)
+
+    def prime(self) -> None:
+        """Start growing the first chunk now, in the background (the executor does where
+        a tier moves its blocks through staging), so the first transfer finds it."""
+        with self._lock:
+            want = self._chunk_blocks - len(self._free)
+            start = self.ahead and not self._growing and want > 0
+            if start:
+                self._growing = True
+        if start:
+            self._start_ahead(want)
 
     def settle(self, timeout: float | None = None) -> bool:
         """Wait for a background grow in flight; False if one is still running."""

@@ -127,7 +127,7 @@ def test_a_disk_first_offload_from_host_memory_writes_the_callers_blocks_without
         tier.write = write  # type: ignore[method-assign]
         assert m.offload(hashes, ContiguousBlocks(data, m.layout)).stored == 24
         assert len(handed) == 24 and all(np.shares_memory(b, data) for b in handed)
-        assert m.executor.staging.allocated == 0, "no staging buffer was needed"
+        assert m.executor.staging.peak_in_use == 0, "no staging buffer was needed"
         loaded, out = onboard(m, hashes)
         assert loaded == 24 and np.array_equal(out, data)
 

@@ -6,13 +6,18 @@ a grow that fails leaves the pool growing on the caller's path as before."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_staging_parts import MODEL, make
 
+from kvbm import KvBlockManager
 from kvbm.staging import StagingPool
+
+from conftest import PAGE
 
 BLOCK = 8192  # two pages: small mappings, every buffer still 4096-aligned
 CHUNK = 3
@@ -123,11 +128,11 @@ def test_the_next_acquire_finds_its_buffers_already_touched() -> None:
     pool = StagingPool(BLOCK, chunk_blocks=4)
     assert pool.allocated == 0, "an unused pool maps nothing"
     first = pool.acquire(3)
-    assert pool.grown_on_path == 4  # the first acquire grows on its path, as before
+    assert pool.grown_on_path == 3  # an unprimed pool's first acquire grows on its path
     assert pool.settle(10.0)
-    assert pool.grown_ahead == 3 and pool.allocated == 7  # one chunk spare again
+    assert pool.grown_ahead == 4 and pool.allocated == 7  # one chunk spare again
     second = pool.acquire(3)
-    assert pool.grown_on_path == 4, "the second acquire waited for fresh pages"
+    assert pool.grown_on_path == 3, "the second acquire waited for fresh pages"
     assert {b.ctypes.data for b in first}.isdisjoint(b.ctypes.data for b in second)
     # The control: without growing ahead the same two acquires both grow on the path.
     plain = StagingPool(BLOCK, chunk_blocks=4, ahead=False)
@@ -149,8 +154,27 @@ def test_a_failed_background_grow_leaves_the_pool_growing_on_the_path(
     monkeypatch.setattr(pool, "_new", new)
     a = pool.acquire(3)
     assert pool.settle(10.0)
-    assert not pool.ahead and pool.grown_ahead == 0 and pool.allocated == 4
-    b = pool.acquire(3)  # grows on the path: no wait on a grow that will not come
-    assert pool.grown_on_path == 8 and len(b) == 3
+    assert not pool.ahead and pool.grown_ahead == 0 and pool.allocated == 3
+    b = pool.acquire(3)  # grows on the path, a chunk as before: no wait on a grow to come
+    assert pool.grown_on_path == 7 and pool.allocated == 7 and len(b) == 3
     assert {x.ctypes.data for x in a}.isdisjoint(x.ctypes.data for x in b)
     assert not any(t.name == "kvbm-staging-grow" for t in threading.enumerate())
+
+
+def test_a_primed_pool_serves_its_first_acquire_without_growing() -> None:
+    pool = StagingPool(BLOCK, chunk_blocks=4)
+    pool.prime()
+    assert pool.settle(10.0) and pool.allocated == 4
+    pool.acquire(4)
+    assert pool.grown_on_path == 0
+
+
+def test_the_executor_primes_its_pool_only_for_a_tier_without_views(tmp_path: Path) -> None:
+    disk = make(tmp_path)  # a disk tier alone: blocks move through staging
+    host = KvBlockManager.from_config({"model": MODEL, "page_size": PAGE, "tiers": [
+        {"type": "host", "name": "host", "num_blocks": 8}]})
+    with disk, host:
+        assert disk.executor.staging.settle(10.0) and host.executor.staging.settle(10.0)
+        assert disk.executor.staging.allocated == 32  # one chunk, before any transfer
+        assert disk.executor.staging.peak_in_use == 0
+        assert host.executor.staging.allocated == 0, "a host-only chain mapped staging"

@@ -90,7 +90,7 @@ def test_blocks_from_disk_reach_the_engine_and_the_host_tier_byte_exact_without_
         res, tiers = onboard(mgr, hashes, eng)
         assert tiers == ["disk"] * 6 and res.loaded == 6
         assert np.array_equal(engine_bytes(eng, 6), data)
-        assert mgr.executor.staging.allocated == 0, "read into the promotion slots, not staging"
+        assert mgr.executor.staging.peak_in_use == 0, "read into the promotion slots, not staging"
         eng2 = new_engine(kind, mgr, 6)
         res, tiers = onboard(mgr, hashes, eng2)
         assert tiers == ["host"] * 6, "promoted"
@@ -111,7 +111,7 @@ def test_a_layer_wise_load_from_disk_reads_into_the_slots_and_copies_each_layer_
         assert tiers == ["disk"] * 6 and res.loaded == 6
         assert layers == list(range(mgr.layout.model.num_layers))
         assert np.array_equal(engine_bytes(eng, 6), data)
-        assert ex.staging.allocated == 0, "read into the promotion slots, not staging"
+        assert ex.staging.peak_in_use == 0, "read into the promotion slots, not staging"
         monkeypatch.setattr(ex, "load", real)
         eng2 = new_engine("torch", mgr, 6)
         res, tiers = onboard(mgr, hashes, eng2)

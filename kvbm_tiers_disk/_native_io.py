@@ -20,13 +20,18 @@ Per block the loop does what the Python path does, in the same order:
   write it. A block whose data write failed or came back short gets no header.
 - read: read the data, checksum it. Python compares the checksum with the index's.
 
-The data requests go through the kernel's AIO (``AIO``; one context per thread, kept
-in a process-wide pool): a thread submits a block's data write and checksums the same
-bytes while the device takes them, then reaps the write and only then writes the
-header; reading, it submits its next block as soon as the last one is back and
-checksums that one while the next is in flight. Each thread still has one data
-request in flight at a time (fio's ``psync`` jobs), but no longer none while it
-hashes. Where AIO is missing or refused, a request is a plain ``pread``/``pwrite``.
+The requests go through the kernel's AIO (``AIO``; one context per thread, kept in a
+process-wide pool): a thread submits a block's data write and checksums the same bytes
+while the device takes them, then reaps the write and only then submits the header,
+which it reaps with the next block's data (the last one before the call returns); a
+recycled slot's invalidation is submitted while the block before it is in flight and
+reaped before the slot's data is submitted. So each step of a block still starts only
+once the one before it is complete, but none of the three waits alone: per thread one
+data request, one header and one invalidation may be in flight together. Reading, a
+thread submits its next block as soon as the last one is back and checksums that one
+while the next is in flight. Each thread has one data request in flight at a time
+(fio's ``psync`` jobs). Where AIO is missing or refused, a request is a plain
+``pread``/``pwrite``.
 
 Every outcome comes back per block (the stage that failed and its errno), and Python
 updates the index and the counters exactly as on its own path. The source is
@@ -75,21 +80,20 @@ static int64_t fail(int64_t stage, ssize_t got) {
     return (stage << 32) | (uint32_t)(got < 0 ? errno : 0);
 }
 
-void kvbm_disk_seal(char *hp, uint64_t sum, int64_t sum_at, int64_t used, hash_fn h) {
-    memcpy(hp + sum_at, &sum, 8);
-    uint64_t hs = h(hp, (size_t)used);
-    memcpy(hp + used, &hs, 8);
-}
+/* A thread's requests through the kernel's AIO (its own context): up to three in
+ * flight, one per kind (a block's data, the header of the block before it, the
+ * invalidation of the block after it), each told apart by its tag. Without AIO (or
+ * when a submit is refused) the same request is made with pread/pwrite. */
+enum { T_DATA, T_HDR, T_INV, T_KINDS };
 
-/* One request of this thread in flight at a time, through the kernel's AIO (the
- * thread's own context): submitted, then the thread checksums while the device moves
- * the bytes, then waits. Without AIO (or when a submit is refused) the same request
- * is made with pread/pwrite, and the checksum comes after it. */
 struct aio {
 #ifdef KVBM_AIO
     aio_context_t ctx;
-    struct iocb cb;
+    struct iocb cb[T_KINDS];
 #endif
+    int busy[T_KINDS];    /* submitted, result not yet taken */
+    int got[T_KINDS];     /* reaped (its result in res) */
+    int64_t res[T_KINDS]; /* bytes, or -errno */
     int on;
 };
 
@@ -106,6 +110,8 @@ static pid_t pool_pid; /* a forked child's contexts are not its own: it starts a
 
 static void aio_open(struct aio *a, int64_t want) {
     a->on = 0;
+    memset(a->busy, 0, sizeof a->busy);
+    memset(a->got, 0, sizeof a->got);
 #ifdef KVBM_AIO
     if (!want) return;
     a->ctx = 0;
@@ -113,19 +119,22 @@ static void aio_open(struct aio *a, int64_t want) {
     if (pool_pid != getpid()) { pooled = 0; pool_pid = getpid(); }
     if (pooled) { a->ctx = pool[--pooled]; a->on = 1; }
     pthread_mutex_unlock(&pool_lock);
-    if (!a->on && syscall(SYS_io_setup, 2, &a->ctx) == 0) a->on = 1;
+    if (!a->on && syscall(SYS_io_setup, 2 * T_KINDS, &a->ctx) == 0) a->on = 1;
 #else
     (void)want;
 #endif
 }
 
-/* After a request that could not be reaped: io_destroy waits for it, so its buffer is
- * the caller's again; the thread goes on without AIO. */
-static void aio_drop(struct aio *a) {
+/* After requests that could not be reaped: io_destroy waits for them, so their buffers
+ * are the caller's again; their outcome is unknown, so each counts as failed (errno e).
+ * The thread goes on without AIO. */
+static void aio_drop(struct aio *a, int e) {
 #ifdef KVBM_AIO
     if (a->on) syscall(SYS_io_destroy, a->ctx);
 #endif
     a->on = 0;
+    for (int t = 0; t < T_KINDS; t++)
+        if (a->busy[t] && !a->got[t]) { a->got[t] = 1; a->res[t] = -e; }
 }
 
 static void aio_close(struct aio *a) {
@@ -141,84 +150,120 @@ static void aio_close(struct aio *a) {
     a->on = 0;
 }
 
-/* 1: submitted (finish with aio_wait); 0: not (do it synchronously) */
-static int aio_start(struct aio *a, int write, int64_t fd, int64_t buf, int64_t len, int64_t off) {
+/* 1: submitted (take its result with aio_take); 0: not (do it synchronously) */
+static int aio_start(struct aio *a, int tag, int write, int64_t fd, int64_t buf, int64_t len,
+                     int64_t off) {
 #ifdef KVBM_AIO
     if (!a->on) return 0;
-    memset(&a->cb, 0, sizeof a->cb);
-    a->cb.aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
-    a->cb.aio_fildes = (uint32_t)fd;
-    a->cb.aio_buf = (uint64_t)buf;
-    a->cb.aio_nbytes = (uint64_t)len;
-    a->cb.aio_offset = off;
-    struct iocb *list[1] = {&a->cb};
-    return syscall(SYS_io_submit, a->ctx, 1, list) == 1;
+    struct iocb *cb = &a->cb[tag];
+    memset(cb, 0, sizeof *cb);
+    cb->aio_data = (uint64_t)tag;
+    cb->aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+    cb->aio_fildes = (uint32_t)fd;
+    cb->aio_buf = (uint64_t)buf;
+    cb->aio_nbytes = (uint64_t)len;
+    cb->aio_offset = off;
+    struct iocb *list[1] = {cb};
+    if (syscall(SYS_io_submit, a->ctx, 1, list) != 1) return 0;
+    a->busy[tag] = 1;
+    a->got[tag] = 0;
+    return 1;
 #else
-    (void)a; (void)write; (void)fd; (void)buf; (void)len; (void)off;
+    (void)a; (void)tag; (void)write; (void)fd; (void)buf; (void)len; (void)off;
     return 0;
 #endif
 }
 
-/* The submitted request's result, as pread/pwrite's (bytes, or -1 with errno set). */
-static ssize_t aio_wait(struct aio *a) {
+/* The result of the request of kind `tag` (submitted), as pread/pwrite's (bytes, or -1
+ * with errno set); the thread's other requests that complete meanwhile are reaped too. */
+static ssize_t aio_take(struct aio *a, int tag) {
 #ifdef KVBM_AIO
-    struct io_event ev;
-    for (;;) {
-        long r = syscall(SYS_io_getevents, a->ctx, 1, 1, &ev, NULL);
-        if (r == 1) break;
+    while (!a->got[tag]) {
+        struct io_event ev[T_KINDS];
+        long r = syscall(SYS_io_getevents, a->ctx, 1, T_KINDS, ev, NULL);
         if (r < 0 && errno == EINTR) continue;
-        int e = r < 0 ? errno : EIO;
-        aio_drop(a);
-        errno = e;
-        return -1;
+        if (r <= 0) { aio_drop(a, r < 0 ? errno : EIO); break; }
+        for (long k = 0; k < r; k++) {
+            int t = (int)ev[k].data;
+            if (t >= 0 && t < T_KINDS) { a->got[t] = 1; a->res[t] = ev[k].res; }
+        }
     }
-    if (ev.res < 0) { errno = (int)-ev.res; return -1; }
-    return (ssize_t)ev.res;
-#else
-    (void)a;
-    errno = ENOSYS;
-    return -1;
 #endif
+    a->busy[tag] = 0;
+    a->got[tag] = 0;
+    if (a->res[tag] < 0) { errno = (int)-a->res[tag]; return -1; }
+    return (ssize_t)a->res[tag];
 }
 
+void kvbm_disk_seal(char *hp, uint64_t sum, int64_t sum_at, int64_t used, hash_fn h) {
+    memcpy(hp + sum_at, &sum, 8);
+    uint64_t hs = h(hp, (size_t)used);
+    memcpy(hp + used, &hs, 8);
+}
+
+static int64_t take(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
+
+/* Per block, in this order: the old header invalidated (where it may be valid), the data,
+ * the header. Each step starts only once the one before it is complete (reaped), so a
+ * valid header is never on disk over data other than its own. With AIO nothing of
+ * that waits on its own: block i's invalidation was submitted while the block before
+ * it was in flight, and i's header is reaped with the next block's data (or at the
+ * end, before the call returns): i's data, i-1's header and i+1's invalidation are in
+ * flight together, and the thread checksums i meanwhile. */
 int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64_t *buf,
                         const int64_t *len, const int64_t *doff, const int64_t *hoff,
                         const int64_t *inval, int64_t hashed, const char *zero,
                         char *headers, int64_t page, int64_t sum_at, int64_t used,
                         hash_fn h, uint64_t *sums, int64_t *status, int64_t use_aio,
                         int64_t *async_done) {
-    int64_t done = 0, async = 0;
+    int64_t done = 0, async = 0, hi = -1; /* hi: the block whose header is in flight */
     struct aio a;
     aio_open(&a, use_aio);
-    for (;;) {
-        int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-        if (i >= n) break;
+    int64_t i = take(next);
+    int iv = i < n && inval[i] && aio_start(&a, T_INV, 1, fd[i], (int64_t)zero, page, hoff[i]);
+    while (i < n) {
         done++;
+        int64_t j = -1;
         ssize_t got;
-        if (inval[i]) {
-            got = pwrite((int)fd[i], zero, (size_t)page, hoff[i]);
-            if (got != page) { status[i] = fail(1, got); continue; }
-        }
         uint64_t s;
-        if (aio_start(&a, 1, fd[i], buf[i], len[i], doff[i])) {
+        int out;
+        char *hp;
+        if (inval[i]) {
+            got = iv ? aio_take(&a, T_INV) : pwrite((int)fd[i], zero, (size_t)page, hoff[i]);
+            if (got != page) { status[i] = fail(1, got); goto next; }
+        }
+        out = aio_start(&a, T_DATA, 1, fd[i], buf[i], len[i], doff[i]);
+        j = take(next);
+        iv = j < n && inval[j] && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
+        if (out) {
             /* the bytes handed to the kernel, checksummed while it writes them */
             s = h((const void *)buf[i], (size_t)hashed);
-            got = aio_wait(&a);
+            got = aio_take(&a, T_DATA);
             async++;
         } else {
             got = pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
             s = got == len[i] ? h((const void *)buf[i], (size_t)hashed) : 0;
         }
-        if (got != len[i]) { status[i] = fail(2, got); continue; }
+        if (got != len[i]) { status[i] = fail(2, got); goto next; }
         sums[i] = s;
-        if (headers) {
-            char *hp = headers + i * page;
-            kvbm_disk_seal(hp, s, sum_at, used, h);
+        if (!headers) { status[i] = 0; goto next; }
+        hp = headers + i * page;
+        kvbm_disk_seal(hp, s, sum_at, used, h);
+        if (hi >= 0) { got = aio_take(&a, T_HDR); status[hi] = got == page ? 0 : fail(3, got); hi = -1; }
+        if (aio_start(&a, T_HDR, 1, fd[i], (int64_t)hp, page, hoff[i])) {
+            hi = i;
+        } else {
             got = pwrite((int)fd[i], hp, (size_t)page, hoff[i]);
-            if (got != page) { status[i] = fail(3, got); continue; }
+            status[i] = got == page ? 0 : fail(3, got);
         }
-        status[i] = 0;
+    next:
+        if (j < 0) {
+            j = take(next);
+            iv = j < n && inval[j] && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
+        }
+        i = j;
     }
+    if (hi >= 0) { ssize_t got = aio_take(&a, T_HDR); status[hi] = got == page ? 0 : fail(3, got); }
     aio_close(&a);
     __atomic_fetch_add(async_done, async, __ATOMIC_RELAXED);
     return done;
@@ -240,18 +285,18 @@ int64_t kvbm_disk_read(int64_t n, int64_t *next, const int64_t *fd, const int64_
     struct aio a;
     aio_open(&a, use_aio);
     int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-    int out = i < n && aio_start(&a, 0, fd[i], buf[i], len[i], off[i]); /* i in flight */
+    int out = i < n && aio_start(&a, T_DATA, 0, fd[i], buf[i], len[i], off[i]); /* i in flight */
     while (i < n) {
         done++;
         int64_t j = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
         ssize_t got;
         if (out) {
-            got = aio_wait(&a);
+            got = aio_take(&a, T_DATA);
             async++;
         } else {
             got = pread((int)fd[i], (void *)buf[i], (size_t)len[i], off[i]);
         }
-        out = j < n && aio_start(&a, 0, fd[j], buf[j], len[j], off[j]);
+        out = j < n && aio_start(&a, T_DATA, 0, fd[j], buf[j], len[j], off[j]);
         read_done(i, got, buf, len, hashed, h, sums, status);
         i = j;
     }

@@ -44,7 +44,7 @@ from typing import Any
 
 from kvbm import _cc
 
-__all__ = ["P_COUNT", "PARAMS", "RunFn", "all_keys", "enabled", "load"]
+__all__ = ["P_COUNT", "PARAMS", "CommitFn", "RunFn", "all_keys", "commit_fn", "enabled", "load"]
 
 #: False: registries made from now on use the numpy and Python paths (tests compare both).
 enabled = True
@@ -207,6 +207,60 @@ PyObject *kvbm_find_run(PyObject *keys, const int64_t *p, int64_t *unlinked) {
     return out;
 }
 
+/* ``BlockRegistry.commit`` of every slot of ``slots`` (a list of ints), in order, with
+ * the core LRU's links in the records: each WRITING slot becomes registered and, with
+ * ``pinned``, holds one pin (out of the LRU list), else is linked at the list's tail
+ * (LRUPolicy's insert_slot, then pin_slot when pinned). *listed: the change of the
+ * evictable count. Returns -1 when all are committed, else the position from which the
+ * caller's per-slot commit goes on (and asserts): 0 with nothing done when an item is
+ * no int, out of range or not WRITING; a repeated slot's second position (the ones
+ * before it committed). One pass to check, one to commit: no Python per block. */
+Py_ssize_t kvbm_commit_run(PyObject *slots, const int64_t *p, int64_t writing, int64_t pinned,
+                           int64_t *listed) {
+    *listed = 0;
+    if (!PyList_CheckExact(slots)) return 0;
+    Py_ssize_t n = PyList_GET_SIZE(slots);
+    PyObject **items = PySequence_Fast_ITEMS(slots);
+    char *recs = (char *)(intptr_t)p[P_RECORDS];
+    const int64_t stride = p[P_STRIDE], state_off = p[P_STATE_OFF], end = p[P_END];
+    const int64_t pins_off = p[P_PINS_OFF], prev_off = p[P_PREV_OFF], next_off = p[P_NEXT_OFF];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long s = PyLong_CheckExact(items[i]) ? PyLong_AsLongAndOverflow(items[i], &overflow) : -1;
+        if (overflow || s < 0 || s >= end
+                || *(int8_t *)(recs + (int64_t)s * stride + state_off) != (int8_t)writing)
+            return 0;
+    }
+    char *e = recs + end * stride;  /* the list's sentinel */
+    int64_t d = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t s = (int32_t)PyLong_AsLong(items[i]);
+        char *r = recs + (int64_t)s * stride;
+        if (*(int8_t *)(r + state_off) != (int8_t)writing) { *listed = d; return i; }
+        *(int8_t *)(r + state_off) = (int8_t)p[P_REGISTERED];
+        int32_t nx = I32(r, next_off);
+        if (pinned) {
+            I32(r, pins_off) = 1;
+            if (nx >= 0) {  /* listed already: pin_slot's unlink */
+                int32_t pv = I32(r, prev_off);
+                I32(recs + (int64_t)pv * stride, next_off) = nx;
+                I32(recs + (int64_t)nx * stride, prev_off) = pv;
+                I32(r, next_off) = -1;
+                d--;
+            }
+        } else if (nx < 0) {
+            int32_t tail = I32(e, prev_off);
+            I32(recs + (int64_t)tail * stride, next_off) = s;
+            I32(r, prev_off) = tail;
+            I32(r, next_off) = (int32_t)end;
+            I32(e, prev_off) = s;
+            d++;
+        }
+    }
+    *listed = d;
+    return -1;
+}
+
 /* Whether every item of ``keys`` (a list) is exactly a bytes of 16 bytes: the manager's
  * check of a match's hashes in one pass (1, else 0: the caller's Python check then
  * decides, and names the first bad item). */
@@ -228,12 +282,15 @@ _lock = threading.Lock()
 _loaded = False
 _fn: RunFn | None = None
 _all: Callable[[list[Any]], int] | None = None
+#: ``commit(slots, params, writing, pinned, listed)``: ``kvbm_commit_run``.
+CommitFn = Callable[[list[int], int, int, int, int], int]
+_commit: CommitFn | None = None
 
 
 def load() -> RunFn | None:
     """The compiled lookup (compiled at the first call), or None when it cannot be built
     or ``enabled`` is False."""
-    global _loaded, _fn, _all
+    global _loaded, _fn, _all, _commit
     if not enabled:
         return None
     if not _loaded:
@@ -249,7 +306,11 @@ def load() -> RunFn | None:
                     c = lib.kvbm_all_keys
                     c.argtypes = [ctypes.py_object]
                     c.restype = ctypes.c_int
-                    _fn, _all = f, c
+                    m = lib.kvbm_commit_run
+                    m.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_void_p]
+                    m.restype = ctypes.c_ssize_t
+                    _fn, _all, _commit = f, c, m
                 _loaded = True
     return _fn
 
@@ -262,3 +323,8 @@ def all_keys(keys: list[Any]) -> bool:
     if _all is None:
         load()
     return _all is not None and bool(_all(keys))
+
+
+def commit_fn() -> CommitFn | None:
+    """The compiled batch commit (``kvbm_commit_run``), or None as ``load``."""
+    return _commit if load() is not None else None

@@ -550,7 +550,13 @@ class Planner:
         ok_keys: list[SequenceHash] = []
         ok_slots: list[int] = []
         ok_prios: list[int] = []
-        for i, (s, k) in enumerate(zip(p.slots, p.keys)):
+        if not failed:  # every write done (the common case): one call for the batch
+            reg.commit_run(p.slots, p.prios, pinned=cascade)
+            ts.stored += len(p.slots)
+            ok_keys, ok_slots, ok_prios = p.keys, p.slots, p.prios
+            if len(ok_prios) < len(ok_slots):
+                ok_prios = [*ok_prios, *[0] * (len(ok_slots) - len(ok_prios))]
+        for i, (s, k) in enumerate(zip(p.slots, p.keys) if failed else ()):
             prio = p.prios[i] if i < len(p.prios) else 0
             if i in failed:
                 reg.abort(s, failed=True)

@@ -156,6 +156,7 @@ class BlockRegistry:
         # now), so that the evictable blocks leave in the order an eager unlink gives.
         self._lru_next = (self._keys.field(12, np.int32).data if self._lru is not None
                           else memoryview(b""))
+        self._commit_run = _registry_native.commit_fn() if self._lru is not None else None
         if self._by_slot:  # bound once: the match path makes one call per block
             self._pin_slot = policy.pin_slot
             self._touch_slot = policy.touch_slot
@@ -339,6 +340,22 @@ class BlockRegistry:
             self.policy.pin(key)
         if self._events is not None and self._events.active:
             self._emit(EventKind.REGISTERED, key)
+
+    def commit_run(self, slots: list[int], priorities: Sequence[int] = (),
+                   pinned: bool = False) -> None:
+        """``commit(slots[i], priorities[i], pinned)`` for each slot in order: one compiled
+        call with the core's LRU in the records and no event subscriber (the LRU takes no
+        priority), else the loop; the same states, pins and eviction order."""
+        fn = self._commit_run
+        if fn is not None and not (self._events is not None and self._events.active):
+            at = fn(slots, self._native[1], _WRITING, int(pinned), self._native[2])  # type: ignore[index]
+            self._lru._n += self._unlinked[0]  # type: ignore[union-attr]
+            if at < 0:
+                return
+            slots = slots[at:]  # the first it did not commit: the loop asserts on it
+            priorities = priorities[at:]
+        for i, s in enumerate(slots):
+            self.commit(s, priorities[i] if i < len(priorities) else 0, pinned)
 
     def abort(self, slot: int, failed: bool = False) -> None:
         """The write did not happen: free the slot; the block was never visible.

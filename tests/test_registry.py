@@ -261,6 +261,22 @@ class ExactRegistryMachine(RuleBasedStateMachine):
             self.lru[self._key(slot)] = None
 
     @precondition(lambda self: any(v == "w" for v in self.state.values()))
+    @rule(data=st.data(), pinned=st.booleans())
+    def commit_run(self, data: st.DataObject, pinned: bool) -> None:
+        # The batch commit (compiled with the LRU) is the per-slot commit, slot by slot in
+        # the order given: the same states, pins and LRU order.
+        writing = sorted(s for s, v in self.state.items() if v == "w")
+        run = data.draw(st.lists(st.sampled_from(writing), min_size=1, unique=True))
+        self.reg.commit_run(run, pinned=pinned)
+        for slot in run:
+            self.state[slot] = "r"
+            if pinned:
+                self.pins[slot] = 1
+                self.held.append(slot)
+            else:
+                self.lru[self._key(slot)] = None
+
+    @precondition(lambda self: any(v == "w" for v in self.state.values()))
     @rule(data=st.data(), failed=st.booleans())
     def abort(self, data: st.DataObject, failed: bool) -> None:
         slot = data.draw(st.sampled_from(sorted(s for s, v in self.state.items() if v == "w")))
@@ -536,3 +552,21 @@ def test_a_forked_process_changing_its_copy_leaves_the_parents_keys_alone() -> N
         os._exit(0 if reg.key_at(0) == KEYS[1] else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert reg.key_at(0) == KEYS[0] and reg.pin(KEYS[0]) == 0
+
+
+def test_a_batch_commit_of_a_slot_not_being_written_asserts_naming_it() -> None:
+    reg = new_registry()
+    a, b = reg.allocate(KEYS[0]), reg.allocate(KEYS[1])
+    assert a is not None and b is not None
+    with pytest.raises(AssertionError, match=f"commit of slot {b} in state REGISTERED"):
+        reg.commit_run([a, b, b])  # the repeat: the first two are committed
+    assert reg.lookup(KEYS[0]) == a and reg.lookup(KEYS[1]) == b
+    with pytest.raises(AssertionError, match=f"commit of slot {a} in state REGISTERED"):
+        reg.commit_run([a])
+    assert reg.num_evictable == 2
+
+
+def test_a_batch_commit_uses_the_compiled_call_where_it_is_built() -> None:
+    from kvbm import _registry_native
+    reg = new_registry()
+    assert (reg._commit_run is not None) == (_registry_native.load() is not None)

@@ -256,9 +256,12 @@ class Executor:
         """Copy engine blocks into a tier; errors of ``source`` propagate (after every part)."""
         t0 = time.perf_counter()
         refused = self._claim(op.tier, op.slots)
-        todo = [i for i in range(len(op.slots)) if i not in refused]
-        slots = [op.slots[i] for i in todo]
-        src = [op.src[i] for i in todo]
+        todo: Sequence[int] = range(len(op.slots))
+        slots, src = op.slots, op.src  # no lease holds any (the common case): no copies
+        if refused:
+            todo = [i for i in todo if i not in refused]
+            slots = [op.slots[i] for i in todo]
+            src = [op.src[i] for i in todo]
         failed = set(refused)
         rows = self._rows(op.tier)
         fast = _rows_fn(source, out=True) if rows is not None else None

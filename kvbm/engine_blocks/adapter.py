@@ -42,6 +42,7 @@ from ._forms import (
     shape_of,
     split_tensors,
 )
+from ._runplan import RunPlan as _RunPlan
 
 _B = TypeVar("_B", bound="LayerSeparateBlocks")
 _U8 = np.dtype(np.uint8)
@@ -258,8 +259,9 @@ class LayerSeparateBlocks:
             else:
                 self.huge_pages = _huge.HugePages(spans, keep=views.layers)
         # Built here (the loop is compiled once per process), not on the first copy.
-        self._plan: _RunPlan | None = (_RunPlan.build(self._np_layers, self._bytes_per_layer)
-                                       if self._np_layers is not None else None)
+        self._plan: _RunPlan | None = (
+            _RunPlan.build(self._np_layers, self._bytes_per_layer, _NATIVE_MIN_RUN)
+            if self._np_layers is not None else None)
 
     @property
     def huge_page_bytes(self) -> int:
@@ -394,13 +396,19 @@ class LayerSeparateBlocks:
         array ``[slots, bytes_per_block]`` (a host tier's arena). ``copy_out`` into
         ``rows[at[i]]``, with the buffers' addresses computed from the row numbers (no
         Python per block)."""
-        b, r = self._rows_args(indices, rows, at, writable=True, unique=False)
-        self._rows_copy(b, rows, r, out=True)
+        plan = self._run_plan()
+        if plan is None or not plan.copy_rows(indices, rows, at, self.num_blocks, True, False,
+                                              _ENGINE_ORDER):
+            b, r = self._rows_args(indices, rows, at, writable=True, unique=False)
+            self._rows_copy(b, rows, r, out=True)
 
     def copy_in_rows(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
         """Copy row ``at[i]`` of ``rows`` (as in ``copy_out_rows``) into block ``indices[i]``."""
-        b, r = self._rows_args(indices, rows, at, writable=False, unique=True)
-        self._rows_copy(b, rows, r, out=False)
+        plan = self._run_plan()
+        if plan is None or not plan.copy_rows(indices, rows, at, self.num_blocks, False, True,
+                                              _ENGINE_ORDER):
+            b, r = self._rows_args(indices, rows, at, writable=False, unique=True)
+            self._rows_copy(b, rows, r, out=False)
 
     def _rows_copy(self, b: np.ndarray, rows: np.ndarray, r: np.ndarray, out: bool) -> None:
         if not len(b):
@@ -412,7 +420,7 @@ class LayerSeparateBlocks:
             return
         bp = r * rows.strides[0]
         bp += _native.address(rows)
-        plan.copy_at(b, bp, 0, self.num_layers, out)
+        plan.copy_at(b, bp, 0, self.num_layers, out, _ENGINE_ORDER)
 
     def _rows_args(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int],
                    writable: bool, unique: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -490,7 +498,7 @@ class LayerSeparateBlocks:
     def _np_out(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
         plan = self._run_plan()
         if plan is not None and idx:
-            plan.copy(idx, bufs, l0, l1, out=True)
+            plan.copy(idx, bufs, l0, l1, True, _ENGINE_ORDER)
             return
         copy, shape = np.copyto, self._np_block_shape
         stacked = self._np_stacked
@@ -508,7 +516,7 @@ class LayerSeparateBlocks:
     def _np_in(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int) -> None:
         plan = self._run_plan()
         if plan is not None and idx:
-            plan.copy(idx, bufs, l0, l1, out=False)
+            plan.copy(idx, bufs, l0, l1, False, _ENGINE_ORDER)
             return
         copy, shape = np.copyto, self._np_block_shape
         stacked = self._np_stacked
@@ -545,93 +553,6 @@ class LayerSeparateBlocks:
                 continue
             for li in range(l0, l1):
                 self._layers[li][b].copy_(hv[li])
-
-
-class _RunPlan:
-    """Where every contiguous run of a (block, layer) slice lies, for one native call a batch.
-
-    Layer ``l`` of block ``b`` starts at ``base[l] + b * stride[l]`` in the engine's
-    memory; its runs at ``eoff[l]`` from there (ascending), each ``run`` bytes, and at
-    ``l * bytes_per_layer + hoff[l]`` in kvbm's contiguous block buffer. ``layers``
-    lists the layers by address. The tables of a batch are built by one native call
-    (``_native.block_table``) in the engine's address order, from the block ids and the
-    buffers' addresses: no Python per block or run.
-    """
-
-    __slots__ = ("at", "bpl", "fn", "keep", "layer_major", "layers", "nl", "num_runs", "run",
-                 "table")
-
-    def __init__(self, fn: _native.RunCopy, table: _native.BlockTable, run: int,
-                 base: np.ndarray, stride: np.ndarray, offsets: np.ndarray,
-                 bytes_per_layer: int, keep: list[np.ndarray]) -> None:
-        self.fn = fn
-        self.table = table
-        self.run = run
-        self.bpl = bytes_per_layer
-        self.nl = len(base)
-        self.num_runs = offsets.shape[1]
-        order = np.argsort(offsets, axis=1, kind="stable")
-        eoff = np.ascontiguousarray(np.take_along_axis(offsets, order, axis=1), dtype=np.int64)
-        hoff = np.ascontiguousarray(order * run, dtype=np.int64)
-        self.layers = np.argsort(base, kind="stable").astype(np.int64)
-        nb = max(1, int(keep[0].shape[0]))
-        lo = base + eoff[:, 0]
-        hi = base + (nb - 1) * stride + eoff[:, -1] + run
-        srt = self.layers
-        # Layer-major only where each layer's tensor is a region of its own (per-layer
-        # tensors): walking layer by layer is then walking memory upwards.
-        self.layer_major = bool((stride > 0).all() and (hi[srt][:-1] <= lo[srt][1:]).all())
-        base = np.ascontiguousarray(base, dtype=np.int64)
-        stride = np.ascontiguousarray(stride, dtype=np.int64)
-        self.keep = [*keep, base, stride, eoff, hoff, self.layers]  # memory the addresses name
-        self.at = tuple(_native.address(x) for x in (base, stride, eoff, hoff))
-
-    @classmethod
-    def build(cls, layers: list[np.ndarray], bytes_per_layer: int) -> _RunPlan | None:
-        fn = _native.copy_runs()
-        table = _native.block_table()
-        if fn is None or table is None or not layers or layers[0].shape[0] == 0:
-            return None
-        tables = [_native.run_table(t[0]) for t in layers]
-        run = tables[0][0]
-        if run < _NATIVE_MIN_RUN or any(r != run or len(o) != len(tables[0][1])
-                                        for r, o in tables):
-            return None
-        if run * len(tables[0][1]) != bytes_per_layer:
-            return None  # not one layer's bytes exactly: leave it to numpy
-        base = np.array([_native.address(t) for t in layers], dtype=np.int64)
-        stride = np.array([t.strides[0] for t in layers], dtype=np.int64)
-        offsets = np.stack([o for _, o in tables])
-        return cls(fn, table, run, base, stride, offsets, bytes_per_layer, list(layers))
-
-    def copy(self, idx: list[int], bufs: list[np.ndarray], l0: int, l1: int, out: bool) -> None:
-        """Engine blocks ``idx`` (layers ``[l0, l1)``) to ``bufs`` (``out``) or back."""
-        n = len(idx)
-        bp = np.fromiter((_native.address(x) for x in bufs), dtype=np.int64, count=n)
-        self.copy_at(np.asarray(idx, dtype=np.int64), bp, l0, l1, out)
-
-    def copy_at(self, blocks: np.ndarray, bp: np.ndarray, l0: int, l1: int, out: bool) -> None:
-        """Engine blocks ``blocks`` (int64, checked) to the whole-block buffers at addresses
-        ``bp`` (``out``) or back, layers ``[l0, l1)``."""
-        n = len(blocks)
-        if _ENGINE_ORDER:  # any order moves the same bytes: each block keeps its buffer
-            order = np.argsort(blocks, kind="stable")
-            blocks, bp = blocks[order], bp[order]
-            layer_major = self.layer_major
-        else:
-            blocks = np.ascontiguousarray(blocks, dtype=np.int64)
-            layer_major = False
-        layers = self.layers if l1 - l0 == self.nl else np.arange(l0, l1, dtype=np.int64)
-        m = n * len(layers) * self.num_runs
-        eng = np.empty(m, dtype=np.int64)
-        host = np.empty(m, dtype=np.int64)
-        base, stride, eoff, hoff = self.at
-        address = _native.address
-        self.table(n, address(blocks), address(bp), len(layers), address(layers), base, stride,
-                   self.num_runs, eoff, hoff, self.bpl, int(layer_major), address(eng),
-                   address(host))
-        dst, src = (host, eng) if out else (eng, host)
-        _native.run_copy(self.fn, m, dst, src, self.run)
 
 
 def _storage_spans(tensors: Sequence[Any]) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from kvbm.engine_blocks import _native
 from kvbm.errors import LayoutError
 from kvbm.layout import BlockLayout
 
-from . import _fill
+from . import _fill, _table
 from ._fill import LayerFill
 
 
@@ -153,7 +153,7 @@ class RoomViews:
     views, so a request reads no torch attribute of the room.
     """
 
-    __slots__ = ("at", "lk", "pairs", "t")
+    __slots__ = ("at", "at_addr", "cpu", "lk", "pairs", "t")
 
     def __init__(self, room: torch.Tensor) -> None:
         self.t = room.transpose(3, 4)
@@ -161,6 +161,10 @@ class RoomViews:
         token = room.shape[4] * room.shape[5] * room.element_size()  # one token's K (or V)
         self.lk = np.arange(2 * room.shape[0], dtype=np.int64)
         self.at = self.lk * (room.shape[3] * token) + room.data_ptr()
+        #: ``at``'s address, for the compiled table (``kvbm_hf._table``).
+        self.at_addr = _native.address(self.at)
+        #: The room is in host memory (the native copies' only kind).
+        self.cpu = room.device.type == "cpu"
 
 
 def room_views(room: torch.Tensor) -> RoomViews:
@@ -264,6 +268,9 @@ class CacheBlockDestination:
         its row number times the row stride (one numpy expression), so a load of 512
         blocks makes no Python call per block (the executor's path for a memory tier).
         """
+        v = self._views
+        if v is not None and v.cpu and not self.layered and self._table_in(v, indices, rows, at):
+            return
         r = _native.row_numbers(rows, at, len(indices), self.layout.bytes_per_block)
         runs = _native.copy_runs()
         if runs is None or not r.size or self.room.device.type != "cpu":
@@ -277,6 +284,30 @@ class CacheBlockDestination:
             self._layered_in(runs, self._blocks(indices), sp)
             return
         self._native_in(runs, self._blocks(indices), sp)
+
+    def _table_in(self, v: RoomViews, indices: Sequence[int], rows: np.ndarray,
+                  at: Sequence[int]) -> bool:
+        """``copy_in_rows`` of a pooled host room by the compiled table (``_table``):
+        the address tables of the lists ``indices`` and ``at`` in one C call, then the
+        copy as ``_native_in``. False (nothing copied) where it does not apply or a
+        number is off: the numpy path then copies, or names the bad value."""
+        fn = _table.load()
+        runs = _native.copy_runs()
+        n = len(indices)
+        bpb = self.layout.bytes_per_block
+        if fn is None or runs is None or not n or type(rows) is not np.ndarray \
+                or rows.ndim != 2 or rows.dtype != np.uint8 or rows.shape[1] != bpb \
+                or not rows.flags.c_contiguous:
+            return False
+        lk = len(v.lk)
+        part = bpb // lk
+        tab = np.empty((2, n * lk), dtype=np.int64)
+        d = _native.address(tab)
+        if fn(indices, at, n, self.num_blocks, rows.shape[0], _native.address(rows),
+              rows.strides[0], v.at_addr, lk, part, d, d + 8 * n * lk):
+            return False
+        _native.run_copy(runs, n * lk, tab[0], tab[1], part)
+        return True
 
     def _layered_in(self, runs: _native.RunCopy, blocks: np.ndarray, sp: np.ndarray) -> None:
         """``_native_in`` in layer order: layers ``< SYNC_LAYERS`` now, shared with the

@@ -284,3 +284,88 @@ def test_blocks_stored_through_the_cache_match_the_managers_hash_of_a_list(model
         assert m.num_blocks == 4
     finally:
         m.release()
+
+
+def _pooled(layout: BlockLayout, blocks: int, capacity: int) -> CacheBlockDestination:
+    from kvbm_hf._blocks import room_views
+
+    m = layout.model
+    room = torch.zeros((m.num_layers, 2, 1, capacity, m.num_kv_heads, m.head_dim))
+    return CacheBlockDestination.pooled(layout, blocks, room, room_views(room))
+
+
+@pytest.mark.parametrize("capacity", [6 * PAGE, 6 * PAGE + 3])
+def test_compiled_table_lands_the_bytes_the_numpy_tables_land(capacity: int) -> None:
+    import kvbm_hf._table as table
+
+    if table.load() is None:
+        pytest.skip("no C compiler: the numpy tables only")
+    layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
+    rows = np.random.default_rng(5).integers(0, 256, (9, layout.bytes_per_block), dtype=np.uint8)
+    ids, at = [4, 0, 2, 5], [7, 1, 8, 0]
+    got, used = [], []
+    real = CacheBlockDestination._table_in
+    for compiled in (True, False):
+        table.enabled = compiled
+        try:
+            dest = _pooled(layout, 6, capacity)
+            used.append(real(dest, dest._views, ids, rows, at) if compiled else False)
+            if not compiled:
+                dest.copy_in_rows(ids, rows, at)
+        finally:
+            table.enabled = True
+        got.append(dest.room.view(torch.uint8).clone())  # bytes: random bits hold NaNs
+    assert used == [True, False]
+    assert torch.equal(got[0], got[1])
+    # Block 5 (row 0), layer 0, K, token 2: at its place in the token-major room.
+    blk = torch.from_numpy(rows[0]).view(torch.float32).view(2, 2, PAGE, 2, 8)
+    assert torch.equal(got[0].view(torch.float32).view(2, 2, 1, capacity, 2, 8)[0, 0, 0, 5 * PAGE + 2],
+                       blk[0, 0, 2])
+
+
+@pytest.mark.parametrize(("ids", "at", "error"), [
+    ([0, 1], [1, 4], r"row 4 is out of range \[0, 4\) of rows"),
+    ([0, 3], [1, 2], r"block index 3 is out of range \[0, 3\)"),
+    ([0, -1], [1, 2], r"block index -1 is out of range \[0, 3\)"),
+    ([0, 1], [-1, 2], r"row -1 is out of range \[0, 4\) of rows"),
+    ([0, 2**70], [1, 2], r"Python int too large|out of range"),
+])
+def test_compiled_table_leaves_a_bad_number_to_the_numpy_checks(ids: list[int], at: list[int],
+                                                               error: str) -> None:
+    layout = BlockLayout(ModelSpec(2, 2, 8, "float32"), PAGE)
+    dest = _pooled(layout, 3, 4 * PAGE)
+    rows = np.ones((4, layout.bytes_per_block), dtype=np.uint8)
+    assert not dest._table_in(dest._views, ids, rows, at)  # type: ignore[arg-type]
+    with pytest.raises((LayoutError, OverflowError), match=error):
+        dest.copy_in_rows(ids, rows, at)
+    assert not bool(dest.room.view(torch.uint8).any())  # nothing copied before the error
+
+
+def test_prefix_loaded_through_the_compiled_table_gives_the_plain_models_logprobs(
+        model: Any, manager: Any) -> None:
+    import kvbm_hf._table as table
+
+    if table.load() is None:
+        pytest.skip("no C compiler: the numpy tables only")
+    used: list[bool] = []
+    real = CacheBlockDestination._table_in
+
+    def spy(self: Any, *args: Any) -> bool:
+        used.append(real(self, *args))
+        return used[-1]
+
+    prompt = _prompt(12 * PAGE + 1, 9)
+    with torch.inference_mode():
+        plain = model(prompt).logits.log_softmax(-1)
+        prefill(model, prompt, KvbmCache(manager, model), offload_wait=True)
+        CacheBlockDestination._table_in = spy  # type: ignore[method-assign]
+        try:
+            cache = KvbmCache(manager, model)
+            out = prefill(model, prompt, cache, offload=False)
+        finally:
+            CacheBlockDestination._table_in = real  # type: ignore[method-assign]
+    assert cache.loaded_tokens == 12 * PAGE
+    if not used:
+        pytest.skip("this executor copies a memory tier's blocks through views (no rows path)")
+    assert used == [True]
+    torch.testing.assert_close(out.logits.log_softmax(-1), plain[:, 12 * PAGE:], rtol=0, atol=1e-5)

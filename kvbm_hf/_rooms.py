@@ -42,6 +42,7 @@ from kvbm.engine_blocks import _native
 from kvbm.hashing import SequenceHash
 from kvbm.manager import KvBlockManager
 
+from . import _table
 from ._blocks import RoomViews, room_views
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -139,6 +140,7 @@ class ConnectorState:
         self._jobs: dict[object, Future[Any]] = {}
         self.allocated = 0  # rooms made, for tests and stats
         _native.copy_runs()  # compile the copy loop now, not inside the first request
+        _table.load()  # and the load's table (~0.1 s to compile)
 
     # -- rooms ---------------------------------------------------------------------------
     def room(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -113,3 +113,19 @@ def test_copy_out_rows_takes_the_one_call_path_for_a_host_tiers_arguments(
     blocks.copy_out_rows([4, 0, 5], rows, [2, 5, 0])
     for b, r in ((4, 2), (0, 5), (5, 0)):
         assert np.array_equal(rows[r], eb.block_bytes(ref, b)), (b, r)
+
+
+def test_the_repeat_check_forgets_each_batch_even_one_it_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one call keeps its repeat-check bytes between batches: each batch (a refused
+    one included) leaves them clear, so the next batch's ids are not taken for repeats."""
+    monkeypatch.setattr(adapter, "_NATIVE_MIN_RUN", 1)
+    form = "vllm-kv-first"
+    ref = eb.ref_for(form)
+    blocks, tensors = eb.build(form, torch.zeros_like(ref))
+    plan = _plan(blocks)
+    rows = np.stack([eb.block_bytes(ref, b) for b in range(NROWS)])
+    assert plan.copy_rows([0, 1, 2], rows, [0, 1, 2], blocks.num_blocks, False, True, True)
+    assert not plan.copy_rows([3, 4, 3], rows, [3, 4, 5], blocks.num_blocks, False, True, True)
+    assert plan.copy_rows([2, 3, 4, 5], rows, [2, 3, 4, 5], blocks.num_blocks, False, True, True)
+    assert eb.same_tensors(tensors, eb.FORMS[form][1](ref))

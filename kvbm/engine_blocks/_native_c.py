@@ -186,7 +186,7 @@ void kvbm_copy_rows(int64_t n, const int64_t *dst, const int64_t *src, int64_t r
  * (block ids b in [0, nb), none twice with `seen`; row numbers r in [0, nr)), then
  * the blocks in ascending id order (stable: equal ids keep their order), each with its
  * row's address rows_base + r * row_stride, and kvbm_block_table's tables from them.
- * `tmp`: 4n int64 of scratch. Returns 1 with nothing written when a check fails (the
+ * `tmp`: 4n int64 of scratch; `seen` (nb bytes, zero) is zero again on return. Returns 1 with nothing written when a check fails (the
  * caller's own checks then name the value), else 0. */
 #include <stdlib.h>
 static int kvbm_cmp_pair(const void *x, const void *y) {
@@ -199,7 +199,11 @@ int64_t kvbm_rows_table(int64_t n, const int64_t *b, int64_t nb, const int64_t *
                         const int64_t *base, const int64_t *stride, int64_t R,
                         const int64_t *eoff, const int64_t *hoff, int64_t bpl,
                         int64_t layer_major, int64_t *eng, int64_t *host) {
-    if (kvbm_check_ids(n, b, nb, r, nr, seen)) return 1;
+    int64_t bad = kvbm_check_ids(n, b, nb, r, nr, seen);
+    if (seen)  /* left all zero again: the caller keeps it for its next batch */
+        for (int64_t i = 0; i < n; i++)
+            if ((uint64_t)b[i] < (uint64_t)nb) seen[b[i]] = 0;
+    if (bad) return 1;
     int64_t *pairs = tmp, *blk = tmp + 2 * n, *buf = tmp + 3 * n;  /* (id, position) */
     int sorted = 1;
     for (int64_t i = 0; i < n; i++) {

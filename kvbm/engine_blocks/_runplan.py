@@ -3,6 +3,8 @@ layer) slice lies, and the one-call copies of a batch (``LayerSeparateBlocks``).
 
 from __future__ import annotations
 
+import threading
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +24,8 @@ class RunPlan:
     buffers' addresses: no Python per block or run.
     """
 
-    __slots__ = ("at", "bpl", "fn", "keep", "layer_major", "layers", "nl", "num_runs", "run",
-                 "table")
+    __slots__ = ("at", "bpl", "fn", "keep", "layer_major", "layers", "local", "nl", "num_runs",
+                 "rows", "rows_fn", "run", "table")
 
     def __init__(self, fn: _native.RunCopy, table: _native.BlockTable, run: int,
                  base: np.ndarray, stride: np.ndarray, offsets: np.ndarray,
@@ -48,7 +50,14 @@ class RunPlan:
         base = np.ascontiguousarray(base, dtype=np.int64)
         stride = np.ascontiguousarray(stride, dtype=np.int64)
         self.keep = [*keep, base, stride, eoff, hoff, self.layers]  # memory the addresses name
-        self.at = tuple(_native.address(x) for x in (base, stride, eoff, hoff))
+        self.at = tuple(_native.address(x) for x in (base, stride, eoff, hoff, self.layers))
+        self.rows_fn = _native.rows_table()
+        #: The last row array checked (and its address, shape, row stride): a host tier
+        #: passes the same arena each call.
+        self.rows: tuple[np.ndarray, int, tuple[int, ...], int] | None = None
+        #: Each calling thread's address tables (grown as needed, reused: a helper that
+        #: starts after its batch is done claims no chunk and reads no table).
+        self.local = threading.local()
 
     @classmethod
     def build(cls, layers: list[np.ndarray], bytes_per_layer: int,
@@ -94,7 +103,7 @@ class RunPlan:
         m = n * len(layers) * self.num_runs
         eng = np.empty(m, dtype=np.int64)
         host = np.empty(m, dtype=np.int64)
-        base, stride, eoff, hoff = self.at
+        base, stride, eoff, hoff, _ = self.at
         address = _native.address
         self.table(n, address(blocks), address(bp), len(layers), address(layers), base, stride,
                    self.num_runs, eoff, hoff, self.bpl, int(layer_major), address(eng),
@@ -106,34 +115,53 @@ class RunPlan:
                   out: bool, unique: bool, order: bool) -> bool:
         """Every layer of engine block ``indices[i]`` to row ``at[i]`` of ``rows`` (``out``)
         or back, checked and tabled by one native call (``kvbm_rows_table``), then one
-        shared copy: no numpy call per check, no sort or gather in numpy. False with
-        nothing copied where an argument is not in that call's form or fails its checks
-        (the caller's path then checks, and names the value)."""
-        fn = _native.rows_table()
-        if (fn is None or not isinstance(rows, np.ndarray) or rows.dtype != np.uint8
-                or rows.ndim != 2 or rows.shape[1] != self.bpl * self.nl):
+        shared copy: no numpy call per check, no sort or gather in numpy, the tables'
+        memory reused. False with nothing copied where an argument is not in that call's
+        form or fails its checks (the caller's path then checks, and names the value)."""
+        fn = self.rows_fn
+        got = self.rows
+        if got is None or got[0] is not rows or rows.shape != got[2]:
+            got = self._check_rows(rows)  # (a shape assigned in place is checked again)
+        if fn is None or got is None or (out and not rows.flags.writeable):
             return False
-        flags = rows.flags
-        if not flags.c_contiguous or (out and not flags.writeable):
+        try:  # lists of ints (what the executor passes): a plain C loop, no numpy
+            b = array("q", indices)
+            r = array("q", at)
+        except (TypeError, OverflowError, ValueError):
             return False
-        b = np.asarray(indices)
-        r = np.asarray(at)
         n = len(b)
-        if (not n or b.dtype != np.int64 or r.dtype != np.int64 or b.shape != (n,)
-                or r.shape != (n,) or not b.flags.c_contiguous or not r.flags.c_contiguous):
+        if not n or len(r) != n:
             return False
         m = n * self.nl * self.num_runs
-        tab = np.empty(2 * m + 4 * n, dtype=np.int64)  # engine, host addresses; scratch
-        t = _native.address(tab)
-        seen = np.zeros(num_blocks, dtype=np.uint8) if unique and n > 1 else None
-        base, stride, eoff, hoff = self.at
-        address = _native.address
-        if fn(n, address(b), num_blocks, address(r), rows.shape[0],
-              None if seen is None else address(seen), address(rows), rows.strides[0],
-              t + 16 * m, int(order), self.nl, address(self.layers), base, stride,
-              self.num_runs, eoff, hoff, self.bpl, int(self.layer_major), t, t + 8 * m):
+        loc = self.local
+        tab = getattr(loc, "tab", None)
+        if tab is None or len(tab) < 2 * m + 4 * n:
+            tab = loc.tab = np.empty(2 * m + 4 * n, dtype=np.int64)
+            loc.at = _native.address(tab)
+        t: int = loc.at
+        seen = None
+        if unique and n > 1:  # zero between calls: the C call clears what it sets
+            if getattr(loc, "seen_n", -1) != num_blocks:
+                loc.seen_buf = np.zeros(num_blocks, dtype=np.uint8)
+                loc.seen = _native.address(loc.seen_buf)
+                loc.seen_n = num_blocks
+            seen = loc.seen
+        base, stride, eoff, hoff, layers = self.at
+        if fn(n, b.buffer_info()[0], num_blocks, r.buffer_info()[0], got[2][0], seen, got[1],
+              got[3], t + 16 * m, int(order), self.nl, layers, base, stride, self.num_runs, eoff,
+              hoff, self.bpl, int(self.layer_major), t, t + 8 * m):
             return False
         eng, host = tab[:m], tab[m:2 * m]
         dst, src = (host, eng) if out else (eng, host)
         _native.run_copy(self.fn, m, dst, src, self.run)
         return True
+
+    def _check_rows(self, rows: Any) -> tuple[np.ndarray, int, tuple[int, ...], int] | None:
+        """``rows`` as the one call takes them (C-contiguous uint8 ``[rows, block bytes]``),
+        with its address, shape and row stride, kept for the next call; None otherwise."""
+        if (not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2
+                or rows.shape[1] != self.bpl * self.nl or not rows.flags.c_contiguous):
+            return None
+        got = (rows, _native.address(rows), rows.shape, int(rows.strides[0]))
+        self.rows = got
+        return got

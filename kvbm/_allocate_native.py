@@ -12,8 +12,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from . import _cc, _registry_native
 from .hashing import SequenceHash
 from .registry import BlockRegistry
@@ -194,10 +192,10 @@ def allocate_run(reg: BlockRegistry, keys: list[SequenceHash]) -> list[int | Non
     if (fn is None or native is None or lru is None or not reg._bytes or reg._doomed
             or len(keys) < 2 or (reg._events is not None and reg._events.active)):
         return [reg.allocate(k) for k in keys]
-    st = np.array([reg._ring_np.ctypes.data, reg._bottom, reg._nfree, 0, 0], dtype=np.int64)
+    st, at = reg.alloc_state()  # kept by the registry: no array (and ctypes) made a call
     evicted: list[tuple[SequenceHash, int]] = []
     try:
-        got = fn(keys, native[1], st.ctypes.data, evicted)
+        got = fn(keys, native[1], at, evicted)
     finally:
         reg._nfree = int(st[2])
         lru._n += int(st[3])

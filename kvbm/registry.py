@@ -5,24 +5,21 @@ not yet matchable) or ``REGISTERED`` (holds the block named by its hash). Regist
 blocks carry a pin count; registered unpinned blocks form the evictable cache that
 the tier's eviction policy orders. Every operation is O(1) per block.
 
-Everything per slot lives in flat arrays allocated once for the tier's capacity, so
-that a disk or S3 tier of ten million blocks costs tens of bytes per block, not
-hundreds: a 24-byte record a slot holding its key, pin count (``int32``) and state
-(``int8``), one cache line for all three, the key → slot index (``kvbm.flatmap.SlotKeys``,
-8 to 16 bytes) and the free slots (an ``int32`` ring used as a stack, 4 bytes). A policy that accepts slot numbers
-(``EvictionPolicy.use_slots``, as the core's LRU does) keeps its own state the same
-way; any other policy is handed keys, as before.
+Everything per slot lives in flat arrays allocated once for the tier's capacity (tens
+of bytes a block, not hundreds): a record a slot with its key, pin count (``int32``) and
+state (``int8``) in one cache line, the key → slot index (``kvbm.flatmap.SlotKeys``) and
+the free slots (an ``int32`` ring used as a stack). A policy that accepts slot numbers
+(``EvictionPolicy.use_slots``, as the core's LRU) keeps its state the same way (the
+LRU's links in the records); any other policy is handed keys.
 
 A match pins a prefix's blocks with one ``pin_run``: blocks saved together are read
 from consecutive slots with no index lookup, the others are looked up together, so that
-in a tier of millions of blocks the run's random memory accesses overlap instead of
-following one another. Where a C compiler is at hand that is one compiled call
-(``kvbm._registry_native``: every key's index bucket, then every record, fetched in
-passes), which with the core's LRU also pins the run (in place in the LRU list: the
-unlink is finished at the last unpin or when eviction meets the block);
-without one, numpy gathers (``SlotKeys.find_prefix``, whose gather of the keys' records
-brings their state and pins too) or, in a small table, one key at a time, with the same
-results.
+in a tier of millions of blocks the run's random memory accesses overlap. Where a C
+compiler is at hand that is one compiled call (``kvbm._registry_native``), which with
+the core's LRU also pins the run (in place in the LRU list: the unlink is finished at
+the last unpin or when eviction meets the block), as a batch commit is one call
+(``commit_run``); without one, numpy gathers (``SlotKeys.find_prefix``) or, in a small
+table, one key at a time, with the same results.
 
 A slot whose write failed goes to the *bottom* of the free stack (``abort(failed=True)``):
 it is retried only after every healthy free slot was used, so one dead slot (a
@@ -119,6 +116,8 @@ class BlockRegistry:
         # at ``_bottom``; slot 0 on top at first, as the tiers fill from the front.
         self._ring_np = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self._ring = self._ring_np.data
+        st = np.zeros(5, np.int64)  # the batch allocation's in/out state: ``alloc_state``
+        self._alloc = (st.data, int(st.ctypes.data), int(self._ring_np.ctypes.data), st)
         self._bottom = 0
         self._nfree = capacity
         # The slot after the last one pinned: where the next block of a match most
@@ -163,8 +162,7 @@ class BlockRegistry:
             self._unpin_slot = policy.unpin_slot
             self._prefetch_slots = (_no_prefetch if self._links_in_records
                                     else getattr(policy, "prefetch_slots", _no_prefetch))
-        # Registered blocks to drop once their last pin goes (their read failed): few,
-        # and only while pinned.
+        # Registered blocks to drop at their last unpin (their read failed): few.
         self._doomed: set[int] = set()
         # Runs of one kind, keyed (run number, kind) in the order they happened: a block
         # evicted and stored again (or stored then evicted) in one batch must reach
@@ -318,6 +316,13 @@ class BlockRegistry:
             self._emit(EventKind.ALLOCATED, key)
         return slot
 
+    def alloc_state(self) -> tuple[memoryview, int]:
+        """``kvbm._allocate_native``'s state (ring address, bottom, free count; the evictable
+        and eviction counts it adds), filled in, and its address."""
+        st, at, ring, _ = self._alloc
+        st[0], st[1], st[2], st[3], st[4] = ring, self._bottom, self._nfree, 0, 0
+        return st, at
+
     def commit(self, slot: int, priority: int = 0, pinned: bool = False) -> None:
         """The slot's bytes are written: the block becomes matchable (and evictable unless pinned)."""
         state = self._state
@@ -352,8 +357,7 @@ class BlockRegistry:
             self._lru._n += self._unlinked[0]  # type: ignore[union-attr]
             if at < 0:
                 return
-            slots = slots[at:]  # the first it did not commit: the loop asserts on it
-            priorities = priorities[at:]
+            slots, priorities = slots[at:], priorities[at:]  # the loop asserts on slots[0]
         for i, s in enumerate(slots):
             self.commit(s, priorities[i] if i < len(priorities) else 0, pinned)
 

@@ -17,7 +17,10 @@ Per block the loop does what the Python path does, in the same order:
 - write: invalidate the old header if it may be valid, write the data, checksum the
   bytes written (xxHash's own function, the one ``_xxh`` checked), put the checksum
   into the header Python packed for the block, seal the header with its own checksum,
-  write it. A block whose data write failed or came back short gets no header.
+  write it. A block whose data write failed or came back short gets no header. Into a
+  slot of a file the tier created and never wrote (its header page zeros), the data
+  goes with a zeroed header page in one request (``inval`` 2): ext4 converts the
+  slot's unwritten extent once, and the header write after it overwrites written space.
 - read: read the data, checksum it. Python compares the checksum with the index's.
 
 The requests go through the kernel's AIO (``AIO``; one context per thread, kept in a
@@ -65,6 +68,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #if defined(__has_include)
 #if __has_include(<linux/aio_abi.h>) && defined(SYS_io_setup)
@@ -150,15 +154,16 @@ static void aio_close(struct aio *a) {
     a->on = 0;
 }
 
-/* 1: submitted (take its result with aio_take); 0: not (do it synchronously) */
-static int aio_start(struct aio *a, int tag, int write, int64_t fd, int64_t buf, int64_t len,
+/* 1: submitted (take its result with aio_take); 0: not (do it synchronously). op: 0 read,
+ * 1 write, 2 vectored write (buf: an iovec array of len entries, copied at submit) */
+static int aio_start(struct aio *a, int tag, int op, int64_t fd, int64_t buf, int64_t len,
                      int64_t off) {
 #ifdef KVBM_AIO
     if (!a->on) return 0;
     struct iocb *cb = &a->cb[tag];
     memset(cb, 0, sizeof *cb);
     cb->aio_data = (uint64_t)tag;
-    cb->aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+    cb->aio_lio_opcode = op == 2 ? IOCB_CMD_PWRITEV : op ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
     cb->aio_fildes = (uint32_t)fd;
     cb->aio_buf = (uint64_t)buf;
     cb->aio_nbytes = (uint64_t)len;
@@ -169,7 +174,7 @@ static int aio_start(struct aio *a, int tag, int write, int64_t fd, int64_t buf,
     a->got[tag] = 0;
     return 1;
 #else
-    (void)a; (void)tag; (void)write; (void)fd; (void)buf; (void)len; (void)off;
+    (void)a; (void)tag; (void)op; (void)fd; (void)buf; (void)len; (void)off;
     return 0;
 #endif
 }
@@ -220,31 +225,42 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
     struct aio a;
     aio_open(&a, use_aio);
     int64_t i = take(next);
-    int iv = i < n && inval[i] && aio_start(&a, T_INV, 1, fd[i], (int64_t)zero, page, hoff[i]);
+    int iv = i < n && inval[i] == 1 && aio_start(&a, T_INV, 1, fd[i], (int64_t)zero, page, hoff[i]);
     while (i < n) {
         done++;
         int64_t j = -1;
         ssize_t got;
         uint64_t s;
-        int out;
+        int out, fresh;
+        int64_t want;
+        struct iovec iov[2];
         char *hp;
-        if (inval[i]) {
+        if (inval[i] == 1) {
             got = iv ? aio_take(&a, T_INV) : pwrite((int)fd[i], zero, (size_t)page, hoff[i]);
             if (got != page) { status[i] = fail(1, got); goto next; }
         }
-        out = aio_start(&a, T_DATA, 1, fd[i], buf[i], len[i], doff[i]);
+        /* a fresh slot (inval 2): its zeroed header page and its data in one request */
+        fresh = inval[i] == 2;
+        want = fresh ? page + len[i] : len[i];
+        iov[0].iov_base = (void *)zero;
+        iov[0].iov_len = (size_t)page;
+        iov[1].iov_base = (void *)buf[i];
+        iov[1].iov_len = (size_t)len[i];
+        out = fresh ? aio_start(&a, T_DATA, 2, fd[i], (int64_t)iov, 2, hoff[i])
+                    : aio_start(&a, T_DATA, 1, fd[i], buf[i], len[i], doff[i]);
         j = take(next);
-        iv = j < n && inval[j] && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
+        iv = j < n && inval[j] == 1 && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
         if (out) {
             /* the bytes handed to the kernel, checksummed while it writes them */
             s = h((const void *)buf[i], (size_t)hashed);
             got = aio_take(&a, T_DATA);
             async++;
         } else {
-            got = pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
-            s = got == len[i] ? h((const void *)buf[i], (size_t)hashed) : 0;
+            got = fresh ? pwritev((int)fd[i], iov, 2, hoff[i])
+                        : pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
+            s = got == want ? h((const void *)buf[i], (size_t)hashed) : 0;
         }
-        if (got != len[i]) { status[i] = fail(2, got); goto next; }
+        if (got != want) { status[i] = fail(2, got); goto next; }
         sums[i] = s;
         if (!headers) { status[i] = 0; goto next; }
         hp = headers + i * page;
@@ -259,7 +275,7 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
     next:
         if (j < 0) {
             j = take(next);
-            iv = j < n && inval[j] && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
+            iv = j < n && inval[j] == 1 && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
         }
         i = j;
     }

@@ -65,7 +65,8 @@ class NativeLoop(TierBase):
         self, idx: list[int], slots: Sequence[int], keys: Sequence[SequenceHash],
         src: Sequence[np.ndarray], sums: list[int | None], ok: list[bool], headers: bool,
     ) -> None:
-        """Blocks ``idx`` of a batch through the native loop: invalidate, data, checksum,
+        """Blocks ``idx`` of a batch through the native loop: invalidate (or, into a
+        slot never written, a zeroed header page with the data), data, checksum,
         header (``headers``; else the caller syncs and writes them); results into
         ``sums`` and ``ok``, the index and the counters as the Python loop keeps them."""
         nio = self._nio
@@ -75,12 +76,19 @@ class NativeLoop(TierBase):
         fd, buf, ln, doff, hoff, inval = (np.empty(m, np.int64) for _ in range(6))
         flat = [src[i].reshape(-1) for i in idx]  # alive until the call returns
         where = [self._locate(slots[i]) for i in idx]
+        fresh = self._fresh
         for j, i in enumerate(idx):
             st, local = where[j]
             self._keys[slots[i]] = None
             fd[j], buf[j], ln[j] = st.fd, flat[j].ctypes.data, flat[j].nbytes
             doff[j], hoff[j] = geom.data_offset(local), geom.header_offset(local)
-            inval[j] = self._hdr_live[slots[i]]
+            # 1: invalidate the old header first; 2: a slot never written (its header
+            # page zeros on disk): the data goes with a zeroed header page in one
+            # request, so the file's unwritten extent is converted once, and the header
+            # written after it overwrites written space.
+            live = self._hdr_live[slots[i]]
+            inval[j] = live or (2 if fresh[slots[i]] and doff[j] == hoff[j] + HEADER_BYTES
+                                else 0)
         hdr = self._headers(m) if headers else None
         if hdr is not None:
             with self._lock:

@@ -165,21 +165,24 @@ def _killed_mid_batch(path: Path, aio: bool, old: list[np.ndarray], new: list[np
 
 @pytest.mark.parametrize("aio", [True, False], ids=["aio", "pread-pwrite"])
 @pytest.mark.parametrize("at", [0, 3, 7])
+@pytest.mark.parametrize("slots", ["recycled", "fresh"])
 def test_a_process_killed_between_a_blocks_data_and_its_header_leaves_that_slot_a_miss(
-    tmp_path: Path, aio: bool, at: int,
+    tmp_path: Path, aio: bool, at: int, slots: str,
 ) -> None:
-    """Slots 0-7 hold blocks A; a process overwriting them with blocks B is killed after
-    block ``at``'s data and before its header. After recovery slot ``at`` holds
-    nothing (not A: its header was invalidated before B's data; not B: no header);
-    any other slot recovered (B before ``at``, A after it: their headers may or may
-    not have landed, an invalidation may have) reads back byte-exact what it names."""
+    """Slots 0-7 hold blocks A (``recycled``; ``fresh``: nothing, a new file); a process
+    writing blocks B into them is killed after block ``at``'s data and before its
+    header. After recovery slot ``at`` holds nothing (not A: its header was invalidated
+    before B's data; not B: no header); any other slot recovered (B before ``at``, A
+    after it: their headers may or may not have landed, an invalidation may have)
+    reads back byte-exact what it names."""
     t = make_tier(tmp_path, 8, io_threads=1)
     old = blocks(t.block_bytes, 8, seed=41)
     new = blocks(t.block_bytes, 8, seed=42)
     a_keys = [b"A" * 8 + bytes([k]) * 8 for k in range(8)]
     b_keys = [b"B" * 8 + bytes([k]) * 8 for k in range(8)]
     try:
-        assert t.write(list(range(8)), a_keys, old) == [True] * 8
+        if slots == "recycled":
+            assert t.write(list(range(8)), a_keys, old) == [True] * 8
     finally:
         t.close()
     _killed_mid_batch(tmp_path, aio, old, new, b_keys, at)
@@ -196,5 +199,48 @@ def test_a_process_killed_between_a_blocks_data_and_its_header_leaves_that_slot_
             assert np.array_equal(dst[0], by_key[bytes(key)])
         assert t.read([at], [a_keys[at]], blocks(t.block_bytes, 1, seed=44)) == [False]
         assert t.read([at], [b_keys[at]], blocks(t.block_bytes, 1, seed=44)) == [False]
+    finally:
+        t.close()
+
+
+def test_a_never_written_slot_takes_its_zeroed_header_page_with_its_data_a_recycled_one_an_invalidation(
+    tmp_path: Path,
+) -> None:
+    """What the glue hands the loop per block: 2 (a zeroed header page and the data in
+    one request) only into a slot of a file this tier created and never wrote; 1
+    (invalidate first) where a header may be live; 0 into a slot of an existing file
+    whose header was found invalid. Each write reads back byte-exact."""
+    seen: list[list[int]] = []
+
+    def spy(t: DiskTier) -> None:
+        assert t._nio is not None
+        real = t._nio.write_fn
+
+        def write_fn(k: int, m: int, c: int, *rest: int) -> int:
+            seen.append(list(np.ctypeslib.as_array((ctypes.c_int64 * m).from_address(rest[5]))))
+            return int(real(k, m, c, *rest))
+
+        t._nio = dataclasses.replace(t._nio, write_fn=write_fn)
+
+    src = blocks(8192, 8, seed=51)
+    keys = [bytes([k + 1]) * 16 for k in range(8)]
+    t = make_tier(tmp_path, 8, io_threads=2)
+    try:
+        spy(t)
+        assert t.write([0, 1, 2, 3], keys[:4], src[:4]) == [True] * 4  # new file
+        assert t.write([2, 3], keys[4:6], src[4:6]) == [True] * 2  # headers live
+    finally:
+        t.close()
+    t = make_tier(tmp_path, 8, io_threads=2)
+    try:
+        spy(t)
+        assert t.write([4, 5, 0], [keys[6], keys[7], keys[0]], [src[6], src[7], src[0]]) == [True] * 3
+        assert seen == [[2, 2, 2, 2], [1, 1], [0, 0, 1]]
+        want = [src[0], src[1], src[4], src[5], src[6], src[7]]
+        dst = blocks(8192, 6, seed=52)
+        got = t.read([0, 1, 2, 3, 4, 5], [keys[0], keys[1], keys[4], keys[5], keys[6], keys[7]], dst)
+        assert got == [True] * 6
+        assert all(np.array_equal(a, b) for a, b in zip(want, dst, strict=True))
+        assert all(on_disk(t, s)[0] is not None for s in range(6))
     finally:
         t.close()

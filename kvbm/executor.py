@@ -444,17 +444,23 @@ class Executor:
         With ``copy_now`` each tier's blocks are copied into ``dest`` as soon as they
         are read (whole blocks), and the path is timed with the copy.
         """
-        out: list[Any] = [None] * len(op.slots)
+        n = len(op.slots)
+        out: list[Any] = [None] * n
         groups: dict[int, list[int]] = {}
-        for i, t in enumerate(op.tiers):
-            groups.setdefault(t, []).append(i)
+        tiers = op.tiers
+        if n and tiers.count(tiers[0]) == n:  # all from one tier (the common case)
+            groups[tiers[0]] = list(range(n))
+        else:
+            for i, t in enumerate(tiers):
+                groups.setdefault(t, []).append(i)
         for t, members in sorted(groups.items()):
             if op.promote_op:  # promoted blocks read into their slots (staging.py)
                 members = read_into_promotion(self, op, t, members, dest, out, copy_now)
                 if not members:
                     continue
             t0 = time.perf_counter()
-            slots = [op.slots[i] for i in members]
+            whole = len(members) == n  # (then ``members`` is ``range(n)``)
+            slots = op.slots if whole else [op.slots[i] for i in members]
             rows = self._rows(t) if copy_now else None
             fast = _rows_fn(dest, out=False) if rows is not None else None
             if fast is not None and op.promote_op and any(
@@ -464,7 +470,8 @@ class Executor:
                 # A memory tier's rows straight into the engine, by row number: nothing
                 # to read first, no view per block.
                 assert rows is not None
-                self._copy_rows(fast, [op.dst[i] for i in members], rows, slots)
+                self._copy_rows(fast, op.dst if whole else [op.dst[i] for i in members], rows,
+                                slots)
                 for i in members:
                     out[i] = _COPIED
                 self.count(f"onboard:{self.tiers[t].name}", len(members),

@@ -102,3 +102,23 @@ def test_a_contiguous_index_out_of_range_is_refused_and_frees_its_slots(
         mgr.executor.save(mgr.planner.plan_save(hashes, [0, 2]).plan.saves[0],
                           ContiguousBlocks(np.zeros((2, bb), np.uint8), mgr.layout))
     assert mgr.chain[0].registry.num_free == free - 2  # reserved until the planner settles
+
+
+def test_a_match_split_between_host_and_disk_comes_back_byte_for_byte(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without promotion, the host's part of a match takes the row path and the disk's
+    part the read path, each with its own blocks' slots and destinations."""
+    monkeypatch.setattr(adapter, "_NATIVE_MIN_RUN", 1)
+    with KvBlockManager.from_config({"model": SMALL_MODEL, "page_size": PAGE, "tiers": [
+            {"type": "host", "num_blocks": 4},
+            {"type": "disk", "num_blocks": 16, "admission": "all", "path": str(tmp_path)}]}) as m:
+        engine, kv = _engine(m, 20, seed=5)
+        hashes = m.hash_tokens(np.arange(8 * PAGE, dtype=np.uint32) + 3)
+        src, dst = [3, 1, 7, 5, 0, 6, 2, 4], [12, 19, 8, 15, 10, 17, 9, 14]
+        m.offload(hashes, engine, indices=src)
+        assert m.flush(30)
+        with m.match_prefix(hashes) as match:
+            assert sorted(set(match.tiers)) == sorted({t.name for t in m.chain})  # both tiers
+            assert m.onboard(match, engine, indices=dst, promote=False).loaded == 8
+        for s, d in zip(src, dst):
+            assert all(torch.equal(t[:, s], t[:, d]) for t in kv), (s, d)

@@ -28,11 +28,12 @@ import sysconfig
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import xxhash
 
 from kvbm import _cc
 
-__all__ = ["ChainFn", "enabled", "implementation", "load", "python_chain"]
+__all__ = ["Chain64Fn", "ChainFn", "enabled", "implementation", "load", "load64", "python_chain"]
 
 #: False: hashers use the Python loop (tests compare both).
 enabled = True
@@ -82,15 +83,58 @@ PyObject *kvbm_chain128(void *fnp, const char *raw, Py_ssize_t n, Py_ssize_t ste
     if (buf != small) free(buf);
     return out;
 }
+
+/* kvbm_chain128 of int64 token ids (``len`` of them, the first n * page in n blocks),
+ * each written as its u32 little-endian bytes; None (nothing hashed) when any of the
+ * ``len`` ids lies outside [0, 2**32): the caller's Python path then names it. */
+PyObject *kvbm_chain128_i64(void *fnp, const int64_t *ids, Py_ssize_t len, Py_ssize_t n,
+                            Py_ssize_t page, const char *parent) {
+    for (Py_ssize_t i = 0; i < len; i++)
+        if ((uint64_t)ids[i] >> 32) Py_RETURN_NONE;
+    xxh128_fn fn = (xxh128_fn)fnp;
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    size_t step = 4 * (size_t)page;
+    char small[16 + 1024];
+    char *buf = step <= sizeof small - 16 ? small : (char *)malloc(16 + step);
+    if (buf == NULL) { Py_DECREF(out); return PyErr_NoMemory(); }
+    memcpy(buf, parent, 16);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t *t = ids + i * page;
+        unsigned char *w = (unsigned char *)buf + 16;
+        for (Py_ssize_t j = 0; j < page; j++, w += 4) {
+            uint32_t v = (uint32_t)t[j];
+            w[0] = (unsigned char)v; w[1] = (unsigned char)(v >> 8);
+            w[2] = (unsigned char)(v >> 16); w[3] = (unsigned char)(v >> 24);
+        }
+        xxh128_t h = fn(buf, 16 + step);
+        put_be64(buf, h.high64);
+        put_be64(buf + 8, h.low64);
+        PyObject *b = PyBytes_FromStringAndSize(buf, 16);
+        if (b == NULL) {
+            if (buf != small) free(buf);
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, b);
+    }
+    if (buf != small) free(buf);
+    return out;
+}
 """
 
 #: ``chain(raw, n, step, parent)``: the hashes of ``n`` blocks of ``step`` bytes of
 #: ``raw`` chained from the 16-byte ``parent``.
 ChainFn = Callable[[bytes, int, int, bytes], "list[bytes]"]
+#: ``chain64(ids, n, page, parent)``: the same chain over an int64 array of token ids
+#: (C-contiguous; ``n`` blocks of ``page`` ids), each id hashed as its u32 LE bytes;
+#: None when any id of ``ids`` lies outside [0, 2**32).
+Chain64Fn = Callable[[np.ndarray, int, int, bytes], "list[bytes] | None"]
 
 _lock = threading.Lock()
 _loaded = False
 _fn: ChainFn | None = None
+_fn64: Chain64Fn | None = None
 _impl = "Python loop"
 
 
@@ -114,7 +158,7 @@ def _probes() -> list[tuple[bytes, int, int, bytes]]:
         step = page * 4
         for n in (0, 1, 3):
             out.append((pattern[: n * step + 4], n, step, bytes(range(16))))
-            out.append((pattern[7 : 7 + n * step], n, step, b"\xff" * 16))
+            out.append((pattern[8 : 8 + n * step], n, step, b"\xff" * 16))
     return out
 
 
@@ -127,13 +171,28 @@ def _verified(chain: ChainFn) -> bool:
     return all(chain(*p) == python_chain(*p) for p in _probes())
 
 
-def _find(lib: ctypes.CDLL, paths: list[str]) -> tuple[ChainFn, str] | None:
-    """The first entry point (library by library, ``SYMBOLS`` in order) whose chain
-    equals the Python loop's on every probe, with its name; None if none does."""
+def _verified64(chain64: Chain64Fn) -> bool:
+    """The probes' chains from int64 ids, and None for an id below 0 or from 2**32 on."""
+    for raw, n, step, parent in _probes():
+        ids = np.frombuffer(raw, dtype="<u4").astype(np.int64)
+        if chain64(ids, n, step // 4, parent) != python_chain(raw, n, step, parent):
+            return False
+    bad = [np.array([1, 2, 3, v], dtype=np.int64) for v in (-1, 2**32, -(2**63))]
+    return all(chain64(b, 1, 2, bytes(16)) is None for b in bad)
+
+
+def _find(lib: ctypes.CDLL, paths: list[str]) -> tuple[ChainFn, Chain64Fn, str] | None:
+    """The first entry point (library by library, ``SYMBOLS`` in order) whose chains
+    (from bytes and from int64 ids) equal the Python loop's on every probe, with its
+    name; None if none does."""
     f = lib.kvbm_chain128
     f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ssize_t, ctypes.c_ssize_t,
                   ctypes.c_char_p]
     f.restype = ctypes.py_object
+    f64 = lib.kvbm_chain128_i64
+    f64.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_ssize_t,
+                    ctypes.c_ssize_t, ctypes.c_char_p]
+    f64.restype = ctypes.py_object
     for path in paths:
         try:
             xlib = ctypes.CDLL(path)
@@ -149,12 +208,17 @@ def _find(lib: ctypes.CDLL, paths: list[str]) -> tuple[ChainFn, str] | None:
                       _f: Callable[..., list[bytes]] = f, _a: int | None = addr) -> list[bytes]:
                 return _f(_a, raw, n, step, parent)
 
-            if _verified(chain):
-                return chain, f"{os.path.basename(path)}:{sym}"
+            def chain64(ids: np.ndarray, n: int, page: int, parent: bytes,
+                        _f: Callable[..., list[bytes] | None] = f64,
+                        _a: int | None = addr) -> list[bytes] | None:
+                return _f(_a, ids.__array_interface__["data"][0], len(ids), n, page, parent)
+
+            if _verified(chain) and _verified64(chain64):
+                return chain, chain64, f"{os.path.basename(path)}:{sym}"
     return None
 
 
-def _find_in(paths: list[str]) -> tuple[ChainFn, str] | None:
+def _find_in(paths: list[str]) -> tuple[ChainFn, Chain64Fn, str] | None:
     """``_find`` over ``paths`` with the compiled chain; None without a compiler."""
     include = sysconfig.get_paths().get("include", "")
     lib = _cc.build(SOURCE, "the chained block hasher", "the Python loop",
@@ -162,23 +226,36 @@ def _find_in(paths: list[str]) -> tuple[ChainFn, str] | None:
     return None if lib is None else _find(lib, paths)
 
 
-def load() -> ChainFn | None:
-    """The compiled, checked chain (built at the first call), or None when it cannot be
-    built, gives a different hash on a probe, or ``enabled`` is False."""
-    global _loaded, _fn, _impl
-    if not enabled:
-        return None
+def _load() -> None:
+    global _loaded, _fn, _fn64, _impl
     if not _loaded:
         with _lock:
             if not _loaded:
                 found = _find_in(_candidates())
                 if found is not None:
-                    _fn, _impl = found
+                    _fn, _fn64, _impl = found
                 _loaded = True
+
+
+def load() -> ChainFn | None:
+    """The compiled, checked chain (built at the first call), or None when it cannot be
+    built, gives a different hash on a probe, or ``enabled`` is False."""
+    if not enabled:
+        return None
+    _load()
     return _fn
+
+
+def load64() -> Chain64Fn | None:
+    """The compiled chain over int64 ids (``Chain64Fn``; built and checked with
+    ``load``'s), or None as ``load``."""
+    if not enabled:
+        return None
+    _load()
+    return _fn64
 
 
 def implementation() -> str:
     """Which code chains xxh3-128 hashes: ``<library>:<symbol>``, or ``Python loop``."""
-    load()
+    _load()
     return _impl if enabled else "Python loop"

@@ -36,6 +36,7 @@ digest is what is stored."""
 
 HashAlgorithm = Literal["xxh3_128", "sha256"]
 _U32 = np.dtype("<u4")
+_I64 = np.dtype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,10 @@ class BlockHasher:
 
         ``parent`` continues a chain (the hash of the block before ``tokens[0]``).
         """
+        if type(tokens) is np.ndarray and tokens.dtype == _I64 and self.algorithm == "xxh3_128":
+            got = self._hash_int64(tokens, parent)
+            if got is not None:
+                return got
         raw = _token_bytes(tokens)
         n = len(raw) // 4 // self.page_size
         step = self.page_size * 4
@@ -174,6 +179,27 @@ class BlockHasher:
                 prev = hashlib.sha256(prev + raw[i * step : (i + 1) * step]).digest()[:16]
                 append(prev)
         return cast(list[SequenceHash], out)
+
+
+    def _hash_int64(self, ids: np.ndarray, parent: SequenceHash | None) -> list[SequenceHash] | None:
+        """``hash_tokens`` of an int64 array by the compiled chain, which reads the ids
+        as they are (no range check pass, no u32 copy); None where it does not apply
+        (the general path then hashes, or names a bad id)."""
+        prev = parent if parent is not None else self._seed
+        n = len(ids) // self.page_size if ids.ndim == 1 else 0
+        if n < NATIVE_MIN_BLOCKS or type(prev) is not bytes or len(prev) != 16 \
+                or not ids.flags.c_contiguous:
+            return None
+        chain = _hash_native.load64()
+        if chain is None:
+            return None
+        return cast("list[SequenceHash] | None", chain(ids, n, self.page_size, prev))
+
+
+def hashes_int64() -> bool:
+    """True when ``hash_tokens`` of an int64 array reads it as it is (the compiled chain
+    checks the ids' range itself): callers holding int64 ids pass them unconverted."""
+    return _hash_native.load64() is not None
 
 
 # --- Dynamo's 64-bit scheme, for KV events read by Dynamo's router -----------------

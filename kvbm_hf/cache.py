@@ -45,6 +45,7 @@ import torch
 from transformers import DynamicCache
 
 from kvbm.errors import LayoutError, TokenError
+from kvbm.hashing import hashes_int64
 from kvbm.layout import ModelSpec
 from kvbm.manager import KvBlockManager, OffloadResult
 from kvbm.match import Match
@@ -255,7 +256,10 @@ class KvbmCache(DynamicCache):
     def _u32(self, row: np.ndarray) -> np.ndarray:
         """``row`` (checked by ``_tokens``) as the hasher's u32 ids: where the ids were
         checked against a vocabulary (below 2**32), the hasher's own range check (two
-        numpy reductions, cold after a forward) has nothing left to refuse."""
+        numpy reductions, cold after a forward) has nothing left to refuse. ``row``
+        itself where the hasher reads int64 ids as they are (its compiled chain)."""
+        if hashes_int64():
+            return row
         if self.vocab_size and self.vocab_size <= 2**32:
             return row.astype(np.uint32)
         return row

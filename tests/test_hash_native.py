@@ -11,7 +11,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm import BlockHasher, Namespace, _hash_native
+from kvbm import BlockHasher, Namespace, TokenError, _hash_native
 from kvbm import hashing as hashing_mod
 
 NS = Namespace(model_id="m", layout_digest="abc")
@@ -77,6 +77,50 @@ def test_compiled_chain_equals_python_loop(tokens: list[int], page: int,
         want = h.hash_tokens(tokens, parent=parent)  # type: ignore[arg-type]
     assert got == want
     assert len(got) == len(tokens) // page
+
+
+@pytest.mark.parametrize(("page", "tokens", "want"), PINNED, ids=["page4", "page16", "page64"])
+def test_int64_ids_hash_to_the_pinned_vectors(page: int, tokens: list[int],
+                                              want: list[str | None]) -> None:
+    got = BlockHasher(NS, page).hash_tokens(np.array(tokens, dtype=np.int64))
+    assert [g.hex() for g, w in zip(got, want, strict=True) if w is not None] == \
+        [w for w in want if w is not None]
+
+
+@needs_native
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(0, 2**32 - 1), max_size=700),
+       page=st.sampled_from([1, 3, 4, 16, 57, 300]),
+       parent=st.none() | st.binary(min_size=16, max_size=16),
+       strided=st.booleans())
+def test_compiled_chain_of_int64_ids_equals_python_loop(tokens: list[int], page: int,
+                                                        parent: bytes | None,
+                                                        strided: bool) -> None:
+    ids = np.array(tokens, dtype=np.int64)
+    if strided:  # a strided view: not C-contiguous, the general path
+        ids = np.repeat(ids, 2)[::2]
+    h = BlockHasher(NS, page)
+    got = h.hash_tokens(ids, parent=parent)  # type: ignore[arg-type]
+    with python_loop():
+        want = h.hash_tokens(tokens, parent=parent)  # type: ignore[arg-type]
+    assert got == want
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, -(2**63)])
+@pytest.mark.parametrize("where", [0, 37, 41], ids=["first", "in_a_block", "in_the_tail"])
+def test_int64_id_out_of_range_is_refused_anywhere(bad: int, where: int) -> None:
+    ids = np.arange(42, dtype=np.int64)  # 10 blocks of 4 and a tail of 2
+    ids[where] = bad
+    with pytest.raises(TokenError, match=f"min {ids.min()} and max {ids.max()}"):
+        BlockHasher(NS, 4).hash_tokens(ids)
+
+
+def test_load_check_refuses_an_int64_chain_that_skips_the_range_check() -> None:
+    def unchecked(ids: np.ndarray, n: int, page: int, parent: bytes) -> list[bytes]:
+        raw = ids.astype("<u4").tobytes()  # wraps -1 and 2**32 round instead of refusing
+        return _hash_native.python_chain(raw, n, 4 * page, parent)
+
+    assert not _hash_native._verified64(unchecked)
 
 
 @needs_native

@@ -44,7 +44,7 @@ from .limits import (
 )
 from .mempair import MemPairs
 from .progress import Progress
-from .remotepair import read_then_copy_gbps
+from .remotepair import RemoteSamples, read_then_copy_gbps
 from .s3pair import PathClock
 from .s3pair import add_rows as add_s3_rows
 from .workload import multi_turn_workload
@@ -94,6 +94,8 @@ class BenchReport:
     seconds: float = 0.0
     #: The memory paths' figures paired with the limit samples around them (``mempair``).
     mem_pairs: MemPairs = field(default_factory=MemPairs)
+    #: A remote tier's raw READ sampled around the workload's windows (``remotepair``).
+    remote_samples: RemoteSamples | None = None
 
     @property
     def hit_rate(self) -> float:
@@ -292,6 +294,7 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     probe_pool = ThreadPoolExecutor(max(1, threads - 1))
     remote = {rt.name: rt.tier for rt in mgr.chain if str(rt.config.type) == "remote"}
     remote_keys: dict[str, list[bytes]] = {name: [] for name in remote}
+    report.remote_samples = rs = RemoteSamples(remote, bb)
     for k, turn in enumerate(turns):
         if time.perf_counter() - t_start - paused > opts.duration:
             break
@@ -304,6 +307,8 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
             samples.append(probe_src.nbytes / secs / 1e9)
             report.mem_pairs.sample(samples[-1], mgr.executor.stats()["paths"])
         hashes = mgr.hash_tokens(turn.tokens)
+        if remote and k % 8 == 0:  # the raw READ at the same moments (not the workload's time)
+            paused += rs.sample(remote_keys, mgr.executor.stats()["paths"])
         t0 = time.perf_counter()
         match = mgr.match_prefix(hashes)
         report.match_ms.append((time.perf_counter() - t0) * 1e3)
@@ -337,6 +342,8 @@ def _workload_phase(mgr: KvBlockManager, opts: BenchOptions, report: BenchReport
     # The last window's limit sample, after its turns (its figures are paired with it).
     samples.append(probe_src.nbytes / best_copy(probe_dst, probe_src, threads, probe_pool) / 1e9)
     report.mem_pairs.sample(samples[-1], mgr.executor.stats()["paths"])
+    if remote:
+        paused += rs.sample(remote_keys, mgr.executor.stats()["paths"])
     bar.text = "flushing writes to the lower tiers"
     mgr.flush()
     report.seconds = time.perf_counter() - t_start - paused
@@ -510,10 +517,17 @@ def _attach_limits(report: BenchReport, kinds: dict[str, str], pairs: DiskPairs 
         elif kind == "remote":
             if not write and lim.get(f"nixl_read:{tier}"):
                 value, what = lim[f"nixl_read:{tier}"], "raw NIXL READ, same peer"
-                if lim.get(f"nixl_read_copy:{tier}"):
-                    rc = lim[f"nixl_read_copy:{tier}"]
+                rc = lim.get(f"nixl_read_copy:{tier}", 0.0)
+                if rc:
                     p["read_copy_gbps"] = rc
                     what += f" (then the engine copy: {rc:.2f}, ratio {p['gbps'] / rc:.2f})"
+                rs = report.remote_samples
+                if rs is not None and tier in rs.pairs and rs.pairs[tier].attach(name, p, "raw NIXL READ, same peer"):
+                    p["end_limit_gbps"] = value  # the READ after the workload, as before
+                    p["limit"] += f"; at the end {value:.2f}, ratio {p['gbps'] / value:.2f}"
+                    if rc:
+                        p["limit"] += f"; then the engine copy {rc:.2f}, ratio {p['gbps'] / rc:.2f}"
+                    continue
             else:
                 what = ("no limit (a remote tier reads only)" if write else
                         f"no limit ({report.limit_notes.get(tier, 'not measured')})")

@@ -82,6 +82,7 @@ class BlockReader(SpeculativeReads):
         self._piece_bytes = cfg.verify_bytes if cfg.verify_bytes < block_bytes else 0
         # The threads that READ (and hash) one batch at once, each with its own agent.
         self._lanes = CopyLanes(name, cfg.read_threads, agent, nixl_lock, make_agent)
+        self._lanes.warm()  # the extra lanes' agents made now, not in the first read
         self._pump_lock = threading.Lock()  # lanes ask the peer to progress one at a time
         # (peer agent, key) -> the slot address its last lease reply gave.
         self._addrs: dict[tuple[str, bytes], int] = {}

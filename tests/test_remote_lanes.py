@@ -274,3 +274,18 @@ def test_a_read_that_comes_while_another_threads_first_listing_runs_waits_for_it
     finally:
         a.close()
         b.close()
+
+
+def test_the_extra_lanes_are_made_when_the_tier_starts_not_in_the_first_read(tmp_path: Path) -> None:
+    m = KvBlockManager.from_config(_config({"rendezvous_dir": str(tmp_path / "rendezvous"),
+                                            "read_threads": 3}))
+    try:
+        lanes = m.chain[-1].tier._reader._lanes
+        assert lanes._warm is not None
+        lanes._warm.join(30)
+        assert lanes._extra is not None and len(lanes._extra) == 2, "made before any read"
+    finally:
+        m.close()
+    # The control: lanes nobody warms make their agents on first use only.
+    cold = CopyLanes("t", 3, _FakeAgent(), threading.RLock(), lambda k: _FakeAgent())
+    assert cold._extra is None and cold._warm is None

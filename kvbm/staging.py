@@ -80,6 +80,7 @@ class StagingPool:
         self._lock = threading.Condition(threading.Lock())
         self.ahead = ahead
         self._growing = False  # a background grow in flight
+        self._grower: threading.Thread | None = None
         self.allocated = 0
         self.grown_on_path = 0  # blocks mapped inside ``acquire`` (its caller waited)
         self.grown_ahead = 0  # blocks mapped by the background grower
@@ -88,8 +89,8 @@ class StagingPool:
     def acquire(self, n: int) -> list[np.ndarray]:
         """``n`` buffers of ``block_bytes`` each; give them back with ``release``."""
         with self._lock:
-            while len(self._free) < n and self._growing:
-                self._lock.wait()  # the chunk being touched may cover it
+            while len(self._free) < n and self._in_flight():
+                self._lock.wait(0.1)  # the chunk being touched may cover it
             if len(self._free) < n:  # only the shortfall where a chunk follows behind
                 short = n - len(self._free)
                 bufs = self._new(short if self.ahead else max(short, self._chunk_blocks))
@@ -125,12 +126,21 @@ class StagingPool:
     def settle(self, timeout: float | None = None) -> bool:
         """Wait for a background grow in flight; False if one is still running."""
         with self._lock:
-            return self._lock.wait_for(lambda: not self._growing, timeout)
+            return self._lock.wait_for(lambda: not self._in_flight(), timeout)
+
+    def _in_flight(self) -> bool:
+        """A background grow is running (under the lock). A grower whose thread is gone
+        without saying so (this process was forked while it ran) is given up on."""
+        g = self._grower
+        if self._growing and g is not None and g.ident is not None and not g.is_alive():
+            self._growing = False
+        return self._growing
 
     def _start_ahead(self, want: int) -> None:
         try:
-            threading.Thread(target=self._grow_ahead, args=(want,), name="kvbm-staging-grow",
-                             daemon=True).start()
+            self._grower = threading.Thread(target=self._grow_ahead, args=(want,),
+                                            name="kvbm-staging-grow", daemon=True)
+            self._grower.start()
         except RuntimeError:  # no thread to be had: grow on the path from now on
             self._ahead_done(None)
 

@@ -178,3 +178,18 @@ def test_the_executor_primes_its_pool_only_for_a_tier_without_views(tmp_path: Pa
         assert disk.executor.staging.allocated == 32  # one chunk, before any transfer
         assert disk.executor.staging.peak_in_use == 0
         assert host.executor.staging.allocated == 0, "a host-only chain mapped staging"
+
+
+def test_a_grower_lost_to_a_fork_does_not_hold_up_acquire() -> None:
+    pool = StagingPool(BLOCK, chunk_blocks=4)
+    gone = threading.Thread(target=lambda: None)
+    gone.start()
+    gone.join()
+    # As a forked child sees its parent's grower: in flight, its thread not running.
+    pool._growing, pool._grower = True, gone
+    got: list[list[np.ndarray]] = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(2)), daemon=True)
+    t.start()
+    t.join(10)
+    assert got and len(got[0]) == 2, "acquire waited on a grower that is gone"
+    assert pool.settle(10.0)

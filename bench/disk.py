@@ -3,10 +3,16 @@
 On one directory, in ``--repeats`` rounds, each figure of each path is paired with fio
 measured right around it: fio, the path, the path again, fio again (ABBA, so a load that
 rises or falls over the pair hits both sides alike); the path's figure is the better of
-its two passes, fio's the better of its two runs, and the pair's ratio is one sample;
+its two passes, fio's the best of its runs, and the pair's ratio is one sample;
 the table shows each path's ratios as min/median/max over the rounds. fio is the limit:
-O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads`` (``psync``, iodepth 1:
-one request in flight per job, as each tier thread has one), on files laid out once
+O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads``, at two depths each side
+of the pair (psync then libaio before the path, libaio then psync after it): ``psync``
+(iodepth 1, one request in flight per job) and ``libaio`` at the tier's in-flight depth
+(``kvbm_bench.limits.FIO_DEPTHS``: the native loop keeps a block's data, the last one's
+header and the next one's invalidation in flight per thread), each run moving half the
+bytes, so a pair's fio takes about as long as one depth's did; the limit is the better
+of the depths (both are printed), as the memory limits take the better of 1 and N
+threads. Where fio has no libaio, psync alone, and the table says so. On files laid out once
 before the rounds in the same directory, so fio overwrites allocated blocks as the tier
 does its slots (``make fio`` installs it). The ratio of fio's two runs in each pair
 (``fio ÷ fio``) shows how much the figures move by themselves within a pair.
@@ -60,7 +66,7 @@ from kvbm import BlockLayout, ContiguousBlocks, KvBlockManager, ModelSpec, Names
 from kvbm.layout import aligned_empty
 from kvbm.staging import huge_page_arena
 from kvbm.tier import TierContext
-from kvbm_bench.limits import BLOCK, best_of, find_fio
+from kvbm_bench.limits import BLOCK, best_of, find_fio, fio_depth_name, fio_depths, fio_run
 from kvbm_tiers_disk import _native_io as native_io
 from kvbm_tiers_disk._xxh import implementation as checksum_implementation
 from kvbm_tiers_disk.config import DiskTierConfig
@@ -102,28 +108,29 @@ def dd_limits(work: Path, src: Path, nbytes: int, repeats: int) -> tuple[float, 
 
 class FioLimit:
     """fio on files laid out once in ``work``: one run writes or reads them all (O_DIRECT,
-    2 MiB requests, ``jobs`` jobs of ``psync``: one request in flight per job), GB/s from
-    fio's own report. The arguments are ``kvbm_bench.limits.fio_gbps``'s."""
+    2 MiB requests, ``jobs`` jobs) at each of ``depths`` (``fio_depths``: psync iodepth 1
+    and libaio at the tier's depth, or psync alone), ``nbytes`` shared between the depths;
+    GB/s from fio's own report (``kvbm_bench.limits.fio_run``)."""
 
     def __init__(self, fio: str, work: Path, jobs: int, nbytes: int) -> None:
         self.fio, self.work, self.jobs = fio, work, max(1, jobs)
-        self.per_job = max(BLOCK, nbytes // self.jobs // BLOCK * BLOCK)
         work.mkdir()
-        self.run("write")  # lay the files out, untimed
+        self.depths = fio_depths(fio, str(work))
+        self.per_job = max(BLOCK, nbytes // len(self.depths) // self.jobs // BLOCK * BLOCK)
+        fio_run(fio, str(work), "write", self.jobs, self.per_job)  # lay the files out, untimed
 
-    def run(self, rw: str) -> float:
-        r = subprocess.run(
-            [self.fio, "--name=kvbm-limit", f"--directory={self.work}", f"--rw={rw}",
-             f"--bs={BLOCK}", f"--size={self.per_job}", f"--numjobs={self.jobs}", "--direct=1",
-             "--ioengine=psync", "--group_reporting", "--output-format=json", "--thread"],
-            capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(f"fio failed: {(r.stderr or r.stdout).strip()}")
-        out = r.stdout[r.stdout.index("{"):]  # fio may print notes before its JSON
-        bw = float(json.loads(out)["jobs"][0][rw]["bw_bytes"])
-        if bw <= 0:
-            raise RuntimeError("fio reported no bandwidth")
-        return bw / 1e9
+    def run(self, rw: str, reverse: bool = False) -> dict[int, float]:
+        """GB/s at each depth, run in order (``reverse``: deepest first)."""
+        order = sorted(self.depths, reverse=reverse)
+        return {d: fio_run(self.fio, str(self.work), rw, self.jobs, self.per_job, depth=d)
+                for d in order}
+
+
+def fio_pair(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """(limit, noise) of one pair from fio's runs at each depth before and after the
+    path: the limit the best of all of them, the noise the better depth before over the
+    better after."""
+    return max(*before.values(), *after.values()), max(before.values()) / max(after.values())
 
 
 def tier_for(work: Path, n: int, threads: int, engine: str) -> DiskTier:
@@ -339,13 +346,15 @@ def main() -> None:
             while not stop.is_set():
                 sum(range(2000))
 
-        def limit_once(rw: str) -> float:
+        def limit_once(rw: str, reverse: bool) -> dict[int, float]:
             # Without fio the limit is dd's (measured once, above), and the table says so.
             if limiter is None:
-                return dd_w if rw == "write" else dd_r
-            return limiter.run(rw)
+                return {1: dd_w if rw == "write" else dd_r}
+            return limiter.run(rw, reverse)
 
-        # got[path][rw]: (path GB/s, fio GB/s, fio first / fio second) per round
+        # got[path][rw]: (path GB/s, limit GB/s, fio first / fio second) per round;
+        # depth_got[rw][depth]: fio's best of its two runs in each pair, at that depth
+        depth_got: dict[str, dict[int, list[float]]] = {"write": {}, "read": {}}
         got: dict[str, dict[str, list[tuple[float, float, float]]]] = {
             k: {"write": [], "read": []} for k in paths}
         spinner = threading.Thread(target=spin, daemon=True) if a.python_load else None
@@ -354,10 +363,12 @@ def main() -> None:
         for _ in range(a.repeats):
             for k, p in paths.items():
                 for rw, fn in (("write", p.write), ("read", p.read)):
-                    f1 = limit_once(rw)
+                    f1 = limit_once(rw, False)
                     g = nbytes / best_of(fn, 2) / 1e9
-                    f2 = limit_once(rw)
-                    got[k][rw].append((g, max(f1, f2), f1 / f2))
+                    f2 = limit_once(rw, True)
+                    got[k][rw].append((g, *fio_pair(f1, f2)))
+                    for d in f1:
+                        depth_got[rw].setdefault(d, []).append(max(f1[d], f2[d]))
                 p.check()  # every byte of the last pass, outside the timing
         stop.set()
         if spinner is not None:
@@ -365,8 +376,8 @@ def main() -> None:
         for p in paths.values():
             p.close()
         paths.clear()
-        limit = (f"fio O_DIRECT bs=2M numjobs={a.threads} psync" if limiter is not None
-                 else f"dd O_DIRECT bs=2M ({why_dd})")
+        limit = (f"fio O_DIRECT bs=2M numjobs={a.threads}, {fio_depth_name(limiter.depths)}"
+                 if limiter is not None else f"dd O_DIRECT bs=2M ({why_dd})")
         fio_all = {rw: [x[1] for g in got.values() for x in g[rw]] for rw in ("write", "read")}
         self_all = {rw: [x[2] for g in got.values() for x in g[rw]] for rw in ("write", "read")}
         lim_w = statistics.median(fio_all["write"]) if fio_all["write"] else dd_w
@@ -380,6 +391,11 @@ def main() -> None:
             "limit_write_gbps": lim_w, "limit_read_gbps": lim_r,
             "limit_write_pairs": fio_all["write"], "limit_read_pairs": fio_all["read"],
             "fio_write_gbps": lim_w if limiter is not None else None,
+            "fio_depths": list(limiter.depths) if limiter is not None else [],
+            "fio_depth_write_gbps": {d: statistics.median(v) for d, v in depth_got["write"].items()}
+            if limiter is not None else {},
+            "fio_depth_read_gbps": {d: statistics.median(v) for d, v in depth_got["read"].items()}
+            if limiter is not None else {},
             "fio_read_gbps": lim_r if limiter is not None else None,
             "fio_self_write_range": summary(self_all["write"]) if self_all["write"] else None,
             "fio_self_read_range": summary(self_all["read"]) if self_all["read"] else None,
@@ -425,6 +441,11 @@ def main() -> None:
         return f"{r['min']:.2f}/{r['median']:.2f}/{r['max']:.2f}"
 
     print(f"  {'limit (median of its pairs)':48s} {lim_w:10.2f} {'1':>16s} {lim_r:10.2f} {'1':>16s}")
+    for d in res["fio_depths"]:
+        fw, fr = res["fio_depth_write_gbps"][d], res["fio_depth_read_gbps"][d]
+        name = "psync iodepth 1" if d <= 1 else f"libaio iodepth {d}"
+        print(f"  {f'fio {name} (median of its pairs)':48s} {fw:10.2f} {fw / lim_w:16.2f} "
+              f"{fr:10.2f} {fr / lim_r:16.2f}")
     if res["fio_self_write_range"] is not None:
         print(f"  {'fio ÷ fio (its two runs in a pair: noise)':48s} {'':10s} "
               f"{rng(res['fio_self_write_range']):>16s} {'':10s} {rng(res['fio_self_read_range']):>16s}")

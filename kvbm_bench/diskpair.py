@@ -11,7 +11,10 @@ part) is divided by the better of the fio samples right before and right after i
 parts' pair ratios (parts that moved fewer than ``MIN_BLOCKS`` blocks give none).
 
 A sample is three fio runs with the tier's threads and the arguments of
-``limits.fio_run``: a write into new files (preallocated, never written, as a new
+``limits.fio_run`` at each of ``limits.fio_depths`` (``psync`` iodepth 1 and ``libaio``
+at the tier's in-flight depth, each on its own files, half the bytes each, so a sample
+takes about as long as one depth's did; each figure the better of the depths, as the
+memory limit is the better of 1 and N threads): a write into new files (preallocated, never written, as a new
 tier's slots; ext4 converts such an extent on its first write, and fio's own first
 write ran at 0.84 of its overwrite here), the same files written again (an overwrite,
 as a slot written before), and a read. A part's write limit weighs the two by the
@@ -29,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .limits import fio_per_job, fio_run
+from .limits import fio_depth_name, fio_depths, fio_per_job, fio_run
 
 SEGMENTS = 4  # parts of the workload, hence SEGMENTS + 1 fio samples per disk tier
 MIN_BLOCKS = 8  # a part's figure of fewer blocks is a latency, not a rate: no pair
@@ -37,11 +40,13 @@ MIN_BLOCKS = 8  # a part's figure of fewer blocks is a latency, not a rate: no p
 
 @dataclass
 class FioSample:
-    """GB/s of one fio sample: write into new files, the same written again, read."""
+    """GB/s of one fio sample: write into new files, the same written again, read; each
+    the best of its depths, whose own figures ``depths`` keeps (depth -> the three)."""
 
     write_fresh: float
     write_over: float
     read: float
+    depths: dict[int, tuple[float, float, float]] = field(default_factory=dict)
 
     def write_limit(self, nbytes: int, fresh_bytes: int) -> float:
         """GB/s fio would write ``nbytes`` at, ``fresh_bytes`` of them into new space."""
@@ -51,20 +56,25 @@ class FioSample:
 
 
 def fio_sample(fio: str, directory: str, jobs: int, nbytes: int) -> FioSample | None:
-    """One ``FioSample`` in a new folder under ``directory`` (removed after); None where
-    fio fails there."""
+    """One ``FioSample`` in a new folder under ``directory`` (removed after): at each of
+    ``fio_depths``, ``nbytes`` shared between them; None where fio fails there."""
     work = tempfile.mkdtemp(prefix="kvbm-fio-", dir=directory)
     name = f"kvbm-limit-{uuid.uuid4().hex[:8]}"
-    per = fio_per_job(nbytes, jobs)
+    depths = fio_depths(fio, directory)
+    per = fio_per_job(nbytes // len(depths), jobs)
+    by: dict[int, tuple[float, float, float]] = {}
     try:
-        wf = fio_run(fio, work, "write", jobs, per, name)
-        wo = fio_run(fio, work, "write", jobs, per, name)
-        rd = fio_run(fio, work, "read", jobs, per, name)
+        for d in depths:
+            nd = f"{name}-qd{d}"  # each depth's own files: both first writes are fresh
+            wf = fio_run(fio, work, "write", jobs, per, nd, d)
+            wo = fio_run(fio, work, "write", jobs, per, nd, d)
+            by[d] = (wf, wo, fio_run(fio, work, "read", jobs, per, nd, d))
     except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
         return None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return FioSample(wf, wo, rd)
+    best = [max(v[i] for v in by.values()) for i in range(3)]
+    return FioSample(best[0], best[1], best[2], depths=by)
 
 
 @dataclass
@@ -146,7 +156,8 @@ class DiskPairs:
             self.pairs.setdefault(path, []).append(Pair(nbytes / secs / 1e9, lim, frac))
 
     def limits(self) -> dict[str, float]:
-        """Each tier's fio figures, medians of its samples, for the report's ``limits``."""
+        """Each tier's fio figures, medians of its samples, for the report's ``limits``:
+        the best of the depths, and each depth's own (``fio_write_qd<d>:<tier>`` …)."""
         out: dict[str, float] = {}
         for name, t in self.tiers.items():
             if not t.samples:
@@ -154,9 +165,20 @@ class DiskPairs:
             out[f"fio_write:{name}"] = statistics.median(s.write_over for s in t.samples)
             out[f"fio_write_fresh:{name}"] = statistics.median(s.write_fresh for s in t.samples)
             out[f"fio_read:{name}"] = statistics.median(s.read for s in t.samples)
+            for d in sorted({d for s in t.samples for d in s.depths}):
+                got = [s.depths[d] for s in t.samples if d in s.depths]
+                out[f"fio_write_qd{d}:{name}"] = statistics.median(x[1] for x in got)
+                out[f"fio_write_fresh_qd{d}:{name}"] = statistics.median(x[0] for x in got)
+                out[f"fio_read_qd{d}:{name}"] = statistics.median(x[2] for x in got)
             out[f"fio_jobs:{name}"] = float(t.jobs)
             out[f"fio_samples:{name}"] = float(len(t.samples))
         return out
+
+    def depth_name(self, tier: str) -> str:
+        """How ``tier``'s samples were taken (``limits.fio_depth_name``)."""
+        t = self.tiers.get(tier)
+        depths = sorted({d for s in t.samples for d in s.depths}) if t is not None else []
+        return fio_depth_name(depths) if depths else "psync iodepth 1"
 
     def attach(self, path: str, p: dict[str, Any], rw: str, jobs: int) -> bool:
         """Set ``path``'s limit, ratio (median of its pairs) and pairs in ``p``; False
@@ -166,7 +188,8 @@ class DiskPairs:
             return False
         ratios = put_pairs(p, pairs)
         what = (f"fio {rw} O_DIRECT 2MiB x{jobs} jobs paired around {len(pairs)} parts "
-                f"(median; pairs {min(ratios):.2f}-{max(ratios):.2f})")
+                f"(median; pairs {min(ratios):.2f}-{max(ratios):.2f}), "
+                f"{self.depth_name(path.split(':', 1)[-1])}")
         if rw == "write":
             frac = sum(x.fresh_fraction for x in pairs) / len(pairs)
             p["fresh_fraction"] = frac

@@ -7,7 +7,8 @@ Every path has its own limit, measured on the same bytes, in the same run:
   several on some machines, and streaming faster than glibc's memcpy for copies that
   pass the caches, so a fixed count or memcpy alone would flatter;
 - a tier on a local directory: fio with O_DIRECT, 2 MiB blocks and ``numjobs`` = the
-  tier's I/O threads (``fio_gbps``), with ``dd`` (one request in flight) beside it;
+  tier's I/O threads, the better of ``psync`` (iodepth 1) and ``libaio`` at the tier's
+  in-flight depth (``fio_gbps``, ``FIO_DEPTHS``), with ``dd`` (one request in flight) beside it;
   without fio, dd is the limit and the table says so;
 - an S3 tier: a raw boto3 put/get loop against the same server, bucket and
   credentials, with the tier's concurrency (``s3_raw_gbps``);
@@ -236,15 +237,25 @@ def find_fio() -> str | None:
     return shutil.which("fio")
 
 
-def fio_run(fio: str, work: str, rw: str, jobs: int, per_job: int, name: str = "kvbm-limit") -> float:
+# fio's depths for a disk limit: ``psync`` (iodepth 1, one request in flight per job) and
+# ``libaio`` at the disk tier's in-flight depth (its native loop keeps block i's data, block
+# i-1's header and block i+1's invalidation in flight per thread). The limit is the
+# better of the two, as the memory limit is the better of 1 and N threads.
+FIO_DEPTHS = (1, 3)
+
+
+def fio_run(fio: str, work: str, rw: str, jobs: int, per_job: int, name: str = "kvbm-limit",
+            depth: int = 1) -> float:
     """GB/s of one fio run in ``work``: ``rw`` (write or read) of ``jobs`` files of
-    ``per_job`` bytes named ``name``, O_DIRECT, 2 MiB blocks, ``psync`` (one request in
-    flight per job, as each tier thread has one). A write into files fio has not seen
-    creates them first (preallocated, as the tier's slot files); again, it overwrites
-    them. Raises RuntimeError (or OSError, ValueError) where fio fails."""
+    ``per_job`` bytes named ``name``, O_DIRECT, 2 MiB blocks; ``depth`` 1 is ``psync``
+    (one request in flight per job), more is ``libaio`` with that ``iodepth``. A write
+    into files fio has not seen creates them first (preallocated, as the tier's slot
+    files); again, it overwrites them. Raises RuntimeError (or OSError, ValueError)
+    where fio fails."""
+    engine = ["--ioengine=psync"] if depth <= 1 else ["--ioengine=libaio", f"--iodepth={depth}"]
     r = subprocess.run(
         [fio, f"--name={name}", f"--directory={work}", f"--rw={rw}", f"--bs={BLOCK}",
-         f"--size={per_job}", f"--numjobs={max(1, jobs)}", "--direct=1", "--ioengine=psync",
+         f"--size={per_job}", f"--numjobs={max(1, jobs)}", "--direct=1", *engine,
          "--group_reporting", "--output-format=json", "--thread"],
         capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
@@ -256,6 +267,33 @@ def fio_run(fio: str, work: str, rw: str, jobs: int, per_job: int, name: str = "
     return bw / 1e9
 
 
+_AIO_OK: dict[tuple[str, str], bool] = {}
+
+
+def fio_depths(fio: str, directory: str) -> tuple[int, ...]:
+    """``FIO_DEPTHS`` where this fio runs ``libaio`` with O_DIRECT in ``directory`` (one
+    2 MiB write, checked once per process), else ``(1,)``: ``psync`` alone."""
+    key = (fio, directory)
+    if key not in _AIO_OK:
+        work = tempfile.mkdtemp(prefix="kvbm-fio-", dir=directory)
+        try:
+            fio_run(fio, work, "write", 1, BLOCK, "kvbm-aio-probe", depth=FIO_DEPTHS[-1])
+            _AIO_OK[key] = True
+        except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
+            _AIO_OK[key] = False
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return FIO_DEPTHS if _AIO_OK[key] else (1,)
+
+
+def fio_depth_name(depths: tuple[int, ...] | list[int]) -> str:
+    """How a limit over ``depths`` was taken, for the tables."""
+    names = [("psync iodepth 1" if d <= 1 else f"libaio iodepth {d}") for d in depths]
+    if len(names) == 1 and depths[0] <= 1:
+        return "psync iodepth 1 alone (fio has no libaio here)"
+    return "best of " + " and ".join(names)
+
+
 def fio_per_job(nbytes: int, jobs: int) -> int:
     """Bytes per fio job for ``nbytes`` in all: whole 2 MiB blocks, at least one."""
     return max(BLOCK, nbytes // max(1, jobs) // BLOCK * BLOCK)
@@ -264,18 +302,22 @@ def fio_per_job(nbytes: int, jobs: int) -> int:
 def fio_gbps(directory: str, threads: int, nbytes: int = 512 * 2**20, repeats: int = 2,
              fio: str | None = None) -> tuple[float, float] | None:
     """(write, read) GB/s of fio in ``directory``: O_DIRECT, 2 MiB blocks, ``threads``
-    jobs (``psync``, as the tier's threads issue ``pwrite``/``pread``), ``nbytes`` in all;
-    best of ``repeats``. None where fio is missing or fails (O_DIRECT refused …)."""
+    jobs, at each of ``fio_depths`` (``nbytes`` shared between them, so the run takes
+    about as long as one depth would); the best of the depths and of ``repeats``. None
+    where fio is missing or fails (O_DIRECT refused …)."""
     fio = fio or find_fio()
     if fio is None:
         return None
     jobs = max(1, threads)
-    per_job = fio_per_job(nbytes, jobs)
+    depths = fio_depths(fio, directory)
+    per_job = fio_per_job(nbytes // len(depths), jobs)
     work = tempfile.mkdtemp(prefix="kvbm-fio-", dir=directory)
     name = f"kvbm-limit-{uuid.uuid4().hex[:8]}"
     try:
-        w = max(fio_run(fio, work, "write", jobs, per_job, name) for _ in range(repeats))
-        rd = max(fio_run(fio, work, "read", jobs, per_job, name) for _ in range(repeats))
+        w = max(fio_run(fio, work, "write", jobs, per_job, name, d)
+                for d in depths for _ in range(repeats))
+        rd = max(fio_run(fio, work, "read", jobs, per_job, name, d)
+                 for d in depths for _ in range(repeats))
     except (OSError, RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
         return None
     finally:

@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,9 +127,6 @@ class PeerSet:
         # peer key -> (record stamp, when to parse it again) of leftovers found stale
         self._stale_files: dict[str, tuple[Hashable, float]] = {}
         self._closed = False
-        #: Called with a peer the rendezvous just showed (new, or restarted with a new
-        #: agent), outside every lock: the tier connects its read lanes to it ahead.
-        self.on_found: Callable[[Peer], None] | None = None
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -173,14 +170,6 @@ class PeerSet:
         finally:
             self._first_listed.set()
 
-    def scan_ahead(self) -> None:
-        """One listing now, off the read path (the tier's connect thread at start), to
-        find the peers early. It does not count as the first listing: the first probe
-        lists again on its own thread as before (so it sees the records as they are
-        then, and a caller that comes meanwhile waits for it)."""
-        if self._rdv is not None:
-            self._scan(self._rdv, ahead=True)
-
     def _scan_queued_once(self, rdv: Rendezvous) -> None:
         try:
             if not self._closed:
@@ -191,17 +180,16 @@ class PeerSet:
             with self._scan_gate:
                 self._scan_queued = False
 
-    def _scan(self, rdv: Rendezvous, ahead: bool = False) -> None:
+    def _scan(self, rdv: Rendezvous) -> None:
         """One listing of ``rdv``: add, update and drop the peers published there."""
         with self._scan_lock:
-            self._scanned = self._scanned or not ahead
+            self._scanned = True
             listing = rdv.listing()
             if listing is None:
                 return  # logged by the rendezvous; keep the peers known so far
             now = time.monotonic()
             wall = time.time()
             seen: set[str] = set()
-            found: list[Peer] = []
             for pid, stamp in listing.items():
                 key = f"id:{pid}"
                 with self._peers_lock:
@@ -250,8 +238,6 @@ class PeerSet:
                     if peer is None:
                         peer = self._peers[key] = Peer(key, str(info["addr"]), from_dir=True)
                 with peer.lock:
-                    if peer.epoch != info["epoch"]:
-                        found.append(peer)
                     if peer.epoch and peer.epoch != info["epoch"]:
                         # The peer restarted: its old agent and connection are gone.
                         self._forget_agent(peer)
@@ -277,9 +263,6 @@ class PeerSet:
         for peer in dropped:
             with peer.lock:
                 self._forget_agent(peer)
-        if self.on_found is not None:
-            for peer in found:
-                self.on_found(peer)
 
     def _fresh(self, heartbeat: float, interval_s: float, wall: float) -> bool:
         """Whether a peer file's heartbeat is recent enough to trust the peer is alive."""
@@ -343,15 +326,6 @@ class PeerSet:
         """One request to ``peer`` and its reply (none for one-way ``release``)."""
         self.send(peer, msg)
         return self.recv(peer, str(msg["op"])) if reply else {}
-
-    def configured(self) -> list[Peer]:
-        """The peers named by address in ``peers`` (not found at a rendezvous)."""
-        with self._peers_lock:
-            return [p for p in self._peers.values() if not p.from_dir]
-
-    def connect(self, peer: Peer) -> None:
-        """Make ``peer`` live now (caller holds ``peer.lock``); PeerError when it fails."""
-        self._connect(peer)
 
     def _connect(self, peer: Peer) -> None:
         """Make ``peer`` live: learn its metadata (hello or its file) and load its agent."""

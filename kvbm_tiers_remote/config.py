@@ -136,12 +136,6 @@ class RemoteTierConfig(TierConfig):
         description="serving side: remember each block's xxh3 from its first lease instead of "
         "hashing it on every lease (a stale sum only causes a miss, then a recompute)",
     )
-    connect_ahead: bool = Field(
-        True,
-        description="connect every read lane to a peer on a background thread when the peer "
-        "is found (UCX's wire-up, ~65 ms a lane on loopback), not in the first READ from it; "
-        "a connect that fails leaves the first READ to connect, as with false",
-    )
     progress_thread: bool = Field(
         False,
         description="run NIXL's progress thread (it polls a core even when idle); when off, "

@@ -55,7 +55,6 @@ from kvbm.errors import ConfigError
 from kvbm.hashing import SequenceHash
 from kvbm.tier import Tier, TierContext
 
-from ._connect import Connector
 from ._peers import Peer, PeerError, PeerSet, RemoteStats
 from ._reader import BlockReader
 from .config import RemoteTierConfig
@@ -225,12 +224,6 @@ class RemoteTier(Tier):
 
         self._reader = BlockReader(self.name, config, self._agent, self._nixl_lock,
                                    self.block_bytes, self._peer_set, self.stats_r, make_agent)
-        # Each read lane connects to a peer when the peer is found, on a thread.
-        self._connector: Connector | None = None
-        if config.connect_ahead:
-            self._connector = Connector(self.name, self._peer_set, self._reader._lanes)
-            self._peer_set.on_found = self._connector.found
-            self._connector.start()
         self._server: BlockServer | None = None
         self._served_reg: Any = None
         self._publisher: threading.Thread | None = None
@@ -451,8 +444,6 @@ class RemoteTier(Tier):
             return
         self._closed = True
         self.detach()
-        if self._connector is not None:
-            self._connector.close()
         self._peer_set.close()
         self._reader.close()
         if self._rdv is not None:

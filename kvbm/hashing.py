@@ -180,7 +180,6 @@ class BlockHasher:
                 append(prev)
         return cast(list[SequenceHash], out)
 
-
     def _hash_int64(self, ids: np.ndarray, parent: SequenceHash | None) -> list[SequenceHash] | None:
         """``hash_tokens`` of an int64 array by the compiled chain, which reads the ids
         as they are (no range check pass, no u32 copy); None where it does not apply

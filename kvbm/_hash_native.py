@@ -55,6 +55,19 @@ static void put_be64(char *p, uint64_t v) {
     for (int i = 7; i >= 0; i--) { p[i] = (char)(v & 0xff); v >>= 8; }
 }
 
+/* Hash ``buf`` (the parent's 16 bytes, then ``step`` bytes of a block), write the
+ * digest in canonical form over the parent for the next block, and store it as item
+ * ``i`` of ``out``; -1 (an exception set) when memory runs out. */
+static int store_link(xxh128_fn fn, char *buf, size_t step, PyObject *out, Py_ssize_t i) {
+    xxh128_t h = fn(buf, 16 + step);
+    put_be64(buf, h.high64);
+    put_be64(buf + 8, h.low64);
+    PyObject *b = PyBytes_FromStringAndSize(buf, 16);
+    if (b == NULL) return -1;
+    PyList_SET_ITEM(out, i, b);
+    return 0;
+}
+
 /* The chained hashes of the n blocks of ``step`` bytes at ``raw`` (each the hash of
  * the previous one's 16 bytes, or ``parent``'s for the first, then the block's bytes)
  * as a new list of 16-byte bytes; NULL (an exception set) when memory runs out. */
@@ -69,16 +82,11 @@ PyObject *kvbm_chain128(void *fnp, const char *raw, Py_ssize_t n, Py_ssize_t ste
     memcpy(buf, parent, 16);
     for (Py_ssize_t i = 0; i < n; i++) {
         memcpy(buf + 16, raw + i * step, (size_t)step);
-        xxh128_t h = fn(buf, 16 + (size_t)step);
-        put_be64(buf, h.high64);
-        put_be64(buf + 8, h.low64);
-        PyObject *b = PyBytes_FromStringAndSize(buf, 16);
-        if (b == NULL) {
+        if (store_link(fn, buf, (size_t)step, out, i) < 0) {
             if (buf != small) free(buf);
             Py_DECREF(out);
             return NULL;
         }
-        PyList_SET_ITEM(out, i, b);
     }
     if (buf != small) free(buf);
     return out;
@@ -107,16 +115,11 @@ PyObject *kvbm_chain128_i64(void *fnp, const int64_t *ids, Py_ssize_t len, Py_ss
             w[0] = (unsigned char)v; w[1] = (unsigned char)(v >> 8);
             w[2] = (unsigned char)(v >> 16); w[3] = (unsigned char)(v >> 24);
         }
-        xxh128_t h = fn(buf, 16 + step);
-        put_be64(buf, h.high64);
-        put_be64(buf + 8, h.low64);
-        PyObject *b = PyBytes_FromStringAndSize(buf, 16);
-        if (b == NULL) {
+        if (store_link(fn, buf, step, out, i) < 0) {
             if (buf != small) free(buf);
             Py_DECREF(out);
             return NULL;
         }
-        PyList_SET_ITEM(out, i, b);
     }
     if (buf != small) free(buf);
     return out;

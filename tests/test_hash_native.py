@@ -171,3 +171,26 @@ def test_sha256_chains_ignore_the_compiled_xxh3() -> None:
 
 def test_a_library_without_the_symbols_gives_no_compiled_chain() -> None:
     assert _hash_native._find_in(["libc.so.6", "/nonexistent/lib.so"]) is None
+
+
+def test_the_compiled_chain_loads_where_a_compiler_and_the_symbol_exist() -> None:
+    """The tests marked ``needs_native`` skip without the compiled chain: on a machine
+    with a C compiler and python-xxhash's XXH3_128bits, a chain that fails to build is
+    a fault (its C no longer compiles), not a machine without it."""
+    import ctypes
+
+    from kvbm import _cc
+
+    if _cc.compiler() is None:
+        pytest.skip("no C compiler")
+    exported = []
+    for path in _hash_native._candidates():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        exported += [s for s in _hash_native.SYMBOLS if hasattr(lib, s)]
+    if not exported:
+        pytest.skip("python-xxhash exports no XXH3_128bits here")
+    assert _hash_native.load() is not None
+    assert _hash_native.load64() is not None

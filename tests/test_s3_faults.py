@@ -233,8 +233,10 @@ def test_trickling_server_read_is_cut_at_the_request_deadline(
 def test_trickling_server_write_is_skipped_at_the_deadline_and_opens_the_breaker(
     proxied: tuple[MotoServer, FaultProxy], proxy: FaultProxy,
 ) -> None:
+    # A cool-down far past the test's length: the breaker, opened inside the write, must
+    # still read "open" at the check on a slow machine (0.2 s had run out once in CI).
     tier = make_tier(proxied[0], "trickle-put", proxy.url, retries=0, request_deadline_s=0.3,
-                     breaker_failures=1)
+                     breaker_failures=1, breaker_cooldown_s=30.0, breaker_max_cooldown_s=30.0)
     proxy.set(Fault("trickle", ("PUT",), delay_s=0.05))  # the answer's headers trickle
     assert tier.write([0], keys(1, 10), list(blocks(1, 10))) == [False]
     st = tier.stats()

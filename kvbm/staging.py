@@ -103,9 +103,9 @@ class StagingPool:
             want = self._chunk_blocks - len(self._free)
             start = n > 0 and self.ahead and not self._growing and want > 0
             if start:
-                self._growing = True
+                self._claim_grower(want)
         if start:
-            self._start_ahead(want)
+            self._start_ahead()
         return out
 
     def release(self, bufs: list[np.ndarray]) -> None:
@@ -119,9 +119,9 @@ class StagingPool:
             want = self._chunk_blocks - len(self._free)
             start = self.ahead and not self._growing and want > 0
             if start:
-                self._growing = True
+                self._claim_grower(want)
         if start:
-            self._start_ahead(want)
+            self._start_ahead()
 
     def settle(self, timeout: float | None = None) -> bool:
         """Wait for a background grow in flight; False if one is still running."""
@@ -136,11 +136,19 @@ class StagingPool:
             self._growing = False
         return self._growing
 
-    def _start_ahead(self, want: int) -> None:
+    def _claim_grower(self, want: int) -> None:
+        """Mark a grow in flight and name its thread in one step (under the lock): an
+        ``acquire`` between the two would otherwise see the last, finished grower, give
+        up on it and grow a second chunk while this one is still to come."""
+        self._growing = True
+        self._grower = threading.Thread(target=self._grow_ahead, args=(want,),
+                                        name="kvbm-staging-grow", daemon=True)
+
+    def _start_ahead(self) -> None:
+        g = self._grower
         try:
-            self._grower = threading.Thread(target=self._grow_ahead, args=(want,),
-                                            name="kvbm-staging-grow", daemon=True)
-            self._grower.start()
+            assert g is not None
+            g.start()
         except RuntimeError:  # no thread to be had: grow on the path from now on
             self._ahead_done(None)
 

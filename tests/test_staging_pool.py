@@ -111,8 +111,8 @@ class _FreesTwice(StagingPool):
 class _Greedy(StagingPool):
     """Negative control: a grower that keeps two chunks ahead."""
 
-    def _start_ahead(self, want: int) -> None:
-        super()._start_ahead(want + self._chunk_blocks)
+    def _claim_grower(self, want: int) -> None:
+        super()._claim_grower(want + self._chunk_blocks)
 
 
 @pytest.mark.parametrize("broken", [_FreesTwice, _Greedy])

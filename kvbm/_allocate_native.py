@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import sysconfig
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -150,33 +149,30 @@ PyObject *kvbm_allocate_run(PyObject *keys, const int64_t *p, int64_t *st, PyObj
 
 #: ``fn(keys, params, state, evicted)``: ``kvbm_allocate_run`` (see its comment).
 _AllocFn = Callable[[list[Any], int, int, list[Any]], "list[int | None] | None"]
-_alloc_lock = threading.Lock()
-_alloc_loaded = False
-_alloc: _AllocFn | None = None
 #: False: plans allocate one block at a time (``BlockRegistry.allocate``; tests compare).
 native_allocate = True
 
 
+def _build() -> _AllocFn | None:
+    include = sysconfig.get_paths().get("include", "")
+    lib = _cc.build(_ALLOC_SOURCE, "the planner's batch allocation", "one allocate call a block",
+                    flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
+    if lib is None:
+        return None
+    f = lib.kvbm_allocate_run
+    f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p, ctypes.py_object]
+    f.restype = ctypes.py_object
+    return f
+
+
+_alloc = _cc.Once(_build)
+
+
 def _alloc_fn() -> _AllocFn | None:
     """The compiled batch allocation (built at the first call), or None."""
-    global _alloc_loaded, _alloc
     if not native_allocate or not _registry_native.enabled:
         return None
-    if not _alloc_loaded:
-        with _alloc_lock:
-            if not _alloc_loaded:
-                include = sysconfig.get_paths().get("include", "")
-                lib = _cc.build(_ALLOC_SOURCE, "the planner's batch allocation",
-                                "one allocate call a block", flags=("-O2", f"-I{include}"),
-                                loader=ctypes.PyDLL)
-                if lib is not None:
-                    f = lib.kvbm_allocate_run
-                    f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.py_object]
-                    f.restype = ctypes.py_object
-                    _alloc = f
-                _alloc_loaded = True
-    return _alloc
+    return _alloc()
 
 
 def allocate_run(reg: BlockRegistry, keys: list[SequenceHash]) -> list[int | None]:

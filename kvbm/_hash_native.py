@@ -25,7 +25,6 @@ import ctypes
 import glob
 import os
 import sysconfig
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -134,12 +133,6 @@ ChainFn = Callable[[bytes, int, int, bytes], "list[bytes]"]
 #: None when any id of ``ids`` lies outside [0, 2**32).
 Chain64Fn = Callable[[np.ndarray, int, int, bytes], "list[bytes] | None"]
 
-_lock = threading.Lock()
-_loaded = False
-_fn: ChainFn | None = None
-_fn64: Chain64Fn | None = None
-_impl = "Python loop"
-
 
 def python_chain(raw: bytes, n: int, step: int, parent: bytes) -> list[bytes]:
     """The chain in Python (``BlockHasher``'s loop): what the compiled one must give."""
@@ -229,36 +222,25 @@ def _find_in(paths: list[str]) -> tuple[ChainFn, Chain64Fn, str] | None:
     return None if lib is None else _find(lib, paths)
 
 
-def _load() -> None:
-    global _loaded, _fn, _fn64, _impl
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                found = _find_in(_candidates())
-                if found is not None:
-                    _fn, _fn64, _impl = found
-                _loaded = True
+#: The checked chains and their entry point's name, built at the first call (or None).
+_found = _cc.Once(lambda: _find_in(_candidates()))
 
 
 def load() -> ChainFn | None:
     """The compiled, checked chain (built at the first call), or None when it cannot be
     built, gives a different hash on a probe, or ``enabled`` is False."""
-    if not enabled:
-        return None
-    _load()
-    return _fn
+    found = _found() if enabled else None
+    return None if found is None else found[0]
 
 
 def load64() -> Chain64Fn | None:
     """The compiled chain over int64 ids (``Chain64Fn``; built and checked with
     ``load``'s), or None as ``load``."""
-    if not enabled:
-        return None
-    _load()
-    return _fn64
+    found = _found() if enabled else None
+    return None if found is None else found[1]
 
 
 def implementation() -> str:
     """Which code chains xxh3-128 hashes: ``<library>:<symbol>``, or ``Python loop``."""
-    _load()
-    return _impl if enabled else "Python loop"
+    found = _found()
+    return found[2] if enabled and found is not None else "Python loop"

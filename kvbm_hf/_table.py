@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import sysconfig
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,29 +69,24 @@ int kvbm_room_table(PyObject *indices, PyObject *at, int64_t n, int64_t num_bloc
 #: src)`` (the last four addresses but ``lk`` and ``part``): 0 when the tables were written.
 TableFn = Callable[[Any, Any, int, int, int, int, int, int, int, int, int, int], int]
 
-_lock = threading.Lock()
-_loaded = False
-_fn: TableFn | None = None
+
+def _build() -> TableFn | None:
+    include = sysconfig.get_paths().get("include", "")
+    lib = _cc.build(SOURCE, "the room's load table", "numpy tables",
+                    flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
+    if lib is None:
+        return None
+    f = lib.kvbm_room_table
+    f.argtypes = [ctypes.py_object, ctypes.py_object] + [ctypes.c_int64] * 5 \
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    f.restype = ctypes.c_int
+    return f
+
+
+_fn = _cc.Once(_build)
 
 
 def load() -> TableFn | None:
     """The compiled table builder (compiled at the first call), or None when it cannot be
     built or ``enabled`` is False."""
-    global _loaded, _fn
-    if not enabled:
-        return None
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                include = sysconfig.get_paths().get("include", "")
-                lib = _cc.build(SOURCE, "the room's load table", "numpy tables",
-                                flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
-                if lib is not None:
-                    f = lib.kvbm_room_table
-                    f.argtypes = [ctypes.py_object, ctypes.py_object] + [ctypes.c_int64] * 5 \
-                        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                           ctypes.c_void_p]
-                    f.restype = ctypes.c_int
-                    _fn = f
-                _loaded = True
-    return _fn
+    return _fn() if enabled else None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import threading
 from typing import Any
 
 import numpy as np
@@ -42,46 +41,40 @@ __all__ = ["available", "enabled", "replay", "replay_fifo", "supports"]
 #: False turns the native loops off in this process (tests compare both paths).
 enabled = True
 
-_lock = threading.Lock()
-_loaded = False
-_lib: ctypes.CDLL | None = None
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def _load() -> ctypes.CDLL | None:
-    global _loaded, _lib
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                # PyDLL: the GIL stays held (the adaptive loop calls CPython's set API).
-                lib = _cc.build(SOURCE, "the policy simulator's replay loops", "the Python loop",
-                                loader=ctypes.PyDLL)
-                if lib is not None:
-                    lib.kvbm_replay_wtinylfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P, _P,
-                                                         _P, _P]
-                    lib.kvbm_replay_prefix.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
-                    lib.kvbm_replay_lirs.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _P, _P]
-                    lib.kvbm_replay_adaptive.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P,
-                                                         ctypes.c_double, _P, _P, _P, _P, _P, _P, _P]
-                    lib.kvbm_replay_arc.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _P, _P]
-                    lib.kvbm_replay_s3fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I,
-                                                       _P, _P]
-                    lib.kvbm_replay_priority.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
-                    lib.kvbm_replay_lfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
-                    lib.kvbm_replay_fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
-                    for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs,
-                               lib.kvbm_replay_adaptive, lib.kvbm_replay_arc, lib.kvbm_replay_s3fifo,
-                               lib.kvbm_replay_priority, lib.kvbm_replay_lfu, lib.kvbm_replay_fifo):
-                        fn.restype = ctypes.c_int
-                _lib = lib
-                _loaded = True
-    return _lib
+def _build() -> ctypes.CDLL | None:
+    # PyDLL: the GIL stays held (the adaptive loop calls CPython's set API).
+    lib = _cc.build(SOURCE, "the policy simulator's replay loops", "the Python loop",
+                    loader=ctypes.PyDLL)
+    if lib is None:
+        return None
+    lib.kvbm_replay_wtinylfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P, _P, _P, _P]
+    lib.kvbm_replay_prefix.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+    lib.kvbm_replay_lirs.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _P, _P]
+    lib.kvbm_replay_adaptive.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, ctypes.c_double,
+                                         _P, _P, _P, _P, _P, _P, _P]
+    lib.kvbm_replay_arc.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _P, _P]
+    lib.kvbm_replay_s3fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _P, _P]
+    lib.kvbm_replay_priority.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+    lib.kvbm_replay_lfu.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+    lib.kvbm_replay_fifo.argtypes = [_I, _I, _P, _P, _I, ctypes.c_int, _P, _P]
+    for fn in (lib.kvbm_replay_wtinylfu, lib.kvbm_replay_prefix, lib.kvbm_replay_lirs,
+               lib.kvbm_replay_adaptive, lib.kvbm_replay_arc, lib.kvbm_replay_s3fifo,
+               lib.kvbm_replay_priority, lib.kvbm_replay_lfu, lib.kvbm_replay_fifo):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+#: The loaded loops (compiled at the first call), or None without a compiler.
+_lib = _cc.Once(_build)
 
 
 def available() -> bool:
     """Whether the native loops are built (a C compiler was found) and enabled."""
-    return enabled and _load() is not None
+    return enabled and _lib() is not None
 
 
 def _fresh(policy: EvictionPolicy) -> str | None:
@@ -163,7 +156,7 @@ def replay(trace: Trace, policy: EvictionPolicy | None, capacity: int, reverse: 
     kind = "fifo" if policy is None else _fresh(policy)
     if kind is None:
         return None
-    lib = _load()
+    lib = _lib()
     if lib is None:
         return None
     reqs = trace.requests

@@ -13,10 +13,10 @@ from kvbm import _allocate_native, _cc
 def test_the_first_offload_compiles_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     if _cc.compiler() is None:
         pytest.skip("no C compiler")
-    monkeypatch.setattr(_allocate_native, "_alloc_loaded", False)  # as in a fresh process
-    monkeypatch.setattr(_allocate_native, "_alloc", None)
+    fresh = _cc.Once(_allocate_native._build)  # as in a fresh process
+    monkeypatch.setattr(_allocate_native, "_alloc", fresh)
     with manager([HOST]) as mgr:
-        built = _allocate_native._alloc
+        built = fresh() if fresh.done else None
 
         def no_compile(*a: object, **k: object) -> None:
             raise AssertionError("compiled during an offload")

@@ -73,6 +73,8 @@ class TierBase(Tier):
     _engine: Any
     _nio: _native_io.NativeIO | None
     _aio: bool
+    write_depth: int
+    io_depth_seen: int
     _spare_threads: int
     _spare_lock: threading.Lock
     _keys: list[bytes | None]

@@ -183,3 +183,34 @@ def test_a_forked_child_moves_its_blocks_through_its_own_aio_contexts(tmp_path: 
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         parent.close()
+
+
+@pytest.mark.parametrize("slots", ["recycled", "fresh"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_write_thread_keeps_write_depth_blocks_in_flight_and_every_byte_lands(
+    tmp_path: Path, depth: int, slots: str,
+) -> None:
+    """One thread, ``write_depth`` lanes: the most requests it had in flight together is
+    the depth (three invalidations of recycled slots, or three fresh data writes, go out
+    before the first is reaped), and every block is on disk under its own valid header.
+    Without AIO nothing is left in flight (0)."""
+    t = make_tier(tmp_path, True, threads=1)
+    try:
+        keys = [bytes([i + 1]) * 16 for i in range(8)]
+        if slots == "recycled":
+            assert t.write(list(range(8)), keys, blocks(t.block_bytes, 8, seed=5)) == [True] * 8
+        t.write_depth = depth
+        t.io_depth_seen = 0
+        src = blocks(t.block_bytes, 8, seed=6)
+        keys = [bytes([i + 9]) * 16 for i in range(8)]
+        assert t.write(list(range(8)), keys, src) == [True] * 8
+        assert t.io_depth_seen == depth
+        for s in range(8):
+            h, data = on_disk(t, s)
+            assert h is not None and h.key == keys[s]
+            assert data == src[s].tobytes() and h.checksum == xxhash.xxh3_64_intdigest(data)
+        t._aio, t.io_depth_seen = False, 0
+        assert t.write(list(range(8)), keys, src) == [True] * 8
+        assert t.io_depth_seen == 0
+    finally:
+        t.close()

@@ -7,7 +7,6 @@ record layout through ``kvbm._registry_native``'s parameters."""
 from __future__ import annotations
 
 import ctypes
-import sysconfig
 from collections.abc import Callable
 from typing import Any
 
@@ -154,9 +153,8 @@ native_allocate = True
 
 
 def _build() -> _AllocFn | None:
-    include = sysconfig.get_paths().get("include", "")
     lib = _cc.build(_ALLOC_SOURCE, "the planner's batch allocation", "one allocate call a block",
-                    flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
+                    capi=True)
     if lib is None:
         return None
     f = lib.kvbm_allocate_run

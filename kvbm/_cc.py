@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import weakref
@@ -40,11 +41,17 @@ def compiler() -> str | None:
 
 
 def build(source: str, what: str, fallback: str, flags: tuple[str, ...] = ("-O2",),
-          loader: Callable[[str], ctypes.CDLL] = ctypes.CDLL) -> ctypes.CDLL | None:
+          loader: Callable[[str], ctypes.CDLL] = ctypes.CDLL,
+          capi: bool = False) -> ctypes.CDLL | None:
     """``source`` compiled into a shared library and loaded by ``loader`` (``ctypes.CDLL``
     releases the GIL around each call, ``ctypes.PyDLL`` keeps it: for code that calls
     the C API); None (logged at debug level, naming ``what`` and the ``fallback`` used
-    instead) when it cannot be."""
+    instead) when it cannot be. ``capi``: the source includes ``Python.h`` and calls the
+    C API: compiled against this interpreter's headers and loaded with ``ctypes.PyDLL``
+    (in place of ``loader``)."""
+    if capi:
+        flags = (*flags, f"-I{sysconfig.get_paths().get('include', '')}")
+        loader = ctypes.PyDLL
     cc = compiler()
     if cc is None:
         log.debug("kvbm: no C compiler found; %s uses %s", what, fallback)

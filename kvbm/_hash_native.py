@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import sysconfig
 from collections.abc import Callable
 
 import numpy as np
@@ -216,9 +215,7 @@ def _find(lib: ctypes.CDLL, paths: list[str]) -> tuple[ChainFn, Chain64Fn, str] 
 
 def _find_in(paths: list[str]) -> tuple[ChainFn, Chain64Fn, str] | None:
     """``_find`` over ``paths`` with the compiled chain; None without a compiler."""
-    include = sysconfig.get_paths().get("include", "")
-    lib = _cc.build(SOURCE, "the chained block hasher", "the Python loop",
-                    flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
+    lib = _cc.build(SOURCE, "the chained block hasher", "the Python loop", capi=True)
     return None if lib is None else _find(lib, paths)
 
 

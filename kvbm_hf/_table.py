@@ -19,7 +19,6 @@ compiler ``load`` returns None and the numpy path is used: same tables, same byt
 from __future__ import annotations
 
 import ctypes
-import sysconfig
 from collections.abc import Callable
 from typing import Any
 
@@ -71,9 +70,7 @@ TableFn = Callable[[Any, Any, int, int, int, int, int, int, int, int, int, int],
 
 
 def _build() -> TableFn | None:
-    include = sysconfig.get_paths().get("include", "")
-    lib = _cc.build(SOURCE, "the room's load table", "numpy tables",
-                    flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
+    lib = _cc.build(SOURCE, "the room's load table", "numpy tables", capi=True)
     if lib is None:
         return None
     f = lib.kvbm_room_table

@@ -214,3 +214,10 @@ def test_a_write_thread_keeps_write_depth_blocks_in_flight_and_every_byte_lands(
         assert t.io_depth_seen == 0
     finally:
         t.close()
+
+
+def test_the_fio_limits_deeper_depth_is_the_write_threads_depth() -> None:
+    """fio's ``libaio`` run is the matching limit only at the depth a write thread keeps."""
+    from kvbm_bench.limits import FIO_DEPTHS
+
+    assert FIO_DEPTHS[-1] == _native_io.WRITE_DEPTH

@@ -40,11 +40,15 @@ import ctypes
 import sysconfig
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvbm import _cc
 
-__all__ = ["P_COUNT", "PARAMS", "CommitFn", "RunFn", "all_keys", "commit_fn", "enabled", "load"]
+if TYPE_CHECKING:
+    from kvbm.registry import BlockRegistry
+
+__all__ = ["P_COUNT", "PARAMS", "CommitFn", "RunFn", "UnpinFn", "all_keys", "commit_fn", "enabled",
+           "load", "unpin_fn", "unpin_run"]
 
 #: False: registries made from now on use the numpy and Python paths (tests compare both).
 enabled = True
@@ -261,6 +265,54 @@ Py_ssize_t kvbm_commit_run(PyObject *slots, const int64_t *p, int64_t writing, i
     return -1;
 }
 
+/* ``BlockRegistry.unpin`` of every slot of ``slots`` (a list of ints), in order, with the
+ * core LRU's links in the records and no doomed block: one pin dropped from each; at a
+ * block's last pin it is evictable again, at the list's tail (LRUPolicy's unpin_slot:
+ * moved there if pin_run left it in place, else linked there). *listed: the change of
+ * the evictable count. Returns -1 when all are done, else the position from which the
+ * caller's per-slot unpin goes on (and asserts): 0 with nothing done when an item is no
+ * int or out of range; the position of a slot that holds no pin when its turn comes
+ * (the ones before it done). */
+Py_ssize_t kvbm_unpin_run(PyObject *slots, const int64_t *p, int64_t *listed) {
+    *listed = 0;
+    if (!PyList_CheckExact(slots)) return 0;
+    Py_ssize_t n = PyList_GET_SIZE(slots);
+    PyObject **items = PySequence_Fast_ITEMS(slots);
+    char *recs = (char *)(intptr_t)p[P_RECORDS];
+    const int64_t stride = p[P_STRIDE], end = p[P_END];
+    const int64_t pins_off = p[P_PINS_OFF], prev_off = p[P_PREV_OFF], next_off = p[P_NEXT_OFF];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        long s = PyLong_CheckExact(items[i]) ? PyLong_AsLongAndOverflow(items[i], &overflow) : -1;
+        if (overflow || s < 0 || s >= end) return 0;
+    }
+    char *e = recs + end * stride;  /* the list's sentinel */
+    int64_t d = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t s = (int32_t)PyLong_AsLong(items[i]);
+        char *r = recs + (int64_t)s * stride;
+        int32_t c = I32(r, pins_off);
+        if (c <= 0) { *listed = d; return i; }
+        I32(r, pins_off) = c - 1;
+        if (c != 1) continue;
+        d++;
+        int32_t nx = I32(r, next_off);
+        if (nx == (int32_t)end) continue;  /* in place at the tail already */
+        if (nx >= 0) {  /* pinned in place: unlinked from where it is */
+            int32_t pv = I32(r, prev_off);
+            I32(recs + (int64_t)pv * stride, next_off) = nx;
+            I32(recs + (int64_t)nx * stride, prev_off) = pv;
+        }
+        int32_t tail = I32(e, prev_off);
+        I32(recs + (int64_t)tail * stride, next_off) = s;
+        I32(r, prev_off) = tail;
+        I32(r, next_off) = (int32_t)end;
+        I32(e, prev_off) = s;
+    }
+    *listed = d;
+    return -1;
+}
+
 /* Whether every item of ``keys`` (a list) is exactly a bytes of 16 bytes: the manager's
  * check of a match's hashes in one pass (1, else 0: the caller's Python check then
  * decides, and names the first bad item). */
@@ -285,12 +337,15 @@ _all: Callable[[list[Any]], int] | None = None
 #: ``commit(slots, params, writing, pinned, listed)``: ``kvbm_commit_run``.
 CommitFn = Callable[[list[int], int, int, int, int], int]
 _commit: CommitFn | None = None
+#: ``unpin(slots, params, listed)``: ``kvbm_unpin_run``.
+UnpinFn = Callable[[list[int], int, int], int]
+_unpin: UnpinFn | None = None
 
 
 def load() -> RunFn | None:
     """The compiled lookup (compiled at the first call), or None when it cannot be built
     or ``enabled`` is False."""
-    global _loaded, _fn, _all, _commit
+    global _loaded, _fn, _all, _commit, _unpin
     if not enabled:
         return None
     if not _loaded:
@@ -310,7 +365,10 @@ def load() -> RunFn | None:
                     m.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_int64, ctypes.c_void_p]
                     m.restype = ctypes.c_ssize_t
-                    _fn, _all, _commit = f, c, m
+                    u = lib.kvbm_unpin_run
+                    u.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
+                    u.restype = ctypes.c_ssize_t
+                    _fn, _all, _commit, _unpin = f, c, m, u
                 _loaded = True
     return _fn
 
@@ -328,3 +386,24 @@ def all_keys(keys: list[Any]) -> bool:
 def commit_fn() -> CommitFn | None:
     """The compiled batch commit (``kvbm_commit_run``), or None as ``load``."""
     return _commit if load() is not None else None
+
+
+def unpin_fn() -> UnpinFn | None:
+    """The compiled batch unpin (``kvbm_unpin_run``), or None as ``load``."""
+    return _unpin if load() is not None else None
+
+
+def unpin_run(reg: BlockRegistry, slots: list[int]) -> None:
+    """``[reg.unpin(s) for s in slots]``: one compiled call where the registry keeps the
+    core LRU in its records and dooms no block (a match's release: 512 pins ~0.4 ms in
+    Python, cache-cold), else the loop; the same pins, evictable count and LRU order."""
+    fn = _unpin if reg._lru is not None and not reg._doomed else None
+    native = reg._native
+    if fn is not None and native is not None:
+        at = fn(slots, native[1], native[2])
+        reg._lru._n += reg._unlinked[0]  # type: ignore[union-attr]
+        if at < 0:
+            return
+        slots = slots[at:]  # the loop asserts on slots[0]
+    for s in slots:
+        reg.unpin(s)

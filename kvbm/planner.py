@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ._allocate_native import _alloc_fn, allocate_run
+from ._registry_native import unpin_run
 from .chain import TierState
 from .errors import KvbmError
 from .events import BlockEvent, EventBus, EventKind
@@ -106,8 +107,13 @@ class Planner:
             self._unpin(pins)
 
     def _unpin(self, pins: Sequence[Pin]) -> None:
-        for t, s in pins:
-            self.tiers[t].registry.unpin(s)
+        """Unpin each tier's slots in order (one batch call a tier), then collect its drops."""
+        if not pins:
+            return
+        ts, ss = zip(*pins)
+        for t in sorted(set(ts)):
+            unpin_run(self.tiers[t].registry,
+                      list(ss) if ts.count(t) == len(ts) else [s for u, s in pins if u == t])
             self._collect_evicted(t)
 
     def _collect_evicted(self, t: int) -> None:

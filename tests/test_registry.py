@@ -10,6 +10,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvbm import registry as registry_mod
+from kvbm._registry_native import unpin_run
 from kvbm.flatmap import SlotKeys
 from kvbm.hashing import SequenceHash
 from kvbm.policy import LRUPolicy
@@ -253,6 +254,9 @@ class ExactRegistryMachine(RuleBasedStateMachine):
     def commit(self, data: st.DataObject, pinned: bool) -> None:
         slot = data.draw(st.sampled_from(sorted(s for s, v in self.state.items() if v == "w")))
         self.reg.commit(slot, pinned=pinned)
+        self._model_commit(slot, pinned)
+
+    def _model_commit(self, slot: int, pinned: bool) -> None:
         self.state[slot] = "r"
         if pinned:
             self.pins[slot] = 1
@@ -269,12 +273,7 @@ class ExactRegistryMachine(RuleBasedStateMachine):
         run = data.draw(st.lists(st.sampled_from(writing), min_size=1, unique=True))
         self.reg.commit_run(run, pinned=pinned)
         for slot in run:
-            self.state[slot] = "r"
-            if pinned:
-                self.pins[slot] = 1
-                self.held.append(slot)
-            else:
-                self.lru[self._key(slot)] = None
+            self._model_commit(slot, pinned)
 
     @precondition(lambda self: any(v == "w" for v in self.state.values()))
     @rule(data=st.data(), failed=st.booleans())
@@ -323,14 +322,34 @@ class ExactRegistryMachine(RuleBasedStateMachine):
         slot = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
         key = self._key(slot)
         self.reg.unpin(slot)
+        assert self.reg.take_dropped() == self._model_unpin(slot, key)
+
+    def _model_unpin(self, slot: int, key: SequenceHash) -> list[tuple[SequenceHash, int]]:
+        """One pin of ``slot`` dropped in the model; the drop it makes (a doomed block)."""
         self.pins[slot] -= 1
-        if self.pins[slot] == 0:
-            if slot in self.doomed:
-                self._release(slot)
-                assert self.reg.take_dropped() == [(key, slot)]
-            else:
-                self.lru[key] = None
-                self.lru.move_to_end(key)
+        if self.pins[slot]:
+            return []
+        if slot in self.doomed:
+            self._release(slot)
+            return [(key, slot)]
+        self.lru[key] = None
+        self.lru.move_to_end(key)
+        return []
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def unpin_run(self, data: st.DataObject) -> None:
+        # A match's release (the planner's): the batch unpin (compiled with the LRU and
+        # no doomed block) is the per-slot unpin in the order given, a slot pinned twice
+        # given twice: the same pins, drops and LRU order.
+        at = data.draw(st.lists(st.integers(0, len(self.held) - 1), min_size=1, unique=True))
+        slots = [self.held[i] for i in at]
+        for i in sorted(at, reverse=True):
+            del self.held[i]
+        keys = [self._key(s) for s in slots]
+        unpin_run(self.reg, slots)
+        dropped = [d for s, k in zip(slots, keys) for d in self._model_unpin(s, k)]
+        assert self.reg.take_dropped() == dropped
 
     @rule(key=st.sampled_from(EXACT_KEYS))
     def doom(self, key: SequenceHash) -> None:

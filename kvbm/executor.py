@@ -422,8 +422,11 @@ class Executor:
         try:
             layered = on_layer is not None
             t0 = time.perf_counter()
-            srcs = [self._sources(op, dest, held, copy_now=not layered) for op in ops]
-            bad = [{i for i, s in enumerate(src) if s is None} for src in srcs]
+            got = [self._sources(op, dest, held, copy_now=not layered) for op in ops]
+            srcs = [src for src, _ in got]
+            # A batch copied whole (the rows' path) has no block to look for a failure in.
+            bad: list[set[int]] = [set() if whole else {i for i, s in enumerate(src) if s is None}
+                                   for src, whole in got]
             if on_layer is not None:
                 self._fill_layers(ops, dest, srcs, bad, on_layer)
                 self._count_loads(ops, bad, time.perf_counter() - t0)
@@ -437,15 +440,17 @@ class Executor:
         return report
 
     def _sources(self, op: LoadOp, dest: BlockDestination, held: list[np.ndarray],
-                 copy_now: bool) -> list[Any]:
+                 copy_now: bool) -> tuple[list[Any], bool]:
         """Each block's bytes in its tier: a view, a staging buffer read into, or the
         destination's own memory read into (``_Direct``); None where the read failed.
+        With it, whether every block was copied by the rows' path (then none failed).
 
         With ``copy_now`` each tier's blocks are copied into ``dest`` as soon as they
         are read (whole blocks), and the path is timed with the copy.
         """
         n = len(op.slots)
         out: list[Any] = [None] * n
+        copied = 0
         groups: dict[int, list[int]] = {}
         tiers = op.tiers
         if n and tiers.count(tiers[0]) == n:  # all from one tier (the common case)
@@ -472,8 +477,12 @@ class Executor:
                 assert rows is not None
                 self._copy_rows(fast, op.dst if whole else [op.dst[i] for i in members], rows,
                                 slots)
-                for i in members:
-                    out[i] = _COPIED
+                copied += len(members)
+                if whole:
+                    out[:] = [_COPIED] * n
+                else:
+                    for i in members:
+                        out[i] = _COPIED
                 self.count(f"onboard:{self.tiers[t].name}", len(members),
                            time.perf_counter() - t0)
                 continue
@@ -505,7 +514,7 @@ class Executor:
                 nfail = ok.count(False)
                 self.count(f"onboard:{self.tiers[t].name}", len(ok) - nfail,
                            time.perf_counter() - t0, nfail)
-        return out
+        return out, copied == n
 
     def _count_loads(self, ops: Sequence[LoadOp], bad: list[set[int]], seconds: float) -> None:
         """Layer-wise loads copy all tiers' blocks together: share the time by blocks."""

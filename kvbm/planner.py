@@ -22,10 +22,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, cast
 
 from ._allocate_native import _alloc_fn, allocate_run
-from ._registry_native import unpin_run
+from ._registry_native import all_keys, unpin_run
 from .chain import TierState
 from .errors import KvbmError
 from .events import BlockEvent, EventBus, EventKind
@@ -179,7 +180,7 @@ class Planner:
                 ts.hits += k
                 m.hashes.extend(hashes[:k])
                 m.tiers.extend([ts.name] * k)
-                m._pins.extend([(ts.index, s) for s in slots])
+                m._pins.extend(zip(repeat(ts.index), slots))
                 hashes = hashes[k:]
         for h in hashes:
             for ts in self.tiers:
@@ -482,12 +483,15 @@ class Planner:
                              "destination indices")
         with self.lock:
             self._enter()
-            tiers = [t for t, _ in m._pins]
-            slots = [s for _, s in m._pins]
-            op = LoadOp(self._next_id(), tiers, slots, [bytes(h) for h in m.hashes], list(dst),
+            # Whole-list passes in C (zip, count, the keys' check): no Python per block.
+            tiers, slots = (list(x) for x in zip(*m._pins)) if m._pins else ([], [])
+            keys = cast(list[bytes], list(m.hashes)) if all_keys(m.hashes) else [
+                bytes(h) for h in m.hashes]
+            op = LoadOp(self._next_id(), tiers, slots, keys, list(dst),
                         req_id=req_id, layerwise=layerwise)
             self._pending[op.op_id] = _Pending("load", -1, slots, list(m.hashes), tiers=tiers)
-            lower = [i for i, t in enumerate(tiers) if t > 0]
+            lower = [] if tiers.count(0) == len(tiers) else [
+                i for i, t in enumerate(tiers) if t > 0]
             if promote and lower:
                 self._plan_promote(op, lower, m.hashes)
             events = self._take_events()

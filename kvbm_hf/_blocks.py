@@ -19,6 +19,12 @@ from ._fill import LayerFill
 class CacheBlockSource:
     """A ``BlockSource`` over per-layer ``[1, kv_heads, seq, head_dim]`` key/value tensors.
 
+    ``copy_out_rows`` (the executor's path into a memory tier's rows) and ``copy_out``
+    of token-major tensors (a kvbm room's views, where ``KvbmCache`` computes) move
+    every block in one native call of ``2 × layers`` runs a block, shared with the
+    executor's copy threads (``native_shared``), where a copy per layer's K or V was
+    made into per-block views before.
+
     Block ``b`` is tokens ``b*page .. (b+1)*page``. ``copy_out`` gathers it from every
     layer into kvbm's ``(num_layers, 2, page, kv_heads*head_dim)`` block bytes.
     The tensors are held by reference: transformers' ``DynamicLayer`` replaces them on
@@ -48,11 +54,63 @@ class CacheBlockSource:
         self.num_blocks = self.num_tokens // layout.page_size
         self.layout = layout
         self._dtype = want
+        self._bases: np.ndarray | None | bool = False  # ``_token_major``'s, once read
+
+    #: ``copy_out_rows`` and ``copy_out`` of token-major tensors copy a batch in one
+    #: ``_native.run_copy``: the executor shares it with its copy threads.
+    native_shared = True
 
     def copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
         """Gather blocks ``indices`` into ``dst`` (one kvbm block's bytes each)."""
         with torch.inference_mode():
             self._copy_out(indices, dst)
+
+    def copy_out_rows(self, indices: Sequence[int], rows: np.ndarray, at: Sequence[int]) -> None:
+        """Gather block ``indices[i]`` into row ``at[i]`` of ``rows`` (a tier's slots,
+        ``[slots, bytes_per_block]`` uint8, C-contiguous, writable).
+
+        Token-major tensors: one address table (block-major, each block's ``2 × layers``
+        runs in its row's order) and one native copy, no view per block. Anything else:
+        ``copy_out`` into views of the rows.
+        """
+        n = len(indices)
+        r = _native.row_numbers(rows, at, n, self.layout.bytes_per_block, writable=True,
+                                what=" (a tier's slots)")
+        bases = self._token_major()
+        runs = _native.copy_runs()
+        if bases is None or runs is None or not n:
+            self.copy_out(indices, [rows[i] for i in r.tolist()])
+            return
+        part = self.layout.bytes_per_block // len(bases)
+        s_ = np.add.outer(self._blocks(indices) * part, bases).ravel()
+        rp = r * rows.strides[0]
+        rp += _native.address(rows)
+        d = np.add.outer(rp, np.arange(len(bases), dtype=np.int64) * part).ravel()
+        _native.run_copy(runs, len(d), d, s_, part)
+
+    def _blocks(self, indices: Sequence[int]) -> np.ndarray:
+        """``indices`` as int64, each checked to lie within the source's blocks."""
+        b = np.asarray(indices, dtype=np.int64)
+        if b.ndim != 1:
+            raise LayoutError(f"indices: expected a list of block numbers, got shape {list(b.shape)}")
+        if b.size and umax(b) >= self.num_blocks:
+            bad = next(int(x) for x in b if not 0 <= x < self.num_blocks)
+            raise LayoutError(f"block index {bad} is out of range [0, {self.num_blocks})")
+        return b
+
+    def _token_major(self) -> np.ndarray | None:
+        """Token 0's address of each (layer, K|V), in kvbm's block order, where every
+        tensor is a token-major CPU tensor (``[heads, seq, head_dim]`` with the heads
+        of a token adjacent, as a kvbm room's views): a block's slice of each is then
+        one run of ``page × heads × head_dim`` values. None otherwise (read once)."""
+        if self._bases is False:
+            m = self.layout.model
+            h, d = m.num_kv_heads, m.head_dim
+            ok = all(t.device.type == "cpu" and t.stride(2) == 1 and t.stride(0) == d
+                     and t.stride(1) == h * d for kv in self._kv for t in kv)
+            self._bases = np.array([t.data_ptr() for kv in self._kv for t in kv],
+                                   dtype=np.int64) if ok else None
+        return self._bases if isinstance(self._bases, np.ndarray) else None
 
     def _copy_out(self, indices: Sequence[int], dst: Sequence[np.ndarray]) -> None:
         m = self.layout.model
@@ -62,6 +120,11 @@ class CacheBlockSource:
         for b in indices:
             if not 0 <= b < self.num_blocks:
                 raise LayoutError(f"block index {b} is out of range [0, {self.num_blocks})")
+        bases = self._token_major() if indices else None
+        runs = _native.copy_runs()
+        if bases is not None and runs is not None:
+            self._runs_out(runs, bases, indices, dst)
+            return
         rows = _native.copy_rows()
         if rows is not None and indices and all(
                 t.device.type == "cpu" and t.stride(-1) == 1 for kv in self._kv for t in kv):
@@ -76,6 +139,19 @@ class CacheBlockSource:
                 # [heads, page, head_dim] -> [page, heads, head_dim]: one strided copy each.
                 out[li, 0].copy_(k[:, s : s + p].transpose(0, 1))
                 out[li, 1].copy_(v[:, s : s + p].transpose(0, 1))
+
+    def _runs_out(self, runs: _native.RunCopy, bases: np.ndarray, indices: Sequence[int],
+                  dst: Sequence[np.ndarray]) -> None:
+        """Token-major blocks ``indices`` into ``dst`` in one native call (checked)."""
+        bpb = self.layout.bytes_per_block
+        for x in dst:
+            if x.nbytes != bpb or not x.flags.c_contiguous or not x.flags.writeable:
+                raise LayoutError(f"dst: expected writable contiguous buffers of {bpb} bytes")
+        part = bpb // len(bases)
+        bp = np.fromiter((_native.address(x) for x in dst), dtype=np.int64, count=len(dst))
+        s_ = np.add.outer(np.asarray(indices, dtype=np.int64) * part, bases).ravel()
+        d = np.add.outer(bp, np.arange(len(bases), dtype=np.int64) * part).ravel()
+        _native.run_copy(runs, len(d), d, s_, part)
 
     def _native_out(self, rows: _native.RowCopy, indices: Sequence[int],
                     dst: Sequence[np.ndarray]) -> None:

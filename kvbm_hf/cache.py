@@ -225,6 +225,8 @@ class KvbmCache(DynamicCache):
         #: copy to one, which gives the pins back after the last layer).
         self.load_times: dict[str, float] = {}
         self._state = state_of(manager)
+        #: The hasher reads int64 ids as they are (``hashes_int64``): ``_u32`` keeps them.
+        self._ids64 = self.reason is None and hashes_int64()
         self._room_hold: object = None
         #: The last load's layers still being copied (``wait_loaded``), or None.
         self.fill: LayerFill | None = None
@@ -257,8 +259,9 @@ class KvbmCache(DynamicCache):
         """``row`` (checked by ``_tokens``) as the hasher's u32 ids: where the ids were
         checked against a vocabulary (below 2**32), the hasher's own range check (two
         numpy reductions, cold after a forward) has nothing left to refuse. ``row``
-        itself where the hasher reads int64 ids as they are (its compiled chain)."""
-        if hashes_int64():
+        itself where the hasher reads int64 ids as they are (its compiled chain; asked
+        once per cache, not per call)."""
+        if self._ids64:
             return row
         if self.vocab_size and self.vocab_size <= 2**32:
             return row.astype(np.uint32)
@@ -277,9 +280,14 @@ class KvbmCache(DynamicCache):
         (``manager.flush()`` waits for that too).
         """
         ts = time.perf_counter()
-        have = self.get_seq_length()
-        if have:
-            return have
+        if self.reason is not None:
+            return self.get_seq_length()  # a plain DynamicCache: nothing loaded, ever
+        # ``get_seq_length`` only where the first layer holds anything: a fresh cache
+        # (every request) reads one attribute, not transformers' calls (cold here).
+        if self.layers and getattr(self.layers[0], "is_initialized", True):
+            have = self.get_seq_length()
+            if have:
+                return have
         row = self._tokens(input_ids, "load_prefix")
         if row is None:
             return 0

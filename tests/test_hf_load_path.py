@@ -257,19 +257,37 @@ def test_held_tokens_are_the_rooms_first_tokens_when_read(model: Any, manager: A
             assert torch.equal(k, room[0][:, :, :n]) and torch.equal(v, room[1][:, :, :n])
 
 
-def test_inference_tensor_ids_are_read_again_at_offload(model: Any, manager: Any) -> None:
-    # An inference tensor counts no versions (reading ``_version`` raises): its row is
-    # not kept, so ids changed in place after the load are checked again.
+def test_inference_tensor_ids_are_checked_again_at_offload(model: Any, manager: Any) -> None:
+    # An inference tensor counts no versions (reading ``_version`` raises): its row,
+    # a view of its memory, is checked again, so ids changed in place after the load
+    # are refused.
     from kvbm import TokenError
 
     with torch.inference_mode():
         prompt = _prompt(3 * PAGE + 1, 24)
         cache = KvbmCache(manager, model)
         prefill(model, prompt, cache, offload=False)
-        assert cache._checked is None
         prompt[0, 1] = VOCAB + 9
         with pytest.raises(TokenError, match=r"\[0, 256\).*max 265"):
             cache.offload_blocks(prompt)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32"])  # the row a view / a converted copy
+def test_inference_tensor_changed_in_place_offloads_the_blocks_of_its_new_ids(
+        model: Any, manager: Any, dtype: str) -> None:
+    prompt = _prompt(4 * PAGE + 1, 26).to(getattr(torch, dtype))
+    with torch.inference_mode():
+        prompt = prompt.clone()  # an inference tensor
+        cache = KvbmCache(manager, model)
+        prefill(model, prompt, cache, offload=False)
+        prompt[0, 1] = (int(prompt[0, 1]) + 1) % VOCAB  # in the vocabulary, changed
+        cache.offload_blocks(prompt)  # what the tensor holds now, as a re-read gives
+    ids = prompt[0, : 4 * PAGE].tolist()
+    m = manager.match_prefix(ids)
+    try:
+        assert m.num_blocks == 4
+    finally:
+        m.release()
 
 
 def test_blocks_stored_through_the_cache_match_the_managers_hash_of_a_list(model: Any,

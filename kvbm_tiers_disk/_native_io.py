@@ -263,7 +263,9 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
     struct aio a;
     struct lane L[MAXD];
     aio_open(&a, use_aio);
-    int depth = !a.on ? 1 : use_aio > MAXD ? MAXD : (int)use_aio;
+    /* use_aio: lanes | data lanes << 8 (0: as many as lanes) */
+    int depth = !a.on ? 1 : (use_aio & 0xff) > MAXD ? MAXD : (int)(use_aio & 0xff);
+    int64_t most_data = use_aio >> 8 ? use_aio >> 8 : depth, in_data = 0;
     int more = 1;
     for (int d = 0; d < MAXD; d++) L[d].stage = L_FREE;
     for (;;) {
@@ -291,6 +293,7 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
                 status[i] = failed(1, res);
                 l->stage = L_SKIP;
             } else if (l->stage == L_DATA) {
+                in_data--;
                 if (res != l->want) { status[i] = failed(2, res); l->stage = L_FREE; continue; }
                 sums[i] = l->s;
                 if (!headers) { status[i] = 0; l->stage = L_FREE; continue; }
@@ -304,7 +307,7 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
             }
         }
         /* data requests in the order the blocks were taken, each checksummed at once */
-        for (int again = 1; again;) {
+        for (int again = 1; again && in_data < most_data;) {
             again = 0;
             for (int d = 0; d < depth; d++) {
                 struct lane *l = &L[d];
@@ -320,6 +323,7 @@ int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64
                 l->iov[1].iov_base = (void *)buf[i];
                 l->iov[1].iov_len = (size_t)len[i];
                 l->stage = L_DATA;
+                in_data++;
                 int out = fresh ? submit(&a, d, 2, fd[i], (int64_t)l->iov, 2, hoff[i])
                                 : submit(&a, d, 1, fd[i], buf[i], len[i], doff[i]);
                 async += out;
@@ -443,8 +447,10 @@ int64_t kvbm_disk_read_mt(int64_t threads, int64_t n, int64_t *next, const int64
 #: where the kernel refuses a context or a request, the loop uses pread/pwrite.
 AIO = True
 
-#: A write thread's blocks (and so requests) in flight together through AIO (1-6).
+#: A write thread's blocks (and so requests) in flight together through AIO (1-6), and
+#: how many of them may be data requests at once (the rest: invalidations, headers).
 WRITE_DEPTH = 3
+WRITE_DATA_DEPTH = 3
 
 #: Stages a status names.
 INVALIDATE, DATA, HEADER = 1, 2, 3

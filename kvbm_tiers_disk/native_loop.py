@@ -107,7 +107,7 @@ class NativeLoop(TierBase):
         args = (fd.ctypes.data, buf.ctypes.data, ln.ctypes.data, doff.ctypes.data,
                 hoff.ctypes.data, inval.ctypes.data, self.block_bytes, _ZERO_PAGE.ctypes.data,
                 hp, HEADER_BYTES, nio.sum_at, HEADER_USED - 8, nio.hash_ptr,
-                out.ctypes.data, status.ctypes.data, int(self._aio) * self.write_depth)
+                out.ctypes.data, status.ctypes.data, int(self._aio) * (self.write_depth | self.write_data_depth << 8))
         self._native_call(lambda k, c: nio.write_fn(k, m, c, *args), m)
         for j, i in enumerate(idx):
             slot, code = slots[i], int(status[j])

@@ -113,6 +113,7 @@ class DiskTier(Recovery, NativeLoop, NixlPath):
         # Blocks (so requests) one write thread keeps in flight through AIO; the most it
         # had is kept in io_depth_seen.
         self.write_depth = _native_io.WRITE_DEPTH
+        self.write_data_depth = _native_io.WRITE_DATA_DEPTH
         self.io_depth_seen = 0
         # Threads the native loop may start beyond each caller's own, shared by every
         # batch in flight (as the Python loop's pool of io_threads is): two batches at

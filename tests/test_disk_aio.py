@@ -185,26 +185,30 @@ def test_a_forked_child_moves_its_blocks_through_its_own_aio_contexts(tmp_path: 
         parent.close()
 
 
-@pytest.mark.parametrize("slots", ["recycled", "fresh"])
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize(("slots", "depth", "data", "peak"), [
+    ("recycled", 1, 1, 1), ("recycled", 2, 2, 2), ("recycled", 3, 3, 3), ("fresh", 1, 1, 1),
+    ("fresh", 2, 2, 2), ("fresh", 3, 3, 3), ("recycled", 3, 1, 3), ("fresh", 3, 1, 2),
+])
 def test_a_write_thread_keeps_write_depth_blocks_in_flight_and_every_byte_lands(
-    tmp_path: Path, depth: int, slots: str,
+    tmp_path: Path, slots: str, depth: int, data: int, peak: int,
 ) -> None:
-    """One thread, ``write_depth`` lanes: the most requests it had in flight together is
-    the depth (three invalidations of recycled slots, or three fresh data writes, go out
-    before the first is reaped), and every block is on disk under its own valid header.
-    Without AIO nothing is left in flight (0)."""
+    """One thread, ``write_depth`` lanes of which ``write_data_depth`` may write data at
+    once: the most requests it had in flight together is ``peak`` (three invalidations
+    of recycled slots go out before the first is reaped; fresh slots: as many data
+    writes as data lanes, or with one data lane a block's header beside the next
+    block's data), and every block is on disk under its own valid header. Without AIO
+    nothing is left in flight (0)."""
     t = make_tier(tmp_path, True, threads=1)
     try:
         keys = [bytes([i + 1]) * 16 for i in range(8)]
         if slots == "recycled":
             assert t.write(list(range(8)), keys, blocks(t.block_bytes, 8, seed=5)) == [True] * 8
-        t.write_depth = depth
+        t.write_depth, t.write_data_depth = depth, data
         t.io_depth_seen = 0
         src = blocks(t.block_bytes, 8, seed=6)
         keys = [bytes([i + 9]) * 16 for i in range(8)]
         assert t.write(list(range(8)), keys, src) == [True] * 8
-        assert t.io_depth_seen == depth
+        assert t.io_depth_seen == peak
         for s in range(8):
             h, data = on_disk(t, s)
             assert h is not None and h.key == keys[s]

@@ -255,19 +255,6 @@ class KvbmCache(DynamicCache):
             )
         return row
 
-    def _still_checked(self, row: np.ndarray) -> bool:
-        """``row``, read by ``load_prefix`` from the inference tensor ``_checked`` holds,
-        is a view of that tensor's memory still (its ``numpy()``, not a copy: ids
-        changed in place since are read through it) and every id lies in the
-        vocabulary. False: ``_tokens`` reads the tensor again (and names a bad id).
-        Spares a second ``numpy()``, tens of microseconds to a few tenths of a
-        millisecond on the request path right after a forward."""
-        ck = self._checked
-        assert ck is not None
-        if ck[0].data_ptr() != row.__array_interface__["data"][0]:
-            return False
-        return not (row.size and self.vocab_size and umax(row) >= self.vocab_size)
-
     def _u32(self, row: np.ndarray) -> np.ndarray:
         """``row`` (checked by ``_tokens``) as the hasher's u32 ids: where the ids were
         checked against a vocabulary (below 2**32), the hasher's own range check (two
@@ -304,13 +291,11 @@ class KvbmCache(DynamicCache):
         row = self._tokens(input_ids, "load_prefix")
         if row is None:
             return 0
-        if isinstance(input_ids, torch.Tensor):
-            # ``offload_blocks`` of the same tensor (``prefill`` passes the same) reuses
-            # this checked row: not changed in place since (its version counter), or,
-            # an inference tensor counting no versions (-1), the row a view of its own
-            # memory still, checked again against the vocabulary (``_still_checked``).
-            self._checked = (input_ids, -1 if input_ids.is_inference() else input_ids._version,
-                             row)
+        if isinstance(input_ids, torch.Tensor) and not input_ids.is_inference():
+            # ``offload_blocks`` of the same tensor, not changed in place since (its
+            # version counter), reuses this checked row (``prefill`` passes the same).
+            # Inference tensors count no versions: they are read and checked again.
+            self._checked = (input_ids, input_ids._version, row)
         usable = (len(row) - 1) // self.page_size
         if usable <= 0:
             _say_once("short", "kvbm: prompts shorter than %d tokens (one block plus the last "
@@ -462,8 +447,7 @@ class KvbmCache(DynamicCache):
         starts with these blocks waits for it before matching.
         """
         ck = self._checked
-        if ck is not None and ck[0] is input_ids and (
-                ck[1] == input_ids._version if ck[1] >= 0 else self._still_checked(ck[2])):
+        if ck is not None and ck[0] is input_ids and ck[1] == input_ids._version:
             row: np.ndarray | None = ck[2]
         else:
             row = self._tokens(input_ids, "offload")

@@ -257,16 +257,16 @@ def test_held_tokens_are_the_rooms_first_tokens_when_read(model: Any, manager: A
             assert torch.equal(k, room[0][:, :, :n]) and torch.equal(v, room[1][:, :, :n])
 
 
-def test_inference_tensor_ids_are_checked_again_at_offload(model: Any, manager: Any) -> None:
-    # An inference tensor counts no versions (reading ``_version`` raises): its row,
-    # a view of its memory, is checked again, so ids changed in place after the load
-    # are refused.
+def test_inference_tensor_ids_are_read_again_at_offload(model: Any, manager: Any) -> None:
+    # An inference tensor counts no versions (reading ``_version`` raises): its row is
+    # not kept, so ids changed in place after the load are checked again.
     from kvbm import TokenError
 
     with torch.inference_mode():
         prompt = _prompt(3 * PAGE + 1, 24)
         cache = KvbmCache(manager, model)
         prefill(model, prompt, cache, offload=False)
+        assert cache._checked is None
         prompt[0, 1] = VOCAB + 9
         with pytest.raises(TokenError, match=r"\[0, 256\).*max 265"):
             cache.offload_blocks(prompt)

@@ -8,8 +8,8 @@ the table shows each path's ratios as min/median/max over the rounds. fio is the
 O_DIRECT, 2 MiB blocks, ``numjobs`` = the tier's ``--threads``, at two depths each side
 of the pair (psync then libaio before the path, libaio then psync after it): ``psync``
 (iodepth 1, one request in flight per job) and ``libaio`` at the tier's in-flight depth
-(``kvbm_bench.limits.FIO_DEPTHS``: the native loop keeps up to ``WRITE_DEPTH`` blocks,
-one request each, in flight per write thread), each run moving half the
+(``kvbm_bench.limits.FIO_DEPTHS``: the native loop keeps a block's data, the last one's
+header and the next one's invalidation in flight per thread), each run moving half the
 bytes, so a pair's fio takes about as long as one depth's did; the limit is the better
 of the depths (both are printed), as the memory limits take the better of 1 and N
 threads. Where fio has no libaio, psync alone, and the table says so. On files laid out once

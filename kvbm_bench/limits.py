@@ -238,9 +238,8 @@ def find_fio() -> str | None:
 
 
 # fio's depths for a disk limit: ``psync`` (iodepth 1, one request in flight per job) and
-# ``libaio`` at the disk tier's in-flight depth (``kvbm_tiers_disk._native_io.WRITE_DEPTH``:
-# its native loop keeps up to that many blocks, one request each, in flight per write
-# thread; tests/test_disk_aio.py checks the two agree). The limit is the
+# ``libaio`` at the disk tier's in-flight depth (its native loop keeps block i's data, block
+# i-1's header and block i+1's invalidation in flight per thread). The limit is the
 # better of the two, as the memory limit is the better of 1 and N threads.
 FIO_DEPTHS = (1, 3)
 

@@ -24,17 +24,17 @@ Per block the loop does what the Python path does, in the same order:
 - read: read the data, checksum it. Python compares the checksum with the index's.
 
 The requests go through the kernel's AIO (``AIO``; one context per thread, kept in a
-process-wide pool). Writing, a thread keeps up to ``WRITE_DEPTH`` blocks in flight, each
-in a lane of its own that runs the block's steps (invalidation where needed, data,
-header) one request at a time, each submitted once the one before it is reaped: so at
-most ``WRITE_DEPTH`` requests of a thread are in flight together (fio's ``libaio`` at
-that iodepth, the limit ``kvbm_bench.limits.FIO_DEPTHS`` names), and a thread's
-wake-up after one completion no longer leaves the device without its next request.
-Data requests go out in the order the thread took its blocks, each checksummed right
-after its submit while the device takes it. Reading, a thread submits its next block
-as soon as the last one is back and checksums that one while the next is in flight.
-Where AIO is missing or refused, a request is a plain ``pread``/``pwrite``, one block
-at a time.
+process-wide pool): a thread submits a block's data write and checksums the same bytes
+while the device takes them, then reaps the write and only then submits the header,
+which it reaps with the next block's data (the last one before the call returns); a
+recycled slot's invalidation is submitted while the block before it is in flight and
+reaped before the slot's data is submitted. So each step of a block still starts only
+once the one before it is complete, but none of the three waits alone: per thread one
+data request, one header and one invalidation may be in flight together. Reading, a
+thread submits its next block as soon as the last one is back and checksums that one
+while the next is in flight. Each thread has one data request in flight at a time
+(fio's ``psync`` jobs). Where AIO is missing or refused, a request is a plain
+``pread``/``pwrite``.
 
 Every outcome comes back per block (the stage that failed and its errno), and Python
 updates the index and the counters exactly as on its own path. The source is
@@ -84,19 +84,20 @@ static int64_t fail(int64_t stage, ssize_t got) {
     return (stage << 32) | (uint32_t)(got < 0 ? errno : 0);
 }
 
-/* A thread's requests through the kernel's AIO (its own context): up to MAXD in flight,
- * each told apart by its tag (a write's lane; a read uses tag 0). Without AIO (or when a
- * submit is refused) the same request is made with pread/pwrite. */
-enum { T_DATA, MAXD = 6 };
+/* A thread's requests through the kernel's AIO (its own context): up to three in
+ * flight, one per kind (a block's data, the header of the block before it, the
+ * invalidation of the block after it), each told apart by its tag. Without AIO (or
+ * when a submit is refused) the same request is made with pread/pwrite. */
+enum { T_DATA, T_HDR, T_INV, T_KINDS };
 
 struct aio {
 #ifdef KVBM_AIO
     aio_context_t ctx;
-    struct iocb cb[MAXD];
+    struct iocb cb[T_KINDS];
 #endif
-    int busy[MAXD];    /* submitted, result not yet taken */
-    int got[MAXD];     /* reaped (its result in res) */
-    int64_t res[MAXD]; /* bytes, or -errno */
+    int busy[T_KINDS];    /* submitted, result not yet taken */
+    int got[T_KINDS];     /* reaped (its result in res) */
+    int64_t res[T_KINDS]; /* bytes, or -errno */
     int on;
 };
 
@@ -122,7 +123,7 @@ static void aio_open(struct aio *a, int64_t want) {
     if (pool_pid != getpid()) { pooled = 0; pool_pid = getpid(); }
     if (pooled) { a->ctx = pool[--pooled]; a->on = 1; }
     pthread_mutex_unlock(&pool_lock);
-    if (!a->on && syscall(SYS_io_setup, MAXD, &a->ctx) == 0) a->on = 1;
+    if (!a->on && syscall(SYS_io_setup, 2 * T_KINDS, &a->ctx) == 0) a->on = 1;
 #else
     (void)want;
 #endif
@@ -136,7 +137,7 @@ static void aio_drop(struct aio *a, int e) {
     if (a->on) syscall(SYS_io_destroy, a->ctx);
 #endif
     a->on = 0;
-    for (int t = 0; t < MAXD; t++)
+    for (int t = 0; t < T_KINDS; t++)
         if (a->busy[t] && !a->got[t]) { a->got[t] = 1; a->res[t] = -e; }
 }
 
@@ -178,30 +179,20 @@ static int aio_start(struct aio *a, int tag, int op, int64_t fd, int64_t buf, in
 #endif
 }
 
-/* Waits for at least one of the thread's requests and reaps every one that completed. */
-static void aio_wait(struct aio *a) {
-#ifdef KVBM_AIO
-    for (;;) {
-        struct io_event ev[MAXD];
-        long r = syscall(SYS_io_getevents, a->ctx, 1, MAXD, ev, NULL);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) { aio_drop(a, r < 0 ? errno : EIO); return; }
-        for (long k = 0; k < r; k++) {
-            int t = (int)ev[k].data;
-            if (t >= 0 && t < MAXD) { a->got[t] = 1; a->res[t] = ev[k].res; }
-        }
-        return;
-    }
-#else
-    (void)a;
-#endif
-}
-
-/* The result of the request with tag `tag` (submitted), as pread/pwrite's (bytes, or -1
+/* The result of the request of kind `tag` (submitted), as pread/pwrite's (bytes, or -1
  * with errno set); the thread's other requests that complete meanwhile are reaped too. */
 static ssize_t aio_take(struct aio *a, int tag) {
 #ifdef KVBM_AIO
-    while (!a->got[tag] && a->on) aio_wait(a);
+    while (!a->got[tag]) {
+        struct io_event ev[T_KINDS];
+        long r = syscall(SYS_io_getevents, a->ctx, 1, T_KINDS, ev, NULL);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) { aio_drop(a, r < 0 ? errno : EIO); break; }
+        for (long k = 0; k < r; k++) {
+            int t = (int)ev[k].data;
+            if (t >= 0 && t < T_KINDS) { a->got[t] = 1; a->res[t] = ev[k].res; }
+        }
+    }
 #endif
     a->busy[tag] = 0;
     a->got[tag] = 0;
@@ -219,131 +210,78 @@ static int64_t take(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC
 
 /* Per block, in this order: the old header invalidated (where it may be valid), the data,
  * the header. Each step starts only once the one before it is complete (reaped), so a
- * valid header is never on disk over data other than its own. With AIO a thread keeps
- * up to `depth` blocks in flight, each in its own lane that runs this sequence
- * (invalidation, data, header: one request of the lane in flight at a time), so at most
- * `depth` requests of the thread are in flight together, as for fio at that iodepth.
- * The data requests go out in the order the thread took the blocks (a lane whose
- * invalidation is back waits for the older ones' data), and each block's bytes are
- * checksummed right after its data request is submitted, while the device takes them
- * and the other lanes' requests are in flight. Without AIO one block at a time. */
-enum { L_FREE, L_INV, L_WAIT, L_SKIP, L_DATA, L_HDR };
-
-struct lane {
-    int64_t i, seq, want;
-    int stage;
-    uint64_t s;
-    struct iovec iov[2];
-};
-
-/* Submits lane d's request; one the kernel does not take is done here and then, its
- * result left as if reaped. Returns 1 if it went through AIO. */
-static int submit(struct aio *a, int d, int op, int64_t fd, int64_t buf, int64_t len,
-                  int64_t off) {
-    if (aio_start(a, d, op, fd, buf, len, off)) return 1;
-    ssize_t r = op == 2 ? pwritev((int)fd, (const struct iovec *)buf, (int)len, off)
-                        : pwrite((int)fd, (const void *)buf, (size_t)len, off);
-    a->res[d] = r < 0 ? -(int64_t)errno : (int64_t)r;
-    a->busy[d] = 1;
-    a->got[d] = 1;
-    return 0;
-}
-
-static int64_t failed(int64_t stage, int64_t res) {
-    return (stage << 32) | (uint32_t)(res < 0 ? -res : 0);
-}
-
+ * valid header is never on disk over data other than its own. With AIO nothing of
+ * that waits on its own: block i's invalidation was submitted while the block before
+ * it was in flight, and i's header is reaped with the next block's data (or at the
+ * end, before the call returns): i's data, i-1's header and i+1's invalidation are in
+ * flight together, and the thread checksums i meanwhile. */
 int64_t kvbm_disk_write(int64_t n, int64_t *next, const int64_t *fd, const int64_t *buf,
                         const int64_t *len, const int64_t *doff, const int64_t *hoff,
                         const int64_t *inval, int64_t hashed, const char *zero,
                         char *headers, int64_t page, int64_t sum_at, int64_t used,
                         hash_fn h, uint64_t *sums, int64_t *status, int64_t use_aio,
-                        int64_t *async_done, int64_t *peak) {
-    int64_t done = 0, async = 0, taken = 0, ds = 0, most = 0;
+                        int64_t *async_done) {
+    int64_t done = 0, async = 0, hi = -1; /* hi: the block whose header is in flight */
     struct aio a;
-    struct lane L[MAXD];
     aio_open(&a, use_aio);
-    /* use_aio: lanes | data lanes << 8 (0: as many as lanes) */
-    int depth = !a.on ? 1 : (use_aio & 0xff) > MAXD ? MAXD : (int)(use_aio & 0xff);
-    int64_t most_data = use_aio >> 8 ? use_aio >> 8 : depth, in_data = 0;
-    int more = 1;
-    for (int d = 0; d < MAXD; d++) L[d].stage = L_FREE;
-    for (;;) {
-        int active = 0, moved = 0, inflight = 0;
-        /* new blocks into free lanes: a recycled slot's invalidation submitted at once */
-        for (int d = 0; d < depth && more; d++) {
-            if (L[d].stage != L_FREE) continue;
-            int64_t i = take(next);
-            if (i >= n) { more = 0; break; }
-            done++;
-            L[d].i = i;
-            L[d].seq = taken++;
-            L[d].stage = inval[i] == 1 ? L_INV : L_WAIT;
-            if (inval[i] == 1) submit(&a, d, 1, fd[i], (int64_t)zero, page, hoff[i]);
+    int64_t i = take(next);
+    int iv = i < n && inval[i] == 1 && aio_start(&a, T_INV, 1, fd[i], (int64_t)zero, page, hoff[i]);
+    while (i < n) {
+        done++;
+        int64_t j = -1;
+        ssize_t got;
+        uint64_t s;
+        int out, fresh;
+        int64_t want;
+        struct iovec iov[2];
+        char *hp;
+        if (inval[i] == 1) {
+            got = iv ? aio_take(&a, T_INV) : pwrite((int)fd[i], zero, (size_t)page, hoff[i]);
+            if (got != page) { status[i] = fail(1, got); goto next; }
         }
-        /* completed requests: each lane's next step */
-        for (int d = 0; d < depth; d++) {
-            struct lane *l = &L[d];
-            if (l->stage == L_FREE || !a.busy[d] || !a.got[d]) continue;
-            int64_t res = a.res[d], i = l->i;
-            a.busy[d] = a.got[d] = 0;
-            moved = 1;
-            if (l->stage == L_INV) {
-                if (res == page) { l->stage = L_WAIT; continue; }
-                status[i] = failed(1, res);
-                l->stage = L_SKIP;
-            } else if (l->stage == L_DATA) {
-                in_data--;
-                if (res != l->want) { status[i] = failed(2, res); l->stage = L_FREE; continue; }
-                sums[i] = l->s;
-                if (!headers) { status[i] = 0; l->stage = L_FREE; continue; }
-                char *hp = headers + i * page;
-                kvbm_disk_seal(hp, l->s, sum_at, used, h);
-                l->stage = L_HDR;
-                submit(&a, d, 1, fd[i], (int64_t)hp, page, hoff[i]);
-            } else if (l->stage == L_HDR) {
-                status[i] = res == page ? 0 : failed(3, res);
-                l->stage = L_FREE;
-            }
+        /* a fresh slot (inval 2): its zeroed header page and its data in one request */
+        fresh = inval[i] == 2;
+        want = fresh ? page + len[i] : len[i];
+        iov[0].iov_base = (void *)zero;
+        iov[0].iov_len = (size_t)page;
+        iov[1].iov_base = (void *)buf[i];
+        iov[1].iov_len = (size_t)len[i];
+        out = fresh ? aio_start(&a, T_DATA, 2, fd[i], (int64_t)iov, 2, hoff[i])
+                    : aio_start(&a, T_DATA, 1, fd[i], buf[i], len[i], doff[i]);
+        j = take(next);
+        iv = j < n && inval[j] == 1 && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
+        if (out) {
+            /* the bytes handed to the kernel, checksummed while it writes them */
+            s = h((const void *)buf[i], (size_t)hashed);
+            got = aio_take(&a, T_DATA);
+            async++;
+        } else {
+            got = fresh ? pwritev((int)fd[i], iov, 2, hoff[i])
+                        : pwrite((int)fd[i], (const void *)buf[i], (size_t)len[i], doff[i]);
+            s = got == want ? h((const void *)buf[i], (size_t)hashed) : 0;
         }
-        /* data requests in the order the blocks were taken, each checksummed at once */
-        for (int again = 1; again && in_data < most_data;) {
-            again = 0;
-            for (int d = 0; d < depth; d++) {
-                struct lane *l = &L[d];
-                if (l->seq != ds || (l->stage != L_WAIT && l->stage != L_SKIP)) continue;
-                ds++;
-                again = moved = 1;
-                if (l->stage == L_SKIP) { l->stage = L_FREE; break; }
-                int64_t i = l->i;
-                int fresh = inval[i] == 2; /* its zeroed header page and its data in one */
-                l->want = fresh ? page + len[i] : len[i];
-                l->iov[0].iov_base = (void *)zero;
-                l->iov[0].iov_len = (size_t)page;
-                l->iov[1].iov_base = (void *)buf[i];
-                l->iov[1].iov_len = (size_t)len[i];
-                l->stage = L_DATA;
-                in_data++;
-                int out = fresh ? submit(&a, d, 2, fd[i], (int64_t)l->iov, 2, hoff[i])
-                                : submit(&a, d, 1, fd[i], buf[i], len[i], doff[i]);
-                async += out;
-                /* the bytes handed to the kernel, checksummed while it writes them */
-                l->s = out || a.res[d] == l->want ? h((const void *)buf[i], (size_t)hashed) : 0;
-                break;
-            }
+        if (got != want) { status[i] = fail(2, got); goto next; }
+        sums[i] = s;
+        if (!headers) { status[i] = 0; goto next; }
+        hp = headers + i * page;
+        kvbm_disk_seal(hp, s, sum_at, used, h);
+        if (hi >= 0) { got = aio_take(&a, T_HDR); status[hi] = got == page ? 0 : fail(3, got); hi = -1; }
+        if (aio_start(&a, T_HDR, 1, fd[i], (int64_t)hp, page, hoff[i])) {
+            hi = i;
+        } else {
+            got = pwrite((int)fd[i], hp, (size_t)page, hoff[i]);
+            status[i] = got == page ? 0 : fail(3, got);
         }
-        for (int d = 0; d < depth; d++) active += L[d].stage != L_FREE;
-        if (!active && !more) break;
-        if (moved || !active) continue;
-        for (int d = 0; d < depth; d++) inflight += a.busy[d] && !a.got[d];
-        if (inflight > most) most = inflight;
-        aio_wait(&a);
+    next:
+        if (j < 0) {
+            j = take(next);
+            iv = j < n && inval[j] == 1 && aio_start(&a, T_INV, 1, fd[j], (int64_t)zero, page, hoff[j]);
+        }
+        i = j;
     }
+    if (hi >= 0) { ssize_t got = aio_take(&a, T_HDR); status[hi] = got == page ? 0 : fail(3, got); }
     aio_close(&a);
     __atomic_fetch_add(async_done, async, __ATOMIC_RELAXED);
-    int64_t p = __atomic_load_n(peak, __ATOMIC_RELAXED);
-    while (most > p && !__atomic_compare_exchange_n(peak, &p, most, 0, __ATOMIC_RELAXED,
-                                                    __ATOMIC_RELAXED)) {}
     return done;
 }
 
@@ -395,7 +333,7 @@ struct job {
     int64_t page, sum_at, used;
     hash_fn h;
     uint64_t *sums;
-    int64_t *status, use_aio, *async_done, *peak;
+    int64_t *status, use_aio, *async_done;
 };
 
 static void *run_job(void *p) {
@@ -403,7 +341,7 @@ static void *run_job(void *p) {
     if (j->write)
         kvbm_disk_write(j->n, j->next, j->fd, j->buf, j->len, j->doff, j->hoff, j->inval,
                         j->hashed, j->zero, j->headers, j->page, j->sum_at, j->used, j->h,
-                        j->sums, j->status, j->use_aio, j->async_done, j->peak);
+                        j->sums, j->status, j->use_aio, j->async_done);
     else
         kvbm_disk_read(j->n, j->next, j->fd, j->buf, j->len, j->doff, j->hashed, j->h,
                        j->sums, j->status, j->use_aio, j->async_done);
@@ -420,8 +358,7 @@ static int64_t run_threads(struct job *j, int64_t threads) {
     return started + 1;
 }
 
-/* next[0]: the shared block counter; next[1]: blocks moved through AIO (out); next[2]:
- * the most requests one thread had in flight (out, writes) */
+/* next[0]: the shared block counter; next[1]: blocks moved through AIO (out) */
 int64_t kvbm_disk_write_mt(int64_t threads, int64_t n, int64_t *next, const int64_t *fd,
                            const int64_t *buf, const int64_t *len, const int64_t *doff,
                            const int64_t *hoff, const int64_t *inval, int64_t hashed,
@@ -429,7 +366,7 @@ int64_t kvbm_disk_write_mt(int64_t threads, int64_t n, int64_t *next, const int6
                            int64_t used, hash_fn h, uint64_t *sums, int64_t *status,
                            int64_t use_aio) {
     struct job j = {1, n, next, fd, buf, len, doff, hoff, inval, hashed, zero, headers, page,
-                    sum_at, used, h, sums, status, use_aio, next + 1, next + 2};
+                    sum_at, used, h, sums, status, use_aio, next + 1};
     return run_threads(&j, threads);
 }
 
@@ -438,19 +375,15 @@ int64_t kvbm_disk_read_mt(int64_t threads, int64_t n, int64_t *next, const int64
                           int64_t hashed, hash_fn h, uint64_t *sums, int64_t *status,
                           int64_t use_aio) {
     struct job j = {0, n, next, fd, buf, len, off, NULL, NULL, hashed, NULL, NULL, 0, 0, 0, h,
-                    sums, status, use_aio, next + 1, NULL};
+                    sums, status, use_aio, next + 1};
     return run_threads(&j, threads);
 }
 """
 
-#: Whether new tiers' native loops move data through the kernel's AIO (Linux); off, or
-#: where the kernel refuses a context or a request, the loop uses pread/pwrite.
+#: Whether new tiers' native loops move data through the kernel's AIO (Linux; each
+#: thread keeps its one request in flight while it checksums); off, or where the
+#: kernel refuses a context or a request, the loop uses pread/pwrite.
 AIO = True
-
-#: A write thread's blocks (and so requests) in flight together through AIO (1-6), and
-#: how many of them may be data requests at once (the rest: invalidations, headers).
-WRITE_DEPTH = 3
-WRITE_DATA_DEPTH = 3
 
 #: Stages a status names.
 INVALIDATE, DATA, HEADER = 1, 2, 3

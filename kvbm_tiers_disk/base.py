@@ -73,9 +73,6 @@ class TierBase(Tier):
     _engine: Any
     _nio: _native_io.NativeIO | None
     _aio: bool
-    write_depth: int
-    write_data_depth: int
-    io_depth_seen: int
     _spare_threads: int
     _spare_lock: threading.Lock
     _keys: list[bytes | None]

@@ -48,16 +48,14 @@ class NativeLoop(TierBase):
         flight together start at most ``io_threads - 1`` (a batch that finds none runs
         on its caller's thread alone). The loop counts the blocks it moved through the
         kernel's AIO (their checksum overlapped with their own transfer) into
-        ``async_requests``, and the most requests one write thread had in flight into
-        ``io_depth_seen`` (the largest over the tier's life). Returns the threads used."""
+        ``async_requests``. Returns the threads used."""
         with self._spare_lock:
             extra = min(min(self.cfg.io_threads, n) - 1, self._spare_threads)
             self._spare_threads -= extra
         try:
-            counter = np.zeros(3, np.int64)  # block counter; blocks moved by AIO; depth seen
+            counter = np.zeros(2, np.int64)  # the shared block counter; blocks moved by AIO
             fn(extra + 1, counter.ctypes.data)
             self._add(async_requests=int(counter[1]))
-            self.io_depth_seen = max(self.io_depth_seen, int(counter[2]))
         finally:
             with self._spare_lock:
                 self._spare_threads += extra
@@ -107,7 +105,7 @@ class NativeLoop(TierBase):
         args = (fd.ctypes.data, buf.ctypes.data, ln.ctypes.data, doff.ctypes.data,
                 hoff.ctypes.data, inval.ctypes.data, self.block_bytes, _ZERO_PAGE.ctypes.data,
                 hp, HEADER_BYTES, nio.sum_at, HEADER_USED - 8, nio.hash_ptr,
-                out.ctypes.data, status.ctypes.data, int(self._aio) * (self.write_depth | self.write_data_depth << 8))
+                out.ctypes.data, status.ctypes.data, int(self._aio))
         self._native_call(lambda k, c: nio.write_fn(k, m, c, *args), m)
         for j, i in enumerate(idx):
             slot, code = slots[i], int(status[j])

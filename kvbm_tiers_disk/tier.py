@@ -110,11 +110,6 @@ class DiskTier(Recovery, NativeLoop, NixlPath):
         # The native loop's requests through the kernel's AIO (each block's checksum
         # while its own transfer is in flight); False: pread/pwrite, then the checksum.
         self._aio = _native_io.AIO
-        # Blocks (so requests) one write thread keeps in flight through AIO; the most it
-        # had is kept in io_depth_seen.
-        self.write_depth = _native_io.WRITE_DEPTH
-        self.write_data_depth = _native_io.WRITE_DATA_DEPTH
-        self.io_depth_seen = 0
         # Threads the native loop may start beyond each caller's own, shared by every
         # batch in flight (as the Python loop's pool of io_threads is): two batches at
         # once must not run 2 x io_threads requests and checksums on the same CPUs.

@@ -1,5 +1,6 @@
-"""The manager's batch checks of an offload's arguments (one C pass over plain lists) and
-an onboard's valid prefix: what the per-item checks refused is still refused, by name."""
+"""An offload's index and hash checks: each bad item refused by name (a bool or float
+index, a range past the source, a short hash), numpy integer indices and a 16-byte bytes
+subclass taken; blocks stored by such indices come back byte for byte."""
 
 from __future__ import annotations
 

@@ -37,10 +37,8 @@ registry keeps its numpy and Python paths, which give the same results.
 from __future__ import annotations
 
 import ctypes
-import sysconfig
-import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvbm import _cc
 
@@ -330,47 +328,48 @@ int kvbm_all_keys(PyObject *keys) {
 #: int64 parameters, ``unlinked`` that of one int64; a list of slots, or None.
 RunFn = Callable[[list[Any], int, int], "list[int] | None"]
 
-_lock = threading.Lock()
-_loaded = False
-_fn: RunFn | None = None
-_all: Callable[[list[Any]], int] | None = None
 #: ``commit(slots, params, writing, pinned, listed)``: ``kvbm_commit_run``.
 CommitFn = Callable[[list[int], int, int, int, int], int]
-_commit: CommitFn | None = None
 #: ``unpin(slots, params, listed)``: ``kvbm_unpin_run``.
 UnpinFn = Callable[[list[int], int, int], int]
-_unpin: UnpinFn | None = None
+
+
+class _Lib(NamedTuple):
+    find: RunFn
+    all_keys: Callable[[list[Any]], int]
+    commit: CommitFn
+    unpin: UnpinFn
+
+
+def _build() -> _Lib | None:
+    lib = _cc.build(SOURCE, "the registry's prefix lookup", "numpy and Python lookups",
+                    capi=True)
+    if lib is None:
+        return None
+    f = lib.kvbm_find_run
+    f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
+    f.restype = ctypes.py_object
+    c = lib.kvbm_all_keys
+    c.argtypes = [ctypes.py_object]
+    c.restype = ctypes.c_int
+    m = lib.kvbm_commit_run
+    m.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_void_p]
+    m.restype = ctypes.c_ssize_t
+    u = lib.kvbm_unpin_run
+    u.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
+    u.restype = ctypes.c_ssize_t
+    return _Lib(f, c, m, u)
+
+
+_lib = _cc.Once(_build)
 
 
 def load() -> RunFn | None:
     """The compiled lookup (compiled at the first call), or None when it cannot be built
     or ``enabled`` is False."""
-    global _loaded, _fn, _all, _commit, _unpin
-    if not enabled:
-        return None
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                include = sysconfig.get_paths().get("include", "")
-                lib = _cc.build(SOURCE, "the registry's prefix lookup", "numpy and Python lookups",
-                                flags=("-O2", f"-I{include}"), loader=ctypes.PyDLL)
-                if lib is not None:
-                    f = lib.kvbm_find_run
-                    f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
-                    f.restype = ctypes.py_object
-                    c = lib.kvbm_all_keys
-                    c.argtypes = [ctypes.py_object]
-                    c.restype = ctypes.c_int
-                    m = lib.kvbm_commit_run
-                    m.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int64,
-                                  ctypes.c_int64, ctypes.c_void_p]
-                    m.restype = ctypes.c_ssize_t
-                    u = lib.kvbm_unpin_run
-                    u.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
-                    u.restype = ctypes.c_ssize_t
-                    _fn, _all, _commit, _unpin = f, c, m, u
-                _loaded = True
-    return _fn
+    lib = _lib() if enabled else None
+    return None if lib is None else lib.find
 
 
 def all_keys(keys: list[Any]) -> bool:
@@ -378,27 +377,29 @@ def all_keys(keys: list[Any]) -> bool:
     pass, ~0.3 µs for 64 keys against ~3 µs for a Python loop); False when one may not
     be, or without the compiled code: the caller's own check then decides (and names
     the bad item). Never True for a list that check would refuse."""
-    if _all is None:
-        load()
-    return _all is not None and bool(_all(keys))
+    lib = _lib() if enabled or _lib.done else None
+    return lib is not None and bool(lib.all_keys(keys))
 
 
 def commit_fn() -> CommitFn | None:
     """The compiled batch commit (``kvbm_commit_run``), or None as ``load``."""
-    return _commit if load() is not None else None
+    lib = _lib() if enabled else None
+    return None if lib is None else lib.commit
 
 
 def unpin_fn() -> UnpinFn | None:
     """The compiled batch unpin (``kvbm_unpin_run``), or None as ``load``."""
-    return _unpin if load() is not None else None
+    lib = _lib() if enabled else None
+    return None if lib is None else lib.unpin
 
 
 def unpin_run(reg: BlockRegistry, slots: list[int]) -> None:
     """``[reg.unpin(s) for s in slots]``: one compiled call where the registry keeps the
     core LRU in its records and dooms no block (a match's release: 512 pins ~0.4 ms in
     Python, cache-cold), else the loop; the same pins, evictable count and LRU order."""
-    fn = _unpin if reg._lru is not None and not reg._doomed else None
     native = reg._native
+    lib = _lib() if native is not None and reg._lru is not None and not reg._doomed else None
+    fn = None if lib is None else lib.unpin
     if fn is not None and native is not None:
         at = fn(slots, native[1], native[2])
         reg._lru._n += reg._unlinked[0]  # type: ignore[union-attr]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -452,13 +451,9 @@ def _build() -> NativeIO | None:
     return nio
 
 
-_lock = threading.Lock()
-_loaded: list[NativeIO | None] = []
+_loaded = _cc.Once(_build)
 
 
 def load() -> NativeIO | None:
     """The compiled loops (built on first use, once per process), or None."""
-    with _lock:
-        if not _loaded:
-            _loaded.append(_build())
-        return _loaded[0]
+    return _loaded()

@@ -90,8 +90,7 @@ def test_without_the_compiled_lookup_a_registry_matches_as_with_it(
     # No compiler on the machine: nothing is built, and the registry takes the numpy and
     # Python paths with the same answers.
     monkeypatch.setattr(_cc, "compiler", lambda: None)
-    monkeypatch.setattr(_registry_native, "_loaded", False)
-    monkeypatch.setattr(_registry_native, "_fn", None)
+    monkeypatch.setattr(_registry_native, "_lib", _cc.Once(_registry_native._build))
     assert _registry_native.load() is None
     regs = [BlockRegistry("t", 300, LRUPolicy(300))]
     monkeypatch.undo()
@@ -120,8 +119,7 @@ def test_the_equivalence_check_catches_a_compiled_lookup_that_trusts_the_tag() -
     broken = _registry_native.SOURCE.replace(
         "if (same16(recs + (int64_t)c * stride, kb[found]))", "if (1)")
     assert broken != _registry_native.SOURCE
-    lib = _cc.build(broken, "a broken lookup (test)", "nothing", loader=ctypes.PyDLL,
-                    flags=("-O2", f"-I{_registry_native.sysconfig.get_paths()['include']}"))
+    lib = _cc.build(broken, "a broken lookup (test)", "nothing", capi=True)
     assert lib is not None
     fn = lib.kvbm_find_run
     fn.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
@@ -163,7 +161,5 @@ def test_the_compiled_hash_check_passes_a_list_only_of_exact_16_byte_bytes(
 def test_without_the_compiled_code_the_hash_check_leaves_the_decision_to_python(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_cc, "compiler", lambda: None)
-    monkeypatch.setattr(_registry_native, "_loaded", False)
-    monkeypatch.setattr(_registry_native, "_fn", None)
-    monkeypatch.setattr(_registry_native, "_all", None)
+    monkeypatch.setattr(_registry_native, "_lib", _cc.Once(_registry_native._build))
     assert _registry_native.all_keys([key(1), key(2)]) is False

@@ -52,8 +52,6 @@ BlockTable = Callable[[int, int, int, int, int, int, int, int, int, int, int, in
 #: the n pairs, ``rows`` rows of ``row_bytes`` bytes, ``*_stride`` bytes apart.
 RowCopy = Callable[[int, int, int, int, int, int, int], None]
 
-_lock = threading.Lock()
-_loaded = False
 _fn: RunCopy | None = None
 _stream: RunCopy | None = None
 _rows: RowCopy | None = None
@@ -124,15 +122,18 @@ def _build() -> tuple[RunCopy, RunCopy, RowCopy, ctypes.c_int64, bool] | None:
     return fn, stream, rows, smin, can
 
 
-def _load() -> None:
-    global _loaded, _fn, _stream, _rows, _stream_min, _can_stream
-    if not _loaded:
-        with _lock:
-            if not _loaded:
-                built = _build()
-                if built is not None:
-                    _fn, _stream, _rows, _stream_min, _can_stream = built
-                _loaded = True
+def _set() -> bool | None:
+    """``_build`` and its results set in the globals above; None without the loop."""
+    global _fn, _stream, _rows, _stream_min, _can_stream
+    built = _build()
+    if built is None:
+        return None
+    _fn, _stream, _rows, _stream_min, _can_stream = built
+    return True
+
+
+#: ``_load()``: the loop built and the globals set, at the first call (once a process).
+_load = _cc.Once(_set)
 
 
 def set_stream_min(nbytes: int | None) -> None:

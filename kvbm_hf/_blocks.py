@@ -81,12 +81,9 @@ class CacheBlockSource:
         if bases is None or runs is None or not n:
             self.copy_out(indices, [rows[i] for i in r.tolist()])
             return
-        part = self.layout.bytes_per_block // len(bases)
-        s_ = np.add.outer(self._blocks(indices) * part, bases).ravel()
         rp = r * rows.strides[0]
         rp += _native.address(rows)
-        d = np.add.outer(rp, np.arange(len(bases), dtype=np.int64) * part).ravel()
-        _native.run_copy(runs, len(d), d, s_, part)
+        self._copy_at(runs, bases, self._blocks(indices), rp)
 
     def _blocks(self, indices: Sequence[int]) -> np.ndarray:
         """``indices`` as int64, each checked to lie within the source's blocks."""
@@ -147,10 +144,17 @@ class CacheBlockSource:
         for x in dst:
             if x.nbytes != bpb or not x.flags.c_contiguous or not x.flags.writeable:
                 raise LayoutError(f"dst: expected writable contiguous buffers of {bpb} bytes")
-        part = bpb // len(bases)
         bp = np.fromiter((_native.address(x) for x in dst), dtype=np.int64, count=len(dst))
-        s_ = np.add.outer(np.asarray(indices, dtype=np.int64) * part, bases).ravel()
-        d = np.add.outer(bp, np.arange(len(bases), dtype=np.int64) * part).ravel()
+        self._copy_at(runs, bases, np.asarray(indices, dtype=np.int64), bp)
+
+    def _copy_at(self, runs: _native.RunCopy, bases: np.ndarray, blocks: np.ndarray,
+                 dp: np.ndarray) -> None:
+        """Token-major blocks ``blocks`` (int64, checked) into the whole-block buffers at
+        addresses ``dp``: one address table (block-major, each block's ``2 × layers``
+        runs in its buffer's order) and one native copy."""
+        part = self.layout.bytes_per_block // len(bases)
+        s_ = np.add.outer(blocks * part, bases).ravel()
+        d = np.add.outer(dp, np.arange(len(bases), dtype=np.int64) * part).ravel()
         _native.run_copy(runs, len(d), d, s_, part)
 
     def _native_out(self, rows: _native.RowCopy, indices: Sequence[int],

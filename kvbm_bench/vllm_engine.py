@@ -114,6 +114,10 @@ def run_arm(model_dir: str, arm: dict[str, Any]) -> dict[str, Any]:
     from vllm.config import KVTransferConfig
 
     with _patched(arm):
+        import torch
+
+        # What vLLM's CPU attention asks to choose its kernel: amx where AMX tiles exist.
+        amx = bool(torch.cpu._is_amx_tile_supported())
         ktc = None
         if arm.get("kvbm") is not None:
             extra: dict[str, Any] = {"kvbm": arm["kvbm"]}
@@ -155,7 +159,8 @@ def run_arm(model_dir: str, arm: dict[str, Any]) -> dict[str, Any]:
                 llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
-    return {"name": arm.get("name", ""), "start_s": start_s, "results": results, "kvbm": stats}
+    return {"name": arm.get("name", ""), "start_s": start_s, "results": results, "kvbm": stats,
+            "amx": amx}
 
 
 def _kvbm_stats(llm: Any) -> dict[str, Any] | None:

@@ -349,6 +349,10 @@ class KvbmSettings(BaseSettings):
     probe_timeout_s: float = Field(
         0.5, gt=0, le=60, description="longest a match waits for shared tiers (S3, peers) to say "
         "which blocks other instances wrote; a later answer counts as misses")
+    background_yield_ms: float = Field(
+        200, ge=0, le=60000, description="longest each part of the write-through cascade "
+        "waits for the loads and saves in flight (the request path goes first on the CPUs, "
+        "memory bus and disk); 0: the cascade never waits")
     close_timeout_s: float = Field(
         5.0, ge=0, le=3600, description="longest close() waits for the write-through cascade; "
         "blocks still on their way down then are not stored below")

@@ -28,6 +28,7 @@ import numpy as np
 
 from ._copy_fns import _COPIED, _copy_from, _Direct, _raw, _rows_fn, _shares, _views_of
 from .engine_blocks import _native
+from .foreground import Foreground
 from .hashing import SequenceHash
 from .layout import BlockDestination, BlockLayout, BlockSource
 from .pathstats import PathStats
@@ -49,7 +50,8 @@ class Executor:
     """Runs plans on this process's tiers; reports failed positions per operation."""
 
     def __init__(self, tiers: Sequence[Tier], layout: BlockLayout, *, copy_threads: int = 2,
-                 io_threads: int = 4, probe_timeout_s: float = 0.5, name: str = "kvbm") -> None:
+                 io_threads: int = 4, probe_timeout_s: float = 0.5, name: str = "kvbm",
+                 background_yield_s: float = 0.2) -> None:
         self.tiers = list(tiers)
         self.layout = layout
         self.block_bytes = layout.bytes_per_block
@@ -57,19 +59,17 @@ class Executor:
         if any(type(t).views is Tier.views for t in self.tiers):  # moves blocks through staging
             self.staging.prime()
         self.probe_timeout_s = probe_timeout_s
+        self.foreground = Foreground(background_yield_s)  # the cascade waits for loads
         self._copy_threads = max(1, copy_threads)
         self._copy_pool = (ThreadPoolExecutor(self._copy_threads - 1,
                                               thread_name_prefix=f"{name}-copy")
                            if self._copy_threads > 1 else None)
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix=f"{name}-io")
-        # Writes of a pipelined save. Two threads: the next part's write is queued on
-        # the tier's I/O threads while the last blocks of the previous one finish, so
-        # the disk never waits at a part's boundary (each part has slots of its own; the
-        # tier spreads a part over its own I/O threads).
+        # Writes of a pipelined save: two threads, so the next part's write queues on the
+        # tier's I/O threads while the last blocks of the previous one finish.
         self._writer = ThreadPoolExecutor(2, thread_name_prefix=f"{name}-write")
-        # Probes of shared tiers run here so that a caller waits at most
-        # probe_timeout_s; a hung server fills these threads and later probes then
-        # count as misses at once instead of queueing behind it.
+        # Probes of shared tiers: a caller waits at most probe_timeout_s; a hung server
+        # fills these threads and later probes count as misses at once, not queued.
         self._probe_threads = 4
         self._probe_pool = ThreadPoolExecutor(self._probe_threads,
                                               thread_name_prefix=f"{name}-probe")
@@ -254,6 +254,10 @@ class Executor:
     # -- operations ----------------------------------------------------------------------
     def save(self, op: SaveOp, source: BlockSource) -> frozenset[int]:
         """Copy engine blocks into a tier; errors of ``source`` propagate (after every part)."""
+        with self.foreground.active():
+            return self._save(op, source)
+
+    def _save(self, op: SaveOp, source: BlockSource) -> frozenset[int]:
         t0 = time.perf_counter()
         refused = self._claim(op.tier, op.slots)
         todo: Sequence[int] = range(len(op.slots))
@@ -333,9 +337,11 @@ class Executor:
         keys = [SequenceHash(k) for k in op.keys]
         failed = self._claim(op.dst_tier, op.dst_slots)
         bufs: list[np.ndarray] = []
+        waited = 0.0  # yielding to loads and saves (foreground.py): not the path's time
         try:
             src = self._views(op.src_tier, op.src_slots)
             if src is None:
+                waited += self.foreground.yield_to()
                 bufs = self.staging.acquire(n)
                 good = self._read(op.src_tier, op.src_slots, keys, bufs)
                 src = bufs
@@ -345,8 +351,11 @@ class Executor:
             if dst is not None:
                 self.split_copy(_copy_from([src[i] for i in todo]), range(len(todo)), dst)
             else:
-                ok = self._write(op.dst_tier, [op.dst_slots[i] for i in todo],
-                                 [keys[i] for i in todo], [src[i] for i in todo])
+                ws, wk, wb = ([op.dst_slots[i] for i in todo], [keys[i] for i in todo],
+                              [src[i] for i in todo])
+                ok, w = self.foreground.in_parts(
+                    lambda a, b: self._write(op.dst_tier, ws[a:b], wk[a:b], wb[a:b]), len(todo))
+                waited += w
                 failed.update(i for i, g in zip(todo, ok) if not g)
         except Exception as e:
             self.warn("copy", "kvbm: copy %r -> %r failed (%s); blocks skipped",
@@ -357,7 +366,7 @@ class Executor:
                 self.staging.release(bufs)
         self._commit(op.dst_tier, op.dst_slots, op.keys, failed)
         self.count(f"offload:{self.tiers[op.dst_tier].name}", n - len(failed),
-                   time.perf_counter() - t0, len(failed))
+                   time.perf_counter() - t0 - waited, len(failed))
         return frozenset(failed)
 
     def probe(self, op: ProbeOp, timeout: float | None = None) -> int:
@@ -417,6 +426,11 @@ class Executor:
         error of one operation's destination then fails that operation only.
         Otherwise whole blocks are copied and a destination error propagates.
         """
+        with self.foreground.active():
+            return self._load(ops, dest, on_layer)
+
+    def _load(self, ops: Sequence[LoadOp], dest: BlockDestination,
+              on_layer: Callable[[int], None] | None) -> Report:
         report: Report = {}
         held: list[np.ndarray] = []
         try:
@@ -519,12 +533,10 @@ class Executor:
     def _count_loads(self, ops: Sequence[LoadOp], bad: list[set[int]], seconds: float) -> None:
         """Layer-wise loads copy all tiers' blocks together: share the time by blocks."""
         per: dict[int, list[int]] = {}
-        total = 0
+        total = sum(len(op.tiers) for op in ops)
         for op, b in zip(ops, bad):
             for i, t in enumerate(op.tiers):
-                c = per.setdefault(t, [0, 0])
-                c[1 if i in b else 0] += 1
-                total += 1
+                per.setdefault(t, [0, 0])[i in b] += 1
         for t, (good, failed) in per.items():
             self.count(f"onboard:{self.tiers[t].name}", good,
                        seconds * (good + failed) / max(1, total), failed)

@@ -136,7 +136,8 @@ class KvBlockManager:
         tiers = build_tiers(links, namespace, layout)
         executor = Executor(tiers, layout, copy_threads=_copy_threads(settings),
                             io_threads=settings.io_threads,
-                            probe_timeout_s=settings.probe_timeout_s)
+                            probe_timeout_s=settings.probe_timeout_s,
+                            background_yield_s=settings.background_yield_ms / 1e3)
         try:
             states = tier_states(links, events)
             for ts, tier, blocks in zip(states, tiers, executor.recover()):

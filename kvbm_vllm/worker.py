@@ -132,7 +132,8 @@ class WorkerSide:
                             tp_size=self.settings.tp_size)
         ex = Executor(tiers, self.layout, copy_threads=self.settings.copy_threads,
                       io_threads=self.settings.io_threads, probe_timeout_s=self.probe_timeout_s,
-                      name=f"kvbm{self.rank}")
+                      name=f"kvbm{self.rank}",
+                      background_yield_s=self.settings.background_yield_ms / 1e3)
         try:
             # Blocks persistent tiers (disk) hold from an earlier run of the same
             # layout. The scheduler side gets them through vLLM's handshake and

@@ -164,6 +164,10 @@ CASES: list[Bad] = [
         "equal to 60", "probe_timeout_s: 3600\n"),
     Bad("close-timeout-negative", "key 'close_timeout_s': value -1: input should be greater than "
         "or equal to 0", "close_timeout_s: -1\n"),
+    Bad("background-yield-negative", "key 'background_yield_ms': value -5: input should be "
+        "greater than or equal to 0", "background_yield_ms: -5\n"),
+    Bad("background-yield-minutes", "key 'background_yield_ms': value 600000: input should be "
+        "less than or equal to 60000", "background_yield_ms: 600000\n"),
     Bad("metrics-port", "key 'metrics_port': value 70000: input should be less than 65536",
         "metrics_port: 70000\n"),
     Bad("metrics-maybe", "key 'metrics': value 'maybe': input should be a valid boolean, unable "

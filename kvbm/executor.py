@@ -354,7 +354,8 @@ class Executor:
                 ws, wk, wb = ([op.dst_slots[i] for i in todo], [keys[i] for i in todo],
                               [src[i] for i in todo])
                 ok, w = self.foreground.in_parts(
-                    lambda a, b: self._write(op.dst_tier, ws[a:b], wk[a:b], wb[a:b]), len(todo))
+                    lambda a, b: self._write(op.dst_tier, ws[a:b], wk[a:b], wb[a:b]), len(todo),
+                    self.tiers[op.dst_tier].cascade_part_blocks)
                 waited += w
                 failed.update(i for i, g in zip(todo, ok) if not g)
         except Exception as e:
@@ -486,8 +487,7 @@ class Executor:
                     op.promote_slots[i] >= 0 for i in members):
                 fast = None  # blocks promoted from here need their buffers after the copy
             if fast is not None:
-                # A memory tier's rows straight into the engine, by row number: nothing
-                # to read first, no view per block.
+                # A memory tier's rows straight into the engine by row number: no view.
                 assert rows is not None
                 self._copy_rows(fast, op.dst if whole else [op.dst[i] for i in members], rows,
                                 slots)

@@ -19,8 +19,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-#: Blocks a cascade writes between two waits: 32 MiB of 2 MiB blocks, enough to keep
-#: a tier's I/O threads busy, short enough that a load waits little for the part.
+#: Blocks a cascade writes between two waits where the tier does not say
+#: (``Tier.cascade_part_blocks``): 32 MiB of 2 MiB blocks, enough to keep a disk
+#: tier's I/O threads busy, short enough that a load waits little for the part.
 PART_BLOCKS = 16
 
 
@@ -66,10 +67,13 @@ class Foreground:
     def in_parts(self, write: Callable[[int, int], list[T]], n: int,
                  part: int = PART_BLOCKS) -> tuple[list[T], float]:
         """``write(a, b)`` for positions ``a:b`` of ``range(n)`` in parts of ``part``,
-        each after ``yield_to``; the parts' answers in order, and the seconds waited."""
+        each after ``yield_to``; the parts' answers in order, and the seconds waited.
+        ``part`` 0: one call of all, without waiting (``Tier.cascade_part_blocks``)."""
+        if part <= 0:
+            return (write(0, n) if n else []), 0.0
         out: list[T] = []
         waited = 0.0
-        for a in range(0, n, max(1, part)):
+        for a in range(0, n, part):
             waited += self.yield_to()
             out += write(a, min(n, a + part))
         return out, waited

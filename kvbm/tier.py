@@ -78,6 +78,11 @@ class Tier(abc.ABC):
     #: blocks, the copy of one part into the engine overlapping the read of the next;
     #: 0 reads them as one part.
     onboard_part_blocks: ClassVar[int] = 0
+    #: The write-through cascade writes this tier's blocks in parts of this many, each
+    #: after the loads and saves in flight (``kvbm.foreground``: they share this
+    #: machine's CPUs, memory bus and disk); 0 writes a batch as one part, never
+    #: waiting (a network tier whose parts would drain its requests in flight).
+    cascade_part_blocks: ClassVar[int] = 16
 
     def __init__(self, config: TierConfig, ctx: TierContext) -> None:
         self.config = config

@@ -79,6 +79,7 @@ class RemoteTier(Tier):
     kind: ClassVar[str] = "remote"
     medium: ClassVar[str] = "REMOTE"
     shared: ClassVar[bool] = True
+    cascade_part_blocks: ClassVar[int] = 0  # parts would drain the requests in flight
     serves_peers: ClassVar[bool] = True
     default_admission: ClassVar[str] = "read_only"
     #: One part (the base's 0): reads in parts of 8 gained nothing in `kvbm bench

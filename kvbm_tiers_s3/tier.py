@@ -81,6 +81,7 @@ class S3Tier(Tier):
     medium: ClassVar[str] = "OBJECT"
     #: Other instances upload into the same bucket; ``probe`` finds their blocks.
     shared: ClassVar[bool] = True
+    cascade_part_blocks: ClassVar[int] = 0  # parts would drain the requests in flight
 
     def __init__(self, config: S3TierConfig, ctx: TierContext) -> None:
         super().__init__(config, ctx)

@@ -5,7 +5,6 @@ by part, while one is in flight, and never longer than ``background_yield_ms`` a
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +76,28 @@ def test_in_parts_writes_every_position_once_in_order() -> None:
     out, waited = Foreground(1.0).in_parts(write, 37, part=16)
     assert calls == [(0, 16), (16, 32), (32, 37)]
     assert out == list(range(37)) and waited == 0.0
+
+
+def test_a_part_of_zero_writes_all_in_one_call_without_waiting() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def write(a: int, b: int) -> list[int]:
+        calls.append((a, b))
+        return list(range(a, b))
+
+    fg = Foreground(30.0)
+    with fg.active():
+        out, waited = fg.in_parts(write, 37, part=0)
+    assert calls == [(0, 37)] and out == list(range(37)) and waited == 0.0
+
+
+def test_network_tiers_write_their_cascade_in_one_part_and_local_ones_in_parts() -> None:
+    from kvbm_tiers_disk.tier import DiskTier
+    from kvbm_tiers_remote.tier import RemoteTier
+    from kvbm_tiers_s3.tier import S3Tier
+
+    assert S3Tier.cascade_part_blocks == 0 and RemoteTier.cascade_part_blocks == 0
+    assert DiskTier.cascade_part_blocks > 0
 
 
 def _stored(mgr: Any) -> set[bytes]:

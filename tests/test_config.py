@@ -323,7 +323,7 @@ def test_a_host_arena_above_the_memory_available_now_is_refused_before_allocatin
 def test_an_unknown_key_lists_the_known_ones_when_none_is_close() -> None:
     with pytest.raises(ConfigError) as e:
         load_settings({"zzz": 1})
-    assert str(e.value).startswith("key 'zzz': unknown key; known keys: cache_salt, ")
+    assert str(e.value).startswith("key 'zzz': unknown key; known keys: background_yield_ms, cache_salt, ")
 
 
 def test_every_config_error_is_one_line_even_with_several_problems() -> None:

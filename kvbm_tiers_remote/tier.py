@@ -7,7 +7,8 @@ block server (``server.py``) and the rendezvous (``rendezvous.py``).
 
 Reading. ``probe`` asks the live peers which keys they hold (a ``probe`` request in
 ``peers`` mode; the hash lists they publish in ``rendezvous_dir`` or ``rendezvous_s3``
-mode) and remembers who holds what. ``read`` then hands each peer's blocks to the
+mode, without waiting for their NIXL agents: those load on a thread from the tier's
+start) and remembers who holds what. ``read`` then hands each peer's blocks to the
 read pipeline: it leases them (the peer pins them and reports each block's address
 and xxh3), reads them with one-sided NIXL READs straight from the peer's arena into
 the destination buffers, verifies each block's xxh3 and releases the lease, in
@@ -230,6 +231,8 @@ class RemoteTier(Tier):
         self._publisher: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        # The published peers' agents loaded now, on a thread, not in the first probe.
+        self._peer_set.connect_ahead()
 
     # -- serving ----------------------------------------------------------------
     def _progress(self) -> None:
@@ -340,7 +343,7 @@ class RemoteTier(Tier):
         """Which of ``keys`` some live peer holds; remembers who, for ``read``."""
         self.stats_r.probes += 1
         found = [False] * len(keys)
-        for peer in self._peer_set.live():
+        for peer in self._peer_set.probing():
             todo = [i for i, f in enumerate(found) if not f]
             if not todo:
                 break

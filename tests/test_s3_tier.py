@@ -375,6 +375,27 @@ def test_probe_of_a_prompt_never_stored_sends_one_head(server: MotoServer) -> No
     tier.close()
 
 
+def test_probe_sends_a_lone_head_from_the_calling_thread(server: MotoServer) -> None:
+    # A match waits on its probe: a wave of one HEAD must not hop through the read pool.
+    import threading
+
+    tier = make_tier(server, "probe-thread")
+    tier.write([0], keys(1, 19), list(blocks(1, 19)))
+    fresh = make_tier(server, "probe-thread")
+    threads: list[int] = []
+    head = fresh._head
+
+    def spy(obj: str, key: Any) -> Any:
+        threads.append(threading.get_ident())
+        return head(obj, key)
+
+    fresh._head = spy  # type: ignore[method-assign]
+    assert fresh.probe(keys(1, 19) + keys(3, 20)) == [True, False, False, False]
+    assert threads[0] == threading.get_ident()
+    tier.close()
+    fresh.close()
+
+
 def test_fresh_tier_probes_and_reads_a_block_from_the_middle_of_a_pack(server: MotoServer) -> None:
     packer = make_tier(server, "pack-middle", pack_blocks=4)
     data, ks = blocks(8, 18), keys(8, 18)

@@ -112,6 +112,40 @@ def head_meta(
     return meta
 
 
+class BlockBody:
+    """A read-only, seekable file over a block's memory: the body of a PUT without a copy.
+
+    botocore turns a ``bytes`` body into a ``BytesIO`` anyway, then hashes it (SigV4 over
+    plain HTTP signs the payload) and urllib3 sends it, both reading it piece by piece:
+    slices of the block's own memory serve both, where a ``bytes`` body costs one copy
+    of the block first (and every piece read from it another). The memory must stay
+    unchanged until the request returns: the executor holds a cascade's source slots
+    until the copy is settled, and a block changed under an upload would fail its
+    checksum on every read (a miss, never data).
+    """
+
+    def __init__(self, data: memoryview) -> None:
+        self._mv = data.cast("B")
+        self._pos = 0
+
+    def read(self, n: int = -1) -> memoryview:
+        """Up to ``n`` bytes from the position (all that is left if ``n`` < 0)."""
+        end = len(self._mv) if n is None or n < 0 else min(len(self._mv), self._pos + n)
+        out = self._mv[self._pos : end]
+        self._pos = max(self._pos, end)
+        return out
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        """Move the position (``whence`` as ``io``: 0 start, 1 here, 2 end)."""
+        base = (0, self._pos, len(self._mv))[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        """The position."""
+        return self._pos
+
+
 def readinto(body: Any, buf: np.ndarray, zero_copy: bool) -> None:
     """Fill ``buf`` from a response body; ``Truncated`` if the body ends early."""
     mv = buf.data.cast("B")

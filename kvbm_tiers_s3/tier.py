@@ -53,7 +53,7 @@ from ._requests import (
     short,
 )
 from ._setup import check_bucket, make_client
-from ._wire import get_blocks, head_meta
+from ._wire import BlockBody, get_blocks, head_meta
 from .breaker import OPEN
 from .config import S3TierConfig
 from .objects import MetaCodec, ObjectMeta, PackPointer, checksum
@@ -265,16 +265,17 @@ class S3Tier(Tier):
             return True
         sums = [checksum(src[i]) for i in members]
         meta = self._codec.encode(gkeys, sums)
-        # One contiguous body: botocore takes bytes (not a memoryview), and a single
-        # buffer goes out in one sendall.
-        body = bytes(src[members[0]]) if count == 1 else b"".join(src[i].data for i in members)
+        # A block goes out from its own memory (``BlockBody``); a pack is joined first.
+        data = src[members[0]].data if count == 1 else memoryview(
+            b"".join(src[i].data for i in members))
+        size = data.nbytes
 
         def put(conditional: bool) -> None:
             kw: dict[str, Any] = {}
             if conditional:
                 kw["IfNoneMatch"] = "*"
             self._client.put_object(
-                Bucket=self._bucket, Key=obj, Body=body, Metadata=meta,
+                Bucket=self._bucket, Key=obj, Body=BlockBody(data), Metadata=meta,
                 ContentType="application/octet-stream", **kw,
             )
 
@@ -315,7 +316,7 @@ class S3Tier(Tier):
             self._warn("PUT %s failed (%s); write skipped", obj, short(e))
             return False
         self._inc("puts")
-        self._inc("put_bytes", len(body))
+        self._inc("put_bytes", size)
         if overwrite:
             self._bad.remove_all(gkeys)
         doomed: list[str] = []

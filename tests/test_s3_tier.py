@@ -375,6 +375,18 @@ def test_probe_of_a_prompt_never_stored_sends_one_head(server: MotoServer) -> No
     tier.close()
 
 
+def test_put_body_reads_the_block_in_pieces_and_rewinds_without_copying_it() -> None:
+    from kvbm_tiers_s3._wire import BlockBody
+
+    data = blocks(1, 21)[0]
+    body = BlockBody(data.data)
+    pieces = [body.read(1000) for _ in range(-(-BB // 1000))]
+    assert b"".join(pieces) == data.tobytes() and len(body.read(1000)) == 0
+    assert all(isinstance(p, memoryview) and p.obj is not None for p in pieces)  # slices, no copies
+    assert body.seek(0, 2) == BB and body.tell() == BB  # botocore's length: end minus position
+    assert body.seek(0) == 0 and bytes(body.read()) == data.tobytes()  # a retry reads it again
+
+
 def test_probe_sends_a_lone_head_from_the_calling_thread(server: MotoServer) -> None:
     # A match waits on its probe: a wave of one HEAD must not hop through the read pool.
     import threading

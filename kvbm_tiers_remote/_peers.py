@@ -278,22 +278,7 @@ class PeerSet:
     def live(self) -> list[Peer]:
         """The peers to ask now: those live, and those whose retry time has come and
         that connect (the others are dropped again)."""
-        self.scan_dir()
-        now = time.monotonic()
-        with self._peers_lock:
-            peers = list(self._peers.values())
-        out = []
-        for p in peers:
-            if p.up:
-                out.append(p)
-            elif now >= p.retry_at:
-                try:
-                    with p.lock:
-                        self._connect(p)
-                    out.append(p)
-                except PeerError as e:
-                    self.drop(p, str(e))
-        return out
+        return self._to_ask(ahead=False)
 
     def probing(self) -> list[Peer]:
         """The peers a probe asks: those live, and those published at the rendezvous whose
@@ -304,6 +289,10 @@ class PeerSet:
         first read waits for the load (``live``); a load that fails drops the peer and
         the blocks the probe found there are misses. Configured peers connect here, as
         in ``live`` (their probe is a request)."""
+        return self._to_ask(ahead=True)
+
+    def _to_ask(self, ahead: bool) -> list[Peer]:
+        """``live`` (every peer due connects here) or, with ``ahead``, ``probing``."""
         self.scan_dir()
         now = time.monotonic()
         with self._peers_lock:
@@ -314,7 +303,7 @@ class PeerSet:
                 out.append(p)
             elif now < p.retry_at:
                 continue
-            elif p.from_dir:
+            elif ahead and p.from_dir:
                 out.append(p)
                 later.append(p)
             else:

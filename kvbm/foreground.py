@@ -19,11 +19,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-#: Blocks a cascade writes between two waits where the tier does not say
-#: (``Tier.cascade_part_blocks``): 32 MiB of 2 MiB blocks, enough to keep a disk
-#: tier's I/O threads busy, short enough that a load waits little for the part.
-PART_BLOCKS = 16
-
 
 class Foreground:
     """Counts the loads and saves in flight; ``yield_to`` waits for none to be."""
@@ -65,7 +60,7 @@ class Foreground:
         return time.perf_counter() - t0
 
     def in_parts(self, write: Callable[[int, int], list[T]], n: int,
-                 part: int = PART_BLOCKS) -> tuple[list[T], float]:
+                 part: int) -> tuple[list[T], float]:
         """``write(a, b)`` for positions ``a:b`` of ``range(n)`` in parts of ``part``,
         each after ``yield_to``; the parts' answers in order, and the seconds waited.
         ``part`` 0: one call of all, without waiting (``Tier.cascade_part_blocks``)."""

@@ -351,8 +351,9 @@ class KvbmSettings(BaseSettings):
         "which blocks other instances wrote; a later answer counts as misses")
     background_yield_ms: float = Field(
         200, ge=0, le=60000, description="longest each part of the write-through cascade "
-        "waits for the loads and saves in flight (the request path goes first on the CPUs, "
-        "memory bus and disk); 0: the cascade never waits")
+        "(an S3 batch: its requests together) waits for the loads and saves in flight (the "
+        "request path goes first on the CPUs, memory bus, disk and network); 0: the cascade "
+        "never waits")
     close_timeout_s: float = Field(
         5.0, ge=0, le=3600, description="longest close() waits for the write-through cascade; "
         "blocks still on their way down then are not stored below")

@@ -81,7 +81,8 @@ class Tier(abc.ABC):
     #: The write-through cascade writes this tier's blocks in parts of this many, each
     #: after the loads and saves in flight (``kvbm.foreground``: they share this
     #: machine's CPUs, memory bus and disk); 0 writes a batch as one part, never
-    #: waiting (a network tier whose parts would drain its requests in flight). 16:
+    #: waiting (a network tier whose parts would drain its requests in flight: it
+    #: calls ``kvbm.foreground.request_pause()`` before each request instead). 16:
     #: 32 MiB of 2 MiB blocks keeps a disk tier's I/O threads busy, and a load waits
     #: little for the part under way.
     cascade_part_blocks: ClassVar[int] = 16

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import botocore.exceptions as bexc
 import numpy as np
 
+from kvbm.foreground import request_pause
 from kvbm.hashing import SequenceHash
 from kvbm.objectstore import redact_url
 from kvbm.tier import Tier, TierContext
@@ -238,10 +239,13 @@ class S3Tier(Tier):
             return []
         p = self.cfg.pack_blocks
         groups = [list(range(s, min(s + p, n))) for s in range(0, n, p)]
-        if len(groups) == 1:
-            results = [self._write_object(groups[0], keys, src)]
-        else:
-            results = list(self._writes.map(lambda g: self._write_object(g, keys, src), groups))
+        pause = request_pause()  # a cascade's write: each PUT first lets loads go by
+
+        def put(g: list[int]) -> bool:
+            if pause is not None:
+                pause()
+            return self._write_object(g, keys, src)
+        results = [put(groups[0])] if len(groups) == 1 else list(self._writes.map(put, groups))
         ok = [False] * n
         for g, good in zip(groups, results, strict=True):
             for i in g:

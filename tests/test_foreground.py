@@ -5,13 +5,14 @@ by part, while one is in flight, and never longer than ``background_yield_ms`` a
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from test_manager import blocks, manager
 
-from kvbm.foreground import Foreground
+from kvbm.foreground import Foreground, Pauses, request_pause
 
 HOST = {"type": "host", "num_blocks": 8}
 BELOW = {"type": "flaky", "name": "below", "num_blocks": 8}
@@ -155,3 +156,62 @@ def test_a_save_and_a_load_are_in_flight_for_the_whole_of_their_copies() -> None
         assert dst.seen and set(dst.seen) == {1}
         assert fg.in_flight == 0
         np.testing.assert_array_equal(dst.data, data)
+
+
+# -- a network tier's requests, paused one by one (``Foreground.background``) ----------
+def _pause_in_thread(p: Pauses, after: float = 0.0) -> tuple[threading.Thread, list[float]]:
+    got: list[float] = []
+
+    def run() -> None:
+        time.sleep(after)
+        t0 = time.perf_counter()
+        p()
+        got.append(time.perf_counter() - t0)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, got
+
+
+def test_a_cascade_writes_request_waits_until_the_load_in_flight_ends() -> None:
+    fg = Foreground(30.0)
+    with fg.background() as p, fg.active():
+        t, got = _pause_in_thread(p)
+        t.join(0.3)
+        assert t.is_alive(), "a request of the cascade went out during a load"
+    t.join(5)
+    assert not t.is_alive() and got and got[0] >= 0.3
+
+
+def test_the_requests_of_one_cascade_write_share_one_deadline() -> None:
+    """A request that starts to wait late ends with the first one: the write as a
+    whole waits at most the cap, not the cap once per request."""
+    fg = Foreground(1.0)
+    with fg.background() as p, fg.active():
+        first, got1 = _pause_in_thread(p)
+        late, got2 = _pause_in_thread(p, after=0.6)
+        first.join(5)
+        late.join(5)
+    assert got1 and 0.9 <= got1[0] < 1.6
+    assert got2 and got2[0] < 0.75, f"the late request waited {got2[0]:.2f} s, a cap of its own"
+
+
+def test_waited_counts_the_time_any_request_waited_not_the_sum() -> None:
+    fg = Foreground(0.5)
+    with fg.background() as p, fg.active():
+        ts = [_pause_in_thread(p)[0] for _ in range(4)]
+        for t in ts:
+            t.join(5)
+    assert 0.45 <= p.waited < 1.0, p.waited
+
+
+def test_only_the_thread_writing_a_cascade_is_asked_to_pause() -> None:
+    fg = Foreground(1.0)
+    assert request_pause() is None
+    seen: list[Pauses | None] = []
+    with fg.background() as p:
+        assert request_pause() is p
+        t = threading.Thread(target=lambda: seen.append(request_pause()))
+        t.start()
+        t.join()
+    assert seen == [None], "another thread (a save, a read) was asked to pause"
+    assert request_pause() is None

@@ -285,6 +285,31 @@ def test_delete_on_evict_deletes_discarded_objects(server: MotoServer) -> None:
 
 
 # -- through the manager ---------------------------------------------------------
+def test_a_cascade_into_s3_sends_no_put_while_a_load_is_in_flight_then_every_block(
+        server: MotoServer) -> None:
+    """The cascade writes S3 in one part, so it yields request by request: no PUT
+    leaves while a load is in flight; after it, every block reads back byte-exact."""
+    cfg = {**manager_config(server, "yields", host_blocks=8), "background_yield_ms": 30000}
+    mgr = KvBlockManager.from_config(cfg)
+    tokens = list(range(4 * PAGE))
+    hashes = mgr.hash_tokens(tokens)
+    data = blocks(4, 17)
+    with mgr.executor.foreground.active():  # a load that takes its time
+        mgr.offload(hashes, ContiguousBlocks(data, mgr.layout))
+        assert mgr.flush(timeout=0.5) is False, "the cascade did not wait for the load"
+        assert mgr.stats()["tiers"]["s3"].get("puts", 0) == 0
+    assert mgr.flush(timeout=30)
+    assert mgr.stats()["tiers"]["s3"]["puts"] == 4
+    mgr.close()
+    only_s3 = KvBlockManager.from_config({**cfg, "tiers": cfg["tiers"][1:]})
+    with only_s3.match_prefix(tokens) as m:
+        assert m.num_blocks == 4 and m.tiers == ["s3"] * 4
+        out = np.zeros_like(data)
+        assert only_s3.onboard(m, ContiguousBlocks(out, only_s3.layout)).loaded == 4
+    only_s3.close()
+    assert np.array_equal(out, data)
+
+
 def test_blocks_roundtrip_through_a_host_and_s3_chain(server: MotoServer) -> None:
     mgr = KvBlockManager.from_config(manager_config(server, "chain", host_blocks=4))
     tokens = list(range(12 * PAGE))

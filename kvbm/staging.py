@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ class StagingPool:
         self.ahead = ahead
         self._growing = False  # a background grow in flight
         self._grower: threading.Thread | None = None
+        self._grower_pid = 0  # the process that claimed the grow in flight
         self.allocated = 0
         self.grown_on_path = 0  # blocks mapped inside ``acquire`` (its caller waited)
         self.grown_ahead = 0  # blocks mapped by the background grower
@@ -129,10 +131,11 @@ class StagingPool:
             return self._lock.wait_for(lambda: not self._in_flight(), timeout)
 
     def _in_flight(self) -> bool:
-        """A background grow is running (under the lock). A grower whose thread is gone
-        without saying so (this process was forked while it ran) is given up on."""
-        g = self._grower
-        if self._growing and g is not None and g.ident is not None and not g.is_alive():
+        """A background grow is running (under the lock). One claimed by another process
+        (this one was forked while it ran, and its thread did not come along) is given
+        up on. Not judged by the thread: between getting its ident and being marked
+        started, a grower just starting says it is not alive."""
+        if self._growing and self._grower_pid != os.getpid():
             self._growing = False
         return self._growing
 
@@ -141,6 +144,7 @@ class StagingPool:
         ``acquire`` between the two would otherwise see the last, finished grower, give
         up on it and grow a second chunk while this one is still to come."""
         self._growing = True
+        self._grower_pid = os.getpid()
         self._grower = threading.Thread(target=self._grow_ahead, args=(want,),
                                         name="kvbm-staging-grow", daemon=True)
 

@@ -5,6 +5,8 @@ a grow that fails leaves the pool growing on the caller's path as before."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -182,14 +184,43 @@ def test_the_executor_primes_its_pool_only_for_a_tier_without_views(tmp_path: Pa
 
 def test_a_grower_lost_to_a_fork_does_not_hold_up_acquire() -> None:
     pool = StagingPool(BLOCK, chunk_blocks=4)
-    gone = threading.Thread(target=lambda: None)
-    gone.start()
-    gone.join()
-    # As a forked child sees its parent's grower: in flight, its thread not running.
-    pool._growing, pool._grower = True, gone
+    pool._claim_grower(4)  # a grow in flight here: a child forked now has no thread for it
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the pool says a grow is in flight
+        code = 1
+        try:
+            signal.alarm(10)  # a hang ends the child (killed by SIGALRM), not the suite
+            code = 0 if len(pool.acquire(2)) == 2 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "acquire waited on a grower that is gone"
+
+
+class _Starting(threading.Thread):
+    """A grower thread at the instant it has its ident but is not yet marked started:
+    ``is_alive()`` is False then, as it is for a thread that has ended."""
+
+    @property
+    def ident(self) -> int:  # type: ignore[override]
+        return 1
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def test_an_acquire_waits_for_a_grower_that_is_only_starting() -> None:
+    """The race CI met (hypothesis: allocated 21 > peak 15 + a chunk of 3): an acquire
+    judged a starting grower gone, grew on its path, and a second chunk followed."""
+    pool = StagingPool(BLOCK, chunk_blocks=4)
+    pool._claim_grower(4)
+    pool._grower = _Starting()
     got: list[list[np.ndarray]] = []
     t = threading.Thread(target=lambda: got.append(pool.acquire(2)), daemon=True)
     t.start()
+    t.join(0.3)
+    assert t.is_alive() and pool.grown_on_path == 0, "acquire gave up on a starting grower"
+    pool._ahead_done(pool._new(4))  # the grow ends
     t.join(10)
-    assert got and len(got[0]) == 2, "acquire waited on a grower that is gone"
-    assert pool.settle(10.0)
+    assert got and len(got[0]) == 2 and pool.grown_on_path == 0
+    assert pool.settle(10.0) and pool.allocated == 2 + 4  # in use, and one chunk spare

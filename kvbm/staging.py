@@ -140,9 +140,8 @@ class StagingPool:
         return self._growing
 
     def _claim_grower(self, want: int) -> None:
-        """Mark a grow in flight and name its thread in one step (under the lock): an
-        ``acquire`` between the two would otherwise see the last, finished grower, give
-        up on it and grow a second chunk while this one is still to come."""
+        """Mark a grow in flight, by this process, and name its thread in one step
+        (under the lock): an acquire never sees one without the other."""
         self._growing = True
         self._grower_pid = os.getpid()
         self._grower = threading.Thread(target=self._grow_ahead, args=(want,),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,9 +18,16 @@ HOST = {"type": "host", "num_blocks": 8}
 BELOW = {"type": "flaky", "name": "below", "num_blocks": 8}
 
 
-def _yield_in_thread(fg: Foreground) -> tuple[threading.Thread, list[float]]:
+def _yield_in_thread(wait: Callable[[], float], after: float = 0.0
+                     ) -> tuple[threading.Thread, list[float]]:
+    """``wait()`` (``Foreground.yield_to`` or a ``Pauses``) on a thread of its own,
+    ``after`` seconds from now; the seconds it says it waited land in the list."""
     got: list[float] = []
-    t = threading.Thread(target=lambda: got.append(fg.yield_to()), daemon=True)
+
+    def run() -> None:
+        time.sleep(after)
+        got.append(wait())
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, got
 
@@ -32,7 +39,7 @@ def test_with_nothing_in_flight_the_cascade_does_not_wait() -> None:
 def test_the_cascade_waits_until_the_load_in_flight_ends() -> None:
     fg = Foreground(30.0)
     with fg.active():
-        t, got = _yield_in_thread(fg)
+        t, got = _yield_in_thread(fg.yield_to)
         t.join(0.3)
         assert t.is_alive(), "the cascade went on during a load"
     t.join(5)
@@ -44,7 +51,7 @@ def test_the_cascade_waits_for_every_load_in_flight_not_only_the_first() -> None
     second = fg.active()
     with fg.active():
         second.__enter__()
-        t, _ = _yield_in_thread(fg)
+        t, _ = _yield_in_thread(fg.yield_to)
     t.join(0.3)
     assert t.is_alive(), "the cascade went on while a second load was in flight"
     second.__exit__(None, None, None)
@@ -55,7 +62,7 @@ def test_the_cascade_waits_for_every_load_in_flight_not_only_the_first() -> None
 def test_the_cascade_waits_no_longer_than_its_cap_a_part() -> None:
     fg = Foreground(0.05)
     with fg.active():
-        t, got = _yield_in_thread(fg)
+        t, got = _yield_in_thread(fg.yield_to)
         t.join(5)
         assert not t.is_alive(), "the cascade waited past its cap"
     assert 0.04 <= got[0] < 2.0
@@ -159,23 +166,10 @@ def test_a_save_and_a_load_are_in_flight_for_the_whole_of_their_copies() -> None
 
 
 # -- a network tier's requests, paused one by one (``Foreground.background``) ----------
-def _pause_in_thread(p: Pauses, after: float = 0.0) -> tuple[threading.Thread, list[float]]:
-    got: list[float] = []
-
-    def run() -> None:
-        time.sleep(after)
-        t0 = time.perf_counter()
-        p()
-        got.append(time.perf_counter() - t0)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, got
-
-
 def test_a_cascade_writes_request_waits_until_the_load_in_flight_ends() -> None:
     fg = Foreground(30.0)
     with fg.background() as p, fg.active():
-        t, got = _pause_in_thread(p)
+        t, got = _yield_in_thread(p)
         t.join(0.3)
         assert t.is_alive(), "a request of the cascade went out during a load"
     t.join(5)
@@ -187,8 +181,8 @@ def test_the_requests_of_one_cascade_write_share_one_deadline() -> None:
     whole waits at most the cap, not the cap once per request."""
     fg = Foreground(1.0)
     with fg.background() as p, fg.active():
-        first, got1 = _pause_in_thread(p)
-        late, got2 = _pause_in_thread(p, after=0.6)
+        first, got1 = _yield_in_thread(p)
+        late, got2 = _yield_in_thread(p, after=0.6)
         first.join(5)
         late.join(5)
     assert got1 and 0.9 <= got1[0] < 1.6
@@ -198,7 +192,7 @@ def test_the_requests_of_one_cascade_write_share_one_deadline() -> None:
 def test_waited_counts_the_time_any_request_waited_not_the_sum() -> None:
     fg = Foreground(0.5)
     with fg.background() as p, fg.active():
-        ts = [_pause_in_thread(p)[0] for _ in range(4)]
+        ts = [_yield_in_thread(p)[0] for _ in range(4)]
         for t in ts:
             t.join(5)
     assert 0.45 <= p.waited < 1.0, p.waited
